@@ -1,0 +1,268 @@
+//! Types shared by the XDP program (`balancer-ebpf`) and the daemon (`balancer-userspace`).
+//!
+//! Every map key and value is `#[repr(C)]` with explicit, zeroed padding: the kernel compares
+//! hash keys byte for byte, so a padding byte left uninitialised would make two equal keys
+//! differ. Sizes are pinned by compile-time assertions at the bottom of this file; changing
+//! one is a map layout change (see [`LAYOUT_VERSION`]).
+//!
+//! Ports are stored in network byte order, exactly as they appear on the wire, so the packet
+//! path never converts. Addresses are 16 bytes: an IPv4 address fills the first four bytes and
+//! the rest stays zero, with `family` telling the two apart.
+#![no_std]
+
+pub mod hash;
+
+/// Bumped whenever a map's key or value layout, or the meaning of a field, changes.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// How many VIPs the maps hold.
+pub const MAX_VIPS: u32 = 512;
+/// How many (VIP, backend) pairs the maps hold. A backend serving two VIPs takes two slots.
+pub const MAX_BACKENDS: u32 = 16_384;
+/// Capacity of every per-VIP Maglev table (the inner maps). A VIP's table size is a prime no
+/// larger than this; the slots past it stay unused.
+pub const MAGLEV_CAPACITY: u32 = 65_537;
+/// Map flags of the Maglev tables: BPF_F_MMAPABLE, so that the daemon fills a new table with
+/// one copy instead of one syscall per slot. Inner maps must match the outer map's template,
+/// so the program's definition uses the same flags.
+pub const MAGLEV_TABLE_MAP_FLAGS: u32 = 1 << 10;
+/// Default Maglev table size, the largest prime the capacity allows.
+pub const DEFAULT_MAGLEV_SIZE: u32 = 65_537;
+/// Default number of flows the connection table remembers (LRU).
+pub const DEFAULT_CONN_TABLE_SIZE: u32 = 262_144;
+/// How many egress interfaces the redirect device map holds.
+pub const MAX_EGRESS_INTERFACES: u32 = 64;
+/// A backend id that never names a backend: an empty Maglev slot.
+pub const NO_BACKEND: u32 = u32::MAX;
+
+/// Map names, one source of truth for the program and the daemon.
+pub mod map_names {
+    /// `VipKey -> VipMeta` (hash).
+    pub const VIPS: &str = "VIPS";
+    /// `vip_id -> Maglev table` (array of arrays of backend ids).
+    pub const MAGLEV_TABLES: &str = "MAGLEV_TABLES";
+    /// `backend_id -> Backend` (array).
+    pub const BACKENDS: &str = "BACKENDS";
+    /// `FlowKey -> ConnEntry` (LRU hash).
+    pub const CONN_TABLE: &str = "CONN_TABLE";
+    /// `ifindex -> ifindex` (device hash map for XDP_REDIRECT).
+    pub const EGRESS_DEVICES: &str = "EGRESS_DEVICES";
+    /// `backend_id -> TrafficStats` (per-CPU array).
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    /// `vip_id -> TrafficStats` (per-CPU array).
+    pub const VIP_STATS: &str = "VIP_STATS";
+    /// `Outcome -> packets` (per-CPU array).
+    pub const OUTCOME_STATS: &str = "OUTCOME_STATS";
+}
+
+/// Program names in the object file.
+pub mod program_names {
+    /// The load balancer.
+    pub const BALANCER: &str = "balancer";
+    /// `XDP_PASS` and nothing else: the baseline for measurements, and the program a veth
+    /// peer needs so that frames sent to it with XDP_TX or XDP_REDIRECT are delivered.
+    pub const PASS: &str = "xdp_pass";
+}
+
+/// Address family of a key or backend.
+pub const FAMILY_IPV4: u8 = 4;
+/// Address family of a key or backend.
+pub const FAMILY_IPV6: u8 = 6;
+
+/// IP protocol numbers the balancer forwards.
+pub const PROTO_TCP: u8 = 6;
+/// IP protocol numbers the balancer forwards.
+pub const PROTO_UDP: u8 = 17;
+
+/// A VIP key: the destination a packet is classified by. `port == 0` is the any-port entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct VipKey {
+    pub addr: [u8; 16],
+    /// Network byte order; 0 matches any port.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+/// Forwarding mode: L2 direct server return.
+pub const FORWARD_DSR: u8 = 0;
+
+/// What the program needs to know about a VIP once it matched.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipMeta {
+    /// Index into `MAGLEV_TABLES` and `VIP_STATS`.
+    pub vip_id: u32,
+    /// Number of slots of this VIP's Maglev table in use (a prime <= `MAGLEV_CAPACITY`).
+    pub table_size: u32,
+    /// One of the `FORWARD_*` constants.
+    pub forwarding: u8,
+    pub _pad: [u8; 3],
+}
+
+/// The backend entry holds a live backend. An id without it is free.
+pub const BACKEND_F_VALID: u32 = 1 << 0;
+/// Failed its health checks: flows pinned to it are re-selected.
+pub const BACKEND_F_DOWN: u32 = 1 << 1;
+/// Draining: keeps its existing flows, gets no new ones (the daemon leaves it out of the
+/// Maglev table; the flag documents the state for readers of the map).
+pub const BACKEND_F_DRAINING: u32 = 1 << 2;
+
+/// A backend of one VIP, with its resolved next hop.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend {
+    pub addr: [u8; 16],
+    /// Next hop's MAC address (the backend itself for direct server return).
+    pub dst_mac: [u8; 6],
+    /// MAC address of the egress interface.
+    pub src_mac: [u8; 6],
+    /// Egress interface. Equal to the ingress interface: XDP_TX; otherwise XDP_REDIRECT.
+    pub ifindex: u32,
+    /// The VIP this entry belongs to. A flow remembered for another VIP's backend (an id that
+    /// was freed and reused) is re-selected instead of followed.
+    pub vip_id: u32,
+    /// `BACKEND_F_*`.
+    pub flags: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// A flow, as the connection table and the Maglev hash see it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Network byte order.
+    pub src_port: u16,
+    /// Network byte order.
+    pub dst_port: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// What the connection table remembers about a flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ConnEntry {
+    pub backend_id: u32,
+    pub _reserved: u32,
+}
+
+/// Traffic counters of a backend or a VIP (one copy per CPU, summed by the daemon).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TrafficStats {
+    pub packets: u64,
+    /// Bytes of whole frames as received, Ethernet header included.
+    pub bytes: u64,
+    /// Flows that missed the connection table and were placed by the Maglev table.
+    pub new_flows: u64,
+}
+
+/// XDP action values, as the kernel defines them.
+pub mod xdp_action {
+    pub const ABORTED: u32 = 0;
+    pub const DROP: u32 = 1;
+    pub const PASS: u32 = 2;
+    pub const TX: u32 = 3;
+    pub const REDIRECT: u32 = 4;
+    /// Names of the actions, indexed by value.
+    pub const NAMES: [&str; 5] = ["aborted", "drop", "pass", "tx", "redirect"];
+}
+
+macro_rules! outcomes {
+    ($($(#[$doc:meta])* $variant:ident = $value:literal, $name:literal, $verdict:ident;)+) => {
+        /// What happened to a packet, and why: the index of `OUTCOME_STATS`.
+        ///
+        /// One counter per packet covers both the verdict and its reason, so the packet path
+        /// pays for one counter lookup, not two; per-verdict totals are sums of outcomes.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Outcome {
+            $($(#[$doc])* $variant = $value,)+
+        }
+
+        impl Outcome {
+            /// Every outcome, in index order.
+            pub const ALL: &'static [Outcome] = &[$(Outcome::$variant,)+];
+
+            /// The name used in logs and metrics.
+            pub const fn name(self) -> &'static str {
+                match self { $(Outcome::$variant => $name,)+ }
+            }
+
+            /// The XDP action returned for packets with this outcome.
+            pub const fn verdict(self) -> u32 {
+                match self { $(Outcome::$variant => xdp_action::$verdict,)+ }
+            }
+        }
+    };
+}
+
+outcomes! {
+    /// Forwarded to a backend out of the interface it came in on.
+    ForwardedTx = 0, "forwarded_tx", TX;
+    /// Forwarded to a backend out of another interface.
+    ForwardedRedirect = 1, "forwarded_redirect", REDIRECT;
+    /// Not IPv4 or IPv6 (ARP, LLDP, ...).
+    NotIp = 2, "not_ip", PASS;
+    /// IP, but not addressed to any VIP (address, port and protocol).
+    NotVip = 3, "not_vip", PASS;
+    /// IPv6 is parsed only as far as the EtherType; IPv6 VIPs are not supported yet.
+    Ipv6 = 4, "ipv6_unsupported", PASS;
+    /// Shorter than an Ethernet header.
+    TruncatedEthernet = 5, "truncated_ethernet", PASS;
+    /// The 802.1Q tag is cut short.
+    TruncatedVlan = 6, "truncated_vlan", PASS;
+    /// The IPv4 header (with its options) is cut short.
+    TruncatedIpv4 = 7, "truncated_ipv4", PASS;
+    /// IPv4 header length below 20 bytes, or version not 4.
+    BadIpv4Header = 8, "bad_ipv4_header", PASS;
+    /// IPv4 fragment: only the first fragment carries ports, so fragments are left to the
+    /// kernel's stack.
+    Fragment = 9, "fragment", PASS;
+    /// Neither TCP nor UDP.
+    NotTcpUdp = 10, "not_tcp_udp", PASS;
+    /// The TCP or UDP header is cut short.
+    TruncatedL4 = 11, "truncated_l4", PASS;
+    /// The VIP has no table yet, or its table slot names no live backend.
+    NoBackend = 12, "no_backend", DROP;
+    /// The backend's egress interface is not in the redirect map.
+    NoEgress = 13, "no_egress", DROP;
+}
+
+/// Size of `OUTCOME_STATS`.
+pub const OUTCOME_COUNT: u32 = 14;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], contain only integers and byte arrays, and have
+    // explicit padding fields, so every bit pattern is valid and no byte is uninitialised.
+    unsafe impl aya::Pod for super::VipKey {}
+    unsafe impl aya::Pod for super::VipMeta {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::ConnEntry {}
+    unsafe impl aya::Pod for super::TrafficStats {}
+}
+
+// The layout is a contract with maps that may outlive the process that wrote them.
+const _: () = {
+    assert!(core::mem::size_of::<VipKey>() == 20);
+    assert!(core::mem::size_of::<VipMeta>() == 12);
+    assert!(core::mem::size_of::<Backend>() == 44);
+    assert!(core::mem::size_of::<FlowKey>() == 40);
+    assert!(core::mem::size_of::<ConnEntry>() == 8);
+    assert!(core::mem::size_of::<TrafficStats>() == 24);
+    assert!(Outcome::ALL.len() == OUTCOME_COUNT as usize);
+    // Outcomes index OUTCOME_STATS: their values must be 0, 1, 2, ... in order.
+    let mut i = 0;
+    while i < Outcome::ALL.len() {
+        assert!(Outcome::ALL[i] as usize == i);
+        i += 1;
+    }
+};

@@ -1,0 +1,24 @@
+//! Bounds-checked access to packet bytes: the one place that does pointer arithmetic on
+//! the packet, so that every read and write elsewhere is checked against `data_end` in a
+//! shape the verifier accepts.
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::XdpContext;
+
+/// A pointer to a `T` at `offset` bytes into the packet, or `None` if the packet ends first.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
+    ptr_at_mut(ctx, offset).map(|p| p as *const T)
+}
+
+/// Like [`ptr_at`], for writing.
+#[inline(always)]
+pub fn ptr_at_mut<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}

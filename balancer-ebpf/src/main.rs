@@ -1,0 +1,68 @@
+//! The balancer's XDP program: one pass over each packet, as a pipeline
+//! parse -> classify -> select -> rewrite -> count.
+//!
+//! A packet that is not addressed to a configured VIP leaves untouched with XDP_PASS. A
+//! packet for a VIP is forwarded to one backend, chosen per flow, or dropped with a counted
+//! outcome. Nothing here returns XDP_ABORTED.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod access;
+#[cfg(target_arch = "bpf")]
+mod classify;
+#[cfg(target_arch = "bpf")]
+mod count;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod parse;
+#[cfg(target_arch = "bpf")]
+mod rewrite;
+#[cfg(target_arch = "bpf")]
+mod select;
+
+#[cfg(target_arch = "bpf")]
+mod programs {
+    use aya_ebpf::{macros::xdp, programs::XdpContext};
+    use balancer_common::{xdp_action, Outcome};
+
+    use crate::{classify, count, parse, rewrite, select};
+
+    #[xdp]
+    pub fn balancer(ctx: XdpContext) -> u32 {
+        let outcome = match forward(&ctx) {
+            Ok(outcome) => outcome,
+            Err(outcome) => outcome,
+        };
+        count::outcome(outcome);
+        outcome.verdict()
+    }
+
+    /// The pipeline. `Err` carries why the packet is not forwarded.
+    #[inline(always)]
+    fn forward(ctx: &XdpContext) -> Result<Outcome, Outcome> {
+        let packet = parse::packet(ctx)?;
+        let vip = classify::vip(&packet.flow)?;
+        let selected = select::backend(vip, &packet.flow)?;
+        let outcome = rewrite::direct_server_return(ctx, &selected)?;
+        count::forwarded(vip.vip_id, &selected, packet.len);
+        Ok(outcome)
+    }
+
+    /// XDP_PASS and nothing else; see `balancer_common::program_names::PASS`.
+    #[xdp]
+    pub fn xdp_pass(_ctx: XdpContext) -> u32 {
+        xdp_action::PASS
+    }
+
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        // SAFETY: the verifier rejects any program that could reach a panic (there is no
+        // unwinding in BPF), so this is never called.
+        unsafe { core::hint::unreachable_unchecked() }
+    }
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

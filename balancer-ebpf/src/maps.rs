@@ -1,0 +1,61 @@
+//! The maps the program reads and the daemon writes. Names, sizes and layouts come from
+//! balancer-common; the daemon resizes `CONN_TABLE` at load time from the config.
+
+use aya_ebpf::{
+    btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use balancer_common::{
+    Backend, ConnEntry, FlowKey, TrafficStats, VipKey, VipMeta, DEFAULT_CONN_TABLE_SIZE,
+    MAGLEV_CAPACITY, MAGLEV_TABLE_MAP_FLAGS, MAX_BACKENDS, MAX_EGRESS_INTERFACES, MAX_VIPS, OUTCOME_COUNT,
+};
+
+const VIPS_N: usize = MAX_VIPS as usize;
+const BACKENDS_N: usize = MAX_BACKENDS as usize;
+
+/// Hash seed of the Maglev flow hash, set by the daemon when it loads the program.
+/// Read through `hash_seed()`: a plain read would be folded to the initial 0 at compile time.
+#[no_mangle]
+static HASH_SEED: u32 = 0;
+
+#[inline(always)]
+pub fn hash_seed() -> u32 {
+    // SAFETY: a read of a static; volatile keeps the value the loader writes into .rodata.
+    unsafe { core::ptr::read_volatile(&HASH_SEED) }
+}
+
+/// Each key appears twice at most: with its port, and with port 0 for an any-port VIP.
+#[btf_map]
+pub static VIPS: HashMap<VipKey, VipMeta, VIPS_N> = HashMap::new();
+
+/// One Maglev table per VIP, indexed by `VipMeta::vip_id`; each slot holds a backend id.
+/// The daemon builds a new inner table and swaps it in with one update, so a packet sees
+/// either the old table or the new one, never a mix.
+#[btf_map]
+pub static MAGLEV_TABLES: ArrayOfMaps<
+    Array<u32, { MAGLEV_CAPACITY as usize }, { MAGLEV_TABLE_MAP_FLAGS as usize }>,
+    VIPS_N,
+> = ArrayOfMaps::new();
+
+#[btf_map]
+pub static BACKENDS: Array<Backend, BACKENDS_N> = Array::new();
+
+/// Flow -> backend, so that a flow stays on its backend when the tables change.
+/// One LRU shared by all CPUs: with per-CPU LRU lists a single receive queue could use only
+/// a fraction of the capacity.
+#[btf_map]
+pub static CONN_TABLE: LruHashMap<FlowKey, ConnEntry, { DEFAULT_CONN_TABLE_SIZE as usize }> =
+    LruHashMap::new();
+
+/// Egress interfaces other than the ingress one, for XDP_REDIRECT (key: ifindex).
+#[btf_map]
+pub static EGRESS_DEVICES: DevMapHash<{ MAX_EGRESS_INTERFACES as usize }> = DevMapHash::new();
+
+#[btf_map]
+pub static BACKEND_STATS: PerCpuArray<TrafficStats, BACKENDS_N> = PerCpuArray::new();
+
+#[btf_map]
+pub static VIP_STATS: PerCpuArray<TrafficStats, VIPS_N> = PerCpuArray::new();
+
+#[btf_map]
+pub static OUTCOME_STATS: PerCpuArray<u64, { OUTCOME_COUNT as usize }> = PerCpuArray::new();

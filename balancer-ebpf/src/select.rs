@@ -1,0 +1,69 @@
+//! Select: which backend gets this packet.
+//!
+//! 1. The connection table, if it remembers the flow and its backend is still a live, healthy
+//!    backend of this VIP. Draining backends keep their flows here.
+//! 2. Otherwise the VIP's Maglev table at `hash(flow) % table_size`, and the choice is
+//!    remembered. Down and draining backends are not in the table (the daemon leaves them
+//!    out), so re-selection moves a flow off a down backend.
+
+use balancer_common::{
+    hash::flow_hash, Backend, ConnEntry, FlowKey, Outcome, VipMeta, BACKEND_F_DOWN,
+    BACKEND_F_VALID,
+};
+
+use crate::maps::{hash_seed, BACKENDS, CONN_TABLE, MAGLEV_TABLES};
+
+/// The chosen backend, copied out of its map slot. Plain scalars on purpose: a pointer in
+/// here would share stack space with the error of `Result<Selected, _>`, and LLVM may then
+/// read half of a spilled pointer, which the verifier rejects ("invalid size of register
+/// fill").
+pub struct Selected {
+    pub id: u32,
+    /// 1 if the flow missed the connection table, else 0.
+    pub new_flows: u32,
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    pub ifindex: u32,
+}
+
+impl Selected {
+    #[inline(always)]
+    fn new(id: u32, backend: &Backend, new_flows: u32) -> Self {
+        Selected {
+            id,
+            new_flows,
+            dst_mac: backend.dst_mac,
+            src_mac: backend.src_mac,
+            ifindex: backend.ifindex,
+        }
+    }
+}
+
+#[inline(always)]
+pub fn backend(vip: &VipMeta, flow: &FlowKey) -> Result<Selected, Outcome> {
+    if let Some(entry) = CONN_TABLE.get_ptr(flow) {
+        // SAFETY: the value stays valid for this run of the program (RCU); a concurrent
+        // eviction can at worst give a stale id, which is checked below like any other.
+        let id = unsafe { (*entry).backend_id };
+        if let Some(backend) = BACKENDS.get(id) {
+            if backend.flags & (BACKEND_F_VALID | BACKEND_F_DOWN) == BACKEND_F_VALID
+                && backend.vip_id == vip.vip_id
+            {
+                return Ok(Selected::new(id, backend, 0));
+            }
+        }
+    }
+
+    let slot = flow_hash(flow, hash_seed()) % vip.table_size;
+    let id = *MAGLEV_TABLES
+        .get_value(vip.vip_id, &slot)
+        .ok_or(Outcome::NoBackend)?;
+    let backend = BACKENDS.get(id).ok_or(Outcome::NoBackend)?;
+    if backend.flags & BACKEND_F_VALID == 0 {
+        return Err(Outcome::NoBackend);
+    }
+    // An insert can only fail if the kernel cannot allocate; the packet is forwarded anyway
+    // and the flow is placed by the table again next time.
+    let _ = CONN_TABLE.insert(flow, ConnEntry { backend_id: id, _reserved: 0 }, 0);
+    Ok(Selected::new(id, backend, 1))
+}

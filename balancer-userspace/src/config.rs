@@ -1,0 +1,687 @@
+//! The TOML config: parsed, checked, and turned into a validated [`Config`].
+//!
+//! Every error names the file, line and column of the offending key or value and says what is
+//! wrong. Unknown keys are errors, not warnings: a typo in `drain` must not silently leave a
+//! backend in service.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    net::{IpAddr, SocketAddr},
+    ops::Range,
+    path::{Path, PathBuf},
+};
+
+use balancer_common::{
+    DEFAULT_CONN_TABLE_SIZE, DEFAULT_MAGLEV_SIZE, MAGLEV_CAPACITY, MAX_BACKENDS, MAX_VIPS,
+};
+use serde::{de, Deserialize, Deserializer};
+use toml::Spanned;
+
+/// Default address of the metrics and status endpoint.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9100";
+/// Default backend weight (as in IPVS and HAProxy).
+pub const DEFAULT_WEIGHT: u32 = 1;
+/// Largest accepted weight.
+pub const MAX_WEIGHT: u32 = 65_535;
+/// Smallest accepted connection table.
+pub const MIN_CONN_TABLE_SIZE: u32 = 1_024;
+/// Largest accepted connection table (about 2.5 GiB of kernel memory).
+pub const MAX_CONN_TABLE_SIZE: u32 = 1 << 25;
+
+/// A validated configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// The interface to attach to; `balancer run --interface` overrides it.
+    pub interface: Option<String>,
+    pub xdp_mode: XdpModeSetting,
+    pub hash_seed: u32,
+    pub conn_table_size: u32,
+    pub metrics_listen: SocketAddr,
+    pub vips: Vec<Vip>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeSetting {
+    /// Native (driver) mode, falling back to generic mode with a logged reason.
+    #[default]
+    Auto,
+    Native,
+    Generic,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => balancer_common::PROTO_TCP,
+            Protocol::Udp => balancer_common::PROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Forwarding {
+    /// L2 direct server return.
+    Dsr,
+    /// IP-in-IP encapsulation (not implemented yet; rejected by validation).
+    Tunnel,
+    /// Full NAT (not implemented yet; rejected by validation).
+    Nat,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Vip {
+    pub name: String,
+    pub address: IpAddr,
+    /// `None`: any port.
+    pub port: Option<u16>,
+    pub protocol: Protocol,
+    pub forwarding: Forwarding,
+    pub table_size: u32,
+    pub backends: Vec<BackendConfig>,
+}
+
+impl Vip {
+    /// `203.0.113.10:80/tcp`, `203.0.113.10:*/udp`.
+    pub fn endpoint(&self) -> String {
+        let port = self.port.map_or("*".to_owned(), |p| p.to_string());
+        match self.address {
+            IpAddr::V4(a) => format!("{a}:{port}/{}", self.protocol),
+            IpAddr::V6(a) => format!("[{a}]:{port}/{}", self.protocol),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendConfig {
+    pub address: IpAddr,
+    pub weight: u32,
+    pub drain: bool,
+}
+
+impl BackendConfig {
+    /// Whether the backend takes new flows (draining and weight 0 do not).
+    pub fn takes_new_flows(&self) -> bool {
+        !self.drain && self.weight > 0
+    }
+}
+
+/// A config error with its position.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}:{line}:{column}: {message}", file.display())]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_owned(),
+        line: 0,
+        column: 0,
+        message: format!("cannot read the config file: {e}"),
+    })?;
+    parse(path, &text)
+}
+
+/// Validates config text; `file` is only used in error messages.
+pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
+    let at = |span: Range<usize>, message: String| {
+        let (line, column) = line_column(text, span.start);
+        ConfigError { file: file.to_owned(), line, column, message }
+    };
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let message = e.message().trim_end().to_owned();
+        at(e.span().unwrap_or(0..0), message)
+    })?;
+    validate(raw).map_err(|(span, message)| at(span, message))
+}
+
+/// 1-based line and column of a byte offset (columns count characters, not bytes).
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[line_start..].chars().count() + 1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The shape of the file, as serde sees it. Positions are kept for every value that a later
+// check may reject.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    balancer: RawBalancer,
+    #[serde(default)]
+    vip: Vec<Spanned<RawVip>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBalancer {
+    interface: Option<Spanned<String>>,
+    #[serde(default)]
+    xdp_mode: XdpModeSetting,
+    #[serde(default)]
+    hash_seed: Option<HashSeed>,
+    conn_table_size: Option<Spanned<u32>>,
+    metrics_listen: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVip {
+    name: Spanned<String>,
+    address: Spanned<IpAddr>,
+    port: Spanned<PortSpec>,
+    protocol: Protocol,
+    forwarding: Spanned<Forwarding>,
+    table_size: Option<Spanned<u32>>,
+    #[serde(default)]
+    backends: Vec<Spanned<RawBackend>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    address: Spanned<IpAddr>,
+    weight: Option<Spanned<u32>>,
+    #[serde(default)]
+    drain: bool,
+}
+
+/// `hash_seed`: an integer, or a string holding a decimal or `0x` hexadecimal number.
+struct HashSeed(u32);
+
+impl<'de> Deserialize<'de> for HashSeed {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl de::Visitor<'_> for Visitor {
+            type Value = HashSeed;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a 32-bit unsigned integer, or a string like \"0x5eed\"")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<HashSeed, E> {
+                u32::try_from(v)
+                    .map(HashSeed)
+                    .map_err(|_| E::custom(format!("hash_seed {v} does not fit in 32 bits")))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<HashSeed, E> {
+                let parsed = match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+                    Some(hex) => u32::from_str_radix(hex, 16),
+                    None => v.parse(),
+                };
+                parsed.map(HashSeed).map_err(|_| {
+                    E::custom(format!(
+                        "hash_seed \"{v}\" is not a 32-bit number (decimal or 0x-prefixed hex)"
+                    ))
+                })
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// `port`: 1-65535, or the string "any".
+enum PortSpec {
+    Port(u16),
+    Any,
+}
+
+impl<'de> Deserialize<'de> for PortSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl de::Visitor<'_> for Visitor {
+            type Value = PortSpec;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a port number from 1 to 65535, or \"any\"")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<PortSpec, E> {
+                match u16::try_from(v) {
+                    Ok(p) if p > 0 => Ok(PortSpec::Port(p)),
+                    _ => Err(E::custom(format!(
+                        "port {v} is out of range: use 1 to 65535, or \"any\" for every port"
+                    ))),
+                }
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<PortSpec, E> {
+                if v == "any" {
+                    Ok(PortSpec::Any)
+                } else {
+                    Err(E::custom(format!(
+                        "port \"{v}\" is not valid: use a number from 1 to 65535, or \"any\""
+                    )))
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks beyond the shape.
+
+type Invalid = (Range<usize>, String);
+
+fn validate(raw: RawConfig) -> Result<Config, Invalid> {
+    let b = raw.balancer;
+    if let Some(interface) = &b.interface {
+        check_interface_name(interface.get_ref()).map_err(|m| (interface.span(), m))?;
+    }
+    let conn_table_size = match b.conn_table_size {
+        None => DEFAULT_CONN_TABLE_SIZE,
+        Some(size) => {
+            let v = *size.get_ref();
+            if !(MIN_CONN_TABLE_SIZE..=MAX_CONN_TABLE_SIZE).contains(&v) {
+                return Err((
+                    size.span(),
+                    format!(
+                        "conn_table_size {v} is out of range: use {MIN_CONN_TABLE_SIZE} to \
+                         {MAX_CONN_TABLE_SIZE} flows"
+                    ),
+                ));
+            }
+            v
+        }
+    };
+    let metrics_listen = match b.metrics_listen {
+        None => DEFAULT_METRICS_LISTEN.parse().expect("valid default"),
+        Some(listen) => listen.get_ref().parse().map_err(|_| {
+            (
+                listen.span(),
+                format!(
+                    "metrics_listen \"{}\" is not an address:port such as \"127.0.0.1:9100\"",
+                    listen.get_ref()
+                ),
+            )
+        })?,
+    };
+
+    if raw.vip.len() > MAX_VIPS as usize {
+        let span = raw.vip[MAX_VIPS as usize].span();
+        return Err((span, format!("too many VIPs: at most {MAX_VIPS}")));
+    }
+    let mut names = HashSet::new();
+    let mut endpoints: HashMap<(IpAddr, Option<u16>, Protocol), String> = HashMap::new();
+    let mut total_backends = 0usize;
+    let mut vips = Vec::with_capacity(raw.vip.len());
+    for raw_vip in raw.vip {
+        let vip_span = raw_vip.span();
+        let vip = validate_vip(raw_vip.into_inner())?;
+        if !names.insert(vip.name.clone()) {
+            return Err((vip_span, format!("duplicate VIP name \"{}\"", vip.name)));
+        }
+        if let Some(other) =
+            endpoints.insert((vip.address, vip.port, vip.protocol), vip.name.clone())
+        {
+            return Err((
+                vip_span,
+                format!("VIP \"{}\" has the same {} as VIP \"{other}\"", vip.name, vip.endpoint()),
+            ));
+        }
+        total_backends += vip.backends.len();
+        if total_backends > MAX_BACKENDS as usize {
+            return Err((
+                vip_span,
+                format!("too many backends: at most {MAX_BACKENDS} over all VIPs"),
+            ));
+        }
+        vips.push(vip);
+    }
+
+    Ok(Config {
+        interface: b.interface.map(Spanned::into_inner),
+        xdp_mode: b.xdp_mode,
+        hash_seed: b.hash_seed.map_or(0, |s| s.0),
+        conn_table_size,
+        metrics_listen,
+        vips,
+    })
+}
+
+fn validate_vip(raw: RawVip) -> Result<Vip, Invalid> {
+    let name = raw.name.get_ref();
+    let name_ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if !name_ok {
+        return Err((
+            raw.name.span(),
+            format!(
+                "VIP name \"{name}\" is not valid: use 1 to 64 letters, digits, '-', '_' or '.'"
+            ),
+        ));
+    }
+    let name = raw.name.into_inner();
+
+    let address = *raw.address.get_ref();
+    if address.is_ipv6() {
+        return Err((
+            raw.address.span(),
+            format!("VIP \"{name}\": IPv6 VIPs are not supported yet"),
+        ));
+    }
+    if address.is_unspecified() || address.is_multicast() || is_broadcast(address) {
+        return Err((
+            raw.address.span(),
+            format!("VIP \"{name}\": {address} cannot be a VIP (unspecified, multicast or broadcast)"),
+        ));
+    }
+
+    if *raw.forwarding.get_ref() != Forwarding::Dsr {
+        return Err((
+            raw.forwarding.span(),
+            format!("VIP \"{name}\": only forwarding = \"dsr\" is supported so far"),
+        ));
+    }
+
+    let table_size = match raw.table_size {
+        None => DEFAULT_MAGLEV_SIZE,
+        Some(size) => {
+            let v = *size.get_ref();
+            if !(2..=MAGLEV_CAPACITY).contains(&v) || !is_prime(v) {
+                return Err((
+                    size.span(),
+                    format!(
+                        "VIP \"{name}\": table_size {v} must be a prime no larger than \
+                         {MAGLEV_CAPACITY} (for example 251, 1021, 4093, 16381, 65537)"
+                    ),
+                ));
+            }
+            v
+        }
+    };
+
+    let mut seen = HashSet::new();
+    let mut backends = Vec::with_capacity(raw.backends.len());
+    for raw_backend in raw.backends {
+        let span = raw_backend.span();
+        let rb = raw_backend.into_inner();
+        let backend_address = *rb.address.get_ref();
+        if backend_address.is_ipv4() != address.is_ipv4() {
+            return Err((
+                rb.address.span(),
+                format!(
+                    "VIP \"{name}\": backend {backend_address} is not of the VIP's address \
+                     family; direct server return forwards the packet unchanged"
+                ),
+            ));
+        }
+        if backend_address.is_unspecified()
+            || backend_address.is_multicast()
+            || backend_address.is_loopback()
+            || is_broadcast(backend_address)
+        {
+            return Err((
+                rb.address.span(),
+                format!(
+                    "VIP \"{name}\": {backend_address} cannot be a backend (unspecified, \
+                     loopback, multicast or broadcast)"
+                ),
+            ));
+        }
+        if !seen.insert(backend_address) {
+            return Err((span, format!("VIP \"{name}\": backend {backend_address} is listed twice")));
+        }
+        let weight = match rb.weight {
+            None => DEFAULT_WEIGHT,
+            Some(w) if *w.get_ref() <= MAX_WEIGHT => *w.get_ref(),
+            Some(w) => {
+                return Err((
+                    w.span(),
+                    format!(
+                        "VIP \"{name}\": weight {} is out of range: use 0 (drain) to {MAX_WEIGHT}",
+                        w.get_ref()
+                    ),
+                ))
+            }
+        };
+        backends.push(BackendConfig { address: backend_address, weight, drain: rb.drain });
+    }
+    if backends.len() > table_size as usize {
+        return Err((
+            raw.port.span(),
+            format!(
+                "VIP \"{name}\": {} backends do not fit a table of {table_size} slots; raise \
+                 table_size",
+                backends.len()
+            ),
+        ));
+    }
+
+    Ok(Vip {
+        name,
+        address,
+        port: match raw.port.into_inner() {
+            PortSpec::Port(p) => Some(p),
+            PortSpec::Any => None,
+        },
+        protocol: raw.protocol,
+        forwarding: Forwarding::Dsr,
+        table_size,
+        backends,
+    })
+}
+
+fn check_interface_name(name: &str) -> Result<(), String> {
+    // The kernel's limit (IFNAMSIZ - 1) and the characters it rejects.
+    if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', ':']) || name == "." {
+        return Err(format!("interface \"{name}\" is not a valid interface name"));
+    }
+    Ok(())
+}
+
+fn is_broadcast(address: IpAddr) -> bool {
+    matches!(address, IpAddr::V4(a) if a.is_broadcast())
+}
+
+pub fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let mut d = 2u32;
+    while d.saturating_mul(d) <= n {
+        if n % d == 0 {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[balancer]
+interface = "eth0"
+xdp_mode = "native"
+hash_seed = "0x5eed"
+conn_table_size = 65536
+metrics_listen = "127.0.0.1:9200"
+
+[[vip]]
+name = "web"
+address = "203.0.113.10"
+port = 80
+protocol = "tcp"
+forwarding = "dsr"
+table_size = 251
+backends = [
+  { address = "10.0.0.11", weight = 100 },
+  { address = "10.0.0.12", drain = true },
+]
+
+[[vip]]
+name = "dns"
+address = "203.0.113.10"
+port = "any"
+protocol = "udp"
+forwarding = "dsr"
+backends = [{ address = "10.0.0.13" }]
+"#;
+
+    #[test]
+    fn accepts_a_full_config() {
+        let c = parse(Path::new("good.toml"), GOOD).unwrap();
+        assert_eq!(c.interface.as_deref(), Some("eth0"));
+        assert_eq!(c.xdp_mode, XdpModeSetting::Native);
+        assert_eq!(c.hash_seed, 0x5eed);
+        assert_eq!(c.conn_table_size, 65536);
+        assert_eq!(c.metrics_listen, "127.0.0.1:9200".parse().unwrap());
+        assert_eq!(c.vips.len(), 2);
+        let web = &c.vips[0];
+        assert_eq!((web.port, web.protocol, web.table_size), (Some(80), Protocol::Tcp, 251));
+        assert_eq!(
+            web.backends,
+            vec![
+                BackendConfig { address: "10.0.0.11".parse().unwrap(), weight: 100, drain: false },
+                BackendConfig {
+                    address: "10.0.0.12".parse().unwrap(),
+                    weight: DEFAULT_WEIGHT,
+                    drain: true
+                },
+            ]
+        );
+        assert_eq!(c.vips[1].port, None);
+        assert_eq!(c.vips[1].table_size, DEFAULT_MAGLEV_SIZE);
+        assert_eq!(c.vips[1].endpoint(), "203.0.113.10:*/udp");
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(Path::new("min.toml"), "[balancer]\n").unwrap();
+        assert_eq!(c.interface, None);
+        assert_eq!(c.xdp_mode, XdpModeSetting::Auto);
+        assert_eq!(c.hash_seed, 0);
+        assert_eq!(c.conn_table_size, DEFAULT_CONN_TABLE_SIZE);
+        assert_eq!(c.metrics_listen.to_string(), DEFAULT_METRICS_LISTEN);
+        assert!(c.vips.is_empty());
+    }
+
+    /// Replaces the first occurrence of `from` in the good config and expects an error at
+    /// `line:column` whose message contains `message`.
+    fn rejects(from: &str, to: &str, line: usize, column: usize, message: &str) {
+        assert!(GOOD.contains(from), "fixture does not contain {from:?}");
+        let text = GOOD.replacen(from, to, 1);
+        let err = parse(Path::new("bad.toml"), &text).expect_err(to);
+        assert!(
+            err.message.contains(message),
+            "{to:?}: message {:?} does not contain {message:?}",
+            err.message
+        );
+        assert_eq!((err.line, err.column), (line, column), "{to:?}: {err}");
+        assert!(err.to_string().starts_with(&format!("bad.toml:{line}:{column}: ")), "{err}");
+    }
+
+    #[test]
+    fn errors_name_the_position() {
+        // (replace, with, line, column, part of the message)
+        let cases: &[(&str, &str, usize, usize, &str)] = &[
+            ("xdp_mode = \"native\"", "xdp_mod = \"native\"", 4, 1, "unknown field `xdp_mod`"),
+            ("xdp_mode = \"native\"", "xdp_mode = \"fast\"", 4, 12, "unknown variant `fast`"),
+            ("hash_seed = \"0x5eed\"", "hash_seed = \"0xzz\"", 5, 13, "hash_seed \"0xzz\""),
+            ("hash_seed = \"0x5eed\"", "hash_seed = -1", 5, 13, "does not fit in 32 bits"),
+            ("conn_table_size = 65536", "conn_table_size = 10", 6, 19, "out of range"),
+            ("\"127.0.0.1:9200\"", "\"localhost\"", 7, 18, "is not an address:port"),
+            ("interface = \"eth0\"", "interface = \"a/b\"", 3, 13, "not a valid interface"),
+            ("name = \"web\"", "name = \"w b\"", 10, 8, "VIP name \"w b\" is not valid"),
+            ("\"203.0.113.10\"", "\"203.0.113\"", 11, 11, "invalid IP address syntax"),
+            ("\"203.0.113.10\"", "\"2001:db8::1\"", 11, 11, "IPv6 VIPs are not supported"),
+            ("\"203.0.113.10\"", "\"224.0.0.1\"", 11, 11, "cannot be a VIP"),
+            ("port = 80", "port = 0", 12, 8, "port 0 is out of range"),
+            ("port = 80", "port = 70000", 12, 8, "port 70000 is out of range"),
+            ("port = 80", "port = \"all\"", 12, 8, "port \"all\" is not valid"),
+            ("protocol = \"tcp\"", "protocol = \"sctp\"", 13, 12, "unknown variant `sctp`"),
+            ("forwarding = \"dsr\"", "forwarding = \"nat\"", 14, 14, "only forwarding = \"dsr\""),
+            ("table_size = 251", "table_size = 250", 15, 14, "must be a prime"),
+            ("table_size = 251", "table_size = 65539", 15, 14, "must be a prime no larger"),
+            ("weight = 100", "weight = 70000", 17, 37, "weight 70000 is out of range"),
+            ("weight = 100", "wieght = 100", 17, 28, "unknown field `wieght`"),
+            ("drain = true", "drain = 1", 18, 36, "invalid type"),
+            ("\"10.0.0.12\"", "\"10.0.0.11\"", 18, 3, "backend 10.0.0.11 is listed twice"),
+            ("\"10.0.0.12\"", "\"2001:db8::2\"", 18, 15, "not of the VIP's address family"),
+            ("\"10.0.0.12\"", "\"127.0.0.1\"", 18, 15, "cannot be a backend"),
+            ("name = \"dns\"", "name = \"web\"", 21, 1, "duplicate VIP name \"web\""),
+            (
+                "port = \"any\"\nprotocol = \"udp\"",
+                "port = 80\nprotocol = \"tcp\"",
+                21,
+                1,
+                "has the same 203.0.113.10:80/tcp as VIP \"web\"",
+            ),
+            ("[balancer]", "[balancr]", 2, 2, "unknown field `balancr`"),
+        ];
+        for (from, to, line, column, message) in cases {
+            rejects(from, to, *line, *column, message);
+        }
+        // The same endpoint with the other protocol is a different VIP.
+        let text = GOOD.replacen("port = \"any\"", "port = 80", 1);
+        parse(Path::new("ok.toml"), &text).unwrap();
+    }
+
+    #[test]
+    fn missing_required_keys_and_syntax_errors_have_positions() {
+        let err = parse(Path::new("x.toml"), "[balancer]\n[[vip]]\nname = \"a\"\n").unwrap_err();
+        assert!(err.message.contains("missing field `address`"), "{err}");
+        assert_eq!(err.line, 2, "{err}");
+        let err = parse(Path::new("x.toml"), "[balancer]\ninterface = \"eth0\n").unwrap_err();
+        assert_eq!(err.line, 2, "{err}");
+        let err = parse(Path::new("x.toml"), "").unwrap_err();
+        assert!(err.message.contains("missing field `balancer`"), "{err}");
+    }
+
+    #[test]
+    fn backends_must_fit_the_table() {
+        let backends: Vec<String> =
+            (1..=12).map(|i| format!("{{ address = \"10.0.1.{i}\" }}")).collect();
+        let text = format!(
+            "[balancer]\n[[vip]]\nname = \"v\"\naddress = \"192.0.2.1\"\nport = 53\n\
+             protocol = \"udp\"\nforwarding = \"dsr\"\ntable_size = 11\nbackends = [{}]\n",
+            backends.join(", ")
+        );
+        let err = parse(Path::new("x.toml"), &text).unwrap_err();
+        assert!(err.message.contains("12 backends do not fit a table of 11"), "{err}");
+        assert_eq!(err.line, 5);
+    }
+
+    #[test]
+    fn primes() {
+        let primes: Vec<u32> = (0..30).filter(|&n| is_prime(n)).collect();
+        assert_eq!(primes, [2, 3, 5, 7, 11, 13, 17, 19, 23, 29]);
+        assert!(is_prime(65537));
+        assert!(!is_prime(65535));
+    }
+
+    #[test]
+    fn line_column_counts_characters() {
+        assert_eq!(line_column("ab\ncé\nx", 0), (1, 1));
+        assert_eq!(line_column("ab\ncé\nx", 3), (2, 1));
+        assert_eq!(line_column("ab\ncé\nx", 7), (3, 1));
+        assert_eq!(line_column("ab\ncé\nx", 100), (3, 2));
+    }
+}

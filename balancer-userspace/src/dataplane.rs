@@ -1,0 +1,462 @@
+//! The only module that talks to the kernel's BPF side: load the XDP object, attach it, write
+//! the maps, read the counters.
+//!
+//! Map updates keep every packet consistent:
+//! - a VIP becomes visible (its `VIPS` key is written) only after its backends and its table
+//!   are in place, and disappears before they go;
+//! - a VIP's Maglev table is a fresh inner map, filled completely, then swapped in with a
+//!   single update of `MAGLEV_TABLES`: a packet sees the old table or the new one;
+//! - the connection table is never cleared by a change: flows keep their backends.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    os::fd::{AsFd as _, AsRawFd as _},
+};
+
+use aya::{
+    maps::{
+        Array, ArrayOfMaps, DevMapHash, HashMap as BpfHashMap, MapData, MapError, PerCpuArray,
+        PerCpuValues,
+    },
+    programs::{ProgramError, Xdp, XdpMode},
+    Ebpf, EbpfLoader,
+};
+use balancer_common::{
+    map_names, program_names, Backend, ConnEntry, FlowKey, TrafficStats, VipKey, VipMeta,
+    MAGLEV_CAPACITY, MAGLEV_TABLE_MAP_FLAGS, OUTCOME_COUNT,
+};
+
+use crate::{config::XdpModeSetting, reconcile::DesiredState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("loading the XDP object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("the XDP object has no {what} named {name}")]
+    Missing { what: &'static str, name: &'static str },
+    #[error("loading the {program} program into the kernel: {source}")]
+    Verifier { program: &'static str, source: ProgramError },
+    #[error("attaching to {interface} in {mode} mode: {source}")]
+    Attach { interface: String, mode: &'static str, source: ProgramError },
+    #[error("map {map}: {source}")]
+    Map { map: &'static str, source: MapError },
+    #[error("map {map}: {source}")]
+    Io { map: &'static str, source: std::io::Error },
+    #[error("map {map}: {source}")]
+    Xdp { map: &'static str, source: aya::maps::xdp::XdpMapError },
+}
+
+type Result<T, E = DataplaneError> = std::result::Result<T, E>;
+
+fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { map, source }
+}
+
+/// How the program ended up attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachedMode {
+    Native,
+    Generic,
+}
+
+impl AttachedMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttachedMode::Native => "native",
+            AttachedMode::Generic => "generic",
+        }
+    }
+}
+
+/// Settings fixed when the object is loaded.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    pub hash_seed: u32,
+    pub conn_table_size: u32,
+}
+
+/// The loaded program and its maps. Dropping it detaches the program and frees the maps.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    applied: DesiredState,
+    attached: Option<(String, AttachedMode)>,
+}
+
+/// Counters summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub backends: BTreeMap<u32, TrafficStats>,
+    pub vips: BTreeMap<u32, TrafficStats>,
+    /// Indexed by `balancer_common::Outcome`.
+    pub outcomes: Vec<u64>,
+}
+
+impl Dataplane {
+    /// Loads the object and the balancer program into the kernel (verifier included), without
+    /// attaching it anywhere.
+    pub fn load(options: LoadOptions) -> Result<Self> {
+        Self::load_object(crate::PROGRAM, options)
+    }
+
+    /// Like [`Dataplane::load`], from another build of the object (tests, upgrades).
+    pub fn load_object(object: &[u8], options: LoadOptions) -> Result<Self> {
+        let mut ebpf = EbpfLoader::new()
+            .override_global("HASH_SEED", &options.hash_seed, true)
+            .map_max_entries(map_names::CONN_TABLE, options.conn_table_size)
+            .load(object)?;
+        for name in [program_names::BALANCER, program_names::PASS] {
+            let program: &mut Xdp = ebpf
+                .program_mut(name)
+                .ok_or(DataplaneError::Missing { what: "program", name })?
+                .try_into()
+                .map_err(|source| DataplaneError::Verifier { program: name, source })?;
+            program.load().map_err(|source| DataplaneError::Verifier { program: name, source })?;
+        }
+        Ok(Dataplane { ebpf, applied: DesiredState::default(), attached: None })
+    }
+
+    /// The balancer program, e.g. for BPF_PROG_TEST_RUN.
+    pub fn program(&self) -> &Xdp {
+        self.program_named(program_names::BALANCER)
+    }
+
+    /// The trivial XDP_PASS program of the same object.
+    pub fn pass_program(&self) -> &Xdp {
+        self.program_named(program_names::PASS)
+    }
+
+    fn program_named(&self, name: &'static str) -> &Xdp {
+        self.ebpf
+            .program(name)
+            .and_then(|p| p.try_into().ok())
+            .expect("loaded and checked in load_object")
+    }
+
+    /// Attaches the trivial XDP_PASS program to `interface` in native mode.
+    pub fn attach_pass(&mut self, interface: &str) -> Result<AttachedMode> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(program_names::PASS)
+            .and_then(|p| p.try_into().ok())
+            .expect("loaded and checked in load_object");
+        program.attach(interface, XdpMode::Driver).map_err(|source| DataplaneError::Attach {
+            interface: interface.to_owned(),
+            mode: AttachedMode::Native.as_str(),
+            source,
+        })?;
+        Ok(AttachedMode::Native)
+    }
+
+    /// Attaches to `interface`. `Auto` tries native mode and falls back to generic mode,
+    /// returning the reason native mode was refused.
+    pub fn attach(
+        &mut self,
+        interface: &str,
+        setting: XdpModeSetting,
+    ) -> Result<(AttachedMode, Option<String>)> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(program_names::BALANCER)
+            .and_then(|p| p.try_into().ok())
+            .expect("loaded and checked in load_object");
+        let attach = |program: &mut Xdp, mode: AttachedMode| {
+            let flags = match mode {
+                AttachedMode::Native => XdpMode::Driver,
+                AttachedMode::Generic => XdpMode::Skb,
+            };
+            program.attach(interface, flags).map(|_| ()).map_err(|source| DataplaneError::Attach {
+                interface: interface.to_owned(),
+                mode: mode.as_str(),
+                source,
+            })
+        };
+        let (mode, fallback) = match setting {
+            XdpModeSetting::Native => (attach(program, AttachedMode::Native).map(|_| AttachedMode::Native)?, None),
+            XdpModeSetting::Generic => (attach(program, AttachedMode::Generic).map(|_| AttachedMode::Generic)?, None),
+            XdpModeSetting::Auto => match attach(program, AttachedMode::Native) {
+                Ok(()) => (AttachedMode::Native, None),
+                Err(native) => {
+                    let reason = error_chain(&native);
+                    attach(program, AttachedMode::Generic)?;
+                    (AttachedMode::Generic, Some(reason))
+                }
+            },
+        };
+        self.attached = Some((interface.to_owned(), mode));
+        Ok((mode, fallback))
+    }
+
+    pub fn attached(&self) -> Option<(&str, AttachedMode)> {
+        self.attached.as_ref().map(|(i, m)| (i.as_str(), *m))
+    }
+
+    /// What the maps hold now.
+    pub fn applied(&self) -> &DesiredState {
+        &self.applied
+    }
+
+    /// Makes the maps hold `desired`, in an order that keeps every packet consistent (see
+    /// the module documentation).
+    pub fn apply(&mut self, desired: &DesiredState) -> Result<()> {
+        let previous = std::mem::take(&mut self.applied);
+        let result = self.apply_from(&previous, desired);
+        // On error the maps hold a mix; remember the desired state anyway so that the next
+        // apply rewrites everything that differs.
+        self.applied = desired.clone();
+        result
+    }
+
+    fn apply_from(&mut self, previous: &DesiredState, desired: &DesiredState) -> Result<()> {
+        let previous_vips: HashMap<&str, &crate::reconcile::DesiredVip> =
+            previous.vips.iter().map(|v| (v.name.as_str(), v)).collect();
+
+        // 1. Counters of newly used ids start from zero (an id may have served another
+        //    backend or VIP before).
+        let new_backends: Vec<u32> = desired
+            .backends
+            .keys()
+            .filter(|id| !previous.backends.contains_key(id))
+            .copied()
+            .collect();
+        self.zero_stats(map_names::BACKEND_STATS, &new_backends)?;
+        let new_vips: Vec<u32> = desired
+            .vips
+            .iter()
+            .filter(|v| previous_vips.get(v.name.as_str()).map(|p| p.meta.vip_id) != Some(v.meta.vip_id))
+            .map(|v| v.meta.vip_id)
+            .collect();
+        self.zero_stats(map_names::VIP_STATS, &new_vips)?;
+
+        // 2. Backends and egress devices.
+        {
+            let mut backends: Array<&mut MapData, Backend> =
+                self.map_mut(map_names::BACKENDS)?.try_into().map_err(map_err(map_names::BACKENDS))?;
+            for (&id, entry) in &desired.backends {
+                if previous.backends.get(&id) != Some(entry) {
+                    backends.set(id, entry, 0).map_err(map_err(map_names::BACKENDS))?;
+                }
+            }
+        }
+        {
+            let mut devices: DevMapHash<&mut MapData> = self
+                .map_mut(map_names::EGRESS_DEVICES)?
+                .try_into()
+                .map_err(map_err(map_names::EGRESS_DEVICES))?;
+            for &ifindex in desired.egress.difference(&previous.egress) {
+                devices
+                    .insert(ifindex, ifindex, None, 0)
+                    .map_err(|source| DataplaneError::Xdp { map: map_names::EGRESS_DEVICES, source })?;
+            }
+        }
+
+        // 3. Tables, swapped in whole.
+        for vip in &desired.vips {
+            let unchanged = previous_vips
+                .get(vip.name.as_str())
+                .is_some_and(|p| p.meta.vip_id == vip.meta.vip_id && p.table == vip.table);
+            if !unchanged {
+                self.swap_table(vip.meta.vip_id, &vip.table)?;
+            }
+        }
+
+        // 4. VIP keys: new and changed ones, then the ones that went away.
+        {
+            let mut vips: BpfHashMap<&mut MapData, VipKey, VipMeta> =
+                self.map_mut(map_names::VIPS)?.try_into().map_err(map_err(map_names::VIPS))?;
+            for vip in &desired.vips {
+                let same = previous_vips.get(vip.name.as_str()).is_some_and(|p| p.key == vip.key && p.meta == vip.meta);
+                if !same {
+                    vips.insert(vip.key, vip.meta, 0).map_err(map_err(map_names::VIPS))?;
+                }
+            }
+            let wanted: std::collections::HashSet<VipKey> = desired.vips.iter().map(|v| v.key).collect();
+            for vip in &previous.vips {
+                if !wanted.contains(&vip.key) {
+                    ignore_missing(vips.remove(&vip.key)).map_err(map_err(map_names::VIPS))?;
+                }
+            }
+        }
+
+        // 5. Tables of removed VIPs, then removed backends (no VIP key leads to them now; a
+        //    remembered flow that still names one is re-selected, see the packet path).
+        {
+            let live_ids: BTreeSet<u32> = desired.vips.iter().map(|v| v.meta.vip_id).collect();
+            let mut tables: ArrayOfMaps<&mut MapData, MapData> = self
+                .map_mut(map_names::MAGLEV_TABLES)?
+                .try_into()
+                .map_err(map_err(map_names::MAGLEV_TABLES))?;
+            for vip in &previous.vips {
+                if !live_ids.contains(&vip.meta.vip_id) {
+                    // Replace with an empty table rather than delete: deleting from an
+                    // array of maps is not supported.
+                    let empty = new_table(&[]).map_err(|source| DataplaneError::Io { map: map_names::MAGLEV_TABLES, source })?;
+                    tables.set(vip.meta.vip_id, &empty, 0).map_err(map_err(map_names::MAGLEV_TABLES))?;
+                }
+            }
+        }
+        {
+            let mut backends: Array<&mut MapData, Backend> =
+                self.map_mut(map_names::BACKENDS)?.try_into().map_err(map_err(map_names::BACKENDS))?;
+            for &id in previous.backends.keys() {
+                if !desired.backends.contains_key(&id) {
+                    backends.set(id, Backend::default(), 0).map_err(map_err(map_names::BACKENDS))?;
+                }
+            }
+        }
+        {
+            let mut devices: DevMapHash<&mut MapData> = self
+                .map_mut(map_names::EGRESS_DEVICES)?
+                .try_into()
+                .map_err(map_err(map_names::EGRESS_DEVICES))?;
+            for &ifindex in previous.egress.difference(&desired.egress) {
+                ignore_missing(devices.remove(ifindex)).map_err(map_err(map_names::EGRESS_DEVICES))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn swap_table(&mut self, vip_id: u32, table: &[u32]) -> Result<()> {
+        let inner = new_table(table).map_err(|source| DataplaneError::Io { map: map_names::MAGLEV_TABLES, source })?;
+        let mut tables: ArrayOfMaps<&mut MapData, MapData> = self
+            .map_mut(map_names::MAGLEV_TABLES)?
+            .try_into()
+            .map_err(map_err(map_names::MAGLEV_TABLES))?;
+        tables.set(vip_id, &inner, 0).map_err(map_err(map_names::MAGLEV_TABLES))
+    }
+
+    fn zero_stats(&mut self, name: &'static str, ids: &[u32]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let cpus = aya::util::nr_cpus().map_err(|(_, source)| DataplaneError::Io { map: name, source })?;
+        let mut stats: PerCpuArray<&mut MapData, TrafficStats> =
+            self.map_mut(name)?.try_into().map_err(map_err(name))?;
+        for &id in ids {
+            let zeros = PerCpuValues::try_from(vec![TrafficStats::default(); cpus])
+                .map_err(|source| DataplaneError::Io { map: name, source })?;
+            stats.set(id, zeros, 0).map_err(map_err(name))?;
+        }
+        Ok(())
+    }
+
+    /// Reads the counters of every live VIP and backend, summed over CPUs.
+    pub fn counters(&self) -> Result<Counters> {
+        let sum = |name: &'static str, ids: &mut dyn Iterator<Item = u32>| -> Result<BTreeMap<u32, TrafficStats>> {
+            let stats: PerCpuArray<&MapData, TrafficStats> = self.map(name)?.try_into().map_err(map_err(name))?;
+            let mut out = BTreeMap::new();
+            for id in ids {
+                let per_cpu = stats.get(&id, 0).map_err(map_err(name))?;
+                let total = per_cpu.iter().fold(TrafficStats::default(), |a, s| TrafficStats {
+                    packets: a.packets + s.packets,
+                    bytes: a.bytes + s.bytes,
+                    new_flows: a.new_flows + s.new_flows,
+                });
+                out.insert(id, total);
+            }
+            Ok(out)
+        };
+        let backends = sum(map_names::BACKEND_STATS, &mut self.applied.backends.keys().copied())?;
+        let vips = sum(map_names::VIP_STATS, &mut self.applied.vips.iter().map(|v| v.meta.vip_id))?;
+        let outcome_map: PerCpuArray<&MapData, u64> =
+            self.map(map_names::OUTCOME_STATS)?.try_into().map_err(map_err(map_names::OUTCOME_STATS))?;
+        let outcomes = (0..OUTCOME_COUNT)
+            .map(|i| outcome_map.get(&i, 0).map(|v| v.iter().sum()))
+            .collect::<Result<Vec<u64>, _>>()
+            .map_err(map_err(map_names::OUTCOME_STATS))?;
+        Ok(Counters { backends, vips, outcomes })
+    }
+
+    /// The backend the connection table holds for a flow.
+    pub fn conn_lookup(&self, flow: &FlowKey) -> Result<Option<u32>> {
+        let table: BpfHashMap<&MapData, FlowKey, ConnEntry> =
+            self.map(map_names::CONN_TABLE)?.try_into().map_err(map_err(map_names::CONN_TABLE))?;
+        match table.get(flow, 0) {
+            Ok(entry) => Ok(Some(entry.backend_id)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(map_names::CONN_TABLE)(e)),
+        }
+    }
+
+    /// Remembers `flow` on backend `backend_id`, as the program does for a new flow (tests
+    /// and tools; the packet path fills the table itself).
+    pub fn conn_insert(&mut self, flow: &FlowKey, backend_id: u32) -> Result<()> {
+        let mut table: BpfHashMap<&mut MapData, FlowKey, ConnEntry> =
+            self.map_mut(map_names::CONN_TABLE)?.try_into().map_err(map_err(map_names::CONN_TABLE))?;
+        table
+            .insert(flow, ConnEntry { backend_id, _reserved: 0 }, 0)
+            .map_err(map_err(map_names::CONN_TABLE))
+    }
+
+    /// Number of flows in the connection table (walks the table: for status, not hot paths).
+    pub fn conn_count(&self) -> Result<usize> {
+        let table: BpfHashMap<&MapData, FlowKey, ConnEntry> =
+            self.map(map_names::CONN_TABLE)?.try_into().map_err(map_err(map_names::CONN_TABLE))?;
+        Ok(table.keys().filter(|k| k.is_ok()).count())
+    }
+
+    fn map(&self, name: &'static str) -> Result<&aya::maps::Map> {
+        self.ebpf.map(name).ok_or(DataplaneError::Missing { what: "map", name })
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {
+        self.ebpf.map_mut(name).ok_or(DataplaneError::Missing { what: "map", name })
+    }
+}
+
+/// A new inner Maglev table map holding `slots` (the rest zero; never read). Filled through a
+/// memory mapping: one pass over memory instead of one syscall per slot. The kernel lays
+/// array elements out 8 bytes apart whatever their size, so each 4-byte slot sits at a
+/// multiple of 8.
+fn new_table(slots: &[u32]) -> std::io::Result<MapData> {
+    assert!(slots.len() <= MAGLEV_CAPACITY as usize);
+    let definition = aya_obj::Map::new_from_params(
+        aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_ARRAY as u32,
+        4,
+        4,
+        MAGLEV_CAPACITY,
+        MAGLEV_TABLE_MAP_FLAGS,
+    );
+    let map = MapData::create(definition, "maglev_table", None).map_err(std::io::Error::other)?;
+    if slots.is_empty() {
+        return Ok(map);
+    }
+    const STRIDE: usize = 8;
+    let page = 4096usize;
+    let len = (MAGLEV_CAPACITY as usize * STRIDE).div_ceil(page) * page;
+    let fd = map.fd().as_fd().as_raw_fd();
+    // SAFETY: mapping a BPF array created with BPF_F_MMAPABLE, of exactly its size rounded up
+    // to a page, which the kernel allows; unmapped before returning.
+    unsafe {
+        let base = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0);
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let base = base.cast::<u8>();
+        for (i, &slot) in slots.iter().enumerate() {
+            base.add(i * STRIDE).cast::<u32>().write(slot);
+        }
+        let base = base.cast::<libc::c_void>();
+        libc::munmap(base, len);
+    }
+    Ok(map)
+}
+
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+/// An error and its sources on one line.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}

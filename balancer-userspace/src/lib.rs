@@ -1,0 +1,15 @@
+//! The balancer daemon's library: everything `balancer` does, in modules a test can reach.
+//!
+//! A pure core (config -> desired map contents) and a thin shell around the kernel
+//! (`dataplane`, `nexthop`).
+
+pub mod config;
+pub mod daemon;
+pub mod dataplane;
+pub mod maglev;
+pub mod nexthop;
+pub mod reconcile;
+pub mod status;
+
+/// The compiled XDP object (balancer-ebpf), embedded at build time.
+pub const PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/balancer-xdp"));

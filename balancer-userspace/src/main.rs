@@ -1,0 +1,100 @@
+//! `balancer`: an XDP layer-4 load balancer.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+use balancer::{config, daemon};
+
+#[derive(Parser)]
+#[command(name = "balancer", version, about = "An XDP layer-4 load balancer", propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach to an interface and balance the configured VIPs until SIGINT/SIGTERM.
+    Run {
+        /// The TOML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Interface to attach to (overrides `interface` in the config).
+        #[arg(long, short)]
+        interface: Option<String>,
+    },
+    /// Hold a trivial XDP_PASS program on an interface until SIGINT/SIGTERM.
+    ///
+    /// A veth delivers frames sent into it with XDP_TX or XDP_REDIRECT only if its peer has
+    /// an XDP program; run this on the peer of a veth the balancer is attached to (or
+    /// redirects to) when that peer has none.
+    XdpPass {
+        /// The interface (the veth peer).
+        #[arg(long, short)]
+        interface: String,
+    },
+    /// Validate a config file without touching the kernel (no root needed).
+    Check {
+        /// The TOML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Run { config, interface } => {
+            run_async(daemon::run(daemon::RunOptions { config, interface }))
+        }
+        Command::XdpPass { interface } => run_async(daemon::xdp_pass(interface)),
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match config::load(path) {
+        Ok(c) => {
+            let backends: usize = c.vips.iter().map(|v| v.backends.len()).sum();
+            println!("{}: OK, {} VIPs, {backends} backends", path.display(), c.vips.len());
+            for vip in &c.vips {
+                let active = vip.backends.iter().filter(|b| b.takes_new_flows()).count();
+                println!(
+                    "  {:<16} {:<24} {} backends ({active} taking new flows), table {} slots",
+                    vip.name,
+                    vip.endpoint(),
+                    vip.backends.len(),
+                    vip.table_size
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_async(task: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    init_logging();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::{fmt, EnvFilter};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr).init();
+}

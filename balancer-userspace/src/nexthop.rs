@@ -1,0 +1,222 @@
+//! Next-hop resolution: for each backend, the egress interface and the two MAC addresses,
+//! from the kernel's routing and neighbour tables (rtnetlink). Nobody types a MAC address
+//! into a config.
+//!
+//! Direct server return forwards the unchanged IP packet at layer 2, so a backend must be on a
+//! directly connected network: a route through a gateway is an error, not something to work
+//! around. When the neighbour table has no usable entry, resolution is triggered (an
+//! `NTF_USE` neighbour request, which makes the kernel send an ARP or neighbour solicitation)
+//! and the table is polled until the answer arrives or the timeout passes.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use futures::TryStreamExt as _;
+use netlink_packet_route::{
+    link::LinkAttribute,
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourState},
+    route::{RouteAddress, RouteAttribute},
+    AddressFamily,
+};
+use rtnetlink::{Handle, RouteMessageBuilder};
+
+use crate::reconcile::{NextHop, NextHops};
+
+/// How long to wait for an ARP or neighbour-discovery answer.
+pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+#[derive(Debug, thiserror::Error)]
+pub enum NextHopError {
+    #[error("no route to {0}")]
+    NoRoute(IpAddr),
+    #[error(
+        "{address} is reached through gateway {gateway} on {interface}; direct server return \
+         needs backends on a directly connected network"
+    )]
+    ViaGateway { address: IpAddr, gateway: IpAddr, interface: String },
+    #[error("{address} is a local address of this host ({interface})")]
+    Local { address: IpAddr, interface: String },
+    #[error("no ARP/neighbour answer from {address} on {interface} within {timeout:?}")]
+    NoAnswer { address: IpAddr, interface: String, timeout: Duration },
+    #[error("interface index {0} has no MAC address (not an Ethernet interface?)")]
+    NoMac(u32),
+    #[error("netlink: {0}")]
+    Netlink(#[from] rtnetlink::Error),
+    #[error("netlink socket: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A netlink connection to the kernel's routing tables.
+pub struct Resolver {
+    handle: Handle,
+}
+
+impl Resolver {
+    /// Opens the connection; its I/O runs as a task on the current tokio runtime.
+    pub fn new() -> Result<Self, NextHopError> {
+        let (connection, handle, _) = rtnetlink::new_connection()?;
+        tokio::spawn(connection);
+        Ok(Resolver { handle })
+    }
+
+    /// Resolves every address, concurrently. Failures are returned per address.
+    pub async fn resolve_all(
+        &self,
+        addresses: impl IntoIterator<Item = IpAddr>,
+    ) -> (NextHops, HashMap<IpAddr, NextHopError>) {
+        let lookups = addresses.into_iter().map(|a| async move { (a, self.resolve(a).await) });
+        let mut hops = NextHops::new();
+        let mut errors = HashMap::new();
+        for (address, result) in futures::future::join_all(lookups).await {
+            match result {
+                Ok(hop) => {
+                    hops.insert(address, hop);
+                }
+                Err(e) => {
+                    errors.insert(address, e);
+                }
+            }
+        }
+        (hops, errors)
+    }
+
+    pub async fn resolve(&self, address: IpAddr) -> Result<NextHop, NextHopError> {
+        let (ifindex, gateway) = self.route(address).await?;
+        let (interface, src_mac) = self.link(ifindex).await?;
+        if let Some(gateway) = gateway {
+            return Err(NextHopError::ViaGateway { address, gateway, interface });
+        }
+        let deadline = Instant::now() + RESOLVE_TIMEOUT;
+        let mut triggered = false;
+        loop {
+            if let Some(dst_mac) = self.neighbour(ifindex, address).await? {
+                return Ok(NextHop { ifindex, interface, src_mac, dst_mac });
+            }
+            if !triggered {
+                self.trigger(ifindex, address).await?;
+                triggered = true;
+            }
+            if Instant::now() >= deadline {
+                return Err(NextHopError::NoAnswer { address, interface, timeout: RESOLVE_TIMEOUT });
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// `ip route get ADDRESS`: the output interface and the gateway, if any.
+    async fn route(&self, address: IpAddr) -> Result<(u32, Option<IpAddr>), NextHopError> {
+        let message = match address {
+            IpAddr::V4(a) => RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+                .destination_prefix(a, 32)
+                .build(),
+            IpAddr::V6(a) => RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+                .destination_prefix(a, 128)
+                .build(),
+        };
+        let mut routes = self.handle.route().get(message).execute();
+        let route = match routes.try_next().await {
+            Ok(Some(route)) => route,
+            Ok(None) | Err(_) => return Err(NextHopError::NoRoute(address)),
+        };
+        if route.header.kind == netlink_packet_route::route::RouteType::Local {
+            let ifindex = route.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(*i),
+                _ => None,
+            });
+            let interface = match ifindex {
+                Some(i) => self.link(i).await.map(|(name, _)| name).unwrap_or_default(),
+                None => String::new(),
+            };
+            return Err(NextHopError::Local { address, interface });
+        }
+        let mut oif = None;
+        let mut gateway = None;
+        for attribute in &route.attributes {
+            match attribute {
+                RouteAttribute::Oif(i) => oif = Some(*i),
+                RouteAttribute::Gateway(RouteAddress::Inet(g)) => gateway = Some(IpAddr::V4(*g)),
+                RouteAttribute::Gateway(RouteAddress::Inet6(g)) => gateway = Some(IpAddr::V6(*g)),
+                _ => {}
+            }
+        }
+        let oif = oif.ok_or(NextHopError::NoRoute(address))?;
+        Ok((oif, gateway))
+    }
+
+    /// The interface's name and MAC address.
+    pub async fn link(&self, ifindex: u32) -> Result<(String, [u8; 6]), NextHopError> {
+        let mut links = self.handle.link().get().match_index(ifindex).execute();
+        let link = links.try_next().await?.ok_or(NextHopError::NoMac(ifindex))?;
+        let mut name = String::new();
+        let mut mac = None;
+        for attribute in link.attributes {
+            match attribute {
+                LinkAttribute::IfName(n) => name = n,
+                LinkAttribute::Address(a) if a.len() == 6 => mac = a.try_into().ok(),
+                _ => {}
+            }
+        }
+        Ok((name, mac.ok_or(NextHopError::NoMac(ifindex))?))
+    }
+
+    /// The neighbour's MAC address, if the table holds a usable entry.
+    async fn neighbour(&self, ifindex: u32, address: IpAddr) -> Result<Option<[u8; 6]>, NextHopError> {
+        let family = match address {
+            IpAddr::V4(_) => AddressFamily::Inet,
+            IpAddr::V6(_) => AddressFamily::Inet6,
+        };
+        let mut entries = self.handle.neighbours().get().set_address_family(family).execute();
+        while let Some(entry) = entries.try_next().await? {
+            if entry.header.ifindex != ifindex {
+                continue;
+            }
+            let usable = matches!(
+                entry.header.state,
+                NeighbourState::Reachable
+                    | NeighbourState::Stale
+                    | NeighbourState::Delay
+                    | NeighbourState::Probe
+                    | NeighbourState::Permanent
+                    | NeighbourState::Noarp
+            );
+            let mut destination = None;
+            let mut mac = None;
+            for attribute in entry.attributes {
+                match attribute {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
+                        destination = Some(IpAddr::V4(a))
+                    }
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
+                        destination = Some(IpAddr::V6(a))
+                    }
+                    NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => mac = l.try_into().ok(),
+                    _ => {}
+                }
+            }
+            if destination == Some(address) && usable {
+                if let Some(mac) = mac {
+                    return Ok(Some(mac));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Asks the kernel to resolve the neighbour (`ip neigh replace ADDRESS dev IF use`).
+    async fn trigger(&self, ifindex: u32, address: IpAddr) -> Result<(), NextHopError> {
+        let mut request = self.handle.neighbours().add(ifindex, address).replace();
+        let message = request.message_mut();
+        message.header.family = match address {
+            IpAddr::V4(_) => AddressFamily::Inet,
+            IpAddr::V6(_) => AddressFamily::Inet6,
+        };
+        message.header.state = NeighbourState::None;
+        message.header.flags = NeighbourFlags::Use;
+        request.execute().await?;
+        Ok(())
+    }
+}

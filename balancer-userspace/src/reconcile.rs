@@ -1,0 +1,386 @@
+//! The reconciler: (validated config, next hops, backend health, id assignments) -> the exact
+//! contents the maps must hold. Pure: no kernel, no I/O, tested on any machine.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+};
+
+use balancer_common::{
+    Backend, VipKey, VipMeta, BACKEND_F_DOWN, BACKEND_F_DRAINING, BACKEND_F_VALID, FAMILY_IPV4,
+    FAMILY_IPV6, FORWARD_DSR, MAX_BACKENDS, MAX_VIPS, NO_BACKEND,
+};
+
+use crate::{
+    config::{Config, Vip},
+    maglev::{self, MaglevBackend},
+};
+
+/// Where packets for a backend leave: the interface and the two MAC addresses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NextHop {
+    pub ifindex: u32,
+    pub interface: String,
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+}
+
+/// Next hops by backend address; a backend missing here could not be resolved.
+pub type NextHops = HashMap<IpAddr, NextHop>;
+
+/// What the health checks say of a backend. Until they run, every backend is up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Health {
+    #[default]
+    Up,
+    Down,
+}
+
+/// A (VIP name, backend address) pair: how a backend is known across config changes.
+pub type BackendKey = (String, IpAddr);
+
+/// Stable ids for VIPs and backends. An id stays with its VIP or backend for as long as it is
+/// configured, so that the connection table's entries (which hold backend ids) stay valid
+/// across config changes; freed ids are reused lowest first.
+#[derive(Clone, Debug, Default)]
+pub struct Ids {
+    vips: HashMap<String, u32>,
+    backends: HashMap<BackendKey, u32>,
+}
+
+impl Ids {
+    pub fn vip(&self, name: &str) -> Option<u32> {
+        self.vips.get(name).copied()
+    }
+
+    pub fn backend(&self, key: &BackendKey) -> Option<u32> {
+        self.backends.get(key).copied()
+    }
+
+    /// Keeps the ids of what `config` still holds, frees the others, and gives new VIPs and
+    /// backends the lowest free ids.
+    fn assign(&mut self, config: &Config) -> Result<(), ReconcileError> {
+        let wanted_vips: BTreeSet<&str> = config.vips.iter().map(|v| v.name.as_str()).collect();
+        self.vips.retain(|name, _| wanted_vips.contains(name.as_str()));
+        let wanted_backends: BTreeSet<BackendKey> = config
+            .vips
+            .iter()
+            .flat_map(|v| v.backends.iter().map(|b| (v.name.clone(), b.address)))
+            .collect();
+        self.backends.retain(|key, _| wanted_backends.contains(key));
+
+        for vip in &config.vips {
+            if !self.vips.contains_key(&vip.name) {
+                let id = lowest_free(self.vips.values(), MAX_VIPS).ok_or(ReconcileError::TooManyVips)?;
+                self.vips.insert(vip.name.clone(), id);
+            }
+            for backend in &vip.backends {
+                let key = (vip.name.clone(), backend.address);
+                if !self.backends.contains_key(&key) {
+                    let id = lowest_free(self.backends.values(), MAX_BACKENDS)
+                        .ok_or(ReconcileError::TooManyBackends)?;
+                    self.backends.insert(key, id);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn lowest_free<'a>(used: impl Iterator<Item = &'a u32>, limit: u32) -> Option<u32> {
+    let used: BTreeSet<u32> = used.copied().collect();
+    (0..limit).find(|id| !used.contains(id))
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ReconcileError {
+    #[error("too many VIPs (at most {MAX_VIPS})")]
+    TooManyVips,
+    #[error("too many backends (at most {MAX_BACKENDS})")]
+    TooManyBackends,
+}
+
+/// Everything the maps must hold.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct DesiredState {
+    pub vips: Vec<DesiredVip>,
+    /// Every live backend id and its entry.
+    pub backends: BTreeMap<u32, Backend>,
+    /// Every egress interface (ifindex) a backend is reached through.
+    pub egress: BTreeSet<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredVip {
+    pub name: String,
+    pub key: VipKey,
+    pub meta: VipMeta,
+    /// `table_size` slots of backend ids (`NO_BACKEND` where no backend takes new flows).
+    pub table: Vec<u32>,
+    pub backends: Vec<DesiredBackend>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredBackend {
+    pub id: u32,
+    pub address: IpAddr,
+    pub weight: u32,
+    pub state: BackendState,
+    /// Slots of the Maglev table this backend owns.
+    pub slots: u32,
+}
+
+/// A backend's state as the data plane sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendState {
+    /// Takes new flows.
+    Active,
+    /// Keeps its flows, takes no new ones (drain = true, or weight 0).
+    Draining,
+    /// Failed health checks: its flows are moved.
+    Down,
+    /// Its next hop could not be resolved: treated as down.
+    Unreachable,
+}
+
+impl BackendState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendState::Active => "active",
+            BackendState::Draining => "draining",
+            BackendState::Down => "down",
+            BackendState::Unreachable => "unreachable",
+        }
+    }
+}
+
+pub fn address_bytes(address: IpAddr) -> ([u8; 16], u8) {
+    let mut bytes = [0u8; 16];
+    match address {
+        IpAddr::V4(a) => {
+            bytes[..4].copy_from_slice(&a.octets());
+            (bytes, FAMILY_IPV4)
+        }
+        IpAddr::V6(a) => (a.octets(), FAMILY_IPV6),
+    }
+}
+
+/// The map key of a VIP (port 0 for an any-port VIP).
+pub fn vip_key(vip: &Vip) -> VipKey {
+    let (addr, family) = address_bytes(vip.address);
+    VipKey { addr, port: vip.port.unwrap_or(0).to_be(), proto: vip.protocol.number(), family }
+}
+
+/// Computes the desired map contents, updating `ids` to the config.
+pub fn desired_state(
+    config: &Config,
+    next_hops: &NextHops,
+    health: &HashMap<BackendKey, Health>,
+    ids: &mut Ids,
+) -> Result<DesiredState, ReconcileError> {
+    ids.assign(config)?;
+    let mut state = DesiredState::default();
+    for vip in &config.vips {
+        let vip_id = ids.vip(&vip.name).expect("assigned above");
+        let mut backends = Vec::with_capacity(vip.backends.len());
+        for b in &vip.backends {
+            let key = (vip.name.clone(), b.address);
+            let id = ids.backend(&key).expect("assigned above");
+            let next_hop = next_hops.get(&b.address);
+            let backend_state = match (next_hop, health.get(&key).copied().unwrap_or_default()) {
+                (None, _) => BackendState::Unreachable,
+                (Some(_), Health::Down) => BackendState::Down,
+                (Some(_), Health::Up) if !b.takes_new_flows() => BackendState::Draining,
+                (Some(_), Health::Up) => BackendState::Active,
+            };
+            let (addr, family) = address_bytes(b.address);
+            let mut entry = Backend { addr, family, vip_id, flags: BACKEND_F_VALID, ..Backend::default() };
+            match backend_state {
+                BackendState::Active => {}
+                BackendState::Draining => entry.flags |= BACKEND_F_DRAINING,
+                BackendState::Down | BackendState::Unreachable => entry.flags |= BACKEND_F_DOWN,
+            }
+            if let Some(hop) = next_hop {
+                entry.ifindex = hop.ifindex;
+                entry.src_mac = hop.src_mac;
+                entry.dst_mac = hop.dst_mac;
+                state.egress.insert(hop.ifindex);
+            }
+            state.backends.insert(id, entry);
+            backends.push(DesiredBackend {
+                id,
+                address: b.address,
+                weight: b.weight,
+                state: backend_state,
+                slots: 0,
+            });
+        }
+
+        let candidates: Vec<MaglevBackend> = backends
+            .iter()
+            .map(|b| MaglevBackend {
+                address: b.address,
+                weight: if b.state == BackendState::Active { b.weight } else { 0 },
+            })
+            .collect();
+        let table: Vec<u32> = maglev::build(&candidates, vip.table_size, config.hash_seed)
+            .into_iter()
+            .map(|slot| match slot {
+                Some(index) => {
+                    backends[index as usize].slots += 1;
+                    backends[index as usize].id
+                }
+                None => NO_BACKEND,
+            })
+            .collect();
+
+        state.vips.push(DesiredVip {
+            name: vip.name.clone(),
+            key: vip_key(vip),
+            meta: VipMeta {
+                vip_id,
+                table_size: vip.table_size,
+                forwarding: FORWARD_DSR,
+                _pad: [0; 3],
+            },
+            table,
+            backends,
+        });
+    }
+    Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config;
+
+    fn config(text: &str) -> Config {
+        config::parse(Path::new("test.toml"), text).unwrap()
+    }
+
+    const TWO_VIPS: &str = r#"
+[balancer]
+hash_seed = 3
+[[vip]]
+name = "web"
+address = "192.0.2.1"
+port = 80
+protocol = "tcp"
+forwarding = "dsr"
+table_size = 251
+backends = [
+  { address = "10.0.0.1", weight = 1 },
+  { address = "10.0.0.2", weight = 3 },
+  { address = "10.0.0.3", drain = true },
+  { address = "10.0.0.4" },
+]
+[[vip]]
+name = "any"
+address = "192.0.2.2"
+port = "any"
+protocol = "udp"
+forwarding = "dsr"
+table_size = 13
+backends = [{ address = "10.0.0.1" }]
+"#;
+
+    fn hop(last: u8) -> NextHop {
+        NextHop { ifindex: 7, interface: "eth0".into(), src_mac: [2, 0, 0, 0, 0, 0xff], dst_mac: [2, 0, 0, 0, 0, last] }
+    }
+
+    fn hops() -> NextHops {
+        (1..=4).map(|i| (IpAddr::from([10, 0, 0, i]), hop(i))).collect()
+    }
+
+    #[test]
+    fn maps_follow_the_config() {
+        let c = config(TWO_VIPS);
+        let mut ids = Ids::default();
+        let health = HashMap::from([(("web".to_owned(), IpAddr::from([10, 0, 0, 4])), Health::Down)]);
+        let state = desired_state(&c, &hops(), &health, &mut ids).unwrap();
+
+        let web = &state.vips[0];
+        assert_eq!(web.key.addr[..4], [192, 0, 2, 1]);
+        assert_eq!(web.key.port, 80u16.to_be());
+        assert_eq!((web.key.proto, web.key.family), (6, FAMILY_IPV4));
+        assert_eq!(web.meta, VipMeta { vip_id: 0, table_size: 251, forwarding: FORWARD_DSR, _pad: [0; 3] });
+        assert_eq!(web.table.len(), 251);
+        let states: Vec<BackendState> = web.backends.iter().map(|b| b.state).collect();
+        assert_eq!(
+            states,
+            [BackendState::Active, BackendState::Active, BackendState::Draining, BackendState::Down]
+        );
+        // Only active backends own slots, in proportion to their weights (1:3).
+        let slots: Vec<u32> = web.backends.iter().map(|b| b.slots).collect();
+        assert_eq!(slots.iter().sum::<u32>(), 251);
+        assert_eq!(&slots[2..], &[0, 0]);
+        assert!((62..=64).contains(&slots[0]), "{slots:?}");
+        for (b, slots) in web.backends.iter().zip(&slots) {
+            assert_eq!(web.table.iter().filter(|&&id| id == b.id).count() as u32, *slots);
+        }
+
+        // Backend entries: flags, next hop, owner.
+        let entry = |id: u32| state.backends[&id];
+        assert_eq!(entry(web.backends[0].id).flags, BACKEND_F_VALID);
+        assert_eq!(entry(web.backends[2].id).flags, BACKEND_F_VALID | BACKEND_F_DRAINING);
+        assert_eq!(entry(web.backends[3].id).flags, BACKEND_F_VALID | BACKEND_F_DOWN);
+        assert_eq!(entry(web.backends[1].id).dst_mac, [2, 0, 0, 0, 0, 2]);
+        assert_eq!(entry(web.backends[1].id).ifindex, 7);
+        assert_eq!(entry(web.backends[1].id).vip_id, 0);
+
+        // The same address behind two VIPs is two backends.
+        let any = &state.vips[1];
+        assert_eq!(any.key.port, 0);
+        assert_eq!(any.meta.vip_id, 1);
+        assert_ne!(any.backends[0].id, web.backends[0].id);
+        assert_eq!(entry(any.backends[0].id).vip_id, 1);
+        assert!(any.table.iter().all(|&id| id == any.backends[0].id));
+        assert_eq!(state.backends.len(), 5);
+        assert_eq!(state.egress, BTreeSet::from([7]));
+    }
+
+    #[test]
+    fn unresolved_backends_are_unreachable_and_get_no_slots() {
+        let c = config(TWO_VIPS);
+        let mut hops = hops();
+        hops.remove(&IpAddr::from([10, 0, 0, 1]));
+        let state = desired_state(&c, &hops, &HashMap::new(), &mut Ids::default()).unwrap();
+        let web = &state.vips[0];
+        assert_eq!(web.backends[0].state, BackendState::Unreachable);
+        assert_eq!(web.backends[0].slots, 0);
+        assert_eq!(state.backends[&web.backends[0].id].flags, BACKEND_F_VALID | BACKEND_F_DOWN);
+        // The other VIP's only backend is unreachable: its table is empty.
+        assert!(state.vips[1].table.iter().all(|&id| id == NO_BACKEND));
+    }
+
+    #[test]
+    fn ids_survive_config_changes_and_freed_ids_are_reused() {
+        let mut ids = Ids::default();
+        let first = desired_state(&config(TWO_VIPS), &hops(), &HashMap::new(), &mut ids).unwrap();
+        let id_of = |s: &DesiredState, vip: usize, b: usize| s.vips[vip].backends[b].id;
+        let kept = id_of(&first, 0, 3);
+        let removed = id_of(&first, 0, 1);
+
+        // Remove 10.0.0.2 from "web", add 10.0.0.9.
+        let changed = TWO_VIPS
+            .replace("  { address = \"10.0.0.2\", weight = 3 },\n", "")
+            .replace("{ address = \"10.0.0.4\" },", "{ address = \"10.0.0.4\" },\n  { address = \"10.0.0.9\" },");
+        let mut hops = hops();
+        hops.insert(IpAddr::from([10, 0, 0, 9]), hop(9));
+        let second = desired_state(&config(&changed), &hops, &HashMap::new(), &mut ids).unwrap();
+        assert_eq!(id_of(&second, 0, 2), kept, "10.0.0.4 keeps its id");
+        assert_eq!(id_of(&second, 0, 3), removed, "10.0.0.9 reuses the freed id");
+        assert_eq!(second.vips[1].meta.vip_id, 1);
+        assert!(!second.backends.values().any(|b| b.addr[..4] == [10, 0, 0, 2]));
+    }
+
+    #[test]
+    fn same_input_same_output() {
+        let a = desired_state(&config(TWO_VIPS), &hops(), &HashMap::new(), &mut Ids::default()).unwrap();
+        let b = desired_state(&config(TWO_VIPS), &hops(), &HashMap::new(), &mut Ids::default()).unwrap();
+        assert_eq!(a, b);
+    }
+}

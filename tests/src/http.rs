@@ -1,0 +1,225 @@
+//! A real HTTP/1.1 server for backends and a real client, over the kernel's TCP stack.
+//!
+//! Each response names the backend that served it and echoes the request's id, so a test
+//! can tell which backend served which connection, and that the response it got whole is
+//! the answer to its own request.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::netns::Netns;
+
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A backend's HTTP server, running on a thread inside the backend's namespace until dropped.
+pub struct HttpServer {
+    stop: Arc<AtomicBool>,
+    served: Arc<AtomicU64>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl HttpServer {
+    /// Starts listening on `listen` inside `ns`; returns once the socket is bound.
+    pub fn start(ns: &Netns, name: &str, listen: SocketAddr) -> HttpServer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let served = Arc::new(AtomicU64::new(0));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop2, served2, name) = (stop.clone(), served.clone(), name.to_owned());
+        let thread = ns.spawn(move || {
+            let listener = match TcpListener::bind(listen) {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(format!("bind {listen}: {e}")));
+                    return;
+                }
+            };
+            listener.set_nonblocking(true).expect("nonblocking listener");
+            let _ = ready_tx.send(Ok(()));
+            while !stop2.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let (name, served) = (name.clone(), served2.clone());
+                        std::thread::spawn(move || {
+                            if serve(stream, &name).is_ok() {
+                                served.fetch_add(1, Ordering::Relaxed);
+                            }
+                        });
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => wait_readable(&listener, 50),
+                    Err(_) => wait_readable(&listener, 50),
+                }
+            }
+        });
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("HTTP server {e}"),
+            Err(_) => panic!("HTTP server thread died before binding"),
+        }
+        HttpServer { stop, served, thread: Some(thread) }
+    }
+
+    /// Responses written in full so far.
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn wait_readable(listener: &TcpListener, timeout_ms: i32) {
+    let mut fd = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut fd, 1, timeout_ms) };
+}
+
+fn serve(mut stream: TcpStream, name: &str) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut request = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf)?;
+        if n == 0 || request.len() > 16 * 1024 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        request.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&request);
+    let id = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|path| path.split("id=").nth(1))
+        .unwrap_or("none")
+        .to_owned();
+    let body = format!("backend={name} id={id}\n");
+    let response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes())?;
+    stream.flush()
+}
+
+/// What one request got back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Served {
+    pub backend: String,
+}
+
+/// One HTTP GET over a new TCP connection from `source_port` (0: any) to `to`. The response
+/// must be complete (Content-Length honoured), 200, and answer this request's `id`.
+pub fn get(to: SocketAddrV4, source_port: u16, id: u64) -> Result<Served, String> {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).map_err(|e| e.to_string())?;
+    if source_port != 0 {
+        socket.set_reuse_address(true).map_err(|e| e.to_string())?;
+        let local: SocketAddr = SocketAddr::from(([0, 0, 0, 0], source_port));
+        socket.bind(&local.into()).map_err(|e| format!("bind port {source_port}: {e}"))?;
+    }
+    socket
+        .connect_timeout(&SocketAddr::V4(to).into(), IO_TIMEOUT)
+        .map_err(|e| format!("connect to {to} from port {source_port}: {e}"))?;
+    let mut stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(|e| e.to_string())?;
+    stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(|e| e.to_string())?;
+    let request = format!("GET /?id={id} HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).map_err(|e| format!("send: {e}"))?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).map_err(|e| format!("receive: {e}"))?;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| format!("incomplete response {text:?}"))?;
+    if !head.starts_with("HTTP/1.1 200 ") {
+        return Err(format!("unexpected status: {head:?}"));
+    }
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| format!("no Content-Length in {head:?}"))?;
+    if body.len() != length {
+        return Err(format!("body of {} bytes, Content-Length {length}", body.len()));
+    }
+    let backend = body
+        .strip_prefix("backend=")
+        .and_then(|rest| rest.trim_end().strip_suffix(&format!(" id={id}")))
+        .ok_or_else(|| format!("response {body:?} does not answer request {id}"))?;
+    Ok(Served { backend: backend.to_owned() })
+}
+
+/// The outcome of a series of requests.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    /// Backend name -> connections it served.
+    pub per_backend: BTreeMap<String, u64>,
+    /// (source port, backend name) of every connection that succeeded.
+    pub flows: Vec<(u16, String)>,
+    pub failures: Vec<String>,
+}
+
+impl LoadReport {
+    pub fn succeeded(&self) -> u64 {
+        self.per_backend.values().sum()
+    }
+}
+
+/// `count` requests one after another, each on a new connection from source port
+/// `first_port + i`, from a thread inside `ns`. `progress` is called after each request.
+pub fn run_requests(
+    ns: &Netns,
+    to: SocketAddrV4,
+    count: u64,
+    first_port: u16,
+    progress: impl Fn(u64) + Send + 'static,
+) -> LoadReport {
+    ns.run(move || {
+        let mut report = LoadReport::default();
+        for i in 0..count {
+            let port = first_port + i as u16;
+            match get(to, port, i) {
+                Ok(served) => {
+                    *report.per_backend.entry(served.backend.clone()).or_default() += 1;
+                    report.flows.push((port, served.backend));
+                }
+                Err(e) => report.failures.push(format!("request {i}: {e}")),
+            }
+            progress(i + 1);
+        }
+        report
+    })
+}
+
+/// GET a JSON document over plain HTTP from inside `ns` (the balancer's status API).
+pub fn get_json(ns: &Netns, address: SocketAddr, path: &str) -> Result<serde_json::Value, String> {
+    let path = path.to_owned();
+    ns.run(move || {
+        let mut stream = TcpStream::connect_timeout(&address, IO_TIMEOUT).map_err(|e| format!("connect {address}: {e}"))?;
+        stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(|e| e.to_string())?;
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).map_err(|e| e.to_string())?;
+        let (head, body) = response.split_once("\r\n\r\n").ok_or("incomplete response")?;
+        if !head.starts_with("HTTP/1.1 200") {
+            return Err(format!("status API answered {head:?}"));
+        }
+        serde_json::from_str(body).map_err(|e| format!("status API sent invalid JSON: {e}"))
+    })
+}

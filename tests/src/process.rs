@@ -1,0 +1,108 @@
+//! The real `balancer` binary, run inside a namespace.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{http::get_json, netns::Netns};
+
+/// The `balancer` binary: `$BALANCER_BIN`, else the workspace's `target/debug/balancer`.
+pub fn balancer_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("BALANCER_BIN") {
+        return PathBuf::from(path);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let path = target.join("debug/balancer");
+    assert!(
+        path.is_file(),
+        "{} does not exist: build it first (`cargo build -p balancer-userspace`, which \
+         `cargo xtask test` does) or point BALANCER_BIN at it",
+        path.display()
+    );
+    path
+}
+
+/// The workspace's root directory.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().expect("workspace root")
+}
+
+/// A running `balancer` process; killed on drop if still running.
+pub struct BalancerProcess {
+    child: Child,
+    log: PathBuf,
+}
+
+impl BalancerProcess {
+    /// `ip netns exec NS balancer ARGS...`, stdout and stderr to `log`.
+    pub fn start(ns: &Netns, args: &[&str], log: &Path) -> BalancerProcess {
+        let file = std::fs::File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
+        let child = ns
+            .command(balancer_binary().to_str().expect("UTF-8 path"))
+            .args(args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .expect("spawn balancer");
+        BalancerProcess { child, log: log.to_owned() }
+    }
+
+    /// Waits until the status API answers, panicking with the log if the process exits or
+    /// the timeout passes first.
+    pub fn wait_ready(&mut self, ns: &Netns, api: SocketAddr, timeout: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                panic!("balancer exited early ({status}):\n{}", self.log());
+            }
+            if let Ok(json) = get_json(ns, api, "/api/v1/status") {
+                return json;
+            }
+            if Instant::now() > deadline {
+                panic!("balancer not ready after {timeout:?}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGTERM, then waits up to 10 s (SIGKILL after that).
+    pub fn stop(&mut self) -> ExitStatus {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                return self.child.wait().expect("wait");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for BalancerProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

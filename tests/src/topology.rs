@@ -1,0 +1,118 @@
+//! The direct-server-return topology of the demo and the end-to-end tests: a client, the
+//! balancer and N backends, each in its own namespace, on one L2 segment (a bridge in a
+//! "switch" namespace).
+//!
+//! ```text
+//!  client 10.99.0.1 ─┐
+//!  balancer 10.99.0.2 ┼── br0 (switch namespace)
+//!  backend i 10.99.0.(10+i) ─┘      VIP 10.99.100.1 on every backend's lo
+//! ```
+//! The client routes the VIP via the balancer; the balancer's XDP program rewrites the MACs
+//! and sends the frame back out to a backend; the backend answers the client directly.
+
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use crate::{netns::Netns, process::BalancerProcess};
+
+pub const SUBNET_PREFIX: u8 = 24;
+pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
+pub const BALANCER_ADDR: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
+pub const VIP_ADDR: Ipv4Addr = Ipv4Addr::new(10, 99, 100, 1);
+/// The interface name inside every host namespace.
+pub const HOST_IF: &str = "eth0";
+
+pub fn backend_addr(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 99, 0, 11 + i as u8)
+}
+
+pub struct DsrTopology {
+    /// `balancer xdp-pass` on the balancer's veth peer (see `create`).
+    pub peer_pass: BalancerProcess,
+    pub client: Netns,
+    pub balancer: Netns,
+    pub backends: Vec<Netns>,
+    // Dropped last: deleting it removes the bridge and every switch-side port.
+    pub switch: Netns,
+}
+
+impl DsrTopology {
+    /// Creates the namespaces `<prefix>sw`, `<prefix>client`, `<prefix>lb`, `<prefix>be1`...
+    pub fn create(prefix: &str, backends: usize) -> DsrTopology {
+        let switch = Netns::create(&format!("{prefix}sw"));
+        switch.ip(&["link", "add", "br0", "type", "bridge"]);
+        switch.ip(&["link", "set", "br0", "up"]);
+
+        let client = Netns::create(&format!("{prefix}client"));
+        let balancer = Netns::create(&format!("{prefix}lb"));
+        let backend_ns: Vec<Netns> =
+            (0..backends).map(|i| Netns::create(&format!("{prefix}be{}", i + 1))).collect();
+
+        let plug = |host: &Netns, port: &str, address: Ipv4Addr| {
+            switch.ip(&["link", "add", port, "type", "veth", "peer", "name", HOST_IF, "netns", host.name()]);
+            switch.ip(&["link", "set", port, "master", "br0", "up"]);
+            host.ip(&["addr", "add", &format!("{address}/{SUBNET_PREFIX}"), "dev", HOST_IF]);
+            host.ip(&["link", "set", HOST_IF, "up"]);
+        };
+        plug(&client, "p-client", CLIENT_ADDR);
+        plug(&balancer, "p-lb", BALANCER_ADDR);
+        for (i, ns) in backend_ns.iter().enumerate() {
+            plug(ns, &format!("p-be{}", i + 1), backend_addr(i));
+        }
+
+        // A veth delivers XDP_TX frames only to a peer that has an XDP program of its own.
+        let log = std::env::temp_dir().join(format!("{prefix}xdp-pass.log"));
+        let mut peer_pass = BalancerProcess::start(&switch, &["xdp-pass", "--interface", "p-lb"], &log);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let link = switch.ip(&["link", "show", "p-lb"]);
+            if String::from_utf8_lossy(&link.stdout).contains("prog/xdp") {
+                break;
+            }
+            assert!(Instant::now() < deadline && peer_pass.running(), "xdp-pass did not attach:\n{}", peer_pass.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+
+        // Local TCP stacks hand veth partial checksums; forwarded frames must carry full ones.
+        client.exec("ethtool", &["-K", HOST_IF, "tx", "off"]);
+        for ns in &backend_ns {
+            ns.exec("ethtool", &["-K", HOST_IF, "tx", "off"]);
+        }
+
+        // The client reaches the VIP through the balancer.
+        client.ip(&["route", "add", &format!("{VIP_ADDR}/32"), "via", &BALANCER_ADDR.to_string()]);
+
+        // Backends: the VIP on lo, and answer ARP only for addresses on the asking interface,
+        // announcing with the interface's own address, so that only the balancer is ever
+        // seen as the VIP's owner on the segment.
+        for ns in &backend_ns {
+            ns.ip(&["addr", "add", &format!("{VIP_ADDR}/32"), "dev", "lo"]);
+            ns.sysctl("net.ipv4.conf.all.arp_ignore", "1");
+            ns.sysctl("net.ipv4.conf.all.arp_announce", "2");
+        }
+
+        DsrTopology { peer_pass, client, balancer, backends: backend_ns, switch }
+    }
+
+    /// The MAC address of a host's `eth0`.
+    pub fn mac(ns: &Netns) -> String {
+        let out = ns.exec("cat", &[&format!("/sys/class/net/{HOST_IF}/address")]);
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Permanent ARP entries for the balancer on the client and for the client on the
+    /// backends, so that the client sends nothing but the test's own traffic (its interface
+    /// counters then count exactly the packets that reach the balancer).
+    pub fn pin_arp(&self) {
+        let pin = |ns: &Netns, address: Ipv4Addr, mac: &str| {
+            ns.ip(&["neigh", "replace", &address.to_string(), "lladdr", mac, "dev", HOST_IF, "nud", "permanent"]);
+        };
+        pin(&self.client, BALANCER_ADDR, &Self::mac(&self.balancer));
+        let client_mac = Self::mac(&self.client);
+        for backend in &self.backends {
+            pin(backend, CLIENT_ADDR, &client_mac);
+        }
+    }
+}
