@@ -19,9 +19,15 @@ fn main() -> anyhow::Result<()> {
         );
     }
 
-    let root_dir = ebpf_dir.to_str().context("non-UTF-8 path to balancer-ebpf")?;
+    let root_dir = ebpf_dir
+        .to_str()
+        .context("non-UTF-8 path to balancer-ebpf")?;
     aya_build::build_ebpf(
-        [aya_build::Package { name: "balancer-ebpf", root_dir, ..Default::default() }],
+        [aya_build::Package {
+            name: "balancer-ebpf",
+            root_dir,
+            ..Default::default()
+        }],
         aya_build::Toolchain::Custom(&toolchain),
     )
 }

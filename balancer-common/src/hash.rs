@@ -15,7 +15,10 @@ const C2: u32 = 0x1b87_3593;
 #[inline(always)]
 const fn mix(h: u32, word: u32) -> u32 {
     let k = word.wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
-    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
 }
 
 #[inline(always)]
@@ -42,7 +45,12 @@ pub fn hash_words<const N: usize>(words: &[u32; N], seed: u32) -> u32 {
 
 #[inline(always)]
 fn word(bytes: &[u8; 16], i: usize) -> u32 {
-    u32::from_le_bytes([bytes[i * 4], bytes[i * 4 + 1], bytes[i * 4 + 2], bytes[i * 4 + 3]])
+    u32::from_le_bytes([
+        bytes[i * 4],
+        bytes[i * 4 + 1],
+        bytes[i * 4 + 2],
+        bytes[i * 4 + 3],
+    ])
 }
 
 /// Hash of a flow's 5-tuple. IPv4 flows hash only the address words they use.
@@ -51,7 +59,10 @@ pub fn flow_hash(flow: &FlowKey, seed: u32) -> u32 {
     let ports = (flow.src_port as u32) << 16 | flow.dst_port as u32;
     let proto = (flow.family as u32) << 8 | flow.proto as u32;
     if flow.family == FAMILY_IPV4 {
-        hash_words(&[word(&flow.src, 0), word(&flow.dst, 0), ports, proto], seed)
+        hash_words(
+            &[word(&flow.src, 0), word(&flow.dst, 0), ports, proto],
+            seed,
+        )
     } else {
         hash_words(
             &[
@@ -83,7 +94,10 @@ mod tests {
         assert_eq!(hash_words::<0>(&[], 1), 0x514e_28b7);
         assert_eq!(hash_words(&[0], 0), 0x2362_f9de);
         // "abcd" as a little-endian word, seed 0x9747b28c.
-        assert_eq!(hash_words(&[u32::from_le_bytes(*b"abcd")], 0x9747_b28c), 0xf047_8627);
+        assert_eq!(
+            hash_words(&[u32::from_le_bytes(*b"abcd")], 0x9747_b28c),
+            0xf047_8627
+        );
     }
 
     #[test]

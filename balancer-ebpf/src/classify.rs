@@ -13,12 +13,12 @@ pub fn vip(flow: &FlowKey) -> Result<&'static VipMeta, Outcome> {
         proto: flow.proto,
         family: flow.family,
     };
-    if let Some(meta) = VIPS.get_ptr(&key) {
+    if let Some(meta) = VIPS.get_ptr(key) {
         // SAFETY: the kernel keeps a hash map value alive for the whole program run (RCU).
         return Ok(unsafe { &*meta });
     }
     key.port = 0;
-    match VIPS.get_ptr(&key) {
+    match VIPS.get_ptr(key) {
         // SAFETY: as above.
         Some(meta) => Ok(unsafe { &*meta }),
         None => Err(Outcome::NotVip),

@@ -7,8 +7,7 @@
 //!    out), so re-selection moves a flow off a down backend.
 
 use balancer_common::{
-    hash::flow_hash, Backend, ConnEntry, FlowKey, Outcome, VipMeta, BACKEND_F_DOWN,
-    BACKEND_F_VALID,
+    hash::flow_hash, Backend, ConnEntry, FlowKey, Outcome, VipMeta, BACKEND_F_DOWN, BACKEND_F_VALID,
 };
 
 use crate::maps::{hash_seed, BACKENDS, CONN_TABLE, MAGLEV_TABLES};
@@ -64,6 +63,13 @@ pub fn backend(vip: &VipMeta, flow: &FlowKey) -> Result<Selected, Outcome> {
     }
     // An insert can only fail if the kernel cannot allocate; the packet is forwarded anyway
     // and the flow is placed by the table again next time.
-    let _ = CONN_TABLE.insert(flow, ConnEntry { backend_id: id, _reserved: 0 }, 0);
+    let _ = CONN_TABLE.insert(
+        flow,
+        ConnEntry {
+            backend_id: id,
+            _reserved: 0,
+        },
+        0,
+    );
     Ok(Selected::new(id, backend, 1))
 }

@@ -149,7 +149,12 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
     let at = |span: Range<usize>, message: String| {
         let (line, column) = line_column(text, span.start);
-        ConfigError { file: file.to_owned(), line, column, message }
+        ConfigError {
+            file: file.to_owned(),
+            line,
+            column,
+            message,
+        }
     };
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
         let message = e.message().trim_end().to_owned();
@@ -339,7 +344,11 @@ fn validate(raw: RawConfig) -> Result<Config, Invalid> {
         {
             return Err((
                 vip_span,
-                format!("VIP \"{}\" has the same {} as VIP \"{other}\"", vip.name, vip.endpoint()),
+                format!(
+                    "VIP \"{}\" has the same {} as VIP \"{other}\"",
+                    vip.name,
+                    vip.endpoint()
+                ),
             ));
         }
         total_backends += vip.backends.len();
@@ -366,7 +375,9 @@ fn validate_vip(raw: RawVip) -> Result<Vip, Invalid> {
     let name = raw.name.get_ref();
     let name_ok = !name.is_empty()
         && name.len() <= 64
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
     if !name_ok {
         return Err((
             raw.name.span(),
@@ -387,7 +398,9 @@ fn validate_vip(raw: RawVip) -> Result<Vip, Invalid> {
     if address.is_unspecified() || address.is_multicast() || is_broadcast(address) {
         return Err((
             raw.address.span(),
-            format!("VIP \"{name}\": {address} cannot be a VIP (unspecified, multicast or broadcast)"),
+            format!(
+                "VIP \"{name}\": {address} cannot be a VIP (unspecified, multicast or broadcast)"
+            ),
         ));
     }
 
@@ -444,7 +457,10 @@ fn validate_vip(raw: RawVip) -> Result<Vip, Invalid> {
             ));
         }
         if !seen.insert(backend_address) {
-            return Err((span, format!("VIP \"{name}\": backend {backend_address} is listed twice")));
+            return Err((
+                span,
+                format!("VIP \"{name}\": backend {backend_address} is listed twice"),
+            ));
         }
         let weight = match rb.weight {
             None => DEFAULT_WEIGHT,
@@ -459,7 +475,11 @@ fn validate_vip(raw: RawVip) -> Result<Vip, Invalid> {
                 ))
             }
         };
-        backends.push(BackendConfig { address: backend_address, weight, drain: rb.drain });
+        backends.push(BackendConfig {
+            address: backend_address,
+            weight,
+            drain: rb.drain,
+        });
     }
     if backends.len() > table_size as usize {
         return Err((
@@ -489,7 +509,9 @@ fn validate_vip(raw: RawVip) -> Result<Vip, Invalid> {
 fn check_interface_name(name: &str) -> Result<(), String> {
     // The kernel's limit (IFNAMSIZ - 1) and the characters it rejects.
     if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', ':']) || name == "." {
-        return Err(format!("interface \"{name}\" is not a valid interface name"));
+        return Err(format!(
+            "interface \"{name}\" is not a valid interface name"
+        ));
     }
     Ok(())
 }
@@ -504,7 +526,7 @@ pub fn is_prime(n: u32) -> bool {
     }
     let mut d = 2u32;
     while d.saturating_mul(d) <= n {
-        if n % d == 0 {
+        if n.is_multiple_of(d) {
             return false;
         }
         d += 1;
@@ -555,11 +577,18 @@ backends = [{ address = "10.0.0.13" }]
         assert_eq!(c.metrics_listen, "127.0.0.1:9200".parse().unwrap());
         assert_eq!(c.vips.len(), 2);
         let web = &c.vips[0];
-        assert_eq!((web.port, web.protocol, web.table_size), (Some(80), Protocol::Tcp, 251));
+        assert_eq!(
+            (web.port, web.protocol, web.table_size),
+            (Some(80), Protocol::Tcp, 251)
+        );
         assert_eq!(
             web.backends,
             vec![
-                BackendConfig { address: "10.0.0.11".parse().unwrap(), weight: 100, drain: false },
+                BackendConfig {
+                    address: "10.0.0.11".parse().unwrap(),
+                    weight: 100,
+                    drain: false
+                },
                 BackendConfig {
                     address: "10.0.0.12".parse().unwrap(),
                     weight: DEFAULT_WEIGHT,
@@ -595,38 +624,180 @@ backends = [{ address = "10.0.0.13" }]
             err.message
         );
         assert_eq!((err.line, err.column), (line, column), "{to:?}: {err}");
-        assert!(err.to_string().starts_with(&format!("bad.toml:{line}:{column}: ")), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with(&format!("bad.toml:{line}:{column}: ")),
+            "{err}"
+        );
     }
 
     #[test]
     fn errors_name_the_position() {
         // (replace, with, line, column, part of the message)
         let cases: &[(&str, &str, usize, usize, &str)] = &[
-            ("xdp_mode = \"native\"", "xdp_mod = \"native\"", 4, 1, "unknown field `xdp_mod`"),
-            ("xdp_mode = \"native\"", "xdp_mode = \"fast\"", 4, 12, "unknown variant `fast`"),
-            ("hash_seed = \"0x5eed\"", "hash_seed = \"0xzz\"", 5, 13, "hash_seed \"0xzz\""),
-            ("hash_seed = \"0x5eed\"", "hash_seed = -1", 5, 13, "does not fit in 32 bits"),
-            ("conn_table_size = 65536", "conn_table_size = 10", 6, 19, "out of range"),
-            ("\"127.0.0.1:9200\"", "\"localhost\"", 7, 18, "is not an address:port"),
-            ("interface = \"eth0\"", "interface = \"a/b\"", 3, 13, "not a valid interface"),
-            ("name = \"web\"", "name = \"w b\"", 10, 8, "VIP name \"w b\" is not valid"),
-            ("\"203.0.113.10\"", "\"203.0.113\"", 11, 11, "invalid IP address syntax"),
-            ("\"203.0.113.10\"", "\"2001:db8::1\"", 11, 11, "IPv6 VIPs are not supported"),
-            ("\"203.0.113.10\"", "\"224.0.0.1\"", 11, 11, "cannot be a VIP"),
+            (
+                "xdp_mode = \"native\"",
+                "xdp_mod = \"native\"",
+                4,
+                1,
+                "unknown field `xdp_mod`",
+            ),
+            (
+                "xdp_mode = \"native\"",
+                "xdp_mode = \"fast\"",
+                4,
+                12,
+                "unknown variant `fast`",
+            ),
+            (
+                "hash_seed = \"0x5eed\"",
+                "hash_seed = \"0xzz\"",
+                5,
+                13,
+                "hash_seed \"0xzz\"",
+            ),
+            (
+                "hash_seed = \"0x5eed\"",
+                "hash_seed = -1",
+                5,
+                13,
+                "does not fit in 32 bits",
+            ),
+            (
+                "conn_table_size = 65536",
+                "conn_table_size = 10",
+                6,
+                19,
+                "out of range",
+            ),
+            (
+                "\"127.0.0.1:9200\"",
+                "\"localhost\"",
+                7,
+                18,
+                "is not an address:port",
+            ),
+            (
+                "interface = \"eth0\"",
+                "interface = \"a/b\"",
+                3,
+                13,
+                "not a valid interface",
+            ),
+            (
+                "name = \"web\"",
+                "name = \"w b\"",
+                10,
+                8,
+                "VIP name \"w b\" is not valid",
+            ),
+            (
+                "\"203.0.113.10\"",
+                "\"203.0.113\"",
+                11,
+                11,
+                "invalid IP address syntax",
+            ),
+            (
+                "\"203.0.113.10\"",
+                "\"2001:db8::1\"",
+                11,
+                11,
+                "IPv6 VIPs are not supported",
+            ),
+            (
+                "\"203.0.113.10\"",
+                "\"224.0.0.1\"",
+                11,
+                11,
+                "cannot be a VIP",
+            ),
             ("port = 80", "port = 0", 12, 8, "port 0 is out of range"),
-            ("port = 80", "port = 70000", 12, 8, "port 70000 is out of range"),
-            ("port = 80", "port = \"all\"", 12, 8, "port \"all\" is not valid"),
-            ("protocol = \"tcp\"", "protocol = \"sctp\"", 13, 12, "unknown variant `sctp`"),
-            ("forwarding = \"dsr\"", "forwarding = \"nat\"", 14, 14, "only forwarding = \"dsr\""),
-            ("table_size = 251", "table_size = 250", 15, 14, "must be a prime"),
-            ("table_size = 251", "table_size = 65539", 15, 14, "must be a prime no larger"),
-            ("weight = 100", "weight = 70000", 17, 37, "weight 70000 is out of range"),
-            ("weight = 100", "wieght = 100", 17, 28, "unknown field `wieght`"),
+            (
+                "port = 80",
+                "port = 70000",
+                12,
+                8,
+                "port 70000 is out of range",
+            ),
+            (
+                "port = 80",
+                "port = \"all\"",
+                12,
+                8,
+                "port \"all\" is not valid",
+            ),
+            (
+                "protocol = \"tcp\"",
+                "protocol = \"sctp\"",
+                13,
+                12,
+                "unknown variant `sctp`",
+            ),
+            (
+                "forwarding = \"dsr\"",
+                "forwarding = \"nat\"",
+                14,
+                14,
+                "only forwarding = \"dsr\"",
+            ),
+            (
+                "table_size = 251",
+                "table_size = 250",
+                15,
+                14,
+                "must be a prime",
+            ),
+            (
+                "table_size = 251",
+                "table_size = 65539",
+                15,
+                14,
+                "must be a prime no larger",
+            ),
+            (
+                "weight = 100",
+                "weight = 70000",
+                17,
+                37,
+                "weight 70000 is out of range",
+            ),
+            (
+                "weight = 100",
+                "wieght = 100",
+                17,
+                28,
+                "unknown field `wieght`",
+            ),
             ("drain = true", "drain = 1", 18, 36, "invalid type"),
-            ("\"10.0.0.12\"", "\"10.0.0.11\"", 18, 3, "backend 10.0.0.11 is listed twice"),
-            ("\"10.0.0.12\"", "\"2001:db8::2\"", 18, 15, "not of the VIP's address family"),
-            ("\"10.0.0.12\"", "\"127.0.0.1\"", 18, 15, "cannot be a backend"),
-            ("name = \"dns\"", "name = \"web\"", 21, 1, "duplicate VIP name \"web\""),
+            (
+                "\"10.0.0.12\"",
+                "\"10.0.0.11\"",
+                18,
+                3,
+                "backend 10.0.0.11 is listed twice",
+            ),
+            (
+                "\"10.0.0.12\"",
+                "\"2001:db8::2\"",
+                18,
+                15,
+                "not of the VIP's address family",
+            ),
+            (
+                "\"10.0.0.12\"",
+                "\"127.0.0.1\"",
+                18,
+                15,
+                "cannot be a backend",
+            ),
+            (
+                "name = \"dns\"",
+                "name = \"web\"",
+                21,
+                1,
+                "duplicate VIP name \"web\"",
+            ),
             (
                 "port = \"any\"\nprotocol = \"udp\"",
                 "port = 80\nprotocol = \"tcp\"",
@@ -657,15 +828,19 @@ backends = [{ address = "10.0.0.13" }]
 
     #[test]
     fn backends_must_fit_the_table() {
-        let backends: Vec<String> =
-            (1..=12).map(|i| format!("{{ address = \"10.0.1.{i}\" }}")).collect();
+        let backends: Vec<String> = (1..=12)
+            .map(|i| format!("{{ address = \"10.0.1.{i}\" }}"))
+            .collect();
         let text = format!(
             "[balancer]\n[[vip]]\nname = \"v\"\naddress = \"192.0.2.1\"\nport = 53\n\
              protocol = \"udp\"\nforwarding = \"dsr\"\ntable_size = 11\nbackends = [{}]\n",
             backends.join(", ")
         );
         let err = parse(Path::new("x.toml"), &text).unwrap_err();
-        assert!(err.message.contains("12 backends do not fit a table of 11"), "{err}");
+        assert!(
+            err.message.contains("12 backends do not fit a table of 11"),
+            "{err}"
+        );
         assert_eq!(err.line, 5);
     }
 
@@ -683,5 +858,26 @@ backends = [{ address = "10.0.0.13" }]
         assert_eq!(line_column("ab\ncé\nx", 3), (2, 1));
         assert_eq!(line_column("ab\ncé\nx", 7), (3, 1));
         assert_eq!(line_column("ab\ncé\nx", 100), (3, 2));
+    }
+}
+
+#[cfg(test)]
+mod shipped_configs {
+    /// Every config shipped in config/ is valid (they are documentation that must not rot).
+    #[test]
+    fn shipped_configs_are_valid() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                super::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                checked += 1;
+            }
+        }
+        assert!(
+            checked >= 2,
+            "expected config/demo.toml and config/example.toml"
+        );
     }
 }

@@ -71,8 +71,15 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let listener = status::bind(config.metrics_listen)
         .await
         .with_context(|| format!("listening on metrics_listen {}", config.metrics_listen))?;
-    let shared = Arc::new(Mutex::new(Shared { config, dataplane, next_hops }));
-    info!("status API on http://{}/api/v1/status", listener.local_addr()?);
+    let shared = Arc::new(Mutex::new(Shared {
+        config,
+        dataplane,
+        next_hops,
+    }));
+    info!(
+        "status API on http://{}/api/v1/status",
+        listener.local_addr()?
+    );
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let api = {
@@ -93,8 +100,13 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         Ok(Ok(())) => {}
     }
     // Dropping the last reference detaches the program and frees every map.
-    let shared = Arc::try_unwrap(shared).map_err(|_| anyhow::anyhow!("state still shared at shutdown"))?;
-    drop(shared.into_inner().map_err(|_| anyhow::anyhow!("state lock poisoned"))?);
+    let shared =
+        Arc::try_unwrap(shared).map_err(|_| anyhow::anyhow!("state still shared at shutdown"))?;
+    drop(
+        shared
+            .into_inner()
+            .map_err(|_| anyhow::anyhow!("state lock poisoned"))?,
+    );
     info!("detached from {interface}; the program and its maps are removed");
     Ok(())
 }
@@ -112,10 +124,12 @@ async fn termination() -> anyhow::Result<&'static str> {
 /// `balancer xdp-pass`: the trivial program on `interface` until SIGINT/SIGTERM.
 pub async fn xdp_pass(interface: String) -> anyhow::Result<()> {
     require_root()?;
-    let mut dataplane =
-        Dataplane::load(LoadOptions { hash_seed: 0, conn_table_size: config::MIN_CONN_TABLE_SIZE })
-        .map_err(|e| anyhow::anyhow!(error_chain(&e)))
-        .context("loading the XDP object")?;
+    let mut dataplane = Dataplane::load(LoadOptions {
+        hash_seed: 0,
+        conn_table_size: config::MIN_CONN_TABLE_SIZE,
+    })
+    .map_err(|e| anyhow::anyhow!(error_chain(&e)))
+    .context("loading the XDP object")?;
     let mode = dataplane
         .attach_pass(&interface)
         .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
@@ -135,8 +149,11 @@ fn require_root() -> anyhow::Result<()> {
 }
 
 fn backend_addresses(config: &Config) -> Vec<IpAddr> {
-    let mut addresses: Vec<IpAddr> =
-        config.vips.iter().flat_map(|v| v.backends.iter().map(|b| b.address)).collect();
+    let mut addresses: Vec<IpAddr> = config
+        .vips
+        .iter()
+        .flat_map(|v| v.backends.iter().map(|b| b.address))
+        .collect();
     addresses.sort();
     addresses.dedup();
     addresses
@@ -172,7 +189,11 @@ async fn refresh_next_hops(
         }
         for (address, hop) in &hops {
             if state.next_hops.get(address) != Some(hop) {
-                info!("next hop of {address} is now {} via {}", format_mac(&hop.dst_mac), hop.interface);
+                info!(
+                    "next hop of {address} is now {} via {}",
+                    format_mac(&hop.dst_mac),
+                    hop.interface
+                );
             }
         }
         match reconcile::desired_state(&config, &hops, &HashMap::new(), &mut ids) {
@@ -185,7 +206,13 @@ async fn refresh_next_hops(
     }
 }
 
-fn log_summary(config: &Config, interface: &str, mode: &str, desired: &DesiredState, hops: &NextHops) {
+fn log_summary(
+    config: &Config,
+    interface: &str,
+    mode: &str,
+    desired: &DesiredState,
+    hops: &NextHops,
+) {
     info!(
         "attached to {interface} in {mode} mode; hash seed {:#x}; connection table {} flows",
         config.hash_seed, config.conn_table_size
@@ -202,12 +229,15 @@ fn log_summary(config: &Config, interface: &str, mode: &str, desired: &DesiredSt
             vip.backends.len()
         );
         if applied.backends.is_empty() {
-            warn!("VIP {} has no backends: its packets are dropped (no_backend)", vip.name);
+            warn!(
+                "VIP {} has no backends: its packets are dropped (no_backend)",
+                vip.name
+            );
         }
         for b in &applied.backends {
-            let via = hops
-                .get(&b.address)
-                .map_or("unresolved".to_owned(), |h| format!("{} via {}", format_mac(&h.dst_mac), h.interface));
+            let via = hops.get(&b.address).map_or("unresolved".to_owned(), |h| {
+                format!("{} via {}", format_mac(&h.dst_mac), h.interface)
+            });
             info!(
                 "  backend {:<15} weight {:<5} {:<11} {:>6} slots  {via}",
                 b.address.to_string(),

@@ -33,17 +33,33 @@ pub enum DataplaneError {
     #[error("loading the XDP object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("the XDP object has no {what} named {name}")]
-    Missing { what: &'static str, name: &'static str },
+    Missing {
+        what: &'static str,
+        name: &'static str,
+    },
     #[error("loading the {program} program into the kernel: {source}")]
-    Verifier { program: &'static str, source: ProgramError },
+    Verifier {
+        program: &'static str,
+        source: ProgramError,
+    },
     #[error("attaching to {interface} in {mode} mode: {source}")]
-    Attach { interface: String, mode: &'static str, source: ProgramError },
+    Attach {
+        interface: String,
+        mode: &'static str,
+        source: ProgramError,
+    },
     #[error("map {map}: {source}")]
     Map { map: &'static str, source: MapError },
     #[error("map {map}: {source}")]
-    Io { map: &'static str, source: std::io::Error },
+    Io {
+        map: &'static str,
+        source: std::io::Error,
+    },
     #[error("map {map}: {source}")]
-    Xdp { map: &'static str, source: aya::maps::xdp::XdpMapError },
+    Xdp {
+        map: &'static str,
+        source: aya::maps::xdp::XdpMapError,
+    },
 }
 
 type Result<T, E = DataplaneError> = std::result::Result<T, E>;
@@ -107,12 +123,25 @@ impl Dataplane {
         for name in [program_names::BALANCER, program_names::PASS] {
             let program: &mut Xdp = ebpf
                 .program_mut(name)
-                .ok_or(DataplaneError::Missing { what: "program", name })?
+                .ok_or(DataplaneError::Missing {
+                    what: "program",
+                    name,
+                })?
                 .try_into()
-                .map_err(|source| DataplaneError::Verifier { program: name, source })?;
-            program.load().map_err(|source| DataplaneError::Verifier { program: name, source })?;
+                .map_err(|source| DataplaneError::Verifier {
+                    program: name,
+                    source,
+                })?;
+            program.load().map_err(|source| DataplaneError::Verifier {
+                program: name,
+                source,
+            })?;
         }
-        Ok(Dataplane { ebpf, applied: DesiredState::default(), attached: None })
+        Ok(Dataplane {
+            ebpf,
+            applied: DesiredState::default(),
+            attached: None,
+        })
     }
 
     /// The balancer program, e.g. for BPF_PROG_TEST_RUN.
@@ -139,11 +168,13 @@ impl Dataplane {
             .program_mut(program_names::PASS)
             .and_then(|p| p.try_into().ok())
             .expect("loaded and checked in load_object");
-        program.attach(interface, XdpMode::Driver).map_err(|source| DataplaneError::Attach {
-            interface: interface.to_owned(),
-            mode: AttachedMode::Native.as_str(),
-            source,
-        })?;
+        program
+            .attach(interface, XdpMode::Driver)
+            .map_err(|source| DataplaneError::Attach {
+                interface: interface.to_owned(),
+                mode: AttachedMode::Native.as_str(),
+                source,
+            })?;
         Ok(AttachedMode::Native)
     }
 
@@ -164,15 +195,24 @@ impl Dataplane {
                 AttachedMode::Native => XdpMode::Driver,
                 AttachedMode::Generic => XdpMode::Skb,
             };
-            program.attach(interface, flags).map(|_| ()).map_err(|source| DataplaneError::Attach {
-                interface: interface.to_owned(),
-                mode: mode.as_str(),
-                source,
-            })
+            program
+                .attach(interface, flags)
+                .map(|_| ())
+                .map_err(|source| DataplaneError::Attach {
+                    interface: interface.to_owned(),
+                    mode: mode.as_str(),
+                    source,
+                })
         };
         let (mode, fallback) = match setting {
-            XdpModeSetting::Native => (attach(program, AttachedMode::Native).map(|_| AttachedMode::Native)?, None),
-            XdpModeSetting::Generic => (attach(program, AttachedMode::Generic).map(|_| AttachedMode::Generic)?, None),
+            XdpModeSetting::Native => (
+                attach(program, AttachedMode::Native).map(|_| AttachedMode::Native)?,
+                None,
+            ),
+            XdpModeSetting::Generic => (
+                attach(program, AttachedMode::Generic).map(|_| AttachedMode::Generic)?,
+                None,
+            ),
             XdpModeSetting::Auto => match attach(program, AttachedMode::Native) {
                 Ok(()) => (AttachedMode::Native, None),
                 Err(native) => {
@@ -222,18 +262,24 @@ impl Dataplane {
         let new_vips: Vec<u32> = desired
             .vips
             .iter()
-            .filter(|v| previous_vips.get(v.name.as_str()).map(|p| p.meta.vip_id) != Some(v.meta.vip_id))
+            .filter(|v| {
+                previous_vips.get(v.name.as_str()).map(|p| p.meta.vip_id) != Some(v.meta.vip_id)
+            })
             .map(|v| v.meta.vip_id)
             .collect();
         self.zero_stats(map_names::VIP_STATS, &new_vips)?;
 
         // 2. Backends and egress devices.
         {
-            let mut backends: Array<&mut MapData, Backend> =
-                self.map_mut(map_names::BACKENDS)?.try_into().map_err(map_err(map_names::BACKENDS))?;
+            let mut backends: Array<&mut MapData, Backend> = self
+                .map_mut(map_names::BACKENDS)?
+                .try_into()
+                .map_err(map_err(map_names::BACKENDS))?;
             for (&id, entry) in &desired.backends {
                 if previous.backends.get(&id) != Some(entry) {
-                    backends.set(id, entry, 0).map_err(map_err(map_names::BACKENDS))?;
+                    backends
+                        .set(id, entry, 0)
+                        .map_err(map_err(map_names::BACKENDS))?;
                 }
             }
         }
@@ -245,7 +291,10 @@ impl Dataplane {
             for &ifindex in desired.egress.difference(&previous.egress) {
                 devices
                     .insert(ifindex, ifindex, None, 0)
-                    .map_err(|source| DataplaneError::Xdp { map: map_names::EGRESS_DEVICES, source })?;
+                    .map_err(|source| DataplaneError::Xdp {
+                        map: map_names::EGRESS_DEVICES,
+                        source,
+                    })?;
             }
         }
 
@@ -261,15 +310,21 @@ impl Dataplane {
 
         // 4. VIP keys: new and changed ones, then the ones that went away.
         {
-            let mut vips: BpfHashMap<&mut MapData, VipKey, VipMeta> =
-                self.map_mut(map_names::VIPS)?.try_into().map_err(map_err(map_names::VIPS))?;
+            let mut vips: BpfHashMap<&mut MapData, VipKey, VipMeta> = self
+                .map_mut(map_names::VIPS)?
+                .try_into()
+                .map_err(map_err(map_names::VIPS))?;
             for vip in &desired.vips {
-                let same = previous_vips.get(vip.name.as_str()).is_some_and(|p| p.key == vip.key && p.meta == vip.meta);
+                let same = previous_vips
+                    .get(vip.name.as_str())
+                    .is_some_and(|p| p.key == vip.key && p.meta == vip.meta);
                 if !same {
-                    vips.insert(vip.key, vip.meta, 0).map_err(map_err(map_names::VIPS))?;
+                    vips.insert(vip.key, vip.meta, 0)
+                        .map_err(map_err(map_names::VIPS))?;
                 }
             }
-            let wanted: std::collections::HashSet<VipKey> = desired.vips.iter().map(|v| v.key).collect();
+            let wanted: std::collections::HashSet<VipKey> =
+                desired.vips.iter().map(|v| v.key).collect();
             for vip in &previous.vips {
                 if !wanted.contains(&vip.key) {
                     ignore_missing(vips.remove(&vip.key)).map_err(map_err(map_names::VIPS))?;
@@ -289,17 +344,26 @@ impl Dataplane {
                 if !live_ids.contains(&vip.meta.vip_id) {
                     // Replace with an empty table rather than delete: deleting from an
                     // array of maps is not supported.
-                    let empty = new_table(&[]).map_err(|source| DataplaneError::Io { map: map_names::MAGLEV_TABLES, source })?;
-                    tables.set(vip.meta.vip_id, &empty, 0).map_err(map_err(map_names::MAGLEV_TABLES))?;
+                    let empty = new_table(&[]).map_err(|source| DataplaneError::Io {
+                        map: map_names::MAGLEV_TABLES,
+                        source,
+                    })?;
+                    tables
+                        .set(vip.meta.vip_id, &empty, 0)
+                        .map_err(map_err(map_names::MAGLEV_TABLES))?;
                 }
             }
         }
         {
-            let mut backends: Array<&mut MapData, Backend> =
-                self.map_mut(map_names::BACKENDS)?.try_into().map_err(map_err(map_names::BACKENDS))?;
+            let mut backends: Array<&mut MapData, Backend> = self
+                .map_mut(map_names::BACKENDS)?
+                .try_into()
+                .map_err(map_err(map_names::BACKENDS))?;
             for &id in previous.backends.keys() {
                 if !desired.backends.contains_key(&id) {
-                    backends.set(id, Backend::default(), 0).map_err(map_err(map_names::BACKENDS))?;
+                    backends
+                        .set(id, Backend::default(), 0)
+                        .map_err(map_err(map_names::BACKENDS))?;
                 }
             }
         }
@@ -309,26 +373,33 @@ impl Dataplane {
                 .try_into()
                 .map_err(map_err(map_names::EGRESS_DEVICES))?;
             for &ifindex in previous.egress.difference(&desired.egress) {
-                ignore_missing(devices.remove(ifindex)).map_err(map_err(map_names::EGRESS_DEVICES))?;
+                ignore_missing(devices.remove(ifindex))
+                    .map_err(map_err(map_names::EGRESS_DEVICES))?;
             }
         }
         Ok(())
     }
 
     fn swap_table(&mut self, vip_id: u32, table: &[u32]) -> Result<()> {
-        let inner = new_table(table).map_err(|source| DataplaneError::Io { map: map_names::MAGLEV_TABLES, source })?;
+        let inner = new_table(table).map_err(|source| DataplaneError::Io {
+            map: map_names::MAGLEV_TABLES,
+            source,
+        })?;
         let mut tables: ArrayOfMaps<&mut MapData, MapData> = self
             .map_mut(map_names::MAGLEV_TABLES)?
             .try_into()
             .map_err(map_err(map_names::MAGLEV_TABLES))?;
-        tables.set(vip_id, &inner, 0).map_err(map_err(map_names::MAGLEV_TABLES))
+        tables
+            .set(vip_id, &inner, 0)
+            .map_err(map_err(map_names::MAGLEV_TABLES))
     }
 
     fn zero_stats(&mut self, name: &'static str, ids: &[u32]) -> Result<()> {
         if ids.is_empty() {
             return Ok(());
         }
-        let cpus = aya::util::nr_cpus().map_err(|(_, source)| DataplaneError::Io { map: name, source })?;
+        let cpus =
+            aya::util::nr_cpus().map_err(|(_, source)| DataplaneError::Io { map: name, source })?;
         let mut stats: PerCpuArray<&mut MapData, TrafficStats> =
             self.map_mut(name)?.try_into().map_err(map_err(name))?;
         for &id in ids {
@@ -341,35 +412,54 @@ impl Dataplane {
 
     /// Reads the counters of every live VIP and backend, summed over CPUs.
     pub fn counters(&self) -> Result<Counters> {
-        let sum = |name: &'static str, ids: &mut dyn Iterator<Item = u32>| -> Result<BTreeMap<u32, TrafficStats>> {
-            let stats: PerCpuArray<&MapData, TrafficStats> = self.map(name)?.try_into().map_err(map_err(name))?;
+        let sum = |name: &'static str,
+                   ids: &mut dyn Iterator<Item = u32>|
+         -> Result<BTreeMap<u32, TrafficStats>> {
+            let stats: PerCpuArray<&MapData, TrafficStats> =
+                self.map(name)?.try_into().map_err(map_err(name))?;
             let mut out = BTreeMap::new();
             for id in ids {
                 let per_cpu = stats.get(&id, 0).map_err(map_err(name))?;
-                let total = per_cpu.iter().fold(TrafficStats::default(), |a, s| TrafficStats {
-                    packets: a.packets + s.packets,
-                    bytes: a.bytes + s.bytes,
-                    new_flows: a.new_flows + s.new_flows,
-                });
+                let total = per_cpu
+                    .iter()
+                    .fold(TrafficStats::default(), |a, s| TrafficStats {
+                        packets: a.packets + s.packets,
+                        bytes: a.bytes + s.bytes,
+                        new_flows: a.new_flows + s.new_flows,
+                    });
                 out.insert(id, total);
             }
             Ok(out)
         };
-        let backends = sum(map_names::BACKEND_STATS, &mut self.applied.backends.keys().copied())?;
-        let vips = sum(map_names::VIP_STATS, &mut self.applied.vips.iter().map(|v| v.meta.vip_id))?;
-        let outcome_map: PerCpuArray<&MapData, u64> =
-            self.map(map_names::OUTCOME_STATS)?.try_into().map_err(map_err(map_names::OUTCOME_STATS))?;
+        let backends = sum(
+            map_names::BACKEND_STATS,
+            &mut self.applied.backends.keys().copied(),
+        )?;
+        let vips = sum(
+            map_names::VIP_STATS,
+            &mut self.applied.vips.iter().map(|v| v.meta.vip_id),
+        )?;
+        let outcome_map: PerCpuArray<&MapData, u64> = self
+            .map(map_names::OUTCOME_STATS)?
+            .try_into()
+            .map_err(map_err(map_names::OUTCOME_STATS))?;
         let outcomes = (0..OUTCOME_COUNT)
             .map(|i| outcome_map.get(&i, 0).map(|v| v.iter().sum()))
             .collect::<Result<Vec<u64>, _>>()
             .map_err(map_err(map_names::OUTCOME_STATS))?;
-        Ok(Counters { backends, vips, outcomes })
+        Ok(Counters {
+            backends,
+            vips,
+            outcomes,
+        })
     }
 
     /// The backend the connection table holds for a flow.
     pub fn conn_lookup(&self, flow: &FlowKey) -> Result<Option<u32>> {
-        let table: BpfHashMap<&MapData, FlowKey, ConnEntry> =
-            self.map(map_names::CONN_TABLE)?.try_into().map_err(map_err(map_names::CONN_TABLE))?;
+        let table: BpfHashMap<&MapData, FlowKey, ConnEntry> = self
+            .map(map_names::CONN_TABLE)?
+            .try_into()
+            .map_err(map_err(map_names::CONN_TABLE))?;
         match table.get(flow, 0) {
             Ok(entry) => Ok(Some(entry.backend_id)),
             Err(MapError::KeyNotFound) => Ok(None),
@@ -380,26 +470,41 @@ impl Dataplane {
     /// Remembers `flow` on backend `backend_id`, as the program does for a new flow (tests
     /// and tools; the packet path fills the table itself).
     pub fn conn_insert(&mut self, flow: &FlowKey, backend_id: u32) -> Result<()> {
-        let mut table: BpfHashMap<&mut MapData, FlowKey, ConnEntry> =
-            self.map_mut(map_names::CONN_TABLE)?.try_into().map_err(map_err(map_names::CONN_TABLE))?;
+        let mut table: BpfHashMap<&mut MapData, FlowKey, ConnEntry> = self
+            .map_mut(map_names::CONN_TABLE)?
+            .try_into()
+            .map_err(map_err(map_names::CONN_TABLE))?;
         table
-            .insert(flow, ConnEntry { backend_id, _reserved: 0 }, 0)
+            .insert(
+                flow,
+                ConnEntry {
+                    backend_id,
+                    _reserved: 0,
+                },
+                0,
+            )
             .map_err(map_err(map_names::CONN_TABLE))
     }
 
     /// Number of flows in the connection table (walks the table: for status, not hot paths).
     pub fn conn_count(&self) -> Result<usize> {
-        let table: BpfHashMap<&MapData, FlowKey, ConnEntry> =
-            self.map(map_names::CONN_TABLE)?.try_into().map_err(map_err(map_names::CONN_TABLE))?;
+        let table: BpfHashMap<&MapData, FlowKey, ConnEntry> = self
+            .map(map_names::CONN_TABLE)?
+            .try_into()
+            .map_err(map_err(map_names::CONN_TABLE))?;
         Ok(table.keys().filter(|k| k.is_ok()).count())
     }
 
     fn map(&self, name: &'static str) -> Result<&aya::maps::Map> {
-        self.ebpf.map(name).ok_or(DataplaneError::Missing { what: "map", name })
+        self.ebpf
+            .map(name)
+            .ok_or(DataplaneError::Missing { what: "map", name })
     }
 
     fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {
-        self.ebpf.map_mut(name).ok_or(DataplaneError::Missing { what: "map", name })
+        self.ebpf
+            .map_mut(name)
+            .ok_or(DataplaneError::Missing { what: "map", name })
     }
 }
 
@@ -427,7 +532,14 @@ fn new_table(slots: &[u32]) -> std::io::Result<MapData> {
     // SAFETY: mapping a BPF array created with BPF_F_MMAPABLE, of exactly its size rounded up
     // to a page, which the kernel allows; unmapped before returning.
     unsafe {
-        let base = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0);
+        let base = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        );
         if base == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }

@@ -29,12 +29,17 @@ pub type MaglevTable = Vec<Option<u32>>;
 
 /// Builds a table of `size` slots (`size` must be prime).
 pub fn build(backends: &[MaglevBackend], size: u32, seed: u32) -> MaglevTable {
-    assert!(crate::config::is_prime(size), "Maglev table size {size} is not prime");
+    assert!(
+        crate::config::is_prime(size),
+        "Maglev table size {size} is not prime"
+    );
     let m = size as u64;
     let mut table: MaglevTable = vec![None; size as usize];
 
     // Fill in address order: the config's order must not matter.
-    let mut order: Vec<usize> = (0..backends.len()).filter(|&i| backends[i].weight > 0).collect();
+    let mut order: Vec<usize> = (0..backends.len())
+        .filter(|&i| backends[i].weight > 0)
+        .collect();
     if order.is_empty() {
         return table;
     }
@@ -52,8 +57,18 @@ pub fn build(backends: &[MaglevBackend], size: u32, seed: u32) -> MaglevTable {
         .map(|&i| {
             let words = address_words(backends[i].address);
             let offset = hash_words(&words, seed) as u64 % m;
-            let skip = if m > 1 { hash_words(&words, seed ^ 0x9e37_79b9) as u64 % (m - 1) + 1 } else { 1 };
-            Turn { index: i as u32, weight: backends[i].weight as u64, credit: 0, position: offset, skip }
+            let skip = if m > 1 {
+                hash_words(&words, seed ^ 0x9e37_79b9) as u64 % (m - 1) + 1
+            } else {
+                1
+            };
+            Turn {
+                index: i as u32,
+                weight: backends[i].weight as u64,
+                credit: 0,
+                position: offset,
+                skip,
+            }
         })
         .collect();
     let max_weight = turns.iter().map(|t| t.weight).max().unwrap_or(1);
@@ -102,7 +117,9 @@ fn address_words(address: IpAddr) -> [u32; 4] {
 /// all balancers hold the same table.
 pub fn fingerprint(table: &[u32]) -> u64 {
     table.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &slot| {
-        slot.to_le_bytes().iter().fold(h, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+        slot.to_le_bytes()
+            .iter()
+            .fold(h, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
     })
 }
 
@@ -152,7 +169,9 @@ mod tests {
             let backends = backends(n, |_| 1);
             let table = build(&backends, M, 0x5eed);
             let (points, slots) = balance(&backends, &table);
-            println!("equal weights, N={n}: worst deviation {points:.4}% of the table, {slots:.1} slots");
+            println!(
+                "equal weights, N={n}: worst deviation {points:.4}% of the table, {slots:.1} slots"
+            );
             // The requirement: every backend's share within 1% of its weight share.
             assert!(points < 1.0, "N={n}: {points}%");
             // What the algorithm actually gives with equal weights: every backend claims one
@@ -168,7 +187,9 @@ mod tests {
             let backends = backends(n, |i| [1, 2, 3, 10][(i % 4) as usize]);
             let table = build(&backends, M, 7);
             let (points, slots) = balance(&backends, &table);
-            println!("mixed weights, N={n}: worst deviation {points:.4}% of the table, {slots:.1} slots");
+            println!(
+                "mixed weights, N={n}: worst deviation {points:.4}% of the table, {slots:.1} slots"
+            );
             assert!(points < 1.0, "N={n}: {points}%");
             // Credit carries over between rounds, so a backend is never more than one turn
             // (one slot) ahead of or behind its weight, plus the final partial round.
@@ -176,10 +197,20 @@ mod tests {
             // Heavier backends own more slots than every lighter one.
             let counts = counts(&table, backends.len());
             let min_of = |w: u32| {
-                backends.iter().zip(&counts).filter(|(b, _)| b.weight == w).map(|(_, c)| *c).min()
+                backends
+                    .iter()
+                    .zip(&counts)
+                    .filter(|(b, _)| b.weight == w)
+                    .map(|(_, c)| *c)
+                    .min()
             };
             let max_of = |w: u32| {
-                backends.iter().zip(&counts).filter(|(b, _)| b.weight == w).map(|(_, c)| *c).max()
+                backends
+                    .iter()
+                    .zip(&counts)
+                    .filter(|(b, _)| b.weight == w)
+                    .map(|(_, c)| *c)
+                    .max()
             };
             assert!(max_of(1) < min_of(2) && max_of(2) < min_of(3) && max_of(3) < min_of(10));
         }
@@ -212,8 +243,12 @@ mod tests {
             let all = backends(n, |_| 1);
             let before = build(&all, M, 11);
             let removed = n / 2;
-            let survivors: Vec<MaglevBackend> =
-                all.iter().enumerate().filter(|(i, _)| *i as u32 != removed).map(|(_, b)| *b).collect();
+            let survivors: Vec<MaglevBackend> = all
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i as u32 != removed)
+                .map(|(_, b)| *b)
+                .collect();
             let after = build(&survivors, M, 11);
             // Map the survivors' indices back to the original ones.
             let original = |i: u32| if i >= removed { i + 1 } else { i };
@@ -230,7 +265,10 @@ mod tests {
                 ideal * 100.0,
                 moved_fraction / ideal
             );
-            assert!(moved_fraction >= ideal * 0.95, "the removed backend's slots must move");
+            assert!(
+                moved_fraction >= ideal * 0.95,
+                "the removed backend's slots must move"
+            );
             assert!(
                 moved_fraction <= bound * ideal,
                 "N={n}: moved {moved_fraction}, ideal {ideal}, bound {bound}x"
@@ -248,7 +286,9 @@ mod tests {
         let reversed: Vec<MaglevBackend> = b.iter().rev().copied().collect();
         let t3 = build(&reversed, M, 99);
         let by_address = |t: &MaglevTable, list: &[MaglevBackend]| -> Vec<IpAddr> {
-            t.iter().map(|s| list[s.unwrap() as usize].address).collect()
+            t.iter()
+                .map(|s| list[s.unwrap() as usize].address)
+                .collect()
         };
         assert_eq!(by_address(&t1, &b), by_address(&t3, &reversed));
         // Another seed gives another table.

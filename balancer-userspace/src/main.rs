@@ -7,7 +7,12 @@ use clap::{Parser, Subcommand};
 use balancer::{config, daemon};
 
 #[derive(Parser)]
-#[command(name = "balancer", version, about = "An XDP layer-4 load balancer", propagate_version = true)]
+#[command(
+    name = "balancer",
+    version,
+    about = "An XDP layer-4 load balancer",
+    propagate_version = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -57,7 +62,11 @@ fn check(path: &std::path::Path) -> ExitCode {
     match config::load(path) {
         Ok(c) => {
             let backends: usize = c.vips.iter().map(|v| v.backends.len()).sum();
-            println!("{}: OK, {} VIPs, {backends} backends", path.display(), c.vips.len());
+            println!(
+                "{}: OK, {} VIPs, {backends} backends",
+                path.display(),
+                c.vips.len()
+            );
             for vip in &c.vips {
                 let active = vip.backends.iter().filter(|b| b.takes_new_flows()).count();
                 println!(
@@ -96,5 +105,11 @@ fn run_async(task: impl std::future::Future<Output = anyhow::Result<()>>) -> Exi
 fn init_logging() {
     use tracing_subscriber::{fmt, EnvFilter};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr).init();
+    use std::io::IsTerminal as _;
+    fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
 }

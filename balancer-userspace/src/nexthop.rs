@@ -37,11 +37,19 @@ pub enum NextHopError {
         "{address} is reached through gateway {gateway} on {interface}; direct server return \
          needs backends on a directly connected network"
     )]
-    ViaGateway { address: IpAddr, gateway: IpAddr, interface: String },
+    ViaGateway {
+        address: IpAddr,
+        gateway: IpAddr,
+        interface: String,
+    },
     #[error("{address} is a local address of this host ({interface})")]
     Local { address: IpAddr, interface: String },
     #[error("no ARP/neighbour answer from {address} on {interface} within {timeout:?}")]
-    NoAnswer { address: IpAddr, interface: String, timeout: Duration },
+    NoAnswer {
+        address: IpAddr,
+        interface: String,
+        timeout: Duration,
+    },
     #[error("interface index {0} has no MAC address (not an Ethernet interface?)")]
     NoMac(u32),
     #[error("netlink: {0}")]
@@ -68,7 +76,9 @@ impl Resolver {
         &self,
         addresses: impl IntoIterator<Item = IpAddr>,
     ) -> (NextHops, HashMap<IpAddr, NextHopError>) {
-        let lookups = addresses.into_iter().map(|a| async move { (a, self.resolve(a).await) });
+        let lookups = addresses
+            .into_iter()
+            .map(|a| async move { (a, self.resolve(a).await) });
         let mut hops = NextHops::new();
         let mut errors = HashMap::new();
         for (address, result) in futures::future::join_all(lookups).await {
@@ -88,20 +98,33 @@ impl Resolver {
         let (ifindex, gateway) = self.route(address).await?;
         let (interface, src_mac) = self.link(ifindex).await?;
         if let Some(gateway) = gateway {
-            return Err(NextHopError::ViaGateway { address, gateway, interface });
+            return Err(NextHopError::ViaGateway {
+                address,
+                gateway,
+                interface,
+            });
         }
         let deadline = Instant::now() + RESOLVE_TIMEOUT;
         let mut triggered = false;
         loop {
             if let Some(dst_mac) = self.neighbour(ifindex, address).await? {
-                return Ok(NextHop { ifindex, interface, src_mac, dst_mac });
+                return Ok(NextHop {
+                    ifindex,
+                    interface,
+                    src_mac,
+                    dst_mac,
+                });
             }
             if !triggered {
                 self.trigger(ifindex, address).await?;
                 triggered = true;
             }
             if Instant::now() >= deadline {
-                return Err(NextHopError::NoAnswer { address, interface, timeout: RESOLVE_TIMEOUT });
+                return Err(NextHopError::NoAnswer {
+                    address,
+                    interface,
+                    timeout: RESOLVE_TIMEOUT,
+                });
             }
             tokio::time::sleep(POLL_INTERVAL).await;
         }
@@ -117,11 +140,19 @@ impl Resolver {
                 .destination_prefix(a, 128)
                 .build(),
         };
-        let mut routes = self.handle.route().get(message).execute();
-        let route = match routes.try_next().await {
-            Ok(Some(route)) => route,
-            Ok(None) | Err(_) => return Err(NextHopError::NoRoute(address)),
-        };
+        // Streams are read to the end: a half-read reply makes the netlink task warn.
+        let routes: Vec<_> = self
+            .handle
+            .route()
+            .get(message)
+            .execute()
+            .try_collect()
+            .await
+            .unwrap_or_default();
+        let route = routes
+            .into_iter()
+            .next()
+            .ok_or(NextHopError::NoRoute(address))?;
         if route.header.kind == netlink_packet_route::route::RouteType::Local {
             let ifindex = route.attributes.iter().find_map(|a| match a {
                 RouteAttribute::Oif(i) => Some(*i),
@@ -149,8 +180,18 @@ impl Resolver {
 
     /// The interface's name and MAC address.
     pub async fn link(&self, ifindex: u32) -> Result<(String, [u8; 6]), NextHopError> {
-        let mut links = self.handle.link().get().match_index(ifindex).execute();
-        let link = links.try_next().await?.ok_or(NextHopError::NoMac(ifindex))?;
+        let links: Vec<_> = self
+            .handle
+            .link()
+            .get()
+            .match_index(ifindex)
+            .execute()
+            .try_collect()
+            .await?;
+        let link = links
+            .into_iter()
+            .next()
+            .ok_or(NextHopError::NoMac(ifindex))?;
         let mut name = String::new();
         let mut mac = None;
         for attribute in link.attributes {
@@ -164,13 +205,24 @@ impl Resolver {
     }
 
     /// The neighbour's MAC address, if the table holds a usable entry.
-    async fn neighbour(&self, ifindex: u32, address: IpAddr) -> Result<Option<[u8; 6]>, NextHopError> {
+    async fn neighbour(
+        &self,
+        ifindex: u32,
+        address: IpAddr,
+    ) -> Result<Option<[u8; 6]>, NextHopError> {
         let family = match address {
             IpAddr::V4(_) => AddressFamily::Inet,
             IpAddr::V6(_) => AddressFamily::Inet6,
         };
-        let mut entries = self.handle.neighbours().get().set_address_family(family).execute();
-        while let Some(entry) = entries.try_next().await? {
+        let entries: Vec<_> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(family)
+            .execute()
+            .try_collect()
+            .await?;
+        for entry in entries {
             if entry.header.ifindex != ifindex {
                 continue;
             }
@@ -193,7 +245,9 @@ impl Resolver {
                     NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
                         destination = Some(IpAddr::V6(a))
                     }
-                    NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => mac = l.try_into().ok(),
+                    NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => {
+                        mac = l.try_into().ok()
+                    }
                     _ => {}
                 }
             }

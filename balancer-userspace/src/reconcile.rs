@@ -61,7 +61,8 @@ impl Ids {
     /// backends the lowest free ids.
     fn assign(&mut self, config: &Config) -> Result<(), ReconcileError> {
         let wanted_vips: BTreeSet<&str> = config.vips.iter().map(|v| v.name.as_str()).collect();
-        self.vips.retain(|name, _| wanted_vips.contains(name.as_str()));
+        self.vips
+            .retain(|name, _| wanted_vips.contains(name.as_str()));
         let wanted_backends: BTreeSet<BackendKey> = config
             .vips
             .iter()
@@ -71,7 +72,8 @@ impl Ids {
 
         for vip in &config.vips {
             if !self.vips.contains_key(&vip.name) {
-                let id = lowest_free(self.vips.values(), MAX_VIPS).ok_or(ReconcileError::TooManyVips)?;
+                let id =
+                    lowest_free(self.vips.values(), MAX_VIPS).ok_or(ReconcileError::TooManyVips)?;
                 self.vips.insert(vip.name.clone(), id);
             }
             for backend in &vip.backends {
@@ -168,7 +170,12 @@ pub fn address_bytes(address: IpAddr) -> ([u8; 16], u8) {
 /// The map key of a VIP (port 0 for an any-port VIP).
 pub fn vip_key(vip: &Vip) -> VipKey {
     let (addr, family) = address_bytes(vip.address);
-    VipKey { addr, port: vip.port.unwrap_or(0).to_be(), proto: vip.protocol.number(), family }
+    VipKey {
+        addr,
+        port: vip.port.unwrap_or(0).to_be(),
+        proto: vip.protocol.number(),
+        family,
+    }
 }
 
 /// Computes the desired map contents, updating `ids` to the config.
@@ -194,7 +201,13 @@ pub fn desired_state(
                 (Some(_), Health::Up) => BackendState::Active,
             };
             let (addr, family) = address_bytes(b.address);
-            let mut entry = Backend { addr, family, vip_id, flags: BACKEND_F_VALID, ..Backend::default() };
+            let mut entry = Backend {
+                addr,
+                family,
+                vip_id,
+                flags: BACKEND_F_VALID,
+                ..Backend::default()
+            };
             match backend_state {
                 BackendState::Active => {}
                 BackendState::Draining => entry.flags |= BACKEND_F_DRAINING,
@@ -220,7 +233,11 @@ pub fn desired_state(
             .iter()
             .map(|b| MaglevBackend {
                 address: b.address,
-                weight: if b.state == BackendState::Active { b.weight } else { 0 },
+                weight: if b.state == BackendState::Active {
+                    b.weight
+                } else {
+                    0
+                },
             })
             .collect();
         let table: Vec<u32> = maglev::build(&candidates, vip.table_size, config.hash_seed)
@@ -288,30 +305,53 @@ backends = [{ address = "10.0.0.1" }]
 "#;
 
     fn hop(last: u8) -> NextHop {
-        NextHop { ifindex: 7, interface: "eth0".into(), src_mac: [2, 0, 0, 0, 0, 0xff], dst_mac: [2, 0, 0, 0, 0, last] }
+        NextHop {
+            ifindex: 7,
+            interface: "eth0".into(),
+            src_mac: [2, 0, 0, 0, 0, 0xff],
+            dst_mac: [2, 0, 0, 0, 0, last],
+        }
     }
 
     fn hops() -> NextHops {
-        (1..=4).map(|i| (IpAddr::from([10, 0, 0, i]), hop(i))).collect()
+        (1..=4)
+            .map(|i| (IpAddr::from([10, 0, 0, i]), hop(i)))
+            .collect()
     }
 
     #[test]
     fn maps_follow_the_config() {
         let c = config(TWO_VIPS);
         let mut ids = Ids::default();
-        let health = HashMap::from([(("web".to_owned(), IpAddr::from([10, 0, 0, 4])), Health::Down)]);
+        let health = HashMap::from([(
+            ("web".to_owned(), IpAddr::from([10, 0, 0, 4])),
+            Health::Down,
+        )]);
         let state = desired_state(&c, &hops(), &health, &mut ids).unwrap();
 
         let web = &state.vips[0];
         assert_eq!(web.key.addr[..4], [192, 0, 2, 1]);
         assert_eq!(web.key.port, 80u16.to_be());
         assert_eq!((web.key.proto, web.key.family), (6, FAMILY_IPV4));
-        assert_eq!(web.meta, VipMeta { vip_id: 0, table_size: 251, forwarding: FORWARD_DSR, _pad: [0; 3] });
+        assert_eq!(
+            web.meta,
+            VipMeta {
+                vip_id: 0,
+                table_size: 251,
+                forwarding: FORWARD_DSR,
+                _pad: [0; 3]
+            }
+        );
         assert_eq!(web.table.len(), 251);
         let states: Vec<BackendState> = web.backends.iter().map(|b| b.state).collect();
         assert_eq!(
             states,
-            [BackendState::Active, BackendState::Active, BackendState::Draining, BackendState::Down]
+            [
+                BackendState::Active,
+                BackendState::Active,
+                BackendState::Draining,
+                BackendState::Down
+            ]
         );
         // Only active backends own slots, in proportion to their weights (1:3).
         let slots: Vec<u32> = web.backends.iter().map(|b| b.slots).collect();
@@ -319,14 +359,23 @@ backends = [{ address = "10.0.0.1" }]
         assert_eq!(&slots[2..], &[0, 0]);
         assert!((62..=64).contains(&slots[0]), "{slots:?}");
         for (b, slots) in web.backends.iter().zip(&slots) {
-            assert_eq!(web.table.iter().filter(|&&id| id == b.id).count() as u32, *slots);
+            assert_eq!(
+                web.table.iter().filter(|&&id| id == b.id).count() as u32,
+                *slots
+            );
         }
 
         // Backend entries: flags, next hop, owner.
         let entry = |id: u32| state.backends[&id];
         assert_eq!(entry(web.backends[0].id).flags, BACKEND_F_VALID);
-        assert_eq!(entry(web.backends[2].id).flags, BACKEND_F_VALID | BACKEND_F_DRAINING);
-        assert_eq!(entry(web.backends[3].id).flags, BACKEND_F_VALID | BACKEND_F_DOWN);
+        assert_eq!(
+            entry(web.backends[2].id).flags,
+            BACKEND_F_VALID | BACKEND_F_DRAINING
+        );
+        assert_eq!(
+            entry(web.backends[3].id).flags,
+            BACKEND_F_VALID | BACKEND_F_DOWN
+        );
         assert_eq!(entry(web.backends[1].id).dst_mac, [2, 0, 0, 0, 0, 2]);
         assert_eq!(entry(web.backends[1].id).ifindex, 7);
         assert_eq!(entry(web.backends[1].id).vip_id, 0);
@@ -351,7 +400,10 @@ backends = [{ address = "10.0.0.1" }]
         let web = &state.vips[0];
         assert_eq!(web.backends[0].state, BackendState::Unreachable);
         assert_eq!(web.backends[0].slots, 0);
-        assert_eq!(state.backends[&web.backends[0].id].flags, BACKEND_F_VALID | BACKEND_F_DOWN);
+        assert_eq!(
+            state.backends[&web.backends[0].id].flags,
+            BACKEND_F_VALID | BACKEND_F_DOWN
+        );
         // The other VIP's only backend is unreachable: its table is empty.
         assert!(state.vips[1].table.iter().all(|&id| id == NO_BACKEND));
     }
@@ -367,20 +419,42 @@ backends = [{ address = "10.0.0.1" }]
         // Remove 10.0.0.2 from "web", add 10.0.0.9.
         let changed = TWO_VIPS
             .replace("  { address = \"10.0.0.2\", weight = 3 },\n", "")
-            .replace("{ address = \"10.0.0.4\" },", "{ address = \"10.0.0.4\" },\n  { address = \"10.0.0.9\" },");
+            .replace(
+                "{ address = \"10.0.0.4\" },",
+                "{ address = \"10.0.0.4\" },\n  { address = \"10.0.0.9\" },",
+            );
         let mut hops = hops();
         hops.insert(IpAddr::from([10, 0, 0, 9]), hop(9));
         let second = desired_state(&config(&changed), &hops, &HashMap::new(), &mut ids).unwrap();
         assert_eq!(id_of(&second, 0, 2), kept, "10.0.0.4 keeps its id");
-        assert_eq!(id_of(&second, 0, 3), removed, "10.0.0.9 reuses the freed id");
+        assert_eq!(
+            id_of(&second, 0, 3),
+            removed,
+            "10.0.0.9 reuses the freed id"
+        );
         assert_eq!(second.vips[1].meta.vip_id, 1);
-        assert!(!second.backends.values().any(|b| b.addr[..4] == [10, 0, 0, 2]));
+        assert!(!second
+            .backends
+            .values()
+            .any(|b| b.addr[..4] == [10, 0, 0, 2]));
     }
 
     #[test]
     fn same_input_same_output() {
-        let a = desired_state(&config(TWO_VIPS), &hops(), &HashMap::new(), &mut Ids::default()).unwrap();
-        let b = desired_state(&config(TWO_VIPS), &hops(), &HashMap::new(), &mut Ids::default()).unwrap();
+        let a = desired_state(
+            &config(TWO_VIPS),
+            &hops(),
+            &HashMap::new(),
+            &mut Ids::default(),
+        )
+        .unwrap();
+        let b = desired_state(
+            &config(TWO_VIPS),
+            &hops(),
+            &HashMap::new(),
+            &mut Ids::default(),
+        )
+        .unwrap();
         assert_eq!(a, b);
     }
 }

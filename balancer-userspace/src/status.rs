@@ -36,7 +36,11 @@ pub async fn serve(
         get(move || {
             let state = state.clone();
             async move {
-                match tokio::task::spawn_blocking(move || status(&state.lock().expect("state lock"))).await {
+                match tokio::task::spawn_blocking(move || {
+                    status(&state.lock().expect("state lock"))
+                })
+                .await
+                {
                     Ok(Ok(value)) => Ok(Json(value)),
                     Ok(Err(e)) => Err((StatusCode::INTERNAL_SERVER_ERROR, e)),
                     Err(e) => Err((StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
@@ -44,7 +48,9 @@ pub async fn serve(
             }
         }),
     );
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 pub async fn bind(address: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
@@ -107,7 +113,10 @@ pub fn status(shared: &Shared) -> Result<Value, String> {
             .sum();
         verdicts.insert((*name).to_owned(), json!(total));
     }
-    let (interface, mode) = shared.dataplane.attached().map_or((None, None), |(i, m)| (Some(i), Some(m.as_str())));
+    let (interface, mode) = shared
+        .dataplane
+        .attached()
+        .map_or((None, None), |(i, m)| (Some(i), Some(m.as_str())));
     Ok(json!({
         "interface": interface,
         "xdp_mode": mode,
@@ -120,5 +129,8 @@ pub fn status(shared: &Shared) -> Result<Value, String> {
 }
 
 pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }

@@ -45,7 +45,9 @@ impl HttpServer {
                     return;
                 }
             };
-            listener.set_nonblocking(true).expect("nonblocking listener");
+            listener
+                .set_nonblocking(true)
+                .expect("nonblocking listener");
             let _ = ready_tx.send(Ok(()));
             while !stop2.load(Ordering::Relaxed) {
                 match listener.accept() {
@@ -57,7 +59,9 @@ impl HttpServer {
                             }
                         });
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => wait_readable(&listener, 50),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        wait_readable(&listener, 50)
+                    }
                     Err(_) => wait_readable(&listener, 50),
                 }
             }
@@ -67,7 +71,11 @@ impl HttpServer {
             Ok(Err(e)) => panic!("HTTP server {e}"),
             Err(_) => panic!("HTTP server thread died before binding"),
         }
-        HttpServer { stop, served, thread: Some(thread) }
+        HttpServer {
+            stop,
+            served,
+            thread: Some(thread),
+        }
     }
 
     /// Responses written in full so far.
@@ -86,7 +94,11 @@ impl Drop for HttpServer {
 }
 
 fn wait_readable(listener: &TcpListener, timeout_ms: i32) {
-    let mut fd = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let mut fd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
     // SAFETY: one valid pollfd.
     unsafe { libc::poll(&mut fd, 1, timeout_ms) };
 }
@@ -129,24 +141,37 @@ pub struct Served {
 /// One HTTP GET over a new TCP connection from `source_port` (0: any) to `to`. The response
 /// must be complete (Content-Length honoured), 200, and answer this request's `id`.
 pub fn get(to: SocketAddrV4, source_port: u16, id: u64) -> Result<Served, String> {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).map_err(|e| e.to_string())?;
+    let socket =
+        Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).map_err(|e| e.to_string())?;
     if source_port != 0 {
         socket.set_reuse_address(true).map_err(|e| e.to_string())?;
         let local: SocketAddr = SocketAddr::from(([0, 0, 0, 0], source_port));
-        socket.bind(&local.into()).map_err(|e| format!("bind port {source_port}: {e}"))?;
+        socket
+            .bind(&local.into())
+            .map_err(|e| format!("bind port {source_port}: {e}"))?;
     }
     socket
         .connect_timeout(&SocketAddr::V4(to).into(), IO_TIMEOUT)
         .map_err(|e| format!("connect to {to} from port {source_port}: {e}"))?;
     let mut stream: TcpStream = socket.into();
-    stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(|e| e.to_string())?;
-    stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(IO_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    stream
+        .set_write_timeout(Some(IO_TIMEOUT))
+        .map_err(|e| e.to_string())?;
     let request = format!("GET /?id={id} HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).map_err(|e| format!("send: {e}"))?;
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| format!("send: {e}"))?;
     let mut response = Vec::new();
-    stream.read_to_end(&mut response).map_err(|e| format!("receive: {e}"))?;
+    stream
+        .read_to_end(&mut response)
+        .map_err(|e| format!("receive: {e}"))?;
     let text = String::from_utf8_lossy(&response);
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| format!("incomplete response {text:?}"))?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("incomplete response {text:?}"))?;
     if !head.starts_with("HTTP/1.1 200 ") {
         return Err(format!("unexpected status: {head:?}"));
     }
@@ -156,13 +181,18 @@ pub fn get(to: SocketAddrV4, source_port: u16, id: u64) -> Result<Served, String
         .and_then(|v| v.trim().parse().ok())
         .ok_or_else(|| format!("no Content-Length in {head:?}"))?;
     if body.len() != length {
-        return Err(format!("body of {} bytes, Content-Length {length}", body.len()));
+        return Err(format!(
+            "body of {} bytes, Content-Length {length}",
+            body.len()
+        ));
     }
     let backend = body
         .strip_prefix("backend=")
         .and_then(|rest| rest.trim_end().strip_suffix(&format!(" id={id}")))
         .ok_or_else(|| format!("response {body:?} does not answer request {id}"))?;
-    Ok(Served { backend: backend.to_owned() })
+    Ok(Served {
+        backend: backend.to_owned(),
+    })
 }
 
 /// The outcome of a series of requests.
@@ -182,13 +212,14 @@ impl LoadReport {
 }
 
 /// `count` requests one after another, each on a new connection from source port
-/// `first_port + i`, from a thread inside `ns`. `progress` is called after each request.
+/// `first_port + i`, from a thread inside `ns`. After each request `keep_going(done)` is
+/// asked whether to go on (it also serves to report progress).
 pub fn run_requests(
     ns: &Netns,
     to: SocketAddrV4,
     count: u64,
     first_port: u16,
-    progress: impl Fn(u64) + Send + 'static,
+    keep_going: impl Fn(u64) -> bool + Send + 'static,
 ) -> LoadReport {
     ns.run(move || {
         let mut report = LoadReport::default();
@@ -196,12 +227,17 @@ pub fn run_requests(
             let port = first_port + i as u16;
             match get(to, port, i) {
                 Ok(served) => {
-                    *report.per_backend.entry(served.backend.clone()).or_default() += 1;
+                    *report
+                        .per_backend
+                        .entry(served.backend.clone())
+                        .or_default() += 1;
                     report.flows.push((port, served.backend));
                 }
                 Err(e) => report.failures.push(format!("request {i}: {e}")),
             }
-            progress(i + 1);
+            if !keep_going(i + 1) {
+                break;
+            }
         }
         report
     })
@@ -211,12 +247,23 @@ pub fn run_requests(
 pub fn get_json(ns: &Netns, address: SocketAddr, path: &str) -> Result<serde_json::Value, String> {
     let path = path.to_owned();
     ns.run(move || {
-        let mut stream = TcpStream::connect_timeout(&address, IO_TIMEOUT).map_err(|e| format!("connect {address}: {e}"))?;
-        stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(|e| e.to_string())?;
-        write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+        let mut stream = TcpStream::connect_timeout(&address, IO_TIMEOUT)
+            .map_err(|e| format!("connect {address}: {e}"))?;
+        stream
+            .set_read_timeout(Some(IO_TIMEOUT))
+            .map_err(|e| e.to_string())?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+        )
+        .map_err(|e| e.to_string())?;
         let mut response = String::new();
-        stream.read_to_string(&mut response).map_err(|e| e.to_string())?;
-        let (head, body) = response.split_once("\r\n\r\n").ok_or("incomplete response")?;
+        stream
+            .read_to_string(&mut response)
+            .map_err(|e| e.to_string())?;
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .ok_or("incomplete response")?;
         if !head.starts_with("HTTP/1.1 200") {
             return Err(format!("status API answered {head:?}"));
         }

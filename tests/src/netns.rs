@@ -22,7 +22,9 @@ impl Netns {
             let _ = Command::new("ip").args(["netns", "del", name]).status();
         }
         run("ip", &["netns", "add", name]);
-        let ns = Netns { name: name.to_owned() };
+        let ns = Netns {
+            name: name.to_owned(),
+        };
         ns.ip(&["link", "set", "lo", "up"]);
         ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1");
         ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1");
@@ -59,7 +61,10 @@ impl Netns {
     }
 
     /// Runs `f` on a new thread that has entered this namespace; sockets it opens live here.
-    pub fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> JoinHandle<T> {
         let path = Path::new("/run/netns").join(&self.name);
         let ns = File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
         std::thread::spawn(move || {
@@ -81,14 +86,22 @@ impl Netns {
 
     /// A counter of an interface in this namespace (`/sys/class/net/IF/statistics/NAME`).
     pub fn link_stat(&self, interface: &str, stat: &str) -> u64 {
-        let out = self.exec("cat", &[&format!("/sys/class/net/{interface}/statistics/{stat}")]);
-        String::from_utf8_lossy(&out.stdout).trim().parse().expect("a counter")
+        let out = self.exec(
+            "cat",
+            &[&format!("/sys/class/net/{interface}/statistics/{stat}")],
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("a counter")
     }
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
@@ -113,10 +126,14 @@ pub fn run(program: &str, args: &[&str]) -> Output {
 /// Deletes namespaces named `<prefix><pid>-...` whose creating process is gone: what a crashed
 /// or killed earlier run left behind.
 pub fn remove_stale(prefix: &str) {
-    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return };
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let name = line.split_whitespace().next().unwrap_or("");
-        let Some(rest) = name.strip_prefix(prefix) else { continue };
+        let Some(rest) = name.strip_prefix(prefix) else {
+            continue;
+        };
         let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
         let alive = pid.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
         if !alive || pid.is_none() {

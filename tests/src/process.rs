@@ -29,7 +29,10 @@ pub fn balancer_binary() -> PathBuf {
 
 /// The workspace's root directory.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().expect("workspace root")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .expect("workspace root")
 }
 
 /// A running `balancer` process; killed on drop if still running.
@@ -41,22 +44,34 @@ pub struct BalancerProcess {
 impl BalancerProcess {
     /// `ip netns exec NS balancer ARGS...`, stdout and stderr to `log`.
     pub fn start(ns: &Netns, args: &[&str], log: &Path) -> BalancerProcess {
-        let file = std::fs::File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
+        let file =
+            std::fs::File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
         let child = ns
             .command(balancer_binary().to_str().expect("UTF-8 path"))
             .args(args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log file"))
             .stderr(file)
             .spawn()
             .expect("spawn balancer");
-        BalancerProcess { child, log: log.to_owned() }
+        BalancerProcess {
+            child,
+            log: log.to_owned(),
+        }
     }
 
     /// Waits until the status API answers, panicking with the log if the process exits or
     /// the timeout passes first.
-    pub fn wait_ready(&mut self, ns: &Netns, api: SocketAddr, timeout: Duration) -> serde_json::Value {
+    pub fn wait_ready(
+        &mut self,
+        ns: &Netns,
+        api: SocketAddr,
+        timeout: Duration,
+    ) -> serde_json::Value {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {

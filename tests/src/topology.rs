@@ -47,13 +47,31 @@ impl DsrTopology {
 
         let client = Netns::create(&format!("{prefix}client"));
         let balancer = Netns::create(&format!("{prefix}lb"));
-        let backend_ns: Vec<Netns> =
-            (0..backends).map(|i| Netns::create(&format!("{prefix}be{}", i + 1))).collect();
+        let backend_ns: Vec<Netns> = (0..backends)
+            .map(|i| Netns::create(&format!("{prefix}be{}", i + 1)))
+            .collect();
 
         let plug = |host: &Netns, port: &str, address: Ipv4Addr| {
-            switch.ip(&["link", "add", port, "type", "veth", "peer", "name", HOST_IF, "netns", host.name()]);
+            switch.ip(&[
+                "link",
+                "add",
+                port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                HOST_IF,
+                "netns",
+                host.name(),
+            ]);
             switch.ip(&["link", "set", port, "master", "br0", "up"]);
-            host.ip(&["addr", "add", &format!("{address}/{SUBNET_PREFIX}"), "dev", HOST_IF]);
+            host.ip(&[
+                "addr",
+                "add",
+                &format!("{address}/{SUBNET_PREFIX}"),
+                "dev",
+                HOST_IF,
+            ]);
             host.ip(&["link", "set", HOST_IF, "up"]);
         };
         plug(&client, "p-client", CLIENT_ADDR);
@@ -64,14 +82,19 @@ impl DsrTopology {
 
         // A veth delivers XDP_TX frames only to a peer that has an XDP program of its own.
         let log = std::env::temp_dir().join(format!("{prefix}xdp-pass.log"));
-        let mut peer_pass = BalancerProcess::start(&switch, &["xdp-pass", "--interface", "p-lb"], &log);
+        let mut peer_pass =
+            BalancerProcess::start(&switch, &["xdp-pass", "--interface", "p-lb"], &log);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let link = switch.ip(&["link", "show", "p-lb"]);
             if String::from_utf8_lossy(&link.stdout).contains("prog/xdp") {
                 break;
             }
-            assert!(Instant::now() < deadline && peer_pass.running(), "xdp-pass did not attach:\n{}", peer_pass.log());
+            assert!(
+                Instant::now() < deadline && peer_pass.running(),
+                "xdp-pass did not attach:\n{}",
+                peer_pass.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
 
@@ -82,7 +105,13 @@ impl DsrTopology {
         }
 
         // The client reaches the VIP through the balancer.
-        client.ip(&["route", "add", &format!("{VIP_ADDR}/32"), "via", &BALANCER_ADDR.to_string()]);
+        client.ip(&[
+            "route",
+            "add",
+            &format!("{VIP_ADDR}/32"),
+            "via",
+            &BALANCER_ADDR.to_string(),
+        ]);
 
         // Backends: the VIP on lo, and answer ARP only for addresses on the asking interface,
         // announcing with the interface's own address, so that only the balancer is ever
@@ -93,7 +122,13 @@ impl DsrTopology {
             ns.sysctl("net.ipv4.conf.all.arp_announce", "2");
         }
 
-        DsrTopology { peer_pass, client, balancer, backends: backend_ns, switch }
+        DsrTopology {
+            peer_pass,
+            client,
+            balancer,
+            backends: backend_ns,
+            switch,
+        }
     }
 
     /// The MAC address of a host's `eth0`.
@@ -107,7 +142,17 @@ impl DsrTopology {
     /// counters then count exactly the packets that reach the balancer).
     pub fn pin_arp(&self) {
         let pin = |ns: &Netns, address: Ipv4Addr, mac: &str| {
-            ns.ip(&["neigh", "replace", &address.to_string(), "lladdr", mac, "dev", HOST_IF, "nud", "permanent"]);
+            ns.ip(&[
+                "neigh",
+                "replace",
+                &address.to_string(),
+                "lladdr",
+                mac,
+                "dev",
+                HOST_IF,
+                "nud",
+                "permanent",
+            ]);
         };
         pin(&self.client, BALANCER_ADDR, &Self::mac(&self.balancer));
         let client_mac = Self::mac(&self.client);

@@ -19,7 +19,10 @@ use balancer::{
 };
 use balancer_common::{hash::flow_hash, xdp_action, FlowKey, Outcome, TrafficStats, FAMILY_IPV4};
 use balancer_tests::netns::{remove_stale, require_root, Netns};
-use etherparse::{IpHeaders, Ipv4Extensions, Ipv4Header, IpNumber, NetSlice, PacketBuilder, SlicedPacket, TransportSlice, VlanId};
+use etherparse::{
+    IpHeaders, IpNumber, Ipv4Extensions, Ipv4Header, NetSlice, PacketBuilder, SlicedPacket,
+    TransportSlice, VlanId,
+};
 
 const CLIENT_MAC: [u8; 6] = [0x02, 0xc1, 0, 0, 0, 0x01];
 const LB_MAC: [u8; 6] = [0x02, 0x1b, 0, 0, 0, 0xfe];
@@ -118,27 +121,47 @@ impl World {
         let mut hops = NextHops::new();
         for vip in &config.vips {
             for b in &vip.backends {
-                let IpAddr::V4(a) = b.address else { unreachable!() };
+                let IpAddr::V4(a) = b.address else {
+                    unreachable!()
+                };
                 let ifindex = match a.octets()[3] {
                     41 => other_ifindex,
                     51 => continue,
                     _ => 1,
                 };
-                hops.insert(b.address, NextHop { ifindex, interface: "x".into(), src_mac: LB_MAC, dst_mac: backend_mac(a) });
+                hops.insert(
+                    b.address,
+                    NextHop {
+                        ifindex,
+                        interface: "x".into(),
+                        src_mac: LB_MAC,
+                        dst_mac: backend_mac(a),
+                    },
+                );
             }
         }
-        let mut world = World { dataplane, config, hops, health: HashMap::new(), ids: Ids::default() };
+        let mut world = World {
+            dataplane,
+            config,
+            hops,
+            health: HashMap::new(),
+            ids: Ids::default(),
+        };
         world.apply();
         world
     }
 
     fn apply(&mut self) {
-        let desired = reconcile::desired_state(&self.config, &self.hops, &self.health, &mut self.ids).unwrap();
+        let desired =
+            reconcile::desired_state(&self.config, &self.hops, &self.health, &mut self.ids)
+                .unwrap();
         self.dataplane.apply(&desired).expect("maps written");
     }
 
     fn backend_id(&self, vip: &str, address: [u8; 4]) -> u32 {
-        self.ids.backend(&(vip.to_owned(), IpAddr::from(address))).expect("configured backend")
+        self.ids
+            .backend(&(vip.to_owned(), IpAddr::from(address)))
+            .expect("configured backend")
     }
 
     fn vip_id(&self, vip: &str) -> u32 {
@@ -150,8 +173,14 @@ impl World {
         let applied = self.dataplane.applied();
         let v = applied.vips.iter().find(|v| v.name == vip).unwrap();
         let id = v.table[(flow_hash(flow, self.config.hash_seed) % v.meta.table_size) as usize];
-        let b = v.backends.iter().find(|b| b.id == id).expect("a backend owns the slot");
-        let IpAddr::V4(a) = b.address else { unreachable!() };
+        let b = v
+            .backends
+            .iter()
+            .find(|b| b.id == id)
+            .expect("a backend owns the slot");
+        let IpAddr::V4(a) = b.address else {
+            unreachable!()
+        };
         a.octets()
     }
 
@@ -172,7 +201,11 @@ impl World {
         let result = self
             .dataplane
             .program()
-            .test_run(TestRunOptions { data_in: Some(packet), data_out: Some(&mut out), ..TestRunOptions::new() })
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ..TestRunOptions::new()
+            })
             .expect("BPF_PROG_TEST_RUN");
         out.truncate(result.data_size_out as usize);
         (result.return_value, out)
@@ -205,21 +238,40 @@ struct Pkt {
 }
 
 fn tcp(dst: [u8; 4], sport: u16, dport: u16) -> Pkt {
-    Pkt { dst, sport, dport, l4: L4::TcpSyn, vlan: None, options: false }
+    Pkt {
+        dst,
+        sport,
+        dport,
+        l4: L4::TcpSyn,
+        vlan: None,
+        options: false,
+    }
 }
 fn udp(dst: [u8; 4], sport: u16, dport: u16) -> Pkt {
-    Pkt { l4: L4::Udp, ..tcp(dst, sport, dport) }
+    Pkt {
+        l4: L4::Udp,
+        ..tcp(dst, sport, dport)
+    }
 }
 
 impl Pkt {
     fn ack(self) -> Pkt {
-        Pkt { l4: L4::TcpAck, ..self }
+        Pkt {
+            l4: L4::TcpAck,
+            ..self
+        }
     }
     fn vlan(self, id: u16) -> Pkt {
-        Pkt { vlan: Some(id), ..self }
+        Pkt {
+            vlan: Some(id),
+            ..self
+        }
     }
     fn with_options(self) -> Pkt {
-        Pkt { options: true, ..self }
+        Pkt {
+            options: true,
+            ..self
+        }
     }
 
     fn build(&self, src_mac: [u8; 6], dst_mac: [u8; 6]) -> Vec<u8> {
@@ -240,10 +292,15 @@ impl Pkt {
         let ip = IpHeaders::Ipv4(ip, Ipv4Extensions::default());
         let mut out = Vec::new();
         match (self.vlan, self.l4) {
-            (None, L4::Udp) => eth.ip(ip).udp(self.sport, self.dport).write(&mut out, payload),
-            (Some(v), L4::Udp) => {
-                eth.single_vlan(VlanId::try_new(v).unwrap()).ip(ip).udp(self.sport, self.dport).write(&mut out, payload)
-            }
+            (None, L4::Udp) => eth
+                .ip(ip)
+                .udp(self.sport, self.dport)
+                .write(&mut out, payload),
+            (Some(v), L4::Udp) => eth
+                .single_vlan(VlanId::try_new(v).unwrap())
+                .ip(ip)
+                .udp(self.sport, self.dport)
+                .write(&mut out, payload),
             (vlan, l4) => {
                 let step = match vlan {
                     None => eth.ip(ip),
@@ -290,17 +347,30 @@ impl Pkt {
 
 /// Checks with the packet library that the IPv4 and TCP/UDP checksums of a frame are valid.
 fn assert_checksums_valid(frame: &[u8], case: &str) {
-    let sliced = SlicedPacket::from_ethernet(frame).unwrap_or_else(|e| panic!("{case}: unparsable output: {e}"));
-    let Some(NetSlice::Ipv4(ip)) = &sliced.net else { panic!("{case}: no IPv4 in output") };
+    let sliced = SlicedPacket::from_ethernet(frame)
+        .unwrap_or_else(|e| panic!("{case}: unparsable output: {e}"));
+    let Some(NetSlice::Ipv4(ip)) = &sliced.net else {
+        panic!("{case}: no IPv4 in output")
+    };
     let header = ip.header().to_header();
-    assert_eq!(header.header_checksum, header.calc_header_checksum(), "{case}: IPv4 header checksum");
+    assert_eq!(
+        header.header_checksum,
+        header.calc_header_checksum(),
+        "{case}: IPv4 header checksum"
+    );
     match &sliced.transport {
         Some(TransportSlice::Tcp(t)) => {
-            let expected = t.to_header().calc_checksum_ipv4(&header, t.payload()).unwrap();
+            let expected = t
+                .to_header()
+                .calc_checksum_ipv4(&header, t.payload())
+                .unwrap();
             assert_eq!(t.checksum(), expected, "{case}: TCP checksum");
         }
         Some(TransportSlice::Udp(u)) => {
-            let expected = u.to_header().calc_checksum_ipv4(&header, u.payload()).unwrap();
+            let expected = u
+                .to_header()
+                .calc_checksum_ipv4(&header, u.payload())
+                .unwrap();
             assert_eq!(u.checksum(), expected, "{case}: UDP checksum");
         }
         _ => panic!("{case}: no TCP/UDP in output"),
@@ -318,7 +388,12 @@ enum Expect {
     /// Dropped with this outcome.
     Dropped(Outcome),
     /// Rewritten to this backend of this VIP and sent out (XDP_TX or XDP_REDIRECT).
-    Forwarded { vip: &'static str, backend: [u8; 4], new_flow: bool, redirect: bool },
+    Forwarded {
+        vip: &'static str,
+        backend: [u8; 4],
+        new_flow: bool,
+        redirect: bool,
+    },
 }
 
 type Prepare = fn(&mut World, &Pkt);
@@ -347,18 +422,29 @@ fn truncated(packet: Pkt, len: usize) -> Vec<u8> {
 fn fixtures() -> Vec<Fixture> {
     vec![
         Fixture {
-            case: "TCP SYN of a new flow to a one-backend VIP goes to that backend and is remembered",
+            case:
+                "TCP SYN of a new flow to a one-backend VIP goes to that backend and is remembered",
             packet: tcp(V2, 40000, 443),
             raw: None,
             prepare: nothing,
-            expect: |_, _| Expect::Forwarded { vip: "tls", backend: [10, 0, 0, 21], new_flow: true, redirect: false },
+            expect: |_, _| Expect::Forwarded {
+                vip: "tls",
+                backend: [10, 0, 0, 21],
+                new_flow: true,
+                redirect: false,
+            },
         },
         Fixture {
             case: "TCP SYN of a new flow lands on the backend the weighted Maglev table names",
             packet: tcp(WEB, 40001, 80),
             raw: None,
             prepare: nothing,
-            expect: |w, p| Expect::Forwarded { vip: "web", backend: w.table_choice("web", &p.flow()), new_flow: true, redirect: false },
+            expect: |w, p| Expect::Forwarded {
+                vip: "web",
+                backend: w.table_choice("web", &p.flow()),
+                new_flow: true,
+                redirect: false,
+            },
         },
         Fixture {
             case: "TCP established packet with payload follows the connection table, not the hash",
@@ -368,21 +454,36 @@ fn fixtures() -> Vec<Fixture> {
                 let other = other_backend(w.table_choice("web", &p.flow()));
                 w.remember("web", &p.flow(), other);
             },
-            expect: |w, p| Expect::Forwarded { vip: "web", backend: other_backend(w.table_choice("web", &p.flow())), new_flow: false, redirect: false },
+            expect: |w, p| Expect::Forwarded {
+                vip: "web",
+                backend: other_backend(w.table_choice("web", &p.flow())),
+                new_flow: false,
+                redirect: false,
+            },
         },
         Fixture {
             case: "UDP datagram to a VIP is forwarded",
             packet: udp(V2, 5353, 53),
             raw: None,
             prepare: nothing,
-            expect: |_, _| Expect::Forwarded { vip: "dns", backend: [10, 0, 0, 22], new_flow: true, redirect: false },
+            expect: |_, _| Expect::Forwarded {
+                vip: "dns",
+                backend: [10, 0, 0, 22],
+                new_flow: true,
+                redirect: false,
+            },
         },
         Fixture {
             case: "UDP to any port of an any-port VIP is forwarded",
             packet: udp(ANY, 5353, 31337),
             raw: None,
             prepare: nothing,
-            expect: |_, _| Expect::Forwarded { vip: "anyport", backend: [10, 0, 0, 31], new_flow: true, redirect: false },
+            expect: |_, _| Expect::Forwarded {
+                vip: "anyport",
+                backend: [10, 0, 0, 31],
+                new_flow: true,
+                redirect: false,
+            },
         },
         Fixture {
             case: "TCP to an any-port UDP VIP's address is not for a VIP: passed untouched",
@@ -428,7 +529,11 @@ fn fixtures() -> Vec<Fixture> {
             raw: Some(|| {
                 let mut f = Vec::new();
                 PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
-                    .ipv6([0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2], 64)
+                    .ipv6(
+                        [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+                        [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+                        64,
+                    )
                     .tcp(1, 80, 0, 100)
                     .syn()
                     .write(&mut f, &[])
@@ -443,21 +548,36 @@ fn fixtures() -> Vec<Fixture> {
             packet: tcp(V2, 40006, 443).vlan(42),
             raw: None,
             prepare: nothing,
-            expect: |_, _| Expect::Forwarded { vip: "tls", backend: [10, 0, 0, 21], new_flow: true, redirect: false },
+            expect: |_, _| Expect::Forwarded {
+                vip: "tls",
+                backend: [10, 0, 0, 21],
+                new_flow: true,
+                redirect: false,
+            },
         },
         Fixture {
             case: "IPv4 with options (IHL 8) to a VIP is forwarded, options kept",
             packet: tcp(V2, 40007, 443).with_options(),
             raw: None,
             prepare: nothing,
-            expect: |_, _| Expect::Forwarded { vip: "tls", backend: [10, 0, 0, 21], new_flow: true, redirect: false },
+            expect: |_, _| Expect::Forwarded {
+                vip: "tls",
+                backend: [10, 0, 0, 21],
+                new_flow: true,
+                redirect: false,
+            },
         },
         Fixture {
             case: "802.1Q-tagged UDP with IPv4 options to a VIP is forwarded",
             packet: udp(V2, 5354, 53).vlan(7).with_options(),
             raw: None,
             prepare: nothing,
-            expect: |_, _| Expect::Forwarded { vip: "dns", backend: [10, 0, 0, 22], new_flow: true, redirect: false },
+            expect: |_, _| Expect::Forwarded {
+                vip: "dns",
+                backend: [10, 0, 0, 22],
+                new_flow: true,
+                redirect: false,
+            },
         },
         // A frame cut inside the Ethernet header cannot be a fixture: BPF_PROG_TEST_RUN
         // refuses inputs shorter than 14 bytes (EINVAL). The program checks for it anyway
@@ -549,7 +669,11 @@ fn fixtures() -> Vec<Fixture> {
             packet: tcp(V2, 1, 443),
             raw: Some(|| {
                 let mut f = Vec::new();
-                PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC).ipv4(CLIENT, V2, 64).icmpv4_echo_request(1, 1).write(&mut f, b"ping").unwrap();
+                PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+                    .ipv4(CLIENT, V2, 64)
+                    .icmpv4_echo_request(1, 1)
+                    .write(&mut f, b"ping")
+                    .unwrap();
                 f
             }),
             prepare: nothing,
@@ -567,7 +691,12 @@ fn fixtures() -> Vec<Fixture> {
             packet: tcp([10, 100, 0, 4], 40009, 80),
             raw: None,
             prepare: nothing,
-            expect: |_, _| Expect::Forwarded { vip: "remote", backend: [10, 0, 0, 41], new_flow: true, redirect: true },
+            expect: |_, _| Expect::Forwarded {
+                vip: "remote",
+                backend: [10, 0, 0, 41],
+                new_flow: true,
+                redirect: true,
+            },
         },
         Fixture {
             case: "a remembered flow keeps its backend after the table changes under it",
@@ -581,17 +710,32 @@ fn fixtures() -> Vec<Fixture> {
                 assert_eq!(w.conn(&p.flow()), Some(w.backend_id("web", first)));
                 for heavy in 1..=50u32 {
                     w.set_config(|c| {
-                        c.replace("\"10.0.0.13\", weight = 2", &format!("\"10.0.0.13\", weight = {}", 2 + heavy * 20))
-                            .replace("\"10.0.0.11\", weight = 1", &format!("\"10.0.0.11\", weight = {}", 1 + heavy))
+                        c.replace(
+                            "\"10.0.0.13\", weight = 2",
+                            &format!("\"10.0.0.13\", weight = {}", 2 + heavy * 20),
+                        )
+                        .replace(
+                            "\"10.0.0.11\", weight = 1",
+                            &format!("\"10.0.0.11\", weight = {}", 1 + heavy),
+                        )
                     });
                     if w.table_choice("web", &p.flow()) != first {
                         break;
                     }
                 }
-                assert_ne!(w.table_choice("web", &p.flow()), first, "no weight change moved the flow's slot");
+                assert_ne!(
+                    w.table_choice("web", &p.flow()),
+                    first,
+                    "no weight change moved the flow's slot"
+                );
                 FIRST.with(|f| f.set(first));
             },
-            expect: |_, _| Expect::Forwarded { vip: "web", backend: FIRST.with(|f| f.get()), new_flow: false, redirect: false },
+            expect: |_, _| Expect::Forwarded {
+                vip: "web",
+                backend: FIRST.with(|f| f.get()),
+                new_flow: false,
+                redirect: false,
+            },
         },
         Fixture {
             case: "a remembered flow whose backend went down is re-selected from the table",
@@ -600,11 +744,17 @@ fn fixtures() -> Vec<Fixture> {
             prepare: |w, p| {
                 let first = w.table_choice("web", &p.flow());
                 w.remember("web", &p.flow(), first);
-                w.health.insert(("web".into(), IpAddr::from(first)), Health::Down);
+                w.health
+                    .insert(("web".into(), IpAddr::from(first)), Health::Down);
                 w.apply();
                 assert_ne!(w.table_choice("web", &p.flow()), first);
             },
-            expect: |w, p| Expect::Forwarded { vip: "web", backend: w.table_choice("web", &p.flow()), new_flow: true, redirect: false },
+            expect: |w, p| Expect::Forwarded {
+                vip: "web",
+                backend: w.table_choice("web", &p.flow()),
+                new_flow: true,
+                redirect: false,
+            },
         },
         Fixture {
             case: "a remembered flow keeps its draining backend",
@@ -614,11 +764,25 @@ fn fixtures() -> Vec<Fixture> {
                 let first = w.table_choice("web", &p.flow());
                 w.remember("web", &p.flow(), first);
                 let address = Ipv4Addr::from(first).to_string();
-                w.set_config(|c| c.replace(&format!("\"{address}\", weight"), &format!("\"{address}\", drain = true, weight")));
-                assert_ne!(w.table_choice("web", &p.flow()), first, "draining backends own no slots");
+                w.set_config(|c| {
+                    c.replace(
+                        &format!("\"{address}\", weight"),
+                        &format!("\"{address}\", drain = true, weight"),
+                    )
+                });
+                assert_ne!(
+                    w.table_choice("web", &p.flow()),
+                    first,
+                    "draining backends own no slots"
+                );
                 FIRST.with(|f| f.set(first));
             },
-            expect: |_, _| Expect::Forwarded { vip: "web", backend: FIRST.with(|f| f.get()), new_flow: false, redirect: false },
+            expect: |_, _| Expect::Forwarded {
+                vip: "web",
+                backend: FIRST.with(|f| f.get()),
+                new_flow: false,
+                redirect: false,
+            },
         },
     ]
 }
@@ -629,7 +793,11 @@ thread_local! {
 
 /// A backend of "web" other than `b`.
 fn other_backend(b: [u8; 4]) -> [u8; 4] {
-    if b == [10, 0, 0, 11] { [10, 0, 0, 12] } else { [10, 0, 0, 11] }
+    if b == [10, 0, 0, 11] {
+        [10, 0, 0, 12]
+    } else {
+        [10, 0, 0, 11]
+    }
 }
 
 fn delta(after: &TrafficStats, before: &TrafficStats) -> TrafficStats {
@@ -655,32 +823,63 @@ fn check(world: &mut World, fixture: &Fixture) {
     let outcome = match expect {
         Expect::Passed(o) => {
             assert_eq!(verdict, xdp_action::PASS, "{case}: verdict");
-            assert_eq!(output, input, "{case}: a passed packet must leave unchanged");
+            assert_eq!(
+                output, input,
+                "{case}: a passed packet must leave unchanged"
+            );
             o
         }
         Expect::Dropped(o) => {
             assert_eq!(verdict, xdp_action::DROP, "{case}: verdict");
             o
         }
-        Expect::Forwarded { vip, backend, new_flow, redirect } => {
+        Expect::Forwarded {
+            vip,
+            backend,
+            new_flow,
+            redirect,
+        } => {
             let (want_verdict, o) = if redirect {
                 (xdp_action::REDIRECT, Outcome::ForwardedRedirect)
             } else {
                 (xdp_action::TX, Outcome::ForwardedTx)
             };
             assert_eq!(verdict, want_verdict, "{case}: verdict");
-            assert_eq!(output, fixture.packet.forwarded_to(backend), "{case}: output bytes");
+            assert_eq!(
+                output,
+                fixture.packet.forwarded_to(backend),
+                "{case}: output bytes"
+            );
             assert_checksums_valid(&output, case);
             let id = world.backend_id(vip, backend);
-            assert_eq!(world.conn(&fixture.packet.flow()), Some(id), "{case}: connection table entry");
-            let expected = TrafficStats { packets: 1, bytes: input.len() as u64, new_flows: new_flow as u64 };
-            assert_eq!(delta(&after.backends[&id], &before.backends[&id]), expected, "{case}: backend counters");
+            assert_eq!(
+                world.conn(&fixture.packet.flow()),
+                Some(id),
+                "{case}: connection table entry"
+            );
+            let expected = TrafficStats {
+                packets: 1,
+                bytes: input.len() as u64,
+                new_flows: new_flow as u64,
+            };
+            assert_eq!(
+                delta(&after.backends[&id], &before.backends[&id]),
+                expected,
+                "{case}: backend counters"
+            );
             let vip_id = world.vip_id(vip);
-            assert_eq!(delta(&after.vips[&vip_id], &before.vips[&vip_id]), expected, "{case}: VIP counters");
+            assert_eq!(
+                delta(&after.vips[&vip_id], &before.vips[&vip_id]),
+                expected,
+                "{case}: VIP counters"
+            );
             // No other backend or VIP counted anything.
             for (other, stats) in &after.backends {
                 if *other != id {
-                    assert_eq!(stats, &before.backends[other], "{case}: backend {other} counted");
+                    assert_eq!(
+                        stats, &before.backends[other],
+                        "{case}: backend {other} counted"
+                    );
                 }
             }
             for (other, stats) in &after.vips {
@@ -692,14 +891,29 @@ fn check(world: &mut World, fixture: &Fixture) {
         }
     };
     if !matches!(expect, Expect::Forwarded { .. }) {
-        assert_eq!(after.backends, before.backends, "{case}: no backend counts a packet that is not forwarded");
-        assert_eq!(after.vips, before.vips, "{case}: no VIP counts a packet that is not forwarded");
+        assert_eq!(
+            after.backends, before.backends,
+            "{case}: no backend counts a packet that is not forwarded"
+        );
+        assert_eq!(
+            after.vips, before.vips,
+            "{case}: no VIP counts a packet that is not forwarded"
+        );
     }
     for o in Outcome::ALL {
         let moved = after.outcomes[*o as usize] - before.outcomes[*o as usize];
-        assert_eq!(moved, (*o == outcome) as u64, "{case}: outcome counter {}", o.name());
+        assert_eq!(
+            moved,
+            (*o == outcome) as u64,
+            "{case}: outcome counter {}",
+            o.name()
+        );
     }
-    assert_eq!(outcome.verdict(), verdict, "{case}: outcome and verdict agree");
+    assert_eq!(
+        outcome.verdict(),
+        verdict,
+        "{case}: outcome and verdict agree"
+    );
 }
 
 #[test]
@@ -751,12 +965,25 @@ fn counters_add_up_over_a_sequence_of_packets() {
     assert_eq!(world.run(&truncated(b, 14 + 20 + 3)).0, xdp_action::PASS);
     let after = world.dataplane.counters().unwrap();
     let id = world.backend_id("tls", [10, 0, 0, 21]);
-    let expected = TrafficStats { packets: 8, bytes, new_flows: 2 };
+    let expected = TrafficStats {
+        packets: 8,
+        bytes,
+        new_flows: 2,
+    };
     assert_eq!(delta(&after.backends[&id], &before.backends[&id]), expected);
-    assert_eq!(delta(&after.vips[&world.vip_id("tls")], &before.vips[&world.vip_id("tls")]), expected);
+    assert_eq!(
+        delta(
+            &after.vips[&world.vip_id("tls")],
+            &before.vips[&world.vip_id("tls")]
+        ),
+        expected
+    );
     let moved = |o: Outcome| after.outcomes[o as usize] - before.outcomes[o as usize];
     assert_eq!(moved(Outcome::ForwardedTx), 8);
     assert_eq!(moved(Outcome::NotVip), 2);
     assert_eq!(moved(Outcome::TruncatedL4), 1);
-    assert_eq!(after.outcomes.iter().sum::<u64>() - before.outcomes.iter().sum::<u64>(), 11);
+    assert_eq!(
+        after.outcomes.iter().sum::<u64>() - before.outcomes.iter().sum::<u64>(),
+        11
+    );
 }

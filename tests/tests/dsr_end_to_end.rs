@@ -28,9 +28,20 @@ fn predicted_backends(config: &config::Config) -> impl Fn(u16) -> IpAddr {
     let hops: reconcile::NextHops = config.vips[0]
         .backends
         .iter()
-        .map(|b| (b.address, NextHop { ifindex: 1, interface: "x".into(), src_mac: [0; 6], dst_mac: [0; 6] }))
+        .map(|b| {
+            (
+                b.address,
+                NextHop {
+                    ifindex: 1,
+                    interface: "x".into(),
+                    src_mac: [0; 6],
+                    dst_mac: [0; 6],
+                },
+            )
+        })
         .collect();
-    let state = reconcile::desired_state(config, &hops, &HashMap::new(), &mut Ids::default()).unwrap();
+    let state =
+        reconcile::desired_state(config, &hops, &HashMap::new(), &mut Ids::default()).unwrap();
     let vip = state.vips[0].clone();
     let addresses: HashMap<u32, IpAddr> = vip.backends.iter().map(|b| (b.id, b.address)).collect();
     let seed = config.hash_seed;
@@ -60,7 +71,13 @@ fn dsr_forwards_every_connection_whole_to_the_predicted_backend() {
         .backends
         .iter()
         .enumerate()
-        .map(|(i, ns)| HttpServer::start(ns, &format!("be{}", i + 1), SocketAddrV4::new(VIP_ADDR, 80).into()))
+        .map(|(i, ns)| {
+            HttpServer::start(
+                ns,
+                &format!("be{}", i + 1),
+                SocketAddrV4::new(VIP_ADDR, 80).into(),
+            )
+        })
         .collect();
     topology.pin_arp();
 
@@ -68,13 +85,22 @@ fn dsr_forwards_every_connection_whole_to_the_predicted_backend() {
     let config = config::load(&config_path).expect("config/demo.toml is valid");
     let api = config.metrics_listen;
     let log = std::env::temp_dir().join(format!("{prefix}balancer.log"));
-    let mut balancer =
-        BalancerProcess::start(&topology.balancer, &["run", "--config", config_path.to_str().unwrap()], &log);
+    let mut balancer = BalancerProcess::start(
+        &topology.balancer,
+        &["run", "--config", config_path.to_str().unwrap()],
+        &log,
+    );
     balancer.wait_ready(&topology.balancer, api, Duration::from_secs(30));
 
     let tx_packets = topology.client.link_stat(HOST_IF, "tx_packets");
     let tx_bytes = topology.client.link_stat(HOST_IF, "tx_bytes");
-    let report = run_requests(&topology.client, SocketAddrV4::new(VIP_ADDR, 80), REQUESTS, FIRST_PORT, |_| {});
+    let report = run_requests(
+        &topology.client,
+        SocketAddrV4::new(VIP_ADDR, 80),
+        REQUESTS,
+        FIRST_PORT,
+        |_| true,
+    );
     // The client's last packets (its FIN) leave right after the response is read.
     std::thread::sleep(Duration::from_millis(300));
     let sent_packets = topology.client.link_stat(HOST_IF, "tx_packets") - tx_packets;
@@ -82,17 +108,32 @@ fn dsr_forwards_every_connection_whole_to_the_predicted_backend() {
     let status = get_json(&topology.balancer, api, "/api/v1/status").expect("status API");
 
     // Every connection succeeded and got its own response, whole.
-    assert!(report.failures.is_empty(), "failed requests: {:#?}\n{}", report.failures, balancer.log());
+    assert!(
+        report.failures.is_empty(),
+        "failed requests: {:#?}\n{}",
+        report.failures,
+        balancer.log()
+    );
     assert_eq!(report.succeeded(), REQUESTS);
-    let served: BTreeMap<String, u64> =
-        servers.iter().enumerate().map(|(i, s)| (format!("be{}", i + 1), s.served())).collect();
-    assert_eq!(served, report.per_backend, "servers' own counts vs what the client saw");
+    let served: BTreeMap<String, u64> = servers
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (format!("be{}", i + 1), s.served()))
+        .collect();
+    assert_eq!(
+        served, report.per_backend,
+        "servers' own counts vs what the client saw"
+    );
 
     // Every connection went to the backend the Maglev table names for its flow.
     let predict = predicted_backends(&config);
     for (port, backend) in &report.flows {
         let index: usize = backend.trim_start_matches("be").parse::<usize>().unwrap() - 1;
-        assert_eq!(IpAddr::V4(backend_addr(index)), predict(*port), "flow from port {port}");
+        assert_eq!(
+            IpAddr::V4(backend_addr(index)),
+            predict(*port),
+            "flow from port {port}"
+        );
     }
 
     // The distribution follows the weights (1:1:2). With 300 hashed flows each share is a
@@ -101,24 +142,51 @@ fn dsr_forwards_every_connection_whole_to_the_predicted_backend() {
     // runs at worst, while a balancer that ignores weights (33% each) fails it always.
     let total_weight: u32 = config.vips[0].backends.iter().map(|b| b.weight).sum();
     for (i, b) in config.vips[0].backends.iter().enumerate() {
-        let share = report.per_backend.get(&format!("be{}", i + 1)).copied().unwrap_or(0) as f64 / REQUESTS as f64;
+        let share = report
+            .per_backend
+            .get(&format!("be{}", i + 1))
+            .copied()
+            .unwrap_or(0) as f64
+            / REQUESTS as f64;
         let expected = b.weight as f64 / total_weight as f64;
-        assert!((share - expected).abs() <= 0.10, "be{}: share {share:.3}, weight share {expected:.3}", i + 1);
+        assert!(
+            (share - expected).abs() <= 0.10,
+            "be{}: share {share:.3}, weight share {expected:.3}",
+            i + 1
+        );
     }
 
     // The balancer's counters equal the traffic: everything the client sent went to the VIP
     // (ARP is pinned, IPv6 is off), and each connection was one new flow.
     let vip = &status["vips"][0];
-    assert_eq!(vip["stats"]["packets"], sent_packets, "VIP packets vs client tx_packets\n{status:#}");
-    assert_eq!(vip["stats"]["bytes"], sent_bytes, "VIP bytes vs client tx_bytes\n{status:#}");
+    assert_eq!(
+        vip["stats"]["packets"], sent_packets,
+        "VIP packets vs client tx_packets\n{status:#}"
+    );
+    assert_eq!(
+        vip["stats"]["bytes"], sent_bytes,
+        "VIP bytes vs client tx_bytes\n{status:#}"
+    );
     assert_eq!(vip["stats"]["new_flows"], REQUESTS);
     let backends = vip["backends"].as_array().unwrap();
-    let sum = |field: &str| backends.iter().map(|b| b["stats"][field].as_u64().unwrap()).sum::<u64>();
+    let sum = |field: &str| {
+        backends
+            .iter()
+            .map(|b| b["stats"][field].as_u64().unwrap())
+            .sum::<u64>()
+    };
     assert_eq!(sum("packets"), sent_packets);
     assert_eq!(sum("bytes"), sent_bytes);
     for (i, b) in backends.iter().enumerate() {
-        let served = report.per_backend.get(&format!("be{}", i + 1)).copied().unwrap_or(0);
-        assert_eq!(b["stats"]["new_flows"], served, "backend {i} new flows\n{status:#}");
+        let served = report
+            .per_backend
+            .get(&format!("be{}", i + 1))
+            .copied()
+            .unwrap_or(0);
+        assert_eq!(
+            b["stats"]["new_flows"], served,
+            "backend {i} new flows\n{status:#}"
+        );
         assert_eq!(b["state"], "active");
     }
     assert_eq!(status["outcomes"]["forwarded_tx"], sent_packets);
@@ -129,6 +197,13 @@ fn dsr_forwards_every_connection_whole_to_the_predicted_backend() {
     assert!(exit.success(), "balancer exit {exit}:\n{}", balancer.log());
     let link = topology.balancer.ip(&["link", "show", HOST_IF]);
     let link = String::from_utf8_lossy(&link.stdout);
-    assert!(!link.contains("xdp"), "XDP still attached after shutdown: {link}");
-    assert!(balancer.log().contains("detached from eth0"), "{}", balancer.log());
+    assert!(
+        !link.contains("xdp"),
+        "XDP still attached after shutdown: {link}"
+    );
+    assert!(
+        balancer.log().contains("detached from eth0"),
+        "{}",
+        balancer.log()
+    );
 }

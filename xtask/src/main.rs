@@ -1,1 +1,104 @@
-fn main() {}
+//! `cargo xtask <command>`: every developer and CI entry point.
+
+mod cmd;
+mod demo;
+mod setup;
+mod test;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, demo and test the balancer")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the build and tests need (Debian packages, the pinned nightly with
+    /// rust-src, bpf-linker) and mount bpffs; idempotent.
+    Setup,
+    /// Build the balancer (release) and run `balancer run ARGS...`, e.g. on a real NIC:
+    /// `cargo xtask run -- --config /etc/balancer.toml --interface eth0`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build, create a client/balancer/backends namespace topology, run the real balancer
+    /// with config/demo.toml, send HTTP requests through it and print what happened.
+    Demo {
+        /// Number of HTTP requests (one TCP connection each).
+        #[arg(long, default_value_t = 300)]
+        requests: u64,
+    },
+    /// Run every test tier: lint, unit, datapath fixtures (root), network namespaces (root).
+    Test,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Task::Setup => setup::run(),
+        Task::Run { args } => run(&args),
+        Task::Demo { requests } => demo::run(requests),
+        Task::Test => test::run(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+/// A `cargo` command in the workspace, with the cargo bin directory (bpf-linker) first on PATH.
+pub fn cargo() -> Command {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(workspace_root());
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs = vec![setup::cargo_bin()];
+    dirs.extend(std::env::split_paths(&path));
+    command.env("PATH", std::env::join_paths(dirs).expect("valid PATH"));
+    command
+}
+
+/// Builds the `balancer` binary (and with it the XDP object) and returns its path.
+pub fn build_balancer(release: bool) -> Result<PathBuf> {
+    println!(
+        "[build] balancer ({}; the XDP program is always built in release)",
+        if release { "release" } else { "debug" }
+    );
+    let mut command = cargo();
+    command.args(["build", "-p", "balancer-userspace", "--bin", "balancer"]);
+    if release {
+        command.arg("--release");
+    }
+    cmd::run(&mut command)?;
+    Ok(workspace_root()
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("balancer"))
+}
+
+fn run(args: &[String]) -> Result<()> {
+    setup::run()?;
+    let binary = build_balancer(true)?;
+    let mut command = Command::new(&binary);
+    command.arg("run").args(args);
+    cmd::run(&mut command)
+}

@@ -1,0 +1,160 @@
+//! `cargo xtask test`: every tier, in order, with a summary. A tier that needs root and cannot
+//! have it is reported as NOT RUN and makes the whole command fail: nothing passes by being
+//! skipped.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+
+use crate::{build_balancer, cargo, cmd, setup};
+
+enum Verdict {
+    Passed,
+    Failed(String),
+    NotRun(&'static str),
+}
+
+struct Tier {
+    name: &'static str,
+    verdict: Verdict,
+    took: Duration,
+}
+
+fn tier(name: &'static str, f: impl FnOnce() -> Result<()>) -> Tier {
+    println!("\n==== tier: {name}");
+    let started = Instant::now();
+    let verdict = match f() {
+        Ok(()) => Verdict::Passed,
+        Err(e) => Verdict::Failed(format!("{e:#}")),
+    };
+    Tier {
+        name,
+        verdict,
+        took: started.elapsed(),
+    }
+}
+
+fn cargo_step(args: &[&str]) -> Result<()> {
+    cmd::run(cargo().args(args))
+}
+
+pub fn run() -> Result<()> {
+    let started = Instant::now();
+    setup::run()?;
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let toolchain = setup::pinned_toolchain()?;
+    let mut tiers = Vec::new();
+
+    tiers.push(tier(
+        "lint (rustfmt, clippy on the userspace and the XDP program)",
+        || {
+            cargo_step(&["fmt", "--all", "--", "--check"])?;
+            cargo_step(&[
+                "clippy",
+                "-p",
+                "balancer-common",
+                "-p",
+                "balancer-userspace",
+                "-p",
+                "balancer-tests",
+                "-p",
+                "xtask",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ])?;
+            cmd::run(
+                cargo()
+                    .env("RUSTUP_TOOLCHAIN", &toolchain)
+                    .args([
+                        "clippy",
+                        "-p",
+                        "balancer-ebpf",
+                        "--target",
+                        "bpfel-unknown-none",
+                        "-Z",
+                        "build-std=core",
+                    ])
+                    .args(["--target-dir", "target/ebpf-clippy", "--", "-D", "warnings"]),
+            )
+        },
+    ));
+
+    tiers.push(tier("unit (config, Maglev, reconciler, hash)", || {
+        cargo_step(&[
+            "test",
+            "-p",
+            "balancer-common",
+            "-p",
+            "balancer-userspace",
+            "-p",
+            "xtask",
+        ])
+    }));
+
+    let binary = build_balancer(false);
+    if let Ok(binary) = &binary {
+        // The network-namespace tests run this exact binary.
+        std::env::set_var("BALANCER_BIN", binary);
+    }
+    let root_tier = |name: &'static str, test: &'static str| {
+        if !root {
+            println!("\n==== tier: {name}\n!!!! NOT RUN: needs root (XDP, BPF maps, network namespaces). Run `sudo cargo xtask test`.");
+            return Tier {
+                name,
+                verdict: Verdict::NotRun("needs root"),
+                took: Duration::ZERO,
+            };
+        }
+        tier(name, || {
+            if let Err(e) = &binary {
+                bail!("the balancer binary did not build: {e:#}");
+            }
+            cargo_step(&[
+                "test",
+                "-p",
+                "balancer-tests",
+                "--test",
+                test,
+                "--",
+                "--nocapture",
+            ])
+        })
+    };
+    tiers.push(root_tier(
+        "datapath fixtures (BPF_PROG_TEST_RUN on the real object)",
+        "datapath",
+    ));
+    tiers.push(root_tier(
+        "network namespaces (real balancer, servers, clients)",
+        "dsr_end_to_end",
+    ));
+
+    println!("\n==== summary");
+    let mut ok = true;
+    for t in &tiers {
+        let (mark, detail) = match &t.verdict {
+            Verdict::Passed => ("PASSED ", String::new()),
+            Verdict::Failed(e) => {
+                ok = false;
+                ("FAILED ", format!(": {e}"))
+            }
+            Verdict::NotRun(why) => {
+                ok = false;
+                ("NOT RUN", format!(": {why}"))
+            }
+        };
+        println!(
+            "  {mark} {:>6.1}s  {}{detail}",
+            t.took.as_secs_f64(),
+            t.name
+        );
+    }
+    println!("  total {:.1}s", started.elapsed().as_secs_f64());
+    if !ok {
+        bail!("not every tier passed");
+    }
+    Ok(())
+}
