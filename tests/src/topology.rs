@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{netns::Netns, process::BalancerProcess};
+use crate::{http::HttpServer, netns::Netns, process::BalancerProcess};
 
 pub const SUBNET_PREFIX: u8 = 24;
 pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
@@ -129,6 +129,17 @@ impl DsrTopology {
             backends: backend_ns,
             switch,
         }
+    }
+
+    /// Starts an HTTP server on VIP:80 in every backend; `name(i)` is what backend `i`
+    /// puts in its responses.
+    pub fn start_http_servers(&self, name: impl Fn(usize) -> String) -> Vec<HttpServer> {
+        let listen = std::net::SocketAddrV4::new(VIP_ADDR, 80).into();
+        self.backends
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| HttpServer::start(ns, &name(i), listen))
+            .collect()
     }
 
     /// The MAC address of a host's `eth0`.

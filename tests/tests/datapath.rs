@@ -7,7 +7,7 @@
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::Path,
 };
 
@@ -397,17 +397,71 @@ enum Expect {
 }
 
 type Prepare = fn(&mut World, &Pkt);
+type Expectation = Box<dyn Fn(&World, &Pkt) -> Expect>;
 
 struct Fixture {
     case: &'static str,
     packet: Pkt,
     /// Raw bytes instead of `packet` (malformed input).
     raw: Option<fn() -> Vec<u8>>,
+    /// State to set up before the packet is sent.
     prepare: Prepare,
-    expect: fn(&World, &Pkt) -> Expect,
+    expect: Expectation,
 }
 
-fn nothing(_: &mut World, _: &Pkt) {}
+fn fixture(case: &'static str, packet: Pkt, expect: Expectation) -> Fixture {
+    Fixture {
+        case,
+        packet,
+        raw: None,
+        prepare: |_, _| {},
+        expect,
+    }
+}
+
+impl Fixture {
+    fn raw(self, raw: fn() -> Vec<u8>) -> Fixture {
+        Fixture {
+            raw: Some(raw),
+            ..self
+        }
+    }
+    fn prepare(self, prepare: Prepare) -> Fixture {
+        Fixture { prepare, ..self }
+    }
+}
+
+fn passed(outcome: Outcome) -> Expectation {
+    Box::new(move |_, _| Expect::Passed(outcome))
+}
+
+fn dropped(outcome: Outcome) -> Expectation {
+    Box::new(move |_, _| Expect::Dropped(outcome))
+}
+
+/// Forwarded with XDP_TX to a fixed backend, as a new flow.
+fn to(vip: &'static str, backend: [u8; 4]) -> Expectation {
+    Box::new(move |_, _| Expect::Forwarded {
+        vip,
+        backend,
+        new_flow: true,
+        redirect: false,
+    })
+}
+
+/// Forwarded with XDP_TX to whatever `choose` says, computed when the packet is sent.
+fn to_computed(
+    vip: &'static str,
+    new_flow: bool,
+    choose: fn(&World, &Pkt) -> [u8; 4],
+) -> Expectation {
+    Box::new(move |w, p| Expect::Forwarded {
+        vip,
+        backend: choose(w, p),
+        new_flow,
+        redirect: false,
+    })
+}
 
 const WEB: [u8; 4] = [10, 100, 0, 1];
 const V2: [u8; 4] = [10, 100, 0, 2];
@@ -419,371 +473,282 @@ fn truncated(packet: Pkt, len: usize) -> Vec<u8> {
     bytes
 }
 
+/// The Maglev table's choice for the packet's flow in "web".
+fn web_choice(w: &World, p: &Pkt) -> [u8; 4] {
+    w.table_choice("web", &p.flow())
+}
+
+/// The backend a `prepare` step saw the flow on first.
+fn first_seen(_: &World, _: &Pkt) -> [u8; 4] {
+    FIRST.with(|f| f.get())
+}
+
 fn fixtures() -> Vec<Fixture> {
+    // Any packet will do where `raw` replaces it.
+    let unused = tcp(V2, 1, 443);
     vec![
-        Fixture {
-            case:
-                "TCP SYN of a new flow to a one-backend VIP goes to that backend and is remembered",
-            packet: tcp(V2, 40000, 443),
-            raw: None,
-            prepare: nothing,
-            expect: |_, _| Expect::Forwarded {
-                vip: "tls",
-                backend: [10, 0, 0, 21],
-                new_flow: true,
-                redirect: false,
-            },
-        },
-        Fixture {
-            case: "TCP SYN of a new flow lands on the backend the weighted Maglev table names",
-            packet: tcp(WEB, 40001, 80),
-            raw: None,
-            prepare: nothing,
-            expect: |w, p| Expect::Forwarded {
-                vip: "web",
-                backend: w.table_choice("web", &p.flow()),
-                new_flow: true,
-                redirect: false,
-            },
-        },
-        Fixture {
-            case: "TCP established packet with payload follows the connection table, not the hash",
-            packet: tcp(WEB, 40002, 80).ack(),
-            raw: None,
-            prepare: |w, p| {
-                let other = other_backend(w.table_choice("web", &p.flow()));
-                w.remember("web", &p.flow(), other);
-            },
-            expect: |w, p| Expect::Forwarded {
-                vip: "web",
-                backend: other_backend(w.table_choice("web", &p.flow())),
-                new_flow: false,
-                redirect: false,
-            },
-        },
-        Fixture {
-            case: "UDP datagram to a VIP is forwarded",
-            packet: udp(V2, 5353, 53),
-            raw: None,
-            prepare: nothing,
-            expect: |_, _| Expect::Forwarded {
-                vip: "dns",
-                backend: [10, 0, 0, 22],
-                new_flow: true,
-                redirect: false,
-            },
-        },
-        Fixture {
-            case: "UDP to any port of an any-port VIP is forwarded",
-            packet: udp(ANY, 5353, 31337),
-            raw: None,
-            prepare: nothing,
-            expect: |_, _| Expect::Forwarded {
-                vip: "anyport",
-                backend: [10, 0, 0, 31],
-                new_flow: true,
-                redirect: false,
-            },
-        },
-        Fixture {
-            case: "TCP to an any-port UDP VIP's address is not for a VIP: passed untouched",
-            packet: tcp(ANY, 40003, 80),
-            raw: None,
-            prepare: nothing,
-            expect: |_, _| Expect::Passed(Outcome::NotVip),
-        },
-        Fixture {
-            case: "TCP to a VIP address on an unconfigured port is passed untouched",
-            packet: tcp(WEB, 40004, 81),
-            raw: None,
-            prepare: nothing,
-            expect: |_, _| Expect::Passed(Outcome::NotVip),
-        },
-        Fixture {
-            case: "TCP to an address that is no VIP is passed untouched",
-            packet: tcp([10, 100, 0, 99], 40005, 80),
-            raw: None,
-            prepare: nothing,
-            expect: |_, _| Expect::Passed(Outcome::NotVip),
-        },
-        Fixture {
-            case: "ARP request is passed untouched",
-            packet: tcp(WEB, 0, 0),
-            raw: Some(|| {
-                let mut f = vec![0xff; 6];
-                f.extend_from_slice(&CLIENT_MAC);
-                f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0x00, 6, 4, 0, 1]);
-                f.extend_from_slice(&CLIENT_MAC);
-                f.extend_from_slice(&CLIENT);
-                f.extend_from_slice(&[0; 6]);
-                f.extend_from_slice(&WEB);
-                f.resize(60, 0);
-                f
-            }),
-            prepare: nothing,
-            expect: |_, _| Expect::Passed(Outcome::NotIp),
-        },
-        Fixture {
-            case: "IPv6 is passed untouched (not supported yet)",
-            packet: tcp(WEB, 0, 0),
-            raw: Some(|| {
-                let mut f = Vec::new();
-                PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
-                    .ipv6(
-                        [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
-                        [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
-                        64,
-                    )
-                    .tcp(1, 80, 0, 100)
-                    .syn()
-                    .write(&mut f, &[])
-                    .unwrap();
-                f
-            }),
-            prepare: nothing,
-            expect: |_, _| Expect::Passed(Outcome::Ipv6),
-        },
-        Fixture {
-            case: "802.1Q-tagged TCP SYN to a VIP is forwarded with its tag",
-            packet: tcp(V2, 40006, 443).vlan(42),
-            raw: None,
-            prepare: nothing,
-            expect: |_, _| Expect::Forwarded {
-                vip: "tls",
-                backend: [10, 0, 0, 21],
-                new_flow: true,
-                redirect: false,
-            },
-        },
-        Fixture {
-            case: "IPv4 with options (IHL 8) to a VIP is forwarded, options kept",
-            packet: tcp(V2, 40007, 443).with_options(),
-            raw: None,
-            prepare: nothing,
-            expect: |_, _| Expect::Forwarded {
-                vip: "tls",
-                backend: [10, 0, 0, 21],
-                new_flow: true,
-                redirect: false,
-            },
-        },
-        Fixture {
-            case: "802.1Q-tagged UDP with IPv4 options to a VIP is forwarded",
-            packet: udp(V2, 5354, 53).vlan(7).with_options(),
-            raw: None,
-            prepare: nothing,
-            expect: |_, _| Expect::Forwarded {
-                vip: "dns",
-                backend: [10, 0, 0, 22],
-                new_flow: true,
-                redirect: false,
-            },
-        },
+        fixture(
+            "TCP SYN of a new flow to a one-backend VIP goes to that backend and is remembered",
+            tcp(V2, 40000, 443),
+            to("tls", [10, 0, 0, 21]),
+        ),
+        fixture(
+            "TCP SYN of a new flow lands on the backend the weighted Maglev table names",
+            tcp(WEB, 40001, 80),
+            to_computed("web", true, web_choice),
+        ),
+        fixture(
+            "TCP established packet with payload follows the connection table, not the hash",
+            tcp(WEB, 40002, 80).ack(),
+            to_computed("web", false, |w, p| other_backend(web_choice(w, p))),
+        )
+        .prepare(|w, p| {
+            let other = other_backend(web_choice(w, p));
+            w.remember("web", &p.flow(), other);
+        }),
+        fixture(
+            "UDP datagram to a VIP is forwarded",
+            udp(V2, 5353, 53),
+            to("dns", [10, 0, 0, 22]),
+        ),
+        fixture(
+            "UDP to any port of an any-port VIP is forwarded",
+            udp(ANY, 5353, 31337),
+            to("anyport", [10, 0, 0, 31]),
+        ),
+        fixture(
+            "TCP to an any-port UDP VIP's address is not for a VIP: passed untouched",
+            tcp(ANY, 40003, 80),
+            passed(Outcome::NotVip),
+        ),
+        fixture(
+            "TCP to a VIP address on an unconfigured port is passed untouched",
+            tcp(WEB, 40004, 81),
+            passed(Outcome::NotVip),
+        ),
+        fixture(
+            "TCP to an address that is no VIP is passed untouched",
+            tcp([10, 100, 0, 99], 40005, 80),
+            passed(Outcome::NotVip),
+        ),
+        fixture(
+            "ARP request is passed untouched",
+            unused,
+            passed(Outcome::NotIp),
+        )
+        .raw(|| {
+            let mut f = vec![0xff; 6];
+            f.extend_from_slice(&CLIENT_MAC);
+            f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0x00, 6, 4, 0, 1]);
+            f.extend_from_slice(&CLIENT_MAC);
+            f.extend_from_slice(&CLIENT);
+            f.extend_from_slice(&[0; 6]);
+            f.extend_from_slice(&WEB);
+            f.resize(60, 0);
+            f
+        }),
+        fixture(
+            "IPv6 is passed untouched (not supported yet)",
+            unused,
+            passed(Outcome::Ipv6),
+        )
+        .raw(|| {
+            let (a, b) = (
+                Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1),
+                Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2),
+            );
+            let mut f = Vec::new();
+            PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+                .ipv6(a.octets(), b.octets(), 64)
+                .tcp(1, 80, 0, 100)
+                .syn()
+                .write(&mut f, &[])
+                .unwrap();
+            f
+        }),
+        fixture(
+            "802.1Q-tagged TCP SYN to a VIP is forwarded with its tag",
+            tcp(V2, 40006, 443).vlan(42),
+            to("tls", [10, 0, 0, 21]),
+        ),
+        fixture(
+            "IPv4 with options (IHL 8) to a VIP is forwarded, options kept",
+            tcp(V2, 40007, 443).with_options(),
+            to("tls", [10, 0, 0, 21]),
+        ),
+        fixture(
+            "802.1Q-tagged UDP with IPv4 options to a VIP is forwarded",
+            udp(V2, 5354, 53).vlan(7).with_options(),
+            to("dns", [10, 0, 0, 22]),
+        ),
         // A frame cut inside the Ethernet header cannot be a fixture: BPF_PROG_TEST_RUN
         // refuses inputs shorter than 14 bytes (EINVAL). The program checks for it anyway
         // (Outcome::TruncatedEthernet).
-        Fixture {
-            case: "frame cut inside the 802.1Q tag is passed",
-            packet: tcp(V2, 1, 443),
-            raw: Some(|| truncated(tcp(V2, 1, 443).vlan(5), 16)),
-            prepare: nothing,
-            expect: |_, _| Expect::Passed(Outcome::TruncatedVlan),
-        },
-        Fixture {
-            case: "frame cut at the Ethernet/IPv4 boundary (14 bytes) is passed",
-            packet: tcp(V2, 1, 443),
-            raw: Some(|| truncated(tcp(V2, 1, 443), 14)),
-            prepare: nothing,
-            expect: |_, _| Expect::Passed(Outcome::TruncatedIpv4),
-        },
-        Fixture {
-            case: "frame cut inside the fixed IPv4 header is passed",
-            packet: tcp(V2, 1, 443),
-            raw: Some(|| truncated(tcp(V2, 1, 443), 14 + 12)),
-            prepare: nothing,
-            expect: |_, _| Expect::Passed(Outcome::TruncatedIpv4),
-        },
-        Fixture {
-            case: "frame cut inside the IPv4 options is passed",
-            packet: tcp(V2, 1, 443),
-            raw: Some(|| truncated(tcp(V2, 1, 443).with_options(), 14 + 24)),
-            prepare: nothing,
-            expect: |_, _| Expect::Passed(Outcome::TruncatedIpv4),
-        },
-        Fixture {
-            case: "frame cut at the IPv4/TCP boundary is passed",
-            packet: tcp(V2, 1, 443),
-            raw: Some(|| truncated(tcp(V2, 1, 443), 14 + 20)),
-            prepare: nothing,
-            expect: |_, _| Expect::Passed(Outcome::TruncatedL4),
-        },
-        Fixture {
-            case: "frame cut inside the TCP header (ports present, 19 of 20 bytes) is passed",
-            packet: tcp(V2, 1, 443),
-            raw: Some(|| truncated(tcp(V2, 1, 443), 14 + 20 + 19)),
-            prepare: nothing,
-            expect: |_, _| Expect::Passed(Outcome::TruncatedL4),
-        },
-        Fixture {
-            case: "frame cut inside the UDP header is passed",
-            packet: tcp(V2, 1, 443),
-            raw: Some(|| truncated(udp(V2, 1, 53), 14 + 20 + 7)),
-            prepare: nothing,
-            expect: |_, _| Expect::Passed(Outcome::TruncatedL4),
-        },
-        Fixture {
-            case: "IPv4 header length 4 (16 bytes, below the minimum) is passed",
-            packet: tcp(V2, 1, 443),
-            raw: Some(|| {
-                let mut f = tcp(V2, 1, 443).bytes();
-                f[14] = 0x44;
-                f
-            }),
-            prepare: nothing,
-            expect: |_, _| Expect::Passed(Outcome::BadIpv4Header),
-        },
-        Fixture {
-            case: "version 6 in an IPv4 EtherType frame is passed",
-            packet: tcp(V2, 1, 443),
-            raw: Some(|| {
-                let mut f = tcp(V2, 1, 443).bytes();
-                f[14] = 0x65;
-                f
-            }),
-            prepare: nothing,
-            expect: |_, _| Expect::Passed(Outcome::BadIpv4Header),
-        },
-        Fixture {
-            case: "IPv4 fragment (more-fragments set) to a VIP is passed",
-            packet: tcp(V2, 1, 443),
-            raw: Some(|| {
-                let mut f = udp(V2, 1, 53).bytes();
-                f[14 + 6] |= 0x20;
-                f
-            }),
-            prepare: nothing,
-            expect: |_, _| Expect::Passed(Outcome::Fragment),
-        },
-        Fixture {
-            case: "ICMP echo to a VIP address is passed",
-            packet: tcp(V2, 1, 443),
-            raw: Some(|| {
-                let mut f = Vec::new();
-                PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
-                    .ipv4(CLIENT, V2, 64)
-                    .icmpv4_echo_request(1, 1)
-                    .write(&mut f, b"ping")
-                    .unwrap();
-                f
-            }),
-            prepare: nothing,
-            expect: |_, _| Expect::Passed(Outcome::NotTcpUdp),
-        },
-        Fixture {
-            case: "a VIP whose only backend has no next hop drops with no_backend",
-            packet: tcp([10, 100, 0, 5], 40008, 80),
-            raw: None,
-            prepare: nothing,
-            expect: |_, _| Expect::Dropped(Outcome::NoBackend),
-        },
-        Fixture {
-            case: "a backend behind another interface is reached with XDP_REDIRECT",
-            packet: tcp([10, 100, 0, 4], 40009, 80),
-            raw: None,
-            prepare: nothing,
-            expect: |_, _| Expect::Forwarded {
+        fixture(
+            "frame cut inside the 802.1Q tag is passed",
+            unused,
+            passed(Outcome::TruncatedVlan),
+        )
+        .raw(|| truncated(tcp(V2, 1, 443).vlan(5), 16)),
+        fixture(
+            "frame cut at the Ethernet/IPv4 boundary (14 bytes) is passed",
+            unused,
+            passed(Outcome::TruncatedIpv4),
+        )
+        .raw(|| truncated(tcp(V2, 1, 443), 14)),
+        fixture(
+            "frame cut inside the fixed IPv4 header is passed",
+            unused,
+            passed(Outcome::TruncatedIpv4),
+        )
+        .raw(|| truncated(tcp(V2, 1, 443), 14 + 12)),
+        fixture(
+            "frame cut inside the IPv4 options is passed",
+            unused,
+            passed(Outcome::TruncatedIpv4),
+        )
+        .raw(|| truncated(tcp(V2, 1, 443).with_options(), 14 + 24)),
+        fixture(
+            "frame cut at the IPv4/TCP boundary is passed",
+            unused,
+            passed(Outcome::TruncatedL4),
+        )
+        .raw(|| truncated(tcp(V2, 1, 443), 14 + 20)),
+        fixture(
+            "frame cut inside the TCP header (ports present, 19 of 20 bytes) is passed",
+            unused,
+            passed(Outcome::TruncatedL4),
+        )
+        .raw(|| truncated(tcp(V2, 1, 443), 14 + 20 + 19)),
+        fixture(
+            "frame cut inside the UDP header is passed",
+            unused,
+            passed(Outcome::TruncatedL4),
+        )
+        .raw(|| truncated(udp(V2, 1, 53), 14 + 20 + 7)),
+        fixture(
+            "IPv4 header length 4 (16 bytes, below the minimum) is passed",
+            unused,
+            passed(Outcome::BadIpv4Header),
+        )
+        .raw(|| {
+            let mut f = tcp(V2, 1, 443).bytes();
+            f[14] = 0x44;
+            f
+        }),
+        fixture(
+            "version 6 in an IPv4 EtherType frame is passed",
+            unused,
+            passed(Outcome::BadIpv4Header),
+        )
+        .raw(|| {
+            let mut f = tcp(V2, 1, 443).bytes();
+            f[14] = 0x65;
+            f
+        }),
+        fixture(
+            "IPv4 fragment (more-fragments set) to a VIP is passed",
+            unused,
+            passed(Outcome::Fragment),
+        )
+        .raw(|| {
+            let mut f = udp(V2, 1, 53).bytes();
+            f[14 + 6] |= 0x20;
+            f
+        }),
+        fixture(
+            "ICMP echo to a VIP address is passed",
+            unused,
+            passed(Outcome::NotTcpUdp),
+        )
+        .raw(|| {
+            let mut f = Vec::new();
+            PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+                .ipv4(CLIENT, V2, 64)
+                .icmpv4_echo_request(1, 1)
+                .write(&mut f, b"ping")
+                .unwrap();
+            f
+        }),
+        fixture(
+            "a VIP whose only backend has no next hop drops with no_backend",
+            tcp([10, 100, 0, 5], 40008, 80),
+            dropped(Outcome::NoBackend),
+        ),
+        fixture(
+            "a backend behind another interface is reached with XDP_REDIRECT",
+            tcp([10, 100, 0, 4], 40009, 80),
+            Box::new(|_, _| Expect::Forwarded {
                 vip: "remote",
                 backend: [10, 0, 0, 41],
                 new_flow: true,
                 redirect: true,
-            },
-        },
-        Fixture {
-            case: "a remembered flow keeps its backend after the table changes under it",
-            packet: tcp(WEB, 40010, 80).ack(),
-            raw: None,
-            prepare: |w, p| {
-                // The SYN places the flow; then weights change until the table names another
-                // backend for it.
-                let first = w.table_choice("web", &p.flow());
-                assert_eq!(w.run(&tcp(WEB, p.sport, 80).bytes()).0, xdp_action::TX);
-                assert_eq!(w.conn(&p.flow()), Some(w.backend_id("web", first)));
-                for heavy in 1..=50u32 {
-                    w.set_config(|c| {
-                        c.replace(
-                            "\"10.0.0.13\", weight = 2",
-                            &format!("\"10.0.0.13\", weight = {}", 2 + heavy * 20),
-                        )
-                        .replace(
-                            "\"10.0.0.11\", weight = 1",
-                            &format!("\"10.0.0.11\", weight = {}", 1 + heavy),
-                        )
-                    });
-                    if w.table_choice("web", &p.flow()) != first {
-                        break;
-                    }
-                }
-                assert_ne!(
-                    w.table_choice("web", &p.flow()),
-                    first,
-                    "no weight change moved the flow's slot"
-                );
-                FIRST.with(|f| f.set(first));
-            },
-            expect: |_, _| Expect::Forwarded {
-                vip: "web",
-                backend: FIRST.with(|f| f.get()),
-                new_flow: false,
-                redirect: false,
-            },
-        },
-        Fixture {
-            case: "a remembered flow whose backend went down is re-selected from the table",
-            packet: tcp(WEB, 40011, 80).ack(),
-            raw: None,
-            prepare: |w, p| {
-                let first = w.table_choice("web", &p.flow());
-                w.remember("web", &p.flow(), first);
-                w.health
-                    .insert(("web".into(), IpAddr::from(first)), Health::Down);
-                w.apply();
-                assert_ne!(w.table_choice("web", &p.flow()), first);
-            },
-            expect: |w, p| Expect::Forwarded {
-                vip: "web",
-                backend: w.table_choice("web", &p.flow()),
-                new_flow: true,
-                redirect: false,
-            },
-        },
-        Fixture {
-            case: "a remembered flow keeps its draining backend",
-            packet: tcp(WEB, 40012, 80).ack(),
-            raw: None,
-            prepare: |w, p| {
-                let first = w.table_choice("web", &p.flow());
-                w.remember("web", &p.flow(), first);
-                let address = Ipv4Addr::from(first).to_string();
+            }),
+        ),
+        fixture(
+            "a remembered flow keeps its backend after the table changes under it",
+            tcp(WEB, 40010, 80).ack(),
+            to_computed("web", false, first_seen),
+        )
+        .prepare(|w, p| {
+            // The SYN places the flow; then weights change until the table names another
+            // backend for it.
+            let first = web_choice(w, p);
+            assert_eq!(w.run(&tcp(WEB, p.sport, 80).bytes()).0, xdp_action::TX);
+            assert_eq!(w.conn(&p.flow()), Some(w.backend_id("web", first)));
+            for heavy in 1..=50u32 {
                 w.set_config(|c| {
                     c.replace(
-                        &format!("\"{address}\", weight"),
-                        &format!("\"{address}\", drain = true, weight"),
+                        "\"10.0.0.13\", weight = 2",
+                        &format!("\"10.0.0.13\", weight = {}", 2 + heavy * 20),
+                    )
+                    .replace(
+                        "\"10.0.0.11\", weight = 1",
+                        &format!("\"10.0.0.11\", weight = {}", 1 + heavy),
                     )
                 });
-                assert_ne!(
-                    w.table_choice("web", &p.flow()),
-                    first,
-                    "draining backends own no slots"
-                );
-                FIRST.with(|f| f.set(first));
-            },
-            expect: |_, _| Expect::Forwarded {
-                vip: "web",
-                backend: FIRST.with(|f| f.get()),
-                new_flow: false,
-                redirect: false,
-            },
-        },
+                if web_choice(w, p) != first {
+                    break;
+                }
+            }
+            assert_ne!(
+                web_choice(w, p),
+                first,
+                "no weight change moved the flow's slot"
+            );
+            FIRST.with(|f| f.set(first));
+        }),
+        fixture(
+            "a remembered flow whose backend went down is re-selected from the table",
+            tcp(WEB, 40011, 80).ack(),
+            to_computed("web", true, web_choice),
+        )
+        .prepare(|w, p| {
+            let first = web_choice(w, p);
+            w.remember("web", &p.flow(), first);
+            w.health
+                .insert(("web".into(), IpAddr::from(first)), Health::Down);
+            w.apply();
+            assert_ne!(web_choice(w, p), first);
+        }),
+        fixture(
+            "a remembered flow keeps its draining backend",
+            tcp(WEB, 40012, 80).ack(),
+            to_computed("web", false, first_seen),
+        )
+        .prepare(|w, p| {
+            let first = web_choice(w, p);
+            w.remember("web", &p.flow(), first);
+            let address = Ipv4Addr::from(first).to_string();
+            w.set_config(|c| {
+                c.replace(
+                    &format!("\"{address}\", weight"),
+                    &format!("\"{address}\", drain = true, weight"),
+                )
+            });
+            assert_ne!(web_choice(w, p), first, "draining backends own no slots");
+            FIRST.with(|f| f.set(first));
+        }),
     ]
 }
 

@@ -13,7 +13,7 @@ use balancer::{
 };
 use balancer_common::{hash::flow_hash, FlowKey, FAMILY_IPV4, NO_BACKEND, PROTO_TCP};
 use balancer_tests::{
-    http::{get_json, run_requests, HttpServer},
+    http::{get_json, run_requests},
     netns::{remove_stale, require_root},
     process::{workspace_root, BalancerProcess},
     topology::{backend_addr, DsrTopology, CLIENT_ADDR, HOST_IF, VIP_ADDR},
@@ -67,18 +67,7 @@ fn dsr_forwards_every_connection_whole_to_the_predicted_backend() {
     remove_stale("lbt-");
     let prefix = format!("lbt-{}-dsr-", std::process::id());
     let topology = DsrTopology::create(&prefix, 3);
-    let servers: Vec<HttpServer> = topology
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, ns)| {
-            HttpServer::start(
-                ns,
-                &format!("be{}", i + 1),
-                SocketAddrV4::new(VIP_ADDR, 80).into(),
-            )
-        })
-        .collect();
+    let servers = topology.start_http_servers(|i| format!("be{}", i + 1));
     topology.pin_arp();
 
     let config_path = workspace_root().join("config/demo.toml");

@@ -69,18 +69,7 @@ pub fn run(requests: u64) -> Result<()> {
     ));
     let topology = DsrTopology::create(&prefix, BACKENDS);
     interrupted()?;
-    let servers: Vec<HttpServer> = topology
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, ns)| {
-            HttpServer::start(
-                ns,
-                &backend_addr(i).to_string(),
-                SocketAddrV4::new(VIP_ADDR, 80).into(),
-            )
-        })
-        .collect();
+    let servers = topology.start_http_servers(|i| backend_addr(i).to_string());
     say(&format!(
         "HTTP servers listening on {VIP_ADDR}:80 in each of the {BACKENDS} backends"
     ));

@@ -68,7 +68,19 @@ pub fn workspace_root() -> PathBuf {
 
 /// A `cargo` command in the workspace, with the cargo bin directory (bpf-linker) first on PATH.
 pub fn cargo() -> Command {
-    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    with_path(Command::new(
+        std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()),
+    ))
+}
+
+/// `cargo` of another toolchain (`rustup run TOOLCHAIN cargo`), set up like [`cargo`].
+pub fn cargo_of(toolchain: &str) -> Command {
+    let mut command = Command::new("rustup");
+    command.args(["run", toolchain, "cargo"]);
+    with_path(command)
+}
+
+fn with_path(mut command: Command) -> Command {
     command.current_dir(workspace_root());
     let path = std::env::var_os("PATH").unwrap_or_default();
     let mut dirs = vec![setup::cargo_bin()];

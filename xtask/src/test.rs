@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 
-use crate::{build_balancer, cargo, cmd, setup};
+use crate::{build_balancer, cargo, cargo_of, cmd, setup};
 
 enum Verdict {
     Passed,
@@ -66,8 +66,7 @@ pub fn run() -> Result<()> {
                 "warnings",
             ])?;
             cmd::run(
-                cargo()
-                    .env("RUSTUP_TOOLCHAIN", &toolchain)
+                cargo_of(&toolchain)
                     .args([
                         "clippy",
                         "-p",
