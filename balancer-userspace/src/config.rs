@@ -124,14 +124,28 @@ impl BackendConfig {
     }
 }
 
-/// A config error with its position.
+/// A config error with its position (line 0 when the file could not be read at all).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}:{line}:{column}: {message}", file.display())]
 pub struct ConfigError {
     pub file: PathBuf,
     pub line: usize,
     pub column: usize,
     pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            0 => write!(f, "{}: {}", self.file.display(), self.message),
+            line => write!(
+                f,
+                "{}:{line}:{}: {}",
+                self.file.display(),
+                self.column,
+                self.message
+            ),
+        }
+    }
 }
 
 /// Reads and validates a config file.

@@ -91,6 +91,22 @@ impl BalancerProcess {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// Waits for the process to exit by itself, panicking with the log after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "balancer still running after {timeout:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGTERM, then waits up to 10 s (SIGKILL after that).
     pub fn stop(&mut self) -> ExitStatus {
         // SAFETY: signalling our own child.

@@ -98,7 +98,7 @@ pub fn run() -> Result<()> {
         // The network-namespace tests run this exact binary.
         std::env::set_var("BALANCER_BIN", binary);
     }
-    let root_tier = |name: &'static str, test: &'static str| {
+    let root_tier = |name: &'static str, tests: &[&'static str]| {
         if !root {
             println!("\n==== tier: {name}\n!!!! NOT RUN: needs root (XDP, BPF maps, network namespaces). Run `sudo cargo xtask test`.");
             return Tier {
@@ -111,24 +111,21 @@ pub fn run() -> Result<()> {
             if let Err(e) = &binary {
                 bail!("the balancer binary did not build: {e:#}");
             }
-            cargo_step(&[
-                "test",
-                "-p",
-                "balancer-tests",
-                "--test",
-                test,
-                "--",
-                "--nocapture",
-            ])
+            let mut args = vec!["test", "-p", "balancer-tests"];
+            for test in tests {
+                args.extend(["--test", test]);
+            }
+            args.extend(["--", "--nocapture"]);
+            cargo_step(&args)
         })
     };
     tiers.push(root_tier(
         "datapath fixtures (BPF_PROG_TEST_RUN on the real object)",
-        "datapath",
+        &["datapath"],
     ));
     tiers.push(root_tier(
         "network namespaces (real balancer, servers, clients)",
-        "dsr_end_to_end",
+        &["dsr_end_to_end", "attach_modes"],
     ));
 
     println!("\n==== summary");

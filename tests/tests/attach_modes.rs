@@ -1,0 +1,131 @@
+//! Attach modes of the real binary: `auto` falls back to generic mode with a logged reason
+//! where native XDP is refused (the loopback device has no native XDP), `native` refuses to
+//! fall back, and a bad config or a missing interface is a clear error that attaches nothing.
+
+use std::time::Duration;
+
+use balancer_tests::{
+    http::get_json,
+    netns::{remove_stale, require_root, Netns},
+    process::BalancerProcess,
+};
+
+fn config(dir: &std::path::Path, name: &str, mode: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(
+        &path,
+        format!("[balancer]\ninterface = \"lo\"\nxdp_mode = \"{mode}\"\nmetrics_listen = \"127.0.0.1:9100\"\n"),
+    )
+    .unwrap();
+    path
+}
+
+fn xdp_on_lo(ns: &Netns) -> String {
+    String::from_utf8_lossy(&ns.ip(&["link", "show", "lo"]).stdout).into_owned()
+}
+
+#[test]
+fn auto_falls_back_to_generic_and_native_does_not() {
+    require_root("the attach-mode test");
+    remove_stale("lbt-");
+    let prefix = format!("lbt-{}-attach-", std::process::id());
+    let ns = Netns::create(&format!("{prefix}ns"));
+    let dir = std::env::temp_dir();
+
+    // auto on lo: generic, with the reason logged.
+    let auto = config(&dir, &format!("{prefix}auto.toml"), "auto");
+    let log = dir.join(format!("{prefix}auto.log"));
+    let mut balancer =
+        BalancerProcess::start(&ns, &["run", "--config", auto.to_str().unwrap()], &log);
+    let status = balancer.wait_ready(
+        &ns,
+        "127.0.0.1:9100".parse().unwrap(),
+        Duration::from_secs(30),
+    );
+    assert_eq!(status["xdp_mode"], "generic", "{status:#}");
+    assert!(xdp_on_lo(&ns).contains("xdpgeneric"), "{}", xdp_on_lo(&ns));
+    assert!(
+        balancer.log().contains("native XDP refused on lo"),
+        "{}",
+        balancer.log()
+    );
+    assert!(
+        balancer.log().contains("no VIPs configured"),
+        "{}",
+        balancer.log()
+    );
+    // The status API works with no VIPs too.
+    let again = get_json(&ns, "127.0.0.1:9100".parse().unwrap(), "/api/v1/status").unwrap();
+    assert_eq!(again["vips"].as_array().map(Vec::len), Some(0));
+    assert!(balancer.stop().success(), "{}", balancer.log());
+    assert!(
+        !xdp_on_lo(&ns).contains("xdp"),
+        "left attached: {}",
+        xdp_on_lo(&ns)
+    );
+
+    // native on lo: a clear error, nothing attached, non-zero exit.
+    let native = config(&dir, &format!("{prefix}native.toml"), "native");
+    let log = dir.join(format!("{prefix}native.log"));
+    let mut balancer =
+        BalancerProcess::start(&ns, &["run", "--config", native.to_str().unwrap()], &log);
+    let exit = balancer.wait_exit(Duration::from_secs(30));
+    assert!(!exit.success());
+    assert!(
+        balancer.log().contains("attaching to lo in native mode"),
+        "{}",
+        balancer.log()
+    );
+    assert!(
+        !xdp_on_lo(&ns).contains("xdp"),
+        "left attached: {}",
+        xdp_on_lo(&ns)
+    );
+
+    // A missing interface: named in the error.
+    let log = dir.join(format!("{prefix}missing.log"));
+    let mut balancer = BalancerProcess::start(
+        &ns,
+        &[
+            "run",
+            "--config",
+            auto.to_str().unwrap(),
+            "--interface",
+            "nosuch0",
+        ],
+        &log,
+    );
+    assert!(!balancer.wait_exit(Duration::from_secs(30)).success());
+    assert!(balancer.log().contains("nosuch0"), "{}", balancer.log());
+
+    // A bad config: file:line:col, before anything touches the kernel.
+    let bad = dir.join(format!("{prefix}bad.toml"));
+    std::fs::write(
+        &bad,
+        "[balancer]\ninterface = \"lo\"\nxdp_mode = \"turbo\"\n",
+    )
+    .unwrap();
+    let log = dir.join(format!("{prefix}bad.log"));
+    let mut balancer =
+        BalancerProcess::start(&ns, &["run", "--config", bad.to_str().unwrap()], &log);
+    assert!(!balancer.wait_exit(Duration::from_secs(30)).success());
+    assert!(
+        balancer
+            .log()
+            .contains(&format!("{}:3:12: unknown variant `turbo`", bad.display())),
+        "{}",
+        balancer.log()
+    );
+
+    for f in [
+        "auto.toml",
+        "native.toml",
+        "bad.toml",
+        "auto.log",
+        "native.log",
+        "missing.log",
+        "bad.log",
+    ] {
+        let _ = std::fs::remove_file(dir.join(format!("{prefix}{f}")));
+    }
+}
