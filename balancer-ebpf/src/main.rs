@@ -44,7 +44,7 @@ mod programs {
     fn forward(ctx: &XdpContext) -> Result<Outcome, Outcome> {
         let packet = parse::packet(ctx)?;
         let vip = classify::vip(&packet.flow)?;
-        let selected = select::backend(vip, &packet.flow)?;
+        let selected = select::backend(vip, &packet.flow, packet.syn)?;
         let outcome = rewrite::direct_server_return(ctx, &selected)?;
         count::forwarded(vip.vip_id, &selected, packet.len);
         Ok(outcome)

@@ -57,11 +57,18 @@ struct Ports {
     dst: u16,
 }
 
+/// Offset and bits of the TCP flags byte.
+const TCP_FLAGS_OFFSET: usize = 13;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
 /// A packet the balancer may have to forward.
 pub struct Packet {
     pub flow: FlowKey,
     /// Length of the whole frame in bytes.
     pub len: u64,
+    /// A TCP SYN without ACK: the first packet of a new connection.
+    pub syn: bool,
 }
 
 #[inline(always)]
@@ -74,8 +81,8 @@ pub fn packet(ctx: &XdpContext) -> Result<Packet, Outcome> {
     if ether_type != ETH_P_IP {
         return Err(Outcome::NotIp);
     }
-    let flow = ipv4(ctx, l3)?;
-    Ok(Packet { flow, len })
+    let (flow, syn) = ipv4(ctx, l3)?;
+    Ok(Packet { flow, len, syn })
 }
 
 /// Returns the EtherType of the payload and where the payload starts.
@@ -93,7 +100,7 @@ fn ethernet(ctx: &XdpContext) -> Result<(u16, usize), Outcome> {
 }
 
 #[inline(always)]
-fn ipv4(ctx: &XdpContext, l3: usize) -> Result<FlowKey, Outcome> {
+fn ipv4(ctx: &XdpContext, l3: usize) -> Result<(FlowKey, bool), Outcome> {
     let ip = ptr_at::<Ipv4Hdr>(ctx, l3).ok_or(Outcome::TruncatedIpv4)?;
     // SAFETY: ptr_at checked that the fixed header lies inside the packet.
     let ip = unsafe { &*ip };
@@ -133,5 +140,10 @@ fn ipv4(ctx: &XdpContext, l3: usize) -> Result<FlowKey, Outcome> {
     };
     flow.src[..4].copy_from_slice(&ip.src);
     flow.dst[..4].copy_from_slice(&ip.dst);
-    Ok(flow)
+    let syn = ip.proto == PROTO_TCP && {
+        let flags = ptr_at::<u8>(ctx, l4 + TCP_FLAGS_OFFSET).ok_or(Outcome::TruncatedL4)?;
+        // SAFETY: ptr_at checked the bounds.
+        unsafe { *flags & (TCP_SYN | TCP_ACK) == TCP_SYN }
+    };
+    Ok((flow, syn))
 }

@@ -1,7 +1,9 @@
 //! Select: which backend gets this packet.
 //!
 //! 1. The connection table, if it remembers the flow and its backend is still a live, healthy
-//!    backend of this VIP. Draining backends keep their flows here.
+//!    backend of this VIP. Draining backends keep their flows here. A TCP SYN skips this
+//!    step: it starts a new connection, even when its 5-tuple was used before (a client
+//!    reusing a source port must not land on a backend that is draining).
 //! 2. Otherwise the VIP's Maglev table at `hash(flow) % table_size`, and the choice is
 //!    remembered. Down and draining backends are not in the table (the daemon leaves them
 //!    out), so re-selection moves a flow off a down backend.
@@ -39,8 +41,8 @@ impl Selected {
 }
 
 #[inline(always)]
-pub fn backend(vip: &VipMeta, flow: &FlowKey) -> Result<Selected, Outcome> {
-    if let Some(entry) = CONN_TABLE.get_ptr(flow) {
+pub fn backend(vip: &VipMeta, flow: &FlowKey, syn: bool) -> Result<Selected, Outcome> {
+    if let Some(entry) = if syn { None } else { CONN_TABLE.get_ptr(flow) } {
         // SAFETY: the value stays valid for this run of the program (RCU); a concurrent
         // eviction can at worst give a stale id, which is checked below like any other.
         let id = unsafe { (*entry).backend_id };

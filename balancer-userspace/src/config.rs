@@ -4,13 +4,19 @@
 //! wrong. Unknown keys are errors, not warnings: a typo in `drain` must not silently leave a
 //! backend in service.
 
+pub mod diff;
+pub mod health;
+
 use std::{
     collections::{HashMap, HashSet},
     fmt,
     net::{IpAddr, SocketAddr},
     ops::Range,
     path::{Path, PathBuf},
+    time::Duration,
 };
+
+pub use health::{CheckKind, HealthCheck, InitialState};
 
 use balancer_common::{
     DEFAULT_CONN_TABLE_SIZE, DEFAULT_MAGLEV_SIZE, MAGLEV_CAPACITY, MAX_BACKENDS, MAX_VIPS,
@@ -28,6 +34,8 @@ pub const MAX_WEIGHT: u32 = 65_535;
 pub const MIN_CONN_TABLE_SIZE: u32 = 1_024;
 /// Largest accepted connection table (about 2.5 GiB of kernel memory).
 pub const MAX_CONN_TABLE_SIZE: u32 = 1 << 25;
+/// Default time a backend removed from the config keeps its established flows.
+pub const DEFAULT_REMOVAL_GRACE: Duration = Duration::from_secs(300);
 
 /// A validated configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,6 +46,9 @@ pub struct Config {
     pub hash_seed: u32,
     pub conn_table_size: u32,
     pub metrics_listen: SocketAddr,
+    /// How long a backend removed from the config keeps its established flows (it gets no new
+    /// ones); re-adding it within that time keeps them too.
+    pub removal_grace: Duration,
     pub vips: Vec<Vip>,
 }
 
@@ -87,6 +98,18 @@ pub enum Forwarding {
     Nat,
 }
 
+/// What a VIP does when every backend is down.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenAllDown {
+    /// Spread new flows over all of them anyway (a health check that fails everywhere is more
+    /// often wrong than every server at once).
+    #[default]
+    FailOpen,
+    /// Drop the VIP's packets (counted as `no_backend`).
+    Drop,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Vip {
     pub name: String,
@@ -96,6 +119,7 @@ pub struct Vip {
     pub protocol: Protocol,
     pub forwarding: Forwarding,
     pub table_size: u32,
+    pub when_all_down: WhenAllDown,
     pub backends: Vec<BackendConfig>,
 }
 
@@ -115,6 +139,8 @@ pub struct BackendConfig {
     pub address: IpAddr,
     pub weight: u32,
     pub drain: bool,
+    /// The VIP's health check with this backend's overrides.
+    pub health: HealthCheck,
 }
 
 impl BackendConfig {
@@ -208,6 +234,7 @@ struct RawBalancer {
     hash_seed: Option<HashSeed>,
     conn_table_size: Option<Spanned<u32>>,
     metrics_listen: Option<Spanned<String>>,
+    removal_grace: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -219,6 +246,9 @@ struct RawVip {
     protocol: Protocol,
     forwarding: Spanned<Forwarding>,
     table_size: Option<Spanned<u32>>,
+    health: Option<Spanned<health::RawHealth>>,
+    #[serde(default)]
+    when_all_down: WhenAllDown,
     #[serde(default)]
     backends: Vec<Spanned<RawBackend>>,
 }
@@ -230,6 +260,7 @@ struct RawBackend {
     weight: Option<Spanned<u32>>,
     #[serde(default)]
     drain: bool,
+    health: Option<Spanned<health::RawHealth>>,
 }
 
 /// `hash_seed`: an integer, or a string holding a decimal or `0x` hexadecimal number.
@@ -339,6 +370,12 @@ fn validate(raw: RawConfig) -> Result<Config, Invalid> {
         })?,
     };
 
+    let removal_grace = match b.removal_grace {
+        None => DEFAULT_REMOVAL_GRACE,
+        Some(grace) => health::parse_duration(grace.get_ref())
+            .map_err(|e| (grace.span(), format!("removal_grace {e}")))?,
+    };
+
     if raw.vip.len() > MAX_VIPS as usize {
         let span = raw.vip[MAX_VIPS as usize].span();
         return Err((span, format!("too many VIPs: at most {MAX_VIPS}")));
@@ -381,6 +418,7 @@ fn validate(raw: RawConfig) -> Result<Config, Invalid> {
         hash_seed: b.hash_seed.map_or(0, |s| s.0),
         conn_table_size,
         metrics_listen,
+        removal_grace,
         vips,
     })
 }
@@ -489,10 +527,30 @@ fn validate_vip(raw: RawVip) -> Result<Vip, Invalid> {
                 ))
             }
         };
+        let vip_health = raw
+            .health
+            .as_ref()
+            .map(|h| h.get_ref().clone())
+            .unwrap_or_default();
+        let (merged, health_span) = match &rb.health {
+            Some(o) => (vip_health.overridden_by(o.get_ref()), o.span()),
+            None => (
+                vip_health,
+                raw.health.as_ref().map_or(span.clone(), |h| h.span()),
+            ),
+        };
+        let port = match raw.port.get_ref() {
+            PortSpec::Port(p) => Some(*p),
+            PortSpec::Any => None,
+        };
+        let where_ = format!("VIP \"{name}\", backend {backend_address}");
+        let present = raw.health.is_some() || rb.health.is_some();
+        let health = health::resolve(&merged, present, raw.protocol, port, &where_, health_span)?;
         backends.push(BackendConfig {
             address: backend_address,
             weight,
             drain: rb.drain,
+            health,
         });
     }
     if backends.len() > table_size as usize {
@@ -516,6 +574,7 @@ fn validate_vip(raw: RawVip) -> Result<Vip, Invalid> {
         protocol: raw.protocol,
         forwarding: Forwarding::Dsr,
         table_size,
+        when_all_down: raw.when_all_down,
         backends,
     })
 }
@@ -595,24 +654,205 @@ backends = [{ address = "10.0.0.13" }]
             (web.port, web.protocol, web.table_size),
             (Some(80), Protocol::Tcp, 251)
         );
+        let summary: Vec<(IpAddr, u32, bool)> = web
+            .backends
+            .iter()
+            .map(|b| (b.address, b.weight, b.drain))
+            .collect();
         assert_eq!(
-            web.backends,
-            vec![
-                BackendConfig {
-                    address: "10.0.0.11".parse().unwrap(),
-                    weight: 100,
-                    drain: false
-                },
-                BackendConfig {
-                    address: "10.0.0.12".parse().unwrap(),
-                    weight: DEFAULT_WEIGHT,
-                    drain: true
-                },
+            summary,
+            [
+                ("10.0.0.11".parse().unwrap(), 100, false),
+                ("10.0.0.12".parse().unwrap(), DEFAULT_WEIGHT, true)
             ]
         );
+        // No health table: a TCP VIP with a port gets a TCP check of that port with the
+        // defaults; a UDP any-port VIP gets none.
+        let defaults = HealthCheck {
+            kind: CheckKind::Tcp,
+            port: 80,
+            interval: health::DEFAULT_INTERVAL,
+            timeout: health::DEFAULT_TIMEOUT,
+            rise: health::DEFAULT_RISE,
+            fall: health::DEFAULT_FALL,
+            initial: InitialState::Up,
+        };
+        assert_eq!(web.backends[0].health, defaults);
+        assert_eq!(c.vips[1].backends[0].health.kind, CheckKind::None);
+        assert_eq!(web.when_all_down, WhenAllDown::FailOpen);
+        assert_eq!(c.removal_grace, DEFAULT_REMOVAL_GRACE);
         assert_eq!(c.vips[1].port, None);
         assert_eq!(c.vips[1].table_size, DEFAULT_MAGLEV_SIZE);
         assert_eq!(c.vips[1].endpoint(), "203.0.113.10:*/udp");
+    }
+
+    const HEALTH: &str = r#"
+[balancer]
+removal_grace = "30s"
+[[vip]]
+name = "web"
+address = "192.0.2.1"
+port = 80
+protocol = "tcp"
+forwarding = "dsr"
+when_all_down = "drop"
+health = { kind = "http", path = "/healthz", host = "web.example", status = "200-299", interval = "500ms", timeout = "200ms", rise = 1, fall = 2, initial = "down" }
+backends = [
+  { address = "10.0.0.1" },
+  { address = "10.0.0.2", health = { port = 8080, fall = 5 } },
+  { address = "10.0.0.3", health = { kind = "tcp" } },
+]
+"#;
+
+    #[test]
+    fn health_checks_and_overrides() {
+        let c = parse(Path::new("h.toml"), HEALTH).unwrap();
+        assert_eq!(c.removal_grace, Duration::from_secs(30));
+        let vip = &c.vips[0];
+        assert_eq!(vip.when_all_down, WhenAllDown::Drop);
+        let http = HealthCheck {
+            kind: CheckKind::Http {
+                path: "/healthz".into(),
+                host: Some("web.example".into()),
+                status: (200, 299),
+            },
+            port: 80,
+            interval: Duration::from_millis(500),
+            timeout: Duration::from_millis(200),
+            rise: 1,
+            fall: 2,
+            initial: InitialState::Down,
+        };
+        assert_eq!(vip.backends[0].health, http);
+        // Overrides replace single keys and keep the rest of the VIP's table.
+        assert_eq!(
+            vip.backends[1].health,
+            HealthCheck {
+                port: 8080,
+                fall: 5,
+                ..http.clone()
+            }
+        );
+        // Overriding the kind leaves the VIP's HTTP-only keys behind.
+        assert_eq!(
+            vip.backends[2].health,
+            HealthCheck {
+                kind: CheckKind::Tcp,
+                ..http
+            }
+        );
+    }
+
+    #[test]
+    fn health_errors_name_the_position() {
+        let cases: &[(&str, &str, usize, usize, &str)] = &[
+            (
+                "interval = \"500ms\"",
+                "interval = \"half a second\"",
+                11,
+                99,
+                "health interval \"half a second\" is not a duration",
+            ),
+            (
+                "interval = \"500ms\"",
+                "interval = \"50ms\"",
+                11,
+                99,
+                "interval must be from 100ms to 1h",
+            ),
+            (
+                "timeout = \"200ms\"",
+                "timeout = \"2s\"",
+                11,
+                118,
+                "timeout must be at least 10ms and no longer than the interval",
+            ),
+            (
+                "rise = 1",
+                "rise = 0",
+                11,
+                134,
+                "health rise must be from 1 to 100",
+            ),
+            (
+                "status = \"200-299\"",
+                "status = \"2xx\"",
+                11,
+                77,
+                "health status \"2xx\" is not a status code",
+            ),
+            (
+                "path = \"/healthz\"",
+                "path = \"healthz\"",
+                11,
+                34,
+                "health path must start with '/'",
+            ),
+            (
+                "{ kind = \"tcp\" }",
+                "{ kind = \"tcp\", path = \"/\" }",
+                15,
+                59,
+                "health path only applies to kind = \"http\"",
+            ),
+            (
+                "{ port = 8080, fall = 5 }",
+                "{ port = 0 }",
+                14,
+                45,
+                "health port must be from 1 to 65535",
+            ),
+            (
+                "{ port = 8080, fall = 5 }",
+                "{ prot = 8080 }",
+                14,
+                38,
+                "unknown field `prot`",
+            ),
+            (
+                "removal_grace = \"30s\"",
+                "removal_grace = \"soon\"",
+                3,
+                17,
+                "removal_grace \"soon\"",
+            ),
+            (
+                "when_all_down = \"drop\"",
+                "when_all_down = \"panic\"",
+                10,
+                17,
+                "unknown variant `panic`",
+            ),
+        ];
+        for (from, to, line, column, message) in cases {
+            assert!(HEALTH.contains(from), "{from}");
+            let err = parse(Path::new("h.toml"), &HEALTH.replacen(from, to, 1)).expect_err(to);
+            assert!(err.message.contains(message), "{to}: {err}");
+            assert_eq!((err.line, err.column), (*line, *column), "{to}: {err}");
+        }
+    }
+
+    #[test]
+    fn health_checks_of_udp_and_any_port_vips_need_a_port() {
+        let udp = "[balancer]\n[[vip]]\nname = \"dns\"\naddress = \"192.0.2.1\"\nport = 53\nprotocol = \"udp\"\nforwarding = \"dsr\"\nhealth = { kind = \"tcp\" }\nbackends = [{ address = \"10.0.0.1\" }]\n";
+        let err = parse(Path::new("u.toml"), udp).unwrap_err();
+        assert!(
+            err.message
+                .contains("a tcp check of a UDP VIP needs an explicit TCP `port`"),
+            "{err}"
+        );
+        assert_eq!((err.line, err.column), (8, 19));
+        parse(
+            Path::new("u.toml"),
+            &udp.replace("{ kind = \"tcp\" }", "{ kind = \"tcp\", port = 8053 }"),
+        )
+        .unwrap();
+        let any = udp.replace(
+            "port = 53\nprotocol = \"udp\"",
+            "port = \"any\"\nprotocol = \"tcp\"",
+        );
+        let err = parse(Path::new("a.toml"), &any).unwrap_err();
+        assert!(err.message.contains("the VIP has no port"), "{err}");
     }
 
     #[test]

@@ -1,37 +1,72 @@
-//! `balancer run`: resolve, load, attach, fill the maps, serve the status API, keep next hops
-//! fresh, and on SIGINT/SIGTERM detach and remove everything.
+//! `balancer run`: resolve, load, attach, fill the maps, then one event loop that owns every
+//! change: health probe results, reloads (SIGHUP, a change of the config file, the API), next
+//! hop refreshes and the end of removed backends' grace periods. On SIGINT/SIGTERM it detaches
+//! and removes everything.
 
 use std::{
     collections::HashMap,
     net::IpAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::{mpsc, oneshot},
+    task::JoinHandle,
+};
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{self, Config},
+    config::{self, Config, HealthCheck},
+    controller::{Controller, ReloadOutcome},
     dataplane::{error_chain, Dataplane, LoadOptions},
+    health,
     nexthop::Resolver,
-    reconcile::{self, DesiredState, Ids, NextHops},
-    status::{self, format_mac, Shared},
+    reconcile::{BackendKey, NextHops},
+    status::{self, format_mac},
 };
 
 /// How often next hops are resolved again (a backend's MAC address can change, and one that
 /// did not answer at start-up may answer later).
 const NEXT_HOP_REFRESH: Duration = Duration::from_secs(10);
+/// After a change in the config's directory, wait until it has been quiet this long.
+const RELOAD_DEBOUNCE: Duration = Duration::from_millis(20);
+/// ...but never longer than this after the first change.
+const RELOAD_DEBOUNCE_MAX: Duration = Duration::from_millis(500);
 
 pub struct RunOptions {
     pub config: PathBuf,
     pub interface: Option<String>,
 }
 
+/// Everything that changes the daemon's state goes through this channel.
+pub enum Event {
+    Probe {
+        key: BackendKey,
+        serial: u64,
+        result: health::ProbeResult,
+    },
+    Reload {
+        trigger: &'static str,
+        reply: Option<oneshot::Sender<ReloadOutcome>>,
+    },
+    /// Something changed in the config file's directory.
+    FileChanged,
+}
+
+pub type Shared = Arc<Mutex<Controller>>;
+
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
-    let config = config::load(&options.config)?;
+    let text = std::fs::read_to_string(&options.config).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: cannot read the config file: {e}",
+            options.config.display()
+        )
+    })?;
+    let config = config::parse(&options.config, &text)?;
     let interface = options
         .interface
         .clone()
@@ -40,9 +75,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     require_root()?;
 
     let resolver = Resolver::new().context("opening a netlink socket")?;
-    let next_hops = resolve(&resolver, &config).await;
-    let mut ids = Ids::default();
-    let desired = reconcile::desired_state(&config, &next_hops, &HashMap::new(), &mut ids)?;
+    let next_hops = resolve(&resolver, addresses(&config)).await;
 
     let mut dataplane = Dataplane::load(LoadOptions {
         hash_seed: config.hash_seed,
@@ -50,50 +83,111 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     })
     .map_err(|e| anyhow::anyhow!(error_chain(&e)))
     .context("loading the XDP program")?;
-    let (mode, fallback) = dataplane
-        .attach(&interface, config.xdp_mode)
-        .map_err(|e| anyhow::anyhow!(error_chain(&e)))
-        .with_context(|| {
+    let (mode, fallback) = dataplane.attach(&interface, config.xdp_mode).map_err(|e| anyhow::anyhow!(error_chain(&e))).with_context(
+        || {
             format!(
-                "attaching to {interface}; if another XDP program is attached there, remove it \
-                 first (`ip link set dev {interface} xdp off`)"
+                "attaching to {interface}; if another XDP program is attached there, remove it first \
+                 (`ip link set dev {interface} xdp off`)"
             )
-        })?;
+        },
+    )?;
     if let Some(reason) = fallback {
         warn!("native XDP refused on {interface} ({reason}); attached in generic mode, which is slower");
     }
-    dataplane
-        .apply(&desired)
-        .map_err(|e| anyhow::anyhow!(error_chain(&e)))
-        .context("writing the maps")?;
-    log_summary(&config, &interface, mode.as_str(), &desired, &next_hops);
+    let metrics_listen = config.metrics_listen;
+    let mut controller =
+        Controller::new(options.config.clone(), config, text, dataplane, next_hops);
+    controller.reconcile().context("writing the maps")?;
+    log_summary(&controller, &interface, mode.as_str());
 
-    let listener = status::bind(config.metrics_listen)
+    let listener = status::bind(metrics_listen)
         .await
-        .with_context(|| format!("listening on metrics_listen {}", config.metrics_listen))?;
-    let shared = Arc::new(Mutex::new(Shared {
-        config,
-        dataplane,
-        next_hops,
-    }));
+        .with_context(|| format!("listening on metrics_listen {metrics_listen}"))?;
     info!(
         "status API on http://{}/api/v1/status",
         listener.local_addr()?
     );
+    let shared: Shared = Arc::new(Mutex::new(controller));
 
+    let (events, mut inbox) = mpsc::channel::<Event>(4096);
+    let mut checks = HealthChecks::new(events.clone());
+    checks.sync(shared.lock().expect("state").wanted_checks());
+    let _watcher = watch_config(&options.config, events.clone())
+        .map_err(|e| {
+            warn!(
+                "not watching {} for changes ({e:#}); reload with SIGHUP or `balancer reload`",
+                options.config.display()
+            )
+        })
+        .ok();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let api = {
         let mut stop = stop_rx.clone();
-        tokio::spawn(status::serve(listener, shared.clone(), async move {
-            let _ = stop.wait_for(|s| *s).await;
-        }))
+        tokio::spawn(status::serve(
+            listener,
+            shared.clone(),
+            events.clone(),
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            },
+        ))
     };
-    let refresh = tokio::spawn(refresh_next_hops(resolver, shared.clone(), ids, stop_rx));
 
-    let which = termination().await?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut refresh = tokio::time::interval(NEXT_HOP_REFRESH);
+    refresh.tick().await;
+    let mut expiry = tokio::time::interval(Duration::from_secs(1));
+    let mut file_changed_at: Option<(Instant, Instant)> = None;
+    let which = loop {
+        let debounce = async {
+            match file_changed_at {
+                Some((first, last)) => {
+                    let due = (last + RELOAD_DEBOUNCE).min(first + RELOAD_DEBOUNCE_MAX);
+                    tokio::time::sleep_until(due.into()).await
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = sigterm.recv() => break "SIGTERM",
+            _ = sigint.recv() => break "SIGINT",
+            _ = sighup.recv() => {
+                reload(&shared, &resolver, &mut checks, "SIGHUP", false).await;
+            }
+            _ = debounce => {
+                file_changed_at = None;
+                reload(&shared, &resolver, &mut checks, "config file change", true).await;
+            }
+            _ = refresh.tick() => {
+                let addresses = shared.lock().expect("state").addresses();
+                let hops = resolve(&resolver, addresses).await;
+                shared.lock().expect("state").refresh_next_hops(hops);
+            }
+            _ = expiry.tick() => shared.lock().expect("state").expire_retiring(Instant::now()),
+            Some(event) = inbox.recv() => match event {
+                Event::Probe { key, serial, result } => {
+                    if checks.is_current(&key, serial) {
+                        shared.lock().expect("state").probe_result(&key, result);
+                    }
+                }
+                Event::Reload { trigger, reply } => {
+                    let outcome = reload(&shared, &resolver, &mut checks, trigger, false).await;
+                    if let Some(reply) = reply {
+                        let _ = reply.send(outcome);
+                    }
+                }
+                Event::FileChanged => {
+                    let now = Instant::now();
+                    file_changed_at = Some(file_changed_at.map_or((now, now), |(first, _)| (first, now)));
+                }
+            },
+        }
+    };
     info!("{which}: shutting down");
+    checks.stop();
     let _ = stop_tx.send(true);
-    let _ = refresh.await;
     match api.await {
         Ok(Err(e)) => warn!("status API: {e}"),
         Err(e) => warn!("status API task: {e}"),
@@ -111,14 +205,248 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits for SIGTERM or SIGINT and says which.
-async fn termination() -> anyhow::Result<&'static str> {
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    Ok(tokio::select! {
-        _ = sigterm.recv() => "SIGTERM",
-        _ = sigint.recv() => "SIGINT",
-    })
+/// Reads the config file and makes it the running config if it is valid. With
+/// `only_if_changed`, an identical file is ignored silently (the directory watcher sees every
+/// write, not just changes).
+async fn reload(
+    shared: &Shared,
+    resolver: &Resolver,
+    checks: &mut HealthChecks,
+    trigger: &'static str,
+    only_if_changed: bool,
+) -> ReloadOutcome {
+    let started = Instant::now();
+    let path = shared.lock().expect("state").config_path.clone();
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) => {
+            return shared.lock().expect("state").reject_unreadable(format!(
+                "{}: cannot read the config file: {e}",
+                path.display()
+            ))
+        }
+    };
+    if only_if_changed && text == shared.lock().expect("state").config_text() {
+        let generation = shared.lock().expect("state").generation;
+        return ReloadOutcome::Unchanged { generation };
+    }
+    info!("reloading {} ({trigger})", path.display());
+    // Resolve the next hops of new backends before taking the lock: resolution can wait for
+    // an ARP answer, and the status API must not wait with it.
+    let (known, new_addresses) = {
+        let state = shared.lock().expect("state");
+        let known = state.next_hops.clone();
+        let wanted = config::parse(&path, &text)
+            .map(|c| addresses(&c))
+            .unwrap_or_default();
+        let new: Vec<IpAddr> = wanted
+            .into_iter()
+            .filter(|a| !known.contains_key(a))
+            .collect();
+        (known, new)
+    };
+    let mut hops = known;
+    if !new_addresses.is_empty() {
+        hops.extend(resolve(resolver, new_addresses).await);
+    }
+    let mut state = shared.lock().expect("state");
+    let outcome = state.reload(text, hops, started);
+    if !matches!(outcome, ReloadOutcome::Rejected { .. }) {
+        checks.sync(state.wanted_checks());
+    }
+    outcome
+}
+
+fn require_root() -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("balancer run needs root (CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN to load and attach XDP programs)");
+    }
+    Ok(())
+}
+
+fn addresses(config: &Config) -> Vec<IpAddr> {
+    let mut addresses: Vec<IpAddr> = config
+        .vips
+        .iter()
+        .flat_map(|v| v.backends.iter().map(|b| b.address))
+        .collect();
+    addresses.sort();
+    addresses.dedup();
+    addresses
+}
+
+/// Resolves addresses, logging the ones that fail (they get no traffic).
+async fn resolve(resolver: &Resolver, addresses: Vec<IpAddr>) -> NextHops {
+    let (hops, errors) = resolver.resolve_all(addresses).await;
+    let mut errors: Vec<_> = errors.into_iter().collect();
+    errors.sort_by_key(|(a, _)| *a);
+    for (address, e) in errors {
+        error!("backend {address} is unreachable and gets no traffic: {e}");
+    }
+    hops
+}
+
+/// Watches the config file's directory (so that editors' atomic renames and Kubernetes
+/// ConfigMap symlink swaps are seen) and reports changes that may concern the file.
+fn watch_config(
+    path: &Path,
+    events: mpsc::Sender<Event>,
+) -> anyhow::Result<notify::RecommendedWatcher> {
+    use notify::{RecursiveMode, Watcher as _};
+    let path = std::path::absolute(path)?;
+    let dir = path
+        .parent()
+        .context("the config file has no directory")?
+        .to_owned();
+    let mut names = vec![
+        path.file_name().context("no file name")?.to_owned(),
+        "..data".into(),
+    ];
+    // A symlinked config (ConfigMap): its target's name too.
+    if let Ok(target) = std::fs::canonicalize(&path) {
+        if let Some(name) = target.file_name() {
+            names.push(name.to_owned());
+        }
+    }
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(event) = event {
+            if event
+                .paths
+                .iter()
+                .any(|p| p.file_name().is_some_and(|n| names.iter().any(|w| w == n)))
+            {
+                let _ = events.try_send(Event::FileChanged);
+            }
+        }
+    })?;
+    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    info!(
+        "watching {} for changes of {}",
+        dir.display(),
+        path.display()
+    );
+    Ok(watcher)
+}
+
+/// One probing task per checked backend; results come back as events.
+struct HealthChecks {
+    events: mpsc::Sender<Event>,
+    tasks: HashMap<BackendKey, (HealthCheck, u64, JoinHandle<()>)>,
+    serial: u64,
+}
+
+impl HealthChecks {
+    fn new(events: mpsc::Sender<Event>) -> Self {
+        HealthChecks {
+            events,
+            tasks: HashMap::new(),
+            serial: 0,
+        }
+    }
+
+    /// Results of tasks replaced since they were started are ignored.
+    fn is_current(&self, key: &BackendKey, serial: u64) -> bool {
+        self.tasks.get(key).is_some_and(|(_, s, _)| *s == serial)
+    }
+
+    /// Starts checks for new backends, restarts changed ones, stops the others.
+    fn sync(&mut self, wanted: HashMap<BackendKey, (IpAddr, HealthCheck)>) {
+        self.tasks.retain(|key, (check, _, task)| {
+            let keep = wanted.get(key).is_some_and(|(_, c)| c == check);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for (key, (address, check)) in wanted {
+            if self.tasks.contains_key(&key) {
+                continue;
+            }
+            self.serial += 1;
+            let serial = self.serial;
+            let events = self.events.clone();
+            let (task_key, task_check) = (key.clone(), check.clone());
+            let task = tokio::spawn(async move {
+                tokio::time::sleep(health::first_delay(task_check.interval, fastrand::f64())).await;
+                loop {
+                    let result = health::probe(address, &task_check).await;
+                    let event = Event::Probe {
+                        key: task_key.clone(),
+                        serial,
+                        result,
+                    };
+                    if events.send(event).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(health::next_delay(task_check.interval, fastrand::f64()))
+                        .await;
+                }
+            });
+            self.tasks.insert(key, (check, serial, task));
+        }
+    }
+
+    fn stop(&mut self) {
+        for (_, (_, _, task)) in self.tasks.drain() {
+            task.abort();
+        }
+    }
+}
+
+fn log_summary(controller: &Controller, interface: &str, mode: &str) {
+    let config = &controller.config;
+    info!(
+        "attached to {interface} in {mode} mode; hash seed {:#x}; connection table {} flows",
+        config.hash_seed, config.conn_table_size
+    );
+    if config.vips.is_empty() {
+        warn!("no VIPs configured: every packet passes to the kernel untouched");
+    }
+    for (vip, applied) in config.vips.iter().zip(&controller.dataplane.applied().vips) {
+        let check = vip.backends.first().map(|b| &b.health);
+        let checks = match check {
+            Some(c) if c.kind != config::CheckKind::None => {
+                format!(
+                    "{} check port {} every {:?}, rise {} fall {}",
+                    c.kind.name(),
+                    c.port,
+                    c.interval,
+                    c.rise,
+                    c.fall
+                )
+            }
+            _ => "no health checks".to_owned(),
+        };
+        info!(
+            "VIP {} {} dsr, Maglev table {} slots, {} backends, {checks}",
+            vip.name,
+            vip.endpoint(),
+            vip.table_size,
+            vip.backends.len()
+        );
+        if applied.backends.is_empty() {
+            warn!(
+                "VIP {} has no backends: its packets are dropped (no_backend)",
+                vip.name
+            );
+        }
+        for b in &applied.backends {
+            let via = controller
+                .next_hops
+                .get(&b.address)
+                .map_or("unresolved".to_owned(), |h| {
+                    format!("{} via {}", format_mac(&h.dst_mac), h.interface)
+                });
+            info!(
+                "  backend {:<15} weight {:<5} {:<11} {:>6} slots  {via}",
+                b.address.to_string(),
+                b.weight,
+                b.state.as_str(),
+                b.slots
+            );
+        }
+    }
 }
 
 /// `balancer xdp-pass`: the trivial program on `interface` until SIGINT/SIGTERM.
@@ -134,117 +462,13 @@ pub async fn xdp_pass(interface: String) -> anyhow::Result<()> {
         .attach_pass(&interface)
         .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
     info!("XDP_PASS attached to {interface} in {} mode", mode.as_str());
-    let which = termination().await?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let which = tokio::select! {
+        _ = sigterm.recv() => "SIGTERM",
+        _ = sigint.recv() => "SIGINT",
+    };
     drop(dataplane);
     info!("{which}: detached from {interface}");
     Ok(())
-}
-
-fn require_root() -> anyhow::Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("balancer run needs root (CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN to load and attach XDP programs)");
-    }
-    Ok(())
-}
-
-fn backend_addresses(config: &Config) -> Vec<IpAddr> {
-    let mut addresses: Vec<IpAddr> = config
-        .vips
-        .iter()
-        .flat_map(|v| v.backends.iter().map(|b| b.address))
-        .collect();
-    addresses.sort();
-    addresses.dedup();
-    addresses
-}
-
-/// Resolves every backend, logging the ones that fail (they stay out of the tables).
-async fn resolve(resolver: &Resolver, config: &Config) -> NextHops {
-    let (hops, errors) = resolver.resolve_all(backend_addresses(config)).await;
-    let mut errors: Vec<_> = errors.into_iter().collect();
-    errors.sort_by_key(|(a, _)| *a);
-    for (address, e) in errors {
-        error!("backend {address} is unreachable and gets no traffic: {e}");
-    }
-    hops
-}
-
-async fn refresh_next_hops(
-    resolver: Resolver,
-    shared: status::SharedState,
-    mut ids: Ids,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(NEXT_HOP_REFRESH) => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
-        let config = shared.lock().expect("state lock").config.clone();
-        let hops = resolve(&resolver, &config).await;
-        let mut state = shared.lock().expect("state lock");
-        if hops == state.next_hops {
-            continue;
-        }
-        for (address, hop) in &hops {
-            if state.next_hops.get(address) != Some(hop) {
-                info!(
-                    "next hop of {address} is now {} via {}",
-                    format_mac(&hop.dst_mac),
-                    hop.interface
-                );
-            }
-        }
-        match reconcile::desired_state(&config, &hops, &HashMap::new(), &mut ids) {
-            Ok(desired) => match state.dataplane.apply(&desired) {
-                Ok(()) => state.next_hops = hops,
-                Err(e) => error!("updating next hops: {}", error_chain(&e)),
-            },
-            Err(e) => error!("updating next hops: {e}"),
-        }
-    }
-}
-
-fn log_summary(
-    config: &Config,
-    interface: &str,
-    mode: &str,
-    desired: &DesiredState,
-    hops: &NextHops,
-) {
-    info!(
-        "attached to {interface} in {mode} mode; hash seed {:#x}; connection table {} flows",
-        config.hash_seed, config.conn_table_size
-    );
-    if config.vips.is_empty() {
-        warn!("no VIPs configured: every packet passes to the kernel untouched");
-    }
-    for (vip, applied) in config.vips.iter().zip(&desired.vips) {
-        info!(
-            "VIP {} {} dsr, Maglev table {} slots, {} backends",
-            vip.name,
-            vip.endpoint(),
-            vip.table_size,
-            vip.backends.len()
-        );
-        if applied.backends.is_empty() {
-            warn!(
-                "VIP {} has no backends: its packets are dropped (no_backend)",
-                vip.name
-            );
-        }
-        for b in &applied.backends {
-            let via = hops.get(&b.address).map_or("unresolved".to_owned(), |h| {
-                format!("{} via {}", format_mac(&h.dst_mac), h.interface)
-            });
-            info!(
-                "  backend {:<15} weight {:<5} {:<11} {:>6} slots  {via}",
-                b.address.to_string(),
-                b.weight,
-                b.state.as_str(),
-                b.slots
-            );
-        }
-    }
 }

@@ -3,9 +3,12 @@
 //! A pure core (config -> desired map contents) and a thin shell around the kernel
 //! (`dataplane`, `nexthop`).
 
+pub mod client;
 pub mod config;
+pub mod controller;
 pub mod daemon;
 pub mod dataplane;
+pub mod health;
 pub mod maglev;
 pub mod nexthop;
 pub mod reconcile;

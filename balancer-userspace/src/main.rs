@@ -39,6 +39,16 @@ enum Command {
         #[arg(long, short)]
         interface: String,
     },
+    /// Ask the running daemon to reload its config file now, and report whether it was
+    /// accepted (exit status 0) or rejected (1, with the reason).
+    Reload {
+        /// The config file the daemon runs with, to find its API address (`metrics_listen`).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The daemon's API address, if not taken from the config.
+        #[arg(long)]
+        api: Option<std::net::SocketAddr>,
+    },
     /// Validate a config file without touching the kernel (no root needed).
     Check {
         /// The TOML config file.
@@ -55,6 +65,7 @@ fn main() -> ExitCode {
             run_async(daemon::run(daemon::RunOptions { config, interface }))
         }
         Command::XdpPass { interface } => run_async(daemon::xdp_pass(interface)),
+        Command::Reload { config, api } => reload(config.as_deref(), api),
     }
 }
 
@@ -83,6 +94,62 @@ fn check(path: &std::path::Path) -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn reload(config_path: Option<&std::path::Path>, api: Option<std::net::SocketAddr>) -> ExitCode {
+    let address = match (api, config_path) {
+        (Some(api), _) => api,
+        (None, Some(path)) => match config::load(path) {
+            Ok(c) => c.metrics_listen,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        (None, None) => config::DEFAULT_METRICS_LISTEN
+            .parse()
+            .expect("valid default"),
+    };
+    let answer = balancer::client::request(
+        address,
+        "POST",
+        "/api/v1/reload",
+        std::time::Duration::from_secs(70),
+    );
+    let (code, body) = match answer {
+        Ok(answer) => answer,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    if code == 200 && json["accepted"] == true {
+        let changes: Vec<&str> = json["changes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.as_str())
+            .collect();
+        if changes.is_empty() {
+            println!(
+                "reload accepted (generation {}): no changes",
+                json["generation"]
+            );
+        } else {
+            println!("reload accepted (generation {}):", json["generation"]);
+            for change in changes {
+                println!("  {change}");
+            }
+        }
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "reload rejected: {}",
+            json["error"].as_str().unwrap_or(&body)
+        );
+        ExitCode::FAILURE
     }
 }
 

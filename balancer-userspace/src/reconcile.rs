@@ -12,7 +12,7 @@ use balancer_common::{
 };
 
 use crate::{
-    config::{Config, Vip},
+    config::{BackendConfig, Config, Vip, WhenAllDown},
     maglev::{self, MaglevBackend},
 };
 
@@ -40,12 +40,16 @@ pub enum Health {
 pub type BackendKey = (String, IpAddr);
 
 /// Stable ids for VIPs and backends. An id stays with its VIP or backend for as long as it is
-/// configured, so that the connection table's entries (which hold backend ids) stay valid
-/// across config changes; freed ids are reused lowest first.
+/// configured (or, for a removed backend, retiring), so that the connection table's entries
+/// (which hold backend ids) stay valid across config changes. New ids are handed out round
+/// robin, so a freed id is reused as late as possible: a flow still remembered on a removed
+/// backend is re-selected rather than silently sent to that id's next owner.
 #[derive(Clone, Debug, Default)]
 pub struct Ids {
     vips: HashMap<String, u32>,
     backends: HashMap<BackendKey, u32>,
+    next_vip: u32,
+    next_backend: u32,
 }
 
 impl Ids {
@@ -57,41 +61,40 @@ impl Ids {
         self.backends.get(key).copied()
     }
 
-    /// Keeps the ids of what `config` still holds, frees the others, and gives new VIPs and
-    /// backends the lowest free ids.
-    fn assign(&mut self, config: &Config) -> Result<(), ReconcileError> {
-        let wanted_vips: BTreeSet<&str> = config.vips.iter().map(|v| v.name.as_str()).collect();
+    /// Keeps the ids of the VIPs and backends still wanted, frees the others, and gives new
+    /// ones ids.
+    fn assign(&mut self, vips: &[&str], backends: &[BackendKey]) -> Result<(), ReconcileError> {
+        let wanted_vips: BTreeSet<&str> = vips.iter().copied().collect();
         self.vips
             .retain(|name, _| wanted_vips.contains(name.as_str()));
-        let wanted_backends: BTreeSet<BackendKey> = config
-            .vips
-            .iter()
-            .flat_map(|v| v.backends.iter().map(|b| (v.name.clone(), b.address)))
-            .collect();
+        let wanted_backends: BTreeSet<&BackendKey> = backends.iter().collect();
         self.backends.retain(|key, _| wanted_backends.contains(key));
-
-        for vip in &config.vips {
-            if !self.vips.contains_key(&vip.name) {
-                let id =
-                    lowest_free(self.vips.values(), MAX_VIPS).ok_or(ReconcileError::TooManyVips)?;
-                self.vips.insert(vip.name.clone(), id);
+        for &name in vips {
+            if !self.vips.contains_key(name) {
+                let id = next_free(&mut self.next_vip, self.vips.values(), MAX_VIPS)
+                    .ok_or(ReconcileError::TooManyVips)?;
+                self.vips.insert(name.to_owned(), id);
             }
-            for backend in &vip.backends {
-                let key = (vip.name.clone(), backend.address);
-                if !self.backends.contains_key(&key) {
-                    let id = lowest_free(self.backends.values(), MAX_BACKENDS)
-                        .ok_or(ReconcileError::TooManyBackends)?;
-                    self.backends.insert(key, id);
-                }
+        }
+        for key in backends {
+            if !self.backends.contains_key(key) {
+                let id = next_free(&mut self.next_backend, self.backends.values(), MAX_BACKENDS)
+                    .ok_or(ReconcileError::TooManyBackends)?;
+                self.backends.insert(key.clone(), id);
             }
         }
         Ok(())
     }
 }
 
-fn lowest_free<'a>(used: impl Iterator<Item = &'a u32>, limit: u32) -> Option<u32> {
+/// The first id at or after `cursor` (wrapping) that is not used; advances the cursor past it.
+fn next_free<'a>(cursor: &mut u32, used: impl Iterator<Item = &'a u32>, limit: u32) -> Option<u32> {
     let used: BTreeSet<u32> = used.copied().collect();
-    (0..limit).find(|id| !used.contains(id))
+    let id = (0..limit)
+        .map(|i| (*cursor + i) % limit)
+        .find(|id| !used.contains(id))?;
+    *cursor = (id + 1) % limit;
+    Some(id)
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -120,6 +123,9 @@ pub struct DesiredVip {
     /// `table_size` slots of backend ids (`NO_BACKEND` where no backend takes new flows).
     pub table: Vec<u32>,
     pub backends: Vec<DesiredBackend>,
+    /// Every backend that could take new flows is down, and the VIP fails open: the table
+    /// spreads over the down backends.
+    pub fail_open: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -143,6 +149,9 @@ pub enum BackendState {
     Down,
     /// Its next hop could not be resolved: treated as down.
     Unreachable,
+    /// Removed from the config: keeps its flows, takes no new ones, until the removal grace
+    /// period ends.
+    Removed,
 }
 
 impl BackendState {
@@ -152,6 +161,7 @@ impl BackendState {
             BackendState::Draining => "draining",
             BackendState::Down => "down",
             BackendState::Unreachable => "unreachable",
+            BackendState::Removed => "removed",
         }
     }
 }
@@ -178,29 +188,57 @@ pub fn vip_key(vip: &Vip) -> VipKey {
     }
 }
 
-/// Computes the desired map contents, updating `ids` to the config.
+/// Computes the desired map contents, updating `ids` to the config. `retiring` lists backends
+/// removed from the config whose grace period has not ended: they keep their ids and flows.
 pub fn desired_state(
     config: &Config,
+    retiring: &[BackendKey],
     next_hops: &NextHops,
     health: &HashMap<BackendKey, Health>,
     ids: &mut Ids,
 ) -> Result<DesiredState, ReconcileError> {
-    ids.assign(config)?;
+    // Every backend the maps hold, per VIP: the configured ones, then the retiring ones.
+    // (address, its config; None for a retiring backend)
+    type Members<'a> = Vec<(IpAddr, Option<&'a BackendConfig>)>;
+    let members: Vec<(&Vip, Members)> = config
+        .vips
+        .iter()
+        .map(|vip| {
+            let mut list: Vec<(IpAddr, Option<&BackendConfig>)> =
+                vip.backends.iter().map(|b| (b.address, Some(b))).collect();
+            for (name, address) in retiring {
+                if *name == vip.name && !vip.backends.iter().any(|b| b.address == *address) {
+                    list.push((*address, None));
+                }
+            }
+            (vip, list)
+        })
+        .collect();
+    let vip_names: Vec<&str> = config.vips.iter().map(|v| v.name.as_str()).collect();
+    let backend_keys: Vec<BackendKey> = members
+        .iter()
+        .flat_map(|(vip, list)| list.iter().map(|(a, _)| (vip.name.clone(), *a)))
+        .collect();
+    ids.assign(&vip_names, &backend_keys)?;
+
     let mut state = DesiredState::default();
-    for vip in &config.vips {
+    for (vip, list) in members {
         let vip_id = ids.vip(&vip.name).expect("assigned above");
-        let mut backends = Vec::with_capacity(vip.backends.len());
-        for b in &vip.backends {
-            let key = (vip.name.clone(), b.address);
+        let mut backends = Vec::with_capacity(list.len());
+        let mut entries = Vec::with_capacity(list.len());
+        for (address, configured) in list {
+            let key = (vip.name.clone(), address);
             let id = ids.backend(&key).expect("assigned above");
-            let next_hop = next_hops.get(&b.address);
-            let backend_state = match (next_hop, health.get(&key).copied().unwrap_or_default()) {
+            let next_hop = next_hops.get(&address);
+            let healthy = health.get(&key).copied().unwrap_or_default() == Health::Up;
+            let backend_state = match (next_hop, configured) {
                 (None, _) => BackendState::Unreachable,
-                (Some(_), Health::Down) => BackendState::Down,
-                (Some(_), Health::Up) if !b.takes_new_flows() => BackendState::Draining,
-                (Some(_), Health::Up) => BackendState::Active,
+                (Some(_), None) => BackendState::Removed,
+                (Some(_), Some(_)) if !healthy => BackendState::Down,
+                (Some(_), Some(b)) if !b.takes_new_flows() => BackendState::Draining,
+                (Some(_), Some(_)) => BackendState::Active,
             };
-            let (addr, family) = address_bytes(b.address);
+            let (addr, family) = address_bytes(address);
             let mut entry = Backend {
                 addr,
                 family,
@@ -208,36 +246,56 @@ pub fn desired_state(
                 flags: BACKEND_F_VALID,
                 ..Backend::default()
             };
-            match backend_state {
-                BackendState::Active => {}
-                BackendState::Draining => entry.flags |= BACKEND_F_DRAINING,
-                BackendState::Down | BackendState::Unreachable => entry.flags |= BACKEND_F_DOWN,
-            }
             if let Some(hop) = next_hop {
                 entry.ifindex = hop.ifindex;
                 entry.src_mac = hop.src_mac;
                 entry.dst_mac = hop.dst_mac;
                 state.egress.insert(hop.ifindex);
             }
-            state.backends.insert(id, entry);
+            entries.push((id, entry, healthy));
             backends.push(DesiredBackend {
                 id,
-                address: b.address,
-                weight: b.weight,
+                address,
+                weight: configured.map_or(0, |b| b.weight),
                 state: backend_state,
                 slots: 0,
             });
+        }
+
+        // New flows go to active backends; if every backend that would take new flows is
+        // down and the VIP fails open, to those down backends instead.
+        let would_take = |b: &DesiredBackend| {
+            matches!(b.state, BackendState::Active | BackendState::Down)
+                && vip
+                    .backends
+                    .iter()
+                    .any(|c| c.address == b.address && c.takes_new_flows())
+        };
+        let fail_open = vip.when_all_down == WhenAllDown::FailOpen
+            && !backends.iter().any(|b| b.state == BackendState::Active)
+            && backends.iter().any(would_take);
+        let in_table =
+            |b: &DesiredBackend| b.state == BackendState::Active || (fail_open && would_take(b));
+
+        for ((id, mut entry, healthy), b) in entries.into_iter().zip(&backends) {
+            match b.state {
+                BackendState::Active => {}
+                BackendState::Draining => entry.flags |= BACKEND_F_DRAINING,
+                BackendState::Removed if healthy => entry.flags |= BACKEND_F_DRAINING,
+                // A down backend's flows move, unless the VIP fails open over it.
+                BackendState::Down if in_table(b) => {}
+                BackendState::Down | BackendState::Unreachable | BackendState::Removed => {
+                    entry.flags |= BACKEND_F_DOWN
+                }
+            }
+            state.backends.insert(id, entry);
         }
 
         let candidates: Vec<MaglevBackend> = backends
             .iter()
             .map(|b| MaglevBackend {
                 address: b.address,
-                weight: if b.state == BackendState::Active {
-                    b.weight
-                } else {
-                    0
-                },
+                weight: if in_table(b) { b.weight } else { 0 },
             })
             .collect();
         let table: Vec<u32> = maglev::build(&candidates, vip.table_size, config.hash_seed)
@@ -262,6 +320,7 @@ pub fn desired_state(
             },
             table,
             backends,
+            fail_open,
         });
     }
     Ok(state)
@@ -327,7 +386,7 @@ backends = [{ address = "10.0.0.1" }]
             ("web".to_owned(), IpAddr::from([10, 0, 0, 4])),
             Health::Down,
         )]);
-        let state = desired_state(&c, &hops(), &health, &mut ids).unwrap();
+        let state = desired_state(&c, &[], &hops(), &health, &mut ids).unwrap();
 
         let web = &state.vips[0];
         assert_eq!(web.key.addr[..4], [192, 0, 2, 1]);
@@ -396,7 +455,7 @@ backends = [{ address = "10.0.0.1" }]
         let c = config(TWO_VIPS);
         let mut hops = hops();
         hops.remove(&IpAddr::from([10, 0, 0, 1]));
-        let state = desired_state(&c, &hops, &HashMap::new(), &mut Ids::default()).unwrap();
+        let state = desired_state(&c, &[], &hops, &HashMap::new(), &mut Ids::default()).unwrap();
         let web = &state.vips[0];
         assert_eq!(web.backends[0].state, BackendState::Unreachable);
         assert_eq!(web.backends[0].slots, 0);
@@ -409,12 +468,14 @@ backends = [{ address = "10.0.0.1" }]
     }
 
     #[test]
-    fn ids_survive_config_changes_and_freed_ids_are_reused() {
+    fn ids_survive_config_changes_and_freed_ids_are_not_reused_at_once() {
         let mut ids = Ids::default();
-        let first = desired_state(&config(TWO_VIPS), &hops(), &HashMap::new(), &mut ids).unwrap();
+        let first =
+            desired_state(&config(TWO_VIPS), &[], &hops(), &HashMap::new(), &mut ids).unwrap();
         let id_of = |s: &DesiredState, vip: usize, b: usize| s.vips[vip].backends[b].id;
         let kept = id_of(&first, 0, 3);
         let removed = id_of(&first, 0, 1);
+        let used: BTreeSet<u32> = first.backends.keys().copied().collect();
 
         // Remove 10.0.0.2 from "web", add 10.0.0.9.
         let changed = TWO_VIPS
@@ -425,12 +486,13 @@ backends = [{ address = "10.0.0.1" }]
             );
         let mut hops = hops();
         hops.insert(IpAddr::from([10, 0, 0, 9]), hop(9));
-        let second = desired_state(&config(&changed), &hops, &HashMap::new(), &mut ids).unwrap();
+        let second =
+            desired_state(&config(&changed), &[], &hops, &HashMap::new(), &mut ids).unwrap();
         assert_eq!(id_of(&second, 0, 2), kept, "10.0.0.4 keeps its id");
-        assert_eq!(
-            id_of(&second, 0, 3),
-            removed,
-            "10.0.0.9 reuses the freed id"
+        let new_id = id_of(&second, 0, 3);
+        assert!(
+            !used.contains(&new_id),
+            "10.0.0.9 gets a fresh id, not the one just freed ({removed})"
         );
         assert_eq!(second.vips[1].meta.vip_id, 1);
         assert!(!second
@@ -440,9 +502,116 @@ backends = [{ address = "10.0.0.1" }]
     }
 
     #[test]
+    fn retiring_backends_keep_their_id_and_flows_but_get_no_slots() {
+        let mut ids = Ids::default();
+        let first =
+            desired_state(&config(TWO_VIPS), &[], &hops(), &HashMap::new(), &mut ids).unwrap();
+        let removed_id = first.vips[0].backends[1].id;
+        let changed = TWO_VIPS.replace("  { address = \"10.0.0.2\", weight = 3 },\n", "");
+        let retiring = [("web".to_owned(), IpAddr::from([10, 0, 0, 2]))];
+        let state = desired_state(
+            &config(&changed),
+            &retiring,
+            &hops(),
+            &HashMap::new(),
+            &mut ids,
+        )
+        .unwrap();
+        let web = &state.vips[0];
+        let gone = web
+            .backends
+            .iter()
+            .find(|b| b.address == IpAddr::from([10, 0, 0, 2]))
+            .expect("still in the maps");
+        assert_eq!(
+            (gone.id, gone.state, gone.slots),
+            (removed_id, BackendState::Removed, 0)
+        );
+        assert_eq!(
+            state.backends[&removed_id].flags,
+            BACKEND_F_VALID | BACKEND_F_DRAINING
+        );
+        assert!(!web.table.contains(&removed_id));
+        // A retiring backend of a VIP that no longer exists is not kept.
+        let retiring = [("nosuch".to_owned(), IpAddr::from([10, 0, 0, 2]))];
+        let state = desired_state(
+            &config(&changed),
+            &retiring,
+            &hops(),
+            &HashMap::new(),
+            &mut ids,
+        )
+        .unwrap();
+        assert!(!state.backends.contains_key(&removed_id));
+    }
+
+    fn all_down(text: &str) -> DesiredState {
+        let c = config(text);
+        let health: HashMap<BackendKey, Health> = c.vips[0]
+            .backends
+            .iter()
+            .map(|b| (("web".to_owned(), b.address), Health::Down))
+            .collect();
+        desired_state(&c, &[], &hops(), &health, &mut Ids::default()).unwrap()
+    }
+
+    #[test]
+    fn all_down_fails_open_by_default_over_the_backends_that_take_new_flows() {
+        let state = all_down(TWO_VIPS);
+        let web = &state.vips[0];
+        assert!(web.fail_open);
+        // 10.0.0.1 (weight 1), 10.0.0.2 (weight 3) and 10.0.0.4 (weight 1) are in the table;
+        // 10.0.0.3 drains and stays out.
+        let slots: Vec<u32> = web.backends.iter().map(|b| b.slots).collect();
+        assert_eq!(slots.iter().sum::<u32>(), 251);
+        assert_eq!(slots[2], 0);
+        assert!(slots[1] > slots[0] * 2, "{slots:?}");
+        // Their flows are not moved away (no DOWN flag while failing open).
+        assert_eq!(state.backends[&web.backends[0].id].flags, BACKEND_F_VALID);
+        assert!(web.backends.iter().all(|b| b.state != BackendState::Active));
+    }
+
+    #[test]
+    fn all_down_with_drop_empties_the_table() {
+        let text = TWO_VIPS.replacen(
+            "table_size = 251\n",
+            "table_size = 251\nwhen_all_down = \"drop\"\n",
+            1,
+        );
+        let state = all_down(&text);
+        let web = &state.vips[0];
+        assert!(!web.fail_open);
+        assert!(web.table.iter().all(|&id| id == NO_BACKEND));
+        assert_eq!(
+            state.backends[&web.backends[0].id].flags,
+            BACKEND_F_VALID | BACKEND_F_DOWN
+        );
+    }
+
+    #[test]
+    fn one_healthy_backend_takes_everything() {
+        let c = config(TWO_VIPS);
+        let health: HashMap<BackendKey, Health> = [1u8, 2]
+            .iter()
+            .map(|i| {
+                (
+                    ("web".to_owned(), IpAddr::from([10, 0, 0, *i])),
+                    Health::Down,
+                )
+            })
+            .collect();
+        let state = desired_state(&c, &[], &hops(), &health, &mut Ids::default()).unwrap();
+        let web = &state.vips[0];
+        assert!(!web.fail_open);
+        let only = web.backends[3].id;
+        assert!(web.table.iter().all(|&id| id == only));
+    }
+
+    #[test]
     fn same_input_same_output() {
         let a = desired_state(
             &config(TWO_VIPS),
+            &[],
             &hops(),
             &HashMap::new(),
             &mut Ids::default(),
@@ -450,6 +619,7 @@ backends = [{ address = "10.0.0.1" }]
         .unwrap();
         let b = desired_state(
             &config(TWO_VIPS),
+            &[],
             &hops(),
             &HashMap::new(),
             &mut Ids::default(),

@@ -1,53 +1,43 @@
-//! The JSON status API (`GET /api/v1/status` on `metrics_listen`): what is configured, what
-//! state every backend is in, and the counters, summed over CPUs when asked for.
+//! The HTTP API on `metrics_listen`:
+//! - `GET /api/v1/status`: configuration, every backend's state and health, and the counters,
+//!   summed over CPUs when asked for (JSON);
+//! - `POST /api/v1/reload`: reload the config file now; answers whether it was accepted.
 
-use std::{
-    net::SocketAddr,
-    sync::{Arc, Mutex},
+use std::{net::SocketAddr, time::Duration};
+
+use axum::{
+    extract::State,
+    http::StatusCode,
+    routing::{get, post},
+    Json, Router,
 };
-
-use axum::{http::StatusCode, routing::get, Json, Router};
-use balancer_common::{Outcome, TrafficStats};
+use balancer_common::{xdp_action, Outcome, TrafficStats};
 use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    config::Config,
-    dataplane::{error_chain, Dataplane},
-    reconcile::NextHops,
+    controller::{Controller, ReloadOutcome},
+    daemon::{Event, Shared},
+    dataplane::error_chain,
 };
 
-/// What the daemon shares with the API.
-pub struct Shared {
-    pub config: Config,
-    pub dataplane: Dataplane,
-    pub next_hops: NextHops,
+#[derive(Clone)]
+struct Api {
+    shared: Shared,
+    events: mpsc::Sender<Event>,
 }
-
-pub type SharedState = Arc<Mutex<Shared>>;
 
 /// Serves the API until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    state: SharedState,
+    shared: Shared,
+    events: mpsc::Sender<Event>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = Router::new().route(
-        "/api/v1/status",
-        get(move || {
-            let state = state.clone();
-            async move {
-                match tokio::task::spawn_blocking(move || {
-                    status(&state.lock().expect("state lock"))
-                })
-                .await
-                {
-                    Ok(Ok(value)) => Ok(Json(value)),
-                    Ok(Err(e)) => Err((StatusCode::INTERNAL_SERVER_ERROR, e)),
-                    Err(e) => Err((StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
-                }
-            }
-        }),
-    );
+    let app = Router::new()
+        .route("/api/v1/status", get(get_status))
+        .route("/api/v1/reload", post(post_reload))
+        .with_state(Api { shared, events });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
@@ -57,29 +47,93 @@ pub async fn bind(address: SocketAddr) -> std::io::Result<tokio::net::TcpListene
     tokio::net::TcpListener::bind(address).await
 }
 
+async fn get_status(State(api): State<Api>) -> Result<Json<Value>, (StatusCode, String)> {
+    let shared = api.shared.clone();
+    match tokio::task::spawn_blocking(move || status(&shared.lock().expect("state lock"))).await {
+        Ok(Ok(value)) => Ok(Json(value)),
+        Ok(Err(e)) => Err((StatusCode::INTERNAL_SERVER_ERROR, e)),
+        Err(e) => Err((StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    }
+}
+
+async fn post_reload(State(api): State<Api>) -> (StatusCode, Json<Value>) {
+    let (reply, answer) = oneshot::channel();
+    if api
+        .events
+        .send(Event::Reload {
+            trigger: "API request",
+            reply: Some(reply),
+        })
+        .await
+        .is_err()
+    {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"accepted": false, "error": "shutting down"})),
+        );
+    }
+    match tokio::time::timeout(Duration::from_secs(60), answer).await {
+        Ok(Ok(outcome)) => reload_answer(outcome),
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"accepted": false, "error": "no answer from the daemon"})),
+        ),
+    }
+}
+
+fn reload_answer(outcome: ReloadOutcome) -> (StatusCode, Json<Value>) {
+    match outcome {
+        ReloadOutcome::Accepted {
+            generation,
+            changes,
+        } => (
+            StatusCode::OK,
+            Json(json!({"accepted": true, "generation": generation, "changes": changes})),
+        ),
+        ReloadOutcome::Unchanged { generation } => (
+            StatusCode::OK,
+            Json(json!({"accepted": true, "generation": generation, "changes": []})),
+        ),
+        ReloadOutcome::Rejected { error } => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(json!({"accepted": false, "error": error})),
+        ),
+    }
+}
+
 fn stats_json(stats: Option<&TrafficStats>) -> Value {
     let s = stats.copied().unwrap_or_default();
     json!({ "packets": s.packets, "bytes": s.bytes, "new_flows": s.new_flows })
 }
 
 /// The status document.
-pub fn status(shared: &Shared) -> Result<Value, String> {
-    let counters = shared.dataplane.counters().map_err(|e| error_chain(&e))?;
-    let applied = shared.dataplane.applied();
+pub fn status(c: &Controller) -> Result<Value, String> {
+    let counters = c.dataplane.counters().map_err(|e| error_chain(&e))?;
+    let applied = c.dataplane.applied();
     let vips: Vec<Value> = applied
         .vips
         .iter()
-        .zip(&shared.config.vips)
+        .zip(&c.config.vips)
         .map(|(vip, config)| {
             let backends: Vec<Value> = vip
                 .backends
                 .iter()
                 .map(|b| {
-                    let hop = shared.next_hops.get(&b.address);
+                    let key = (vip.name.clone(), b.address);
+                    let hop = c.next_hops.get(&b.address);
+                    let health = match c.trackers.get(&key) {
+                        Some(t) => json!({
+                            "state": if t.up { "up" } else { "down" },
+                            "probes": t.probes,
+                            "last_failure": t.last_failure.as_ref().map(ToString::to_string),
+                        }),
+                        None => json!({ "state": "unchecked" }),
+                    };
                     json!({
                         "address": b.address.to_string(),
                         "weight": b.weight,
                         "state": b.state.as_str(),
+                        "health": health,
                         "slots": b.slots,
                         "interface": hop.map(|h| h.interface.clone()),
                         "mac": hop.map(|h| format_mac(&h.dst_mac)),
@@ -87,6 +141,7 @@ pub fn status(shared: &Shared) -> Result<Value, String> {
                     })
                 })
                 .collect();
+            let all_down = c.all_down.get(&vip.name).cloned().unwrap_or_default();
             json!({
                 "name": vip.name,
                 "address": config.address.to_string(),
@@ -95,6 +150,9 @@ pub fn status(shared: &Shared) -> Result<Value, String> {
                 "forwarding": "dsr",
                 "table_size": vip.meta.table_size,
                 "table_fingerprint": format!("{:016x}", crate::maglev::fingerprint(&vip.table)),
+                "all_backends_down": all_down.active,
+                "fail_open": vip.fail_open,
+                "all_down_episodes": all_down.episodes,
                 "stats": stats_json(counters.vips.get(&vip.meta.vip_id)),
                 "backends": backends,
             })
@@ -104,24 +162,35 @@ pub fn status(shared: &Shared) -> Result<Value, String> {
         .iter()
         .map(|o| (o.name().to_owned(), json!(counters.outcomes[*o as usize])))
         .collect();
-    let mut verdicts = serde_json::Map::new();
-    for (i, name) in balancer_common::xdp_action::NAMES.iter().enumerate() {
-        let total: u64 = Outcome::ALL
-            .iter()
-            .filter(|o| o.verdict() as usize == i)
-            .map(|o| counters.outcomes[*o as usize])
-            .sum();
-        verdicts.insert((*name).to_owned(), json!(total));
-    }
-    let (interface, mode) = shared
+    let verdicts: serde_json::Map<String, Value> = xdp_action::NAMES
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let total: u64 = Outcome::ALL
+                .iter()
+                .filter(|o| o.verdict() as usize == i)
+                .map(|o| counters.outcomes[*o as usize])
+                .sum();
+            ((*name).to_owned(), json!(total))
+        })
+        .collect();
+    let (interface, mode) = c
         .dataplane
         .attached()
         .map_or((None, None), |(i, m)| (Some(i), Some(m.as_str())));
     Ok(json!({
         "interface": interface,
         "xdp_mode": mode,
-        "hash_seed": shared.config.hash_seed,
-        "conn_table_size": shared.config.conn_table_size,
+        "config": c.config_path.display().to_string(),
+        "config_generation": c.generation,
+        "reloads": {
+            "accepted": c.reloads.accepted,
+            "rejected": c.reloads.rejected,
+            "last_error": c.reloads.last_error,
+            "last_apply_ms": c.reloads.last_apply.map(|d| d.as_secs_f64() * 1e3),
+        },
+        "hash_seed": c.config.hash_seed,
+        "conn_table_size": c.config.conn_table_size,
         "vips": vips,
         "outcomes": outcomes,
         "verdicts": verdicts,

@@ -24,6 +24,10 @@ pub const VIP_ADDR: Ipv4Addr = Ipv4Addr::new(10, 99, 100, 1);
 /// The interface name inside every host namespace.
 pub const HOST_IF: &str = "eth0";
 
+/// Where backends' HTTP servers listen.
+pub const HTTP_LISTEN: std::net::SocketAddrV4 =
+    std::net::SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 80);
+
 pub fn backend_addr(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 99, 0, 11 + i as u8)
 }
@@ -131,10 +135,11 @@ impl DsrTopology {
         }
     }
 
-    /// Starts an HTTP server on VIP:80 in every backend; `name(i)` is what backend `i`
+    /// Starts an HTTP server on port 80 of every address of every backend (the VIP for
+    /// clients, the backend's own address for health checks); `name(i)` is what backend `i`
     /// puts in its responses.
     pub fn start_http_servers(&self, name: impl Fn(usize) -> String) -> Vec<HttpServer> {
-        let listen = std::net::SocketAddrV4::new(VIP_ADDR, 80).into();
+        let listen = HTTP_LISTEN.into();
         self.backends
             .iter()
             .enumerate()

@@ -153,7 +153,7 @@ impl World {
 
     fn apply(&mut self) {
         let desired =
-            reconcile::desired_state(&self.config, &self.hops, &self.health, &mut self.ids)
+            reconcile::desired_state(&self.config, &[], &self.hops, &self.health, &mut self.ids)
                 .unwrap();
         self.dataplane.apply(&desired).expect("maps written");
     }
@@ -729,6 +729,18 @@ fn fixtures() -> Vec<Fixture> {
             w.health
                 .insert(("web".into(), IpAddr::from(first)), Health::Down);
             w.apply();
+            assert_ne!(web_choice(w, p), first);
+        }),
+        fixture(
+            "a TCP SYN reusing a remembered 5-tuple is a new flow: placed by the table, not sent to the draining backend",
+            tcp(WEB, 40013, 80),
+            to_computed("web", true, web_choice),
+        )
+        .prepare(|w, p| {
+            let first = web_choice(w, p);
+            w.remember("web", &p.flow(), first);
+            let address = Ipv4Addr::from(first).to_string();
+            w.set_config(|c| c.replace(&format!("\"{address}\", weight"), &format!("\"{address}\", drain = true, weight")));
             assert_ne!(web_choice(w, p), first);
         }),
         fixture(

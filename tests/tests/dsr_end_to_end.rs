@@ -41,7 +41,7 @@ fn predicted_backends(config: &config::Config) -> impl Fn(u16) -> IpAddr {
         })
         .collect();
     let state =
-        reconcile::desired_state(config, &hops, &HashMap::new(), &mut Ids::default()).unwrap();
+        reconcile::desired_state(config, &[], &hops, &HashMap::new(), &mut Ids::default()).unwrap();
     let vip = state.vips[0].clone();
     let addresses: HashMap<u32, IpAddr> = vip.backends.iter().map(|b| (b.id, b.address)).collect();
     let seed = config.hash_seed;

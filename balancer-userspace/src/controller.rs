@@ -1,0 +1,403 @@
+//! The daemon's state and what changes it: health verdicts, config reloads, next hops, the
+//! end of removed backends' grace periods. Every change ends in `reconcile`, which computes
+//! the desired map contents from the whole state and writes the difference.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use tracing::{error, info, warn};
+
+use crate::{
+    config::{self, diff, CheckKind, Config, HealthCheck},
+    dataplane::{error_chain, Dataplane},
+    health::{ProbeResult, Tracker},
+    reconcile::{self, BackendKey, DesiredState, Health, Ids, NextHops},
+};
+
+/// Reload counters and the last rejection, for the status API.
+#[derive(Clone, Debug, Default)]
+pub struct ReloadStats {
+    pub accepted: u64,
+    pub rejected: u64,
+    pub last_error: Option<String>,
+    /// Time from reading the file to the maps being written, of the last accepted reload.
+    pub last_apply: Option<Duration>,
+}
+
+/// Per VIP: is it failing open (or dropping) because every backend is down.
+#[derive(Clone, Debug, Default)]
+pub struct AllDownStats {
+    pub active: bool,
+    pub fail_open: bool,
+    /// Times the VIP entered the all-down state.
+    pub episodes: u64,
+}
+
+/// What a reload did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    Accepted {
+        generation: u64,
+        changes: Vec<String>,
+    },
+    Unchanged {
+        generation: u64,
+    },
+    Rejected {
+        error: String,
+    },
+}
+
+pub struct Controller {
+    pub config_path: PathBuf,
+    pub config: Config,
+    config_text: String,
+    /// Increments with every accepted reload (1 for the config the daemon started with).
+    pub generation: u64,
+    pub dataplane: Dataplane,
+    pub next_hops: NextHops,
+    ids: Ids,
+    /// Health verdicts of backends with checks (kind none: always up, no tracker).
+    pub trackers: HashMap<BackendKey, Tracker>,
+    /// Backends removed from the config, and when their grace period ends.
+    pub retiring: BTreeMap<BackendKey, Instant>,
+    pub reloads: ReloadStats,
+    pub all_down: HashMap<String, AllDownStats>,
+}
+
+impl Controller {
+    pub fn new(
+        config_path: PathBuf,
+        config: Config,
+        config_text: String,
+        dataplane: Dataplane,
+        next_hops: NextHops,
+    ) -> Controller {
+        let mut controller = Controller {
+            config_path,
+            config: Config {
+                vips: Vec::new(),
+                ..config.clone()
+            },
+            config_text,
+            generation: 1,
+            dataplane,
+            next_hops,
+            ids: Ids::default(),
+            trackers: HashMap::new(),
+            retiring: BTreeMap::new(),
+            reloads: ReloadStats::default(),
+            all_down: HashMap::new(),
+        };
+        controller.adopt_backends(&config);
+        controller.config = config;
+        controller
+    }
+
+    pub fn config_text(&self) -> &str {
+        &self.config_text
+    }
+
+    /// Every backend address the config and the retiring list name.
+    pub fn addresses(&self) -> Vec<IpAddr> {
+        let mut addresses: Vec<IpAddr> = self
+            .config
+            .vips
+            .iter()
+            .flat_map(|v| v.backends.iter().map(|b| b.address))
+            .chain(self.retiring.keys().map(|(_, a)| *a))
+            .collect();
+        addresses.sort();
+        addresses.dedup();
+        addresses
+    }
+
+    /// The health checks to run: configured backends whose check is not `none`.
+    pub fn wanted_checks(&self) -> HashMap<BackendKey, (IpAddr, HealthCheck)> {
+        self.config
+            .vips
+            .iter()
+            .flat_map(|v| {
+                v.backends
+                    .iter()
+                    .filter(|b| b.health.kind != CheckKind::None)
+                    .map(|b| ((v.name.clone(), b.address), (b.address, b.health.clone())))
+            })
+            .collect()
+    }
+
+    /// Trackers for `new`'s backends: kept for backends already known (a reload must not
+    /// reset a verdict), created in the initial state for new ones, dropped for backends
+    /// that left (retiring ones keep their last verdict).
+    fn adopt_backends(&mut self, new: &Config) {
+        let mut trackers = HashMap::new();
+        for vip in &new.vips {
+            for b in &vip.backends {
+                if b.health.kind == CheckKind::None {
+                    continue;
+                }
+                let key = (vip.name.clone(), b.address);
+                let tracker = self
+                    .trackers
+                    .remove(&key)
+                    .unwrap_or_else(|| Tracker::new(b.health.initial));
+                trackers.insert(key, tracker);
+            }
+        }
+        for key in self.retiring.keys() {
+            if let Some(tracker) = self.trackers.remove(key) {
+                trackers.insert(key.clone(), tracker);
+            }
+        }
+        self.trackers = trackers;
+    }
+
+    fn health(&self) -> HashMap<BackendKey, Health> {
+        self.trackers
+            .iter()
+            .map(|(key, t)| (key.clone(), if t.up { Health::Up } else { Health::Down }))
+            .collect()
+    }
+
+    /// Computes the desired state from everything known and writes it to the maps.
+    pub fn reconcile(&mut self) -> anyhow::Result<()> {
+        let retiring: Vec<BackendKey> = self.retiring.keys().cloned().collect();
+        let desired = reconcile::desired_state(
+            &self.config,
+            &retiring,
+            &self.next_hops,
+            &self.health(),
+            &mut self.ids,
+        )?;
+        self.dataplane
+            .apply(&desired)
+            .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+        self.note_all_down(&desired);
+        Ok(())
+    }
+
+    /// Logs (once per episode) and counts VIPs whose backends are all down.
+    fn note_all_down(&mut self, desired: &DesiredState) {
+        for (vip, config) in desired.vips.iter().zip(&self.config.vips) {
+            let active = vip
+                .backends
+                .iter()
+                .any(|b| b.state == reconcile::BackendState::Active);
+            let down = vip
+                .backends
+                .iter()
+                .filter(|b| b.state == reconcile::BackendState::Down)
+                .count();
+            let all_down = !active && down > 0;
+            let stats = self.all_down.entry(vip.name.clone()).or_default();
+            if all_down && !stats.active {
+                stats.episodes += 1;
+                if vip.fail_open {
+                    error!(
+                        "VIP {}: all {down} backends that take new flows are down; failing open: new flows are \
+                         spread over them anyway (when_all_down = \"fail_open\")",
+                        vip.name
+                    );
+                } else {
+                    error!(
+                        "VIP {}: all backends are down; its packets are dropped (when_all_down = \"drop\", \
+                         counted as no_backend)",
+                        vip.name
+                    );
+                }
+            } else if !all_down && stats.active {
+                info!(
+                    "VIP {}: a backend is up again; new flows go to healthy backends only",
+                    config.name
+                );
+            }
+            stats.active = all_down;
+            stats.fail_open = vip.fail_open;
+        }
+        self.all_down
+            .retain(|name, _| desired.vips.iter().any(|v| &v.name == name));
+    }
+
+    /// Records a probe result; on a change of verdict, logs it once and updates the maps.
+    pub fn probe_result(&mut self, key: &BackendKey, result: ProbeResult) {
+        let Some(check) = self
+            .config
+            .vips
+            .iter()
+            .find(|v| v.name == key.0)
+            .and_then(|v| v.backends.iter().find(|b| b.address == key.1))
+            .map(|b| b.health.clone())
+        else {
+            return;
+        };
+        let Some(tracker) = self.trackers.get_mut(key) else {
+            return;
+        };
+        let Some(transition) = tracker.record(&result, check.rise, check.fall) else {
+            return;
+        };
+        if transition.up {
+            info!(
+                "backend {} of VIP {} is UP: {} successful {} probes in a row",
+                key.1,
+                key.0,
+                transition.streak,
+                check.kind.name()
+            );
+        } else {
+            let reason = transition.reason.map(|r| r.to_string()).unwrap_or_default();
+            warn!(
+                "backend {} of VIP {} is DOWN: {} failed {} probes in a row (last: {reason}); its flows move to \
+                 other backends",
+                key.1,
+                key.0,
+                transition.streak,
+                check.kind.name()
+            );
+        }
+        if let Err(e) = self.reconcile() {
+            error!("updating the maps after a health change: {e:#}");
+        }
+    }
+
+    /// Validates `text` and, if it is a valid config that the running data plane can take,
+    /// makes it the running config. `next_hops` must hold the new config's backends that
+    /// could be resolved.
+    pub fn reload(&mut self, text: String, next_hops: NextHops, started: Instant) -> ReloadOutcome {
+        let new = match config::parse(&self.config_path, &text) {
+            Ok(new) => new,
+            Err(e) => return self.reject(e.to_string()),
+        };
+        let restart = diff::needs_restart(&self.config, &new);
+        if !restart.is_empty() {
+            return self.reject(format!(
+                "{}: changing {} needs a restart of the daemon; the running config stays in force",
+                self.config_path.display(),
+                restart.join(", ")
+            ));
+        }
+        let changes: Vec<String> = diff::diff(&self.config, &new)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+
+        // Removed backends start their grace period; re-added ones end it.
+        let now = Instant::now();
+        for vip in &self.config.vips {
+            for b in &vip.backends {
+                let still = new.vips.iter().any(|n| {
+                    n.name == vip.name && n.backends.iter().any(|nb| nb.address == b.address)
+                });
+                let vip_stays = new.vips.iter().any(|n| n.name == vip.name);
+                if !still && vip_stays && !new.removal_grace.is_zero() {
+                    self.retiring
+                        .insert((vip.name.clone(), b.address), now + new.removal_grace);
+                }
+            }
+        }
+        self.retiring.retain(|(vip, address), _| {
+            new.vips.iter().any(|n| &n.name == vip)
+                && !new
+                    .vips
+                    .iter()
+                    .any(|n| &n.name == vip && n.backends.iter().any(|b| &b.address == address))
+        });
+        self.adopt_backends(&new);
+        self.config = new;
+        self.config_text = text;
+        self.next_hops = next_hops;
+        if let Err(e) = self.reconcile() {
+            // The config is valid; the kernel refused a map update. Say so; the next change
+            // or refresh writes everything that differs again.
+            return self.reject(format!("writing the maps: {e:#}"));
+        }
+        self.generation += 1;
+        self.reloads.accepted += 1;
+        self.reloads.last_apply = Some(started.elapsed());
+        let summary = if changes.is_empty() {
+            "no changes".to_owned()
+        } else {
+            changes.join("; ")
+        };
+        info!(
+            "config generation {} applied in {:.1} ms: {summary}",
+            self.generation,
+            started.elapsed().as_secs_f64() * 1e3
+        );
+        if changes.is_empty() {
+            ReloadOutcome::Unchanged {
+                generation: self.generation,
+            }
+        } else {
+            ReloadOutcome::Accepted {
+                generation: self.generation,
+                changes,
+            }
+        }
+    }
+
+    fn reject(&mut self, error: String) -> ReloadOutcome {
+        self.reloads.rejected += 1;
+        self.reloads.last_error = Some(error.clone());
+        error!("config reload rejected: {error}");
+        ReloadOutcome::Rejected { error }
+    }
+
+    /// A config file that cannot be read at all.
+    pub fn reject_unreadable(&mut self, error: String) -> ReloadOutcome {
+        self.reject(error)
+    }
+
+    /// Ends the grace period of removed backends whose time is up.
+    pub fn expire_retiring(&mut self, now: Instant) {
+        let expired: Vec<BackendKey> = self
+            .retiring
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        if expired.is_empty() {
+            return;
+        }
+        for key in &expired {
+            self.retiring.remove(key);
+            self.trackers.remove(key);
+            info!(
+                "backend {} of VIP {}: removal grace period over; its remaining flows move",
+                key.1, key.0
+            );
+        }
+        if let Err(e) = self.reconcile() {
+            error!("updating the maps after removing backends: {e:#}");
+        }
+    }
+
+    /// Takes freshly resolved next hops; updates the maps if any changed.
+    pub fn refresh_next_hops(&mut self, hops: NextHops) {
+        if hops == self.next_hops {
+            return;
+        }
+        for (address, hop) in &hops {
+            if self.next_hops.get(address) != Some(hop) {
+                info!(
+                    "next hop of {address} is now {} via {}",
+                    crate::status::format_mac(&hop.dst_mac),
+                    hop.interface
+                );
+            }
+        }
+        for address in self.next_hops.keys() {
+            if !hops.contains_key(address) {
+                warn!("backend {address} no longer resolves; it gets no traffic until it does");
+            }
+        }
+        self.next_hops = hops;
+        if let Err(e) = self.reconcile() {
+            error!("updating next hops: {e:#}");
+        }
+    }
+}
