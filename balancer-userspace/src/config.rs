@@ -203,6 +203,32 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
     validate(raw).map_err(|(span, message)| at(span, message))
 }
 
+/// `metrics_listen` of a config file, read leniently: the rest of the file may be invalid
+/// (`balancer reload` must be able to reach a daemon to hear why its new config is rejected).
+pub fn metrics_listen_of(path: &Path) -> anyhow::Result<SocketAddr> {
+    use anyhow::Context as _;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let value: toml::Table = match toml::from_str(&text) {
+        Ok(value) => value,
+        // Not even TOML: the default address is the best guess.
+        Err(_) => return Ok(DEFAULT_METRICS_LISTEN.parse().expect("valid default")),
+    };
+    let listen = value
+        .get("balancer")
+        .and_then(|b| b.get("metrics_listen"))
+        .and_then(|v| v.as_str());
+    match listen {
+        None => Ok(DEFAULT_METRICS_LISTEN.parse().expect("valid default")),
+        Some(text) => text.parse().with_context(|| {
+            format!(
+                "{}: metrics_listen \"{text}\" is not an address:port",
+                path.display()
+            )
+        }),
+    }
+}
+
 /// 1-based line and column of a byte offset (columns count characters, not bytes).
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());

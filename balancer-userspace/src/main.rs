@@ -100,10 +100,11 @@ fn check(path: &std::path::Path) -> ExitCode {
 fn reload(config_path: Option<&std::path::Path>, api: Option<std::net::SocketAddr>) -> ExitCode {
     let address = match (api, config_path) {
         (Some(api), _) => api,
-        (None, Some(path)) => match config::load(path) {
-            Ok(c) => c.metrics_listen,
+        // Leniently: the file may be the invalid config the daemon is about to reject.
+        (None, Some(path)) => match config::metrics_listen_of(path) {
+            Ok(address) => address,
             Err(e) => {
-                eprintln!("error: {e}");
+                eprintln!("error: {e:#}");
                 return ExitCode::FAILURE;
             }
         },

@@ -14,7 +14,7 @@ use std::{
         Arc,
     },
     thread::JoinHandle,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -116,7 +116,11 @@ fn serve(mut stream: TcpStream, name: &str) -> std::io::Result<()> {
         }
         request.extend_from_slice(&buf[..n]);
     }
-    let head = String::from_utf8_lossy(&request);
+    let head = String::from_utf8_lossy(&request).into_owned();
+    if head.starts_with("GET /stream ") {
+        let body_start = head.find("\r\n\r\n").map_or(request.len(), |i| i + 4);
+        return echo_stream(stream, name, &request[body_start..]);
+    }
     let id = head
         .split_whitespace()
         .nth(1)
@@ -130,6 +134,190 @@ fn serve(mut stream: TcpStream, name: &str) -> std::io::Result<()> {
     );
     stream.write_all(response.as_bytes())?;
     stream.flush()
+}
+
+/// A long-lived exchange: after the response head and `backend=NAME`, every line the client
+/// sends comes back prefixed with the backend's name, until the client closes.
+fn echo_stream(mut stream: TcpStream, name: &str, already_read: &[u8]) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    stream.set_nodelay(true)?;
+    stream.write_all(
+        format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nbackend={name}\n").as_bytes(),
+    )?;
+    let mut pending = already_read.to_vec();
+    let mut buf = [0u8; 1024];
+    loop {
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let mut echo = format!("{name} ").into_bytes();
+            echo.extend_from_slice(&line);
+            stream.write_all(&echo)?;
+        }
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        pending.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// A long-lived connection to a backend's stream endpoint (`GET /stream`).
+pub struct Stream {
+    stream: TcpStream,
+    /// The backend that answered the request.
+    pub backend: String,
+    pending: Vec<u8>,
+    /// Lines exchanged so far.
+    pub exchanges: u64,
+}
+
+impl Stream {
+    /// Opens the connection from a thread in `ns`; the socket stays in that namespace and can
+    /// be used from any thread afterwards.
+    pub fn open(ns: &Netns, to: SocketAddrV4, source_port: u16) -> Result<Stream, String> {
+        let socket = ns.run(move || -> Result<TcpStream, String> {
+            let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))
+                .map_err(|e| e.to_string())?;
+            socket.set_reuse_address(true).map_err(|e| e.to_string())?;
+            let local: SocketAddr = SocketAddr::from(([0, 0, 0, 0], source_port));
+            socket
+                .bind(&local.into())
+                .map_err(|e| format!("bind port {source_port}: {e}"))?;
+            socket
+                .connect_timeout(&SocketAddr::V4(to).into(), IO_TIMEOUT)
+                .map_err(|e| format!("connect to {to}: {e}"))?;
+            Ok(socket.into())
+        })?;
+        socket.set_nodelay(true).map_err(|e| e.to_string())?;
+        let mut stream = Stream {
+            stream: socket,
+            backend: String::new(),
+            pending: Vec::new(),
+            exchanges: 0,
+        };
+        stream
+            .stream
+            .set_read_timeout(Some(IO_TIMEOUT))
+            .map_err(|e| e.to_string())?;
+        write!(stream.stream, "GET /stream HTTP/1.1\r\nHost: {to}\r\n\r\n")
+            .map_err(|e| e.to_string())?;
+        let head = stream.read_until(b"\r\n\r\n")?;
+        if !head.starts_with("HTTP/1.1 200 ") {
+            return Err(format!("unexpected answer {head:?}"));
+        }
+        let first = stream.read_until(b"\n")?;
+        stream.backend = first
+            .trim_end()
+            .strip_prefix("backend=")
+            .ok_or_else(|| format!("no backend line in {first:?}"))?
+            .to_owned();
+        Ok(stream)
+    }
+
+    /// Sends a line and reads its echo; returns the name of the backend that echoed it.
+    pub fn exchange(&mut self, line: &str) -> Result<String, String> {
+        writeln!(self.stream, "{line}").map_err(|e| format!("send: {e}"))?;
+        let echo = self.read_until(b"\n")?;
+        let (backend, text) = echo
+            .trim_end()
+            .split_once(' ')
+            .ok_or_else(|| format!("bad echo {echo:?}"))?;
+        if text != line {
+            return Err(format!("echo {text:?} for {line:?}"));
+        }
+        self.exchanges += 1;
+        Ok(backend.to_owned())
+    }
+
+    fn read_until(&mut self, end: &[u8]) -> Result<String, String> {
+        let mut buf = [0u8; 1024];
+        loop {
+            if let Some(at) = self.pending.windows(end.len()).position(|w| w == end) {
+                let taken: Vec<u8> = self.pending.drain(..at + end.len()).collect();
+                return Ok(String::from_utf8_lossy(&taken).into_owned());
+            }
+            let n = self
+                .stream
+                .read(&mut buf)
+                .map_err(|e| format!("receive: {e}"))?;
+            if n == 0 {
+                return Err("connection closed".into());
+            }
+            self.pending.extend_from_slice(&buf[..n]);
+        }
+    }
+}
+
+/// One connection of a [`LoadGenerator`].
+#[derive(Clone, Debug)]
+pub struct Attempt {
+    pub started: Instant,
+    pub source_port: u16,
+    /// The backend that served it, or why it failed.
+    pub result: Result<String, String>,
+}
+
+/// New connections one after another (paced), from a thread in the client's namespace, until
+/// stopped. Source ports cycle through a range, as a busy client's would.
+pub struct LoadGenerator {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Vec<Attempt>>>,
+}
+
+impl LoadGenerator {
+    pub fn start(
+        ns: &Netns,
+        to: SocketAddrV4,
+        ports: std::ops::Range<u16>,
+        pause: Duration,
+    ) -> LoadGenerator {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = ns.spawn(move || {
+            let mut attempts = Vec::new();
+            let mut port = ports.start;
+            let mut id = 0u64;
+            while !flag.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                let result = get(to, port, id).map(|s| s.backend);
+                attempts.push(Attempt {
+                    started,
+                    source_port: port,
+                    result,
+                });
+                port = if port + 1 >= ports.end {
+                    ports.start
+                } else {
+                    port + 1
+                };
+                id += 1;
+                std::thread::sleep(pause);
+            }
+            attempts
+        });
+        LoadGenerator {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops and returns every attempt, in order.
+    pub fn stop(mut self) -> Vec<Attempt> {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.thread.take().expect("running").join() {
+            Ok(attempts) => attempts,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+}
+
+impl Drop for LoadGenerator {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// What one request got back.

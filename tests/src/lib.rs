@@ -5,4 +5,5 @@
 pub mod http;
 pub mod netns;
 pub mod process;
+pub mod scratch;
 pub mod topology;

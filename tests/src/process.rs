@@ -87,6 +87,12 @@ impl BalancerProcess {
         }
     }
 
+    /// Sends a signal (SIGHUP to reload, ...).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }

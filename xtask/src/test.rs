@@ -125,7 +125,7 @@ pub fn run() -> Result<()> {
     ));
     tiers.push(root_tier(
         "network namespaces (real balancer, servers, clients)",
-        &["dsr_end_to_end", "attach_modes"],
+        &["dsr_end_to_end", "attach_modes", "dynamic_backends"],
     ));
 
     println!("\n==== summary");
