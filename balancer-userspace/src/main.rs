@@ -80,8 +80,19 @@ fn check(path: &std::path::Path) -> ExitCode {
             );
             for vip in &c.vips {
                 let active = vip.backends.iter().filter(|b| b.takes_new_flows()).count();
+                let checks = match vip.backends.first().map(|b| &b.health) {
+                    Some(h) if h.kind != config::CheckKind::None => {
+                        format!(
+                            "{} checks of port {} every {:?}",
+                            h.kind.name(),
+                            h.port,
+                            h.interval
+                        )
+                    }
+                    _ => "no health checks".to_owned(),
+                };
                 println!(
-                    "  {:<16} {:<24} {} backends ({active} taking new flows), table {} slots",
+                    "  {:<16} {:<24} {} backends ({active} taking new flows), table {} slots, {checks}",
                     vip.name,
                     vip.endpoint(),
                     vip.backends.len(),

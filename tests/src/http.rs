@@ -175,19 +175,7 @@ impl Stream {
     /// Opens the connection from a thread in `ns`; the socket stays in that namespace and can
     /// be used from any thread afterwards.
     pub fn open(ns: &Netns, to: SocketAddrV4, source_port: u16) -> Result<Stream, String> {
-        let socket = ns.run(move || -> Result<TcpStream, String> {
-            let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))
-                .map_err(|e| e.to_string())?;
-            socket.set_reuse_address(true).map_err(|e| e.to_string())?;
-            let local: SocketAddr = SocketAddr::from(([0, 0, 0, 0], source_port));
-            socket
-                .bind(&local.into())
-                .map_err(|e| format!("bind port {source_port}: {e}"))?;
-            socket
-                .connect_timeout(&SocketAddr::V4(to).into(), IO_TIMEOUT)
-                .map_err(|e| format!("connect to {to}: {e}"))?;
-            Ok(socket.into())
-        })?;
+        let socket = ns.run(move || connect_from(to, source_port))?;
         socket.set_nodelay(true).map_err(|e| e.to_string())?;
         let mut stream = Stream {
             stream: socket,
@@ -320,15 +308,8 @@ impl Drop for LoadGenerator {
     }
 }
 
-/// What one request got back.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Served {
-    pub backend: String,
-}
-
-/// One HTTP GET over a new TCP connection from `source_port` (0: any) to `to`. The response
-/// must be complete (Content-Length honoured), 200, and answer this request's `id`.
-pub fn get(to: SocketAddrV4, source_port: u16, id: u64) -> Result<Served, String> {
+/// A TCP connection to `to` from `source_port` (0: any), in the calling thread's namespace.
+fn connect_from(to: SocketAddrV4, source_port: u16) -> Result<TcpStream, String> {
     let socket =
         Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).map_err(|e| e.to_string())?;
     if source_port != 0 {
@@ -341,7 +322,19 @@ pub fn get(to: SocketAddrV4, source_port: u16, id: u64) -> Result<Served, String
     socket
         .connect_timeout(&SocketAddr::V4(to).into(), IO_TIMEOUT)
         .map_err(|e| format!("connect to {to} from port {source_port}: {e}"))?;
-    let mut stream: TcpStream = socket.into();
+    Ok(socket.into())
+}
+
+/// What one request got back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Served {
+    pub backend: String,
+}
+
+/// One HTTP GET over a new TCP connection from `source_port` (0: any) to `to`. The response
+/// must be complete (Content-Length honoured), 200, and answer this request's `id`.
+pub fn get(to: SocketAddrV4, source_port: u16, id: u64) -> Result<Served, String> {
+    let mut stream = connect_from(to, source_port)?;
     stream
         .set_read_timeout(Some(IO_TIMEOUT))
         .map_err(|e| e.to_string())?;

@@ -74,6 +74,17 @@ struct Lab {
 
 impl Lab {
     fn start(test: &str, backends: usize, config_text: &str) -> Lab {
+        Lab::start_with(test, backends, |scratch| {
+            scratch.write_atomically("config.toml", config_text)
+        })
+    }
+
+    /// Like `start`; `place_config` writes the config and returns the path to run with.
+    fn start_with(
+        test: &str,
+        backends: usize,
+        place_config: impl FnOnce(&Scratch) -> std::path::PathBuf,
+    ) -> Lab {
         require_root("the dynamic backend tests");
         remove_stale("lbt-");
         let prefix = format!("lbt-{}-{test}-", std::process::id());
@@ -84,7 +95,7 @@ impl Lab {
             .map(Some)
             .collect();
         let scratch = Scratch::new("lbt-", test);
-        let config = scratch.write_atomically("config.toml", config_text);
+        let config = place_config(&scratch);
         let mut balancer = BalancerProcess::start(
             &topology.balancer,
             &["run", "--config", config.to_str().unwrap()],
@@ -529,5 +540,37 @@ fn an_invalid_config_is_rejected_and_changes_nothing() {
         "traffic was affected"
     );
     assert!(attempts.len() > 100);
+    assert!(lab.balancer.stop().success());
+}
+
+/// The layout of a Kubernetes ConfigMap volume: `config.toml -> ..data/config.toml`,
+/// `..data -> ..v1`; an update swaps the `..data` symlink to a new directory atomically.
+#[test]
+fn a_configmap_style_symlink_swap_is_seen() {
+    let one = config(&[(0, 1, false), (1, 1, false)]);
+    let two = config(&[(0, 1, false), (1, 5, false)]);
+    let mut lab = Lab::start_with("configmap", 2, |scratch| {
+        std::fs::create_dir(scratch.path("..v1")).unwrap();
+        std::fs::write(scratch.path("..v1/config.toml"), &one).unwrap();
+        std::os::unix::fs::symlink("..v1", scratch.path("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/config.toml", scratch.path("config.toml")).unwrap();
+        scratch.path("config.toml")
+    });
+    let generation = lab.generation();
+    std::fs::create_dir(lab.scratch.path("..v2")).unwrap();
+    std::fs::write(lab.scratch.path("..v2/config.toml"), &two).unwrap();
+    std::os::unix::fs::symlink("..v2", lab.scratch.path("..data_tmp")).unwrap();
+    std::fs::rename(lab.scratch.path("..data_tmp"), lab.scratch.path("..data")).unwrap();
+    lab.wait_for("the swapped config", Duration::from_secs(5), |s| {
+        s["config_generation"] == generation + 1
+    });
+    assert_eq!(backend(&lab.status(), 1)["weight"], 5);
+    assert!(
+        lab.balancer
+            .log()
+            .contains("VIP web: 10.99.0.12 weight 1->5"),
+        "{}",
+        lab.balancer.log()
+    );
     assert!(lab.balancer.stop().success());
 }
