@@ -10,6 +10,7 @@
 //! the rest stays zero, with `family` telling the two apart.
 #![no_std]
 
+pub mod csum;
 pub mod hash;
 
 /// Bumped whenever a map's key or value layout, or the meaning of a field, changes.
@@ -53,6 +54,10 @@ pub mod map_names {
     pub const VIP_STATS: &str = "VIP_STATS";
     /// `Outcome -> packets` (per-CPU array).
     pub const OUTCOME_STATS: &str = "OUTCOME_STATS";
+    /// `DecapOutcome -> packets` (per-CPU array), of the decapsulating program.
+    pub const DECAP_STATS: &str = "DECAP_STATS";
+    /// `DecapAddress -> 1`: the addresses the decapsulating program accepts tunnels to.
+    pub const DECAP_ADDRESSES: &str = "DECAP_ADDRESSES";
 }
 
 /// Program names in the object file.
@@ -62,6 +67,8 @@ pub mod program_names {
     /// `XDP_PASS` and nothing else: the baseline for measurements, and the program a veth
     /// peer needs so that frames sent to it with XDP_TX or XDP_REDIRECT are delivered.
     pub const PASS: &str = "xdp_pass";
+    /// Backend side of tunnel mode: strips the outer header of tunnels to local addresses.
+    pub const DECAP: &str = "balancer_decap";
 }
 
 /// Address family of a key or backend.
@@ -73,6 +80,14 @@ pub const FAMILY_IPV6: u8 = 6;
 pub const PROTO_TCP: u8 = 6;
 /// IP protocol numbers the balancer forwards.
 pub const PROTO_UDP: u8 = 17;
+/// ICMP, and the key protocol of a VIP address entry (see `VIP_F_ADDRESS`).
+pub const PROTO_ICMP: u8 = 1;
+/// ICMPv6, and the key protocol of an IPv6 VIP address entry.
+pub const PROTO_ICMPV6: u8 = 58;
+/// IPv4 in IP (IPIP and IPv4-in-IPv6).
+pub const PROTO_IPIP: u8 = 4;
+/// IPv6 in IP (IP6IP6).
+pub const PROTO_IPV6: u8 = 41;
 
 /// A VIP key: the destination a packet is classified by. `port == 0` is the any-port entry.
 #[repr(C)]
@@ -87,6 +102,23 @@ pub struct VipKey {
 
 /// Forwarding mode: L2 direct server return.
 pub const FORWARD_DSR: u8 = 0;
+/// Forwarding mode: IP-in-IP encapsulation (IPIP, IP6IP6, IPv4-in-IPv6) to the backend.
+pub const FORWARD_TUNNEL: u8 = 1;
+
+/// The VIP's Maglev hash uses the destination port only (all flows to a port of the VIP go
+/// to the same backend).
+pub const VIP_F_HASH_DST_PORT_ONLY: u8 = 1 << 0;
+/// Fragments of this VIP's traffic are balanced: every packet of a fragmented datagram is
+/// hashed (and remembered) on addresses and protocol only, so all fragments, the first one
+/// with ports and the others without, reach the same backend.
+pub const VIP_F_FRAGMENTS: u8 = 1 << 1;
+/// This key (port 0) stands for the VIP for fragments only: other packets that reach it
+/// are not for a VIP. Lets a port-specific VIP receive its non-first fragments, which carry
+/// no port.
+pub const VIP_F_FRAGMENTS_ONLY: u8 = 1 << 2;
+/// This key (protocol ICMP or ICMPv6, port 0) marks a VIP address: echo requests to it are
+/// answered by the balancer.
+pub const VIP_F_ADDRESS: u8 = 1 << 3;
 
 /// What the program needs to know about a VIP once it matched.
 #[repr(C)]
@@ -98,7 +130,9 @@ pub struct VipMeta {
     pub table_size: u32,
     /// One of the `FORWARD_*` constants.
     pub forwarding: u8,
-    pub _pad: [u8; 3],
+    /// `VIP_F_*`.
+    pub flags: u8,
+    pub _pad: [u8; 2],
 }
 
 /// The backend entry holds a live backend. An id without it is free.
@@ -114,7 +148,11 @@ pub const BACKEND_F_DRAINING: u32 = 1 << 2;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Backend {
     pub addr: [u8; 16],
-    /// Next hop's MAC address (the backend itself for direct server return).
+    /// Tunnel mode: the outer source address (of the backend's family). Its last
+    /// `tunnel_src_bits` bits are replaced per flow by bits of the flow's hash.
+    pub tunnel_src: [u8; 16],
+    /// Next hop's MAC address (the backend itself for direct server return, the backend or
+    /// the gateway towards it for tunnels).
     pub dst_mac: [u8; 6],
     /// MAC address of the egress interface.
     pub src_mac: [u8; 6],
@@ -125,8 +163,12 @@ pub struct Backend {
     pub vip_id: u32,
     /// `BACKEND_F_*`.
     pub flags: u32,
+    /// MTU of the egress interface: an encapsulated packet larger than this is answered with
+    /// an ICMP "too big" instead.
+    pub mtu: u16,
     pub family: u8,
-    pub _pad: [u8; 3],
+    /// Tunnel mode: how many low bits of `tunnel_src` vary per flow (0: a fixed address).
+    pub tunnel_src_bits: u8,
 }
 
 /// A flow, as the connection table and the Maglev hash see it.
@@ -208,35 +250,101 @@ outcomes! {
     ForwardedTx = 0, "forwarded_tx", TX;
     /// Forwarded to a backend out of another interface.
     ForwardedRedirect = 1, "forwarded_redirect", REDIRECT;
+    /// An ICMP or ICMPv6 echo request to a VIP address, answered by the balancer.
+    EchoReplied = 2, "icmp_echo_replied", TX;
+    /// Too big to forward once encapsulated: answered with ICMP "fragmentation needed" or
+    /// ICMPv6 "packet too big" carrying the MTU that fits.
+    TooBigAnswered = 3, "icmp_too_big_sent", TX;
     /// Not IPv4 or IPv6 (ARP, LLDP, ...).
-    NotIp = 2, "not_ip", PASS;
+    NotIp = 4, "not_ip", PASS;
     /// IP, but not addressed to any VIP (address, port and protocol).
-    NotVip = 3, "not_vip", PASS;
-    /// IPv6 is parsed only as far as the EtherType; IPv6 VIPs are not supported yet.
-    Ipv6 = 4, "ipv6_unsupported", PASS;
+    NotVip = 5, "not_vip", PASS;
     /// Shorter than an Ethernet header.
-    TruncatedEthernet = 5, "truncated_ethernet", PASS;
+    TruncatedEthernet = 6, "truncated_ethernet", PASS;
     /// The 802.1Q tag is cut short.
-    TruncatedVlan = 6, "truncated_vlan", PASS;
+    TruncatedVlan = 7, "truncated_vlan", PASS;
     /// The IPv4 header (with its options) is cut short.
-    TruncatedIpv4 = 7, "truncated_ipv4", PASS;
+    TruncatedIpv4 = 8, "truncated_ipv4", PASS;
     /// IPv4 header length below 20 bytes, or version not 4.
-    BadIpv4Header = 8, "bad_ipv4_header", PASS;
-    /// IPv4 fragment: only the first fragment carries ports, so fragments are left to the
-    /// kernel's stack.
-    Fragment = 9, "fragment", PASS;
-    /// Neither TCP nor UDP.
-    NotTcpUdp = 10, "not_tcp_udp", PASS;
-    /// The TCP or UDP header is cut short.
-    TruncatedL4 = 11, "truncated_l4", PASS;
+    BadIpv4Header = 9, "bad_ipv4_header", PASS;
+    /// The IPv6 header or one of its extension headers is cut short, or the version is not 6.
+    TruncatedIpv6 = 10, "truncated_ipv6", PASS;
+    /// More IPv6 extension headers than the program walks (`IPV6_EXTENSION_LIMIT`), or one
+    /// it does not know.
+    Ipv6ExtensionLimit = 11, "ipv6_extension_limit", PASS;
+    /// An IP fragment that is not balanced: its VIP does not set `fragments`, or it is not
+    /// for a VIP (a non-first fragment carries no port to tell).
+    Fragment = 12, "fragment", PASS;
+    /// Neither TCP, UDP nor ICMP.
+    NotTcpUdp = 13, "not_tcp_udp", PASS;
+    /// The TCP, UDP or ICMP header is cut short.
+    TruncatedL4 = 14, "truncated_l4", PASS;
+    /// ICMP that is neither an echo request to a VIP address nor an error about a VIP's flow.
+    IcmpOther = 15, "icmp_other", PASS;
     /// The VIP has no table yet, or its table slot names no live backend.
-    NoBackend = 12, "no_backend", DROP;
+    NoBackend = 16, "no_backend", DROP;
     /// The backend's egress interface is not in the redirect map.
-    NoEgress = 13, "no_egress", DROP;
+    NoEgress = 17, "no_egress", DROP;
+    /// Too big to forward once encapsulated, and no ICMP answer possible (IPv4 without the
+    /// don't-fragment bit).
+    TooBig = 18, "too_big", DROP;
+    /// The driver left no room in front of the packet for the tunnel header.
+    NoHeadroom = 19, "no_headroom", DROP;
 }
 
 /// Size of `OUTCOME_STATS`.
-pub const OUTCOME_COUNT: u32 = 14;
+pub const OUTCOME_COUNT: u32 = 20;
+
+/// How many IPv6 extension headers the program walks before giving up on a packet.
+pub const IPV6_EXTENSION_LIMIT: usize = 4;
+
+/// A local address the decapsulating program accepts tunnels to (IPv4 in the first 4 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct DecapAddress {
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// How many local addresses the decapsulating program holds.
+pub const MAX_DECAP_ADDRESSES: u32 = 64;
+
+macro_rules! decap_outcomes {
+    ($($(#[$doc:meta])* $variant:ident = $value:literal, $name:literal;)+) => {
+        /// What the decapsulating program did with a packet (every verdict is XDP_PASS).
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum DecapOutcome {
+            $($(#[$doc])* $variant = $value,)+
+        }
+
+        impl DecapOutcome {
+            pub const ALL: &'static [DecapOutcome] = &[$(DecapOutcome::$variant,)+];
+            pub const fn name(self) -> &'static str {
+                match self { $(DecapOutcome::$variant => $name,)+ }
+            }
+        }
+    };
+}
+
+decap_outcomes! {
+    /// IPv4 in IPv4, decapsulated.
+    Ipip = 0, "ipip";
+    /// IPv6 in IPv6, decapsulated.
+    Ip6ip6 = 1, "ip6ip6";
+    /// IPv4 in IPv6, decapsulated.
+    Ip4in6 = 2, "ip4in6";
+    /// Not a tunnel: passed as it is.
+    NotTunnel = 3, "not_tunnel";
+    /// A tunnel to an address that is not this host's: passed as it is.
+    NotLocal = 4, "not_local";
+    /// A tunnel packet cut short: passed as it is.
+    Malformed = 5, "malformed";
+}
+
+/// Size of `DECAP_STATS`.
+pub const DECAP_OUTCOME_COUNT: u32 = 6;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -248,17 +356,20 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::ConnEntry {}
     unsafe impl aya::Pod for super::TrafficStats {}
+    unsafe impl aya::Pod for super::DecapAddress {}
 }
 
 // The layout is a contract with maps that may outlive the process that wrote them.
 const _: () = {
     assert!(core::mem::size_of::<VipKey>() == 20);
     assert!(core::mem::size_of::<VipMeta>() == 12);
-    assert!(core::mem::size_of::<Backend>() == 44);
+    assert!(core::mem::size_of::<Backend>() == 60);
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<ConnEntry>() == 8);
     assert!(core::mem::size_of::<TrafficStats>() == 24);
     assert!(Outcome::ALL.len() == OUTCOME_COUNT as usize);
+    assert!(DecapOutcome::ALL.len() == DECAP_OUTCOME_COUNT as usize);
+    assert!(core::mem::size_of::<DecapAddress>() == 20);
     // Outcomes index OUTCOME_STATS: their values must be 0, 1, 2, ... in order.
     let mut i = 0;
     while i < Outcome::ALL.len() {

@@ -1,26 +1,51 @@
 //! Classify: is the packet addressed to a VIP? Exact (address, port, protocol) first, then the
-//! VIP's any-port entry (port 0).
+//! address's port-0 entry: an any-port VIP, or the entry that takes a VIP's non-first
+//! fragments (which carry no port).
 
-use balancer_common::{FlowKey, Outcome, VipKey, VipMeta};
+use balancer_common::{
+    Outcome, VipKey, VipMeta, FAMILY_IPV4, PROTO_ICMP, PROTO_ICMPV6, VIP_F_ADDRESS,
+    VIP_F_FRAGMENTS, VIP_F_FRAGMENTS_ONLY,
+};
 
-use crate::maps::VIPS;
+use crate::{maps::VIPS, parse::Packet};
 
 #[inline(always)]
-pub fn vip(flow: &FlowKey) -> Result<&'static VipMeta, Outcome> {
-    let mut key = VipKey {
-        addr: flow.dst,
-        port: flow.dst_port,
-        proto: flow.proto,
-        family: flow.family,
-    };
-    if let Some(meta) = VIPS.get_ptr(key) {
-        // SAFETY: the kernel keeps a hash map value alive for the whole program run (RCU).
-        return Ok(unsafe { &*meta });
+fn lookup(key: &VipKey) -> Option<&'static VipMeta> {
+    // SAFETY: the kernel keeps a hash map value alive for the whole program run (RCU).
+    VIPS.get_ptr(*key).map(|meta| unsafe { &*meta })
+}
+
+/// The VIP of a TCP or UDP packet (or of the flow an ICMP error is about). Fragments: see
+/// `VIP_F_FRAGMENTS`; their ports are cleared here, so that every fragment of a datagram
+/// hashes alike.
+#[inline(always)]
+pub fn vip(packet: &mut Packet) -> Result<&'static VipMeta, Outcome> {
+    let flow = &packet.flow;
+    let mut key = VipKey { addr: flow.dst, port: flow.dst_port, proto: flow.proto, family: flow.family };
+    let mut meta = lookup(&key);
+    if meta.is_none() && key.port != 0 {
+        key.port = 0;
+        meta = lookup(&key);
     }
-    key.port = 0;
-    match VIPS.get_ptr(key) {
-        // SAFETY: as above.
-        Some(meta) => Ok(unsafe { &*meta }),
-        None => Err(Outcome::NotVip),
+    let not_ours = if packet.fragment { Outcome::Fragment } else { Outcome::NotVip };
+    let meta = meta.ok_or(not_ours)?;
+    if packet.fragment {
+        if meta.flags & VIP_F_FRAGMENTS == 0 {
+            return Err(Outcome::Fragment);
+        }
+        packet.flow.src_port = 0;
+        packet.flow.dst_port = 0;
+    } else if meta.flags & VIP_F_FRAGMENTS_ONLY != 0 {
+        return Err(Outcome::NotVip);
     }
+    Ok(meta)
+}
+
+/// Whether an echo request's destination is a VIP address.
+#[inline(always)]
+pub fn is_vip_address(packet: &Packet) -> bool {
+    let flow = &packet.flow;
+    let proto = if flow.family == FAMILY_IPV4 { PROTO_ICMP } else { PROTO_ICMPV6 };
+    let key = VipKey { addr: flow.dst, port: 0, proto, family: flow.family };
+    lookup(&key).is_some_and(|meta| meta.flags & VIP_F_ADDRESS != 0)
 }

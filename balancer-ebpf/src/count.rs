@@ -1,16 +1,24 @@
 //! Count: per-CPU counters, summed by the daemon when it reads them. Plain adds: each CPU
 //! owns its copy, so there is nothing to race with.
 
-use balancer_common::{Outcome, TrafficStats};
+use balancer_common::{DecapOutcome, Outcome, TrafficStats};
 
 use crate::{
-    maps::{BACKEND_STATS, OUTCOME_STATS, VIP_STATS},
+    maps::{BACKEND_STATS, DECAP_STATS, OUTCOME_STATS, VIP_STATS},
     select::Selected,
 };
 
 #[inline(always)]
 pub fn outcome(outcome: Outcome) {
     if let Some(counter) = OUTCOME_STATS.get_ptr_mut(outcome as u32) {
+        // SAFETY: per-CPU slot, valid for this program run.
+        unsafe { *counter += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn decap(outcome: DecapOutcome) {
+    if let Some(counter) = DECAP_STATS.get_ptr_mut(outcome as u32) {
         // SAFETY: per-CPU slot, valid for this program run.
         unsafe { *counter += 1 };
     }

@@ -14,6 +14,10 @@ mod classify;
 #[cfg(target_arch = "bpf")]
 mod count;
 #[cfg(target_arch = "bpf")]
+mod decap;
+#[cfg(target_arch = "bpf")]
+mod icmp;
+#[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod parse;
@@ -25,9 +29,13 @@ mod select;
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::{macros::xdp, programs::XdpContext};
-    use balancer_common::{xdp_action, Outcome};
+    use balancer_common::{xdp_action, Outcome, FORWARD_TUNNEL};
 
-    use crate::{classify, count, parse, rewrite, select};
+    use crate::{
+        classify, count, decap, icmp,
+        parse::{self, Kind},
+        rewrite, select,
+    };
 
     #[xdp]
     pub fn balancer(ctx: XdpContext) -> u32 {
@@ -42,12 +50,34 @@ mod programs {
     /// The pipeline. `Err` carries why the packet is not forwarded.
     #[inline(always)]
     fn forward(ctx: &XdpContext) -> Result<Outcome, Outcome> {
-        let packet = parse::packet(ctx)?;
-        let vip = classify::vip(&packet.flow)?;
-        let selected = select::backend(vip, &packet.flow, packet.syn)?;
-        let outcome = rewrite::direct_server_return(ctx, &selected)?;
-        count::forwarded(vip.vip_id, &selected, packet.len);
+        let mut packet = parse::packet(ctx)?;
+        if packet.kind == Kind::EchoRequest {
+            if !classify::is_vip_address(&packet) {
+                return Err(Outcome::IcmpOther);
+            }
+            return icmp::echo_reply(ctx, &packet);
+        }
+        let vip = match classify::vip(&mut packet) {
+            Err(_) if packet.kind == Kind::IcmpError => return Err(Outcome::IcmpOther),
+            other => other?,
+        };
+        let selected = select::backend(vip, &packet)?;
+        let outcome = if vip.forwarding == FORWARD_TUNNEL {
+            rewrite::tunnel(ctx, &packet, &selected, select::hash(vip, &packet.flow))?
+        } else {
+            rewrite::direct_server_return(ctx, &selected)?
+        };
+        if matches!(outcome, Outcome::ForwardedTx | Outcome::ForwardedRedirect) {
+            count::forwarded(vip.vip_id, &selected, packet.len);
+        }
         Ok(outcome)
+    }
+
+    /// Backend side of tunnel mode: see `decap`. Always XDP_PASS.
+    #[xdp]
+    pub fn balancer_decap(ctx: XdpContext) -> u32 {
+        count::decap(decap::decapsulate(&ctx));
+        xdp_action::PASS
     }
 
     /// XDP_PASS and nothing else; see `balancer_common::program_names::PASS`.

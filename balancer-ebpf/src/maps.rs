@@ -6,7 +6,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use balancer_common::{
-    Backend, ConnEntry, FlowKey, TrafficStats, VipKey, VipMeta, DEFAULT_CONN_TABLE_SIZE,
+    Backend, ConnEntry, DecapAddress, FlowKey, TrafficStats, VipKey, VipMeta, DECAP_OUTCOME_COUNT,
+    DEFAULT_CONN_TABLE_SIZE, MAX_DECAP_ADDRESSES,
     MAGLEV_CAPACITY, MAGLEV_TABLE_MAP_FLAGS, MAX_BACKENDS, MAX_EGRESS_INTERFACES, MAX_VIPS,
     OUTCOME_COUNT,
 };
@@ -60,3 +61,10 @@ pub static VIP_STATS: PerCpuArray<TrafficStats, VIPS_N> = PerCpuArray::new();
 
 #[btf_map]
 pub static OUTCOME_STATS: PerCpuArray<u64, { OUTCOME_COUNT as usize }> = PerCpuArray::new();
+
+/// Addresses the decapsulating program accepts tunnels to (filled by `balancer decap`).
+#[btf_map]
+pub static DECAP_ADDRESSES: HashMap<DecapAddress, u8, { MAX_DECAP_ADDRESSES as usize }> = HashMap::new();
+
+#[btf_map]
+pub static DECAP_STATS: PerCpuArray<u64, { DECAP_OUTCOME_COUNT as usize }> = PerCpuArray::new();

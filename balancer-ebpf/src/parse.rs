@@ -1,27 +1,57 @@
-//! Parse: Ethernet (with at most one 802.1Q tag), IPv4 (options skipped), TCP or UDP ports.
+//! Parse: Ethernet (with at most one 802.1Q tag); IPv4 (options skipped) or IPv6 (extension
+//! headers walked up to `IPV6_EXTENSION_LIMIT`); TCP and UDP ports; ICMP and ICMPv6 echo
+//! requests and the errors the balancer handles (IPv4 "fragmentation needed", ICMPv6 "packet
+//! too big"), whose embedded packet names the flow they concern.
 //!
 //! Anything this step cannot make sense of is returned as an `Outcome` whose verdict is
 //! XDP_PASS: the kernel's stack deals with it as if the balancer were not there.
 
 use aya_ebpf::programs::XdpContext;
-use balancer_common::{FlowKey, Outcome, FAMILY_IPV4, PROTO_TCP, PROTO_UDP};
+use balancer_common::{
+    FlowKey, Outcome, FAMILY_IPV4, FAMILY_IPV6, IPV6_EXTENSION_LIMIT, PROTO_ICMP, PROTO_ICMPV6,
+    PROTO_TCP, PROTO_UDP,
+};
 
 use crate::access::ptr_at;
 
-const ETH_HLEN: usize = 14;
+pub const ETH_HLEN: usize = 14;
 const VLAN_HLEN: usize = 4;
-const IPV4_MIN_HLEN: usize = 20;
+pub const IPV4_HLEN: usize = 20;
+pub const IPV6_HLEN: usize = 40;
 const TCP_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
+pub const ICMP_HLEN: usize = 8;
 
 // EtherTypes, in network byte order as read from the packet.
-const ETH_P_IP: u16 = 0x0800u16.to_be();
-const ETH_P_IPV6: u16 = 0x86DDu16.to_be();
+pub const ETH_P_IP: u16 = 0x0800u16.to_be();
+pub const ETH_P_IPV6: u16 = 0x86DDu16.to_be();
 const ETH_P_8021Q: u16 = 0x8100u16.to_be();
 const ETH_P_8021AD: u16 = 0x88A8u16.to_be();
 
-/// IPv4 "more fragments" flag and fragment offset, network byte order.
-const IP_MF_OFFSET_MASK: u16 = 0x3FFFu16.to_be();
+/// IPv4 flags and fragment offset, network byte order.
+const IP_DF: u16 = 0x4000u16.to_be();
+const IP_MF: u16 = 0x2000u16.to_be();
+const IP_OFFSET: u16 = 0x1FFFu16.to_be();
+
+// IPv6 extension headers walked.
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_DEST_OPTIONS: u8 = 60;
+
+// ICMP types handled.
+pub const ICMP_ECHO_REQUEST: u8 = 8;
+pub const ICMP_ECHO_REPLY: u8 = 0;
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_FRAG_NEEDED: u8 = 4;
+pub const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+pub const ICMPV6_ECHO_REQUEST: u8 = 128;
+pub const ICMPV6_ECHO_REPLY: u8 = 129;
+
+/// Offset and bits of the TCP flags byte.
+const TCP_FLAGS_OFFSET: usize = 13;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 
 #[repr(C)]
 pub struct EthHdr {
@@ -37,17 +67,28 @@ struct VlanHdr {
 }
 
 #[repr(C)]
-struct Ipv4Hdr {
-    version_ihl: u8,
-    _tos: u8,
-    _total_len: u16,
-    _id: u16,
-    frag_off: u16,
-    _ttl: u8,
-    proto: u8,
-    _check: u16,
-    src: [u8; 4],
-    dst: [u8; 4],
+pub struct Ipv4Hdr {
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub total_len: u16,
+    pub id: u16,
+    pub frag_off: u16,
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: u16,
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+}
+
+#[repr(C)]
+pub struct Ipv6Hdr {
+    /// Version, traffic class and flow label.
+    pub vtc_flow: [u8; 4],
+    pub payload_len: u16,
+    pub next_header: u8,
+    pub hop_limit: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
 }
 
 /// The first four bytes of TCP and UDP alike.
@@ -57,37 +98,68 @@ struct Ports {
     dst: u16,
 }
 
-/// Offset and bits of the TCP flags byte.
-const TCP_FLAGS_OFFSET: usize = 13;
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
+#[repr(C)]
+pub struct IcmpHdr {
+    pub kind: u8,
+    pub code: u8,
+    pub check: u16,
+    pub rest: [u8; 4],
+}
 
-/// A packet the balancer may have to forward.
+/// What the packet asks of the balancer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// TCP or UDP (or a fragment of it) to balance by `flow`.
+    Flow,
+    /// An ICMP or ICMPv6 echo request to `flow.dst`.
+    EchoRequest,
+    /// An ICMP error about a packet a backend sent: `flow` is that packet's flow seen from
+    /// the client's side (client -> VIP), so it finds the backend that owns it.
+    IcmpError,
+}
+
+/// A packet the balancer may have to handle.
 pub struct Packet {
+    pub kind: Kind,
     pub flow: FlowKey,
     /// Length of the whole frame in bytes.
     pub len: u64,
+    /// Where the IP header starts (after Ethernet and VLAN).
+    pub l3: usize,
+    /// Where the transport header starts (after IPv4 options or IPv6 extension headers).
+    pub l4: usize,
+    /// Length of the IP packet (header included), from the IP header.
+    pub ip_len: usize,
+    /// IPv4 type of service, or IPv6 traffic class.
+    pub tos: u8,
+    /// IPv4 don't-fragment bit (always set for IPv6, which routers never fragment).
+    pub dont_fragment: bool,
     /// A TCP SYN without ACK: the first packet of a new connection.
     pub syn: bool,
+    /// Part of a fragmented datagram.
+    pub fragment: bool,
+    /// A fragment other than the first: it carries no transport header (ports are 0).
+    pub later_fragment: bool,
 }
 
 #[inline(always)]
 pub fn packet(ctx: &XdpContext) -> Result<Packet, Outcome> {
     let len = (ctx.data_end() - ctx.data()) as u64;
     let (ether_type, l3) = ethernet(ctx)?;
-    if ether_type == ETH_P_IPV6 {
-        return Err(Outcome::Ipv6);
-    }
-    if ether_type != ETH_P_IP {
+    let mut packet = if ether_type == ETH_P_IP {
+        ipv4(ctx, l3)?
+    } else if ether_type == ETH_P_IPV6 {
+        ipv6(ctx, l3)?
+    } else {
         return Err(Outcome::NotIp);
-    }
-    let (flow, syn) = ipv4(ctx, l3)?;
-    Ok(Packet { flow, len, syn })
+    };
+    packet.len = len;
+    Ok(packet)
 }
 
 /// Returns the EtherType of the payload and where the payload starts.
 #[inline(always)]
-fn ethernet(ctx: &XdpContext) -> Result<(u16, usize), Outcome> {
+pub fn ethernet(ctx: &XdpContext) -> Result<(u16, usize), Outcome> {
     let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(Outcome::TruncatedEthernet)?;
     // SAFETY: ptr_at checked that the header lies inside the packet.
     let ether_type = unsafe { (*eth).ether_type };
@@ -99,8 +171,24 @@ fn ethernet(ctx: &XdpContext) -> Result<(u16, usize), Outcome> {
     Ok((unsafe { (*vlan).ether_type }, ETH_HLEN + VLAN_HLEN))
 }
 
+fn new_packet(flow: FlowKey, l3: usize, l4: usize, ip_len: usize, tos: u8) -> Packet {
+    Packet {
+        kind: Kind::Flow,
+        flow,
+        len: 0,
+        l3,
+        l4,
+        ip_len,
+        tos,
+        dont_fragment: true,
+        syn: false,
+        fragment: false,
+        later_fragment: false,
+    }
+}
+
 #[inline(always)]
-fn ipv4(ctx: &XdpContext, l3: usize) -> Result<(FlowKey, bool), Outcome> {
+fn ipv4(ctx: &XdpContext, l3: usize) -> Result<Packet, Outcome> {
     let ip = ptr_at::<Ipv4Hdr>(ctx, l3).ok_or(Outcome::TruncatedIpv4)?;
     // SAFETY: ptr_at checked that the fixed header lies inside the packet.
     let ip = unsafe { &*ip };
@@ -108,7 +196,7 @@ fn ipv4(ctx: &XdpContext, l3: usize) -> Result<(FlowKey, bool), Outcome> {
         return Err(Outcome::BadIpv4Header);
     }
     let header_len = ((ip.version_ihl & 0x0F) as usize) * 4;
-    if header_len < IPV4_MIN_HLEN {
+    if header_len < IPV4_HLEN {
         return Err(Outcome::BadIpv4Header);
     }
     // The options (if any) must be there too, even though they are skipped.
@@ -116,34 +204,175 @@ fn ipv4(ctx: &XdpContext, l3: usize) -> Result<(FlowKey, bool), Outcome> {
     if ctx.data() + l4 > ctx.data_end() {
         return Err(Outcome::TruncatedIpv4);
     }
-    if ip.frag_off & IP_MF_OFFSET_MASK != 0 {
-        return Err(Outcome::Fragment);
+    let mut flow = FlowKey { proto: ip.proto, family: FAMILY_IPV4, ..FlowKey::default() };
+    flow.src[..4].copy_from_slice(&ip.src);
+    flow.dst[..4].copy_from_slice(&ip.dst);
+    let mut packet = new_packet(flow, l3, l4, u16::from_be(ip.total_len) as usize, ip.tos);
+    packet.dont_fragment = ip.frag_off & IP_DF != 0;
+    packet.fragment = ip.frag_off & (IP_MF | IP_OFFSET) != 0;
+    packet.later_fragment = ip.frag_off & IP_OFFSET != 0;
+    transport(ctx, packet)
+}
+
+#[inline(always)]
+fn ipv6(ctx: &XdpContext, l3: usize) -> Result<Packet, Outcome> {
+    let ip = ptr_at::<Ipv6Hdr>(ctx, l3).ok_or(Outcome::TruncatedIpv6)?;
+    // SAFETY: ptr_at checked that the fixed header lies inside the packet.
+    let ip = unsafe { &*ip };
+    if ip.vtc_flow[0] >> 4 != 6 {
+        return Err(Outcome::TruncatedIpv6);
     }
-    let l4_len = match ip.proto {
+    let tos = (ip.vtc_flow[0] << 4) | (ip.vtc_flow[1] >> 4);
+    let flow = FlowKey { src: ip.src, dst: ip.dst, family: FAMILY_IPV6, ..FlowKey::default() };
+    let ip_len = IPV6_HLEN + u16::from_be(ip.payload_len) as usize;
+    let mut packet = new_packet(flow, l3, l3 + IPV6_HLEN, ip_len, tos);
+
+    // Walk the extension headers, at most IPV6_EXTENSION_LIMIT of them.
+    let mut next = ip.next_header;
+    let mut offset = l3 + IPV6_HLEN;
+    for _ in 0..IPV6_EXTENSION_LIMIT {
+        match next {
+            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTIONS => {
+                let ext = ptr_at::<[u8; 2]>(ctx, offset).ok_or(Outcome::TruncatedIpv6)?;
+                // SAFETY: ptr_at checked the bounds.
+                let ext = unsafe { *ext };
+                next = ext[0];
+                offset += (ext[1] as usize + 1) * 8;
+            }
+            IPV6_FRAGMENT => {
+                let frag = ptr_at::<[u8; 8]>(ctx, offset).ok_or(Outcome::TruncatedIpv6)?;
+                // SAFETY: ptr_at checked the bounds.
+                let frag = unsafe { *frag };
+                next = frag[0];
+                let offset_and_more = u16::from_be_bytes([frag[2], frag[3]]);
+                packet.fragment = true;
+                packet.later_fragment = offset_and_more & 0xFFF8 != 0;
+                offset += 8;
+            }
+            _ => break,
+        }
+    }
+    if matches!(next, IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTIONS | IPV6_FRAGMENT) {
+        return Err(Outcome::Ipv6ExtensionLimit);
+    }
+    if ctx.data() + offset > ctx.data_end() {
+        return Err(Outcome::TruncatedIpv6);
+    }
+    packet.flow.proto = next;
+    packet.l4 = offset;
+    transport(ctx, packet)
+}
+
+/// Ports and TCP flags, or the ICMP message.
+#[inline(always)]
+fn transport(ctx: &XdpContext, mut packet: Packet) -> Result<Packet, Outcome> {
+    let proto = packet.flow.proto;
+    let l4 = packet.l4;
+    if proto == PROTO_ICMP || proto == PROTO_ICMPV6 {
+        if packet.fragment {
+            return Err(Outcome::Fragment);
+        }
+        return icmp(ctx, packet);
+    }
+    let header_len = match proto {
         PROTO_TCP => TCP_HLEN,
         PROTO_UDP => UDP_HLEN,
         _ => return Err(Outcome::NotTcpUdp),
     };
-    if ctx.data() + l4 + l4_len > ctx.data_end() {
+    if packet.later_fragment {
+        return Ok(packet);
+    }
+    if ctx.data() + l4 + header_len > ctx.data_end() {
         return Err(Outcome::TruncatedL4);
     }
     let ports = ptr_at::<Ports>(ctx, l4).ok_or(Outcome::TruncatedL4)?;
     // SAFETY: ptr_at checked the bounds.
     let ports = unsafe { &*ports };
+    packet.flow.src_port = ports.src;
+    packet.flow.dst_port = ports.dst;
+    if proto == PROTO_TCP {
+        let flags = ptr_at::<u8>(ctx, l4 + TCP_FLAGS_OFFSET).ok_or(Outcome::TruncatedL4)?;
+        // SAFETY: ptr_at checked the bounds.
+        packet.syn = unsafe { *flags & (TCP_SYN | TCP_ACK) == TCP_SYN };
+    }
+    Ok(packet)
+}
 
+/// Echo requests, and the errors that concern a VIP's flows: for those, `flow` becomes the
+/// flow of the embedded packet (which a backend sent from the VIP), turned around.
+#[inline(always)]
+fn icmp(ctx: &XdpContext, mut packet: Packet) -> Result<Packet, Outcome> {
+    let header = ptr_at::<IcmpHdr>(ctx, packet.l4).ok_or(Outcome::TruncatedL4)?;
+    // SAFETY: ptr_at checked the bounds.
+    let (kind, code) = unsafe { ((*header).kind, (*header).code) };
+    let embedded = packet.l4 + ICMP_HLEN;
+    if packet.flow.family == FAMILY_IPV4 {
+        match (kind, code) {
+            (ICMP_ECHO_REQUEST, 0) => packet.kind = Kind::EchoRequest,
+            (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED) => {
+                packet.flow = embedded_ipv4(ctx, embedded)?;
+                packet.kind = Kind::IcmpError;
+            }
+            _ => return Err(Outcome::IcmpOther),
+        }
+    } else {
+        match (kind, code) {
+            (ICMPV6_ECHO_REQUEST, 0) => packet.kind = Kind::EchoRequest,
+            (ICMPV6_PACKET_TOO_BIG, 0) => {
+                packet.flow = embedded_ipv6(ctx, embedded)?;
+                packet.kind = Kind::IcmpError;
+            }
+            _ => return Err(Outcome::IcmpOther),
+        }
+    }
+    Ok(packet)
+}
+
+/// The client -> VIP flow of an IPv4 packet embedded in an ICMP error (VIP -> client).
+#[inline(always)]
+fn embedded_ipv4(ctx: &XdpContext, offset: usize) -> Result<FlowKey, Outcome> {
+    let ip = ptr_at::<Ipv4Hdr>(ctx, offset).ok_or(Outcome::IcmpOther)?;
+    // SAFETY: ptr_at checked the bounds.
+    let ip = unsafe { &*ip };
+    let header_len = ((ip.version_ihl & 0x0F) as usize) * 4;
+    if ip.version_ihl >> 4 != 4 || header_len < IPV4_HLEN || (ip.proto != PROTO_TCP && ip.proto != PROTO_UDP) {
+        return Err(Outcome::IcmpOther);
+    }
+    let ports = ptr_at::<Ports>(ctx, offset + header_len).ok_or(Outcome::IcmpOther)?;
+    // SAFETY: ptr_at checked the bounds.
+    let ports = unsafe { &*ports };
     let mut flow = FlowKey {
-        src_port: ports.src,
-        dst_port: ports.dst,
+        src_port: ports.dst,
+        dst_port: ports.src,
         proto: ip.proto,
         family: FAMILY_IPV4,
         ..FlowKey::default()
     };
-    flow.src[..4].copy_from_slice(&ip.src);
-    flow.dst[..4].copy_from_slice(&ip.dst);
-    let syn = ip.proto == PROTO_TCP && {
-        let flags = ptr_at::<u8>(ctx, l4 + TCP_FLAGS_OFFSET).ok_or(Outcome::TruncatedL4)?;
-        // SAFETY: ptr_at checked the bounds.
-        unsafe { *flags & (TCP_SYN | TCP_ACK) == TCP_SYN }
-    };
-    Ok((flow, syn))
+    flow.src[..4].copy_from_slice(&ip.dst);
+    flow.dst[..4].copy_from_slice(&ip.src);
+    Ok(flow)
+}
+
+/// The client -> VIP flow of an IPv6 packet embedded in an ICMPv6 error. Only a transport
+/// header right after the fixed header is looked at.
+#[inline(always)]
+fn embedded_ipv6(ctx: &XdpContext, offset: usize) -> Result<FlowKey, Outcome> {
+    let ip = ptr_at::<Ipv6Hdr>(ctx, offset).ok_or(Outcome::IcmpOther)?;
+    // SAFETY: ptr_at checked the bounds.
+    let ip = unsafe { &*ip };
+    if ip.next_header != PROTO_TCP && ip.next_header != PROTO_UDP {
+        return Err(Outcome::IcmpOther);
+    }
+    let ports = ptr_at::<Ports>(ctx, offset + IPV6_HLEN).ok_or(Outcome::IcmpOther)?;
+    // SAFETY: ptr_at checked the bounds.
+    let ports = unsafe { &*ports };
+    Ok(FlowKey {
+        src: ip.dst,
+        dst: ip.src,
+        src_port: ports.dst,
+        dst_port: ports.src,
+        proto: ip.next_header,
+        family: FAMILY_IPV6,
+        ..FlowKey::default()
+    })
 }

@@ -9,10 +9,14 @@
 //!    out), so re-selection moves a flow off a down backend.
 
 use balancer_common::{
-    hash::flow_hash, Backend, ConnEntry, FlowKey, Outcome, VipMeta, BACKEND_F_DOWN, BACKEND_F_VALID,
+    hash::flow_hash, Backend, ConnEntry, FlowKey, Outcome, VipMeta, BACKEND_F_DOWN,
+    BACKEND_F_VALID, VIP_F_HASH_DST_PORT_ONLY,
 };
 
-use crate::maps::{hash_seed, BACKENDS, CONN_TABLE, MAGLEV_TABLES};
+use crate::{
+    maps::{hash_seed, BACKENDS, CONN_TABLE, MAGLEV_TABLES},
+    parse::Packet,
+};
 
 /// The chosen backend, copied out of its map slot. Plain scalars on purpose: a pointer in
 /// here would share stack space with the error of `Result<Selected, _>`, and LLVM may then
@@ -22,9 +26,14 @@ pub struct Selected {
     pub id: u32,
     /// 1 if the flow missed the connection table, else 0.
     pub new_flows: u32,
+    pub addr: [u8; 16],
+    pub tunnel_src: [u8; 16],
     pub dst_mac: [u8; 6],
     pub src_mac: [u8; 6],
     pub ifindex: u32,
+    pub mtu: u16,
+    pub family: u8,
+    pub tunnel_src_bits: u8,
 }
 
 impl Selected {
@@ -33,16 +42,33 @@ impl Selected {
         Selected {
             id,
             new_flows,
+            addr: backend.addr,
+            tunnel_src: backend.tunnel_src,
             dst_mac: backend.dst_mac,
             src_mac: backend.src_mac,
             ifindex: backend.ifindex,
+            mtu: backend.mtu,
+            family: backend.family,
+            tunnel_src_bits: backend.tunnel_src_bits,
         }
     }
 }
 
+/// The flow as the VIP's hash sees it.
 #[inline(always)]
-pub fn backend(vip: &VipMeta, flow: &FlowKey, syn: bool) -> Result<Selected, Outcome> {
-    if let Some(entry) = if syn { None } else { CONN_TABLE.get_ptr(flow) } {
+pub fn hash(vip: &VipMeta, flow: &FlowKey) -> u32 {
+    if vip.flags & VIP_F_HASH_DST_PORT_ONLY != 0 {
+        let only_port = FlowKey { src: [0; 16], src_port: 0, ..*flow };
+        flow_hash(&only_port, hash_seed())
+    } else {
+        flow_hash(flow, hash_seed())
+    }
+}
+
+#[inline(always)]
+pub fn backend(vip: &VipMeta, packet: &Packet) -> Result<Selected, Outcome> {
+    let flow = &packet.flow;
+    if let Some(entry) = if packet.syn { None } else { CONN_TABLE.get_ptr(flow) } {
         // SAFETY: the value stays valid for this run of the program (RCU); a concurrent
         // eviction can at worst give a stale id, which is checked below like any other.
         let id = unsafe { (*entry).backend_id };
@@ -55,7 +81,7 @@ pub fn backend(vip: &VipMeta, flow: &FlowKey, syn: bool) -> Result<Selected, Out
         }
     }
 
-    let slot = flow_hash(flow, hash_seed()) % vip.table_size;
+    let slot = hash(vip, flow) % vip.table_size;
     let id = *MAGLEV_TABLES
         .get_value(vip.vip_id, &slot)
         .ok_or(Outcome::NoBackend)?;
@@ -65,13 +91,6 @@ pub fn backend(vip: &VipMeta, flow: &FlowKey, syn: bool) -> Result<Selected, Out
     }
     // An insert can only fail if the kernel cannot allocate; the packet is forwarded anyway
     // and the flow is placed by the table again next time.
-    let _ = CONN_TABLE.insert(
-        flow,
-        ConnEntry {
-            backend_id: id,
-            _reserved: 0,
-        },
-        0,
-    );
+    let _ = CONN_TABLE.insert(flow, ConnEntry { backend_id: id, _reserved: 0 }, 0);
     Ok(Selected::new(id, backend, 1))
 }

@@ -316,7 +316,8 @@ pub fn desired_state(
                 vip_id,
                 table_size: vip.table_size,
                 forwarding: FORWARD_DSR,
-                _pad: [0; 3],
+                flags: 0,
+                _pad: [0; 2],
             },
             table,
             backends,
@@ -398,7 +399,8 @@ backends = [{ address = "10.0.0.1" }]
                 vip_id: 0,
                 table_size: 251,
                 forwarding: FORWARD_DSR,
-                _pad: [0; 3]
+                flags: 0,
+                _pad: [0; 2]
             }
         );
         assert_eq!(web.table.len(), 251);
