@@ -21,13 +21,22 @@ fn lookup(key: &VipKey) -> Option<&'static VipMeta> {
 #[inline(always)]
 pub fn vip(packet: &mut Packet) -> Result<&'static VipMeta, Outcome> {
     let flow = &packet.flow;
-    let mut key = VipKey { addr: flow.dst, port: flow.dst_port, proto: flow.proto, family: flow.family };
+    let mut key = VipKey {
+        addr: flow.dst,
+        port: flow.dst_port,
+        proto: flow.proto,
+        family: flow.family,
+    };
     let mut meta = lookup(&key);
     if meta.is_none() && key.port != 0 {
         key.port = 0;
         meta = lookup(&key);
     }
-    let not_ours = if packet.fragment { Outcome::Fragment } else { Outcome::NotVip };
+    let not_ours = if packet.fragment {
+        Outcome::Fragment
+    } else {
+        Outcome::NotVip
+    };
     let meta = meta.ok_or(not_ours)?;
     if packet.fragment {
         if meta.flags & VIP_F_FRAGMENTS == 0 {
@@ -45,7 +54,16 @@ pub fn vip(packet: &mut Packet) -> Result<&'static VipMeta, Outcome> {
 #[inline(always)]
 pub fn is_vip_address(packet: &Packet) -> bool {
     let flow = &packet.flow;
-    let proto = if flow.family == FAMILY_IPV4 { PROTO_ICMP } else { PROTO_ICMPV6 };
-    let key = VipKey { addr: flow.dst, port: 0, proto, family: flow.family };
+    let proto = if flow.family == FAMILY_IPV4 {
+        PROTO_ICMP
+    } else {
+        PROTO_ICMPV6
+    };
+    let key = VipKey {
+        addr: flow.dst,
+        port: 0,
+        proto,
+        family: flow.family,
+    };
     lookup(&key).is_some_and(|meta| meta.flags & VIP_F_ADDRESS != 0)
 }

@@ -3,24 +3,38 @@
 //! inner packet to the local stack. Everything else passes untouched.
 
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
-use balancer_common::{DecapAddress, DecapOutcome, FAMILY_IPV4, FAMILY_IPV6, PROTO_IPIP, PROTO_IPV6};
+use balancer_common::{
+    DecapAddress, DecapOutcome, FAMILY_IPV4, FAMILY_IPV6, PROTO_IPIP, PROTO_IPV6,
+};
 
 use crate::{
     access::{ptr_at, ptr_at_mut},
     maps::DECAP_ADDRESSES,
-    parse::{ethernet, EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV4_HLEN, IPV6_HLEN},
+    parse::{
+        ethernet, EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV4_HLEN, IPV6_HLEN,
+    },
 };
 
 #[inline(always)]
 fn local(addr: [u8; 16], family: u8) -> bool {
-    DECAP_ADDRESSES.get_ptr(DecapAddress { addr, family, _pad: [0; 3] }).is_some()
+    DECAP_ADDRESSES
+        .get_ptr(DecapAddress {
+            addr,
+            family,
+            _pad: [0; 3],
+        })
+        .is_some()
 }
 
 #[inline(always)]
 pub fn decapsulate(ctx: &XdpContext) -> DecapOutcome {
-    let Ok((ether_type, l3)) = ethernet(ctx) else { return DecapOutcome::NotTunnel };
+    let Ok((ether_type, l3)) = ethernet(ctx) else {
+        return DecapOutcome::NotTunnel;
+    };
     let (outer_len, inner_ether_type, outcome) = if ether_type == ETH_P_IP {
-        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l3) else { return DecapOutcome::NotTunnel };
+        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l3) else {
+            return DecapOutcome::NotTunnel;
+        };
         // SAFETY: ptr_at checked the bounds.
         let ip = unsafe { &*ip };
         if ip.proto != PROTO_IPIP {
@@ -37,7 +51,9 @@ pub fn decapsulate(ctx: &XdpContext) -> DecapOutcome {
         }
         (header_len, ETH_P_IP, DecapOutcome::Ipip)
     } else if ether_type == ETH_P_IPV6 {
-        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, l3) else { return DecapOutcome::NotTunnel };
+        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, l3) else {
+            return DecapOutcome::NotTunnel;
+        };
         // SAFETY: ptr_at checked the bounds.
         let ip = unsafe { &*ip };
         let (inner, outcome) = match ip.next_header {
@@ -60,7 +76,10 @@ pub fn decapsulate(ctx: &XdpContext) -> DecapOutcome {
     // the bytes in front. The regions do not overlap: the outer header is at least 20
     // bytes, the L2 header at most 18.
     let vlan = l3 > ETH_HLEN;
-    let (Some(from), Some(to)) = (ptr_at::<EthHdr>(ctx, 0), ptr_at_mut::<EthHdr>(ctx, outer_len)) else {
+    let (Some(from), Some(to)) = (
+        ptr_at::<EthHdr>(ctx, 0),
+        ptr_at_mut::<EthHdr>(ctx, outer_len),
+    ) else {
         return DecapOutcome::Malformed;
     };
     // SAFETY: both checked.
@@ -70,8 +89,10 @@ pub fn decapsulate(ctx: &XdpContext) -> DecapOutcome {
         (*to).ether_type = (*from).ether_type;
     }
     if vlan {
-        let (Some(from), Some(to)) = (ptr_at::<[u8; 2]>(ctx, ETH_HLEN), ptr_at_mut::<[u8; 4]>(ctx, outer_len + ETH_HLEN))
-        else {
+        let (Some(from), Some(to)) = (
+            ptr_at::<[u8; 2]>(ctx, ETH_HLEN),
+            ptr_at_mut::<[u8; 4]>(ctx, outer_len + ETH_HLEN),
+        ) else {
             return DecapOutcome::Malformed;
         };
         // SAFETY: both checked.

@@ -12,9 +12,9 @@ use balancer_common::{csum, Outcome, FAMILY_IPV4, PROTO_ICMP, PROTO_ICMPV6};
 use crate::{
     access::{ptr_at, ptr_at_mut},
     parse::{
-        EthHdr, IcmpHdr, Ipv4Hdr, Ipv6Hdr, Packet, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, ICMPV6_ECHO_REPLY,
-        ICMPV6_PACKET_TOO_BIG, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_FRAG_NEEDED, ICMP_HLEN, IPV4_HLEN,
-        IPV6_HLEN,
+        EthHdr, IcmpHdr, Ipv4Hdr, Ipv6Hdr, Packet, ETH_HLEN, ETH_P_IP, ETH_P_IPV6,
+        ICMPV6_ECHO_REPLY, ICMPV6_PACKET_TOO_BIG, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY,
+        ICMP_FRAG_NEEDED, ICMP_HLEN, IPV4_HLEN, IPV6_HLEN,
     },
     rewrite::{move_l2_header, TTL},
 };
@@ -61,7 +61,8 @@ pub fn echo_reply(ctx: &XdpContext, packet: &Packet) -> Result<Outcome, Outcome>
             (*ip).check = csum::replace((*ip).check, old, word([TTL, (*ip).proto]));
             let old = word([(*icmp).kind, (*icmp).code]);
             (*icmp).kind = ICMP_ECHO_REPLY;
-            (*icmp).check = csum::replace((*icmp).check, old, word([ICMP_ECHO_REPLY, (*icmp).code]));
+            (*icmp).check =
+                csum::replace((*icmp).check, old, word([ICMP_ECHO_REPLY, (*icmp).code]));
         }
     } else {
         let ip = ptr_at_mut::<Ipv6Hdr>(ctx, packet.l3).ok_or(Outcome::TruncatedIpv6)?;
@@ -73,7 +74,8 @@ pub fn echo_reply(ctx: &XdpContext, packet: &Packet) -> Result<Outcome, Outcome>
             (*ip).hop_limit = TTL;
             let old = word([(*icmp).kind, (*icmp).code]);
             (*icmp).kind = ICMPV6_ECHO_REPLY;
-            (*icmp).check = csum::replace((*icmp).check, old, word([ICMPV6_ECHO_REPLY, (*icmp).code]));
+            (*icmp).check =
+                csum::replace((*icmp).check, old, word([ICMPV6_ECHO_REPLY, (*icmp).code]));
         }
     }
     Ok(Outcome::EchoReplied)
@@ -98,7 +100,12 @@ pub fn too_big(ctx: &XdpContext, packet: &Packet, mtu: usize) -> Result<Outcome,
 /// Adds `len` bytes of the packet from `offset` (at most `2 * MAX_WORDS`; an odd last byte is
 /// padded with zero) to a running sum.
 #[inline(always)]
-fn sum_packet<const MAX_WORDS: usize>(ctx: &XdpContext, mut sum: u32, offset: usize, len: usize) -> u32 {
+fn sum_packet<const MAX_WORDS: usize>(
+    ctx: &XdpContext,
+    mut sum: u32,
+    offset: usize,
+    len: usize,
+) -> u32 {
     for i in 0..MAX_WORDS {
         let at = offset + 2 * i;
         if 2 * i + 1 < len {
@@ -122,7 +129,13 @@ fn sum_packet<const MAX_WORDS: usize>(ctx: &XdpContext, mut sum: u32, offset: us
 
 /// Frame bytes kept: `keep`; room added in front: `grown`.
 #[inline(always)]
-fn reshape(ctx: &XdpContext, packet: &Packet, keep: usize, grown: usize, ether_type: u16) -> Result<(), Outcome> {
+fn reshape(
+    ctx: &XdpContext,
+    packet: &Packet,
+    keep: usize,
+    grown: usize,
+    ether_type: u16,
+) -> Result<(), Outcome> {
     let frame = ctx.data_end() - ctx.data();
     if keep < frame {
         // SAFETY: shrinking the packet's tail; pointers are re-derived afterwards.
@@ -165,9 +178,15 @@ fn too_big_v4(ctx: &XdpContext, packet: &Packet, mtu: usize) -> Result<Outcome, 
     let icmp = ptr_at_mut::<IcmpHdr>(ctx, icmp_at).ok_or(Outcome::TooBig)?;
     // SAFETY: checked.
     unsafe {
-        *icmp = IcmpHdr { kind: ICMP_DEST_UNREACH, code: ICMP_FRAG_NEEDED, check: 0, rest: [0, 0, mtu[0], mtu[1]] };
+        *icmp = IcmpHdr {
+            kind: ICMP_DEST_UNREACH,
+            code: ICMP_FRAG_NEEDED,
+            check: 0,
+            rest: [0, 0, mtu[0], mtu[1]],
+        };
     }
-    let sum = sum_packet::<{ (ICMP_HLEN + IPV4_QUOTE_MAX) / 2 }>(ctx, 0, icmp_at, ICMP_HLEN + quote);
+    let sum =
+        sum_packet::<{ (ICMP_HLEN + IPV4_QUOTE_MAX) / 2 }>(ctx, 0, icmp_at, ICMP_HLEN + quote);
     let icmp = ptr_at_mut::<IcmpHdr>(ctx, icmp_at).ok_or(Outcome::TooBig)?;
     // SAFETY: checked.
     unsafe { (*icmp).check = csum::finish(sum) };
@@ -198,7 +217,12 @@ fn too_big_v6(ctx: &XdpContext, packet: &Packet, mtu: usize) -> Result<Outcome, 
     let icmp = ptr_at_mut::<IcmpHdr>(ctx, icmp_at).ok_or(Outcome::TooBig)?;
     // SAFETY: checked.
     unsafe {
-        *icmp = IcmpHdr { kind: ICMPV6_PACKET_TOO_BIG, code: 0, check: 0, rest: (mtu as u32).to_be_bytes() };
+        *icmp = IcmpHdr {
+            kind: ICMPV6_PACKET_TOO_BIG,
+            code: 0,
+            check: 0,
+            rest: (mtu as u32).to_be_bytes(),
+        };
     }
     // Pseudo-header: addresses, upper-layer length, next header.
     let mut sum = csum::add_bytes(0, &vip);

@@ -7,9 +7,8 @@ use aya_ebpf::{
 };
 use balancer_common::{
     Backend, ConnEntry, DecapAddress, FlowKey, TrafficStats, VipKey, VipMeta, DECAP_OUTCOME_COUNT,
-    DEFAULT_CONN_TABLE_SIZE, MAX_DECAP_ADDRESSES,
-    MAGLEV_CAPACITY, MAGLEV_TABLE_MAP_FLAGS, MAX_BACKENDS, MAX_EGRESS_INTERFACES, MAX_VIPS,
-    OUTCOME_COUNT,
+    DEFAULT_CONN_TABLE_SIZE, MAGLEV_CAPACITY, MAGLEV_TABLE_MAP_FLAGS, MAX_BACKENDS,
+    MAX_DECAP_ADDRESSES, MAX_EGRESS_INTERFACES, MAX_VIPS, OUTCOME_COUNT,
 };
 
 const VIPS_N: usize = MAX_VIPS as usize;
@@ -64,7 +63,8 @@ pub static OUTCOME_STATS: PerCpuArray<u64, { OUTCOME_COUNT as usize }> = PerCpuA
 
 /// Addresses the decapsulating program accepts tunnels to (filled by `balancer decap`).
 #[btf_map]
-pub static DECAP_ADDRESSES: HashMap<DecapAddress, u8, { MAX_DECAP_ADDRESSES as usize }> = HashMap::new();
+pub static DECAP_ADDRESSES: HashMap<DecapAddress, u8, { MAX_DECAP_ADDRESSES as usize }> =
+    HashMap::new();
 
 #[btf_map]
 pub static DECAP_STATS: PerCpuArray<u64, { DECAP_OUTCOME_COUNT as usize }> = PerCpuArray::new();

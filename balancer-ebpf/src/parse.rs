@@ -204,7 +204,11 @@ fn ipv4(ctx: &XdpContext, l3: usize) -> Result<Packet, Outcome> {
     if ctx.data() + l4 > ctx.data_end() {
         return Err(Outcome::TruncatedIpv4);
     }
-    let mut flow = FlowKey { proto: ip.proto, family: FAMILY_IPV4, ..FlowKey::default() };
+    let mut flow = FlowKey {
+        proto: ip.proto,
+        family: FAMILY_IPV4,
+        ..FlowKey::default()
+    };
     flow.src[..4].copy_from_slice(&ip.src);
     flow.dst[..4].copy_from_slice(&ip.dst);
     let mut packet = new_packet(flow, l3, l4, u16::from_be(ip.total_len) as usize, ip.tos);
@@ -223,7 +227,12 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Result<Packet, Outcome> {
         return Err(Outcome::TruncatedIpv6);
     }
     let tos = (ip.vtc_flow[0] << 4) | (ip.vtc_flow[1] >> 4);
-    let flow = FlowKey { src: ip.src, dst: ip.dst, family: FAMILY_IPV6, ..FlowKey::default() };
+    let flow = FlowKey {
+        src: ip.src,
+        dst: ip.dst,
+        family: FAMILY_IPV6,
+        ..FlowKey::default()
+    };
     let ip_len = IPV6_HLEN + u16::from_be(ip.payload_len) as usize;
     let mut packet = new_packet(flow, l3, l3 + IPV6_HLEN, ip_len, tos);
 
@@ -252,7 +261,10 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Result<Packet, Outcome> {
             _ => break,
         }
     }
-    if matches!(next, IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTIONS | IPV6_FRAGMENT) {
+    if matches!(
+        next,
+        IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTIONS | IPV6_FRAGMENT
+    ) {
         return Err(Outcome::Ipv6ExtensionLimit);
     }
     if ctx.data() + offset > ctx.data_end() {
@@ -335,7 +347,10 @@ fn embedded_ipv4(ctx: &XdpContext, offset: usize) -> Result<FlowKey, Outcome> {
     // SAFETY: ptr_at checked the bounds.
     let ip = unsafe { &*ip };
     let header_len = ((ip.version_ihl & 0x0F) as usize) * 4;
-    if ip.version_ihl >> 4 != 4 || header_len < IPV4_HLEN || (ip.proto != PROTO_TCP && ip.proto != PROTO_UDP) {
+    if ip.version_ihl >> 4 != 4
+        || header_len < IPV4_HLEN
+        || (ip.proto != PROTO_TCP && ip.proto != PROTO_UDP)
+    {
         return Err(Outcome::IcmpOther);
     }
     let ports = ptr_at::<Ports>(ctx, offset + header_len).ok_or(Outcome::IcmpOther)?;

@@ -8,7 +8,9 @@
 //! interface, XDP_REDIRECT through the device map otherwise.
 
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
-use balancer_common::{csum, xdp_action, Outcome, FAMILY_IPV4, FAMILY_IPV6, PROTO_IPIP, PROTO_IPV6};
+use balancer_common::{
+    csum, xdp_action, Outcome, FAMILY_IPV4, FAMILY_IPV6, PROTO_IPIP, PROTO_IPV6,
+};
 
 use crate::{
     access::{ptr_at, ptr_at_mut},
@@ -61,7 +63,12 @@ fn varied(base: u32, bits: u8, hash: u32) -> u32 {
 /// Encapsulates the packet for the backend and transmits it, or answers "too big" if the
 /// encapsulated packet would not fit the egress MTU.
 #[inline(always)]
-pub fn tunnel(ctx: &XdpContext, packet: &Packet, to: &Selected, hash: u32) -> Result<Outcome, Outcome> {
+pub fn tunnel(
+    ctx: &XdpContext,
+    packet: &Packet,
+    to: &Selected,
+    hash: u32,
+) -> Result<Outcome, Outcome> {
     let outer_v6 = to.family == FAMILY_IPV6;
     let overhead = if outer_v6 { IPV6_HLEN } else { IPV4_HLEN };
     if packet.ip_len + overhead > to.mtu as usize {
@@ -76,9 +83,18 @@ pub fn tunnel(ctx: &XdpContext, packet: &Packet, to: &Selected, hash: u32) -> Re
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(overhead as i32)) } != 0 {
         return Err(Outcome::NoHeadroom);
     }
-    move_l2_header(ctx, overhead, vlan, if outer_v6 { ETH_P_IPV6 } else { ETH_P_IP })?;
+    move_l2_header(
+        ctx,
+        overhead,
+        vlan,
+        if outer_v6 { ETH_P_IPV6 } else { ETH_P_IP },
+    )?;
     let l3 = if vlan { ETH_HLEN + 4 } else { ETH_HLEN };
-    let inner_proto = if packet.flow.family == FAMILY_IPV4 { PROTO_IPIP } else { PROTO_IPV6 };
+    let inner_proto = if packet.flow.family == FAMILY_IPV4 {
+        PROTO_IPIP
+    } else {
+        PROTO_IPV6
+    };
 
     if outer_v6 {
         let label = hash & 0x000F_FFFF;
@@ -100,7 +116,12 @@ pub fn tunnel(ctx: &XdpContext, packet: &Packet, to: &Selected, hash: u32) -> Re
         h[8..24].copy_from_slice(&src);
         h[24..40].copy_from_slice(&to.addr);
     } else {
-        let base = u32::from_be_bytes([to.tunnel_src[0], to.tunnel_src[1], to.tunnel_src[2], to.tunnel_src[3]]);
+        let base = u32::from_be_bytes([
+            to.tunnel_src[0],
+            to.tunnel_src[1],
+            to.tunnel_src[2],
+            to.tunnel_src[3],
+        ]);
         let src = varied(base, to.tunnel_src_bits, hash).to_be_bytes();
         let total = ((packet.ip_len + IPV4_HLEN) as u16).to_be_bytes();
         let mut h = [0u8; IPV4_HLEN];
@@ -127,7 +148,12 @@ pub fn tunnel(ctx: &XdpContext, packet: &Packet, to: &Selected, hash: u32) -> Re
 /// After `bpf_xdp_adjust_head` made `grown` bytes of room at the front, moves the Ethernet
 /// header (and VLAN tag) there and sets the EtherType of what follows.
 #[inline(always)]
-pub fn move_l2_header(ctx: &XdpContext, grown: usize, vlan: bool, ether_type: u16) -> Result<(), Outcome> {
+pub fn move_l2_header(
+    ctx: &XdpContext,
+    grown: usize,
+    vlan: bool,
+    ether_type: u16,
+) -> Result<(), Outcome> {
     let from = ptr_at::<EthHdr>(ctx, grown).ok_or(Outcome::NoHeadroom)?;
     let to = ptr_at_mut::<EthHdr>(ctx, 0).ok_or(Outcome::NoHeadroom)?;
     // SAFETY: both checked; the regions do not overlap (grown >= 20 > 14).

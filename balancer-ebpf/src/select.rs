@@ -58,7 +58,11 @@ impl Selected {
 #[inline(always)]
 pub fn hash(vip: &VipMeta, flow: &FlowKey) -> u32 {
     if vip.flags & VIP_F_HASH_DST_PORT_ONLY != 0 {
-        let only_port = FlowKey { src: [0; 16], src_port: 0, ..*flow };
+        let only_port = FlowKey {
+            src: [0; 16],
+            src_port: 0,
+            ..*flow
+        };
         flow_hash(&only_port, hash_seed())
     } else {
         flow_hash(flow, hash_seed())
@@ -68,7 +72,11 @@ pub fn hash(vip: &VipMeta, flow: &FlowKey) -> u32 {
 #[inline(always)]
 pub fn backend(vip: &VipMeta, packet: &Packet) -> Result<Selected, Outcome> {
     let flow = &packet.flow;
-    if let Some(entry) = if packet.syn { None } else { CONN_TABLE.get_ptr(flow) } {
+    if let Some(entry) = if packet.syn {
+        None
+    } else {
+        CONN_TABLE.get_ptr(flow)
+    } {
         // SAFETY: the value stays valid for this run of the program (RCU); a concurrent
         // eviction can at worst give a stale id, which is checked below like any other.
         let id = unsafe { (*entry).backend_id };
@@ -91,6 +99,13 @@ pub fn backend(vip: &VipMeta, packet: &Packet) -> Result<Selected, Outcome> {
     }
     // An insert can only fail if the kernel cannot allocate; the packet is forwarded anyway
     // and the flow is placed by the table again next time.
-    let _ = CONN_TABLE.insert(flow, ConnEntry { backend_id: id, _reserved: 0 }, 0);
+    let _ = CONN_TABLE.insert(
+        flow,
+        ConnEntry {
+            backend_id: id,
+            _reserved: 0,
+        },
+        0,
+    );
     Ok(Selected::new(id, backend, 1))
 }

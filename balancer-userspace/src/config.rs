@@ -110,6 +110,26 @@ pub enum WhenAllDown {
     Drop,
 }
 
+/// What the VIP's Maglev hash covers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HashMode {
+    /// Source and destination address and port, and protocol.
+    #[default]
+    FiveTuple,
+    /// The destination port only: every flow to a port of the VIP goes to the same backend.
+    DstPortOnly,
+}
+
+/// The outer source address of tunnel packets: an address, or a prefix whose host bits vary
+/// per flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TunnelSource {
+    pub address: IpAddr,
+    /// How many low bits vary per flow (0: always `address`).
+    pub varied_bits: u8,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Vip {
     pub name: String,
@@ -120,6 +140,13 @@ pub struct Vip {
     pub forwarding: Forwarding,
     pub table_size: u32,
     pub when_all_down: WhenAllDown,
+    pub hash: HashMode,
+    /// Balance fragments: hash every fragment of a datagram on addresses and protocol only.
+    pub fragments: bool,
+    /// Tunnel mode: outer source of IPv4 tunnels (default: the egress interface's address).
+    pub tunnel_source_v4: Option<TunnelSource>,
+    /// Tunnel mode: outer source of IPv6 tunnels (default: the egress interface's address).
+    pub tunnel_source_v6: Option<TunnelSource>,
     pub backends: Vec<BackendConfig>,
 }
 
@@ -276,6 +303,12 @@ struct RawVip {
     #[serde(default)]
     when_all_down: WhenAllDown,
     #[serde(default)]
+    hash: HashMode,
+    #[serde(default)]
+    fragments: bool,
+    tunnel_source_v4: Option<Spanned<String>>,
+    tunnel_source_v6: Option<Spanned<String>>,
+    #[serde(default)]
     backends: Vec<Spanned<RawBackend>>,
 }
 
@@ -428,6 +461,37 @@ fn validate(raw: RawConfig) -> Result<Config, Invalid> {
                 ),
             ));
         }
+        if vip.fragments && vip.port.is_some() {
+            // Non-first fragments carry no port: they must belong to one VIP unambiguously.
+            if let Some(other) = vips
+                .iter()
+                .find(|o: &&Vip| o.address == vip.address && o.protocol == vip.protocol)
+            {
+                return Err((
+                    vip_span,
+                    format!(
+                        "VIP \"{}\": fragments = true needs to be the only VIP on {} {} (VIP \"{}\" is too): \
+                         fragments after the first carry no port",
+                        vip.name, vip.address, vip.protocol, other.name
+                    ),
+                ));
+            }
+        }
+        if let Some(other) = vips.iter().find(|o: &&Vip| {
+            o.fragments
+                && o.port.is_some()
+                && o.address == vip.address
+                && o.protocol == vip.protocol
+        }) {
+            return Err((
+                vip_span,
+                format!(
+                    "VIP \"{}\": VIP \"{}\" on the same address and protocol sets fragments = true and must be the \
+                     only one there",
+                    vip.name, other.name
+                ),
+            ));
+        }
         total_backends += vip.backends.len();
         if total_backends > MAX_BACKENDS as usize {
             return Err((
@@ -467,12 +531,6 @@ fn validate_vip(raw: RawVip) -> Result<Vip, Invalid> {
     let name = raw.name.into_inner();
 
     let address = *raw.address.get_ref();
-    if address.is_ipv6() {
-        return Err((
-            raw.address.span(),
-            format!("VIP \"{name}\": IPv6 VIPs are not supported yet"),
-        ));
-    }
     if address.is_unspecified() || address.is_multicast() || is_broadcast(address) {
         return Err((
             raw.address.span(),
@@ -482,11 +540,32 @@ fn validate_vip(raw: RawVip) -> Result<Vip, Invalid> {
         ));
     }
 
-    if *raw.forwarding.get_ref() != Forwarding::Dsr {
+    let forwarding = *raw.forwarding.get_ref();
+    if forwarding == Forwarding::Nat {
         return Err((
             raw.forwarding.span(),
-            format!("VIP \"{name}\": only forwarding = \"dsr\" is supported so far"),
+            format!("VIP \"{name}\": forwarding = \"nat\" is not supported yet (use \"dsr\" or \"tunnel\")"),
         ));
+    }
+    let mut tunnel_sources = [None, None];
+    for (i, (key, value, v6)) in [
+        ("tunnel_source_v4", &raw.tunnel_source_v4, false),
+        ("tunnel_source_v6", &raw.tunnel_source_v6, true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let Some(value) = value else { continue };
+        if forwarding != Forwarding::Tunnel {
+            return Err((
+                value.span(),
+                format!("VIP \"{name}\": {key} only applies to forwarding = \"tunnel\""),
+            ));
+        }
+        tunnel_sources[i] = Some(
+            parse_tunnel_source(value.get_ref(), v6)
+                .map_err(|e| (value.span(), format!("VIP \"{name}\": {key} {e}")))?,
+        );
     }
 
     let table_size = match raw.table_size {
@@ -512,13 +591,20 @@ fn validate_vip(raw: RawVip) -> Result<Vip, Invalid> {
         let span = raw_backend.span();
         let rb = raw_backend.into_inner();
         let backend_address = *rb.address.get_ref();
-        if backend_address.is_ipv4() != address.is_ipv4() {
+        if forwarding == Forwarding::Dsr && backend_address.is_ipv4() != address.is_ipv4() {
             return Err((
                 rb.address.span(),
                 format!(
                     "VIP \"{name}\": backend {backend_address} is not of the VIP's address \
-                     family; direct server return forwards the packet unchanged"
+                     family; direct server return forwards the packet unchanged (tunnel mode can \
+                     carry IPv4 VIPs to IPv6 backends)"
                 ),
+            ));
+        }
+        if forwarding == Forwarding::Tunnel && address.is_ipv6() && backend_address.is_ipv4() {
+            return Err((
+                rb.address.span(),
+                format!("VIP \"{name}\": an IPv6 VIP cannot be tunnelled to the IPv4 backend {backend_address}"),
             ));
         }
         if backend_address.is_unspecified()
@@ -598,10 +684,51 @@ fn validate_vip(raw: RawVip) -> Result<Vip, Invalid> {
             PortSpec::Any => None,
         },
         protocol: raw.protocol,
-        forwarding: Forwarding::Dsr,
+        forwarding,
         table_size,
         when_all_down: raw.when_all_down,
+        hash: raw.hash,
+        fragments: raw.fragments,
+        tunnel_source_v4: tunnel_sources[0],
+        tunnel_source_v6: tunnel_sources[1],
         backends,
+    })
+}
+
+/// `"192.0.2.1"` (a fixed address) or `"172.16.0.0/16"` (host bits varied per flow; at most
+/// 32 of them).
+fn parse_tunnel_source(text: &str, v6: bool) -> Result<TunnelSource, String> {
+    let (address, len) = match text.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (text, None),
+    };
+    let address: IpAddr = address
+        .parse()
+        .map_err(|_| format!("\"{text}\" is not an address or prefix"))?;
+    if address.is_ipv6() != v6 {
+        return Err(format!(
+            "\"{text}\" is not an IPv{} address",
+            if v6 { 6 } else { 4 }
+        ));
+    }
+    let bits = if v6 { 128u32 } else { 32 };
+    let varied_bits = match len {
+        None => 0,
+        Some(l) => {
+            let len: u32 = l
+                .parse()
+                .map_err(|_| format!("\"{text}\": bad prefix length"))?;
+            if len > bits || bits - len > 32 {
+                return Err(format!(
+                    "\"{text}\": the prefix must leave 0 to 32 host bits"
+                ));
+            }
+            (bits - len) as u8
+        }
+    };
+    Ok(TunnelSource {
+        address,
+        varied_bits,
     })
 }
 
@@ -981,9 +1108,9 @@ backends = [
             (
                 "\"203.0.113.10\"",
                 "\"2001:db8::1\"",
-                11,
-                11,
-                "IPv6 VIPs are not supported",
+                17,
+                15,
+                "backend 10.0.0.11 is not of the VIP's address family",
             ),
             (
                 "\"203.0.113.10\"",
@@ -1019,7 +1146,35 @@ backends = [
                 "forwarding = \"nat\"",
                 14,
                 14,
-                "only forwarding = \"dsr\"",
+                "forwarding = \"nat\" is not supported yet",
+            ),
+            (
+                "forwarding = \"dsr\"",
+                "forwarding = \"dsr\"\ntunnel_source_v4 = \"10.0.0.1\"",
+                15,
+                20,
+                "tunnel_source_v4 only applies to forwarding = \"tunnel\"",
+            ),
+            (
+                "forwarding = \"dsr\"",
+                "forwarding = \"tunnel\"\ntunnel_source_v4 = \"10.0.0.0/33\"",
+                15,
+                20,
+                "the prefix must leave 0 to 32 host bits",
+            ),
+            (
+                "forwarding = \"dsr\"",
+                "forwarding = \"tunnel\"\ntunnel_source_v6 = \"10.0.0.1\"",
+                15,
+                20,
+                "is not an IPv6 address",
+            ),
+            (
+                "forwarding = \"dsr\"",
+                "forwarding = \"dsr\"\nhash = \"random\"",
+                15,
+                8,
+                "unknown variant `random`",
             ),
             (
                 "table_size = 251",
@@ -1104,6 +1259,64 @@ backends = [
         assert_eq!(err.line, 2, "{err}");
         let err = parse(Path::new("x.toml"), "").unwrap_err();
         assert!(err.message.contains("missing field `balancer`"), "{err}");
+    }
+
+    #[test]
+    fn tunnel_and_fragment_rules() {
+        let base = |extra: &str, backend: &str| {
+            format!(
+                "[balancer]\n[[vip]]\nname = \"a\"\naddress = \"2001:db8::1\"\nport = 53\nprotocol = \"udp\"\n\
+                 forwarding = \"tunnel\"\n{extra}backends = [{{ address = \"{backend}\" }}]\n"
+            )
+        };
+        // IPv6 VIPs tunnel to IPv6 backends only; IPv4 VIPs may go to either.
+        let err = parse(Path::new("t.toml"), &base("", "10.0.0.1")).unwrap_err();
+        assert!(
+            err.message
+                .contains("an IPv6 VIP cannot be tunnelled to the IPv4 backend"),
+            "{err}"
+        );
+        parse(Path::new("t.toml"), &base("", "2001:db8::2")).unwrap();
+        let v4 = base("", "2001:db8::2").replace("2001:db8::1", "192.0.2.1");
+        let c = parse(Path::new("t.toml"), &v4).unwrap();
+        assert_eq!(c.vips[0].forwarding, Forwarding::Tunnel);
+        let c = parse(
+            Path::new("t.toml"),
+            &base(
+                "tunnel_source_v6 = \"fd00::/96\"\nfragments = true\n",
+                "2001:db8::2",
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            c.vips[0].tunnel_source_v6,
+            Some(TunnelSource {
+                address: "fd00::".parse().unwrap(),
+                varied_bits: 32
+            })
+        );
+        assert!(c.vips[0].fragments);
+
+        // fragments = true on a VIP with a port: it must be alone on its address and protocol.
+        let two = format!(
+            "{}[[vip]]\nname = \"b\"\naddress = \"2001:db8::1\"\nport = 54\nprotocol = \"udp\"\nforwarding = \"dsr\"\n",
+            base("fragments = true\n", "2001:db8::2")
+        );
+        let err = parse(Path::new("t.toml"), &two).unwrap_err();
+        assert!(
+            err.message
+                .contains("VIP \"a\" on the same address and protocol sets fragments = true"),
+            "{err}"
+        );
+        // ...unless the other one is another protocol.
+        parse(
+            Path::new("t.toml"),
+            &two.replace(
+                "port = 54\nprotocol = \"udp\"",
+                "port = 54\nprotocol = \"tcp\"",
+            ),
+        )
+        .unwrap();
     }
 
     #[test]

@@ -76,6 +76,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
 
     let resolver = Resolver::new().context("opening a netlink socket")?;
     let next_hops = resolve(&resolver, addresses(&config)).await;
+    warn_routed_dsr_backends(&config, &next_hops);
 
     let mut dataplane = Dataplane::load(LoadOptions {
         hash_seed: config.hash_seed,
@@ -250,11 +251,33 @@ async fn reload(
         hops.extend(resolve(resolver, new_addresses).await);
     }
     let mut state = shared.lock().expect("state");
+    if let Ok(config) = config::parse(&path, &text) {
+        warn_routed_dsr_backends(&config, &hops);
+    }
     let outcome = state.reload(text, hops, started);
     if !matches!(outcome, ReloadOutcome::Rejected { .. }) {
         checks.sync(state.wanted_checks());
     }
     outcome
+}
+
+/// Direct server return needs backends on the balancer's L2 segment; say which are not.
+fn warn_routed_dsr_backends(config: &Config, hops: &NextHops) {
+    for vip in config
+        .vips
+        .iter()
+        .filter(|v| v.forwarding == config::Forwarding::Dsr)
+    {
+        for b in &vip.backends {
+            if let Some(gateway) = hops.get(&b.address).and_then(|h| h.gateway) {
+                error!(
+                    "backend {} of VIP {} is reached through gateway {gateway}: direct server return needs it on \
+                     a directly connected network; it gets no traffic (use forwarding = \"tunnel\" for routed backends)",
+                    b.address, vip.name
+                );
+            }
+        }
+    }
 }
 
 fn require_root() -> anyhow::Result<()> {
@@ -418,8 +441,13 @@ fn log_summary(controller: &Controller, interface: &str, mode: &str) {
             }
             _ => "no health checks".to_owned(),
         };
+        let mode = if vip.forwarding == config::Forwarding::Tunnel {
+            "tunnel"
+        } else {
+            "dsr"
+        };
         info!(
-            "VIP {} {} dsr, Maglev table {} slots, {} backends, {checks}",
+            "VIP {} {} {mode}, Maglev table {} slots, {} backends, {checks}",
             vip.name,
             vip.endpoint(),
             vip.table_size,
@@ -470,5 +498,63 @@ pub async fn xdp_pass(interface: String) -> anyhow::Result<()> {
     };
     drop(dataplane);
     info!("{which}: detached from {interface}");
+    Ok(())
+}
+
+/// `balancer decap`: the decapsulating program on `interface`, for the addresses configured
+/// there, until SIGINT/SIGTERM; counts what it did.
+pub async fn decap(interface: String, mode: config::XdpModeSetting) -> anyhow::Result<()> {
+    require_root()?;
+    let resolver = Resolver::new().context("opening a netlink socket")?;
+    let addresses = resolver
+        .interface_addresses(&interface)
+        .await
+        .map_err(|e| anyhow::anyhow!("{interface}: {e}"))?;
+    if addresses.is_empty() {
+        bail!("{interface} has no address: tunnels are addressed to the backend's own address");
+    }
+    let mut dataplane = Dataplane::load_decap()
+        .map_err(|e| anyhow::anyhow!(error_chain(&e)))
+        .context("loading the XDP object")?;
+    dataplane
+        .set_decap_addresses(&addresses)
+        .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    let (attached, fallback) = dataplane
+        .attach_decap(&interface, mode)
+        .map_err(|e| anyhow::anyhow!(error_chain(&e)))
+        .with_context(|| format!("attaching to {interface}"))?;
+    if let Some(reason) = fallback {
+        warn!("native XDP refused on {interface} ({reason}); attached in generic mode");
+    }
+    let list: Vec<String> = addresses.iter().map(ToString::to_string).collect();
+    info!(
+        "decapsulating IPIP, IP6IP6 and IPv4-in-IPv6 to {} on {interface} ({} mode)",
+        list.join(", "),
+        attached.as_str()
+    );
+    let summary = |dataplane: &Dataplane| -> String {
+        match dataplane.decap_counters() {
+            Ok(counts) => balancer_common::DecapOutcome::ALL
+                .iter()
+                .map(|o| format!("{} {}", o.name(), counts[*o as usize]))
+                .collect::<Vec<_>>()
+                .join(", "),
+            Err(e) => error_chain(&e),
+        }
+    };
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut report = tokio::time::interval(Duration::from_secs(60));
+    report.tick().await;
+    let which = loop {
+        tokio::select! {
+            _ = sigterm.recv() => break "SIGTERM",
+            _ = sigint.recv() => break "SIGINT",
+            _ = report.tick() => info!("packets so far: {}", summary(&dataplane)),
+        }
+    };
+    info!("{which}: packets: {}", summary(&dataplane));
+    drop(dataplane);
+    info!("detached from {interface}");
     Ok(())
 }

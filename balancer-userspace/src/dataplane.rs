@@ -22,8 +22,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use balancer_common::{
-    map_names, program_names, Backend, ConnEntry, FlowKey, TrafficStats, VipKey, VipMeta,
-    MAGLEV_CAPACITY, MAGLEV_TABLE_MAP_FLAGS, OUTCOME_COUNT,
+    map_names, program_names, Backend, ConnEntry, DecapAddress, FlowKey, TrafficStats, VipKey,
+    VipMeta, DECAP_OUTCOME_COUNT, MAGLEV_CAPACITY, MAGLEV_TABLE_MAP_FLAGS, OUTCOME_COUNT,
 };
 
 use crate::{config::XdpModeSetting, reconcile::DesiredState};
@@ -116,11 +116,32 @@ impl Dataplane {
 
     /// Like [`Dataplane::load`], from another build of the object (tests, upgrades).
     pub fn load_object(object: &[u8], options: LoadOptions) -> Result<Self> {
+        Self::load_programs(
+            object,
+            options,
+            &[program_names::BALANCER, program_names::PASS],
+        )
+    }
+
+    /// Loads the object and only the decapsulating program (`balancer decap`).
+    pub fn load_decap() -> Result<Self> {
+        let options = LoadOptions {
+            hash_seed: 0,
+            conn_table_size: crate::config::MIN_CONN_TABLE_SIZE,
+        };
+        Self::load_programs(crate::PROGRAM, options, &[program_names::DECAP])
+    }
+
+    fn load_programs(
+        object: &[u8],
+        options: LoadOptions,
+        programs: &[&'static str],
+    ) -> Result<Self> {
         let mut ebpf = EbpfLoader::new()
             .override_global("HASH_SEED", &options.hash_seed, true)
             .map_max_entries(map_names::CONN_TABLE, options.conn_table_size)
             .load(object)?;
-        for name in [program_names::BALANCER, program_names::PASS] {
+        for &name in programs {
             let program: &mut Xdp = ebpf
                 .program_mut(name)
                 .ok_or(DataplaneError::Missing {
@@ -163,33 +184,43 @@ impl Dataplane {
 
     /// Attaches the trivial XDP_PASS program to `interface` in native mode.
     pub fn attach_pass(&mut self, interface: &str) -> Result<AttachedMode> {
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(program_names::PASS)
-            .and_then(|p| p.try_into().ok())
-            .expect("loaded and checked in load_object");
-        program
-            .attach(interface, XdpMode::Driver)
-            .map_err(|source| DataplaneError::Attach {
-                interface: interface.to_owned(),
-                mode: AttachedMode::Native.as_str(),
-                source,
-            })?;
-        Ok(AttachedMode::Native)
+        self.attach_program(program_names::PASS, interface, XdpModeSetting::Native)
+            .map(|(mode, _)| mode)
     }
 
-    /// Attaches to `interface`. `Auto` tries native mode and falls back to generic mode,
-    /// returning the reason native mode was refused.
+    /// Attaches the decapsulating program to `interface`.
+    pub fn attach_decap(
+        &mut self,
+        interface: &str,
+        setting: XdpModeSetting,
+    ) -> Result<(AttachedMode, Option<String>)> {
+        self.attach_program(program_names::DECAP, interface, setting)
+    }
+
+    /// Attaches the balancer to `interface`. `Auto` tries native mode and falls back to
+    /// generic mode, returning the reason native mode was refused.
     pub fn attach(
         &mut self,
         interface: &str,
         setting: XdpModeSetting,
     ) -> Result<(AttachedMode, Option<String>)> {
+        self.attach_program(program_names::BALANCER, interface, setting)
+    }
+
+    fn attach_program(
+        &mut self,
+        name: &'static str,
+        interface: &str,
+        setting: XdpModeSetting,
+    ) -> Result<(AttachedMode, Option<String>)> {
         let program: &mut Xdp = self
             .ebpf
-            .program_mut(program_names::BALANCER)
+            .program_mut(name)
             .and_then(|p| p.try_into().ok())
-            .expect("loaded and checked in load_object");
+            .ok_or(DataplaneError::Missing {
+                what: "loaded program",
+                name,
+            })?;
         let attach = |program: &mut Xdp, mode: AttachedMode| {
             let flags = match mode {
                 AttachedMode::Native => XdpMode::Driver,
@@ -224,6 +255,42 @@ impl Dataplane {
         };
         self.attached = Some((interface.to_owned(), mode));
         Ok((mode, fallback))
+    }
+
+    /// The addresses the decapsulating program accepts tunnels to.
+    pub fn set_decap_addresses(&mut self, addresses: &[std::net::IpAddr]) -> Result<()> {
+        let name = map_names::DECAP_ADDRESSES;
+        let mut map: BpfHashMap<&mut MapData, DecapAddress, u8> =
+            self.map_mut(name)?.try_into().map_err(map_err(name))?;
+        let old: Vec<DecapAddress> = map.keys().filter_map(|k| k.ok()).collect();
+        for key in old {
+            ignore_missing(map.remove(&key)).map_err(map_err(name))?;
+        }
+        for &address in addresses {
+            let (addr, family) = crate::reconcile::address_bytes(address);
+            map.insert(
+                DecapAddress {
+                    addr,
+                    family,
+                    _pad: [0; 3],
+                },
+                1,
+                0,
+            )
+            .map_err(map_err(name))?;
+        }
+        Ok(())
+    }
+
+    /// The decapsulating program's counters, indexed by `DecapOutcome`.
+    pub fn decap_counters(&self) -> Result<Vec<u64>> {
+        let name = map_names::DECAP_STATS;
+        let stats: PerCpuArray<&MapData, u64> =
+            self.map(name)?.try_into().map_err(map_err(name))?;
+        (0..DECAP_OUTCOME_COUNT)
+            .map(|i| stats.get(&i, 0).map(|v| v.iter().sum()))
+            .collect::<Result<Vec<u64>, _>>()
+            .map_err(map_err(name))
     }
 
     pub fn attached(&self) -> Option<(&str, AttachedMode)> {
@@ -314,20 +381,18 @@ impl Dataplane {
                 .map_mut(map_names::VIPS)?
                 .try_into()
                 .map_err(map_err(map_names::VIPS))?;
-            for vip in &desired.vips {
-                let same = previous_vips
-                    .get(vip.name.as_str())
-                    .is_some_and(|p| p.key == vip.key && p.meta == vip.meta);
-                if !same {
-                    vips.insert(vip.key, vip.meta, 0)
+            let before: HashMap<VipKey, VipMeta> = previous.keys.iter().copied().collect();
+            for (key, meta) in &desired.keys {
+                if before.get(key) != Some(meta) {
+                    vips.insert(key, meta, 0)
                         .map_err(map_err(map_names::VIPS))?;
                 }
             }
             let wanted: std::collections::HashSet<VipKey> =
-                desired.vips.iter().map(|v| v.key).collect();
-            for vip in &previous.vips {
-                if !wanted.contains(&vip.key) {
-                    ignore_missing(vips.remove(&vip.key)).map_err(map_err(map_names::VIPS))?;
+                desired.keys.iter().map(|(k, _)| *k).collect();
+            for key in before.keys() {
+                if !wanted.contains(key) {
+                    ignore_missing(vips.remove(key)).map_err(map_err(map_names::VIPS))?;
                 }
             }
         }

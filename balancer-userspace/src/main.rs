@@ -39,6 +39,17 @@ enum Command {
         #[arg(long, short)]
         interface: String,
     },
+    /// On a backend of a tunnel-mode VIP without a kernel ipip/ip6tnl device: strip the outer
+    /// header of tunnel packets to this interface's addresses and pass the inner packet to the
+    /// local stack, until SIGINT/SIGTERM.
+    Decap {
+        /// The interface tunnel packets arrive on.
+        #[arg(long, short)]
+        interface: String,
+        /// auto (native, else generic), native or generic.
+        #[arg(long, default_value = "auto", value_parser = parse_mode)]
+        xdp_mode: config::XdpModeSetting,
+    },
     /// Ask the running daemon to reload its config file now, and report whether it was
     /// accepted (exit status 0) or rejected (1, with the reason).
     Reload {
@@ -66,6 +77,10 @@ fn main() -> ExitCode {
         }
         Command::XdpPass { interface } => run_async(daemon::xdp_pass(interface)),
         Command::Reload { config, api } => reload(config.as_deref(), api),
+        Command::Decap {
+            interface,
+            xdp_mode,
+        } => run_async(daemon::decap(interface, xdp_mode)),
     }
 }
 
@@ -105,6 +120,15 @@ fn check(path: &std::path::Path) -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn parse_mode(text: &str) -> Result<config::XdpModeSetting, String> {
+    match text {
+        "auto" => Ok(config::XdpModeSetting::Auto),
+        "native" => Ok(config::XdpModeSetting::Native),
+        "generic" => Ok(config::XdpModeSetting::Generic),
+        _ => Err(format!("{text:?}: use auto, native or generic")),
     }
 }
 

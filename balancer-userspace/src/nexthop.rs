@@ -2,9 +2,10 @@
 //! from the kernel's routing and neighbour tables (rtnetlink). Nobody types a MAC address
 //! into a config.
 //!
-//! Direct server return forwards the unchanged IP packet at layer 2, so a backend must be on a
-//! directly connected network: a route through a gateway is an error, not something to work
-//! around. When the neighbour table has no usable entry, resolution is triggered (an
+//! A backend behind a gateway resolves to the gateway's MAC address, which suits tunnel mode;
+//! direct server return needs backends on a directly connected network, which the reconciler
+//! checks (`NextHop::gateway`). When the neighbour table has no usable entry, resolution is
+//! triggered (an
 //! `NTF_USE` neighbour request, which makes the kernel send an ARP or neighbour solicitation)
 //! and the table is polled until the answer arrives or the timeout passes.
 
@@ -50,12 +51,20 @@ pub enum NextHopError {
         interface: String,
         timeout: Duration,
     },
+    #[error("no interface named {0}")]
+    NoInterface(String),
     #[error("interface index {0} has no MAC address (not an Ethernet interface?)")]
     NoMac(u32),
     #[error("netlink: {0}")]
     Netlink(#[from] rtnetlink::Error),
     #[error("netlink socket: {0}")]
     Io(#[from] std::io::Error),
+}
+
+struct Route {
+    ifindex: u32,
+    gateway: Option<IpAddr>,
+    source: Option<IpAddr>,
 }
 
 /// A netlink connection to the kernel's routing tables.
@@ -95,33 +104,30 @@ impl Resolver {
     }
 
     pub async fn resolve(&self, address: IpAddr) -> Result<NextHop, NextHopError> {
-        let (ifindex, gateway) = self.route(address).await?;
-        let (interface, src_mac) = self.link(ifindex).await?;
-        if let Some(gateway) = gateway {
-            return Err(NextHopError::ViaGateway {
-                address,
-                gateway,
-                interface,
-            });
-        }
+        let route = self.route(address).await?;
+        let (interface, src_mac, mtu) = self.link(route.ifindex).await?;
+        let neighbour = route.gateway.unwrap_or(address);
         let deadline = Instant::now() + RESOLVE_TIMEOUT;
         let mut triggered = false;
         loop {
-            if let Some(dst_mac) = self.neighbour(ifindex, address).await? {
+            if let Some(dst_mac) = self.neighbour(route.ifindex, neighbour).await? {
                 return Ok(NextHop {
-                    ifindex,
+                    ifindex: route.ifindex,
                     interface,
                     src_mac,
                     dst_mac,
+                    gateway: route.gateway,
+                    mtu,
+                    source: route.source,
                 });
             }
             if !triggered {
-                self.trigger(ifindex, address).await?;
+                self.trigger(route.ifindex, neighbour).await?;
                 triggered = true;
             }
             if Instant::now() >= deadline {
                 return Err(NextHopError::NoAnswer {
-                    address,
+                    address: neighbour,
                     interface,
                     timeout: RESOLVE_TIMEOUT,
                 });
@@ -130,8 +136,9 @@ impl Resolver {
         }
     }
 
-    /// `ip route get ADDRESS`: the output interface and the gateway, if any.
-    async fn route(&self, address: IpAddr) -> Result<(u32, Option<IpAddr>), NextHopError> {
+    /// `ip route get ADDRESS`: the output interface, the gateway if any, and the preferred
+    /// source address.
+    async fn route(&self, address: IpAddr) -> Result<Route, NextHopError> {
         let message = match address {
             IpAddr::V4(a) => RouteMessageBuilder::<std::net::Ipv4Addr>::new()
                 .destination_prefix(a, 32)
@@ -159,27 +166,76 @@ impl Resolver {
                 _ => None,
             });
             let interface = match ifindex {
-                Some(i) => self.link(i).await.map(|(name, _)| name).unwrap_or_default(),
+                Some(i) => self
+                    .link(i)
+                    .await
+                    .map(|(name, _, _)| name)
+                    .unwrap_or_default(),
                 None => String::new(),
             };
             return Err(NextHopError::Local { address, interface });
         }
         let mut oif = None;
         let mut gateway = None;
+        let mut source = None;
+        let ip = |a: &RouteAddress| match a {
+            RouteAddress::Inet(a) => Some(IpAddr::V4(*a)),
+            RouteAddress::Inet6(a) => Some(IpAddr::V6(*a)),
+            _ => None,
+        };
         for attribute in &route.attributes {
             match attribute {
                 RouteAttribute::Oif(i) => oif = Some(*i),
-                RouteAttribute::Gateway(RouteAddress::Inet(g)) => gateway = Some(IpAddr::V4(*g)),
-                RouteAttribute::Gateway(RouteAddress::Inet6(g)) => gateway = Some(IpAddr::V6(*g)),
+                RouteAttribute::Gateway(g) => gateway = ip(g),
+                RouteAttribute::PrefSource(s) => source = ip(s),
                 _ => {}
             }
         }
-        let oif = oif.ok_or(NextHopError::NoRoute(address))?;
-        Ok((oif, gateway))
+        let ifindex = oif.ok_or(NextHopError::NoRoute(address))?;
+        Ok(Route {
+            ifindex,
+            gateway,
+            source,
+        })
     }
 
-    /// The interface's name and MAC address.
-    pub async fn link(&self, ifindex: u32) -> Result<(String, [u8; 6]), NextHopError> {
+    /// The addresses configured on `interface`.
+    pub async fn interface_addresses(&self, interface: &str) -> Result<Vec<IpAddr>, NextHopError> {
+        let links: Vec<_> = self
+            .handle
+            .link()
+            .get()
+            .match_name(interface.to_owned())
+            .execute()
+            .try_collect()
+            .await?;
+        let ifindex = links
+            .first()
+            .map(|l| l.header.index)
+            .ok_or(NextHopError::NoInterface(interface.to_owned()))?;
+        let messages: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(ifindex)
+            .execute()
+            .try_collect()
+            .await?;
+        let mut addresses: Vec<IpAddr> = messages
+            .into_iter()
+            .flat_map(|m| m.attributes)
+            .filter_map(|a| match a {
+                netlink_packet_route::address::AddressAttribute::Address(a) => Some(a),
+                _ => None,
+            })
+            .collect();
+        addresses.sort();
+        addresses.dedup();
+        Ok(addresses)
+    }
+
+    /// The interface's name, MAC address and MTU.
+    pub async fn link(&self, ifindex: u32) -> Result<(String, [u8; 6], u32), NextHopError> {
         let links: Vec<_> = self
             .handle
             .link()
@@ -194,14 +250,16 @@ impl Resolver {
             .ok_or(NextHopError::NoMac(ifindex))?;
         let mut name = String::new();
         let mut mac = None;
+        let mut mtu = 1500;
         for attribute in link.attributes {
             match attribute {
                 LinkAttribute::IfName(n) => name = n,
                 LinkAttribute::Address(a) if a.len() == 6 => mac = a.try_into().ok(),
+                LinkAttribute::Mtu(m) => mtu = m,
                 _ => {}
             }
         }
-        Ok((name, mac.ok_or(NextHopError::NoMac(ifindex))?))
+        Ok((name, mac.ok_or(NextHopError::NoMac(ifindex))?, mtu))
     }
 
     /// The neighbour's MAC address, if the table holds a usable entry.

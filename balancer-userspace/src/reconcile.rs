@@ -8,21 +8,28 @@ use std::{
 
 use balancer_common::{
     Backend, VipKey, VipMeta, BACKEND_F_DOWN, BACKEND_F_DRAINING, BACKEND_F_VALID, FAMILY_IPV4,
-    FAMILY_IPV6, FORWARD_DSR, MAX_BACKENDS, MAX_VIPS, NO_BACKEND,
+    FAMILY_IPV6, FORWARD_DSR, FORWARD_TUNNEL, MAX_BACKENDS, MAX_VIPS, NO_BACKEND, PROTO_ICMP,
+    PROTO_ICMPV6, VIP_F_ADDRESS, VIP_F_FRAGMENTS, VIP_F_FRAGMENTS_ONLY, VIP_F_HASH_DST_PORT_ONLY,
 };
 
 use crate::{
-    config::{BackendConfig, Config, Vip, WhenAllDown},
+    config::{BackendConfig, Config, Forwarding, HashMode, TunnelSource, Vip, WhenAllDown},
     maglev::{self, MaglevBackend},
 };
 
-/// Where packets for a backend leave: the interface and the two MAC addresses.
+/// Where packets for a backend leave: the interface, the two MAC addresses (the backend's, or
+/// its gateway's), the interface's MTU and its preferred source address towards the backend.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NextHop {
     pub ifindex: u32,
     pub interface: String,
     pub src_mac: [u8; 6],
     pub dst_mac: [u8; 6],
+    /// Set when the backend is reached through a router (fine for tunnels, not for direct
+    /// server return).
+    pub gateway: Option<IpAddr>,
+    pub mtu: u32,
+    pub source: Option<IpAddr>,
 }
 
 /// Next hops by backend address; a backend missing here could not be resolved.
@@ -109,6 +116,9 @@ pub enum ReconcileError {
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct DesiredState {
     pub vips: Vec<DesiredVip>,
+    /// Every entry of the VIPS map: each VIP's key, the port-0 keys that take fragments, and
+    /// one address entry (ICMP echo) per VIP address.
+    pub keys: Vec<(VipKey, VipMeta)>,
     /// Every live backend id and its entry.
     pub backends: BTreeMap<u32, Backend>,
     /// Every egress interface (ifindex) a backend is reached through.
@@ -229,7 +239,10 @@ pub fn desired_state(
         for (address, configured) in list {
             let key = (vip.name.clone(), address);
             let id = ids.backend(&key).expect("assigned above");
-            let next_hop = next_hops.get(&address);
+            // Direct server return cannot reach a backend behind a router.
+            let next_hop = next_hops
+                .get(&address)
+                .filter(|hop| vip.forwarding == Forwarding::Tunnel || hop.gateway.is_none());
             let healthy = health.get(&key).copied().unwrap_or_default() == Health::Up;
             let backend_state = match (next_hop, configured) {
                 (None, _) => BackendState::Unreachable,
@@ -250,6 +263,22 @@ pub fn desired_state(
                 entry.ifindex = hop.ifindex;
                 entry.src_mac = hop.src_mac;
                 entry.dst_mac = hop.dst_mac;
+                entry.mtu = hop.mtu.min(u16::MAX as u32) as u16;
+                if vip.forwarding == Forwarding::Tunnel {
+                    let configured = if address.is_ipv4() {
+                        vip.tunnel_source_v4
+                    } else {
+                        vip.tunnel_source_v6
+                    };
+                    let source = configured.or(hop.source.map(|address| TunnelSource {
+                        address,
+                        varied_bits: 0,
+                    }));
+                    if let Some(source) = source {
+                        entry.tunnel_src = address_bytes(source.address).0;
+                        entry.tunnel_src_bits = source.varied_bits;
+                    }
+                }
                 state.egress.insert(hop.ifindex);
             }
             entries.push((id, entry, healthy));
@@ -309,16 +338,59 @@ pub fn desired_state(
             })
             .collect();
 
+        let mut flags = 0;
+        if vip.hash == HashMode::DstPortOnly {
+            flags |= VIP_F_HASH_DST_PORT_ONLY;
+        }
+        if vip.fragments {
+            flags |= VIP_F_FRAGMENTS;
+        }
+        let meta = VipMeta {
+            vip_id,
+            table_size: vip.table_size,
+            forwarding: match vip.forwarding {
+                Forwarding::Tunnel => FORWARD_TUNNEL,
+                _ => FORWARD_DSR,
+            },
+            flags,
+            _pad: [0; 2],
+        };
+        let key = vip_key(vip);
+        state.keys.push((key, meta));
+        if vip.fragments && vip.port.is_some() {
+            let fragments = VipMeta {
+                flags: flags | VIP_F_FRAGMENTS_ONLY,
+                ..meta
+            };
+            state.keys.push((VipKey { port: 0, ..key }, fragments));
+        }
+        let (addr, family) = address_bytes(vip.address);
+        let proto = if vip.address.is_ipv4() {
+            PROTO_ICMP
+        } else {
+            PROTO_ICMPV6
+        };
+        let address_key = VipKey {
+            addr,
+            port: 0,
+            proto,
+            family,
+        };
+        if !state.keys.iter().any(|(k, _)| *k == address_key) {
+            let meta = VipMeta {
+                vip_id,
+                table_size: 0,
+                forwarding: 0,
+                flags: VIP_F_ADDRESS,
+                _pad: [0; 2],
+            };
+            state.keys.push((address_key, meta));
+        }
+
         state.vips.push(DesiredVip {
             name: vip.name.clone(),
-            key: vip_key(vip),
-            meta: VipMeta {
-                vip_id,
-                table_size: vip.table_size,
-                forwarding: FORWARD_DSR,
-                flags: 0,
-                _pad: [0; 2],
-            },
+            key,
+            meta,
             table,
             backends,
             fail_open,
@@ -370,6 +442,9 @@ backends = [{ address = "10.0.0.1" }]
             interface: "eth0".into(),
             src_mac: [2, 0, 0, 0, 0, 0xff],
             dst_mac: [2, 0, 0, 0, 0, last],
+            gateway: None,
+            mtu: 1500,
+            source: Some(IpAddr::from([10, 0, 0, 254])),
         }
     }
 
@@ -607,6 +682,94 @@ backends = [{ address = "10.0.0.1" }]
         assert!(!web.fail_open);
         let only = web.backends[3].id;
         assert!(web.table.iter().all(|&id| id == only));
+    }
+
+    const TUNNELS: &str = r#"
+[balancer]
+[[vip]]
+name = "t4"
+address = "192.0.2.10"
+port = 80
+protocol = "tcp"
+forwarding = "tunnel"
+tunnel_source_v4 = "172.16.0.0/16"
+hash = "dst_port_only"
+backends = [{ address = "10.0.0.1" }, { address = "2001:db8::1" }]
+[[vip]]
+name = "dsr"
+address = "192.0.2.10"
+port = 81
+protocol = "tcp"
+forwarding = "dsr"
+backends = [{ address = "10.0.0.2" }]
+[[vip]]
+name = "frag"
+address = "2001:db8::10"
+port = 53
+protocol = "udp"
+forwarding = "dsr"
+fragments = true
+health = { kind = "none" }
+backends = [{ address = "2001:db8::2" }]
+"#;
+
+    #[test]
+    fn tunnels_fragments_and_address_entries() {
+        let c = config(TUNNELS);
+        let mut hops = hops();
+        // 10.0.0.2 sits behind a router: fine for a tunnel, not for direct server return.
+        hops.get_mut(&IpAddr::from([10, 0, 0, 2])).unwrap().gateway =
+            Some(IpAddr::from([10, 0, 0, 254]));
+        let v6 =
+            |last: u16| IpAddr::from(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, last));
+        for i in [1, 2] {
+            let mut h = hop(0x60 + i as u8);
+            h.mtu = 9000;
+            h.source = Some(v6(0xfe));
+            hops.insert(v6(i), h);
+        }
+        let state = desired_state(&c, &[], &hops, &HashMap::new(), &mut Ids::default()).unwrap();
+        let t4 = &state.vips[0];
+        assert_eq!(t4.meta.forwarding, FORWARD_TUNNEL);
+        assert_eq!(t4.meta.flags, VIP_F_HASH_DST_PORT_ONLY);
+        let v4_backend = state.backends[&t4.backends[0].id];
+        assert_eq!(&v4_backend.tunnel_src[..4], &[172, 16, 0, 0]);
+        assert_eq!((v4_backend.tunnel_src_bits, v4_backend.mtu), (16, 1500));
+        // No IPv6 source configured: the route's preferred source, fixed.
+        let v6_backend = state.backends[&t4.backends[1].id];
+        assert_eq!(v6_backend.tunnel_src, address_bytes(v6(0xfe)).0);
+        assert_eq!(
+            (
+                v6_backend.tunnel_src_bits,
+                v6_backend.mtu,
+                v6_backend.family
+            ),
+            (0, 9000, FAMILY_IPV6)
+        );
+        // The DSR VIP's routed backend is unreachable.
+        assert_eq!(state.vips[1].backends[0].state, BackendState::Unreachable);
+
+        // Keys: each VIP, a fragments-only port-0 key for "frag", one address entry per address.
+        let frag = &state.vips[2];
+        assert_eq!(frag.meta.flags, VIP_F_FRAGMENTS);
+        let keys: Vec<(u16, u8, u8)> = state
+            .keys
+            .iter()
+            .map(|(k, m)| (u16::from_be(k.port), k.proto, m.flags))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                (80, 6, VIP_F_HASH_DST_PORT_ONLY),
+                (0, PROTO_ICMP, VIP_F_ADDRESS),
+                (81, 6, 0),
+                (53, 17, VIP_F_FRAGMENTS),
+                (0, 17, VIP_F_FRAGMENTS | VIP_F_FRAGMENTS_ONLY),
+                (0, PROTO_ICMPV6, VIP_F_ADDRESS),
+            ]
+        );
+        assert_eq!(state.keys[1].0.addr[..4], [192, 0, 2, 10]);
+        assert_eq!(state.keys[5].0.family, FAMILY_IPV6);
     }
 
     #[test]

@@ -147,7 +147,15 @@ pub fn status(c: &Controller) -> Result<Value, String> {
                 "address": config.address.to_string(),
                 "port": config.port,
                 "protocol": config.protocol.to_string(),
-                "forwarding": "dsr",
+                "forwarding": match config.forwarding {
+                    crate::config::Forwarding::Tunnel => "tunnel",
+                    _ => "dsr",
+                },
+                "hash": match config.hash {
+                    crate::config::HashMode::DstPortOnly => "dst_port_only",
+                    crate::config::HashMode::FiveTuple => "five_tuple",
+                },
+                "fragments": config.fragments,
                 "table_size": vip.meta.table_size,
                 "table_fingerprint": format!("{:016x}", crate::maglev::fingerprint(&vip.table)),
                 "all_backends_down": all_down.active,
