@@ -32,9 +32,7 @@ fn turn_around(ctx: &XdpContext) -> Result<(), Outcome> {
     let eth = ptr_at_mut::<EthHdr>(ctx, 0).ok_or(Outcome::TruncatedEthernet)?;
     // SAFETY: ptr_at_mut checked the bounds.
     unsafe {
-        let dst = (*eth).dst;
-        (*eth).dst = (*eth).src;
-        (*eth).src = dst;
+        core::mem::swap(&mut (*eth).dst, &mut (*eth).src);
     }
     Ok(())
 }
@@ -53,9 +51,7 @@ pub fn echo_reply(ctx: &XdpContext, packet: &Packet) -> Result<Outcome, Outcome>
         let ip = ptr_at_mut::<Ipv4Hdr>(ctx, packet.l3).ok_or(Outcome::TruncatedIpv4)?;
         // SAFETY: ptr_at_mut checked the bounds of both headers.
         unsafe {
-            let src = (*ip).src;
-            (*ip).src = (*ip).dst;
-            (*ip).dst = src;
+            core::mem::swap(&mut (*ip).src, &mut (*ip).dst);
             let old = word([(*ip).ttl, (*ip).proto]);
             (*ip).ttl = TTL;
             (*ip).check = csum::replace((*ip).check, old, word([TTL, (*ip).proto]));
@@ -68,9 +64,7 @@ pub fn echo_reply(ctx: &XdpContext, packet: &Packet) -> Result<Outcome, Outcome>
         let ip = ptr_at_mut::<Ipv6Hdr>(ctx, packet.l3).ok_or(Outcome::TruncatedIpv6)?;
         // SAFETY: as above. Swapping the addresses leaves the pseudo-header's sum unchanged.
         unsafe {
-            let src = (*ip).src;
-            (*ip).src = (*ip).dst;
-            (*ip).dst = src;
+            core::mem::swap(&mut (*ip).src, &mut (*ip).dst);
             (*ip).hop_limit = TTL;
             let old = word([(*icmp).kind, (*icmp).code]);
             (*icmp).kind = ICMPV6_ECHO_REPLY;
@@ -229,7 +223,7 @@ fn too_big_v6(ctx: &XdpContext, packet: &Packet, mtu: usize) -> Result<Outcome, 
     sum = csum::add_bytes(sum, &client);
     sum = csum::add_bytes(sum, &(upper_len as u32).to_be_bytes());
     sum = csum::add_bytes(sum, &(PROTO_ICMPV6 as u32).to_be_bytes());
-    sum = sum_packet::<{ (ICMP_HLEN + IPV6_QUOTE_MAX + 1) / 2 }>(ctx, sum, icmp_at, upper_len);
+    sum = sum_packet::<{ (ICMP_HLEN + IPV6_QUOTE_MAX).div_ceil(2) }>(ctx, sum, icmp_at, upper_len);
     let icmp = ptr_at_mut::<IcmpHdr>(ctx, icmp_at).ok_or(Outcome::TooBig)?;
     // SAFETY: checked.
     unsafe { (*icmp).check = csum::finish(sum) };

@@ -36,6 +36,9 @@ fn predicted_backends(config: &config::Config) -> impl Fn(u16) -> IpAddr {
                     interface: "x".into(),
                     src_mac: [0; 6],
                     dst_mac: [0; 6],
+                    gateway: None,
+                    mtu: 1500,
+                    source: None,
                 },
             )
         })
