@@ -22,3 +22,20 @@ pub fn ptr_at_mut<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     }
     Some((start + offset) as *mut T)
 }
+
+/// Copies `N` bytes within the packet, from offset `from` to offset `to`, byte by byte.
+///
+/// Volatile reads on purpose: LLVM turns an ordinary packet-to-packet copy at a variable
+/// distance into a call to memmove, whose packet accesses the verifier cannot follow.
+#[inline(always)]
+pub fn copy_within<const N: usize>(ctx: &XdpContext, from: usize, to: usize) -> Option<()> {
+    let src = ptr_at::<[u8; N]>(ctx, from)? as *const u8;
+    let dst = ptr_at_mut::<[u8; N]>(ctx, to)? as *mut u8;
+    let mut i = 0;
+    while i < N {
+        // SAFETY: both ranges were checked against the packet's end above.
+        unsafe { *dst.add(i) = core::ptr::read_volatile(src.add(i)) };
+        i += 1;
+    }
+    Some(())
+}

@@ -8,11 +8,9 @@ use balancer_common::{
 };
 
 use crate::{
-    access::{ptr_at, ptr_at_mut},
+    access::{copy_within, ptr_at, ptr_at_mut},
     maps::DECAP_ADDRESSES,
-    parse::{
-        ethernet, EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV4_HLEN, IPV6_HLEN,
-    },
+    parse::{ethernet, Ipv4Hdr, Ipv6Hdr, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV4_HLEN, IPV6_HLEN},
 };
 
 #[inline(always)]
@@ -76,37 +74,19 @@ pub fn decapsulate(ctx: &XdpContext) -> DecapOutcome {
     // the bytes in front. The regions do not overlap: the outer header is at least 20
     // bytes, the L2 header at most 18.
     let vlan = l3 > ETH_HLEN;
-    let (Some(from), Some(to)) = (
-        ptr_at::<EthHdr>(ctx, 0),
-        ptr_at_mut::<EthHdr>(ctx, outer_len),
-    ) else {
+    if copy_within::<ETH_HLEN>(ctx, 0, outer_len).is_none() {
+        return DecapOutcome::Malformed;
+    }
+    if vlan && copy_within::<2>(ctx, ETH_HLEN, outer_len + ETH_HLEN).is_none() {
+        return DecapOutcome::Malformed;
+    }
+    // The EtherType that announces the inner packet (after the tag, if any).
+    let ether_type_at = if vlan { ETH_HLEN + 2 } else { ETH_HLEN - 2 };
+    let Some(et) = ptr_at_mut::<u16>(ctx, outer_len + ether_type_at) else {
         return DecapOutcome::Malformed;
     };
-    // SAFETY: both checked.
-    unsafe {
-        (*to).dst = (*from).dst;
-        (*to).src = (*from).src;
-        (*to).ether_type = (*from).ether_type;
-    }
-    if vlan {
-        let (Some(from), Some(to)) = (
-            ptr_at::<[u8; 2]>(ctx, ETH_HLEN),
-            ptr_at_mut::<[u8; 4]>(ctx, outer_len + ETH_HLEN),
-        ) else {
-            return DecapOutcome::Malformed;
-        };
-        // SAFETY: both checked.
-        unsafe {
-            (*to)[0] = (*from)[0];
-            (*to)[1] = (*from)[1];
-            let et = inner_ether_type.to_ne_bytes();
-            (*to)[2] = et[0];
-            (*to)[3] = et[1];
-        }
-    } else {
-        // SAFETY: checked above.
-        unsafe { (*to).ether_type = inner_ether_type };
-    }
+    // SAFETY: checked.
+    unsafe { *et = inner_ether_type };
     // SAFETY: shrinks the packet from the front; nothing is read afterwards.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, outer_len as i32) } != 0 {
         return DecapOutcome::Malformed;

@@ -13,7 +13,7 @@ use balancer_common::{
 };
 
 use crate::{
-    access::{ptr_at, ptr_at_mut},
+    access::{copy_within, ptr_at_mut},
     icmp,
     maps::EGRESS_DEVICES,
     parse::{EthHdr, Kind, Packet, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV4_HLEN, IPV6_HLEN},
@@ -154,29 +154,15 @@ pub fn move_l2_header(
     vlan: bool,
     ether_type: u16,
 ) -> Result<(), Outcome> {
-    let from = ptr_at::<EthHdr>(ctx, grown).ok_or(Outcome::NoHeadroom)?;
-    let to = ptr_at_mut::<EthHdr>(ctx, 0).ok_or(Outcome::NoHeadroom)?;
-    // SAFETY: both checked; the regions do not overlap (grown >= 20 > 14).
-    unsafe {
-        (*to).dst = (*from).dst;
-        (*to).src = (*from).src;
-        (*to).ether_type = (*from).ether_type;
-    }
-    if vlan {
-        let from = ptr_at::<[u8; 4]>(ctx, grown + ETH_HLEN).ok_or(Outcome::NoHeadroom)?;
-        let to = ptr_at_mut::<[u8; 4]>(ctx, ETH_HLEN).ok_or(Outcome::NoHeadroom)?;
-        // SAFETY: both checked. The tag's own EtherType (its last two bytes) is set below.
-        unsafe {
-            (*to)[0] = (*from)[0];
-            (*to)[1] = (*from)[1];
-        }
-        let et = ptr_at_mut::<u16>(ctx, ETH_HLEN + 2).ok_or(Outcome::NoHeadroom)?;
-        // SAFETY: checked.
-        unsafe { *et = ether_type };
+    copy_within::<ETH_HLEN>(ctx, grown, 0).ok_or(Outcome::NoHeadroom)?;
+    let at = if vlan {
+        copy_within::<2>(ctx, grown + ETH_HLEN, ETH_HLEN).ok_or(Outcome::NoHeadroom)?;
+        ETH_HLEN + 2
     } else {
-        let eth = ptr_at_mut::<EthHdr>(ctx, 0).ok_or(Outcome::NoHeadroom)?;
-        // SAFETY: checked.
-        unsafe { (*eth).ether_type = ether_type };
-    }
+        ETH_HLEN - 2
+    };
+    let et = ptr_at_mut::<u16>(ctx, at).ok_or(Outcome::NoHeadroom)?;
+    // SAFETY: checked.
+    unsafe { *et = ether_type };
     Ok(())
 }

@@ -7,7 +7,7 @@
 use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
-    net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd as _,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -127,7 +127,22 @@ fn serve(mut stream: TcpStream, name: &str) -> std::io::Result<()> {
         .and_then(|path| path.split("id=").nth(1))
         .unwrap_or("none")
         .to_owned();
-    let body = format!("backend={name} id={id}\n");
+    // An upload: read the whole body before answering.
+    let expected: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let body_start = head.find("\r\n\r\n").map_or(request.len(), |i| i + 4);
+    let mut received = request.len() - body_start;
+    while received < expected {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        received += n;
+    }
+    let body = format!("backend={name} id={id} received={received}\n");
     let response = format!(
         "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
@@ -174,7 +189,7 @@ pub struct Stream {
 impl Stream {
     /// Opens the connection from a thread in `ns`; the socket stays in that namespace and can
     /// be used from any thread afterwards.
-    pub fn open(ns: &Netns, to: SocketAddrV4, source_port: u16) -> Result<Stream, String> {
+    pub fn open(ns: &Netns, to: SocketAddr, source_port: u16) -> Result<Stream, String> {
         let socket = ns.run(move || connect_from(to, source_port))?;
         socket.set_nodelay(true).map_err(|e| e.to_string())?;
         let mut stream = Stream {
@@ -255,7 +270,7 @@ pub struct LoadGenerator {
 impl LoadGenerator {
     pub fn start(
         ns: &Netns,
-        to: SocketAddrV4,
+        to: SocketAddr,
         ports: std::ops::Range<u16>,
         pause: Duration,
     ) -> LoadGenerator {
@@ -309,18 +324,21 @@ impl Drop for LoadGenerator {
 }
 
 /// A TCP connection to `to` from `source_port` (0: any), in the calling thread's namespace.
-fn connect_from(to: SocketAddrV4, source_port: u16) -> Result<TcpStream, String> {
-    let socket =
-        Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).map_err(|e| e.to_string())?;
+fn connect_from(to: SocketAddr, source_port: u16) -> Result<TcpStream, String> {
+    let socket = Socket::new(Domain::for_address(to), Type::STREAM, Some(Protocol::TCP))
+        .map_err(|e| e.to_string())?;
     if source_port != 0 {
         socket.set_reuse_address(true).map_err(|e| e.to_string())?;
-        let local: SocketAddr = SocketAddr::from(([0, 0, 0, 0], source_port));
+        let local: SocketAddr = match to {
+            SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], source_port)),
+            SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], source_port)),
+        };
         socket
             .bind(&local.into())
             .map_err(|e| format!("bind port {source_port}: {e}"))?;
     }
     socket
-        .connect_timeout(&SocketAddr::V4(to).into(), IO_TIMEOUT)
+        .connect_timeout(&to.into(), IO_TIMEOUT)
         .map_err(|e| format!("connect to {to} from port {source_port}: {e}"))?;
     Ok(socket.into())
 }
@@ -333,7 +351,12 @@ pub struct Served {
 
 /// One HTTP GET over a new TCP connection from `source_port` (0: any) to `to`. The response
 /// must be complete (Content-Length honoured), 200, and answer this request's `id`.
-pub fn get(to: SocketAddrV4, source_port: u16, id: u64) -> Result<Served, String> {
+pub fn get(to: SocketAddr, source_port: u16, id: u64) -> Result<Served, String> {
+    request(to, source_port, id, 0)
+}
+
+/// Like [`get`], uploading `upload` bytes first (POST); the backend must have received them all.
+pub fn request(to: SocketAddr, source_port: u16, id: u64, upload: usize) -> Result<Served, String> {
     let mut stream = connect_from(to, source_port)?;
     stream
         .set_read_timeout(Some(IO_TIMEOUT))
@@ -341,9 +364,18 @@ pub fn get(to: SocketAddrV4, source_port: u16, id: u64) -> Result<Served, String
     stream
         .set_write_timeout(Some(IO_TIMEOUT))
         .map_err(|e| e.to_string())?;
-    let request = format!("GET /?id={id} HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n");
+    let request = if upload == 0 {
+        format!("GET /?id={id} HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n").into_bytes()
+    } else {
+        let mut r = format!(
+            "POST /?id={id} HTTP/1.1\r\nHost: {to}\r\nContent-Length: {upload}\r\nConnection: close\r\n\r\n"
+        )
+        .into_bytes();
+        r.extend((0..upload).map(|i| b'a' + (i % 26) as u8));
+        r
+    };
     stream
-        .write_all(request.as_bytes())
+        .write_all(&request)
         .map_err(|e| format!("send: {e}"))?;
     let mut response = Vec::new();
     stream
@@ -369,8 +401,13 @@ pub fn get(to: SocketAddrV4, source_port: u16, id: u64) -> Result<Served, String
     }
     let backend = body
         .strip_prefix("backend=")
-        .and_then(|rest| rest.trim_end().strip_suffix(&format!(" id={id}")))
-        .ok_or_else(|| format!("response {body:?} does not answer request {id}"))?;
+        .and_then(|rest| {
+            rest.trim_end()
+                .strip_suffix(&format!(" id={id} received={upload}"))
+        })
+        .ok_or_else(|| {
+            format!("response {body:?} does not answer request {id} with its {upload} bytes")
+        })?;
     Ok(Served {
         backend: backend.to_owned(),
     })
@@ -397,7 +434,7 @@ impl LoadReport {
 /// asked whether to go on (it also serves to report progress).
 pub fn run_requests(
     ns: &Netns,
-    to: SocketAddrV4,
+    to: SocketAddr,
     count: u64,
     first_port: u16,
     keep_going: impl Fn(u64) -> bool + Send + 'static,

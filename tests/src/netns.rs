@@ -31,6 +31,13 @@ impl Netns {
         ns
     }
 
+    /// Turns IPv6 back on (it is off by default, see `create`).
+    pub fn enable_ipv6(&self) {
+        self.sysctl("net.ipv6.conf.all.disable_ipv6", "0");
+        self.sysctl("net.ipv6.conf.default.disable_ipv6", "0");
+        self.sysctl("net.ipv6.conf.lo.disable_ipv6", "0");
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

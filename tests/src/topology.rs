@@ -86,21 +86,7 @@ impl DsrTopology {
 
         // A veth delivers XDP_TX frames only to a peer that has an XDP program of its own.
         let log = std::env::temp_dir().join(format!("{prefix}xdp-pass.log"));
-        let mut peer_pass =
-            BalancerProcess::start(&switch, &["xdp-pass", "--interface", "p-lb"], &log);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let link = switch.ip(&["link", "show", "p-lb"]);
-            if String::from_utf8_lossy(&link.stdout).contains("prog/xdp") {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline && peer_pass.running(),
-                "xdp-pass did not attach:\n{}",
-                peer_pass.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let peer_pass = start_peer_pass(&switch, "p-lb", &log);
 
         // Local TCP stacks hand veth partial checksums; forwarded frames must carry full ones.
         client.exec("ethtool", &["-K", HOST_IF, "tx", "off"]);
@@ -175,5 +161,204 @@ impl DsrTopology {
         for backend in &self.backends {
             pin(backend, CLIENT_ADDR, &client_mac);
         }
+    }
+}
+
+/// The tunnel topology: the client and the balancer on one network, the backends on another,
+/// a router between them, dual-stack. The balancer encapsulates towards backends it cannot
+/// reach at layer 2; the backends decapsulate (`balancer decap`) and answer the client
+/// directly through the router.
+///
+/// ```text
+///  client 10.98.0.1 fd98::1 ─┐                              ┌─ backend i 10.97.0.(10+i) fd97::(10+i)
+///  balancer 10.98.0.2 fd98::2 ┼─ br0 ─ router (.254, ::fe) ─ br1 ┤   VIPs 10.98.100.1, fd98:100::1 on lo
+///                            ┘                              └─
+/// ```
+pub struct TunnelTopology {
+    pub peer_pass: BalancerProcess,
+    pub client: Netns,
+    pub balancer: Netns,
+    pub router: Netns,
+    pub backends: Vec<Netns>,
+    pub switch: Netns,
+}
+
+pub const TUNNEL_VIP4: Ipv4Addr = Ipv4Addr::new(10, 98, 100, 1);
+pub const TUNNEL_VIP6: std::net::Ipv6Addr =
+    std::net::Ipv6Addr::new(0xfd98, 0x100, 0, 0, 0, 0, 0, 1);
+/// An IPv4 VIP whose backends are reached over IPv6 (IPv4 in IPv6).
+pub const TUNNEL_VIP46: Ipv4Addr = Ipv4Addr::new(10, 98, 100, 2);
+
+pub fn tunnel_backend_addrs(i: usize) -> (Ipv4Addr, std::net::Ipv6Addr) {
+    (
+        Ipv4Addr::new(10, 97, 0, 11 + i as u8),
+        std::net::Ipv6Addr::new(0xfd97, 0, 0, 0, 0, 0, 0, 0x11 + i as u16),
+    )
+}
+
+impl TunnelTopology {
+    pub fn create(prefix: &str, backends: usize) -> TunnelTopology {
+        let switch = Netns::create(&format!("{prefix}sw"));
+        for br in ["br0", "br1"] {
+            switch.ip(&["link", "add", br, "type", "bridge"]);
+            switch.ip(&["link", "set", br, "up"]);
+        }
+        let host = |name: &str| {
+            let ns = Netns::create(&format!("{prefix}{name}"));
+            ns.enable_ipv6();
+            ns
+        };
+        let client = host("client");
+        let balancer = host("lb");
+        let router = host("router");
+        let backend_ns: Vec<Netns> = (0..backends)
+            .map(|i| host(&format!("be{}", i + 1)))
+            .collect();
+
+        let plug = |ns: &Netns, port: &str, bridge: &str, inside: &str, v4: &str, v6: &str| {
+            switch.ip(&[
+                "link",
+                "add",
+                port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                inside,
+                "netns",
+                ns.name(),
+            ]);
+            switch.ip(&["link", "set", port, "master", bridge, "up"]);
+            ns.ip(&["addr", "add", v4, "dev", inside]);
+            ns.ip(&["-6", "addr", "add", v6, "dev", inside, "nodad"]);
+            ns.ip(&["link", "set", inside, "up"]);
+        };
+        plug(
+            &client,
+            "p-client",
+            "br0",
+            HOST_IF,
+            "10.98.0.1/24",
+            "fd98::1/64",
+        );
+        plug(
+            &balancer,
+            "p-lb",
+            "br0",
+            HOST_IF,
+            "10.98.0.2/24",
+            "fd98::2/64",
+        );
+        plug(
+            &router,
+            "p-router0",
+            "br0",
+            "eth0",
+            "10.98.0.254/24",
+            "fd98::fe/64",
+        );
+        plug(
+            &router,
+            "p-router1",
+            "br1",
+            "eth1",
+            "10.97.0.254/24",
+            "fd97::fe/64",
+        );
+        for (i, ns) in backend_ns.iter().enumerate() {
+            let (a4, a6) = tunnel_backend_addrs(i);
+            plug(
+                ns,
+                &format!("p-be{}", i + 1),
+                "br1",
+                HOST_IF,
+                &format!("{a4}/24"),
+                &format!("{a6}/64"),
+            );
+        }
+        router.sysctl("net.ipv4.ip_forward", "1");
+        router.sysctl("net.ipv6.conf.all.forwarding", "1");
+
+        // Routes: the client reaches the VIPs through the balancer; the balancer reaches the
+        // backends' network through the router; backends answer everything through the router.
+        client.ip(&[
+            "route",
+            "add",
+            &format!("{TUNNEL_VIP4}/32"),
+            "via",
+            "10.98.0.2",
+        ]);
+        client.ip(&[
+            "route",
+            "add",
+            &format!("{TUNNEL_VIP46}/32"),
+            "via",
+            "10.98.0.2",
+        ]);
+        client.ip(&[
+            "-6",
+            "route",
+            "add",
+            &format!("{TUNNEL_VIP6}/128"),
+            "via",
+            "fd98::2",
+        ]);
+        balancer.ip(&["route", "add", "10.97.0.0/24", "via", "10.98.0.254"]);
+        balancer.ip(&["-6", "route", "add", "fd97::/64", "via", "fd98::fe"]);
+        for ns in &backend_ns {
+            ns.ip(&["route", "add", "default", "via", "10.97.0.254"]);
+            ns.ip(&["-6", "route", "add", "default", "via", "fd97::fe"]);
+            ns.ip(&["addr", "add", &format!("{TUNNEL_VIP4}/32"), "dev", "lo"]);
+            ns.ip(&["addr", "add", &format!("{TUNNEL_VIP46}/32"), "dev", "lo"]);
+            ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{TUNNEL_VIP6}/128"),
+                "dev",
+                "lo",
+            ]);
+            ns.exec("ethtool", &["-K", HOST_IF, "tx", "off"]);
+        }
+        client.exec("ethtool", &["-K", HOST_IF, "tx", "off"]);
+
+        let log = std::env::temp_dir().join(format!("{prefix}xdp-pass.log"));
+        let peer_pass = start_peer_pass(&switch, "p-lb", &log);
+        TunnelTopology {
+            peer_pass,
+            client,
+            balancer,
+            router,
+            backends: backend_ns,
+            switch,
+        }
+    }
+
+    /// HTTP servers on port 80 of every address (IPv4 and IPv6) of every backend.
+    pub fn start_http_servers(&self, name: impl Fn(usize) -> String) -> Vec<HttpServer> {
+        let listen = std::net::SocketAddr::from(([0u16; 8], 80));
+        self.backends
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| HttpServer::start(ns, &name(i), listen))
+            .collect()
+    }
+}
+
+/// `balancer xdp-pass` on a veth peer the balancer transmits into, once it is attached.
+fn start_peer_pass(switch: &Netns, port: &str, log: &std::path::Path) -> BalancerProcess {
+    let mut peer_pass = BalancerProcess::start(switch, &["xdp-pass", "--interface", port], log);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let link = switch.ip(&["link", "show", port]);
+        if String::from_utf8_lossy(&link.stdout).contains("prog/xdp") {
+            return peer_pass;
+        }
+        assert!(
+            Instant::now() < deadline && peer_pass.running(),
+            "xdp-pass did not attach:\n{}",
+            peer_pass.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -88,7 +88,7 @@ fn dsr_forwards_every_connection_whole_to_the_predicted_backend() {
     let tx_bytes = topology.client.link_stat(HOST_IF, "tx_bytes");
     let report = run_requests(
         &topology.client,
-        SocketAddrV4::new(VIP_ADDR, 80),
+        SocketAddrV4::new(VIP_ADDR, 80).into(),
         REQUESTS,
         FIRST_PORT,
         |_| true,

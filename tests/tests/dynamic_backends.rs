@@ -3,7 +3,7 @@
 //! long-lived connection, 50 reloads in a row, and an invalid config.
 
 use std::{
-    net::SocketAddrV4,
+    net::{SocketAddr, SocketAddrV4},
     time::{Duration, Instant},
 };
 
@@ -22,8 +22,8 @@ const FALL: u64 = 3;
 const LOAD_PORTS: std::ops::Range<u16> = 20_000..60_000;
 const LOAD_PAUSE: Duration = Duration::from_millis(2);
 
-fn vip() -> SocketAddrV4 {
-    SocketAddrV4::new(VIP_ADDR, 80)
+fn vip() -> SocketAddr {
+    SocketAddrV4::new(VIP_ADDR, 80).into()
 }
 
 fn name(i: usize) -> String {

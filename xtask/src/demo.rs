@@ -99,7 +99,7 @@ pub fn run(requests: u64) -> Result<()> {
     let step = (requests / 6).max(1);
     let report = run_requests(
         &topology.client,
-        SocketAddrV4::new(VIP_ADDR, 80),
+        SocketAddrV4::new(VIP_ADDR, 80).into(),
         requests,
         FIRST_PORT,
         move |done| {

@@ -125,7 +125,12 @@ pub fn run() -> Result<()> {
     ));
     tiers.push(root_tier(
         "network namespaces (real balancer, servers, clients)",
-        &["dsr_end_to_end", "attach_modes", "dynamic_backends"],
+        &[
+            "dsr_end_to_end",
+            "attach_modes",
+            "dynamic_backends",
+            "tunnel_end_to_end",
+        ],
     ));
 
     println!("\n==== summary");
