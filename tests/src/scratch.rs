@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 pub struct Scratch {
     dir: PathBuf,
+    keep: bool,
 }
 
 impl Scratch {
@@ -25,10 +26,21 @@ impl Scratch {
                 }
             }
         }
-        let dir = root.join(format!("{prefix}{}-{name}", std::process::id()));
+        Scratch::named(&format!("{prefix}{}-{name}", std::process::id()))
+    }
+
+    /// `/tmp/<dir_name>`, empty (no clean-up of left-overs: see `new`).
+    pub fn named(dir_name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(dir_name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
-        Scratch { dir }
+        Scratch { dir, keep: false }
+    }
+
+    /// Keeps the directory when dropped (to show its logs after a failure).
+    pub fn keep(&mut self) -> &Path {
+        self.keep = true;
+        &self.dir
     }
 
     pub fn path(&self, name: &str) -> PathBuf {

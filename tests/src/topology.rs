@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{http::HttpServer, netns::Netns, process::BalancerProcess};
+use crate::{http::HttpServer, netns::Netns, process::BalancerProcess, scratch::Scratch};
 
 pub const SUBNET_PREFIX: u8 = 24;
 pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
@@ -35,6 +35,8 @@ pub fn backend_addr(i: usize) -> Ipv4Addr {
 pub struct DsrTopology {
     /// `balancer xdp-pass` on the balancer's veth peer (see `create`).
     pub peer_pass: BalancerProcess,
+    /// Its log.
+    pub files: Scratch,
     pub client: Netns,
     pub balancer: Netns,
     pub backends: Vec<Netns>,
@@ -85,8 +87,8 @@ impl DsrTopology {
         }
 
         // A veth delivers XDP_TX frames only to a peer that has an XDP program of its own.
-        let log = std::env::temp_dir().join(format!("{prefix}xdp-pass.log"));
-        let peer_pass = start_peer_pass(&switch, "p-lb", &log);
+        let files = Scratch::named(&format!("{prefix}files"));
+        let peer_pass = start_peer_pass(&switch, "p-lb", &files.path("xdp-pass.log"));
 
         // Local TCP stacks hand veth partial checksums; forwarded frames must carry full ones.
         client.exec("ethtool", &["-K", HOST_IF, "tx", "off"]);
@@ -114,6 +116,7 @@ impl DsrTopology {
 
         DsrTopology {
             peer_pass,
+            files,
             client,
             balancer,
             backends: backend_ns,
@@ -176,6 +179,7 @@ impl DsrTopology {
 /// ```
 pub struct TunnelTopology {
     pub peer_pass: BalancerProcess,
+    pub files: Scratch,
     pub client: Netns,
     pub balancer: Netns,
     pub router: Netns,
@@ -322,10 +326,11 @@ impl TunnelTopology {
         }
         client.exec("ethtool", &["-K", HOST_IF, "tx", "off"]);
 
-        let log = std::env::temp_dir().join(format!("{prefix}xdp-pass.log"));
-        let peer_pass = start_peer_pass(&switch, "p-lb", &log);
+        let files = Scratch::named(&format!("{prefix}files"));
+        let peer_pass = start_peer_pass(&switch, "p-lb", &files.path("xdp-pass.log"));
         TunnelTopology {
             peer_pass,
+            files,
             client,
             balancer,
             router,

@@ -8,6 +8,7 @@ use balancer_tests::{
     http::get_json,
     netns::{remove_stale, require_root, Netns},
     process::BalancerProcess,
+    scratch::Scratch,
 };
 
 fn config(dir: &std::path::Path, name: &str, mode: &str) -> std::path::PathBuf {
@@ -30,7 +31,8 @@ fn auto_falls_back_to_generic_and_native_does_not() {
     remove_stale("lbt-");
     let prefix = format!("lbt-{}-attach-", std::process::id());
     let ns = Netns::create(&format!("{prefix}ns"));
-    let dir = std::env::temp_dir();
+    let scratch = Scratch::new("lbt-", "attach");
+    let dir = scratch.path("");
 
     // auto on lo: generic, with the reason logged.
     let auto = config(&dir, &format!("{prefix}auto.toml"), "auto");
@@ -116,16 +118,4 @@ fn auto_falls_back_to_generic_and_native_does_not() {
         "{}",
         balancer.log()
     );
-
-    for f in [
-        "auto.toml",
-        "native.toml",
-        "bad.toml",
-        "auto.log",
-        "native.log",
-        "missing.log",
-        "bad.log",
-    ] {
-        let _ = std::fs::remove_file(dir.join(format!("{prefix}{f}")));
-    }
 }

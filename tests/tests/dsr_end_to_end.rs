@@ -16,6 +16,7 @@ use balancer_tests::{
     http::{get_json, run_requests},
     netns::{remove_stale, require_root},
     process::{workspace_root, BalancerProcess},
+    scratch::Scratch,
     topology::{backend_addr, DsrTopology, CLIENT_ADDR, HOST_IF, VIP_ADDR},
 };
 
@@ -76,7 +77,8 @@ fn dsr_forwards_every_connection_whole_to_the_predicted_backend() {
     let config_path = workspace_root().join("config/demo.toml");
     let config = config::load(&config_path).expect("config/demo.toml is valid");
     let api = config.metrics_listen;
-    let log = std::env::temp_dir().join(format!("{prefix}balancer.log"));
+    let scratch = Scratch::new("lbt-", "dsr");
+    let log = scratch.path("balancer.log");
     let mut balancer = BalancerProcess::start(
         &topology.balancer,
         &["run", "--config", config_path.to_str().unwrap()],

@@ -13,6 +13,7 @@ use balancer_tests::{
     http::{get_json, run_requests, HttpServer},
     netns::remove_stale,
     process::BalancerProcess,
+    scratch::Scratch,
     topology::{backend_addr, DsrTopology, BALANCER_ADDR, CLIENT_ADDR, VIP_ADDR},
 };
 use serde_json::Value;
@@ -76,7 +77,8 @@ pub fn run(requests: u64) -> Result<()> {
     topology.pin_arp();
 
     let config = workspace_root().join("config/demo.toml");
-    let log = std::env::temp_dir().join(format!("{prefix}balancer.log"));
+    let mut files = Scratch::new("lbdemo-", "files");
+    let log = files.path("balancer.log");
     say(&format!(
         "starting `balancer run --config {}` in the balancer's namespace (log: {})",
         config.display(),
@@ -128,6 +130,9 @@ pub fn run(requests: u64) -> Result<()> {
     }
 
     let exit = balancer.stop();
+    if !report.failures.is_empty() || !exit.success() {
+        say(&format!("logs kept in {}", files.keep().display()));
+    }
     say(&format!("balancer stopped ({exit}); it logged:"));
     for line in balancer
         .log()
