@@ -16,7 +16,7 @@ use balancer_tests::{
 };
 use serde_json::Value;
 
-const INTERVAL_MS: u64 = 200;
+const INTERVAL_MS: u64 = 300;
 const RISE: u64 = 2;
 const FALL: u64 = 3;
 const LOAD_PORTS: std::ops::Range<u16> = 20_000..60_000;
