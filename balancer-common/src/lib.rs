@@ -69,6 +69,12 @@ pub mod program_names {
     pub const PASS: &str = "xdp_pass";
     /// Backend side of tunnel mode: strips the outer header of tunnels to local addresses.
     pub const DECAP: &str = "balancer_decap";
+    /// Benchmark helpers: drop everything; send every frame back unchanged (a packet
+    /// generator with BPF_PROG_TEST_RUN's live frames); swap the MACs and send back (the
+    /// trivial reflector the balancer is compared with).
+    pub const DROP: &str = "xdp_drop";
+    pub const TX: &str = "xdp_tx";
+    pub const REFLECT: &str = "xdp_reflect";
 }
 
 /// Address family of a key or backend.

@@ -86,6 +86,31 @@ mod programs {
         xdp_action::PASS
     }
 
+    /// Benchmarks: a sink that drops everything.
+    #[xdp]
+    pub fn xdp_drop(_ctx: XdpContext) -> u32 {
+        xdp_action::DROP
+    }
+
+    /// Benchmarks: sends every frame back out unchanged (with BPF_PROG_TEST_RUN's live
+    /// frames, a packet generator).
+    #[xdp]
+    pub fn xdp_tx(_ctx: XdpContext) -> u32 {
+        xdp_action::TX
+    }
+
+    /// Benchmarks: the trivial reflector the balancer is compared with: swaps the Ethernet
+    /// addresses and sends the frame back.
+    #[xdp]
+    pub fn xdp_reflect(ctx: XdpContext) -> u32 {
+        let Some(eth) = crate::access::ptr_at_mut::<parse::EthHdr>(&ctx, 0) else {
+            return xdp_action::PASS;
+        };
+        // SAFETY: ptr_at_mut checked the bounds.
+        unsafe { core::mem::swap(&mut (*eth).dst, &mut (*eth).src) };
+        xdp_action::TX
+    }
+
     #[panic_handler]
     fn panic(_info: &core::panic::PanicInfo) -> ! {
         // SAFETY: the verifier rejects any program that could reach a panic (there is no

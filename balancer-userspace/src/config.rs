@@ -121,6 +121,48 @@ pub enum HashMode {
     DstPortOnly,
 }
 
+/// The load metric an autoscale target is set on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AutoscaleMetric {
+    NewFlowsPerSecond,
+    PacketsPerSecond,
+    BytesPerSecond,
+}
+
+impl AutoscaleMetric {
+    pub fn name(self) -> &'static str {
+        match self {
+            AutoscaleMetric::NewFlowsPerSecond => "new_flows_per_second",
+            AutoscaleMetric::PacketsPerSecond => "packets_per_second",
+            AutoscaleMetric::BytesPerSecond => "bytes_per_second",
+        }
+    }
+}
+
+/// A VIP's autoscaling target: desired backends = ceil(ready x (rate per ready backend) /
+/// target), as the Kubernetes HorizontalPodAutoscaler computes it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Autoscale {
+    pub metric: AutoscaleMetric,
+    pub target_per_backend: f64,
+    /// No change while the per-backend rate is within this fraction of the target.
+    pub tolerance: f64,
+    /// The rate is averaged over this window.
+    pub window: Duration,
+}
+
+impl Eq for Autoscale {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAutoscale {
+    metric: AutoscaleMetric,
+    target_per_backend: Spanned<f64>,
+    tolerance: Option<Spanned<f64>>,
+    window: Option<Spanned<String>>,
+}
+
 /// The outer source address of tunnel packets: an address, or a prefix whose host bits vary
 /// per flow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,6 +189,8 @@ pub struct Vip {
     pub tunnel_source_v4: Option<TunnelSource>,
     /// Tunnel mode: outer source of IPv6 tunnels (default: the egress interface's address).
     pub tunnel_source_v6: Option<TunnelSource>,
+    /// The autoscaling signal: how many backends this VIP wants for its load.
+    pub autoscale: Option<Autoscale>,
     pub backends: Vec<BackendConfig>,
 }
 
@@ -308,6 +352,7 @@ struct RawVip {
     fragments: bool,
     tunnel_source_v4: Option<Spanned<String>>,
     tunnel_source_v6: Option<Spanned<String>>,
+    autoscale: Option<Spanned<RawAutoscale>>,
     #[serde(default)]
     backends: Vec<Spanned<RawBackend>>,
 }
@@ -547,6 +592,49 @@ fn validate_vip(raw: RawVip) -> Result<Vip, Invalid> {
             format!("VIP \"{name}\": forwarding = \"nat\" is not supported yet (use \"dsr\" or \"tunnel\")"),
         ));
     }
+    let autoscale = match &raw.autoscale {
+        None => None,
+        Some(a) => {
+            let a = a.get_ref();
+            let target = *a.target_per_backend.get_ref();
+            if !(target.is_finite() && target > 0.0) {
+                return Err((
+                    a.target_per_backend.span(),
+                    format!("VIP \"{name}\": autoscale target_per_backend must be above 0"),
+                ));
+            }
+            let tolerance = match &a.tolerance {
+                None => 0.1,
+                Some(t) if (0.0..1.0).contains(t.get_ref()) => *t.get_ref(),
+                Some(t) => {
+                    return Err((
+                        t.span(),
+                        format!("VIP \"{name}\": autoscale tolerance must be from 0 to below 1"),
+                    ))
+                }
+            };
+            let window = match &a.window {
+                None => Duration::from_secs(60),
+                Some(w) => {
+                    let d = health::parse_duration(w.get_ref())
+                        .map_err(|e| (w.span(), format!("VIP \"{name}\": autoscale window {e}")))?;
+                    if !(Duration::from_secs(2)..=Duration::from_secs(3600)).contains(&d) {
+                        return Err((
+                            w.span(),
+                            format!("VIP \"{name}\": autoscale window must be from 2s to 1h"),
+                        ));
+                    }
+                    d
+                }
+            };
+            Some(Autoscale {
+                metric: a.metric,
+                target_per_backend: target,
+                tolerance,
+                window,
+            })
+        }
+    };
     let mut tunnel_sources = [None, None];
     for (i, (key, value, v6)) in [
         ("tunnel_source_v4", &raw.tunnel_source_v4, false),
@@ -691,6 +779,7 @@ fn validate_vip(raw: RawVip) -> Result<Vip, Invalid> {
         fragments: raw.fragments,
         tunnel_source_v4: tunnel_sources[0],
         tunnel_source_v6: tunnel_sources[1],
+        autoscale,
         backends,
     })
 }

@@ -12,6 +12,7 @@ use std::{
 use tracing::{error, info, warn};
 
 use crate::{
+    autoscale::{desired_backends, Sample, Samples, SAMPLE_INTERVAL, STATUS_WINDOW},
     config::{self, diff, CheckKind, Config, HealthCheck},
     dataplane::{error_chain, Dataplane},
     health::{ProbeResult, Tracker},
@@ -67,7 +68,25 @@ pub struct Controller {
     pub retiring: BTreeMap<BackendKey, Instant>,
     pub reloads: ReloadStats,
     pub all_down: HashMap<String, AllDownStats>,
+    /// Recent counter readings, for rates.
+    pub samples: Samples,
+    /// The autoscaling signal of every VIP that sets a target.
+    pub autoscale: BTreeMap<String, AutoscaleState>,
+    /// Flows in the connection table at the last count, and when it was taken.
+    pub conn_entries: Option<(u64, Instant)>,
 }
+
+/// A VIP's autoscaling signal, as last computed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AutoscaleState {
+    pub ready: u32,
+    /// The VIP's rate of the target's metric, averaged over the target's window.
+    pub rate: f64,
+    pub desired: u32,
+}
+
+/// How often the connection table is walked to count its flows.
+const CONN_COUNT_INTERVAL: Duration = Duration::from_secs(30);
 
 impl Controller {
     pub fn new(
@@ -92,6 +111,9 @@ impl Controller {
             retiring: BTreeMap::new(),
             reloads: ReloadStats::default(),
             all_down: HashMap::new(),
+            samples: Samples::default(),
+            autoscale: BTreeMap::new(),
+            conn_entries: None,
         };
         controller.adopt_backends(&config);
         controller.config = config;
@@ -222,8 +244,107 @@ impl Controller {
             .retain(|name, _| desired.vips.iter().any(|v| &v.name == name));
     }
 
+    /// Reads the counters for rates and the autoscaling signal (every `SAMPLE_INTERVAL`).
+    pub fn sample(&mut self, now: Instant) {
+        let counters = match self.dataplane.counters() {
+            Ok(c) => c,
+            Err(e) => return error!("reading counters: {}", error_chain(&e)),
+        };
+        let applied = self.dataplane.applied();
+        let vips = applied
+            .vips
+            .iter()
+            .map(|v| {
+                (
+                    v.name.clone(),
+                    counters
+                        .vips
+                        .get(&v.meta.vip_id)
+                        .copied()
+                        .unwrap_or_default(),
+                )
+            })
+            .collect();
+        let backends = applied
+            .vips
+            .iter()
+            .flat_map(|v| {
+                v.backends
+                    .iter()
+                    .map(move |b| ((v.name.clone(), b.address), b.id))
+            })
+            .map(|(key, id)| (key, counters.backends.get(&id).copied().unwrap_or_default()))
+            .collect();
+        let keep = self
+            .config
+            .vips
+            .iter()
+            .filter_map(|v| v.autoscale.map(|a| a.window))
+            .max()
+            .unwrap_or_default()
+            .max(STATUS_WINDOW)
+            + SAMPLE_INTERVAL * 2;
+        self.samples.push(
+            Sample {
+                at: now,
+                vips,
+                backends,
+            },
+            keep,
+        );
+
+        let mut autoscale = BTreeMap::new();
+        for (vip, desired) in self.config.vips.iter().zip(&applied.vips) {
+            let Some(target) = vip.autoscale else {
+                continue;
+            };
+            let ready = desired
+                .backends
+                .iter()
+                .filter(|b| b.state == reconcile::BackendState::Active)
+                .count() as u32;
+            let rate = self
+                .samples
+                .vip(&vip.name, target.window)
+                .map_or(0.0, |r| r.of(target.metric));
+            let wanted = desired_backends(ready, rate, target.target_per_backend, target.tolerance);
+            if self
+                .autoscale
+                .get(&vip.name)
+                .map(|a: &AutoscaleState| a.desired)
+                != Some(wanted)
+            {
+                info!(
+                    "VIP {}: desired backends {wanted} ({ready} ready, {rate:.1} {} against {} per backend)",
+                    vip.name,
+                    target.metric.name(),
+                    target.target_per_backend
+                );
+            }
+            autoscale.insert(
+                vip.name.clone(),
+                AutoscaleState {
+                    ready,
+                    rate,
+                    desired: wanted,
+                },
+            );
+        }
+        self.autoscale = autoscale;
+
+        if self
+            .conn_entries
+            .is_none_or(|(_, at)| now.duration_since(at) >= CONN_COUNT_INTERVAL)
+        {
+            match self.dataplane.conn_count() {
+                Ok(n) => self.conn_entries = Some((n as u64, now)),
+                Err(e) => error!("counting the connection table: {}", error_chain(&e)),
+            }
+        }
+    }
+
     /// Records a probe result; on a change of verdict, logs it once and updates the maps.
-    pub fn probe_result(&mut self, key: &BackendKey, result: ProbeResult) {
+    pub fn probe_result(&mut self, key: &BackendKey, result: ProbeResult, seconds: f64) {
         let Some(check) = self
             .config
             .vips
@@ -237,6 +358,7 @@ impl Controller {
         let Some(tracker) = self.trackers.get_mut(key) else {
             return;
         };
+        tracker.durations.observe(seconds);
         let Some(transition) = tracker.record(&result, check.rise, check.fall) else {
             return;
         };

@@ -48,6 +48,8 @@ pub enum Event {
         key: BackendKey,
         serial: u64,
         result: health::ProbeResult,
+        /// How long the probe took.
+        seconds: f64,
     },
     Reload {
         trigger: &'static str,
@@ -140,6 +142,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let mut refresh = tokio::time::interval(NEXT_HOP_REFRESH);
     refresh.tick().await;
     let mut expiry = tokio::time::interval(Duration::from_secs(1));
+    let mut sampling = tokio::time::interval(crate::autoscale::SAMPLE_INTERVAL);
     let mut file_changed_at: Option<(Instant, Instant)> = None;
     let which = loop {
         let debounce = async {
@@ -167,10 +170,11 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
                 shared.lock().expect("state").refresh_next_hops(hops);
             }
             _ = expiry.tick() => shared.lock().expect("state").expire_retiring(Instant::now()),
+            _ = sampling.tick() => shared.lock().expect("state").sample(Instant::now()),
             Some(event) = inbox.recv() => match event {
-                Event::Probe { key, serial, result } => {
+                Event::Probe { key, serial, result, seconds } => {
                     if checks.is_current(&key, serial) {
-                        shared.lock().expect("state").probe_result(&key, result);
+                        shared.lock().expect("state").probe_result(&key, result, seconds);
                     }
                 }
                 Event::Reload { trigger, reply } => {
@@ -393,11 +397,14 @@ impl HealthChecks {
             let task = tokio::spawn(async move {
                 tokio::time::sleep(health::first_delay(task_check.interval, fastrand::f64())).await;
                 loop {
+                    let started = Instant::now();
                     let result = health::probe(address, &task_check).await;
+                    let seconds = started.elapsed().as_secs_f64();
                     let event = Event::Probe {
                         key: task_key.clone(),
                         serial,
                         result,
+                        seconds,
                     };
                     if events.send(event).await.is_err() {
                         return;

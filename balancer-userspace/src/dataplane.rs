@@ -96,6 +96,9 @@ pub struct Dataplane {
     ebpf: Ebpf,
     applied: DesiredState,
     attached: Option<(String, AttachedMode)>,
+    /// The Maglev tables in `MAGLEV_TABLES`, by VIP id: held so that their memory can be
+    /// reported (the kernel keeps them alive through the outer map anyway).
+    tables: BTreeMap<u32, MapData>,
 }
 
 /// Counters summed over CPUs.
@@ -120,6 +123,16 @@ impl Dataplane {
             object,
             options,
             &[program_names::BALANCER, program_names::PASS],
+        )
+    }
+
+    /// Loads the balancer and every trivial program of the object (benchmarks).
+    pub fn load_with_trivial_programs(options: LoadOptions) -> Result<Self> {
+        use program_names::*;
+        Self::load_programs(
+            crate::PROGRAM,
+            options,
+            &[BALANCER, PASS, DROP, TX, REFLECT],
         )
     }
 
@@ -162,6 +175,7 @@ impl Dataplane {
             ebpf,
             applied: DesiredState::default(),
             attached: None,
+            tables: BTreeMap::new(),
         })
     }
 
@@ -175,7 +189,8 @@ impl Dataplane {
         self.program_named(program_names::PASS)
     }
 
-    fn program_named(&self, name: &'static str) -> &Xdp {
+    /// A loaded program of the object by name (see `balancer_common::program_names`).
+    pub fn program_named(&self, name: &'static str) -> &Xdp {
         self.ebpf
             .program(name)
             .and_then(|p| p.try_into().ok())
@@ -207,7 +222,8 @@ impl Dataplane {
         self.attach_program(program_names::BALANCER, interface, setting)
     }
 
-    fn attach_program(
+    /// Attaches a loaded program of the object by name.
+    pub fn attach_program(
         &mut self,
         name: &'static str,
         interface: &str,
@@ -418,6 +434,7 @@ impl Dataplane {
                         .map_err(map_err(map_names::MAGLEV_TABLES))?;
                 }
             }
+            self.tables.retain(|id, _| live_ids.contains(id));
         }
         {
             let mut backends: Array<&mut MapData, Backend> = self
@@ -456,7 +473,43 @@ impl Dataplane {
             .map_err(map_err(map_names::MAGLEV_TABLES))?;
         tables
             .set(vip_id, &inner, 0)
-            .map_err(map_err(map_names::MAGLEV_TABLES))
+            .map_err(map_err(map_names::MAGLEV_TABLES))?;
+        self.tables.insert(vip_id, inner);
+        Ok(())
+    }
+
+    /// Kernel memory of every map (as `memlock` in /proc/self/fdinfo), by map name; the
+    /// Maglev tables summed under `maglev tables`.
+    pub fn memory(&self) -> std::io::Result<Vec<(String, u64)>> {
+        let memlock = |fd: i32| -> std::io::Result<u64> {
+            let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
+            Ok(info
+                .lines()
+                .find_map(|l| l.strip_prefix("memlock:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0))
+        };
+        let mut out = Vec::new();
+        for (name, map) in self.ebpf.maps() {
+            let fd = match map {
+                aya::maps::Map::Array(d)
+                | aya::maps::Map::ArrayOfMaps(d)
+                | aya::maps::Map::HashMap(d)
+                | aya::maps::Map::LruHashMap(d)
+                | aya::maps::Map::PerCpuArray(d)
+                | aya::maps::Map::DevMapHash(d) => d.fd().as_fd().as_raw_fd(),
+                _ => continue,
+            };
+            out.push((name.to_owned(), memlock(fd)?));
+        }
+        let tables = self
+            .tables
+            .values()
+            .map(|t| memlock(t.fd().as_fd().as_raw_fd()))
+            .sum::<std::io::Result<u64>>()?;
+        out.push(("maglev tables".to_owned(), tables));
+        out.sort();
+        Ok(out)
     }
 
     fn zero_stats(&mut self, name: &'static str, ids: &[u32]) -> Result<()> {

@@ -43,8 +43,44 @@ impl fmt::Display for ProbeFailure {
 
 pub type ProbeResult = Result<(), ProbeFailure>;
 
+impl ProbeFailure {
+    /// The kind of failure, a metrics label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProbeFailure::Refused => "refused",
+            ProbeFailure::Timeout => "timeout",
+            ProbeFailure::Status(_) => "status",
+            ProbeFailure::Error(_) => "error",
+        }
+    }
+}
+
+/// Upper bounds (seconds) of the probe duration histogram's buckets.
+pub const PROBE_BUCKETS: [f64; 9] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5];
+
+/// A histogram of probe durations.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Histogram {
+    /// Count of observations at or below each bound of `PROBE_BUCKETS` (cumulative).
+    pub buckets: [u64; PROBE_BUCKETS.len()],
+    pub count: u64,
+    pub sum: f64,
+}
+
+impl Histogram {
+    pub fn observe(&mut self, seconds: f64) {
+        for (bound, bucket) in PROBE_BUCKETS.iter().zip(self.buckets.iter_mut()) {
+            if seconds <= *bound {
+                *bucket += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += seconds;
+    }
+}
+
 /// A backend's verdict so far.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Tracker {
     pub up: bool,
     successes: u32,
@@ -53,6 +89,9 @@ pub struct Tracker {
     pub last_failure: Option<ProbeFailure>,
     /// Probes run so far.
     pub probes: u64,
+    /// Failed probes by `ProbeFailure::kind`.
+    pub failures_by_kind: std::collections::BTreeMap<&'static str, u64>,
+    pub durations: Histogram,
 }
 
 /// A change of verdict.
@@ -73,6 +112,8 @@ impl Tracker {
             failures: 0,
             last_failure: None,
             probes: 0,
+            failures_by_kind: Default::default(),
+            durations: Histogram::default(),
         }
     }
 
@@ -95,6 +136,7 @@ impl Tracker {
                 }
             }
             Err(failure) => {
+                *self.failures_by_kind.entry(failure.kind()).or_default() += 1;
                 self.failures += 1;
                 self.successes = 0;
                 self.last_failure = Some(failure.clone());

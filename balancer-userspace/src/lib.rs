@@ -3,6 +3,7 @@
 //! A pure core (config -> desired map contents) and a thin shell around the kernel
 //! (`dataplane`, `nexthop`).
 
+pub mod autoscale;
 pub mod client;
 pub mod config;
 pub mod controller;
@@ -10,9 +11,11 @@ pub mod daemon;
 pub mod dataplane;
 pub mod health;
 pub mod maglev;
+pub mod metrics;
 pub mod nexthop;
 pub mod reconcile;
 pub mod status;
+pub mod status_table;
 
 /// The compiled XDP object (balancer-ebpf), embedded at build time.
 pub const PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/balancer-xdp"));

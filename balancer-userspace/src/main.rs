@@ -50,6 +50,22 @@ enum Command {
         #[arg(long, default_value = "auto", value_parser = parse_mode)]
         xdp_mode: config::XdpModeSetting,
     },
+    /// Show what the running daemon does: every VIP and backend, state, weight, rates and
+    /// totals (from its status API).
+    Status {
+        /// The config file the daemon runs with, to find its API address (`metrics_listen`).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The daemon's API address, if not taken from the config.
+        #[arg(long)]
+        api: Option<std::net::SocketAddr>,
+        /// Print the status document as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Refresh every SECONDS (default 2) until interrupted.
+        #[arg(long, num_args = 0..=1, default_missing_value = "2", value_name = "SECONDS")]
+        watch: Option<f64>,
+    },
     /// Ask the running daemon to reload its config file now, and report whether it was
     /// accepted (exit status 0) or rejected (1, with the reason).
     Reload {
@@ -77,6 +93,12 @@ fn main() -> ExitCode {
         }
         Command::XdpPass { interface } => run_async(daemon::xdp_pass(interface)),
         Command::Reload { config, api } => reload(config.as_deref(), api),
+        Command::Status {
+            config,
+            api,
+            json,
+            watch,
+        } => status(config.as_deref(), api, json, watch),
         Command::Decap {
             interface,
             xdp_mode,
@@ -132,20 +154,80 @@ fn parse_mode(text: &str) -> Result<config::XdpModeSetting, String> {
     }
 }
 
-fn reload(config_path: Option<&std::path::Path>, api: Option<std::net::SocketAddr>) -> ExitCode {
-    let address = match (api, config_path) {
+/// The daemon's API address: `--api`, else `metrics_listen` of `--config` (read leniently: the
+/// file may be the invalid config the daemon is about to reject), else the default.
+fn api_address(
+    config_path: Option<&std::path::Path>,
+    api: Option<std::net::SocketAddr>,
+) -> anyhow::Result<std::net::SocketAddr> {
+    Ok(match (api, config_path) {
         (Some(api), _) => api,
-        // Leniently: the file may be the invalid config the daemon is about to reject.
-        (None, Some(path)) => match config::metrics_listen_of(path) {
-            Ok(address) => address,
+        (None, Some(path)) => config::metrics_listen_of(path)?,
+        (None, None) => config::DEFAULT_METRICS_LISTEN
+            .parse()
+            .expect("valid default"),
+    })
+}
+
+fn status(
+    config_path: Option<&std::path::Path>,
+    api: Option<std::net::SocketAddr>,
+    json: bool,
+    watch: Option<f64>,
+) -> ExitCode {
+    let address = match api_address(config_path, api) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    loop {
+        let answer = balancer::client::request(
+            address,
+            "GET",
+            "/api/v1/status",
+            std::time::Duration::from_secs(10),
+        );
+        let document = answer.and_then(|(code, body)| {
+            anyhow::ensure!(code == 200, "the status API answered {code}: {body}");
+            Ok(serde_json::from_str::<serde_json::Value>(&body)?)
+        });
+        let document = match document {
+            Ok(d) => d,
             Err(e) => {
                 eprintln!("error: {e:#}");
                 return ExitCode::FAILURE;
             }
-        },
-        (None, None) => config::DEFAULT_METRICS_LISTEN
-            .parse()
-            .expect("valid default"),
+        };
+        let text = if json {
+            serde_json::to_string_pretty(&document).expect("JSON")
+        } else {
+            balancer::status_table::render(&document)
+        };
+        match watch {
+            None => {
+                println!("{text}");
+                return ExitCode::SUCCESS;
+            }
+            Some(seconds) => {
+                // Clear the screen and redraw from the top.
+                print!("\x1b[H\x1b[2J{text}");
+                use std::io::Write as _;
+                let _ = std::io::stdout().flush();
+                std::thread::sleep(std::time::Duration::from_secs_f64(seconds.max(0.2)));
+            }
+        }
+    }
+}
+
+fn reload(config_path: Option<&std::path::Path>, api: Option<std::net::SocketAddr>) -> ExitCode {
+    let address = match api_address(config_path, api) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
     };
     let answer = balancer::client::request(
         address,

@@ -36,6 +36,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/api/v1/status", get(get_status))
+        .route("/metrics", get(get_metrics))
         .route("/api/v1/reload", post(post_reload))
         .with_state(Api { shared, events });
     axum::serve(listener, app)
@@ -51,6 +52,27 @@ async fn get_status(State(api): State<Api>) -> Result<Json<Value>, (StatusCode, 
     let shared = api.shared.clone();
     match tokio::task::spawn_blocking(move || status(&shared.lock().expect("state lock"))).await {
         Ok(Ok(value)) => Ok(Json(value)),
+        Ok(Err(e)) => Err((StatusCode::INTERNAL_SERVER_ERROR, e)),
+        Err(e) => Err((StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    }
+}
+
+async fn get_metrics(
+    State(api): State<Api>,
+) -> Result<([(axum::http::header::HeaderName, &'static str); 1], String), (StatusCode, String)> {
+    let shared = api.shared.clone();
+    match tokio::task::spawn_blocking(move || {
+        crate::metrics::render(&shared.lock().expect("state lock"))
+    })
+    .await
+    {
+        Ok(Ok(text)) => Ok((
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        )),
         Ok(Err(e)) => Err((StatusCode::INTERNAL_SERVER_ERROR, e)),
         Err(e) => Err((StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
     }
@@ -101,6 +123,11 @@ fn reload_answer(outcome: ReloadOutcome) -> (StatusCode, Json<Value>) {
     }
 }
 
+fn rates_json(rates: Option<crate::autoscale::TrafficRates>) -> Value {
+    let r = rates.unwrap_or_default();
+    json!({ "new_flows_per_second": r.new_flows, "packets_per_second": r.packets, "bytes_per_second": r.bytes })
+}
+
 fn stats_json(stats: Option<&TrafficStats>) -> Value {
     let s = stats.copied().unwrap_or_default();
     json!({ "packets": s.packets, "bytes": s.bytes, "new_flows": s.new_flows })
@@ -138,6 +165,7 @@ pub fn status(c: &Controller) -> Result<Value, String> {
                         "interface": hop.map(|h| h.interface.clone()),
                         "mac": hop.map(|h| format_mac(&h.dst_mac)),
                         "stats": stats_json(counters.backends.get(&b.id)),
+                        "rates": rates_json(c.samples.backend(&key, crate::autoscale::STATUS_WINDOW)),
                     })
                 })
                 .collect();
@@ -162,6 +190,20 @@ pub fn status(c: &Controller) -> Result<Value, String> {
                 "fail_open": vip.fail_open,
                 "all_down_episodes": all_down.episodes,
                 "stats": stats_json(counters.vips.get(&vip.meta.vip_id)),
+                "rates": rates_json(c.samples.vip(&vip.name, crate::autoscale::STATUS_WINDOW)),
+                "healthy_backends": vip.backends.iter().filter(|b| b.state == crate::reconcile::BackendState::Active).count(),
+                "autoscale": match (config.autoscale, c.autoscale.get(&vip.name)) {
+                    (Some(target), Some(state)) => json!({
+                        "metric": target.metric.name(),
+                        "target_per_backend": target.target_per_backend,
+                        "tolerance": target.tolerance,
+                        "window_seconds": target.window.as_secs_f64(),
+                        "ready_backends": state.ready,
+                        "rate": state.rate,
+                        "desired_backends": state.desired,
+                    }),
+                    _ => Value::Null,
+                },
                 "backends": backends,
             })
         })
@@ -199,6 +241,7 @@ pub fn status(c: &Controller) -> Result<Value, String> {
         },
         "hash_seed": c.config.hash_seed,
         "conn_table_size": c.config.conn_table_size,
+        "conn_table_entries": c.conn_entries.map(|(n, _)| n),
         "vips": vips,
         "outcomes": outcomes,
         "verdicts": verdicts,

@@ -38,8 +38,16 @@ enum Task {
         #[arg(long, default_value_t = 300)]
         requests: u64,
     },
-    /// Run every test tier: lint, unit, datapath fixtures (root), network namespaces (root).
+    /// Run every test tier: lint, unit, datapath fixtures (root), network namespaces (root),
+    /// and a quick benchmark smoke run.
     Test,
+    /// Measure the data plane and the control plane (root); writes target/bench/latest.{json,md}
+    /// and, for a full run, the figures in docs/benchmarks.md.
+    Bench {
+        /// A short smoke run (figures not meaningful; docs/benchmarks.md is left alone).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -49,6 +57,7 @@ fn main() -> ExitCode {
         Task::Run { args } => run(&args),
         Task::Demo { requests } => demo::run(requests),
         Task::Test => test::run(),
+        Task::Bench { quick } => bench(quick),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -105,6 +114,52 @@ pub fn build_balancer(release: bool) -> Result<PathBuf> {
         .join("target")
         .join(if release { "release" } else { "debug" })
         .join("balancer"))
+}
+
+/// Builds the release binary and runs the benchmark harness (tests/benches/balancer.rs).
+pub fn bench_run(quick: bool) -> Result<std::path::PathBuf> {
+    let binary = build_balancer(true)?;
+    let out = workspace_root().join("target/bench");
+    let mut command = cargo();
+    command.env("BALANCER_BIN", &binary).args([
+        "bench",
+        "-p",
+        "balancer-tests",
+        "--bench",
+        "balancer",
+        "--",
+    ]);
+    if quick {
+        command.arg("--quick");
+    }
+    command.arg("--out").arg(&out);
+    cmd::run(&mut command)?;
+    Ok(out)
+}
+
+fn bench(quick: bool) -> Result<()> {
+    setup::run()?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!("the benchmarks need root (BPF_PROG_TEST_RUN, XDP, network namespaces): run `sudo cargo xtask bench`");
+    }
+    let out = bench_run(quick)?;
+    if quick {
+        println!("[bench] quick run: docs/benchmarks.md left alone");
+        return Ok(());
+    }
+    let figures = std::fs::read_to_string(out.join("latest.md"))?;
+    let doc_path = workspace_root().join("docs/benchmarks.md");
+    let doc = std::fs::read_to_string(&doc_path)?;
+    const BEGIN: &str = "<!-- figures: begin (written by cargo xtask bench) -->";
+    const END: &str = "<!-- figures: end -->";
+    let (Some(a), Some(b)) = (doc.find(BEGIN), doc.find(END)) else {
+        anyhow::bail!("{}: the figure markers are missing", doc_path.display());
+    };
+    let updated = format!("{}{BEGIN}\n\n{figures}\n{}", &doc[..a], &doc[b..]);
+    std::fs::write(&doc_path, updated)?;
+    println!("[bench] figures written to {}", doc_path.display());
+    Ok(())
 }
 
 fn run(args: &[String]) -> Result<()> {

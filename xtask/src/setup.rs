@@ -18,6 +18,9 @@ const TOOLS: &[(&str, &str)] = &[
     ("ethtool", "ethtool"),
     ("sysctl", "procps"),
     ("mount", "mount"),
+    // Benchmarks: the proxy the balancer is compared with, and bulk throughput.
+    ("haproxy", "haproxy"),
+    ("iperf3", "iperf3"),
 ];
 
 /// The bpf-linker release built here, and the LLVM major version it is built for (it must

@@ -133,6 +133,20 @@ pub fn run() -> Result<()> {
         ],
     ));
 
+    tiers.push(if root {
+        tier(
+            "benchmark smoke run (cargo xtask bench --quick; figures not judged)",
+            || crate::bench_run(true).map(drop),
+        )
+    } else {
+        println!("\n==== tier: benchmark smoke run\n!!!! NOT RUN: needs root.");
+        Tier {
+            name: "benchmark smoke run",
+            verdict: Verdict::NotRun("needs root"),
+            took: Duration::ZERO,
+        }
+    });
+
     println!("\n==== summary");
     let mut ok = true;
     for t in &tiers {

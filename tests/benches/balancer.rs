@@ -1,0 +1,1186 @@
+//! `cargo xtask bench`: the data plane and the control plane measured side by side in one run.
+//! Not a test: it prints ratios and figures and writes them as JSON and Markdown; nothing here
+//! fails on speed. Needs root (BPF_PROG_TEST_RUN, XDP, network namespaces).
+//!
+//! Arguments: `[--quick] [--out DIR]`. `--quick` shrinks every measurement to a smoke run
+//! (the harness must not rot; its figures mean little).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use aya::programs::{TestRun as _, TestRunAttrs, TestRunOptions};
+use balancer::{
+    config::{self, Config, XdpModeSetting},
+    dataplane::{Dataplane, LoadOptions},
+    maglev::{self, MaglevBackend},
+    reconcile::{self, address_bytes, Ids, NextHop, NextHops},
+};
+use balancer_common::{program_names, FlowKey};
+use balancer_tests::{
+    http::{get, get_json},
+    netns::{remove_stale, require_root, Netns},
+    process::BalancerProcess,
+    scratch::Scratch,
+    topology::{backend_addr, DsrTopology, BALANCER_ADDR, VIP_ADDR},
+};
+use etherparse::PacketBuilder;
+use serde_json::{json, Value};
+
+struct Args {
+    quick: bool,
+    out: PathBuf,
+}
+
+fn args() -> Args {
+    let mut args = Args {
+        quick: false,
+        out: PathBuf::from("target/bench"),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => args.quick = true,
+            "--out" => args.out = PathBuf::from(it.next().expect("--out DIR")),
+            // cargo bench passes --bench to harness=false targets.
+            "--bench" => {}
+            other => panic!("unknown argument {other:?}: use [--quick] [--out DIR]"),
+        }
+    }
+    args
+}
+
+/// Sizes of every measurement, full or quick.
+struct Sizes {
+    rounds: usize,
+    repeats: u32,
+    /// Tunnel classes run one packet per call (see `datapath`): calls per round.
+    single_calls: usize,
+    backend_counts: &'static [usize],
+    maglev_runs: usize,
+    vip_counts: &'static [usize],
+    reloads: usize,
+    generator_packets: u32,
+    e2e_seconds: u64,
+    e2e_rounds: usize,
+}
+
+fn sizes(quick: bool) -> Sizes {
+    if quick {
+        Sizes {
+            rounds: 3,
+            repeats: 20_000,
+            single_calls: 2_000,
+            backend_counts: &[1, 100],
+            maglev_runs: 3,
+            vip_counts: &[1, 64],
+            reloads: 5,
+            generator_packets: 100_000,
+            e2e_seconds: 1,
+            e2e_rounds: 1,
+        }
+    } else {
+        Sizes {
+            rounds: 10,
+            repeats: 1_000_000,
+            single_calls: 100_000,
+            backend_counts: &[1, 100, 10_000],
+            maglev_runs: 20,
+            vip_counts: &[1, 64, 512],
+            reloads: 50,
+            generator_packets: 5_000_000,
+            e2e_seconds: 5,
+            e2e_rounds: 3,
+        }
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn main() {
+    let args = args();
+    require_root("the benchmarks");
+    let sizes = sizes(args.quick);
+    std::fs::create_dir_all(&args.out).unwrap();
+    let mut commands: Vec<String> = Vec::new();
+    let started = Instant::now();
+    println!(
+        "benchmarks ({}), results to {}",
+        if args.quick {
+            "quick smoke run"
+        } else {
+            "full run"
+        },
+        args.out.display()
+    );
+
+    let datapath = datapath(&sizes, &mut commands);
+    let control = control_plane(&sizes, &mut commands);
+    let e2e = end_to_end(&sizes, &mut commands);
+
+    let report = json!({
+        "quick": args.quick,
+        "machine": machine(),
+        "date": chrono_like_now(),
+        "seconds": started.elapsed().as_secs(),
+        "commands": commands,
+        "datapath": datapath,
+        "control_plane": control,
+        "end_to_end": e2e,
+    });
+    let markdown = markdown(&report);
+    std::fs::write(
+        args.out.join("latest.json"),
+        serde_json::to_string_pretty(&report).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(args.out.join("latest.md"), &markdown).unwrap();
+    println!("\n{markdown}");
+    println!(
+        "written: {} and {}",
+        args.out.join("latest.json").display(),
+        args.out.join("latest.md").display()
+    );
+}
+
+fn chrono_like_now() -> String {
+    let out = Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%dT%H:%M:%SZ")
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn machine() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned());
+    let kernel = Command::new("uname")
+        .arg("-r")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .ok();
+    json!({
+        "cpu": model,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "kernel": kernel,
+    })
+}
+
+// -------------------------------------------------------------------------------------------
+// 1. Data plane cost per packet (BPF_PROG_TEST_RUN on the real object)
+
+const CLIENT4: [u8; 4] = [192, 0, 2, 7];
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 7);
+const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
+const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
+
+/// A one-VIP config with `n` backends, and next hops that transmit back out of `lo`.
+fn bench_world(
+    mode: &str,
+    protocol: &str,
+    v6: bool,
+    n: usize,
+    conn_table: u32,
+) -> (Dataplane, Config) {
+    let vip = if v6 { "fd00:200::1" } else { "10.200.0.1" };
+    let port = if protocol == "udp" { 53 } else { 80 };
+    let backends: Vec<String> = (0..n)
+        .map(|i| {
+            if v6 {
+                format!("{{ address = \"fd00:10::{:x}\" }}", i + 1)
+            } else {
+                let j = i + 1;
+                format!(
+                    "{{ address = \"10.{}.{}.{}\" }}",
+                    10 + j / 65_536,
+                    (j / 256) % 256,
+                    j % 256
+                )
+            }
+        })
+        .collect();
+    let text = format!(
+        "[balancer]\nhash_seed = 7\nconn_table_size = {conn_table}\n[[vip]]\nname = \"v\"\naddress = \"{vip}\"\nport = {port}\n\
+         protocol = \"{protocol}\"\nforwarding = \"{mode}\"\nhealth = {{ kind = \"none\" }}\nbackends = [{}]\n",
+        backends.join(", ")
+    );
+    let config = config::parse(Path::new("bench.toml"), &text).unwrap();
+    let mut dataplane = Dataplane::load_with_trivial_programs(LoadOptions {
+        hash_seed: 7,
+        conn_table_size: conn_table,
+    })
+    .unwrap();
+    let hops: NextHops = config.vips[0]
+        .backends
+        .iter()
+        .map(|b| {
+            let source = if v6 {
+                IpAddr::V6("fd00::fe".parse().unwrap())
+            } else {
+                IpAddr::V4(Ipv4Addr::new(10, 0, 0, 254))
+            };
+            (
+                b.address,
+                NextHop {
+                    ifindex: 1,
+                    interface: "lo".into(),
+                    src_mac: MAC_A,
+                    dst_mac: MAC_B,
+                    gateway: None,
+                    mtu: 9000,
+                    source: Some(source),
+                },
+            )
+        })
+        .collect();
+    let desired =
+        reconcile::desired_state(&config, &[], &hops, &HashMap::new(), &mut Ids::default())
+            .unwrap();
+    dataplane.apply(&desired).unwrap();
+    (dataplane, config)
+}
+
+fn packet(udp: bool, syn: bool, dst: IpAddr, sport: u16) -> Vec<u8> {
+    let eth = PacketBuilder::ethernet2(MAC_B, MAC_A);
+    let step = match dst {
+        IpAddr::V4(d) => eth.ipv4(CLIENT4, d.octets(), 64),
+        IpAddr::V6(d) => eth.ipv6(CLIENT6.octets(), d.octets(), 64),
+    };
+    let mut out = Vec::new();
+    let payload = [0u8; 64];
+    if udp {
+        step.udp(sport, 53).write(&mut out, &payload).unwrap();
+    } else if syn {
+        step.tcp(sport, 80, 1, 64240)
+            .syn()
+            .write(&mut out, &[])
+            .unwrap();
+    } else {
+        step.tcp(sport, 80, 1, 64240)
+            .ack(1)
+            .write(&mut out, &payload)
+            .unwrap();
+    }
+    out
+}
+
+fn flow_of(frame: &[u8]) -> FlowKey {
+    let sliced = etherparse::SlicedPacket::from_ethernet(frame).unwrap();
+    let (src, dst) = match &sliced.net {
+        Some(etherparse::NetSlice::Ipv4(ip)) => (
+            IpAddr::from(ip.header().source()),
+            IpAddr::from(ip.header().destination()),
+        ),
+        Some(etherparse::NetSlice::Ipv6(ip)) => (
+            IpAddr::from(ip.header().source()),
+            IpAddr::from(ip.header().destination()),
+        ),
+        _ => unreachable!(),
+    };
+    let (sport, dport, proto) = match &sliced.transport {
+        Some(etherparse::TransportSlice::Tcp(t)) => (t.source_port(), t.destination_port(), 6),
+        Some(etherparse::TransportSlice::Udp(u)) => (u.source_port(), u.destination_port(), 17),
+        _ => unreachable!(),
+    };
+    let (s, family) = address_bytes(src);
+    FlowKey {
+        src: s,
+        dst: address_bytes(dst).0,
+        src_port: sport.to_be(),
+        dst_port: dport.to_be(),
+        proto,
+        family,
+        _pad: [0; 2],
+    }
+}
+
+/// Average nanoseconds per run of `program` on `frame`: `repeat` runs in one call, or, with
+/// `single`, `calls` calls of one run each (for programs whose output would otherwise be the
+/// next run's input: BPF_PROG_TEST_RUN does not restore the packet between repeats, and a
+/// tunnel would encapsulate its own output).
+fn run_ns(
+    dataplane: &Dataplane,
+    program: &'static str,
+    frame: &[u8],
+    repeat: u32,
+    single: Option<usize>,
+) -> f64 {
+    let p = dataplane.program_named(program);
+    let mut out = vec![0u8; frame.len() + 256];
+    match single {
+        None => {
+            let r = p
+                .test_run(TestRunOptions {
+                    data_in: Some(frame),
+                    data_out: Some(&mut out),
+                    repeat,
+                    ..TestRunOptions::new()
+                })
+                .unwrap();
+            r.duration.as_nanos() as f64
+        }
+        Some(calls) => {
+            let mut total = 0u128;
+            for _ in 0..calls {
+                let r = p
+                    .test_run(TestRunOptions {
+                        data_in: Some(frame),
+                        data_out: Some(&mut out),
+                        repeat: 1,
+                        ..TestRunOptions::new()
+                    })
+                    .unwrap();
+                total += r.duration.as_nanos();
+            }
+            total as f64 / calls as f64
+        }
+    }
+}
+
+/// Rounds of (trivial program, balancer) on the same frame, interleaved; the per-round
+/// difference's median and range, and the trivial program's median.
+fn compare(dataplane: &Dataplane, frame: &[u8], sizes: &Sizes, single: bool) -> Value {
+    let single = single.then_some(sizes.single_calls);
+    // Warm-up: caches, the connection table entry of established classes.
+    run_ns(
+        dataplane,
+        program_names::PASS,
+        frame,
+        1000,
+        single.map(|_| 100),
+    );
+    run_ns(
+        dataplane,
+        program_names::BALANCER,
+        frame,
+        1000,
+        single.map(|_| 100),
+    );
+    let mut diffs = Vec::new();
+    let mut trivial = Vec::new();
+    let mut balancer = Vec::new();
+    for _ in 0..sizes.rounds {
+        let t = run_ns(dataplane, program_names::PASS, frame, sizes.repeats, single);
+        let b = run_ns(
+            dataplane,
+            program_names::BALANCER,
+            frame,
+            sizes.repeats,
+            single,
+        );
+        diffs.push(b - t);
+        trivial.push(t);
+        balancer.push(b);
+    }
+    let min = diffs.iter().cloned().fold(f64::INFINITY, f64::min);
+    let max = diffs.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    json!({
+        "above_trivial_ns": median(&mut diffs),
+        "spread_ns": [min, max],
+        "trivial_ns": median(&mut trivial),
+        "balancer_ns": median(&mut balancer),
+        "method": if single.is_some() { "one run per call" } else { "repeat" },
+    })
+}
+
+fn datapath(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
+    println!(
+        "\n== data plane cost per packet (BPF_PROG_TEST_RUN, {} rounds)",
+        sizes.rounds
+    );
+    commands.push(format!(
+        "BPF_PROG_TEST_RUN of the balancer and of the trivial xdp_pass on the same frame, interleaved: {} rounds of \
+         repeat={} (tunnel classes: {} calls of repeat=1 per round)",
+        sizes.rounds, sizes.repeats, sizes.single_calls
+    ));
+    let mut rows = Vec::new();
+    let mut measure = |label: String,
+                       mode: &str,
+                       n: usize,
+                       full: bool,
+                       dp: &Dataplane,
+                       frame: &[u8],
+                       single: bool| {
+        let r = compare(dp, frame, sizes, single);
+        println!(
+            "  {mode:<6} {n:>6} backends{}  {label:<34} {:>6.1} ns above trivial (range {:.1} to {:.1}; trivial {:.1} ns)",
+            if full { ", full conn table" } else { "" },
+            r["above_trivial_ns"].as_f64().unwrap(),
+            r["spread_ns"][0].as_f64().unwrap(),
+            r["spread_ns"][1].as_f64().unwrap(),
+            r["trivial_ns"].as_f64().unwrap()
+        );
+        let mut r = r;
+        r["class"] = json!(label);
+        r["mode"] = json!(mode);
+        r["backends"] = json!(n);
+        r["full_conn_table"] = json!(full);
+        rows.push(r);
+    };
+    let vip4: IpAddr = "10.200.0.1".parse().unwrap();
+    let vip6: IpAddr = "fd00:200::1".parse().unwrap();
+    for mode in ["dsr", "tunnel"] {
+        let single = mode == "tunnel";
+        for &n in sizes.backend_counts {
+            let (dp, _) = bench_world(mode, "tcp", false, n, 65_536);
+            let syn = packet(false, true, vip4, 40_000);
+            let est = packet(false, false, vip4, 40_001);
+            measure(
+                "IPv4 TCP SYN (new flow)".into(),
+                mode,
+                n,
+                false,
+                &dp,
+                &syn,
+                single,
+            );
+            measure(
+                "IPv4 TCP established".into(),
+                mode,
+                n,
+                false,
+                &dp,
+                &est,
+                single,
+            );
+            if mode == "dsr" && n == sizes.backend_counts[0] {
+                let other = packet(false, false, "10.9.9.9".parse().unwrap(), 40_002);
+                measure(
+                    "not for a VIP (passed)".into(),
+                    "any",
+                    n,
+                    false,
+                    &dp,
+                    &other,
+                    false,
+                );
+            }
+            drop(dp);
+            let (dp, _) = bench_world(mode, "udp", false, n, 65_536);
+            measure(
+                "IPv4 UDP".into(),
+                mode,
+                n,
+                false,
+                &dp,
+                &packet(true, false, vip4, 40_003),
+                single,
+            );
+            drop(dp);
+            let (dp, _) = bench_world(mode, "tcp", true, n, 65_536);
+            measure(
+                "IPv6 TCP established".into(),
+                mode,
+                n,
+                false,
+                &dp,
+                &packet(false, false, vip6, 40_004),
+                single,
+            );
+        }
+        // A full connection table: every slot taken by other flows.
+        let size = 65_536u32;
+        let (mut dp, _) = bench_world(mode, "tcp", false, 100, size);
+        let est = packet(false, false, vip4, 40_001);
+        let mut flow = flow_of(&est);
+        for i in 0..size {
+            flow.src[..4].copy_from_slice(&(0xc612_0000u32 + i).to_be_bytes());
+            dp.conn_insert(&flow, 0).unwrap();
+        }
+        let syn = packet(false, true, vip4, 40_000);
+        measure(
+            "IPv4 TCP SYN (new flow)".into(),
+            mode,
+            100,
+            true,
+            &dp,
+            &syn,
+            single,
+        );
+        measure(
+            "IPv4 TCP established".into(),
+            mode,
+            100,
+            true,
+            &dp,
+            &est,
+            single,
+        );
+    }
+    json!(rows)
+}
+
+// -------------------------------------------------------------------------------------------
+// 3. Control plane
+
+fn control_plane(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
+    println!("\n== control plane");
+    let mut maglev_rows = Vec::new();
+    for n in [10u32, 100, 1000] {
+        let backends: Vec<MaglevBackend> = (0..n)
+            .map(|i| MaglevBackend {
+                address: IpAddr::V4(Ipv4Addr::from(0x0a00_0001 + i)),
+                weight: 1 + i % 3,
+            })
+            .collect();
+        let mut times = Vec::new();
+        for _ in 0..sizes.maglev_runs {
+            let t = Instant::now();
+            let table = maglev::build(&backends, 65_537, 7);
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+            assert_eq!(table.len(), 65_537);
+        }
+        let worst = times.iter().cloned().fold(0.0, f64::max);
+        let med = median(&mut times);
+        println!(
+            "  Maglev table, {n:>4} backends, 65537 slots: median {med:.2} ms, worst {worst:.2} ms"
+        );
+        maglev_rows.push(json!({ "backends": n, "median_ms": med, "worst_ms": worst }));
+    }
+    commands.push(format!(
+        "maglev::build of 65537 slots for 10, 100, 1000 backends, {} runs each",
+        sizes.maglev_runs
+    ));
+
+    let mut memory_rows = Vec::new();
+    for &vips in sizes.vip_counts {
+        let mut text = String::from("[balancer]\n");
+        for v in 0..vips {
+            text.push_str(&format!(
+                "[[vip]]\nname = \"v{v}\"\naddress = \"10.201.{}.{}\"\nport = 80\nprotocol = \"tcp\"\nforwarding = \"dsr\"\n\
+                 health = {{ kind = \"none\" }}\nbackends = [{{ address = \"10.0.{}.1\" }}, {{ address = \"10.0.{}.2\" }}]\n",
+                v / 256 + 1,
+                v % 256,
+                v % 256,
+                v % 256
+            ));
+        }
+        let config = config::parse(Path::new("m.toml"), &text).unwrap();
+        let mut dp = Dataplane::load(LoadOptions {
+            hash_seed: 0,
+            conn_table_size: config.conn_table_size,
+        })
+        .unwrap();
+        let hops: NextHops = config
+            .vips
+            .iter()
+            .flat_map(|v| v.backends.iter())
+            .map(|b| {
+                (
+                    b.address,
+                    NextHop {
+                        ifindex: 1,
+                        interface: "lo".into(),
+                        src_mac: MAC_A,
+                        dst_mac: MAC_B,
+                        gateway: None,
+                        mtu: 1500,
+                        source: None,
+                    },
+                )
+            })
+            .collect();
+        let desired =
+            reconcile::desired_state(&config, &[], &hops, &HashMap::new(), &mut Ids::default())
+                .unwrap();
+        dp.apply(&desired).unwrap();
+        let memory = dp.memory().unwrap();
+        let total: u64 = memory.iter().map(|(_, b)| b).sum();
+        let tables = memory
+            .iter()
+            .find(|(n, _)| n == "maglev tables")
+            .map(|(_, b)| *b)
+            .unwrap_or(0);
+        let conn = memory
+            .iter()
+            .find(|(n, _)| n == "CONN_TABLE")
+            .map(|(_, b)| *b)
+            .unwrap_or(0);
+        println!(
+            "  maps for {vips:>3} VIPs: {:.1} MiB in all ({:.1} MiB Maglev tables, {:.1} MiB connection table of {} flows)",
+            total as f64 / 1048576.0,
+            tables as f64 / 1048576.0,
+            conn as f64 / 1048576.0,
+            config.conn_table_size
+        );
+        memory_rows.push(json!({
+            "vips": vips,
+            "total_bytes": total,
+            "maglev_tables_bytes": tables,
+            "conn_table_bytes": conn,
+            "maps": memory.iter().map(|(n, b)| json!({"map": n, "bytes": b})).collect::<Vec<_>>(),
+        }));
+    }
+    commands.push(format!(
+        "kernel memory (fdinfo memlock) of every map after loading a config of {:?} VIPs",
+        sizes.vip_counts
+    ));
+
+    let reload = reload_latency(sizes, commands);
+    json!({ "maglev": maglev_rows, "memory": memory_rows, "reload": reload })
+}
+
+/// The real daemon in the demo's topology: a config change written (atomically, as editors
+/// do) until the status API shows its generation; and the daemon's own apply time.
+fn reload_latency(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
+    remove_stale("lbt-");
+    let prefix = format!("lbt-{}-bench-", std::process::id());
+    let topology = DsrTopology::create(&prefix, 3);
+    let scratch = Scratch::new("lbt-", "bench-reload");
+    let config = |w: u32| {
+        format!(
+            "[balancer]\ninterface = \"eth0\"\nmetrics_listen = \"127.0.0.1:9100\"\n[[vip]]\nname = \"web\"\naddress = \"{VIP_ADDR}\"\n\
+             port = 80\nprotocol = \"tcp\"\nforwarding = \"dsr\"\nhealth = {{ kind = \"none\" }}\nbackends = [{{ address = \"{}\", weight = {w} }}, \
+             {{ address = \"{}\" }}, {{ address = \"{}\" }}]\n",
+            backend_addr(0),
+            backend_addr(1),
+            backend_addr(2)
+        )
+    };
+    let path = scratch.write_atomically("config.toml", &config(1));
+    let mut balancer = BalancerProcess::start(
+        &topology.balancer,
+        &["run", "--config", path.to_str().unwrap()],
+        &scratch.path("balancer.log"),
+    );
+    let api: SocketAddr = "127.0.0.1:9100".parse().unwrap();
+    let status = balancer.wait_ready(&topology.balancer, api, Duration::from_secs(30));
+    let mut generation = status["config_generation"].as_u64().unwrap();
+    let mut visible = Vec::new();
+    let mut applied = Vec::new();
+    for i in 0..sizes.reloads {
+        let written = Instant::now();
+        scratch.write_atomically("config.toml", &config(2 + i as u32 % 5));
+        loop {
+            let s = get_json(&topology.balancer, api, "/api/v1/status").unwrap();
+            if s["config_generation"].as_u64() == Some(generation + 1) {
+                visible.push(written.elapsed().as_secs_f64() * 1e3);
+                applied.push(s["reloads"]["last_apply_ms"].as_f64().unwrap());
+                break;
+            }
+            assert!(
+                written.elapsed() < Duration::from_secs(10),
+                "reload {i} not applied:\n{}",
+                balancer.log()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        generation += 1;
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    assert!(balancer.stop().success());
+    let worst = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
+    let (wv, wa) = (worst(&visible), worst(&applied));
+    let (mv, ma) = (median(&mut visible), median(&mut applied));
+    println!(
+        "  config change -> maps updated, {} changes: median {mv:.1} ms, worst {wv:.1} ms (of which the daemon's apply: median {ma:.1} ms, worst {wa:.1} ms)",
+        sizes.reloads
+    );
+    commands.push(format!(
+        "balancer run in the demo topology; {} weight changes written by rename; time until GET /api/v1/status shows the new \
+         generation (polled every 1 ms), and the daemon's own reloads.last_apply_ms",
+        sizes.reloads
+    ));
+    json!({ "changes": sizes.reloads, "median_ms": mv, "worst_ms": wv, "apply_median_ms": ma, "apply_worst_ms": wa, "debounce_ms": 20 })
+}
+
+// -------------------------------------------------------------------------------------------
+// 2. End to end in network namespaces
+
+fn end_to_end(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
+    println!("\n== end to end in network namespaces");
+    let pps = packets_per_second(sizes, commands);
+    let tcp = tcp_comparison(sizes, commands);
+    json!({ "packets_per_second": pps, "tcp": tcp })
+}
+
+/// A client and a balancer joined by one veth pair. The client generates UDP packets to a
+/// VIP with BPF_PROG_TEST_RUN's live frames (an XDP_TX program transmitting the frame from
+/// the client's interface, like xdp-trafficgen, whose 1.3.1 release does not load on this
+/// kernel); the balancer forwards them back (its backend is the client); the client drops
+/// them in XDP. The same with the trivial reflector in the balancer's place.
+fn packets_per_second(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
+    remove_stale("lbt-");
+    let prefix = format!("lbt-{}-pps-", std::process::id());
+    let client = Netns::create(&format!("{prefix}client"));
+    let lb = Netns::create(&format!("{prefix}lb"));
+    client.ip(&[
+        "link",
+        "add",
+        "eth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        lb.name(),
+    ]);
+    client.ip(&["addr", "add", "10.96.0.1/24", "dev", "eth0"]);
+    lb.ip(&["addr", "add", "10.96.0.2/24", "dev", "eth0"]);
+    client.ip(&["link", "set", "eth0", "up"]);
+    lb.ip(&["link", "set", "eth0", "up"]);
+    let mac = |ns: &Netns| -> [u8; 6] {
+        let text =
+            String::from_utf8_lossy(&ns.exec("cat", &["/sys/class/net/eth0/address"]).stdout)
+                .trim()
+                .to_owned();
+        let bytes: Vec<u8> = text
+            .split(':')
+            .map(|b| u8::from_str_radix(b, 16).unwrap())
+            .collect();
+        bytes.try_into().unwrap()
+    };
+    let (client_mac, lb_mac) = (mac(&client), mac(&lb));
+    let ifindex = |ns: &Netns| -> u32 {
+        String::from_utf8_lossy(&ns.exec("cat", &["/sys/class/net/eth0/ifindex"]).stdout)
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let (client_if, lb_if) = (ifindex(&client), ifindex(&lb));
+
+    // The sink and the generator on the client: a thread in the client's namespace owns them
+    // (live frames need the ingress interface to be found in the caller's namespace).
+    let vip: Ipv4Addr = Ipv4Addr::new(10, 96, 100, 1);
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(client_mac, lb_mac)
+        .ipv4([10, 96, 0, 1], vip.octets(), 64)
+        .udp(40_000, 53)
+        .write(&mut frame, &[0u8; 18])
+        .unwrap();
+    let (requests, work) = std::sync::mpsc::channel::<u32>();
+    let (answers, results_rx) = std::sync::mpsc::channel::<f64>();
+    let generator = client.spawn(move || {
+        let mut dp = Dataplane::load_with_trivial_programs(LoadOptions {
+            hash_seed: 0,
+            conn_table_size: 1024,
+        })
+        .unwrap();
+        dp.attach_program(program_names::DROP, "eth0", XdpModeSetting::Native)
+            .unwrap();
+        // struct xdp_md: data 0, data_end the frame's length (the kernel insists), ingress.
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+        ctx[12..16].copy_from_slice(&client_if.to_ne_bytes());
+        for packets in work {
+            let started = Instant::now();
+            dp.program_named(program_names::TX)
+                .test_run(TestRunOptions {
+                    data_in: Some(&frame),
+                    ctx_in: Some(&ctx),
+                    repeat: packets,
+                    attrs: TestRunAttrs::new().xdp_live_frames(64),
+                    ..TestRunOptions::new()
+                })
+                .unwrap();
+            answers.send(started.elapsed().as_secs_f64()).unwrap();
+        }
+    });
+    let generate = |packets: u32| -> f64 {
+        requests.send(packets).unwrap();
+        results_rx.recv().unwrap()
+    };
+
+    let xdp_tx = |ns: &Netns| -> u64 {
+        let out = ns.exec("ethtool", &["-S", "eth0"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.trim_start().starts_with("rx_queue_") && l.contains("_xdp_tx:"))
+            .filter_map(|l| l.rsplit(':').next()?.trim().parse::<u64>().ok())
+            .sum()
+    };
+    let config = config::parse(
+        Path::new("pps.toml"),
+        "[balancer]\n[[vip]]\nname = \"udp\"\naddress = \"10.96.100.1\"\nport = 53\nprotocol = \"udp\"\nforwarding = \"dsr\"\n\
+         health = { kind = \"none\" }\nbackends = [{ address = \"10.96.0.1\" }]\n",
+    )
+    .unwrap();
+    let hop = NextHop {
+        ifindex: lb_if,
+        interface: "eth0".into(),
+        src_mac: lb_mac,
+        dst_mac: client_mac,
+        gateway: None,
+        mtu: 1500,
+        source: None,
+    };
+    let hops: NextHops = [(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1)), hop)]
+        .into_iter()
+        .collect();
+    let desired =
+        reconcile::desired_state(&config, &[], &hops, &HashMap::new(), &mut Ids::default())
+            .unwrap();
+
+    let mut results: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for _ in 0..sizes.e2e_rounds {
+        for which in ["balancer", "reflector"] {
+            let desired = desired.clone();
+            let dp = lb.run(move || {
+                let mut dp = Dataplane::load_with_trivial_programs(LoadOptions {
+                    hash_seed: 0,
+                    conn_table_size: 65_536,
+                })
+                .unwrap();
+                if which == "balancer" {
+                    dp.apply(&desired).unwrap();
+                    dp.attach("eth0", XdpModeSetting::Native).unwrap();
+                } else {
+                    dp.attach_program(program_names::REFLECT, "eth0", XdpModeSetting::Native)
+                        .unwrap();
+                }
+                dp
+            });
+            let before = xdp_tx(&lb);
+            let seconds = generate(sizes.generator_packets);
+            std::thread::sleep(Duration::from_millis(100));
+            let forwarded = xdp_tx(&lb) - before;
+            results
+                .entry(which)
+                .or_default()
+                .push(forwarded as f64 / seconds);
+            drop(dp);
+        }
+    }
+    drop(requests);
+    generator.join().unwrap();
+    let mut b = results.remove("balancer").unwrap();
+    let mut r = results.remove("reflector").unwrap();
+    let (b, r) = (median(&mut b), median(&mut r));
+    println!(
+        "  packets per second forwarded: balancer {:.0}, trivial reflector {:.0} (ratio {:.2})",
+        b,
+        r,
+        b / r
+    );
+    commands.push(format!(
+        "{} UDP packets per run from a live-frames BPF_PROG_TEST_RUN generator (XDP_TX, batch 64) into a veth pair; \
+         forwarded packets counted by the balancer side's xdp_tx statistics; {} alternating rounds of balancer and \
+         reflector (xdp_reflect)",
+        sizes.generator_packets, sizes.e2e_rounds
+    ));
+    json!({ "balancer_pps": b, "reflector_pps": r, "ratio": b / r })
+}
+
+/// TCP connections per second and bulk throughput from the client: through the balancer
+/// (the real daemon, direct server return), directly to one backend, and through HAProxy in
+/// TCP mode on the balancer's namespace, on the same topology and servers.
+fn tcp_comparison(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
+    remove_stale("lbt-");
+    let prefix = format!("lbt-{}-tcp-", std::process::id());
+    let topology = DsrTopology::create(&prefix, 3);
+    let _servers = topology.start_http_servers(|i| format!("be{}", i + 1));
+    topology.pin_arp();
+    let scratch = Scratch::new("lbt-", "bench-tcp");
+    let backends = format!(
+        "{{ address = \"{}\" }}, {{ address = \"{}\" }}, {{ address = \"{}\" }}",
+        backend_addr(0),
+        backend_addr(1),
+        backend_addr(2)
+    );
+    let text = format!(
+        "[balancer]\ninterface = \"eth0\"\nmetrics_listen = \"127.0.0.1:9100\"\n\
+         [[vip]]\nname = \"web\"\naddress = \"{VIP_ADDR}\"\nport = 80\nprotocol = \"tcp\"\nforwarding = \"dsr\"\nhealth = {{ kind = \"none\" }}\nbackends = [{backends}]\n\
+         [[vip]]\nname = \"bulk\"\naddress = \"{VIP_ADDR}\"\nport = 5201\nprotocol = \"tcp\"\nforwarding = \"dsr\"\nhealth = {{ kind = \"none\" }}\nbackends = [{{ address = \"{}\" }}]\n",
+        backend_addr(0)
+    );
+    let path = scratch.write_atomically("config.toml", &text);
+    let mut balancer = BalancerProcess::start(
+        &topology.balancer,
+        &["run", "--config", path.to_str().unwrap()],
+        &scratch.path("balancer.log"),
+    );
+    balancer.wait_ready(
+        &topology.balancer,
+        "127.0.0.1:9100".parse().unwrap(),
+        Duration::from_secs(30),
+    );
+
+    let haproxy_cfg = scratch.path("haproxy.cfg");
+    std::fs::write(
+        &haproxy_cfg,
+        format!(
+            "global\n  maxconn 4096\n  nbthread 2\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+             frontend web\n  bind {BALANCER_ADDR}:8080\n  default_backend web\nbackend web\n  balance roundrobin\n  server be1 {}:80\n  server be2 {}:80\n  server be3 {}:80\n\
+             frontend bulk\n  bind {BALANCER_ADDR}:5202\n  default_backend bulk\nbackend bulk\n  server be1 {}:5201\n",
+            backend_addr(0),
+            backend_addr(1),
+            backend_addr(2),
+            backend_addr(0)
+        ),
+    )
+    .unwrap();
+    let mut haproxy = Supervised(
+        topology
+            .balancer
+            .command("haproxy")
+            .args(["-f", haproxy_cfg.to_str().unwrap(), "-db"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("haproxy"),
+    );
+    let mut iperf = Supervised(
+        topology.backends[0]
+            .command("iperf3")
+            .args(["-s", "-p", "5201"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("iperf3 -s"),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = (&mut haproxy, &mut iperf);
+
+    let targets: [(&str, SocketAddr, SocketAddr); 3] = [
+        (
+            "balancer",
+            SocketAddr::new(VIP_ADDR.into(), 80),
+            SocketAddr::new(VIP_ADDR.into(), 5201),
+        ),
+        (
+            "direct",
+            SocketAddr::new(backend_addr(0).into(), 80),
+            SocketAddr::new(backend_addr(0).into(), 5201),
+        ),
+        (
+            "haproxy",
+            SocketAddr::new(BALANCER_ADDR.into(), 8080),
+            SocketAddr::new(BALANCER_ADDR.into(), 5202),
+        ),
+    ];
+    let mut cps: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut gbps: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for _ in 0..sizes.e2e_rounds {
+        for (name, http, bulk) in targets {
+            cps.entry(name).or_default().push(connections_per_second(
+                &topology.client,
+                http,
+                sizes.e2e_seconds,
+            ));
+            gbps.entry(name).or_default().push(throughput_gbps(
+                &topology.client,
+                bulk,
+                sizes.e2e_seconds,
+            ));
+        }
+    }
+    assert!(balancer.stop().success(), "{}", balancer.log());
+    let mut out = serde_json::Map::new();
+    for (name, _, _) in targets {
+        let c = median(cps.get_mut(name).unwrap());
+        let g = median(gbps.get_mut(name).unwrap());
+        println!("  {name:<9} {c:>8.0} connections/s   {g:>6.2} Gbit/s bulk");
+        out.insert(
+            name.to_owned(),
+            json!({ "connections_per_second": c, "bulk_gbps": g }),
+        );
+    }
+    let ratio =
+        |a: &str, b: &str, k: &str| out[a][k].as_f64().unwrap() / out[b][k].as_f64().unwrap();
+    let ratios = json!({
+        "cps_balancer_vs_haproxy": ratio("balancer", "haproxy", "connections_per_second"),
+        "cps_balancer_vs_direct": ratio("balancer", "direct", "connections_per_second"),
+        "bulk_balancer_vs_haproxy": ratio("balancer", "haproxy", "bulk_gbps"),
+        "bulk_balancer_vs_direct": ratio("balancer", "direct", "bulk_gbps"),
+    });
+    println!("  ratios: {ratios}");
+    commands.push(format!(
+        "connections/s: {CLIENT_THREADS} client threads making HTTP/1.1 GETs on new connections for {} s, against the VIP \
+         (balancer run, direct server return), backend 1 directly, and haproxy 2.6 (mode tcp, nbthread 2, roundrobin) in \
+         the balancer's namespace; bulk: iperf3 -c TARGET -t {} -J to iperf3 -s on backend 1; {} rounds",
+        sizes.e2e_seconds, sizes.e2e_seconds, sizes.e2e_rounds
+    ));
+    out.insert("ratios".into(), ratios);
+    Value::Object(out)
+}
+
+const CLIENT_THREADS: usize = 4;
+
+/// Kills a child process when dropped.
+struct Supervised(Child);
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn connections_per_second(client: &Netns, to: SocketAddr, seconds: u64) -> f64 {
+    let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads: Vec<_> = (0..CLIENT_THREADS)
+        .map(|t| {
+            let (done, failed, stop) = (done.clone(), failed.clone(), stop.clone());
+            client.spawn(move || {
+                let mut id = (t as u64) << 40;
+                while !stop.load(Ordering::Relaxed) {
+                    match get(to, 0, id) {
+                        Ok(_) => done.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                    id += 1;
+                }
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_secs(seconds));
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "connections to {to} failed"
+    );
+    done.load(Ordering::Relaxed) as f64 / elapsed
+}
+
+fn throughput_gbps(client: &Netns, to: SocketAddr, seconds: u64) -> f64 {
+    let out = client
+        .command("iperf3")
+        .args([
+            "-c",
+            &to.ip().to_string(),
+            "-p",
+            &to.port().to_string(),
+            "-t",
+            &seconds.to_string(),
+            "-J",
+        ])
+        .output()
+        .expect("iperf3 -c");
+    let json: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("iperf3 said: {}", String::from_utf8_lossy(&out.stdout)));
+    json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("iperf3: {json}"))
+        / 1e9
+}
+
+// -------------------------------------------------------------------------------------------
+// Markdown
+
+fn markdown(r: &Value) -> String {
+    let mut md = String::new();
+    let m = &r["machine"];
+    md.push_str(&format!(
+        "Run of {} ({}), {} s. Machine: {}, {} cores, Linux {}.\n\n",
+        r["date"].as_str().unwrap_or("?"),
+        if r["quick"] == true {
+            "quick smoke run: figures not meaningful"
+        } else {
+            "full run"
+        },
+        r["seconds"],
+        m["cpu"].as_str().unwrap_or("?"),
+        m["cores"],
+        m["kernel"].as_str().unwrap_or("?")
+    ));
+    md.push_str(
+        "### Data plane: cost per packet above the trivial XDP program (BPF_PROG_TEST_RUN)\n\n",
+    );
+    md.push_str("| mode | backends | conn table | packet | above trivial (median) | range over rounds | trivial | method |\n|---|---:|---|---|---:|---|---:|---|\n");
+    for row in r["datapath"].as_array().unwrap() {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {:.1} ns | {:.1} to {:.1} ns | {:.1} ns | {} |\n",
+            row["mode"].as_str().unwrap(),
+            row["backends"],
+            if row["full_conn_table"] == true {
+                "full"
+            } else {
+                "-"
+            },
+            row["class"].as_str().unwrap(),
+            row["above_trivial_ns"].as_f64().unwrap(),
+            row["spread_ns"][0].as_f64().unwrap(),
+            row["spread_ns"][1].as_f64().unwrap(),
+            row["trivial_ns"].as_f64().unwrap(),
+            row["method"].as_str().unwrap()
+        ));
+    }
+    let e = &r["end_to_end"];
+    md.push_str("\n### End to end (network namespaces)\n\n");
+    md.push_str(&format!(
+        "Packets per second forwarded: balancer {:.0}, trivial reflector {:.0}: **{:.0}%** of the reflector.\n\n",
+        e["packets_per_second"]["balancer_pps"].as_f64().unwrap(),
+        e["packets_per_second"]["reflector_pps"].as_f64().unwrap(),
+        e["packets_per_second"]["ratio"].as_f64().unwrap() * 100.0
+    ));
+    md.push_str("| path | TCP connections/s | bulk throughput |\n|---|---:|---:|\n");
+    for name in ["balancer", "direct", "haproxy"] {
+        md.push_str(&format!(
+            "| {name} | {:.0} | {:.2} Gbit/s |\n",
+            e["tcp"][name]["connections_per_second"].as_f64().unwrap(),
+            e["tcp"][name]["bulk_gbps"].as_f64().unwrap()
+        ));
+    }
+    let ra = &e["tcp"]["ratios"];
+    md.push_str(&format!(
+        "\nConnections/s: balancer **{:.2}x** HAProxy, **{:.0}%** of direct. Bulk: balancer {:.2}x HAProxy, {:.0}% of direct.\n",
+        ra["cps_balancer_vs_haproxy"].as_f64().unwrap(),
+        ra["cps_balancer_vs_direct"].as_f64().unwrap() * 100.0,
+        ra["bulk_balancer_vs_haproxy"].as_f64().unwrap(),
+        ra["bulk_balancer_vs_direct"].as_f64().unwrap() * 100.0
+    ));
+    let c = &r["control_plane"];
+    md.push_str(
+        "\n### Control plane\n\n| Maglev table, 65537 slots | median | worst |\n|---|---:|---:|\n",
+    );
+    for row in c["maglev"].as_array().unwrap() {
+        md.push_str(&format!(
+            "| {} backends | {:.2} ms | {:.2} ms |\n",
+            row["backends"],
+            row["median_ms"].as_f64().unwrap(),
+            row["worst_ms"].as_f64().unwrap()
+        ));
+    }
+    md.push_str("\n| VIPs | kernel memory of all maps | of which Maglev tables | of which connection table |\n|---:|---:|---:|---:|\n");
+    for row in c["memory"].as_array().unwrap() {
+        let mib = |k: &str| row[k].as_f64().unwrap() / 1048576.0;
+        md.push_str(&format!(
+            "| {} | {:.1} MiB | {:.1} MiB | {:.1} MiB |\n",
+            row["vips"],
+            mib("total_bytes"),
+            mib("maglev_tables_bytes"),
+            mib("conn_table_bytes")
+        ));
+    }
+    let rl = &c["reload"];
+    md.push_str(&format!(
+        "\nConfig change to maps updated ({} changes): median **{:.1} ms**, worst {:.1} ms, including the {} ms debounce and \
+         status polling; the daemon's own apply (read, validate, diff, resolve, write): median {:.1} ms, worst {:.1} ms.\n",
+        rl["changes"], rl["median_ms"].as_f64().unwrap(), rl["worst_ms"].as_f64().unwrap(), rl["debounce_ms"],
+        rl["apply_median_ms"].as_f64().unwrap(), rl["apply_worst_ms"].as_f64().unwrap()
+    ));
+    md.push_str("\nCommands:\n\n");
+    for c in r["commands"].as_array().unwrap() {
+        md.push_str(&format!("- {}\n", c.as_str().unwrap()));
+    }
+    md
+}
