@@ -18,6 +18,9 @@ pub const LAYOUT_VERSION: u32 = 1;
 
 /// How many VIPs the maps hold.
 pub const MAX_VIPS: u32 = 512;
+/// Entries of the VIPS map: each VIP's key, at most one fragments key per VIP, and one address
+/// entry per VIP address.
+pub const VIP_KEYS_CAPACITY: u32 = 3 * MAX_VIPS;
 /// How many (VIP, backend) pairs the maps hold. A backend serving two VIPs takes two slots.
 pub const MAX_BACKENDS: u32 = 16_384;
 /// Capacity of every per-VIP Maglev table (the inner maps). A VIP's table size is a prime no

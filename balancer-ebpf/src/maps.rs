@@ -8,7 +8,7 @@ use aya_ebpf::{
 use balancer_common::{
     Backend, ConnEntry, DecapAddress, FlowKey, TrafficStats, VipKey, VipMeta, DECAP_OUTCOME_COUNT,
     DEFAULT_CONN_TABLE_SIZE, MAGLEV_CAPACITY, MAGLEV_TABLE_MAP_FLAGS, MAX_BACKENDS,
-    MAX_DECAP_ADDRESSES, MAX_EGRESS_INTERFACES, MAX_VIPS, OUTCOME_COUNT,
+    MAX_DECAP_ADDRESSES, MAX_EGRESS_INTERFACES, MAX_VIPS, OUTCOME_COUNT, VIP_KEYS_CAPACITY,
 };
 
 const VIPS_N: usize = MAX_VIPS as usize;
@@ -25,9 +25,10 @@ pub fn hash_seed() -> u32 {
     unsafe { core::ptr::read_volatile(&HASH_SEED) }
 }
 
-/// Each key appears twice at most: with its port, and with port 0 for an any-port VIP.
+/// Each VIP's key (port 0 for an any-port VIP), the port-0 keys that take fragments, and one
+/// address entry (ICMP) per VIP address.
 #[btf_map]
-pub static VIPS: HashMap<VipKey, VipMeta, VIPS_N> = HashMap::new();
+pub static VIPS: HashMap<VipKey, VipMeta, { VIP_KEYS_CAPACITY as usize }> = HashMap::new();
 
 /// One Maglev table per VIP, indexed by `VipMeta::vip_id`; each slot holds a backend id.
 /// The daemon builds a new inner table and swaps it in with one update, so a packet sees

@@ -74,6 +74,8 @@ pub struct Controller {
     pub autoscale: BTreeMap<String, AutoscaleState>,
     /// Flows in the connection table at the last count, and when it was taken.
     pub conn_entries: Option<(u64, Instant)>,
+    /// When the connection table is next walked.
+    conn_next_count: Option<Instant>,
 }
 
 /// A VIP's autoscaling signal, as last computed.
@@ -85,8 +87,11 @@ pub struct AutoscaleState {
     pub desired: u32,
 }
 
-/// How often the connection table is walked to count its flows.
-const CONN_COUNT_INTERVAL: Duration = Duration::from_secs(30);
+/// The connection table is walked to count its flows (one syscall per flow) no more often than
+/// keeps the walks under 1% of one CPU: every sample (each second) while a walk is quick, less
+/// often as the table fills, and at least every `CONN_COUNT_MAX_INTERVAL`.
+const CONN_COUNT_COST_FACTOR: u32 = 100;
+const CONN_COUNT_MAX_INTERVAL: Duration = Duration::from_secs(60);
 
 impl Controller {
     pub fn new(
@@ -114,6 +119,7 @@ impl Controller {
             samples: Samples::default(),
             autoscale: BTreeMap::new(),
             conn_entries: None,
+            conn_next_count: None,
         };
         controller.adopt_backends(&config);
         controller.config = config;
@@ -332,14 +338,14 @@ impl Controller {
         }
         self.autoscale = autoscale;
 
-        if self
-            .conn_entries
-            .is_none_or(|(_, at)| now.duration_since(at) >= CONN_COUNT_INTERVAL)
-        {
+        if self.conn_next_count.is_none_or(|at| now >= at) {
+            let started = Instant::now();
             match self.dataplane.conn_count() {
                 Ok(n) => self.conn_entries = Some((n as u64, now)),
                 Err(e) => error!("counting the connection table: {}", error_chain(&e)),
             }
+            let pause = (started.elapsed() * CONN_COUNT_COST_FACTOR).min(CONN_COUNT_MAX_INTERVAL);
+            self.conn_next_count = Some(now + pause);
         }
     }
 

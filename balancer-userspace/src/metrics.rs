@@ -304,7 +304,7 @@ pub fn render(c: &Controller) -> Result<String, String> {
     e.family(
         "balancer_conn_table_entries",
         "gauge",
-        "Flows in the connection table, counted by walking it at most every 30 seconds (an estimate between walks).",
+        "Flows the connection table remembers (finished ones stay until the LRU evicts them), as of the last walk of the table: every second while the walk is quick, spaced out so that walking costs under 1% of one CPU, at least every 60 seconds.",
     );
     e.sample(
         "balancer_conn_table_entries",

@@ -111,8 +111,8 @@ pub fn render(status: &Value) -> String {
                 b["address"].as_str().unwrap_or("?"),
                 b["state"].as_str().unwrap_or("?"),
                 b["health"]["state"].as_str().unwrap_or("?"),
-                b["weight"],
-                b["slots"],
+                b["weight"].to_string(),
+                b["slots"].to_string(),
                 human(values[0]),
                 human(values[1]),
                 human(values[2]),
@@ -218,6 +218,13 @@ mod tests {
             ]
         );
         assert_eq!(line("10.0.0.2")[1..3], ["down", "down"]);
+        // Columns line up with the header (a JSON number ignores the width it is given).
+        let header = table.lines().find(|l| l.contains("BACKEND")).unwrap();
+        let row = table.lines().find(|l| l.contains("10.0.0.1 ")).unwrap();
+        for column in ["WEIGHT", "SLOTS", "BYTES"] {
+            let end = header.find(column).unwrap() + column.len();
+            assert_ne!(&row[end - 1..end], " ", "{column}:\n{header}\n{row}");
+        }
         assert_eq!(
             line("total"),
             ["total", "300", "1500", "120.0K", "1010", "5050", "404.0K"]

@@ -665,10 +665,11 @@ fn reload_latency(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
     );
     let api: SocketAddr = "127.0.0.1:9100".parse().unwrap();
     let status = balancer.wait_ready(&topology.balancer, api, Duration::from_secs(30));
-    let mut generation = status["config_generation"].as_u64().unwrap();
+    let first_generation = status["config_generation"].as_u64().unwrap();
     let mut visible = Vec::new();
     let mut applied = Vec::new();
     for i in 0..sizes.reloads {
+        let generation = first_generation + i as u64;
         let written = Instant::now();
         scratch.write_atomically("config.toml", &config(2 + i as u32 % 5));
         loop {
@@ -685,7 +686,6 @@ fn reload_latency(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
             );
             std::thread::sleep(Duration::from_millis(1));
         }
-        generation += 1;
         std::thread::sleep(Duration::from_millis(30));
     }
     assert!(balancer.stop().success());

@@ -268,11 +268,40 @@ pub struct LoadGenerator {
 }
 
 impl LoadGenerator {
+    /// Connections one after another, `pause` between the end of one and the start of the next.
     pub fn start(
         ns: &Netns,
         to: SocketAddr,
         ports: std::ops::Range<u16>,
         pause: Duration,
+    ) -> LoadGenerator {
+        Self::with_pace(ns, to, ports, move |_, _| std::thread::sleep(pause))
+    }
+
+    /// Connections started at a steady `per_second`, on a fixed schedule (a late connection
+    /// is followed by the next one at once, so the average rate holds while the connections
+    /// take less than the interval).
+    pub fn start_paced(
+        ns: &Netns,
+        to: SocketAddr,
+        ports: std::ops::Range<u16>,
+        per_second: f64,
+    ) -> LoadGenerator {
+        let interval = Duration::from_secs_f64(1.0 / per_second);
+        Self::with_pace(ns, to, ports, move |first, done| {
+            let next = first + interval * done as u32;
+            if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        })
+    }
+
+    /// `wait(first start, connections done)` runs after each connection.
+    fn with_pace(
+        ns: &Netns,
+        to: SocketAddr,
+        ports: std::ops::Range<u16>,
+        wait: impl Fn(Instant, u64) + Send + 'static,
     ) -> LoadGenerator {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
@@ -280,6 +309,7 @@ impl LoadGenerator {
             let mut attempts = Vec::new();
             let mut port = ports.start;
             let mut id = 0u64;
+            let first = Instant::now();
             while !flag.load(Ordering::Relaxed) {
                 let started = Instant::now();
                 let result = get(to, port, id).map(|s| s.backend);
@@ -294,7 +324,7 @@ impl LoadGenerator {
                     port + 1
                 };
                 id += 1;
-                std::thread::sleep(pause);
+                wait(first, id);
             }
             attempts
         });
@@ -463,6 +493,13 @@ pub fn run_requests(
 
 /// GET a JSON document over plain HTTP from inside `ns` (the balancer's status API).
 pub fn get_json(ns: &Netns, address: SocketAddr, path: &str) -> Result<serde_json::Value, String> {
+    let body = get_text(ns, address, path)?;
+    serde_json::from_str(&body).map_err(|e| format!("{path} sent invalid JSON: {e}"))
+}
+
+/// GET a document over plain HTTP from inside `ns` (the balancer's `/metrics`); the body of a
+/// 200 answer.
+pub fn get_text(ns: &Netns, address: SocketAddr, path: &str) -> Result<String, String> {
     let path = path.to_owned();
     ns.run(move || {
         let mut stream = TcpStream::connect_timeout(&address, IO_TIMEOUT)
@@ -483,8 +520,8 @@ pub fn get_json(ns: &Netns, address: SocketAddr, path: &str) -> Result<serde_jso
             .split_once("\r\n\r\n")
             .ok_or("incomplete response")?;
         if !head.starts_with("HTTP/1.1 200") {
-            return Err(format!("status API answered {head:?}"));
+            return Err(format!("{path} answered {head:?}"));
         }
-        serde_json::from_str(body).map_err(|e| format!("status API sent invalid JSON: {e}"))
+        Ok(body.to_owned())
     })
 }

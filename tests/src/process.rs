@@ -44,10 +44,30 @@ pub struct BalancerProcess {
 impl BalancerProcess {
     /// `ip netns exec NS balancer ARGS...`, stdout and stderr to `log`.
     pub fn start(ns: &Netns, args: &[&str], log: &Path) -> BalancerProcess {
+        Self::start_wrapped(ns, &[], args, log)
+    }
+
+    /// Like [`start`](Self::start), through `wrapper` (a program and its arguments that runs
+    /// the rest of its command line, such as `setpriv ...`).
+    pub fn start_wrapped(
+        ns: &Netns,
+        wrapper: &[&str],
+        args: &[&str],
+        log: &Path,
+    ) -> BalancerProcess {
         let file =
             std::fs::File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
-        let child = ns
-            .command(balancer_binary().to_str().expect("UTF-8 path"))
+        let binary = balancer_binary();
+        let binary = binary.to_str().expect("UTF-8 path");
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = ns.command(program);
+                c.args(rest).arg(binary);
+                c
+            }
+            None => ns.command(binary),
+        };
+        let child = command
             .args(args)
             .env(
                 "RUST_LOG",

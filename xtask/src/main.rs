@@ -23,8 +23,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what the build and tests need (Debian packages, the pinned nightly with
-    /// rust-src, bpf-linker) and mount bpffs; idempotent.
-    Setup,
+    /// rust-src, bpf-linker, the Kubernetes manifest validator) and mount bpffs; idempotent.
+    Setup {
+        /// Only what building the binary needs (the pinned nightly and bpf-linker), as in a
+        /// container image's build stage.
+        #[arg(long)]
+        build_only: bool,
+    },
     /// Build the balancer (release) and run `balancer run ARGS...`, e.g. on a real NIC:
     /// `cargo xtask run -- --config /etc/balancer.toml --interface eth0`.
     Run {
@@ -53,7 +58,7 @@ enum Task {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Task::Setup => setup::run(),
+        Task::Setup { build_only } => setup::run_with(build_only),
         Task::Run { args } => run(&args),
         Task::Demo { requests } => demo::run(requests),
         Task::Test => test::run(),

@@ -28,14 +28,27 @@ const TOOLS: &[(&str, &str)] = &[
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
 
+/// Everything the build, the demo and the tests need.
 pub fn run() -> Result<()> {
+    run_with(false)
+}
+
+/// With `build_only`, only what building the `balancer` binary needs.
+pub fn run_with(build_only: bool) -> Result<()> {
     let started = Instant::now();
-    say("checking what the build and tests need");
-    apt_packages()?;
+    if build_only {
+        say("checking what the build needs");
+    } else {
+        say("checking what the build and tests need");
+        apt_packages()?;
+    }
     let toolchain = pinned_toolchain()?;
     nightly(&toolchain)?;
     bpf_linker(&toolchain)?;
-    bpffs()?;
+    if !build_only {
+        manifest_validator()?;
+        bpffs()?;
+    }
     say(&format!("done in {:.1}s", started.elapsed().as_secs_f64()));
     Ok(())
 }
@@ -234,6 +247,79 @@ fn bpf_linker(toolchain: &str) -> Result<()> {
     }
     fs::write(&marker, wanted)?;
     say(&format!("bpf-linker installed at {}", linker.display()));
+    Ok(())
+}
+
+/// kubernetes-validate (PyPI), which checks deploy/k8s against the Kubernetes schemas, in a
+/// virtual environment of its own under target/tools.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+
+/// The validator's path, where [`manifest_validator`] installs it.
+pub fn validator_path() -> PathBuf {
+    workspace_root().join("target/tools/venv/bin/kubernetes-validate")
+}
+
+fn manifest_validator() -> Result<()> {
+    let venv = workspace_root().join("target/tools/venv");
+    let marker = venv.join(".installed");
+    if validator_path().is_file()
+        && fs::read_to_string(&marker).is_ok_and(|m| m.trim() == KUBERNETES_VALIDATE)
+    {
+        say(&format!(
+            "manifest validator: present ({KUBERNETES_VALIDATE})"
+        ));
+        return Ok(());
+    }
+    let python = if Path::new("/usr/bin/python3").is_file() {
+        PathBuf::from("/usr/bin/python3")
+    } else {
+        PathBuf::from("python3")
+    };
+    let has_venv = Command::new(&python)
+        .args(["-c", "import venv, ensurepip"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_venv {
+        if !is_root() {
+            bail!(
+                "Python's venv module is missing: run as root, or `apt-get install python3-venv`"
+            );
+        }
+        say("installing Debian packages: python3-venv");
+        cmd::run(
+            Command::new("apt-get")
+                .args(["update", "-qq"])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+        .context("apt-get update")?;
+        cmd::run(
+            Command::new("apt-get")
+                .args([
+                    "install",
+                    "-y",
+                    "-qq",
+                    "--no-install-recommends",
+                    "python3-venv",
+                ])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+        .context("apt-get install python3-venv")?;
+    }
+    say(&format!(
+        "installing {KUBERNETES_VALIDATE} from PyPI into {}",
+        venv.display()
+    ));
+    let _ = fs::remove_dir_all(&venv);
+    cmd::run(Command::new(&python).arg("-m").arg("venv").arg(&venv))
+        .context("creating the validator's virtual environment")?;
+    cmd::run(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        KUBERNETES_VALIDATE,
+    ]))
+    .with_context(|| format!("pip install {KUBERNETES_VALIDATE}"))?;
+    fs::write(&marker, KUBERNETES_VALIDATE)?;
     Ok(())
 }
 

@@ -81,17 +81,22 @@ pub fn run() -> Result<()> {
         },
     ));
 
-    tiers.push(tier("unit (config, Maglev, reconciler, hash)", || {
-        cargo_step(&[
-            "test",
-            "-p",
-            "balancer-common",
-            "-p",
-            "balancer-userspace",
-            "-p",
-            "xtask",
-        ])
-    }));
+    tiers.push(tier(
+        "unit (config, Maglev, reconciler, hash, autoscale formula, deploy manifests)",
+        || {
+            cargo_step(&[
+                "test",
+                "-p",
+                "balancer-common",
+                "-p",
+                "balancer-userspace",
+                "-p",
+                "xtask",
+            ])?;
+            // Needs no root: the Kubernetes manifests against the Kubernetes schemas.
+            cargo_step(&["test", "-p", "balancer-tests", "--test", "deploy_manifests"])
+        },
+    ));
 
     let binary = build_balancer(false);
     if let Ok(binary) = &binary {
@@ -130,6 +135,7 @@ pub fn run() -> Result<()> {
             "attach_modes",
             "dynamic_backends",
             "tunnel_end_to_end",
+            "observability",
         ],
     ));
 
