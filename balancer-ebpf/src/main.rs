@@ -39,6 +39,9 @@ mod programs {
 
     #[xdp]
     pub fn balancer(ctx: XdpContext) -> u32 {
+        // The upgrade test's variant: a few more instructions, nothing else changed.
+        #[cfg(feature = "upgrade-variant")]
+        core::hint::black_box(0x0bad_cafe_u32);
         let outcome = match forward(&ctx) {
             Ok(outcome) => outcome,
             Err(outcome) => outcome,

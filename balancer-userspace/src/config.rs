@@ -49,8 +49,16 @@ pub struct Config {
     /// How long a backend removed from the config keeps its established flows (it gets no new
     /// ones); re-adding it within that time keeps them too.
     pub removal_grace: Duration,
+    /// Where the data plane's maps and XDP link are pinned: `<pin_dir>/<interface>/v<layout>/`.
+    pub pin_dir: PathBuf,
+    /// On SIGTERM/SIGINT, leave the data plane forwarding with its last state (for restarts
+    /// and upgrades) instead of removing it.
+    pub keep_datapath: bool,
     pub vips: Vec<Vip>,
 }
+
+/// Default of `pin_dir`.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/balancer";
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -332,6 +340,9 @@ struct RawBalancer {
     conn_table_size: Option<Spanned<u32>>,
     metrics_listen: Option<Spanned<String>>,
     removal_grace: Option<Spanned<String>>,
+    pin_dir: Option<Spanned<String>>,
+    #[serde(default)]
+    keep_datapath: bool,
 }
 
 #[derive(Deserialize)]
@@ -480,6 +491,28 @@ fn validate(raw: RawConfig) -> Result<Config, Invalid> {
             .map_err(|e| (grace.span(), format!("removal_grace {e}")))?,
     };
 
+    let pin_dir = match b.pin_dir {
+        None => PathBuf::from(DEFAULT_PIN_DIR),
+        Some(dir) => {
+            let path = PathBuf::from(dir.get_ref());
+            if !path.is_absolute()
+                || path
+                    .components()
+                    .any(|c| c == std::path::Component::ParentDir)
+            {
+                return Err((
+                    dir.span(),
+                    format!(
+                        "pin_dir \"{}\" must be an absolute path without `..`, on a bpffs \
+                         (such as \"{DEFAULT_PIN_DIR}\")",
+                        dir.get_ref()
+                    ),
+                ));
+            }
+            path
+        }
+    };
+
     if raw.vip.len() > MAX_VIPS as usize {
         let span = raw.vip[MAX_VIPS as usize].span();
         return Err((span, format!("too many VIPs: at most {MAX_VIPS}")));
@@ -554,6 +587,8 @@ fn validate(raw: RawConfig) -> Result<Config, Invalid> {
         conn_table_size,
         metrics_listen,
         removal_grace,
+        pin_dir,
+        keep_datapath: b.keep_datapath,
         vips,
     })
 }
@@ -1064,6 +1099,27 @@ backends = [
                 10,
                 17,
                 "unknown variant `panic`",
+            ),
+            (
+                "removal_grace = \"30s\"",
+                "removal_grace = \"30s\"\npin_dir = \"bpf/balancer\"",
+                4,
+                11,
+                "pin_dir \"bpf/balancer\" must be an absolute path",
+            ),
+            (
+                "removal_grace = \"30s\"",
+                "removal_grace = \"30s\"\npin_dir = \"/sys/fs/bpf/../x\"",
+                4,
+                11,
+                "without `..`",
+            ),
+            (
+                "removal_grace = \"30s\"",
+                "removal_grace = \"30s\"\nkeep_datapath = \"yes\"",
+                4,
+                17,
+                "invalid type",
             ),
         ];
         for (from, to, line, column, message) in cases {

@@ -76,6 +76,10 @@ pub struct Controller {
     pub conn_entries: Option<(u64, Instant)>,
     /// When the connection table is next walked.
     conn_next_count: Option<Instant>,
+    /// `--keep-datapath` was given (the config's `keep_datapath` can also ask for it).
+    pub keep_datapath_flag: bool,
+    /// Started by adopting a pinned data plane: what was adopted.
+    pub adopted: Option<String>,
 }
 
 /// A VIP's autoscaling signal, as last computed.
@@ -120,10 +124,110 @@ impl Controller {
             autoscale: BTreeMap::new(),
             conn_entries: None,
             conn_next_count: None,
+            keep_datapath_flag: false,
+            adopted: None,
         };
         controller.adopt_backends(&config);
         controller.config = config;
         controller
+    }
+
+    /// Takes over the maps an earlier daemon left pinned: VIPs and backends keep their ids
+    /// (the connection table's entries hold backend ids), backends of a configured VIP that the
+    /// config no longer lists start their removal grace now, health checks start from the
+    /// pinned verdicts, and the next [`Controller::reconcile`] changes the maps from what they
+    /// hold. Returns a one-line summary.
+    pub fn adopt_pinned(&mut self, contents: &crate::dataplane::PinnedContents) -> String {
+        use balancer_common::{BACKEND_F_DOWN, FAMILY_IPV4};
+        let now = Instant::now();
+        // Configured VIPs found in the maps, by their main key.
+        let pinned_ids: HashMap<balancer_common::VipKey, u32> =
+            contents.keys.iter().map(|(k, m)| (*k, m.vip_id)).collect();
+        let mut vip_ids: HashMap<String, u32> = HashMap::new();
+        for vip in &self.config.vips {
+            if let Some(&id) = pinned_ids.get(&reconcile::vip_key(vip)) {
+                if !vip_ids.values().any(|&v| v == id) {
+                    vip_ids.insert(vip.name.clone(), id);
+                }
+            }
+        }
+        let name_of: HashMap<u32, String> =
+            vip_ids.iter().map(|(n, id)| (*id, n.clone())).collect();
+        let mut backend_ids: HashMap<BackendKey, u32> = HashMap::new();
+        let mut retiring = 0;
+        for (&id, b) in &contents.backends {
+            let Some(name) = name_of.get(&b.vip_id) else {
+                continue;
+            };
+            let address: IpAddr = if b.family == FAMILY_IPV4 {
+                IpAddr::from([b.addr[0], b.addr[1], b.addr[2], b.addr[3]])
+            } else {
+                IpAddr::from(b.addr)
+            };
+            let key = (name.clone(), address);
+            let configured = self
+                .config
+                .vips
+                .iter()
+                .find(|v| v.name == *name)
+                .and_then(|v| v.backends.iter().find(|c| c.address == address));
+            match configured {
+                Some(c) => {
+                    // The last verdict: down if it was marked down while reachable.
+                    if c.health.kind != CheckKind::None {
+                        let down = b.flags & BACKEND_F_DOWN != 0 && b.ifindex != 0;
+                        self.trackers.insert(
+                            key.clone(),
+                            Tracker::new(if down {
+                                config::InitialState::Down
+                            } else {
+                                config::InitialState::Up
+                            }),
+                        );
+                    }
+                }
+                None => {
+                    self.retiring
+                        .insert(key.clone(), now + self.config.removal_grace);
+                    retiring += 1;
+                }
+            }
+            backend_ids.insert(key, id);
+        }
+        // What the maps hold, as the previous state: every pinned VIP (those no longer
+        // configured under a placeholder name, so that their tables are emptied), every live
+        // backend, every egress device.
+        let mut vips: BTreeMap<u32, reconcile::DesiredVip> = BTreeMap::new();
+        for (key, meta) in &contents.keys {
+            vips.entry(meta.vip_id)
+                .or_insert_with(|| reconcile::DesiredVip {
+                    name: name_of
+                        .get(&meta.vip_id)
+                        .cloned()
+                        .unwrap_or_else(|| format!("#pinned-{}", meta.vip_id)),
+                    key: *key,
+                    meta: *meta,
+                    table: Vec::new(),
+                    backends: Vec::new(),
+                    fail_open: false,
+                });
+        }
+        let previous = DesiredState {
+            vips: vips.into_values().collect(),
+            keys: contents.keys.clone(),
+            backends: contents.backends.clone(),
+            egress: contents.egress.clone(),
+        };
+        let summary = format!(
+            "{} of {} pinned VIPs and {} of {} backends still configured ({retiring} kept for removal_grace)",
+            vip_ids.len(),
+            previous.vips.len(),
+            backend_ids.len() - retiring,
+            contents.backends.len(),
+        );
+        self.ids = Ids::adopted(vip_ids, backend_ids);
+        self.dataplane.set_applied(previous);
+        summary
     }
 
     pub fn config_text(&self) -> &str {

@@ -25,6 +25,7 @@ use crate::{
     dataplane::{error_chain, Dataplane, LoadOptions},
     health,
     nexthop::Resolver,
+    pins,
     reconcile::{BackendKey, NextHops},
     status::{self, format_mac},
 };
@@ -40,6 +41,15 @@ const RELOAD_DEBOUNCE_MAX: Duration = Duration::from_millis(500);
 pub struct RunOptions {
     pub config: PathBuf,
     pub interface: Option<String>,
+    /// Leave the data plane running at exit (or `keep_datapath` in the config).
+    pub keep_datapath: bool,
+    /// Replace pins of another layout (or that do not match the config) with a fresh data
+    /// plane instead of refusing to start.
+    pub replace: bool,
+    /// Overrides `pin_dir` of the config.
+    pub pin_dir: Option<PathBuf>,
+    /// Load the XDP program from this object file instead of the one built in.
+    pub program_object: Option<PathBuf>,
 }
 
 /// Everything that changes the daemon's state goes through this channel.
@@ -75,37 +85,127 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         .or_else(|| config.interface.clone())
         .context("no interface to attach to: set `interface` in [balancer] or pass --interface")?;
     require_root()?;
+    let pin_dir = options
+        .pin_dir
+        .clone()
+        .unwrap_or_else(|| config.pin_dir.clone());
+    let object = match &options.program_object {
+        Some(path) => std::fs::read(path)
+            .with_context(|| format!("reading the XDP object {}", path.display()))?,
+        None => crate::PROGRAM.to_vec(),
+    };
+    // Before touching the data plane: the lock (one daemon per interface), and the listener
+    // (a taken port must not cost a restart of forwarding).
+    let lock = pins::Lock::take(&pin_dir, &interface)?;
+    let metrics_listen = config.metrics_listen;
+    let listener = status::bind(metrics_listen)
+        .await
+        .with_context(|| format!("listening on metrics_listen {metrics_listen}"))?;
 
     let resolver = Resolver::new().context("opening a netlink socket")?;
     let next_hops = resolve(&resolver, addresses(&config)).await;
     warn_routed_dsr_backends(&config, &next_hops);
 
-    let mut dataplane = Dataplane::load(LoadOptions {
+    let options_load = LoadOptions {
         hash_seed: config.hash_seed,
         conn_table_size: config.conn_table_size,
-    })
-    .map_err(|e| anyhow::anyhow!(error_chain(&e)))
-    .context("loading the XDP program")?;
-    let (mode, fallback) = dataplane.attach(&interface, config.xdp_mode).map_err(|e| anyhow::anyhow!(error_chain(&e))).with_context(
-        || {
+    };
+    let (layout_dir, mut previous_link) = prepare_pins(&pin_dir, &interface, options.replace)?;
+    let had_pins = std::fs::read_dir(&layout_dir).is_ok_and(|mut d| d.next().is_some());
+    let loaded = Dataplane::load_pinned(&object, options_load, &layout_dir);
+    if loaded.is_err() && !had_pins {
+        // Maps pinned before the program failed to load (the verifier, a capability).
+        let _ = pins::remove_all(&pin_dir, &interface);
+    }
+    let (mut dataplane, contents) = match loaded {
+        Ok(loaded) => loaded,
+        Err(e @ crate::dataplane::DataplaneError::IncompatiblePins { .. }) if options.replace => {
+            warn!("{}; replacing it (--replace)", error_chain(&e));
+            previous_link = take_link(&pin_dir, &interface);
+            pins::remove_all(&pin_dir, &interface)
+                .with_context(|| format!("removing the pins under {}", pin_dir.display()))?;
+            let layout_dir = pins::prepare(&pin_dir, &interface)?;
+            Dataplane::load_pinned(&object, options_load, &layout_dir)
+                .map_err(|e| anyhow::anyhow!(error_chain(&e)))
+                .context("loading the XDP program")?
+        }
+        Err(e) => {
+            return Err(anyhow::anyhow!(error_chain(&e))).context("loading the XDP program");
+        }
+    };
+    let fresh = contents.is_none();
+    // A fresh data plane that fails to start is removed; an adopted one keeps forwarding.
+    let cleanup = |e: anyhow::Error| -> anyhow::Error {
+        if fresh {
+            let _ = pins::remove_all(&pin_dir, &interface);
+        }
+        e
+    };
+    if let Some(state) = contents.as_ref().and_then(|c| c.state) {
+        if state.hash_seed != config.hash_seed {
+            warn!(
+                "hash_seed changes from {:#x} to {:#x}: established flows keep their backends \
+                 (connection table), new flows are placed with the new seed; every balancer of a \
+                 fleet needs the same seed",
+                state.hash_seed, config.hash_seed
+            );
+        }
+    }
+    let attached = match dataplane.attach_pinned(&interface, config.xdp_mode, previous_link) {
+        // The pinned link runs in another mode than the config asks for: with --replace,
+        // detach it and attach anew (a short gap: a link cannot change mode).
+        Err(e @ crate::dataplane::DataplaneError::IncompatiblePins { .. }) if options.replace => {
+            warn!(
+                "{}; detaching it and attaching anew (--replace)",
+                error_chain(&e)
+            );
+            let link = layout_dir.join(pins::LINK);
+            if link.exists() {
+                std::fs::remove_file(&link)
+                    .with_context(|| format!("removing {}", link.display()))?;
+            }
+            dataplane.attach_pinned(&interface, config.xdp_mode, None)
+        }
+        other => other,
+    };
+    let (mode, fallback) = attached
+        .map_err(|e| anyhow::anyhow!(error_chain(&e)))
+        .with_context(|| {
             format!(
                 "attaching to {interface}; if another XDP program is attached there, remove it first \
                  (`ip link set dev {interface} xdp off`)"
             )
-        },
-    )?;
+        })
+        .map_err(cleanup)?;
     if let Some(reason) = fallback {
         warn!("native XDP refused on {interface} ({reason}); attached in generic mode, which is slower");
     }
-    let metrics_listen = config.metrics_listen;
+    dataplane
+        .write_pinned_state(config.hash_seed, config.conn_table_size)
+        .map_err(cleanup)?;
     let mut controller =
         Controller::new(options.config.clone(), config, text, dataplane, next_hops);
-    controller.reconcile().context("writing the maps")?;
+    controller.keep_datapath_flag = options.keep_datapath;
+    if let Some(contents) = &contents {
+        let summary = controller.adopt_pinned(contents);
+        let ids = controller.dataplane.program_ids();
+        info!(
+            "adopted the data plane pinned in {}: {summary}; program {} swapped in for program {} \
+             through link {} (no packet missed a program)",
+            layout_dir.display(),
+            ids.map_or(0, |i| i.program_id),
+            ids.and_then(|i| i.replaced_program)
+                .map_or("?".into(), |p| p.to_string()),
+            ids.and_then(|i| i.link_id)
+                .map_or("?".into(), |l| l.to_string()),
+        );
+        controller.adopted = Some(summary);
+    }
+    controller
+        .reconcile()
+        .context("writing the maps")
+        .map_err(cleanup)?;
     log_summary(&controller, &interface, mode.as_str());
-
-    let listener = status::bind(metrics_listen)
-        .await
-        .with_context(|| format!("listening on metrics_listen {metrics_listen}"))?;
     info!(
         "status API on http://{}/api/v1/status",
         listener.local_addr()?
@@ -198,16 +298,140 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         Err(e) => warn!("status API task: {e}"),
         Ok(Ok(())) => {}
     }
-    // Dropping the last reference detaches the program and frees every map.
-    let shared =
-        Arc::try_unwrap(shared).map_err(|_| anyhow::anyhow!("state still shared at shutdown"))?;
-    drop(
-        shared
-            .into_inner()
-            .map_err(|_| anyhow::anyhow!("state lock poisoned"))?,
-    );
-    info!("detached from {interface}; the program and its maps are removed");
+    let controller = Arc::try_unwrap(shared)
+        .map_err(|_| anyhow::anyhow!("state still shared at shutdown"))?
+        .into_inner()
+        .map_err(|_| anyhow::anyhow!("state lock poisoned"))?;
+    let keep = controller.keep_datapath_flag || controller.config.keep_datapath;
+    if keep {
+        if let Err(e) = controller.dataplane.write_pinned_state(
+            controller.config.hash_seed,
+            controller.config.conn_table_size,
+        ) {
+            warn!("recording the pinned state: {e:#}");
+        }
+        let dir = controller
+            .dataplane
+            .pin_dir()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default();
+        // Closing our descriptors leaves the pins: the program keeps forwarding with the last
+        // maps, without health checks or reloads until a daemon adopts it.
+        drop(controller);
+        info!(
+            "left the data plane forwarding on {interface} (pinned in {dir}); the next \
+             `balancer run` adopts it, `balancer detach --interface {interface}` removes it"
+        );
+    } else {
+        // Unpinned first, then our descriptors closed: the link detaches, the maps are freed.
+        let removed = pins::remove_all(&pin_dir, &interface)
+            .with_context(|| format!("removing the pins under {}", pin_dir.display()));
+        drop(controller);
+        removed?;
+        info!("detached from {interface}; the program and its maps are removed");
+    }
+    lock.release();
     Ok(())
+}
+
+/// Makes the layout directory, refusing pins of another layout unless `replace`: then their
+/// link is taken (so that the program on the interface is swapped rather than removed) and
+/// the pins removed.
+fn prepare_pins(
+    pin_dir: &Path,
+    interface: &str,
+    replace: bool,
+) -> anyhow::Result<(PathBuf, PreviousLink)> {
+    let current = balancer_common::LAYOUT_VERSION;
+    let others: Vec<u32> = pins::pinned_layouts(pin_dir, interface)
+        .into_iter()
+        .filter(|&v| v != current)
+        .collect();
+    let mut previous = None;
+    if !others.is_empty() {
+        let root = pins::interface_dir(pin_dir, interface);
+        if !replace {
+            bail!(
+                "{} holds a data plane of map layout {} and this build uses layout v{current}: its maps \
+                 cannot be adopted. Start with --replace to replace it: a fresh data plane (empty \
+                 connection table, counters from zero) takes over {interface} without a gap, and \
+                 established flows are placed again by the Maglev tables (most keep their backend; \
+                 those that land elsewhere break). `balancer detach --interface {interface}` removes \
+                 it instead.",
+                root.display(),
+                others.iter().map(|v| format!("v{v}")).collect::<Vec<_>>().join(", ")
+            );
+        }
+        warn!(
+            "replacing the data plane of layout {} in {} (--replace)",
+            others
+                .iter()
+                .map(|v| format!("v{v}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            root.display()
+        );
+        previous = take_link(pin_dir, interface);
+        pins::remove_all(pin_dir, interface)
+            .with_context(|| format!("removing the pins under {}", root.display()))?;
+    }
+    Ok((pins::prepare(pin_dir, interface)?, previous))
+}
+
+/// A replaced data plane's link, held open while its pins are removed, and how it was set up.
+type PreviousLink = Option<(aya::programs::links::FdLink, Option<pins::PinnedState>)>;
+
+/// Opens the pinned link of any layout of the interface (keeping the program attached while
+/// the pins go).
+fn take_link(pin_dir: &Path, interface: &str) -> PreviousLink {
+    for layout in pins::pinned_layouts(pin_dir, interface) {
+        let dir = pins::interface_dir(pin_dir, interface).join(format!("v{layout}"));
+        if let Ok(pinned) = aya::programs::links::PinnedLink::from_pin(dir.join(pins::LINK)) {
+            return Some((
+                aya::programs::links::FdLink::from(pinned),
+                pins::read_state(&dir),
+            ));
+        }
+    }
+    None
+}
+
+/// `balancer detach`: removes a data plane left running (kept, or orphaned by a crash) and
+/// its pins; refuses while a daemon runs on it.
+pub fn detach(pin_dir: &Path, interface: &str) -> anyhow::Result<Vec<String>> {
+    require_root()?;
+    let lock = pins::Lock::take(pin_dir, interface)?;
+    let root = pins::interface_dir(pin_dir, interface);
+    let mut report = Vec::new();
+    if !root.exists() {
+        lock.release();
+        report.push(format!(
+            "nothing pinned for {interface} under {}",
+            pin_dir.display()
+        ));
+        return Ok(report);
+    }
+    // What runs now, for the report.
+    for layout in pins::pinned_layouts(pin_dir, interface) {
+        let link = root.join(format!("v{layout}")).join(pins::LINK);
+        if let Ok(pinned) = aya::programs::links::PinnedLink::from_pin(&link) {
+            let fd_link = aya::programs::links::FdLink::from(pinned);
+            if let Ok(info) = fd_link.info() {
+                report.push(format!(
+                    "program {} (link {}, layout v{layout}) detached from {interface}",
+                    info.program_id(),
+                    info.id()
+                ));
+            }
+        }
+    }
+    let removed = pins::remove_all(pin_dir, interface)
+        .with_context(|| format!("removing {}", root.display()))?;
+    for path in removed {
+        report.push(format!("removed {}", path.display()));
+    }
+    lock.release();
+    Ok(report)
 }
 
 /// Reads the config file and makes it the running config if it is valid. With
@@ -287,7 +511,7 @@ fn warn_routed_dsr_backends(config: &Config, hops: &NextHops) {
 fn require_root() -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!("balancer run needs root (CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN to load and attach XDP programs)");
+        bail!("the balancer needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON) to load and attach XDP programs");
     }
     Ok(())
 }

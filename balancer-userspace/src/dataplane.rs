@@ -13,20 +13,31 @@ use std::{
     os::fd::{AsFd as _, AsRawFd as _},
 };
 
+use std::path::{Path, PathBuf};
+
 use aya::{
     maps::{
         Array, ArrayOfMaps, DevMapHash, HashMap as BpfHashMap, MapData, MapError, PerCpuArray,
         PerCpuValues,
     },
-    programs::{ProgramError, Xdp, XdpMode},
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+        ProgramError, Xdp, XdpMode,
+    },
     Ebpf, EbpfLoader,
 };
 use balancer_common::{
     map_names, program_names, Backend, ConnEntry, DecapAddress, FlowKey, TrafficStats, VipKey,
-    VipMeta, DECAP_OUTCOME_COUNT, MAGLEV_CAPACITY, MAGLEV_TABLE_MAP_FLAGS, OUTCOME_COUNT,
+    VipMeta, BACKEND_F_VALID, DECAP_OUTCOME_COUNT, LAYOUT_VERSION, MAGLEV_CAPACITY,
+    MAGLEV_TABLE_MAP_FLAGS, MAX_BACKENDS, OUTCOME_COUNT,
 };
 
-use crate::{config::XdpModeSetting, reconcile::DesiredState};
+use crate::{
+    config::XdpModeSetting,
+    pins::{self, PinnedState},
+    reconcile::DesiredState,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -60,6 +71,16 @@ pub enum DataplaneError {
         map: &'static str,
         source: aya::maps::xdp::XdpMapError,
     },
+    #[error(
+        "the data plane pinned in {dir} does not match this build: {}. Start with --replace to \
+         replace it: a fresh data plane (empty connection table, counters from zero) takes over \
+         the interface, and established flows are placed again by the Maglev tables (most keep \
+         their backend; those that land elsewhere break)",
+        problems.join("; ")
+    )]
+    IncompatiblePins { dir: String, problems: Vec<String> },
+    #[error("pinning in {dir}: {message}")]
+    Pin { dir: String, message: String },
 }
 
 type Result<T, E = DataplaneError> = std::result::Result<T, E>;
@@ -91,7 +112,8 @@ pub struct LoadOptions {
     pub conn_table_size: u32,
 }
 
-/// The loaded program and its maps. Dropping it detaches the program and frees the maps.
+/// The loaded program and its maps. Dropping it detaches the program and frees the maps,
+/// unless they are pinned (see [`Dataplane::load_pinned`]).
 pub struct Dataplane {
     ebpf: Ebpf,
     applied: DesiredState,
@@ -99,6 +121,35 @@ pub struct Dataplane {
     /// The Maglev tables in `MAGLEV_TABLES`, by VIP id: held so that their memory can be
     /// reported (the kernel keeps them alive through the outer map anyway).
     tables: BTreeMap<u32, MapData>,
+    /// Pinned: the layout directory, and the XDP link once attached through it.
+    pinned: Option<Pinned>,
+}
+
+struct Pinned {
+    dir: PathBuf,
+    link: Option<FdLink>,
+    /// The program the pinned link ran before this one was swapped in, if adopted.
+    replaced_program: Option<u32>,
+}
+
+/// What a pinned data plane held when a daemon adopted it.
+#[derive(Clone, Debug, Default)]
+pub struct PinnedContents {
+    pub keys: Vec<(VipKey, VipMeta)>,
+    pub backends: BTreeMap<u32, Backend>,
+    pub egress: BTreeSet<u32>,
+    /// How it was set up, if recorded.
+    pub state: Option<PinnedState>,
+}
+
+/// The program running on the interface, for the status.
+#[derive(Clone, Copy, Debug)]
+pub struct ProgramIds {
+    pub program_id: u32,
+    pub program_tag: u64,
+    pub link_id: Option<u32>,
+    /// Adopted: the program this one replaced through the pinned link.
+    pub replaced_program: Option<u32>,
 }
 
 /// Counters summed over CPUs.
@@ -123,7 +174,82 @@ impl Dataplane {
             object,
             options,
             &[program_names::BALANCER, program_names::PASS],
+            None,
         )
+    }
+
+    /// Like [`Dataplane::load_object`], with every map pinned in `dir` (a layout directory,
+    /// see `pins`): maps already pinned there are adopted, after checking that they match
+    /// this object; the others are created and pinned. Returns what adopted maps hold.
+    pub fn load_pinned(
+        object: &[u8],
+        options: LoadOptions,
+        dir: &Path,
+    ) -> Result<(Self, Option<PinnedContents>)> {
+        let names = pinnable_maps(object, dir)?;
+        let adopting = names.iter().any(|n| dir.join(n).exists());
+        if adopting {
+            check_pins(object, options, dir, &names)?;
+        }
+        let mut dataplane = Self::load_programs(
+            object,
+            options,
+            &[program_names::BALANCER, program_names::PASS],
+            Some((dir, &names)),
+        )?;
+        dataplane.pinned = Some(Pinned {
+            dir: dir.to_owned(),
+            link: None,
+            replaced_program: None,
+        });
+        let contents = if adopting {
+            Some(dataplane.read_contents(pins::read_state(dir))?)
+        } else {
+            None
+        };
+        Ok((dataplane, contents))
+    }
+
+    /// What the maps hold: VIP keys, live backends, egress devices.
+    fn read_contents(&self, state: Option<PinnedState>) -> Result<PinnedContents> {
+        let vips: BpfHashMap<&MapData, VipKey, VipMeta> = self
+            .map(map_names::VIPS)?
+            .try_into()
+            .map_err(map_err(map_names::VIPS))?;
+        let mut keys: Vec<(VipKey, VipMeta)> = vips
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(map_names::VIPS))?;
+        keys.sort_by_key(|(k, _)| (k.addr, k.port, k.proto, k.family));
+        let backends_map: Array<&MapData, Backend> = self
+            .map(map_names::BACKENDS)?
+            .try_into()
+            .map_err(map_err(map_names::BACKENDS))?;
+        let mut backends = BTreeMap::new();
+        for id in 0..MAX_BACKENDS {
+            let b = backends_map
+                .get(&id, 0)
+                .map_err(map_err(map_names::BACKENDS))?;
+            if b.flags & BACKEND_F_VALID != 0 {
+                backends.insert(id, b);
+            }
+        }
+        let devices: DevMapHash<&MapData> = self
+            .map(map_names::EGRESS_DEVICES)?
+            .try_into()
+            .map_err(map_err(map_names::EGRESS_DEVICES))?;
+        let egress = devices.keys().filter_map(|k| k.ok()).collect();
+        Ok(PinnedContents {
+            keys,
+            backends,
+            egress,
+            state,
+        })
+    }
+
+    /// Adopted maps: what they hold, as the state the next [`Dataplane::apply`] changes from.
+    pub fn set_applied(&mut self, applied: DesiredState) {
+        self.applied = applied;
     }
 
     /// Loads the balancer and every trivial program of the object (benchmarks).
@@ -133,6 +259,7 @@ impl Dataplane {
             crate::PROGRAM,
             options,
             &[BALANCER, PASS, DROP, TX, REFLECT],
+            None,
         )
     }
 
@@ -142,18 +269,25 @@ impl Dataplane {
             hash_seed: 0,
             conn_table_size: crate::config::MIN_CONN_TABLE_SIZE,
         };
-        Self::load_programs(crate::PROGRAM, options, &[program_names::DECAP])
+        Self::load_programs(crate::PROGRAM, options, &[program_names::DECAP], None)
     }
 
     fn load_programs(
         object: &[u8],
         options: LoadOptions,
         programs: &[&'static str],
+        pins: Option<(&Path, &[String])>,
     ) -> Result<Self> {
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global("HASH_SEED", &options.hash_seed, true)
-            .map_max_entries(map_names::CONN_TABLE, options.conn_table_size)
-            .load(object)?;
+            .map_max_entries(map_names::CONN_TABLE, options.conn_table_size);
+        if let Some((dir, names)) = pins {
+            for name in names {
+                loader.map_pin_path(name.as_str(), dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(object)?;
         for &name in programs {
             let program: &mut Xdp = ebpf
                 .program_mut(name)
@@ -176,6 +310,7 @@ impl Dataplane {
             applied: DesiredState::default(),
             attached: None,
             tables: BTreeMap::new(),
+            pinned: None,
         })
     }
 
@@ -229,6 +364,188 @@ impl Dataplane {
         interface: &str,
         setting: XdpModeSetting,
     ) -> Result<(AttachedMode, Option<String>)> {
+        self.attach_program_link(name, interface, setting)
+            .map(|(mode, fallback, _)| (mode, fallback))
+    }
+
+    /// Attaches the balancer through the link pinned in the layout directory: an existing
+    /// link (left by an earlier daemon, or `previous`, taken from pins being replaced) gets
+    /// this program swapped in atomically, keeping its attach mode; otherwise a new link is
+    /// made. The link ends up pinned in the layout directory. Returns the attach mode and, for
+    /// a new generic-mode link under `auto`, why native mode was refused.
+    pub fn attach_pinned(
+        &mut self,
+        interface: &str,
+        setting: XdpModeSetting,
+        previous: Option<(FdLink, Option<PinnedState>)>,
+    ) -> Result<(AttachedMode, Option<String>)> {
+        let dir = self
+            .pinned
+            .as_ref()
+            .map(|p| p.dir.clone())
+            .expect("attach_pinned after load_pinned");
+        let pin_error = |message: String| DataplaneError::Pin {
+            dir: dir.display().to_string(),
+            message,
+        };
+        let link_path = dir.join(pins::LINK);
+        let existing = match previous {
+            Some(previous) => Some(previous),
+            None if link_path.exists() => match PinnedLink::from_pin(&link_path) {
+                Ok(pinned) => Some((FdLink::from(pinned), pins::read_state(&dir))),
+                Err(e) => {
+                    tracing::warn!(
+                        "the pinned link {} cannot be opened ({}); attaching anew",
+                        link_path.display(),
+                        error_chain(&e)
+                    );
+                    std::fs::remove_file(&link_path)
+                        .map_err(|e| pin_error(format!("removing the stale link pin: {e}")))?;
+                    None
+                }
+            },
+            None => None,
+        };
+        if let Some((fd_link, state)) = existing {
+            let mode = match state.map(|s| s.xdp_mode) {
+                Some(2) => AttachedMode::Generic,
+                _ => AttachedMode::Native,
+            };
+            let wanted = match setting {
+                XdpModeSetting::Native => Some(AttachedMode::Native),
+                XdpModeSetting::Generic => Some(AttachedMode::Generic),
+                XdpModeSetting::Auto => None,
+            };
+            if let Some(wanted) = wanted.filter(|w| *w != mode) {
+                return Err(DataplaneError::IncompatiblePins {
+                    dir: dir.display().to_string(),
+                    problems: vec![format!(
+                        "the pinned link runs in {} mode, the config asks for xdp_mode = \"{}\"",
+                        mode.as_str(),
+                        wanted.as_str()
+                    )],
+                });
+            }
+            match self.swap_into_link(fd_link) {
+                Ok((link, old)) => {
+                    let link = if link_path.exists() {
+                        link
+                    } else {
+                        FdLink::from(
+                            link.pin(&link_path)
+                                .map_err(|e| pin_error(format!("pinning the link: {e}")))?,
+                        )
+                    };
+                    let pinned = self.pinned.as_mut().expect("pinned");
+                    pinned.link = Some(link);
+                    pinned.replaced_program = old;
+                    self.attached = Some((interface.to_owned(), mode));
+                    return Ok((mode, None));
+                }
+                Err(e) => {
+                    // A link whose interface went away is defunct: make a new one.
+                    tracing::warn!("the pinned link cannot take the program ({e}); attaching anew");
+                    if link_path.exists() {
+                        std::fs::remove_file(&link_path)
+                            .map_err(|e| pin_error(format!("removing the stale link pin: {e}")))?;
+                    }
+                }
+            }
+        }
+        let (mode, fallback, id) =
+            self.attach_program_link(program_names::BALANCER, interface, setting)?;
+        let program = self.balancer_mut()?;
+        let link = program
+            .take_link(id)
+            .map_err(|e| pin_error(format!("taking the link: {e}")))?;
+        let link = FdLink::try_from(link).map_err(|e| {
+            pin_error(format!(
+                "the kernel attached XDP without a BPF link ({e}); keeping the data plane across \
+                 restarts needs BPF links for XDP (Linux 5.9 or later)"
+            ))
+        })?;
+        let pinned = link
+            .pin(&link_path)
+            .map_err(|e| pin_error(format!("pinning the link: {e}")))?;
+        let link = FdLink::from(pinned);
+        self.pinned.as_mut().expect("pinned").link = Some(link);
+        Ok((mode, fallback))
+    }
+
+    /// Swaps the balancer into `link`; returns the link (now the balancer's) and the program
+    /// it replaced.
+    fn swap_into_link(
+        &mut self,
+        link: FdLink,
+    ) -> std::result::Result<(FdLink, Option<u32>), String> {
+        let old = link.info().ok().map(|i| i.program_id());
+        let xdp_link = XdpLink::try_from(link).map_err(|e| error_chain(&e))?;
+        let program = self.balancer_mut().map_err(|e| error_chain(&e))?;
+        let id = program
+            .attach_to_link(xdp_link)
+            .map_err(|e| error_chain(&e))?;
+        let link = program.take_link(id).map_err(|e| error_chain(&e))?;
+        let link = FdLink::try_from(link).map_err(|e| error_chain(&e))?;
+        Ok((link, old))
+    }
+
+    fn balancer_mut(&mut self) -> Result<&mut Xdp> {
+        self.ebpf
+            .program_mut(program_names::BALANCER)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(DataplaneError::Missing {
+                what: "loaded program",
+                name: program_names::BALANCER,
+            })
+    }
+
+    /// Records how the pinned data plane is set up (in its `state` map).
+    pub fn write_pinned_state(&self, hash_seed: u32, conn_table_size: u32) -> anyhow::Result<()> {
+        let (Some(pinned), Some((_, mode))) = (&self.pinned, &self.attached) else {
+            return Ok(());
+        };
+        pins::write_state(
+            &pinned.dir,
+            PinnedState {
+                layout: LAYOUT_VERSION,
+                xdp_mode: match mode {
+                    AttachedMode::Native => 1,
+                    AttachedMode::Generic => 2,
+                },
+                hash_seed,
+                conn_table_size,
+                owner_pid: std::process::id(),
+                _pad: 0,
+            },
+        )
+    }
+
+    /// The layout directory, if pinned.
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pinned.as_ref().map(|p| p.dir.as_path())
+    }
+
+    /// The balancer program's ids, and its link's.
+    pub fn program_ids(&self) -> Option<ProgramIds> {
+        let info = self.program().info().ok()?;
+        let pinned = self.pinned.as_ref();
+        Some(ProgramIds {
+            program_id: info.id(),
+            program_tag: info.tag(),
+            link_id: pinned
+                .and_then(|p| p.link.as_ref())
+                .and_then(|l| l.info().ok())
+                .map(|i| i.id()),
+            replaced_program: pinned.and_then(|p| p.replaced_program),
+        })
+    }
+
+    fn attach_program_link(
+        &mut self,
+        name: &'static str,
+        interface: &str,
+        setting: XdpModeSetting,
+    ) -> Result<(AttachedMode, Option<String>, XdpLinkId)> {
         let program: &mut Xdp = self
             .ebpf
             .program_mut(name)
@@ -244,33 +561,34 @@ impl Dataplane {
             };
             program
                 .attach(interface, flags)
-                .map(|_| ())
                 .map_err(|source| DataplaneError::Attach {
                     interface: interface.to_owned(),
                     mode: mode.as_str(),
                     source,
                 })
         };
-        let (mode, fallback) = match setting {
+        let (mode, fallback, id) = match setting {
             XdpModeSetting::Native => (
-                attach(program, AttachedMode::Native).map(|_| AttachedMode::Native)?,
+                AttachedMode::Native,
                 None,
+                attach(program, AttachedMode::Native)?,
             ),
             XdpModeSetting::Generic => (
-                attach(program, AttachedMode::Generic).map(|_| AttachedMode::Generic)?,
+                AttachedMode::Generic,
                 None,
+                attach(program, AttachedMode::Generic)?,
             ),
             XdpModeSetting::Auto => match attach(program, AttachedMode::Native) {
-                Ok(()) => (AttachedMode::Native, None),
+                Ok(id) => (AttachedMode::Native, None, id),
                 Err(native) => {
                     let reason = error_chain(&native);
-                    attach(program, AttachedMode::Generic)?;
-                    (AttachedMode::Generic, Some(reason))
+                    let id = attach(program, AttachedMode::Generic)?;
+                    (AttachedMode::Generic, Some(reason), id)
                 }
             },
         };
         self.attached = Some((interface.to_owned(), mode));
-        Ok((mode, fallback))
+        Ok((mode, fallback, id))
     }
 
     /// The addresses the decapsulating program accepts tunnels to.
@@ -669,6 +987,112 @@ fn new_table(slots: &[u32]) -> std::io::Result<MapData> {
         libc::munmap(base, len);
     }
     Ok(map)
+}
+
+/// The maps of `object` that are pinned: all but the global data sections (which belong to
+/// one load of the program).
+fn pinnable_maps(object: &[u8], dir: &Path) -> Result<Vec<String>> {
+    let obj = aya_obj::Object::parse(object).map_err(|e| DataplaneError::Pin {
+        dir: dir.display().to_string(),
+        message: format!("parsing the XDP object: {e}"),
+    })?;
+    let mut names: Vec<String> = obj
+        .maps
+        .keys()
+        .filter(|n| !n.starts_with('.'))
+        .cloned()
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// Compares the maps pinned in `dir` with the maps `object` declares (type, key and value
+/// sizes, capacity, flags), and looks for pins the object does not know.
+fn check_pins(object: &[u8], options: LoadOptions, dir: &Path, names: &[String]) -> Result<()> {
+    let obj = aya_obj::Object::parse(object).map_err(|e| DataplaneError::Pin {
+        dir: dir.display().to_string(),
+        message: format!("parsing the XDP object: {e}"),
+    })?;
+    use aya_obj::generated::bpf_map_type::*;
+    let mut problems = Vec::new();
+    for name in names {
+        let def = &obj.maps[name];
+        let pinned = match MapData::from_pin(dir.join(name)) {
+            Ok(map) => map,
+            Err(_) => {
+                problems.push(format!("map {name} is not pinned"));
+                continue;
+            }
+        };
+        let info = match pinned.info() {
+            Ok(info) => info,
+            Err(e) => {
+                problems.push(format!("map {name}: {}", error_chain(&e)));
+                continue;
+            }
+        };
+        let map_type = def.map_type();
+        let capacity = if name == map_names::CONN_TABLE {
+            options.conn_table_size
+        } else {
+            def.max_entries()
+        };
+        if info.key_size() != def.key_size() {
+            problems.push(format!(
+                "map {name} has {}-byte keys pinned, this build uses {}",
+                info.key_size(),
+                def.key_size()
+            ));
+        }
+        let sized_by_kernel = [
+            BPF_MAP_TYPE_DEVMAP as u32,
+            BPF_MAP_TYPE_DEVMAP_HASH as u32,
+            BPF_MAP_TYPE_ARRAY_OF_MAPS as u32,
+            BPF_MAP_TYPE_HASH_OF_MAPS as u32,
+        ];
+        if !sized_by_kernel.contains(&map_type) && info.value_size() != def.value_size() {
+            problems.push(format!(
+                "map {name} has {}-byte values pinned, this build uses {}",
+                info.value_size(),
+                def.value_size()
+            ));
+        }
+        if info.max_entries() != capacity {
+            problems.push(if name == map_names::CONN_TABLE {
+                format!(
+                    "the pinned connection table holds {} flows, conn_table_size asks for {capacity}",
+                    info.max_entries()
+                )
+            } else {
+                format!(
+                    "map {name} holds {} entries pinned, this build {capacity}",
+                    info.max_entries()
+                )
+            });
+        }
+        // (The kernel adds flags of its own to device maps.)
+        if !sized_by_kernel.contains(&map_type) && info.map_flags() != def.map_flags() {
+            problems.push(format!(
+                "map {name} has flags {:#x} pinned, this build {:#x}",
+                info.map_flags(),
+                def.map_flags()
+            ));
+        }
+    }
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        if file != pins::LINK && file != pins::STATE && !names.contains(&file) {
+            problems.push(format!("{file} is pinned but this build has no such map"));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(DataplaneError::IncompatiblePins {
+            dir: dir.display().to_string(),
+            problems,
+        })
+    }
 }
 
 fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {

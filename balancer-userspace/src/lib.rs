@@ -13,6 +13,7 @@ pub mod health;
 pub mod maglev;
 pub mod metrics;
 pub mod nexthop;
+pub mod pins;
 pub mod reconcile;
 pub mod status;
 pub mod status_table;

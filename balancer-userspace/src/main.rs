@@ -28,6 +28,36 @@ enum Command {
         /// Interface to attach to (overrides `interface` in the config).
         #[arg(long, short)]
         interface: Option<String>,
+        /// At SIGTERM/SIGINT, leave the data plane forwarding with its last state, for a
+        /// restart or an upgrade (the config's `keep_datapath = true` does the same). The next
+        /// `balancer run` adopts it; `balancer detach` removes it.
+        #[arg(long)]
+        keep_datapath: bool,
+        /// If the pinned data plane cannot be adopted (another map layout, another
+        /// conn_table_size), replace it with a fresh one instead of refusing to start: the
+        /// connection table starts empty and established flows are placed again.
+        #[arg(long)]
+        replace: bool,
+        /// Where maps and the XDP link are pinned (overrides `pin_dir` in the config).
+        #[arg(long, value_name = "DIR")]
+        pin_dir: Option<PathBuf>,
+        /// Load the XDP program from this object file instead of the built-in one (a patched
+        /// program with the same map layout; checked against the pinned maps).
+        #[arg(long, value_name = "FILE")]
+        program_object: Option<PathBuf>,
+    },
+    /// Remove a data plane left running (by --keep-datapath or a crash) from an interface:
+    /// detach its program and remove its pins. Refused while a daemon runs on it.
+    Detach {
+        /// The interface.
+        #[arg(long, short)]
+        interface: String,
+        /// The config file, for its `pin_dir`.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The pin directory (default: the config's, else /sys/fs/bpf/balancer).
+        #[arg(long, value_name = "DIR")]
+        pin_dir: Option<PathBuf>,
     },
     /// Hold a trivial XDP_PASS program on an interface until SIGINT/SIGTERM.
     ///
@@ -88,9 +118,26 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => check(&config),
-        Command::Run { config, interface } => {
-            run_async(daemon::run(daemon::RunOptions { config, interface }))
-        }
+        Command::Run {
+            config,
+            interface,
+            keep_datapath,
+            replace,
+            pin_dir,
+            program_object,
+        } => run_async(daemon::run(daemon::RunOptions {
+            config,
+            interface,
+            keep_datapath,
+            replace,
+            pin_dir,
+            program_object,
+        })),
+        Command::Detach {
+            interface,
+            config,
+            pin_dir,
+        } => detach(&interface, config.as_deref(), pin_dir),
         Command::XdpPass { interface } => run_async(daemon::xdp_pass(interface)),
         Command::Reload { config, api } => reload(config.as_deref(), api),
         Command::Status {
@@ -103,6 +150,36 @@ fn main() -> ExitCode {
             interface,
             xdp_mode,
         } => run_async(daemon::decap(interface, xdp_mode)),
+    }
+}
+
+fn detach(
+    interface: &str,
+    config_path: Option<&std::path::Path>,
+    pin_dir: Option<PathBuf>,
+) -> ExitCode {
+    let pin_dir = match (pin_dir, config_path) {
+        (Some(dir), _) => dir,
+        (None, Some(path)) => match config::load(path) {
+            Ok(c) => c.pin_dir,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        (None, None) => PathBuf::from(config::DEFAULT_PIN_DIR),
+    };
+    match daemon::detach(&pin_dir, interface) {
+        Ok(report) => {
+            for line in report {
+                println!("{line}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

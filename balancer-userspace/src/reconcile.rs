@@ -60,6 +60,22 @@ pub struct Ids {
 }
 
 impl Ids {
+    /// Ids found in maps an earlier daemon left: they keep their meaning, and new ids are
+    /// handed out after the highest one found.
+    pub fn adopted(vips: HashMap<String, u32>, backends: HashMap<BackendKey, u32>) -> Ids {
+        let next_vip = vips.values().max().map_or(0, |m| (m + 1) % MAX_VIPS);
+        let next_backend = backends
+            .values()
+            .max()
+            .map_or(0, |m| (m + 1) % MAX_BACKENDS);
+        Ids {
+            vips,
+            backends,
+            next_vip,
+            next_backend,
+        }
+    }
+
     pub fn vip(&self, name: &str) -> Option<u32> {
         self.vips.get(name).copied()
     }

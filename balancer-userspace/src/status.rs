@@ -228,9 +228,20 @@ pub fn status(c: &Controller) -> Result<Value, String> {
         .dataplane
         .attached()
         .map_or((None, None), |(i, m)| (Some(i), Some(m.as_str())));
+    let ids = c.dataplane.program_ids();
+    let datapath = json!({
+        "pin_dir": c.dataplane.pin_dir().map(|d| d.display().to_string()),
+        "adopted": c.adopted,
+        "keep_on_exit": c.keep_datapath_flag || c.config.keep_datapath,
+        "program_id": ids.map(|i| i.program_id),
+        "program_tag": ids.map(|i| format!("{:016x}", i.program_tag)),
+        "link_id": ids.and_then(|i| i.link_id),
+        "replaced_program_id": ids.and_then(|i| i.replaced_program),
+    });
     Ok(json!({
         "interface": interface,
         "xdp_mode": mode,
+        "datapath": datapath,
         "config": c.config_path.display().to_string(),
         "config_generation": c.generation,
         "reloads": {

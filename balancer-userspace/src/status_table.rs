@@ -40,6 +40,25 @@ pub fn render(status: &Value) -> String {
         status["conn_table_entries"].as_u64().map_or("?".to_owned(), |n| n.to_string()),
         status["conn_table_size"],
     );
+    let d = &status["datapath"];
+    if let Some(dir) = d["pin_dir"].as_str() {
+        let _ = writeln!(
+            out,
+            "data plane pinned in {dir}: program {} through link {}, {}; at exit: {}",
+            d["program_id"],
+            d["link_id"],
+            if d["adopted"].is_string() {
+                "adopted at start"
+            } else {
+                "created at start"
+            },
+            if d["keep_on_exit"] == true {
+                "kept running"
+            } else {
+                "removed"
+            }
+        );
+    }
     for vip in status["vips"].as_array().into_iter().flatten() {
         let port = vip["port"]
             .as_u64()
@@ -201,6 +220,16 @@ mod tests {
         });
         let table = render(&status);
         assert!(table.contains("config generation 3, 42 flows"), "{table}");
+        assert!(
+            !table.contains("data plane pinned"),
+            "no datapath section, no line: {table}"
+        );
+        let mut pinned = status.clone();
+        pinned["datapath"] = json!({ "pin_dir": "/sys/fs/bpf/balancer/eth0/v1", "program_id": 7,
+            "link_id": 3, "adopted": "1 of 1 pinned VIPs", "keep_on_exit": true });
+        assert!(render(&pinned).contains(
+            "data plane pinned in /sys/fs/bpf/balancer/eth0/v1: program 7 through link 3, adopted at start; at exit: kept running"
+        ));
         assert!(table.contains("VIP web  10.0.0.100:80/tcp  dsr  1/2 healthy  desired backends 2 (300 new_flows_per_second"), "{table}");
         let line = |start: &str| {
             table

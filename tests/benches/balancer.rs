@@ -660,7 +660,13 @@ fn reload_latency(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
     let path = scratch.write_atomically("config.toml", &config(1));
     let mut balancer = BalancerProcess::start(
         &topology.balancer,
-        &["run", "--config", path.to_str().unwrap()],
+        &[
+            "run",
+            "--config",
+            path.to_str().unwrap(),
+            "--pin-dir",
+            &scratch.pin_dir_arg(),
+        ],
         &scratch.path("balancer.log"),
     );
     let api: SocketAddr = "127.0.0.1:9100".parse().unwrap();
@@ -907,7 +913,13 @@ fn tcp_comparison(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
     let path = scratch.write_atomically("config.toml", &text);
     let mut balancer = BalancerProcess::start(
         &topology.balancer,
-        &["run", "--config", path.to_str().unwrap()],
+        &[
+            "run",
+            "--config",
+            path.to_str().unwrap(),
+            "--pin-dir",
+            &scratch.pin_dir_arg(),
+        ],
         &scratch.path("balancer.log"),
     );
     balancer.wait_ready(

@@ -1,7 +1,57 @@
 //! A per-test directory for configs and logs: removed when the test passes, kept (and named)
-//! when it fails, and left-overs of killed runs removed before new ones are made.
+//! when it fails, and left-overs of killed runs removed before new ones are made. Each one
+//! also names a pin directory for the balancer's maps and link, always removed.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    sync::OnceLock,
+};
+
+/// A bpffs of the tests' own. The balancer runs under `ip netns exec`, which gives it a fresh
+/// /sys without the /sys/fs/bpf mount, so its pins go to a bpffs mounted here (once, and left
+/// mounted for later runs).
+pub const TEST_BPFFS: &str = "/run/balancer-netns/bpf";
+
+/// [`TEST_BPFFS`], mounted if it is not yet.
+pub fn test_bpffs() -> &'static Path {
+    static MOUNTED: OnceLock<()> = OnceLock::new();
+    MOUNTED.get_or_init(|| {
+        let dir = Path::new(TEST_BPFFS);
+        if !is_bpffs(dir) {
+            std::fs::create_dir_all(dir)
+                .unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+            crate::netns::run("mount", &["-t", "bpf", "bpf", TEST_BPFFS]);
+        }
+    });
+    Path::new(TEST_BPFFS)
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs on a valid C string into a zeroed struct.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    (unsafe { libc::statfs(c.as_ptr(), &mut stat) } == 0) && stat.f_type as i64 == BPF_FS_MAGIC
+}
+
+/// Removes `<prefix><pid>-*` entries of `root` whose process is gone.
+fn remove_dead(root: &Path, prefix: &str) {
+    if let Ok(entries) = std::fs::read_dir(root) {
+        for entry in entries.flatten() {
+            let file_name = entry.file_name().to_string_lossy().into_owned();
+            let Some(rest) = file_name.strip_prefix(prefix) else {
+                continue;
+            };
+            let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+            if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+                let _ = std::fs::remove_dir_all(entry.path());
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+}
 
 pub struct Scratch {
     dir: PathBuf,
@@ -11,21 +61,10 @@ pub struct Scratch {
 impl Scratch {
     /// `/tmp/<prefix><pid>-<name>`, empty.
     pub fn new(prefix: &str, name: &str) -> Scratch {
-        let root = std::env::temp_dir();
-        // Left-overs of runs whose process is gone.
-        if let Ok(entries) = std::fs::read_dir(&root) {
-            for entry in entries.flatten() {
-                let file_name = entry.file_name().to_string_lossy().into_owned();
-                let Some(rest) = file_name.strip_prefix(prefix) else {
-                    continue;
-                };
-                let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
-                if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
-                    let _ = std::fs::remove_dir_all(entry.path());
-                    let _ = std::fs::remove_file(entry.path());
-                }
-            }
-        }
+        // Left-overs of runs whose process is gone: files, and pins (removing a link's pin
+        // detaches its program).
+        remove_dead(&std::env::temp_dir(), prefix);
+        remove_dead(Path::new(TEST_BPFFS), prefix);
         Scratch::named(&format!("{prefix}{}-{name}", std::process::id()))
     }
 
@@ -47,6 +86,17 @@ impl Scratch {
         self.dir.join(name)
     }
 
+    /// The pin directory for `balancer run --pin-dir`, on the tests' bpffs, named like this
+    /// directory. Removed with it (always, pass or fail).
+    pub fn pin_dir(&self) -> PathBuf {
+        test_bpffs().join(self.dir.file_name().expect("named"))
+    }
+
+    /// [`Scratch::pin_dir`] as a string, for command lines.
+    pub fn pin_dir_arg(&self) -> String {
+        self.pin_dir().to_str().expect("UTF-8").to_owned()
+    }
+
     /// Writes `name` the way editors and Kubernetes do: a temporary file renamed into place.
     pub fn write_atomically(&self, name: &str, text: &str) -> PathBuf {
         let path = self.path(name);
@@ -60,6 +110,9 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
+        if let Some(name) = self.dir.file_name() {
+            let _ = std::fs::remove_dir_all(Path::new(TEST_BPFFS).join(name));
+        }
         if std::thread::panicking() {
             eprintln!(
                 "test failed: its configs and logs are kept in {}",

@@ -12,11 +12,15 @@ use balancer_tests::{
     scratch::Scratch,
 };
 
-fn config(dir: &std::path::Path, name: &str, mode: &str) -> std::path::PathBuf {
-    let path = dir.join(name);
+fn config(scratch: &Scratch, name: &str, mode: &str) -> std::path::PathBuf {
+    let path = scratch.path(name);
     std::fs::write(
         &path,
-        format!("[balancer]\ninterface = \"lo\"\nxdp_mode = \"{mode}\"\nmetrics_listen = \"127.0.0.1:9100\"\n"),
+        format!(
+            "[balancer]\ninterface = \"lo\"\nxdp_mode = \"{mode}\"\nmetrics_listen = \"127.0.0.1:9100\"\n\
+             pin_dir = \"{}\"\n",
+            scratch.pin_dir_arg()
+        ),
     )
     .unwrap();
     path
@@ -36,7 +40,7 @@ fn auto_falls_back_to_generic_and_native_does_not() {
     let dir = scratch.path("");
 
     // auto on lo: generic, with the reason logged.
-    let auto = config(&dir, &format!("{prefix}auto.toml"), "auto");
+    let auto = config(&scratch, &format!("{prefix}auto.toml"), "auto");
     let log = dir.join(format!("{prefix}auto.log"));
     let mut balancer =
         BalancerProcess::start(&ns, &["run", "--config", auto.to_str().unwrap()], &log);
@@ -68,7 +72,7 @@ fn auto_falls_back_to_generic_and_native_does_not() {
     );
 
     // native on lo: a clear error, nothing attached, non-zero exit.
-    let native = config(&dir, &format!("{prefix}native.toml"), "native");
+    let native = config(&scratch, &format!("{prefix}native.toml"), "native");
     let log = dir.join(format!("{prefix}native.log"));
     let mut balancer =
         BalancerProcess::start(&ns, &["run", "--config", native.to_str().unwrap()], &log);
@@ -161,7 +165,7 @@ fn the_daemonsets_capabilities_are_enough_and_each_is_needed() {
     let ns = Netns::create(&format!("{prefix}ns"));
     let scratch = Scratch::new("lbt-", "caps");
     let dir = scratch.path("");
-    let generic = config(&dir, &format!("{prefix}generic.toml"), "generic");
+    let generic = config(&scratch, &format!("{prefix}generic.toml"), "generic");
     let caps = daemonset_capabilities();
     assert!(!caps.is_empty());
 
@@ -216,6 +220,11 @@ fn the_daemonsets_capabilities_are_enough_and_each_is_needed() {
             !xdp_on_lo(&ns).contains("xdp"),
             "left attached: {}",
             xdp_on_lo(&ns)
+        );
+        // A data plane that never started leaves no pins.
+        assert!(
+            !scratch.pin_dir().join("lo").exists(),
+            "pins left after a failed start without {missing}"
         );
     }
 }

@@ -151,7 +151,9 @@ fn the_daemonset_has_host_network_and_only_the_capabilities_xdp_needs() {
         .map(|m| m["mountPath"].as_str().unwrap())
         .collect();
     assert!(
-        mounts.contains(&"/sys/fs/bpf") && mounts.contains(&"/etc/balancer"),
+        mounts.contains(&"/sys/fs/bpf")
+            && mounts.contains(&"/etc/balancer")
+            && mounts.contains(&"/run/balancer"),
         "{mounts:?}"
     );
     assert_eq!(

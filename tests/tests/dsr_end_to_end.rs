@@ -81,7 +81,13 @@ fn dsr_forwards_every_connection_whole_to_the_predicted_backend() {
     let log = scratch.path("balancer.log");
     let mut balancer = BalancerProcess::start(
         &topology.balancer,
-        &["run", "--config", config_path.to_str().unwrap()],
+        &[
+            "run",
+            "--config",
+            config_path.to_str().unwrap(),
+            "--pin-dir",
+            &scratch.pin_dir_arg(),
+        ],
         &log,
     );
     balancer.wait_ready(&topology.balancer, api, Duration::from_secs(30));

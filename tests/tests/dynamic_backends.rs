@@ -98,7 +98,13 @@ impl Lab {
         let config = place_config(&scratch);
         let mut balancer = BalancerProcess::start(
             &topology.balancer,
-            &["run", "--config", config.to_str().unwrap()],
+            &[
+                "run",
+                "--config",
+                config.to_str().unwrap(),
+                "--pin-dir",
+                &scratch.pin_dir_arg(),
+            ],
             &scratch.path("balancer.log"),
         );
         balancer.wait_ready(&topology.balancer, api(), Duration::from_secs(30));

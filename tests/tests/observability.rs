@@ -92,7 +92,13 @@ impl Lab {
         let config = scratch.write_atomically("config.toml", config_text);
         let mut balancer = BalancerProcess::start(
             &topology.balancer,
-            &["run", "--config", config.to_str().unwrap()],
+            &[
+                "run",
+                "--config",
+                config.to_str().unwrap(),
+                "--pin-dir",
+                &scratch.pin_dir_arg(),
+            ],
             &scratch.path("balancer.log"),
         );
         balancer.wait_ready(&topology.balancer, api(), Duration::from_secs(30));

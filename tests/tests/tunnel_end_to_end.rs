@@ -122,7 +122,13 @@ fn tunnelled_connections_over_ipv4_and_ipv6_to_decapsulating_backends() {
     let config = scratch.write_atomically("config.toml", &config());
     let mut balancer = BalancerProcess::start(
         &topology.balancer,
-        &["run", "--config", config.to_str().unwrap()],
+        &[
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--pin-dir",
+            &scratch.pin_dir_arg(),
+        ],
         &scratch.path("balancer.log"),
     );
     let api: SocketAddr = "127.0.0.1:9100".parse().unwrap();

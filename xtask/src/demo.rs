@@ -79,14 +79,23 @@ pub fn run(requests: u64) -> Result<()> {
     let config = workspace_root().join("config/demo.toml");
     let mut files = Scratch::new("lbdemo-", "files");
     let log = files.path("balancer.log");
+    // Under `ip netns exec` /sys is a fresh sysfs without the bpffs mount: pins go to a bpffs
+    // mounted for namespaced runs.
+    let pin_dir = files.pin_dir_arg();
     say(&format!(
-        "starting `balancer run --config {}` in the balancer's namespace (log: {})",
+        "starting `balancer run --config {} --pin-dir {pin_dir}` in the balancer's namespace (log: {})",
         config.display(),
         log.display()
     ));
     let mut balancer = BalancerProcess::start(
         &topology.balancer,
-        &["run", "--config", config.to_str().unwrap()],
+        &[
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--pin-dir",
+            &pin_dir,
+        ],
         &log,
     );
     let api = "127.0.0.1:9100".parse().unwrap();

@@ -121,6 +121,44 @@ pub fn build_balancer(release: bool) -> Result<PathBuf> {
         .join("balancer"))
 }
 
+/// Builds the upgrade test's variant of the XDP program (balancer-ebpf with the
+/// `upgrade-variant` feature: a changed program, the same maps) the way aya-build builds the
+/// embedded one, and returns the object's path.
+pub fn build_upgrade_variant(toolchain: &str) -> Result<PathBuf> {
+    println!(
+        "[build] XDP program variant for the upgrade test (balancer-ebpf, feature upgrade-variant)"
+    );
+    let target_dir = workspace_root().join("target/ebpf-variant");
+    let rustflags = [
+        "--cfg=bpf_target_arch=\"x86_64\"",
+        "-Cdebuginfo=2",
+        "-Clink-arg=--btf",
+    ]
+    .join("\x1f");
+    let mut command = cargo_of(toolchain);
+    command
+        .env("CARGO_ENCODED_RUSTFLAGS", rustflags)
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .args([
+            "build",
+            "--package",
+            "balancer-ebpf",
+            "--bins",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--features",
+            "upgrade-variant",
+            "--target-dir",
+        ])
+        .arg(&target_dir);
+    cmd::run(&mut command)?;
+    Ok(target_dir.join("bpfel-unknown-none/release/balancer-xdp"))
+}
+
 /// Builds the release binary and runs the benchmark harness (tests/benches/balancer.rs).
 pub fn bench_run(quick: bool) -> Result<std::path::PathBuf> {
     let binary = build_balancer(true)?;

@@ -103,6 +103,15 @@ pub fn run() -> Result<()> {
         // The network-namespace tests run this exact binary.
         std::env::set_var("BALANCER_BIN", binary);
     }
+    if root {
+        // The upgrade test swaps this build of the program in under load.
+        match crate::build_upgrade_variant(&toolchain) {
+            Ok(object) => std::env::set_var("BALANCER_UPGRADE_OBJECT", object),
+            Err(e) => println!(
+                "!!!! the upgrade variant did not build ({e:#}): the upgrade test will fail"
+            ),
+        }
+    }
     let root_tier = |name: &'static str, tests: &[&'static str]| {
         if !root {
             println!("\n==== tier: {name}\n!!!! NOT RUN: needs root (XDP, BPF maps, network namespaces). Run `sudo cargo xtask test`.");
@@ -136,6 +145,7 @@ pub fn run() -> Result<()> {
             "dynamic_backends",
             "tunnel_end_to_end",
             "observability",
+            "restarts",
         ],
     ));
 

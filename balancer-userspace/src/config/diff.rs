@@ -87,6 +87,9 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.metrics_listen != new.metrics_listen {
         keys.push("metrics_listen");
     }
+    if old.pin_dir != new.pin_dir {
+        keys.push("pin_dir");
+    }
     keys
 }
 
@@ -267,7 +270,8 @@ backends = [{ address = "10.0.0.9" }]
     fn settings_that_need_a_restart() {
         let new = BASE.replace(
             "interface = \"eth0\"",
-            "interface = \"eth1\"\nxdp_mode = \"generic\"\nhash_seed = 9\nconn_table_size = 2048\nmetrics_listen = \"127.0.0.1:1\"",
+            "interface = \"eth1\"\nxdp_mode = \"generic\"\nhash_seed = 9\nconn_table_size = 2048\nmetrics_listen = \"127.0.0.1:1\"\n\
+             pin_dir = \"/run/bpf\"\nkeep_datapath = true",
         );
         assert_eq!(
             needs_restart(&config(BASE), &config(&new)),
@@ -276,7 +280,8 @@ backends = [{ address = "10.0.0.9" }]
                 "xdp_mode",
                 "hash_seed",
                 "conn_table_size",
-                "metrics_listen"
+                "metrics_listen",
+                "pin_dir"
             ]
         );
     }
