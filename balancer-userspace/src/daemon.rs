@@ -85,6 +85,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         .or_else(|| config.interface.clone())
         .context("no interface to attach to: set `interface` in [balancer] or pass --interface")?;
     require_root()?;
+    crate::kernel::check()?;
     let pin_dir = options
         .pin_dir
         .clone()

@@ -10,6 +10,7 @@ pub mod controller;
 pub mod daemon;
 pub mod dataplane;
 pub mod health;
+pub mod kernel;
 pub mod maglev;
 pub mod metrics;
 pub mod nexthop;

@@ -70,6 +70,10 @@ struct Route {
 /// A netlink connection to the kernel's routing tables.
 pub struct Resolver {
     handle: Handle,
+    /// One request at a time on the socket: a kernel answers a second dump while one is in
+    /// progress on the same socket with EBUSY (seen on 6.1, with backends resolved
+    /// concurrently).
+    one_at_a_time: tokio::sync::Mutex<()>,
 }
 
 impl Resolver {
@@ -77,7 +81,10 @@ impl Resolver {
     pub fn new() -> Result<Self, NextHopError> {
         let (connection, handle, _) = rtnetlink::new_connection()?;
         tokio::spawn(connection);
-        Ok(Resolver { handle })
+        Ok(Resolver {
+            handle,
+            one_at_a_time: tokio::sync::Mutex::new(()),
+        })
     }
 
     /// Resolves every address, concurrently. Failures are returned per address.
@@ -122,7 +129,13 @@ impl Resolver {
                 });
             }
             if !triggered {
-                self.trigger(route.ifindex, neighbour).await?;
+                // Some kernels (seen on 6.1) refuse the NTF_USE request with EBUSY while the
+                // entry is in flux; a datagram to the neighbour makes the kernel resolve it
+                // just the same.
+                if let Err(e) = self.trigger(route.ifindex, neighbour).await {
+                    tracing::debug!("asking the kernel to resolve {neighbour}: {e}; sending it a datagram instead");
+                    nudge(neighbour);
+                }
                 triggered = true;
             }
             if Instant::now() >= deadline {
@@ -139,6 +152,7 @@ impl Resolver {
     /// `ip route get ADDRESS`: the output interface, the gateway if any, and the preferred
     /// source address.
     async fn route(&self, address: IpAddr) -> Result<Route, NextHopError> {
+        let _netlink = self.one_at_a_time.lock().await;
         let message = match address {
             IpAddr::V4(a) => RouteMessageBuilder::<std::net::Ipv4Addr>::new()
                 .destination_prefix(a, 32)
@@ -201,6 +215,7 @@ impl Resolver {
 
     /// The addresses configured on `interface`.
     pub async fn interface_addresses(&self, interface: &str) -> Result<Vec<IpAddr>, NextHopError> {
+        let _netlink = self.one_at_a_time.lock().await;
         let links: Vec<_> = self
             .handle
             .link()
@@ -236,6 +251,7 @@ impl Resolver {
 
     /// The interface's name, MAC address and MTU.
     pub async fn link(&self, ifindex: u32) -> Result<(String, [u8; 6], u32), NextHopError> {
+        let _netlink = self.one_at_a_time.lock().await;
         let links: Vec<_> = self
             .handle
             .link()
@@ -268,6 +284,7 @@ impl Resolver {
         ifindex: u32,
         address: IpAddr,
     ) -> Result<Option<[u8; 6]>, NextHopError> {
+        let _netlink = self.one_at_a_time.lock().await;
         let family = match address {
             IpAddr::V4(_) => AddressFamily::Inet,
             IpAddr::V6(_) => AddressFamily::Inet6,
@@ -320,6 +337,7 @@ impl Resolver {
 
     /// Asks the kernel to resolve the neighbour (`ip neigh replace ADDRESS dev IF use`).
     async fn trigger(&self, ifindex: u32, address: IpAddr) -> Result<(), NextHopError> {
+        let _netlink = self.one_at_a_time.lock().await;
         let mut request = self.handle.neighbours().add(ifindex, address).replace();
         let message = request.message_mut();
         message.header.family = match address {
@@ -330,5 +348,17 @@ impl Resolver {
         message.header.flags = NeighbourFlags::Use;
         request.execute().await?;
         Ok(())
+    }
+}
+
+/// Sends an empty UDP datagram to the discard port of `address`: the kernel resolves the
+/// next hop's link-layer address to send it.
+fn nudge(address: IpAddr) {
+    let bind: std::net::SocketAddr = match address {
+        IpAddr::V4(_) => ([0, 0, 0, 0], 0).into(),
+        IpAddr::V6(_) => ([0u16; 8], 0).into(),
+    };
+    if let Ok(socket) = std::net::UdpSocket::bind(bind) {
+        let _ = socket.send_to(&[], (address, 9));
     }
 }

@@ -4,6 +4,7 @@ mod cmd;
 mod demo;
 mod setup;
 mod test;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -44,8 +45,23 @@ enum Task {
         requests: u64,
     },
     /// Run every test tier: lint, unit, datapath fixtures (root), network namespaces (root),
-    /// and a quick benchmark smoke run.
-    Test,
+    /// a quick benchmark smoke run, and the VM tier on Debian 12's kernel.
+    Test {
+        /// Skip the VM tier (minutes under software emulation); said loudly in the summary.
+        #[arg(long)]
+        no_vm: bool,
+    },
+    /// Boot distribution kernels in VMs (virtme-ng, qemu) and run the datapath fixtures and
+    /// the end-to-end tests of every forwarding mode inside, as root.
+    Vm {
+        /// A kernel: "6.1" (Debian 12's, the default), "6.12" (from the Debian archive's
+        /// backports), or a package name such as linux-image-6.1.0-56-amd64. Repeatable.
+        #[arg(long = "kernel", value_name = "VERSION")]
+        kernels: Vec<String>,
+        /// Only the tests whose names contain this (passed to the test binaries).
+        #[arg(last = true, value_name = "TEST FILTER")]
+        filter: Vec<String>,
+    },
     /// Measure the data plane and the control plane (root); writes target/bench/latest.{json,md}
     /// and, for a full run, the figures in docs/benchmarks.md.
     Bench {
@@ -61,7 +77,8 @@ fn main() -> ExitCode {
         Task::Setup { build_only } => setup::run_with(build_only),
         Task::Run { args } => run(&args),
         Task::Demo { requests } => demo::run(requests),
-        Task::Test => test::run(),
+        Task::Test { no_vm } => test::run(no_vm),
+        Task::Vm { kernels, filter } => vm::run(&kernels, &filter),
         Task::Bench { quick } => bench(quick),
     };
     match result {

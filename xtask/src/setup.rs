@@ -21,6 +21,10 @@ const TOOLS: &[(&str, &str)] = &[
     // Benchmarks: the proxy the balancer is compared with, and bulk throughput.
     ("haproxy", "haproxy"),
     ("iperf3", "iperf3"),
+    // The VM tier: qemu, and what virtme-ng needs to build its initramfs.
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("depmod", "kmod"),
+    ("busybox", "busybox-static"),
 ];
 
 /// The bpf-linker release built here, and the LLVM major version it is built for (it must
@@ -46,7 +50,7 @@ pub fn run_with(build_only: bool) -> Result<()> {
     nightly(&toolchain)?;
     bpf_linker(&toolchain)?;
     if !build_only {
-        manifest_validator()?;
+        python_tools()?;
         bpffs()?;
     }
     say(&format!("done in {:.1}s", started.elapsed().as_secs_f64()));
@@ -250,24 +254,24 @@ fn bpf_linker(toolchain: &str) -> Result<()> {
     Ok(())
 }
 
-/// kubernetes-validate (PyPI), which checks deploy/k8s against the Kubernetes schemas, in a
-/// virtual environment of its own under target/tools.
-const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+/// Python tools from PyPI, in a virtual environment of their own under target/tools:
+/// kubernetes-validate checks deploy/k8s against the Kubernetes schemas; virtme-ng boots the
+/// VM tier's kernels.
+const PYTHON_TOOLS: &[&str] = &["kubernetes-validate==1.37.0", "virtme-ng==1.42"];
 
-/// The validator's path, where [`manifest_validator`] installs it.
-pub fn validator_path() -> PathBuf {
-    workspace_root().join("target/tools/venv/bin/kubernetes-validate")
+/// The Python tools' virtual environment.
+pub fn tools_venv() -> PathBuf {
+    workspace_root().join("target/tools/venv")
 }
 
-fn manifest_validator() -> Result<()> {
-    let venv = workspace_root().join("target/tools/venv");
+fn python_tools() -> Result<()> {
+    let venv = tools_venv();
     let marker = venv.join(".installed");
-    if validator_path().is_file()
-        && fs::read_to_string(&marker).is_ok_and(|m| m.trim() == KUBERNETES_VALIDATE)
+    let wanted = PYTHON_TOOLS.join(" ");
+    if venv.join("bin/python").exists()
+        && fs::read_to_string(&marker).is_ok_and(|m| m.trim() == wanted)
     {
-        say(&format!(
-            "manifest validator: present ({KUBERNETES_VALIDATE})"
-        ));
+        say(&format!("Python tools: present ({wanted})"));
         return Ok(());
     }
     let python = if Path::new("/usr/bin/python3").is_file() {
@@ -306,20 +310,19 @@ fn manifest_validator() -> Result<()> {
         .context("apt-get install python3-venv")?;
     }
     say(&format!(
-        "installing {KUBERNETES_VALIDATE} from PyPI into {}",
+        "installing {wanted} from PyPI into {}",
         venv.display()
     ));
     let _ = fs::remove_dir_all(&venv);
     cmd::run(Command::new(&python).arg("-m").arg("venv").arg(&venv))
-        .context("creating the validator's virtual environment")?;
-    cmd::run(Command::new(venv.join("bin/pip")).args([
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
-        KUBERNETES_VALIDATE,
-    ]))
-    .with_context(|| format!("pip install {KUBERNETES_VALIDATE}"))?;
-    fs::write(&marker, KUBERNETES_VALIDATE)?;
+        .context("creating the tools' virtual environment")?;
+    cmd::run(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .args(PYTHON_TOOLS),
+    )
+    .with_context(|| format!("pip install {wanted}"))?;
+    fs::write(&marker, wanted)?;
     Ok(())
 }
 

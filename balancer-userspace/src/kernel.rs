@@ -1,0 +1,182 @@
+//! What the kernel must offer, checked before anything is loaded, so that an old or trimmed
+//! kernel gets one clear sentence instead of an error from deep inside the loader.
+//!
+//! The oldest kernel supported is 5.10 (the first LTS with everything below: BPF links for
+//! XDP arrived in 5.9). Verified: 6.1 (Debian 12, in the VM tier), 6.12 (Debian 12
+//! backports, in the VM tier) and 6.18.
+
+use aya::maps::MapType;
+use aya::programs::ProgramType;
+
+/// The oldest kernel the balancer supports.
+pub const MIN_KERNEL: (u32, u32) = (5, 10);
+
+/// What the kernel was found to support.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Probes {
+    /// `uname -r`.
+    pub release: String,
+    /// BPF Type Format: the program's maps are described in BTF.
+    pub btf: bool,
+    /// Global data (.rodata) in BPF programs: the hash seed lives there.
+    pub global_data: bool,
+    pub xdp: bool,
+    pub array_of_maps: bool,
+    pub lru_hash: bool,
+    pub devmap_hash: bool,
+    pub percpu_array: bool,
+}
+
+impl Probes {
+    /// Asks the running kernel.
+    pub fn probe() -> Probes {
+        let features = aya::features();
+        let map = |t| aya::sys::is_map_supported(t).unwrap_or(false);
+        Probes {
+            release: release(),
+            btf: features.btf().is_some(),
+            global_data: features.bpf_global_data(),
+            xdp: aya::sys::is_program_supported(ProgramType::Xdp).unwrap_or(false),
+            array_of_maps: map(MapType::ArrayOfMaps),
+            lru_hash: map(MapType::LruHash),
+            devmap_hash: map(MapType::DevMapHash),
+            percpu_array: map(MapType::PerCpuArray),
+        }
+    }
+
+    /// Everything missing, each with what it is needed for; empty if the kernel will do.
+    pub fn missing(&self) -> Vec<String> {
+        let mut missing = Vec::new();
+        match parse_release(&self.release) {
+            Some(version) if version < MIN_KERNEL => missing.push(format!(
+                "Linux {} is older than {}.{}, the oldest kernel the balancer supports (it needs BPF \
+                 links for XDP, from 5.9, and the 5.10 verifier)",
+                self.release, MIN_KERNEL.0, MIN_KERNEL.1
+            )),
+            None => missing.push(format!(
+                "cannot read a version from the kernel release {:?}",
+                self.release
+            )),
+            Some(_) => {}
+        }
+        let mut need = |present: bool, what: &str| {
+            if !present {
+                missing.push(what.to_owned());
+            }
+        };
+        need(
+            self.btf,
+            "BTF support in the bpf() system call (the program's maps are described in BTF; \
+             CONFIG_BPF_SYSCALL with BTF, Linux 5.x)",
+        );
+        need(
+            self.global_data,
+            "global data in BPF programs (the hash seed; Linux 5.2)",
+        );
+        need(
+            self.xdp,
+            "XDP programs (CONFIG_BPF_SYSCALL and XDP support)",
+        );
+        need(
+            self.array_of_maps,
+            "BPF_MAP_TYPE_ARRAY_OF_MAPS (map-in-map: the per-VIP Maglev tables)",
+        );
+        need(
+            self.lru_hash,
+            "BPF_MAP_TYPE_LRU_HASH (the connection table)",
+        );
+        need(
+            self.devmap_hash,
+            "BPF_MAP_TYPE_DEVMAP_HASH (XDP_REDIRECT to other interfaces; Linux 5.4)",
+        );
+        need(
+            self.percpu_array,
+            "BPF_MAP_TYPE_PERCPU_ARRAY (the counters)",
+        );
+        missing
+    }
+}
+
+/// `uname -r` of the running kernel.
+pub fn release() -> String {
+    // SAFETY: uname fills a zeroed struct.
+    let mut name: libc::utsname = unsafe { std::mem::zeroed() };
+    if unsafe { libc::uname(&mut name) } != 0 {
+        return String::new();
+    }
+    // SAFETY: uname NUL-terminates its fields.
+    unsafe { std::ffi::CStr::from_ptr(name.release.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// "6.1.0-56-amd64" -> (6, 1).
+pub fn parse_release(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(['.', '-', '+']);
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// Fails with every missing feature named, before anything is loaded.
+pub fn check() -> anyhow::Result<()> {
+    let probes = Probes::probe();
+    let missing = probes.missing();
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "this kernel ({}) cannot run the balancer; it lacks: {}",
+            probes.release,
+            missing.join("; ")
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn complete(release: &str) -> Probes {
+        Probes {
+            release: release.to_owned(),
+            btf: true,
+            global_data: true,
+            xdp: true,
+            array_of_maps: true,
+            lru_hash: true,
+            devmap_hash: true,
+            percpu_array: true,
+        }
+    }
+
+    #[test]
+    fn releases_are_read_and_compared() {
+        assert_eq!(parse_release("6.1.0-56-amd64"), Some((6, 1)));
+        assert_eq!(parse_release("6.18.44-fc-v769"), Some((6, 18)));
+        assert_eq!(parse_release("5.10.0+"), Some((5, 10)));
+        assert_eq!(parse_release("garbage"), None);
+        assert!(complete("5.10.0-30-amd64").missing().is_empty());
+        assert!(complete("6.1.0-56-amd64").missing().is_empty());
+    }
+
+    #[test]
+    fn an_old_kernel_is_named_with_the_minimum() {
+        let missing = complete("5.4.0-150-generic").missing();
+        assert_eq!(missing.len(), 1, "{missing:?}");
+        assert!(
+            missing[0].contains("Linux 5.4.0-150-generic is older than 5.10"),
+            "{missing:?}"
+        );
+    }
+
+    #[test]
+    fn every_missing_feature_is_named() {
+        let mut probes = complete("6.1.0");
+        probes.btf = false;
+        probes.array_of_maps = false;
+        let missing = probes.missing();
+        assert_eq!(missing.len(), 2, "{missing:?}");
+        assert!(missing[0].starts_with("BTF"), "{missing:?}");
+        assert!(missing[1].contains("map-in-map"), "{missing:?}");
+    }
+}
