@@ -28,20 +28,46 @@ pub struct Probes {
 }
 
 impl Probes {
-    /// Asks the running kernel.
-    pub fn probe() -> Probes {
+    /// Asks the running kernel. A probe the kernel refuses for lack of privileges is listed in
+    /// the second value rather than taken as missing.
+    pub fn probe() -> (Probes, Vec<&'static str>) {
         let features = aya::features();
-        let map = |t| aya::sys::is_map_supported(t).unwrap_or(false);
-        Probes {
-            release: release(),
-            btf: features.btf().is_some(),
-            global_data: features.bpf_global_data(),
-            xdp: aya::sys::is_program_supported(ProgramType::Xdp).unwrap_or(false),
-            array_of_maps: map(MapType::ArrayOfMaps),
-            lru_hash: map(MapType::LruHash),
-            devmap_hash: map(MapType::DevMapHash),
-            percpu_array: map(MapType::PerCpuArray),
-        }
+        let mut denied = Vec::new();
+        let eperm = |e: &std::io::Error| e.raw_os_error() == Some(libc::EPERM);
+        let mut map = |t, name: &'static str| match aya::sys::is_map_supported(t) {
+            Ok(supported) => supported,
+            Err(e) => {
+                if eperm(&e.io_error) {
+                    denied.push(name);
+                }
+                false
+            }
+        };
+        let array_of_maps = map(MapType::ArrayOfMaps, "an array of maps");
+        let lru_hash = map(MapType::LruHash, "an LRU hash map");
+        let devmap_hash = map(MapType::DevMapHash, "a device hash map");
+        let percpu_array = map(MapType::PerCpuArray, "a per-CPU array");
+        let xdp = match aya::sys::is_program_supported(ProgramType::Xdp) {
+            Ok(supported) => supported,
+            Err(aya::programs::ProgramError::SyscallError(e)) if eperm(&e.io_error) => {
+                denied.push("an XDP program");
+                false
+            }
+            Err(_) => false,
+        };
+        (
+            Probes {
+                release: release(),
+                btf: features.btf().is_some(),
+                global_data: features.bpf_global_data(),
+                xdp,
+                array_of_maps,
+                lru_hash,
+                devmap_hash,
+                percpu_array,
+            },
+            denied,
+        )
     }
 
     /// Everything missing, each with what it is needed for; empty if the kernel will do.
@@ -120,7 +146,14 @@ pub fn parse_release(release: &str) -> Option<(u32, u32)> {
 
 /// Fails with every missing feature named, before anything is loaded.
 pub fn check() -> anyhow::Result<()> {
-    let probes = Probes::probe();
+    let (probes, denied) = Probes::probe();
+    if !denied.is_empty() {
+        anyhow::bail!(
+            "not permitted to create {} (Operation not permitted): the balancer needs root, or \
+             CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON",
+            denied.join(", ")
+        );
+    }
     let missing = probes.missing();
     if !missing.is_empty() {
         anyhow::bail!(
