@@ -125,7 +125,7 @@ pub fn run(no_vm: bool) -> Result<()> {
             if let Err(e) = &binary {
                 bail!("the balancer binary did not build: {e:#}");
             }
-            let mut args = vec!["test", "-p", "balancer-tests"];
+            let mut args = vec!["test", "--no-fail-fast", "-p", "balancer-tests"];
             for test in tests {
                 args.extend(["--test", test]);
             }
