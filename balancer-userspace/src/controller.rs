@@ -138,7 +138,7 @@ impl Controller {
     /// pinned verdicts, and the next [`Controller::reconcile`] changes the maps from what they
     /// hold. Returns a one-line summary.
     pub fn adopt_pinned(&mut self, contents: &crate::dataplane::PinnedContents) -> String {
-        use balancer_common::{BACKEND_F_DOWN, FAMILY_IPV4};
+        use balancer_common::BACKEND_F_DOWN;
         let now = Instant::now();
         // Configured VIPs found in the maps, by their main key.
         let pinned_ids: HashMap<balancer_common::VipKey, u32> =
@@ -159,11 +159,7 @@ impl Controller {
             let Some(name) = name_of.get(&b.vip_id) else {
                 continue;
             };
-            let address: IpAddr = if b.family == FAMILY_IPV4 {
-                IpAddr::from([b.addr[0], b.addr[1], b.addr[2], b.addr[3]])
-            } else {
-                IpAddr::from(b.addr)
-            };
+            let address = reconcile::address_of(b.addr, b.family);
             let key = (name.clone(), address);
             let configured = self
                 .config
@@ -228,6 +224,12 @@ impl Controller {
         self.ids = Ids::adopted(vip_ids, backend_ids);
         self.dataplane.set_applied(previous);
         summary
+    }
+
+    /// Whether the data plane stays at exit: `--keep-datapath`, or `keep_datapath` in the
+    /// running config.
+    pub fn keep_datapath(&self) -> bool {
+        self.keep_datapath_flag || self.config.keep_datapath
     }
 
     pub fn config_text(&self) -> &str {

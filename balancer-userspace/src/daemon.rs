@@ -122,10 +122,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         Ok(loaded) => loaded,
         Err(e @ crate::dataplane::DataplaneError::IncompatiblePins { .. }) if options.replace => {
             warn!("{}; replacing it (--replace)", error_chain(&e));
-            previous_link = take_link(&pin_dir, &interface);
-            pins::remove_all(&pin_dir, &interface)
-                .with_context(|| format!("removing the pins under {}", pin_dir.display()))?;
-            let layout_dir = pins::prepare(&pin_dir, &interface)?;
+            let layout_dir;
+            (layout_dir, previous_link) = clear_pins(&pin_dir, &interface)?;
             Dataplane::load_pinned(&object, options_load, &layout_dir)
                 .map_err(|e| anyhow::anyhow!(error_chain(&e)))
                 .context("loading the XDP program")?
@@ -182,7 +180,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         warn!("native XDP refused on {interface} ({reason}); attached in generic mode, which is slower");
     }
     dataplane
-        .write_pinned_state(config.hash_seed, config.conn_table_size)
+        .write_pinned_state(config.hash_seed)
         .map_err(cleanup)?;
     let mut controller =
         Controller::new(options.config.clone(), config, text, dataplane, next_hops);
@@ -303,14 +301,10 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("state still shared at shutdown"))?
         .into_inner()
         .map_err(|_| anyhow::anyhow!("state lock poisoned"))?;
-    let keep = controller.keep_datapath_flag || controller.config.keep_datapath;
+    let keep = controller.keep_datapath();
     if keep {
-        if let Err(e) = controller.dataplane.write_pinned_state(
-            controller.config.hash_seed,
-            controller.config.conn_table_size,
-        ) {
-            warn!("recording the pinned state: {e:#}");
-        }
+        // (The state map was written at start; nothing it records can change without a
+        // restart.)
         let dir = controller
             .dataplane
             .pin_dir()
@@ -331,7 +325,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         removed?;
         info!("detached from {interface}; the program and its maps are removed");
     }
-    lock.release();
+    drop(lock);
     Ok(())
 }
 
@@ -348,7 +342,6 @@ fn prepare_pins(
         .into_iter()
         .filter(|&v| v != current)
         .collect();
-    let mut previous = None;
     if !others.is_empty() {
         let root = pins::interface_dir(pin_dir, interface);
         if !replace {
@@ -372,10 +365,21 @@ fn prepare_pins(
                 .join(", "),
             root.display()
         );
-        previous = take_link(pin_dir, interface);
-        pins::remove_all(pin_dir, interface)
-            .with_context(|| format!("removing the pins under {}", root.display()))?;
+        return clear_pins(pin_dir, interface);
     }
+    Ok((pins::prepare(pin_dir, interface)?, None))
+}
+
+/// For --replace: takes the pinned link (so that the program on the interface is swapped, not
+/// removed), removes every pin of the interface, and makes an empty layout directory.
+fn clear_pins(pin_dir: &Path, interface: &str) -> anyhow::Result<(PathBuf, PreviousLink)> {
+    let previous = take_link(pin_dir, interface);
+    pins::remove_all(pin_dir, interface).with_context(|| {
+        format!(
+            "removing the pins under {}",
+            pins::interface_dir(pin_dir, interface).display()
+        )
+    })?;
     Ok((pins::prepare(pin_dir, interface)?, previous))
 }
 
@@ -405,7 +409,7 @@ pub fn detach(pin_dir: &Path, interface: &str) -> anyhow::Result<Vec<String>> {
     let root = pins::interface_dir(pin_dir, interface);
     let mut report = Vec::new();
     if !root.exists() {
-        lock.release();
+        drop(lock);
         report.push(format!(
             "nothing pinned for {interface} under {}",
             pin_dir.display()
@@ -431,7 +435,7 @@ pub fn detach(pin_dir: &Path, interface: &str) -> anyhow::Result<Vec<String>> {
     for path in removed {
         report.push(format!("removed {}", path.display()));
     }
-    lock.release();
+    drop(lock);
     Ok(report)
 }
 

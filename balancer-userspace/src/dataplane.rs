@@ -29,8 +29,8 @@ use aya::{
 };
 use balancer_common::{
     map_names, program_names, Backend, ConnEntry, DecapAddress, FlowKey, TrafficStats, VipKey,
-    VipMeta, BACKEND_F_VALID, DECAP_OUTCOME_COUNT, LAYOUT_VERSION, MAGLEV_CAPACITY,
-    MAGLEV_TABLE_MAP_FLAGS, MAX_BACKENDS, OUTCOME_COUNT,
+    VipMeta, BACKEND_F_VALID, DECAP_OUTCOME_COUNT, MAGLEV_CAPACITY, MAGLEV_TABLE_MAP_FLAGS,
+    MAX_BACKENDS, OUTCOME_COUNT,
 };
 
 use crate::{
@@ -161,6 +161,21 @@ pub struct Counters {
     pub outcomes: Vec<u64>,
 }
 
+impl Counters {
+    /// Packets per XDP verdict (indexed like `xdp_action::NAMES`), summed from the outcomes.
+    pub fn verdicts(&self) -> Vec<u64> {
+        (0..balancer_common::xdp_action::NAMES.len())
+            .map(|i| {
+                balancer_common::Outcome::ALL
+                    .iter()
+                    .filter(|o| o.verdict() as usize == i)
+                    .map(|o| self.outcomes[*o as usize])
+                    .sum()
+            })
+            .collect()
+    }
+}
+
 impl Dataplane {
     /// Loads the object and the balancer program into the kernel (verifier included), without
     /// attaching it anywhere.
@@ -186,10 +201,14 @@ impl Dataplane {
         options: LoadOptions,
         dir: &Path,
     ) -> Result<(Self, Option<PinnedContents>)> {
-        let names = pinnable_maps(object, dir)?;
+        let obj = aya_obj::Object::parse(object).map_err(|e| DataplaneError::Pin {
+            dir: dir.display().to_string(),
+            message: format!("parsing the XDP object: {e}"),
+        })?;
+        let names = pinnable_maps(&obj);
         let adopting = names.iter().any(|n| dir.join(n).exists());
         if adopting {
-            check_pins(object, options, dir, &names)?;
+            check_pins(&obj, options, dir, &names)?;
         }
         let mut dataplane = Self::load_programs(
             object,
@@ -500,22 +519,18 @@ impl Dataplane {
     }
 
     /// Records how the pinned data plane is set up (in its `state` map).
-    pub fn write_pinned_state(&self, hash_seed: u32, conn_table_size: u32) -> anyhow::Result<()> {
+    pub fn write_pinned_state(&self, hash_seed: u32) -> anyhow::Result<()> {
         let (Some(pinned), Some((_, mode))) = (&self.pinned, &self.attached) else {
             return Ok(());
         };
         pins::write_state(
             &pinned.dir,
             PinnedState {
-                layout: LAYOUT_VERSION,
                 xdp_mode: match mode {
                     AttachedMode::Native => 1,
                     AttachedMode::Generic => 2,
                 },
                 hash_seed,
-                conn_table_size,
-                owner_pid: std::process::id(),
-                _pad: 0,
             },
         )
     }
@@ -991,11 +1006,7 @@ fn new_table(slots: &[u32]) -> std::io::Result<MapData> {
 
 /// The maps of `object` that are pinned: all but the global data sections (which belong to
 /// one load of the program).
-fn pinnable_maps(object: &[u8], dir: &Path) -> Result<Vec<String>> {
-    let obj = aya_obj::Object::parse(object).map_err(|e| DataplaneError::Pin {
-        dir: dir.display().to_string(),
-        message: format!("parsing the XDP object: {e}"),
-    })?;
+fn pinnable_maps(obj: &aya_obj::Object) -> Vec<String> {
     let mut names: Vec<String> = obj
         .maps
         .keys()
@@ -1003,16 +1014,17 @@ fn pinnable_maps(object: &[u8], dir: &Path) -> Result<Vec<String>> {
         .cloned()
         .collect();
     names.sort();
-    Ok(names)
+    names
 }
 
 /// Compares the maps pinned in `dir` with the maps `object` declares (type, key and value
 /// sizes, capacity, flags), and looks for pins the object does not know.
-fn check_pins(object: &[u8], options: LoadOptions, dir: &Path, names: &[String]) -> Result<()> {
-    let obj = aya_obj::Object::parse(object).map_err(|e| DataplaneError::Pin {
-        dir: dir.display().to_string(),
-        message: format!("parsing the XDP object: {e}"),
-    })?;
+fn check_pins(
+    obj: &aya_obj::Object,
+    options: LoadOptions,
+    dir: &Path,
+    names: &[String],
+) -> Result<()> {
     use aya_obj::generated::bpf_map_type::*;
     let mut problems = Vec::new();
     for name in names {

@@ -266,12 +266,7 @@ pub fn render(c: &Controller) -> Result<String, String> {
         "counter",
         "Packets seen by the XDP program, by verdict.",
     );
-    for (i, verdict) in xdp_action::NAMES.iter().enumerate() {
-        let n: u64 = Outcome::ALL
-            .iter()
-            .filter(|o| o.verdict() as usize == i)
-            .map(|o| counters.outcomes[*o as usize])
-            .sum();
+    for (verdict, n) in xdp_action::NAMES.iter().zip(counters.verdicts()) {
         e.sample("balancer_packets_total", &[("verdict", verdict)], n);
     }
     e.family(

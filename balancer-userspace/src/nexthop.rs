@@ -129,13 +129,7 @@ impl Resolver {
                 });
             }
             if !triggered {
-                // Some kernels (seen on 6.1) refuse the NTF_USE request with EBUSY while the
-                // entry is in flux; a datagram to the neighbour makes the kernel resolve it
-                // just the same.
-                if let Err(e) = self.trigger(route.ifindex, neighbour).await {
-                    tracing::debug!("asking the kernel to resolve {neighbour}: {e}; sending it a datagram instead");
-                    nudge(neighbour);
-                }
+                self.trigger(route.ifindex, neighbour).await?;
                 triggered = true;
             }
             if Instant::now() >= deadline {
@@ -348,17 +342,5 @@ impl Resolver {
         message.header.flags = NeighbourFlags::Use;
         request.execute().await?;
         Ok(())
-    }
-}
-
-/// Sends an empty UDP datagram to the discard port of `address`: the kernel resolves the
-/// next hop's link-layer address to send it.
-fn nudge(address: IpAddr) {
-    let bind: std::net::SocketAddr = match address {
-        IpAddr::V4(_) => ([0, 0, 0, 0], 0).into(),
-        IpAddr::V6(_) => ([0u16; 8], 0).into(),
-    };
-    if let Ok(socket) = std::net::UdpSocket::bind(bind) {
-        let _ = socket.send_to(&[], (address, 9));
     }
 }

@@ -22,19 +22,16 @@ pub const LINK: &str = "link";
 /// The file name of the pinned state map inside a layout directory.
 pub const STATE: &str = "state";
 
-/// How the pinned data plane was set up, in the `state` map (one entry), so that the next
-/// daemon can tell what it adopts.
+/// How the pinned data plane was set up that its maps do not show, in the `state` map (one
+/// entry), so that the next daemon can tell what it adopts. (The layout is in the path, the
+/// connection table's size in the table itself, the owner in the lock file.)
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PinnedState {
-    pub layout: u32,
-    /// 1 native, 2 generic.
+    /// The pinned link's attach mode: 1 native, 2 generic.
     pub xdp_mode: u32,
+    /// The seed the pinned program hashes new flows with.
     pub hash_seed: u32,
-    pub conn_table_size: u32,
-    /// The daemon that last owned the pins.
-    pub owner_pid: u32,
-    pub _pad: u32,
 }
 
 // SAFETY: plain integers, no padding.
@@ -175,7 +172,8 @@ pub fn remove_all(pin_dir: &Path, interface: &str) -> std::io::Result<Vec<PathBu
 /// An exclusive lock on a pin directory and interface: one daemon at a time. Held until
 /// dropped (or the process dies).
 pub struct Lock {
-    file: fs::File,
+    /// Held open: the lock lasts as long as the descriptor.
+    _file: fs::File,
     path: PathBuf,
 }
 
@@ -218,17 +216,13 @@ impl Lock {
         file.set_len(0)?;
         file.rewind()?;
         write!(file, "{}", std::process::id())?;
-        Ok(Lock { file, path })
+        Ok(Lock { _file: file, path })
     }
-
-    /// Removes the lock file and lets go of the lock (also done when dropped).
-    pub fn release(self) {}
 }
 
 impl Drop for Lock {
     fn drop(&mut self) {
         // Unlinked while still locked, so no other process can have locked this file.
         let _ = fs::remove_file(&self.path);
-        let _ = &self.file;
     }
 }

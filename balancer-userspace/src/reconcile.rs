@@ -192,6 +192,15 @@ impl BackendState {
     }
 }
 
+/// The address of a map entry's 16 bytes and family (the inverse of [`address_bytes`]).
+pub fn address_of(bytes: [u8; 16], family: u8) -> IpAddr {
+    if family == FAMILY_IPV4 {
+        IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])
+    } else {
+        IpAddr::from(bytes)
+    }
+}
+
 pub fn address_bytes(address: IpAddr) -> ([u8; 16], u8) {
     let mut bytes = [0u8; 16];
     match address {

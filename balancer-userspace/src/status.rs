@@ -214,15 +214,8 @@ pub fn status(c: &Controller) -> Result<Value, String> {
         .collect();
     let verdicts: serde_json::Map<String, Value> = xdp_action::NAMES
         .iter()
-        .enumerate()
-        .map(|(i, name)| {
-            let total: u64 = Outcome::ALL
-                .iter()
-                .filter(|o| o.verdict() as usize == i)
-                .map(|o| counters.outcomes[*o as usize])
-                .sum();
-            ((*name).to_owned(), json!(total))
-        })
+        .zip(counters.verdicts())
+        .map(|(name, total)| ((*name).to_owned(), json!(total)))
         .collect();
     let (interface, mode) = c
         .dataplane
@@ -232,7 +225,7 @@ pub fn status(c: &Controller) -> Result<Value, String> {
     let datapath = json!({
         "pin_dir": c.dataplane.pin_dir().map(|d| d.display().to_string()),
         "adopted": c.adopted,
-        "keep_on_exit": c.keep_datapath_flag || c.config.keep_datapath,
+        "keep_on_exit": c.keep_datapath(),
         "program_id": ids.map(|i| i.program_id),
         "program_tag": ids.map(|i| format!("{:016x}", i.program_tag)),
         "link_id": ids.and_then(|i| i.link_id),

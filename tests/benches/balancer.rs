@@ -658,17 +658,8 @@ fn reload_latency(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
         )
     };
     let path = scratch.write_atomically("config.toml", &config(1));
-    let mut balancer = BalancerProcess::start(
-        &topology.balancer,
-        &[
-            "run",
-            "--config",
-            path.to_str().unwrap(),
-            "--pin-dir",
-            &scratch.pin_dir_arg(),
-        ],
-        &scratch.path("balancer.log"),
-    );
+    let mut balancer =
+        BalancerProcess::run(&topology.balancer, &path, &scratch, &[], "balancer.log");
     let api: SocketAddr = "127.0.0.1:9100".parse().unwrap();
     let status = balancer.wait_ready(&topology.balancer, api, Duration::from_secs(30));
     let first_generation = status["config_generation"].as_u64().unwrap();
@@ -911,17 +902,8 @@ fn tcp_comparison(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
         backend_addr(0)
     );
     let path = scratch.write_atomically("config.toml", &text);
-    let mut balancer = BalancerProcess::start(
-        &topology.balancer,
-        &[
-            "run",
-            "--config",
-            path.to_str().unwrap(),
-            "--pin-dir",
-            &scratch.pin_dir_arg(),
-        ],
-        &scratch.path("balancer.log"),
-    );
+    let mut balancer =
+        BalancerProcess::run(&topology.balancer, &path, &scratch, &[], "balancer.log");
     balancer.wait_ready(
         &topology.balancer,
         "127.0.0.1:9100".parse().unwrap(),

@@ -491,6 +491,46 @@ pub fn run_requests(
     })
 }
 
+/// Polls the status API every 5 ms until `done` holds; returns that status and when it
+/// first held. After `timeout`, panics with `what`, the last status and `context()` (such as
+/// the balancer's log).
+pub fn wait_for_status(
+    ns: &Netns,
+    api: SocketAddr,
+    what: &str,
+    timeout: Duration,
+    done: impl Fn(&serde_json::Value) -> bool,
+    context: impl Fn() -> String,
+) -> (serde_json::Value, Instant) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let status = get_json(ns, api, "/api/v1/status").expect("status API");
+        if done(&status) {
+            return (status, Instant::now());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}:\n{status:#}\n{}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The backend with `address` of the status document's VIP number `vip`.
+pub fn status_backend<'a>(
+    status: &'a serde_json::Value,
+    vip: usize,
+    address: &str,
+) -> &'a serde_json::Value {
+    status["vips"][vip]["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .find(|b| b["address"] == address)
+        .unwrap_or_else(|| panic!("no backend {address} in VIP {vip}: {status:#}"))
+}
+
 /// GET a JSON document over plain HTTP from inside `ns` (the balancer's status API).
 pub fn get_json(ns: &Netns, address: SocketAddr, path: &str) -> Result<serde_json::Value, String> {
     let body = get_text(ns, address, path)?;

@@ -138,12 +138,7 @@ pub fn remove_stale(prefix: &str) {
     };
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let name = line.split_whitespace().next().unwrap_or("");
-        let Some(rest) = name.strip_prefix(prefix) else {
-            continue;
-        };
-        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
-        let alive = pid.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
-        if !alive || pid.is_none() {
+        if crate::scratch::owner_alive(name, prefix) == Some(false) {
             let _ = Command::new("ip").args(["netns", "del", name]).output();
         }
     }

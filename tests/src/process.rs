@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{http::get_json, netns::Netns};
+use crate::{http::get_json, netns::Netns, scratch::Scratch};
 
 /// The `balancer` binary: `$BALANCER_BIN`, else the workspace's `target/debug/balancer`.
 pub fn balancer_binary() -> PathBuf {
@@ -45,6 +45,28 @@ impl BalancerProcess {
     /// `ip netns exec NS balancer ARGS...`, stdout and stderr to `log`.
     pub fn start(ns: &Netns, args: &[&str], log: &Path) -> BalancerProcess {
         Self::start_wrapped(ns, &[], args, log)
+    }
+
+    /// `balancer run --config CONFIG --pin-dir <the scratch's pin directory> EXTRA...`, its
+    /// log in the scratch directory under `log`. (Under `ip netns exec` the default pin
+    /// directory is not on a bpffs; see `Scratch::pin_dir`.)
+    pub fn run(
+        ns: &Netns,
+        config: &Path,
+        scratch: &Scratch,
+        extra: &[&str],
+        log: &str,
+    ) -> BalancerProcess {
+        let pin_dir = scratch.pin_dir_arg();
+        let mut args = vec![
+            "run",
+            "--config",
+            config.to_str().expect("UTF-8 path"),
+            "--pin-dir",
+            &pin_dir,
+        ];
+        args.extend_from_slice(extra);
+        Self::start(ns, &args, &scratch.path(log))
     }
 
     /// Like [`start`](Self::start), through `wrapper` (a program and its arguments that runs

@@ -26,7 +26,8 @@ pub fn test_bpffs() -> &'static Path {
     Path::new(TEST_BPFFS)
 }
 
-fn is_bpffs(path: &Path) -> bool {
+/// Whether `path` is on a BPF filesystem.
+pub fn is_bpffs(path: &Path) -> bool {
     const BPF_FS_MAGIC: i64 = 0xcafe4a11;
     let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
         return false;
@@ -36,16 +37,21 @@ fn is_bpffs(path: &Path) -> bool {
     (unsafe { libc::statfs(c.as_ptr(), &mut stat) } == 0) && stat.f_type as i64 == BPF_FS_MAGIC
 }
 
+/// For a name `<prefix><pid>-...`: whether process `pid` still runs (`None`: the name does
+/// not start with `prefix`, `Some(false)` also when it carries no pid). What a crashed or
+/// killed run left behind is named by a process that is gone.
+pub(crate) fn owner_alive(name: &str, prefix: &str) -> Option<bool> {
+    let rest = name.strip_prefix(prefix)?;
+    let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+    Some(pid.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists()))
+}
+
 /// Removes `<prefix><pid>-*` entries of `root` whose process is gone.
 fn remove_dead(root: &Path, prefix: &str) {
     if let Ok(entries) = std::fs::read_dir(root) {
         for entry in entries.flatten() {
             let file_name = entry.file_name().to_string_lossy().into_owned();
-            let Some(rest) = file_name.strip_prefix(prefix) else {
-                continue;
-            };
-            let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
-            if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+            if owner_alive(&file_name, prefix) == Some(false) {
                 let _ = std::fs::remove_dir_all(entry.path());
                 let _ = std::fs::remove_file(entry.path());
             }

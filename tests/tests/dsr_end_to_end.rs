@@ -78,17 +78,12 @@ fn dsr_forwards_every_connection_whole_to_the_predicted_backend() {
     let config = config::load(&config_path).expect("config/demo.toml is valid");
     let api = config.metrics_listen;
     let scratch = Scratch::new("lbt-", "dsr");
-    let log = scratch.path("balancer.log");
-    let mut balancer = BalancerProcess::start(
+    let mut balancer = BalancerProcess::run(
         &topology.balancer,
-        &[
-            "run",
-            "--config",
-            config_path.to_str().unwrap(),
-            "--pin-dir",
-            &scratch.pin_dir_arg(),
-        ],
-        &log,
+        &config_path,
+        &scratch,
+        &[],
+        "balancer.log",
     );
     balancer.wait_ready(&topology.balancer, api, Duration::from_secs(30));
 

@@ -8,7 +8,7 @@ use std::{
 };
 
 use balancer_tests::{
-    http::{get_json, Attempt, HttpServer, LoadGenerator, Stream},
+    http::{get_json, status_backend, wait_for_status, Attempt, HttpServer, LoadGenerator, Stream},
     netns::{remove_stale, require_root},
     process::{balancer_binary, BalancerProcess},
     scratch::Scratch,
@@ -96,17 +96,8 @@ impl Lab {
             .collect();
         let scratch = Scratch::new("lbt-", test);
         let config = place_config(&scratch);
-        let mut balancer = BalancerProcess::start(
-            &topology.balancer,
-            &[
-                "run",
-                "--config",
-                config.to_str().unwrap(),
-                "--pin-dir",
-                &scratch.pin_dir_arg(),
-            ],
-            &scratch.path("balancer.log"),
-        );
+        let mut balancer =
+            BalancerProcess::run(&topology.balancer, &config, &scratch, &[], "balancer.log");
         balancer.wait_ready(&topology.balancer, api(), Duration::from_secs(30));
         Lab {
             scratch,
@@ -122,19 +113,8 @@ impl Lab {
 
     /// Polls the status API until `done` holds; returns when it first did.
     fn wait_for(&self, what: &str, timeout: Duration, done: impl Fn(&Value) -> bool) -> Instant {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let status = self.status();
-            if done(&status) {
-                return Instant::now();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}:\n{status:#}\n{}",
-                self.balancer.log()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let ns = &self.topology.balancer;
+        wait_for_status(ns, api(), what, timeout, done, || self.balancer.log()).1
     }
 
     fn write_config(&self, text: &str) {
@@ -165,13 +145,7 @@ fn api() -> std::net::SocketAddr {
 }
 
 fn backend(status: &Value, i: usize) -> &Value {
-    let address = backend_addr(i).to_string();
-    status["vips"][0]["backends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["address"] == address.as_str())
-        .unwrap()
+    status_backend(status, 0, &backend_addr(i).to_string())
 }
 
 fn failures(attempts: &[Attempt]) -> Vec<String> {

@@ -10,11 +10,11 @@ use std::{
         Arc,
     },
     thread::JoinHandle,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use balancer_tests::{
-    http::{get_json, get_text, run_requests, HttpServer, LoadGenerator},
+    http::{get_json, get_text, run_requests, wait_for_status, HttpServer, LoadGenerator},
     netns::{remove_stale, require_root, Netns},
     process::{balancer_binary, BalancerProcess},
     scratch::Scratch,
@@ -90,17 +90,8 @@ impl Lab {
         topology.pin_arp();
         let scratch = Scratch::new("lbt-", test);
         let config = scratch.write_atomically("config.toml", config_text);
-        let mut balancer = BalancerProcess::start(
-            &topology.balancer,
-            &[
-                "run",
-                "--config",
-                config.to_str().unwrap(),
-                "--pin-dir",
-                &scratch.pin_dir_arg(),
-            ],
-            &scratch.path("balancer.log"),
-        );
+        let mut balancer =
+            BalancerProcess::run(&topology.balancer, &config, &scratch, &[], "balancer.log");
         balancer.wait_ready(&topology.balancer, api(), Duration::from_secs(30));
         let lab = Lab {
             balancer,
@@ -132,19 +123,8 @@ impl Lab {
     }
 
     fn wait_for(&self, what: &str, timeout: Duration, done: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let status = self.status();
-            if done(&status) {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}:\n{status:#}\n{}",
-                self.balancer.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let ns = &self.topology.balancer;
+        wait_for_status(ns, api(), what, timeout, done, || self.balancer.log()).0
     }
 
     /// `balancer status ARGS...` in the balancer's namespace: its stdout.

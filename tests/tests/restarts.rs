@@ -16,7 +16,7 @@ use std::{
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use balancer_common::{ConnEntry, FlowKey, FAMILY_IPV4, PROTO_TCP};
 use balancer_tests::{
-    http::{get_json, Attempt, HttpServer, LoadGenerator, Stream},
+    http::{get_json, status_backend, wait_for_status, Attempt, HttpServer, LoadGenerator, Stream},
     netns::{remove_stale, require_root},
     process::{balancer_binary, BalancerProcess},
     scratch::Scratch,
@@ -105,20 +105,12 @@ impl Lab {
     /// Starts `balancer run` with `extra` arguments, without waiting.
     fn spawn(&mut self, extra: &[&str]) -> BalancerProcess {
         self.runs += 1;
-        let config = self.scratch.path("config.toml");
-        let pin_dir = self.scratch.pin_dir_arg();
-        let mut args = vec![
-            "run",
-            "--config",
-            config.to_str().unwrap(),
-            "--pin-dir",
-            &pin_dir,
-        ];
-        args.extend_from_slice(extra);
-        BalancerProcess::start(
+        BalancerProcess::run(
             &self.topology.balancer,
-            &args,
-            &self.scratch.path(&format!("balancer-{}.log", self.runs)),
+            &self.scratch.path("config.toml"),
+            &self.scratch,
+            extra,
+            &format!("balancer-{}.log", self.runs),
         )
     }
 
@@ -139,18 +131,8 @@ impl Lab {
     }
 
     fn wait_for(&self, what: &str, timeout: Duration, done: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let status = self.status();
-            if done(&status) {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}:\n{status:#}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let log = || self.balancer.as_ref().map(|b| b.log()).unwrap_or_default();
+        wait_for_status(&self.topology.balancer, api(), what, timeout, done, log).0
     }
 
     fn wait_all_up(&self) {
@@ -588,14 +570,7 @@ fn an_adopting_daemon_starts_from_the_last_health_verdicts() {
     lab.start(&["--keep-datapath"]);
     lab.wait_all_up();
     let backend = |s: &Value, i: usize| -> Value {
-        let address = backend_addr(i).to_string();
-        s["vips"][0]["backends"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|b| b["address"] == address.as_str())
-            .cloned()
-            .unwrap()
+        status_backend(s, 0, &backend_addr(i).to_string()).clone()
     };
     // be1's server dies; the daemon marks it down, then restarts.
     lab.servers[0] = None;

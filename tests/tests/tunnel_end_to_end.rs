@@ -174,17 +174,8 @@ fn tunnel_end_to_end(decap: Decap, name: &str) {
     }
 
     let config = scratch.write_atomically("config.toml", &config());
-    let mut balancer = BalancerProcess::start(
-        &topology.balancer,
-        &[
-            "run",
-            "--config",
-            config.to_str().unwrap(),
-            "--pin-dir",
-            &scratch.pin_dir_arg(),
-        ],
-        &scratch.path("balancer.log"),
-    );
+    let mut balancer =
+        BalancerProcess::run(&topology.balancer, &config, &scratch, &[], "balancer.log");
     let api: SocketAddr = "127.0.0.1:9100".parse().unwrap();
     balancer.wait_ready(&topology.balancer, api, Duration::from_secs(30));
 

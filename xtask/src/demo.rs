@@ -87,17 +87,8 @@ pub fn run(requests: u64) -> Result<()> {
         config.display(),
         log.display()
     ));
-    let mut balancer = BalancerProcess::start(
-        &topology.balancer,
-        &[
-            "run",
-            "--config",
-            config.to_str().unwrap(),
-            "--pin-dir",
-            &pin_dir,
-        ],
-        &log,
-    );
+    let mut balancer =
+        BalancerProcess::run(&topology.balancer, &config, &files, &[], "balancer.log");
     let api = "127.0.0.1:9100".parse().unwrap();
     balancer.wait_ready(&topology.balancer, api, Duration::from_secs(30));
     for line in balancer.log().lines() {

@@ -328,13 +328,7 @@ fn python_tools() -> Result<()> {
 
 /// Mounts the BPF filesystem on /sys/fs/bpf if it is not mounted there.
 fn bpffs() -> Result<()> {
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-    let path = std::ffi::CString::new("/sys/fs/bpf").unwrap();
-    // SAFETY: statfs into a zeroed struct with a valid path.
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    let mounted = unsafe { libc::statfs(path.as_ptr(), &mut stat) } == 0
-        && stat.f_type as i64 == BPF_FS_MAGIC;
-    if mounted {
+    if balancer_tests::scratch::is_bpffs(Path::new("/sys/fs/bpf")) {
         say("bpffs on /sys/fs/bpf: mounted");
         return Ok(());
     }

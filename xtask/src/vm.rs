@@ -19,7 +19,7 @@ use crate::{build_balancer, cargo, cmd, setup, workspace_root};
 /// The kernel `cargo xtask test` checks: Debian 12's (the `linux-image-amd64` package).
 pub const DEFAULT_KERNEL: &str = "6.1";
 
-/// The suites run in the VM: (test binary, run the ignored tests too, why).
+/// The suites run in the VM: (test binary, whether to run its ignored tests too).
 const SUITES: &[(&str, bool)] = &[
     // Every fixture on the real object: the verifier of this kernel, its helpers.
     ("datapath", false),
@@ -339,7 +339,11 @@ pub fn run_kernel(spec: &str, filter: &[String]) -> Result<()> {
         let ok = r.status == Some(0) && r.failed == 0;
         println!(
             "  {} {:<20} {:>3} passed, {} failed, {} ignored, {:.0}s",
-            if ok { "PASSED" } else { "FAILED" },
+            match (ok, r.passed) {
+                (false, _) => "FAILED  ",
+                (true, 0) => "NO TESTS",
+                (true, _) => "PASSED  ",
+            },
             r.name,
             r.passed,
             r.failed,
