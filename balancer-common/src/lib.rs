@@ -12,6 +12,7 @@
 
 pub mod csum;
 pub mod hash;
+pub mod tunnel;
 
 /// Bumped whenever a map's key or value layout, or the meaning of a field, changes.
 pub const LAYOUT_VERSION: u32 = 1;
@@ -144,6 +145,38 @@ pub struct VipMeta {
     pub _pad: [u8; 2],
 }
 
+impl VipMeta {
+    /// Flows are hashed on the destination port only (`VIP_F_HASH_DST_PORT_ONLY`).
+    #[inline(always)]
+    pub const fn hashes_dst_port_only(&self) -> bool {
+        self.flags & VIP_F_HASH_DST_PORT_ONLY != 0
+    }
+
+    /// Fragments of the VIP's traffic are balanced (`VIP_F_FRAGMENTS`).
+    #[inline(always)]
+    pub const fn balances_fragments(&self) -> bool {
+        self.flags & VIP_F_FRAGMENTS != 0
+    }
+
+    /// This key stands for the VIP for fragments only (`VIP_F_FRAGMENTS_ONLY`).
+    #[inline(always)]
+    pub const fn is_fragments_only(&self) -> bool {
+        self.flags & VIP_F_FRAGMENTS_ONLY != 0
+    }
+
+    /// This key marks a VIP address, for echo requests (`VIP_F_ADDRESS`).
+    #[inline(always)]
+    pub const fn is_address(&self) -> bool {
+        self.flags & VIP_F_ADDRESS != 0
+    }
+
+    /// The VIP encapsulates towards its backends.
+    #[inline(always)]
+    pub const fn tunnels(&self) -> bool {
+        self.forwarding == FORWARD_TUNNEL
+    }
+}
+
 /// The backend entry holds a live backend. An id without it is free.
 pub const BACKEND_F_VALID: u32 = 1 << 0;
 /// Failed its health checks: flows pinned to it are re-selected.
@@ -178,6 +211,20 @@ pub struct Backend {
     pub family: u8,
     /// Tunnel mode: how many low bits of `tunnel_src` vary per flow (0: a fixed address).
     pub tunnel_src_bits: u8,
+}
+
+impl Backend {
+    /// The entry holds a backend (an id without it is free).
+    #[inline(always)]
+    pub const fn is_valid(&self) -> bool {
+        self.flags & BACKEND_F_VALID != 0
+    }
+
+    /// A valid backend that is not down: flows remembered on it stay there.
+    #[inline(always)]
+    pub const fn is_live(&self) -> bool {
+        self.flags & (BACKEND_F_VALID | BACKEND_F_DOWN) == BACKEND_F_VALID
+    }
 }
 
 /// A flow, as the connection table and the Maglev hash see it.
