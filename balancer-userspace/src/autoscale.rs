@@ -12,7 +12,7 @@ use std::{
 
 use balancer_common::TrafficStats;
 
-use crate::{config::AutoscaleMetric, reconcile::BackendKey};
+use crate::{config::AutoscaleMetric, plan::inputs::BackendKey};
 
 /// How often the counters are sampled for rates.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);

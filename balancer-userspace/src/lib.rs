@@ -1,23 +1,22 @@
 //! The balancer daemon's library: everything `balancer` does, in modules a test can reach.
 //!
-//! A pure core (config -> desired map contents) and a thin shell around the kernel
-//! (`dataplane`, `nexthop`).
+//! Layers, each using only the ones above it (checked by `tests/module_graph.rs`):
+//! - [`config`], [`maglev`]: the validated config; the Maglev table builder;
+//! - [`plan`]: desired map contents and the map plan, computed purely;
+//! - [`autoscale`]: rates and the autoscaling formula;
+//! - [`core`]: every decision, as `handle(input, now) -> effects`, with no I/O;
+//! - [`shell`]: the only code that talks to the kernel (aya, netlink) and probes backends;
+//! - [`api`]: what the daemon shows (metrics, status) and the control socket;
+//! - [`daemon`]: the event loop that feeds the core and performs its effects.
 
+pub mod api;
 pub mod autoscale;
-pub mod client;
 pub mod config;
-pub mod controller;
+pub mod core;
 pub mod daemon;
-pub mod dataplane;
-pub mod health;
-pub mod kernel;
 pub mod maglev;
-pub mod metrics;
-pub mod nexthop;
-pub mod pins;
-pub mod reconcile;
-pub mod status;
-pub mod status_table;
+pub mod plan;
+pub mod shell;
 
 /// The compiled XDP object (balancer-ebpf), embedded at build time.
 pub const PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/balancer-xdp"));

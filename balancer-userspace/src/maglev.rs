@@ -30,7 +30,7 @@ pub type MaglevTable = Vec<Option<u32>>;
 /// Builds a table of `size` slots (`size` must be prime).
 pub fn build(backends: &[MaglevBackend], size: u32, seed: u32) -> MaglevTable {
     assert!(
-        crate::config::is_prime(size),
+        crate::config::validate::is_prime(size),
         "Maglev table size {size} is not prime"
     );
     let m = size as u64;

@@ -1,10 +1,17 @@
-//! `balancer`: an XDP layer-4 load balancer.
+//! `balancer`: an XDP layer-4 load balancer. The command line; everything it does lives in
+//! the library (`balancer::daemon`).
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 
-use balancer::{config, daemon};
+use balancer::{
+    config::XdpModeSetting,
+    daemon::{
+        startup::RunOptions,
+        subcommands::{self, Target},
+    },
+};
 
 #[derive(Parser)]
 #[command(
@@ -78,17 +85,17 @@ enum Command {
         interface: String,
         /// auto (native, else generic), native or generic.
         #[arg(long, default_value = "auto", value_parser = parse_mode)]
-        xdp_mode: config::XdpModeSetting,
+        xdp_mode: XdpModeSetting,
     },
     /// Show what the running daemon does: every VIP and backend, state, weight, rates and
-    /// totals (from its status API).
+    /// totals (from its read-only status API).
     Status {
         /// The config file the daemon runs with, to find its API address (`metrics_listen`).
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// The daemon's API address, if not taken from the config.
         #[arg(long)]
-        api: Option<std::net::SocketAddr>,
+        api: Option<SocketAddr>,
         /// Print the status document as JSON.
         #[arg(long)]
         json: bool,
@@ -96,15 +103,22 @@ enum Command {
         #[arg(long, num_args = 0..=1, default_missing_value = "2", value_name = "SECONDS")]
         watch: Option<f64>,
     },
-    /// Ask the running daemon to reload its config file now, and report whether it was
-    /// accepted (exit status 0) or rejected (1, with the reason).
+    /// Ask the running daemon, through its control socket, to reload its config file now, and
+    /// report whether it was accepted (exit status 0) or rejected (1, with the reason).
     Reload {
-        /// The config file the daemon runs with, to find its API address (`metrics_listen`).
+        /// The config file the daemon runs with: its `control_socket`, else its `interface`
+        /// and `pin_dir`, name the socket.
         #[arg(long, short)]
         config: Option<PathBuf>,
-        /// The daemon's API address, if not taken from the config.
-        #[arg(long)]
-        api: Option<std::net::SocketAddr>,
+        /// The daemon's interface (overrides the config's).
+        #[arg(long, short)]
+        interface: Option<String>,
+        /// The daemon's pin directory (overrides the config's), if it was started with one.
+        #[arg(long, value_name = "DIR")]
+        pin_dir: Option<PathBuf>,
+        /// The control socket itself.
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
     },
     /// Validate a config file without touching the kernel (no root needed).
     Check {
@@ -115,9 +129,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Check { config } => check(&config),
+    match Cli::parse().command {
+        Command::Check { config } => print_lines(subcommands::check(&config)),
         Command::Run {
             config,
             interface,
@@ -125,53 +138,92 @@ fn main() -> ExitCode {
             replace,
             pin_dir,
             program_object,
-        } => run_async(daemon::run(daemon::RunOptions {
-            config,
-            interface,
-            keep_datapath,
-            replace,
-            pin_dir,
-            program_object,
-        })),
+        } => run_async(
+            true,
+            balancer::daemon::run(RunOptions {
+                config,
+                interface,
+                keep_datapath,
+                replace,
+                pin_dir,
+                program_object,
+            }),
+        ),
         Command::Detach {
             interface,
             config,
             pin_dir,
-        } => detach(&interface, config.as_deref(), pin_dir),
-        Command::XdpPass { interface } => run_async(daemon::xdp_pass(interface)),
-        Command::Reload { config, api } => reload(config.as_deref(), api),
+        } => {
+            let target = Target {
+                config,
+                pin_dir,
+                ..Target::default()
+            };
+            print_lines(subcommands::detach(&target, &interface))
+        }
+        Command::XdpPass { interface } => run_async(true, subcommands::xdp_pass(interface)),
+        Command::Decap {
+            interface,
+            xdp_mode,
+        } => run_async(true, subcommands::decap(interface, xdp_mode)),
         Command::Status {
             config,
             api,
             json,
             watch,
-        } => status(config.as_deref(), api, json, watch),
-        Command::Decap {
+        } => {
+            let target = Target {
+                config,
+                api,
+                ..Target::default()
+            };
+            run_async(false, async move {
+                subcommands::status(&target, json, watch).await
+            })
+        }
+        Command::Reload {
+            config,
             interface,
-            xdp_mode,
-        } => run_async(daemon::decap(interface, xdp_mode)),
+            pin_dir,
+            socket,
+        } => reload(Target {
+            config,
+            interface,
+            pin_dir,
+            socket,
+            api: None,
+        }),
     }
 }
 
-fn detach(
-    interface: &str,
-    config_path: Option<&std::path::Path>,
-    pin_dir: Option<PathBuf>,
-) -> ExitCode {
-    let pin_dir = match (pin_dir, config_path) {
-        (Some(dir), _) => dir,
-        (None, Some(path)) => match config::load(path) {
-            Ok(c) => c.pin_dir,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::FAILURE;
+fn reload(target: Target) -> ExitCode {
+    let runtime = runtime();
+    match runtime.block_on(subcommands::reload(&target)) {
+        Ok((accepted, lines)) => {
+            for line in lines {
+                if accepted {
+                    println!("{line}");
+                } else {
+                    eprintln!("{line}");
+                }
             }
-        },
-        (None, None) => PathBuf::from(config::DEFAULT_PIN_DIR),
-    };
-    match daemon::detach(&pin_dir, interface) {
-        Ok(report) => {
-            for line in report {
+            if accepted {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_lines(lines: anyhow::Result<Vec<String>>) -> ExitCode {
+    match lines {
+        Ok(lines) => {
+            for line in lines {
                 println!("{line}");
             }
             ExitCode::SUCCESS
@@ -183,191 +235,48 @@ fn detach(
     }
 }
 
-fn check(path: &std::path::Path) -> ExitCode {
-    match config::load(path) {
-        Ok(c) => {
-            let backends: usize = c.vips.iter().map(|v| v.backends.len()).sum();
-            println!(
-                "{}: OK, {} VIPs, {backends} backends",
-                path.display(),
-                c.vips.len()
-            );
-            for vip in &c.vips {
-                let active = vip.backends.iter().filter(|b| b.takes_new_flows()).count();
-                let checks = match vip.backends.first().map(|b| &b.health) {
-                    Some(h) if h.kind != config::CheckKind::None => {
-                        format!(
-                            "{} checks of port {} every {:?}",
-                            h.kind.name(),
-                            h.port,
-                            h.interval
-                        )
-                    }
-                    _ => "no health checks".to_owned(),
-                };
-                println!(
-                    "  {:<16} {:<24} {} backends ({active} taking new flows), table {} slots, {checks}",
-                    vip.name,
-                    vip.endpoint(),
-                    vip.backends.len(),
-                    vip.table_size
-                );
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn parse_mode(text: &str) -> Result<config::XdpModeSetting, String> {
+fn parse_mode(text: &str) -> Result<XdpModeSetting, String> {
     match text {
-        "auto" => Ok(config::XdpModeSetting::Auto),
-        "native" => Ok(config::XdpModeSetting::Native),
-        "generic" => Ok(config::XdpModeSetting::Generic),
+        "auto" => Ok(XdpModeSetting::Auto),
+        "native" => Ok(XdpModeSetting::Native),
+        "generic" => Ok(XdpModeSetting::Generic),
         _ => Err(format!("{text:?}: use auto, native or generic")),
     }
 }
 
-/// The daemon's API address: `--api`, else `metrics_listen` of `--config` (read leniently: the
-/// file may be the invalid config the daemon is about to reject), else the default.
-fn api_address(
-    config_path: Option<&std::path::Path>,
-    api: Option<std::net::SocketAddr>,
-) -> anyhow::Result<std::net::SocketAddr> {
-    Ok(match (api, config_path) {
-        (Some(api), _) => api,
-        (None, Some(path)) => config::metrics_listen_of(path)?,
-        (None, None) => config::DEFAULT_METRICS_LISTEN
-            .parse()
-            .expect("valid default"),
-    })
-}
-
-fn status(
-    config_path: Option<&std::path::Path>,
-    api: Option<std::net::SocketAddr>,
-    json: bool,
-    watch: Option<f64>,
-) -> ExitCode {
-    let address = match api_address(config_path, api) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    loop {
-        let answer = balancer::client::request(
-            address,
-            "GET",
-            "/api/v1/status",
-            std::time::Duration::from_secs(10),
-        );
-        let document = answer.and_then(|(code, body)| {
-            anyhow::ensure!(code == 200, "the status API answered {code}: {body}");
-            Ok(serde_json::from_str::<serde_json::Value>(&body)?)
-        });
-        let document = match document {
-            Ok(d) => d,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let text = if json {
-            serde_json::to_string_pretty(&document).expect("JSON")
-        } else {
-            balancer::status_table::render(&document)
-        };
-        match watch {
-            None => {
-                println!("{text}");
-                return ExitCode::SUCCESS;
-            }
-            Some(seconds) => {
-                // Clear the screen and redraw from the top.
-                print!("\x1b[H\x1b[2J{text}");
-                use std::io::Write as _;
-                let _ = std::io::stdout().flush();
-                std::thread::sleep(std::time::Duration::from_secs_f64(seconds.max(0.2)));
-            }
-        }
-    }
-}
-
-fn reload(config_path: Option<&std::path::Path>, api: Option<std::net::SocketAddr>) -> ExitCode {
-    let address = match api_address(config_path, api) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let answer = balancer::client::request(
-        address,
-        "POST",
-        "/api/v1/reload",
-        std::time::Duration::from_secs(70),
-    );
-    let (code, body) = match answer {
-        Ok(answer) => answer,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let json: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-    if code == 200 && json["accepted"] == true {
-        let changes: Vec<&str> = json["changes"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|c| c.as_str())
-            .collect();
-        if changes.is_empty() {
-            println!(
-                "reload accepted (generation {}): no changes",
-                json["generation"]
-            );
-        } else {
-            println!("reload accepted (generation {}):", json["generation"]);
-            for change in changes {
-                println!("  {change}");
-            }
-        }
-        ExitCode::SUCCESS
-    } else {
-        eprintln!(
-            "reload rejected: {}",
-            json["error"].as_str().unwrap_or(&body)
-        );
-        ExitCode::FAILURE
-    }
-}
-
-fn run_async(task: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
-    init_logging();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .expect("tokio runtime");
-    match runtime.block_on(task) {
+        .expect("tokio runtime")
+}
+
+/// Runs a command on the runtime; a daemon logs (its error too), a client prints its error.
+fn run_async(
+    daemon: bool,
+    task: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> ExitCode {
+    if daemon {
+        init_logging();
+    }
+    match runtime().block_on(task) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Err(e) if daemon => {
             tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
 }
 
 fn init_logging() {
+    use std::io::IsTerminal as _;
     use tracing_subscriber::{fmt, EnvFilter};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    use std::io::IsTerminal as _;
     fmt()
         .with_env_filter(filter)
         .with_target(false)

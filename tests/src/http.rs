@@ -540,7 +540,17 @@ pub fn get_json(ns: &Netns, address: SocketAddr, path: &str) -> Result<serde_jso
 /// GET a document over plain HTTP from inside `ns` (the balancer's `/metrics`); the body of a
 /// 200 answer.
 pub fn get_text(ns: &Netns, address: SocketAddr, path: &str) -> Result<String, String> {
-    let path = path.to_owned();
+    let (status, body) = send(ns, address, "GET", path)?;
+    if status != 200 {
+        return Err(format!("{path} answered {status}: {body}"));
+    }
+    Ok(body)
+}
+
+/// `METHOD path` over plain HTTP from inside `ns`, with an empty body: the status code and
+/// the body of the answer.
+pub fn send(ns: &Netns, address: SocketAddr, method: &str, path: &str) -> Result<(u16, String), String> {
+    let (method, path) = (method.to_owned(), path.to_owned());
     ns.run(move || {
         let mut stream = TcpStream::connect_timeout(&address, IO_TIMEOUT)
             .map_err(|e| format!("connect {address}: {e}"))?;
@@ -549,7 +559,7 @@ pub fn get_text(ns: &Netns, address: SocketAddr, path: &str) -> Result<String, S
             .map_err(|e| e.to_string())?;
         write!(
             stream,
-            "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+            "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
         )
         .map_err(|e| e.to_string())?;
         let mut response = String::new();
@@ -559,9 +569,11 @@ pub fn get_text(ns: &Netns, address: SocketAddr, path: &str) -> Result<String, S
         let (head, body) = response
             .split_once("\r\n\r\n")
             .ok_or("incomplete response")?;
-        if !head.starts_with("HTTP/1.1 200") {
-            return Err(format!("{path} answered {head:?}"));
-        }
-        Ok(body.to_owned())
+        let status = head
+            .strip_prefix("HTTP/1.1 ")
+            .and_then(|rest| rest.get(..3))
+            .and_then(|code| code.parse().ok())
+            .ok_or_else(|| format!("{path}: no status line in {head:?}"))?;
+        Ok((status, body.to_owned()))
     })
 }

@@ -9,7 +9,11 @@ use std::{
 
 use balancer::{
     config,
-    reconcile::{self, Ids, NextHop},
+    plan::{
+        desired::desired_state,
+        ids::Ids,
+        inputs::{NextHop, NextHops},
+    },
 };
 use balancer_common::{hash::flow_hash, FlowKey, FAMILY_IPV4, NO_BACKEND, PROTO_TCP};
 use balancer_tests::{
@@ -26,7 +30,7 @@ const FIRST_PORT: u16 = 20_000;
 /// The backend (by address) the program must choose for a new flow from the client's
 /// `source_port` to the VIP, computed from the config with the same table builder and hash.
 fn predicted_backends(config: &config::Config) -> impl Fn(u16) -> IpAddr {
-    let hops: reconcile::NextHops = config.vips[0]
+    let hops: NextHops = config.vips[0]
         .backends
         .iter()
         .map(|b| {
@@ -44,8 +48,7 @@ fn predicted_backends(config: &config::Config) -> impl Fn(u16) -> IpAddr {
             )
         })
         .collect();
-    let state =
-        reconcile::desired_state(config, &[], &hops, &HashMap::new(), &mut Ids::default()).unwrap();
+    let state = desired_state(config, &[], &hops, &HashMap::new(), &mut Ids::default()).unwrap();
     let vip = state.vips[0].clone();
     let addresses: HashMap<u32, IpAddr> = vip.backends.iter().map(|b| (b.id, b.address)).collect();
     let seed = config.hash_seed;

@@ -8,7 +8,9 @@ use std::{
 };
 
 use balancer_tests::{
-    http::{get_json, status_backend, wait_for_status, Attempt, HttpServer, LoadGenerator, Stream},
+    http::{
+        get_json, send, status_backend, wait_for_status, Attempt, HttpServer, LoadGenerator, Stream,
+    },
     netns::{remove_stale, require_root},
     process::{balancer_binary, BalancerProcess},
     scratch::Scratch,
@@ -125,7 +127,8 @@ impl Lab {
         self.status()["config_generation"].as_u64().unwrap()
     }
 
-    /// `balancer reload --config FILE`, run in the balancer's namespace.
+    /// `balancer reload --config FILE --pin-dir DIR` (the daemon runs with this scratch's pin
+    /// directory), run in the balancer's namespace: through the control socket.
     fn reload_command(&self) -> std::process::Output {
         self.topology
             .balancer
@@ -134,6 +137,8 @@ impl Lab {
                 "reload",
                 "--config",
                 self.scratch.path("config.toml").to_str().unwrap(),
+                "--pin-dir",
+                &self.scratch.pin_dir_arg(),
             ])
             .output()
             .expect("run balancer reload")
@@ -505,6 +510,16 @@ fn an_invalid_config_is_rejected_and_changes_nothing() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+
+    // The metrics port takes no write action: a POST is refused and reloads nothing.
+    let ns = &lab.topology.balancer;
+    for path in ["/api/v1/reload", "/api/v1/status", "/metrics"] {
+        let (code, body) = send(ns, api(), "POST", path).unwrap();
+        assert_eq!(code, 405, "POST {path}: {body}");
+    }
+    let (_, body) = send(ns, api(), "POST", "/api/v1/reload").unwrap();
+    assert!(body.contains("control socket"), "{body}");
+    assert_eq!(lab.generation(), generation + 2, "a POST reloaded");
 
     // SIGHUP reloads too.
     lab.balancer.signal(libc::SIGHUP);

@@ -154,11 +154,16 @@ struct Scrape {
 }
 
 impl Scrape {
+    /// Parses an OpenMetrics text exposition, checking the conventions: one prefix, HELP and
+    /// TYPE before every family's samples, counter families named without `_total` and their
+    /// samples with it, histograms as _bucket/_sum/_count, base units, `# EOF` last.
     fn parse(text: &str) -> Scrape {
         let mut types: BTreeMap<String, String> = BTreeMap::new();
         let mut helps: BTreeSet<String> = BTreeSet::new();
         let mut samples = Vec::new();
-        for line in text.lines() {
+        let mut lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.pop(), Some("# EOF"), "the exposition ends with # EOF");
+        for line in lines {
             if let Some(rest) = line.strip_prefix("# HELP ") {
                 let (name, help) = rest.split_once(' ').expect("HELP name text");
                 assert!(!help.is_empty(), "{line}");
@@ -186,24 +191,24 @@ impl Scrape {
                 Some((name, rest)) => (name, parse_labels(rest.strip_suffix('}').unwrap())),
                 None => (series, BTreeMap::new()),
             };
-            // Prometheus conventions: one prefix, HELP and TYPE for every family, counters
-            // named _total, histograms as _bucket/_sum/_count, base units.
             assert!(name.starts_with("balancer_"), "{name}");
+            let family_of = |suffix: &str, kind: &str| {
+                name.strip_suffix(suffix)
+                    .filter(|f| types.get(*f).is_some_and(|k| k == kind))
+            };
             let family = ["_bucket", "_sum", "_count"]
                 .iter()
-                .find_map(|s| {
-                    name.strip_suffix(s)
-                        .filter(|f| types.get(*f).is_some_and(|k| k == "histogram"))
-                })
+                .find_map(|s| family_of(s, "histogram"))
+                .or_else(|| family_of("_total", "counter"))
                 .unwrap_or(name);
             let kind = types
                 .get(family)
                 .unwrap_or_else(|| panic!("{name} has no TYPE line before it"));
             assert!(helps.contains(family), "{family} has no HELP line");
             if kind == "counter" {
-                assert!(family.ends_with("_total"), "counter {family}");
+                assert!(name.ends_with("_total") && !family.ends_with("_total"), "counter {name}");
             } else {
-                assert!(!family.ends_with("_total"), "{kind} {family}");
+                assert!(!name.ends_with("_total"), "{kind} {name}");
             }
             assert!(
                 !family.contains("milli") && !family.contains("_ms"),

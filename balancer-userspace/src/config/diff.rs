@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
-use super::{BackendConfig, Config, Vip};
+use crate::config::model::{BackendConfig, Config, Vip};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {

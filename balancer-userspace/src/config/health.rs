@@ -1,117 +1,28 @@
-//! The `health` tables of the config: a VIP's, and a backend's overrides of it.
+//! The `health` tables of the config, a VIP's and a backend's overrides of it, checked and
+//! resolved into a [`HealthCheck`] with the defaults filled in.
 
 use std::{ops::Range, time::Duration};
 
-use serde::Deserialize;
+use hyper::http::{uri::PathAndQuery, HeaderValue};
 use toml::Spanned;
 
-use super::{Invalid, Protocol};
-
-/// Defaults of a health check.
-pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
-pub const DEFAULT_RISE: u32 = 2;
-pub const DEFAULT_FALL: u32 = 3;
-pub const DEFAULT_HTTP_STATUS: (u16, u16) = (200, 399);
-
-/// A backend's health check, with the VIP's settings, the backend's overrides and the
-/// defaults resolved.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct HealthCheck {
-    pub kind: CheckKind,
-    /// Port probed on the backend's address (0 for kind `none`).
-    pub port: u16,
-    pub interval: Duration,
-    pub timeout: Duration,
-    /// Consecutive successes that bring a down backend up.
-    pub rise: u32,
-    /// Consecutive failures that take an up backend down.
-    pub fall: u32,
-    /// State of a backend before its first verdict.
-    pub initial: InitialState,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum CheckKind {
-    /// No checks: the backend is always up.
-    None,
-    /// A TCP connect.
-    Tcp,
-    /// An HTTP/1.1 GET whose status must fall in `status` (inclusive).
-    Http {
-        path: String,
-        host: Option<String>,
-        status: (u16, u16),
+use crate::config::{
+    model::{
+        CheckKind, HealthCheck, Protocol, DEFAULT_FALL, DEFAULT_HTTP_STATUS, DEFAULT_INTERVAL,
+        DEFAULT_RISE, DEFAULT_TIMEOUT,
     },
-}
+    raw::{Invalid, RawHealth, RawKind},
+};
 
-impl CheckKind {
-    pub fn name(&self) -> &'static str {
-        match self {
-            CheckKind::None => "none",
-            CheckKind::Tcp => "tcp",
-            CheckKind::Http { .. } => "http",
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum InitialState {
-    #[default]
-    Up,
-    Down,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub(super) enum RawKind {
-    None,
-    Tcp,
-    Http,
-}
-
-/// A `health` table as written; every key optional so that a backend can override any subset.
-#[derive(Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawHealth {
-    kind: Option<Spanned<RawKind>>,
-    port: Option<Spanned<u16>>,
-    interval: Option<Spanned<String>>,
-    timeout: Option<Spanned<String>>,
-    rise: Option<Spanned<u32>>,
-    fall: Option<Spanned<u32>>,
-    initial: Option<InitialState>,
-    path: Option<Spanned<String>>,
-    host: Option<Spanned<String>>,
-    status: Option<Spanned<String>>,
-}
-
-impl RawHealth {
-    /// This table with `overrides` laid over it, key by key.
-    /// When the override names a `kind`, the HTTP-only keys (path, host, status) come from the
-    /// override alone: a backend checked with TCP does not inherit the VIP's HTTP path.
-    pub(super) fn overridden_by(&self, overrides: &RawHealth) -> RawHealth {
-        let o = overrides.clone();
-        let mut s = self.clone();
-        if o.kind.is_some() {
-            s.path = None;
-            s.host = None;
-            s.status = None;
-        }
-        RawHealth {
-            kind: o.kind.or(s.kind),
-            port: o.port.or(s.port),
-            interval: o.interval.or(s.interval),
-            timeout: o.timeout.or(s.timeout),
-            rise: o.rise.or(s.rise),
-            fall: o.fall.or(s.fall),
-            initial: o.initial.or(s.initial),
-            path: o.path.or(s.path),
-            host: o.host.or(s.host),
-            status: o.status.or(s.status),
-        }
-    }
+/// Where a health table applies, for error messages and defaults.
+pub(super) struct Scope<'a> {
+    /// `VIP "web", backend 10.0.0.1`.
+    pub name: &'a str,
+    pub protocol: Protocol,
+    /// The VIP's port (`None`: any port).
+    pub vip_port: Option<u16>,
+    /// Where to point at when no value of the table is to blame.
+    pub span: Range<usize>,
 }
 
 /// Resolves a (merged) `health` table. `present` says whether any table was written at all:
@@ -119,57 +30,18 @@ impl RawHealth {
 pub(super) fn resolve(
     raw: &RawHealth,
     present: bool,
-    protocol: Protocol,
-    vip_port: Option<u16>,
-    where_: &str,
-    span: Range<usize>,
+    scope: &Scope,
 ) -> Result<HealthCheck, Invalid> {
     let kind = match &raw.kind {
         Some(k) => *k.get_ref(),
-        None if present || (protocol == Protocol::Tcp && vip_port.is_some()) => RawKind::Tcp,
+        None if present || (scope.protocol == Protocol::Tcp && scope.vip_port.is_some()) => {
+            RawKind::Tcp
+        }
         None => RawKind::None,
     };
-    let kind_span = raw.kind.as_ref().map_or(span.clone(), |k| k.span());
-
-    let duration = |value: &Option<Spanned<String>>,
-                    default: Duration,
-                    key: &str|
-     -> Result<Duration, Invalid> {
-        match value {
-            None => Ok(default),
-            Some(v) => parse_duration(v.get_ref())
-                .map_err(|e| (v.span(), format!("{where_}: health {key} {e}"))),
-        }
-    };
-    let interval = duration(&raw.interval, DEFAULT_INTERVAL, "interval")?;
-    let timeout = duration(&raw.timeout, DEFAULT_TIMEOUT, "timeout")?;
-    let interval_span = raw.interval.as_ref().map_or(span.clone(), |v| v.span());
-    if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&interval) {
-        return Err((
-            interval_span,
-            format!("{where_}: health interval must be from 100ms to 1h"),
-        ));
-    }
-    let timeout_span = raw.timeout.as_ref().map_or(span.clone(), |v| v.span());
-    if timeout < Duration::from_millis(10) || timeout > interval {
-        return Err((
-            timeout_span,
-            format!("{where_}: health timeout must be at least 10ms and no longer than the interval ({interval:?})"),
-        ));
-    }
-    let count = |value: &Option<Spanned<u32>>, default: u32, key: &str| -> Result<u32, Invalid> {
-        match value {
-            None => Ok(default),
-            Some(v) if (1..=100).contains(v.get_ref()) => Ok(*v.get_ref()),
-            Some(v) => Err((
-                v.span(),
-                format!("{where_}: health {key} must be from 1 to 100"),
-            )),
-        }
-    };
-    let rise = count(&raw.rise, DEFAULT_RISE, "rise")?;
-    let fall = count(&raw.fall, DEFAULT_FALL, "fall")?;
-
+    let (interval, timeout) = timing(raw, scope)?;
+    let rise = count(&raw.rise, DEFAULT_RISE, "rise", scope)?;
+    let fall = count(&raw.fall, DEFAULT_FALL, "fall", scope)?;
     if kind != RawKind::Http {
         for (key, value) in [
             ("path", &raw.path),
@@ -177,93 +49,154 @@ pub(super) fn resolve(
             ("status", &raw.status),
         ] {
             if let Some(v) = value {
-                return Err((
-                    v.span(),
-                    format!("{where_}: health {key} only applies to kind = \"http\""),
-                ));
+                let message = format!(
+                    "{}: health {key} only applies to kind = \"http\"",
+                    scope.name
+                );
+                return Err((v.span(), message));
             }
         }
     }
-
-    let port = match (kind, &raw.port) {
-        (RawKind::None, _) => 0,
-        (_, Some(p)) if *p.get_ref() == 0 => {
-            return Err((
-                p.span(),
-                format!("{where_}: health port must be from 1 to 65535"),
-            ))
-        }
-        (_, Some(p)) => *p.get_ref(),
-        (_, None) if protocol == Protocol::Udp => {
-            return Err((
-                kind_span,
-                format!(
-                    "{where_}: a {} check of a UDP VIP needs an explicit TCP `port`",
-                    kind_name(kind)
-                ),
-            ))
-        }
-        (_, None) => vip_port.ok_or_else(|| {
-            (
-                kind_span.clone(),
-                format!("{where_}: the VIP has no port (\"any\"): set the health check's `port`"),
-            )
-        })?,
-    };
-
-    let kind = match kind {
-        RawKind::None => CheckKind::None,
-        RawKind::Tcp => CheckKind::Tcp,
-        RawKind::Http => {
-            let path = match &raw.path {
-                None => "/".to_owned(),
-                Some(p)
-                    if p.get_ref().starts_with('/')
-                        && !has_control(p.get_ref())
-                        && !p.get_ref().contains(' ') =>
-                {
-                    p.get_ref().clone()
-                }
-                Some(p) => {
-                    return Err((
-                        p.span(),
-                        format!("{where_}: health path must start with '/' and hold no spaces"),
-                    ))
-                }
-            };
-            let host = match &raw.host {
-                None => None,
-                Some(h)
-                    if !h.get_ref().is_empty()
-                        && !has_control(h.get_ref())
-                        && !h.get_ref().contains(' ') =>
-                {
-                    Some(h.get_ref().clone())
-                }
-                Some(h) => {
-                    return Err((
-                        h.span(),
-                        format!("{where_}: health host must be a non-empty name without spaces"),
-                    ))
-                }
-            };
-            let status = match &raw.status {
-                None => DEFAULT_HTTP_STATUS,
-                Some(s) => parse_status_range(s.get_ref())
-                    .map_err(|e| (s.span(), format!("{where_}: health status {e}")))?,
-            };
-            CheckKind::Http { path, host, status }
-        }
-    };
     Ok(HealthCheck {
-        kind,
-        port,
+        port: port(raw, kind, scope)?,
+        kind: check_kind(raw, kind, scope)?,
         interval,
         timeout,
         rise,
         fall,
         initial: raw.initial.unwrap_or_default(),
     })
+}
+
+/// The interval (100ms to 1h) and the timeout (10ms up to the interval).
+fn timing(raw: &RawHealth, scope: &Scope) -> Result<(Duration, Duration), Invalid> {
+    let duration = |value: &Option<Spanned<String>>, default: Duration, key: &str| match value {
+        None => Ok(default),
+        Some(v) => parse_duration(v.get_ref())
+            .map_err(|e| (v.span(), format!("{}: health {key} {e}", scope.name))),
+    };
+    let span_of =
+        |value: &Option<Spanned<String>>| value.as_ref().map_or(scope.span.clone(), |v| v.span());
+    let interval = duration(&raw.interval, DEFAULT_INTERVAL, "interval")?;
+    let timeout = duration(&raw.timeout, DEFAULT_TIMEOUT, "timeout")?;
+    if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&interval) {
+        let message = format!("{}: health interval must be from 100ms to 1h", scope.name);
+        return Err((span_of(&raw.interval), message));
+    }
+    if timeout < Duration::from_millis(10) || timeout > interval {
+        let message = format!(
+            "{}: health timeout must be at least 10ms and no longer than the interval ({interval:?})",
+            scope.name
+        );
+        return Err((span_of(&raw.timeout), message));
+    }
+    Ok((interval, timeout))
+}
+
+/// `rise` or `fall`: 1 to 100.
+fn count(
+    value: &Option<Spanned<u32>>,
+    default: u32,
+    key: &str,
+    scope: &Scope,
+) -> Result<u32, Invalid> {
+    match value {
+        None => Ok(default),
+        Some(v) if (1..=100).contains(v.get_ref()) => Ok(*v.get_ref()),
+        Some(v) => Err((
+            v.span(),
+            format!("{}: health {key} must be from 1 to 100", scope.name),
+        )),
+    }
+}
+
+/// The port probed: the check's own, else the VIP's (a UDP or any-port VIP has none to lend).
+fn port(raw: &RawHealth, kind: RawKind, scope: &Scope) -> Result<u16, Invalid> {
+    let kind_span = raw.kind.as_ref().map_or(scope.span.clone(), |k| k.span());
+    match (kind, &raw.port) {
+        (RawKind::None, _) => Ok(0),
+        (_, Some(p)) if *p.get_ref() == 0 => Err((
+            p.span(),
+            format!("{}: health port must be from 1 to 65535", scope.name),
+        )),
+        (_, Some(p)) => Ok(*p.get_ref()),
+        (_, None) if scope.protocol == Protocol::Udp => Err((
+            kind_span,
+            format!(
+                "{}: a {} check of a UDP VIP needs an explicit TCP `port`",
+                scope.name,
+                kind_name(kind)
+            ),
+        )),
+        (_, None) => scope.vip_port.ok_or_else(|| {
+            (
+                kind_span,
+                format!(
+                    "{}: the VIP has no port (\"any\"): set the health check's `port`",
+                    scope.name
+                ),
+            )
+        }),
+    }
+}
+
+/// The kind, with an HTTP check's path, host and status range checked.
+fn check_kind(raw: &RawHealth, kind: RawKind, scope: &Scope) -> Result<CheckKind, Invalid> {
+    Ok(match kind {
+        RawKind::None => CheckKind::None,
+        RawKind::Tcp => CheckKind::Tcp,
+        RawKind::Http => CheckKind::Http {
+            path: http_path(raw, scope)?,
+            host: http_host(raw, scope)?,
+            status: match &raw.status {
+                None => DEFAULT_HTTP_STATUS,
+                Some(s) => parse_status_range(s.get_ref())
+                    .map_err(|e| (s.span(), format!("{}: health status {e}", scope.name)))?,
+            },
+        },
+    })
+}
+
+/// An absolute path (and query) that an HTTP request line can carry.
+fn http_path(raw: &RawHealth, scope: &Scope) -> Result<String, Invalid> {
+    let Some(p) = &raw.path else {
+        return Ok("/".to_owned());
+    };
+    let text = p.get_ref();
+    if text.starts_with('/')
+        && !has_control(text)
+        && !text.contains(' ')
+        && text.parse::<PathAndQuery>().is_ok()
+    {
+        return Ok(text.clone());
+    }
+    Err((
+        p.span(),
+        format!(
+            "{}: health path must start with '/' and hold no spaces or characters a URL cannot carry",
+            scope.name
+        ),
+    ))
+}
+
+fn http_host(raw: &RawHealth, scope: &Scope) -> Result<Option<String>, Invalid> {
+    match &raw.host {
+        None => Ok(None),
+        Some(h)
+            if !h.get_ref().is_empty()
+                && !h.get_ref().contains(' ')
+                && HeaderValue::from_str(h.get_ref()).is_ok() =>
+        {
+            Ok(Some(h.get_ref().clone()))
+        }
+        Some(h) => Err((
+            h.span(),
+            format!(
+                "{}: health host must be a non-empty name without spaces",
+                scope.name
+            ),
+        )),
+    }
 }
 
 fn kind_name(kind: RawKind) -> &'static str {

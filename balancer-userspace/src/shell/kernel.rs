@@ -144,23 +144,33 @@ pub fn parse_release(release: &str) -> Option<(u32, u32)> {
     Some((major, minor))
 }
 
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KernelError {
+    #[error(
+        "not permitted to create {} (Operation not permitted): the balancer needs root, or \
+         CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON",
+        denied.join(", ")
+    )]
+    Denied { denied: Vec<&'static str> },
+    #[error("this kernel ({release}) cannot run the balancer; it lacks: {}", missing.join("; "))]
+    Lacking {
+        release: String,
+        missing: Vec<String>,
+    },
+}
+
 /// Fails with every missing feature named, before anything is loaded.
-pub fn check() -> anyhow::Result<()> {
+pub fn check() -> Result<(), KernelError> {
     let (probes, denied) = Probes::probe();
     if !denied.is_empty() {
-        anyhow::bail!(
-            "not permitted to create {} (Operation not permitted): the balancer needs root, or \
-             CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON",
-            denied.join(", ")
-        );
+        return Err(KernelError::Denied { denied });
     }
     let missing = probes.missing();
     if !missing.is_empty() {
-        anyhow::bail!(
-            "this kernel ({}) cannot run the balancer; it lacks: {}",
-            probes.release,
-            missing.join("; ")
-        );
+        return Err(KernelError::Lacking {
+            release: probes.release,
+            missing,
+        });
     }
     Ok(())
 }

@@ -1,144 +1,32 @@
-//! The reconciler: (validated config, next hops, backend health, id assignments) -> the exact
-//! contents the maps must hold. Pure: no kernel, no I/O, tested on any machine.
+//! The desired state: (validated config, next hops, health verdicts, ids) -> the exact
+//! contents the maps must hold, and what each VIP and backend is doing. Pure: no kernel, no
+//! I/O, tested on any machine.
 
-use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
-    net::IpAddr,
-};
+use std::{collections::HashMap, net::IpAddr, sync::Arc};
+
+use serde::{Deserialize, Serialize};
 
 use balancer_common::{
-    Backend, VipKey, VipMeta, BACKEND_F_DOWN, BACKEND_F_DRAINING, BACKEND_F_VALID, FAMILY_IPV4,
-    FAMILY_IPV6, FORWARD_DSR, FORWARD_TUNNEL, MAX_BACKENDS, MAX_VIPS, NO_BACKEND, PROTO_ICMP,
-    PROTO_ICMPV6, VIP_F_ADDRESS, VIP_F_FRAGMENTS, VIP_F_FRAGMENTS_ONLY, VIP_F_HASH_DST_PORT_ONLY,
+    Backend, VipKey, VipMeta, BACKEND_F_DOWN, BACKEND_F_DRAINING, BACKEND_F_VALID, FORWARD_DSR,
+    FORWARD_TUNNEL, NO_BACKEND, PROTO_ICMP, PROTO_ICMPV6, VIP_F_ADDRESS, VIP_F_FRAGMENTS,
+    VIP_F_FRAGMENTS_ONLY, VIP_F_HASH_DST_PORT_ONLY,
 };
 
 use crate::{
     config::{BackendConfig, Config, Forwarding, HashMode, TunnelSource, Vip, WhenAllDown},
     maglev::{self, MaglevBackend},
+    plan::{
+        contents::{MapContents, Table},
+        ids::{IdError, Ids},
+        inputs::{address_bytes, vip_key, BackendKey, Health, NextHop, NextHops},
+    },
 };
 
-/// Where packets for a backend leave: the interface, the two MAC addresses (the backend's, or
-/// its gateway's), the interface's MTU and its preferred source address towards the backend.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NextHop {
-    pub ifindex: u32,
-    pub interface: String,
-    pub src_mac: [u8; 6],
-    pub dst_mac: [u8; 6],
-    /// Set when the backend is reached through a router (fine for tunnels, not for direct
-    /// server return).
-    pub gateway: Option<IpAddr>,
-    pub mtu: u32,
-    pub source: Option<IpAddr>,
-}
-
-/// Next hops by backend address; a backend missing here could not be resolved.
-pub type NextHops = HashMap<IpAddr, NextHop>;
-
-/// What the health checks say of a backend. Until they run, every backend is up.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum Health {
-    #[default]
-    Up,
-    Down,
-}
-
-/// A (VIP name, backend address) pair: how a backend is known across config changes.
-pub type BackendKey = (String, IpAddr);
-
-/// Stable ids for VIPs and backends. An id stays with its VIP or backend for as long as it is
-/// configured (or, for a removed backend, retiring), so that the connection table's entries
-/// (which hold backend ids) stay valid across config changes. New ids are handed out round
-/// robin, so a freed id is reused as late as possible: a flow still remembered on a removed
-/// backend is re-selected rather than silently sent to that id's next owner.
-#[derive(Clone, Debug, Default)]
-pub struct Ids {
-    vips: HashMap<String, u32>,
-    backends: HashMap<BackendKey, u32>,
-    next_vip: u32,
-    next_backend: u32,
-}
-
-impl Ids {
-    /// Ids found in maps an earlier daemon left: they keep their meaning, and new ids are
-    /// handed out after the highest one found.
-    pub fn adopted(vips: HashMap<String, u32>, backends: HashMap<BackendKey, u32>) -> Ids {
-        let next_vip = vips.values().max().map_or(0, |m| (m + 1) % MAX_VIPS);
-        let next_backend = backends
-            .values()
-            .max()
-            .map_or(0, |m| (m + 1) % MAX_BACKENDS);
-        Ids {
-            vips,
-            backends,
-            next_vip,
-            next_backend,
-        }
-    }
-
-    pub fn vip(&self, name: &str) -> Option<u32> {
-        self.vips.get(name).copied()
-    }
-
-    pub fn backend(&self, key: &BackendKey) -> Option<u32> {
-        self.backends.get(key).copied()
-    }
-
-    /// Keeps the ids of the VIPs and backends still wanted, frees the others, and gives new
-    /// ones ids.
-    fn assign(&mut self, vips: &[&str], backends: &[BackendKey]) -> Result<(), ReconcileError> {
-        let wanted_vips: BTreeSet<&str> = vips.iter().copied().collect();
-        self.vips
-            .retain(|name, _| wanted_vips.contains(name.as_str()));
-        let wanted_backends: BTreeSet<&BackendKey> = backends.iter().collect();
-        self.backends.retain(|key, _| wanted_backends.contains(key));
-        for &name in vips {
-            if !self.vips.contains_key(name) {
-                let id = next_free(&mut self.next_vip, self.vips.values(), MAX_VIPS)
-                    .ok_or(ReconcileError::TooManyVips)?;
-                self.vips.insert(name.to_owned(), id);
-            }
-        }
-        for key in backends {
-            if !self.backends.contains_key(key) {
-                let id = next_free(&mut self.next_backend, self.backends.values(), MAX_BACKENDS)
-                    .ok_or(ReconcileError::TooManyBackends)?;
-                self.backends.insert(key.clone(), id);
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The first id at or after `cursor` (wrapping) that is not used; advances the cursor past it.
-fn next_free<'a>(cursor: &mut u32, used: impl Iterator<Item = &'a u32>, limit: u32) -> Option<u32> {
-    let used: BTreeSet<u32> = used.copied().collect();
-    let id = (0..limit)
-        .map(|i| (*cursor + i) % limit)
-        .find(|id| !used.contains(id))?;
-    *cursor = (id + 1) % limit;
-    Some(id)
-}
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ReconcileError {
-    #[error("too many VIPs (at most {MAX_VIPS})")]
-    TooManyVips,
-    #[error("too many backends (at most {MAX_BACKENDS})")]
-    TooManyBackends,
-}
-
-/// Everything the maps must hold.
+/// Everything the maps must hold, and per VIP what it is doing.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct DesiredState {
     pub vips: Vec<DesiredVip>,
-    /// Every entry of the VIPS map: each VIP's key, the port-0 keys that take fragments, and
-    /// one address entry (ICMP echo) per VIP address.
-    pub keys: Vec<(VipKey, VipMeta)>,
-    /// Every live backend id and its entry.
-    pub backends: BTreeMap<u32, Backend>,
-    /// Every egress interface (ifindex) a backend is reached through.
-    pub egress: BTreeSet<u32>,
+    pub maps: MapContents,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -147,11 +35,26 @@ pub struct DesiredVip {
     pub key: VipKey,
     pub meta: VipMeta,
     /// `table_size` slots of backend ids (`NO_BACKEND` where no backend takes new flows).
-    pub table: Vec<u32>,
+    pub table: Table,
     pub backends: Vec<DesiredBackend>,
     /// Every backend that could take new flows is down, and the VIP fails open: the table
     /// spreads over the down backends.
     pub fail_open: bool,
+}
+
+impl DesiredVip {
+    /// Backends taking new flows.
+    pub fn healthy(&self) -> usize {
+        self.backends
+            .iter()
+            .filter(|b| b.state == BackendState::Active)
+            .count()
+    }
+
+    /// Every backend that would take new flows is down (the VIP fails open or drops).
+    pub fn all_down(&self) -> bool {
+        self.healthy() == 0 && self.backends.iter().any(|b| b.state == BackendState::Down)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -165,7 +68,8 @@ pub struct DesiredBackend {
 }
 
 /// A backend's state as the data plane sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum BackendState {
     /// Takes new flows.
     Active,
@@ -190,38 +94,16 @@ impl BackendState {
             BackendState::Removed => "removed",
         }
     }
-}
 
-/// The address of a map entry's 16 bytes and family (the inverse of [`address_bytes`]).
-pub fn address_of(bytes: [u8; 16], family: u8) -> IpAddr {
-    if family == FAMILY_IPV4 {
-        IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])
-    } else {
-        IpAddr::from(bytes)
+    /// Keeps its flows but takes no new ones.
+    pub fn drains(self) -> bool {
+        matches!(self, BackendState::Draining | BackendState::Removed)
     }
 }
 
-pub fn address_bytes(address: IpAddr) -> ([u8; 16], u8) {
-    let mut bytes = [0u8; 16];
-    match address {
-        IpAddr::V4(a) => {
-            bytes[..4].copy_from_slice(&a.octets());
-            (bytes, FAMILY_IPV4)
-        }
-        IpAddr::V6(a) => (a.octets(), FAMILY_IPV6),
-    }
-}
-
-/// The map key of a VIP (port 0 for an any-port VIP).
-pub fn vip_key(vip: &Vip) -> VipKey {
-    let (addr, family) = address_bytes(vip.address);
-    VipKey {
-        addr,
-        port: vip.port.unwrap_or(0).to_be(),
-        proto: vip.protocol.number(),
-        family,
-    }
-}
+/// A backend the maps hold for a VIP: its address and, unless it is retiring (removed from
+/// the config, within its grace period), its config.
+type Member<'a> = (IpAddr, Option<&'a BackendConfig>);
 
 /// Computes the desired map contents, updating `ids` to the config. `retiring` lists backends
 /// removed from the config whose grace period has not ended: they keep their ids and flows.
@@ -231,23 +113,11 @@ pub fn desired_state(
     next_hops: &NextHops,
     health: &HashMap<BackendKey, Health>,
     ids: &mut Ids,
-) -> Result<DesiredState, ReconcileError> {
-    // Every backend the maps hold, per VIP: the configured ones, then the retiring ones.
-    // (address, its config; None for a retiring backend)
-    type Members<'a> = Vec<(IpAddr, Option<&'a BackendConfig>)>;
-    let members: Vec<(&Vip, Members)> = config
+) -> Result<DesiredState, IdError> {
+    let members: Vec<(&Vip, Vec<Member>)> = config
         .vips
         .iter()
-        .map(|vip| {
-            let mut list: Vec<(IpAddr, Option<&BackendConfig>)> =
-                vip.backends.iter().map(|b| (b.address, Some(b))).collect();
-            for (name, address) in retiring {
-                if *name == vip.name && !vip.backends.iter().any(|b| b.address == *address) {
-                    list.push((*address, None));
-                }
-            }
-            (vip, list)
-        })
+        .map(|vip| (vip, members(vip, retiring)))
         .collect();
     let vip_names: Vec<&str> = config.vips.iter().map(|v| v.name.as_str()).collect();
     let backend_keys: Vec<BackendKey> = members
@@ -258,10 +128,49 @@ pub fn desired_state(
 
     let mut state = DesiredState::default();
     for (vip, list) in members {
-        let vip_id = ids.vip(&vip.name).expect("assigned above");
-        let mut backends = Vec::with_capacity(list.len());
-        let mut entries = Vec::with_capacity(list.len());
-        for (address, configured) in list {
+        let planned = VipPlan {
+            vip,
+            vip_id: ids.vip(&vip.name).expect("assigned above"),
+            seed: config.hash_seed,
+        };
+        let desired = planned.build(&list, next_hops, health, ids, &mut state.maps);
+        state.vips.push(desired);
+    }
+    Ok(state)
+}
+
+/// The configured backends of `vip`, then its retiring ones.
+fn members<'a>(vip: &'a Vip, retiring: &[BackendKey]) -> Vec<Member<'a>> {
+    let mut list: Vec<Member> = vip.backends.iter().map(|b| (b.address, Some(b))).collect();
+    for (name, address) in retiring {
+        if *name == vip.name && !vip.backends.iter().any(|b| b.address == *address) {
+            list.push((*address, None));
+        }
+    }
+    list
+}
+
+/// One VIP being planned.
+struct VipPlan<'a> {
+    vip: &'a Vip,
+    vip_id: u32,
+    seed: u32,
+}
+
+impl VipPlan<'_> {
+    /// The VIP's backends, table and keys, added to `maps`.
+    fn build(
+        &self,
+        members: &[Member],
+        next_hops: &NextHops,
+        health: &HashMap<BackendKey, Health>,
+        ids: &Ids,
+        maps: &mut MapContents,
+    ) -> DesiredVip {
+        let vip = self.vip;
+        let mut backends = Vec::with_capacity(members.len());
+        let mut entries = Vec::with_capacity(members.len());
+        for &(address, configured) in members {
             let key = (vip.name.clone(), address);
             let id = ids.backend(&key).expect("assigned above");
             // Direct server return cannot reach a backend behind a router.
@@ -269,90 +178,121 @@ pub fn desired_state(
                 .get(&address)
                 .filter(|hop| vip.forwarding == Forwarding::Tunnel || hop.gateway.is_none());
             let healthy = health.get(&key).copied().unwrap_or_default() == Health::Up;
-            let backend_state = match (next_hop, configured) {
-                (None, _) => BackendState::Unreachable,
-                (Some(_), None) => BackendState::Removed,
-                (Some(_), Some(_)) if !healthy => BackendState::Down,
-                (Some(_), Some(b)) if !b.takes_new_flows() => BackendState::Draining,
-                (Some(_), Some(_)) => BackendState::Active,
-            };
-            let (addr, family) = address_bytes(address);
-            let mut entry = Backend {
-                addr,
-                family,
-                vip_id,
-                flags: BACKEND_F_VALID,
-                ..Backend::default()
-            };
             if let Some(hop) = next_hop {
-                entry.ifindex = hop.ifindex;
-                entry.src_mac = hop.src_mac;
-                entry.dst_mac = hop.dst_mac;
-                entry.mtu = hop.mtu.min(u16::MAX as u32) as u16;
-                if vip.forwarding == Forwarding::Tunnel {
-                    let configured = if address.is_ipv4() {
-                        vip.tunnel_source_v4
-                    } else {
-                        vip.tunnel_source_v6
-                    };
-                    let source = configured.or(hop.source.map(|address| TunnelSource {
-                        address,
-                        varied_bits: 0,
-                    }));
-                    if let Some(source) = source {
-                        entry.tunnel_src = address_bytes(source.address).0;
-                        entry.tunnel_src_bits = source.varied_bits;
-                    }
-                }
-                state.egress.insert(hop.ifindex);
+                maps.egress.insert(hop.ifindex);
             }
-            entries.push((id, entry, healthy));
+            entries.push((self.entry(address, next_hop), healthy));
             backends.push(DesiredBackend {
                 id,
                 address,
                 weight: configured.map_or(0, |b| b.weight),
-                state: backend_state,
+                state: backend_state(next_hop.is_some(), configured, healthy),
                 slots: 0,
             });
         }
-
-        // New flows go to active backends; if every backend that would take new flows is
-        // down and the VIP fails open, to those down backends instead.
-        let would_take = |b: &DesiredBackend| {
-            matches!(b.state, BackendState::Active | BackendState::Down)
-                && vip
-                    .backends
-                    .iter()
-                    .any(|c| c.address == b.address && c.takes_new_flows())
-        };
-        let fail_open = vip.when_all_down == WhenAllDown::FailOpen
-            && !backends.iter().any(|b| b.state == BackendState::Active)
-            && backends.iter().any(would_take);
-        let in_table =
-            |b: &DesiredBackend| b.state == BackendState::Active || (fail_open && would_take(b));
-
-        for ((id, mut entry, healthy), b) in entries.into_iter().zip(&backends) {
-            match b.state {
-                BackendState::Active => {}
-                BackendState::Draining => entry.flags |= BACKEND_F_DRAINING,
-                BackendState::Removed if healthy => entry.flags |= BACKEND_F_DRAINING,
-                // A down backend's flows move, unless the VIP fails open over it.
-                BackendState::Down if in_table(b) => {}
-                BackendState::Down | BackendState::Unreachable | BackendState::Removed => {
-                    entry.flags |= BACKEND_F_DOWN
-                }
-            }
-            state.backends.insert(id, entry);
+        let fail_open = self.fails_open(&backends);
+        for ((mut entry, healthy), b) in entries.into_iter().zip(&backends) {
+            entry.flags |= self.state_flags(b, healthy, fail_open);
+            maps.backends.insert(b.id, entry);
         }
+        let table = self.table(&mut backends, fail_open);
+        let meta = self.meta();
+        self.keys(meta, &mut maps.keys);
+        maps.tables.insert(self.vip_id, table.clone());
+        DesiredVip {
+            name: vip.name.clone(),
+            key: vip_key(vip),
+            meta,
+            table,
+            backends,
+            fail_open,
+        }
+    }
 
+    /// The backend's map entry, without its state flags.
+    fn entry(&self, address: IpAddr, next_hop: Option<&NextHop>) -> Backend {
+        let (addr, family) = address_bytes(address);
+        let mut entry = Backend {
+            addr,
+            family,
+            vip_id: self.vip_id,
+            flags: BACKEND_F_VALID,
+            ..Backend::default()
+        };
+        let Some(hop) = next_hop else {
+            return entry;
+        };
+        entry.ifindex = hop.ifindex;
+        entry.src_mac = hop.src_mac;
+        entry.dst_mac = hop.dst_mac;
+        entry.mtu = hop.mtu.min(u16::MAX as u32) as u16;
+        if self.vip.forwarding == Forwarding::Tunnel {
+            let configured = if address.is_ipv4() {
+                self.vip.tunnel_source_v4
+            } else {
+                self.vip.tunnel_source_v6
+            };
+            let source = configured.or(hop.source.map(|address| TunnelSource {
+                address,
+                varied_bits: 0,
+            }));
+            if let Some(source) = source {
+                entry.tunnel_src = address_bytes(source.address).0;
+                entry.tunnel_src_bits = source.varied_bits;
+            }
+        }
+        entry
+    }
+
+    /// Whether the backend is configured to take new flows (not draining, weight above 0).
+    fn would_take(&self, b: &DesiredBackend) -> bool {
+        matches!(b.state, BackendState::Active | BackendState::Down)
+            && self
+                .vip
+                .backends
+                .iter()
+                .any(|c| c.address == b.address && c.takes_new_flows())
+    }
+
+    /// New flows go to active backends; if every backend that would take new flows is down
+    /// and the VIP fails open, to those down backends instead.
+    fn fails_open(&self, backends: &[DesiredBackend]) -> bool {
+        self.vip.when_all_down == WhenAllDown::FailOpen
+            && !backends.iter().any(|b| b.state == BackendState::Active)
+            && backends.iter().any(|b| self.would_take(b))
+    }
+
+    fn in_table(&self, b: &DesiredBackend, fail_open: bool) -> bool {
+        b.state == BackendState::Active || (fail_open && self.would_take(b))
+    }
+
+    fn state_flags(&self, b: &DesiredBackend, healthy: bool, fail_open: bool) -> u32 {
+        match b.state {
+            BackendState::Active => 0,
+            BackendState::Draining => BACKEND_F_DRAINING,
+            BackendState::Removed if healthy => BACKEND_F_DRAINING,
+            // A down backend's flows move, unless the VIP fails open over it.
+            BackendState::Down if self.in_table(b, fail_open) => 0,
+            BackendState::Down | BackendState::Unreachable | BackendState::Removed => {
+                BACKEND_F_DOWN
+            }
+        }
+    }
+
+    /// The Maglev table over the backends that take new flows; counts each one's slots.
+    fn table(&self, backends: &mut [DesiredBackend], fail_open: bool) -> Table {
         let candidates: Vec<MaglevBackend> = backends
             .iter()
             .map(|b| MaglevBackend {
                 address: b.address,
-                weight: if in_table(b) { b.weight } else { 0 },
+                weight: if self.in_table(b, fail_open) {
+                    b.weight
+                } else {
+                    0
+                },
             })
             .collect();
-        let table: Vec<u32> = maglev::build(&candidates, vip.table_size, config.hash_seed)
+        let table: Vec<u32> = maglev::build(&candidates, self.vip.table_size, self.seed)
             .into_iter()
             .map(|slot| match slot {
                 Some(index) => {
@@ -362,7 +302,11 @@ pub fn desired_state(
                 None => NO_BACKEND,
             })
             .collect();
+        Arc::from(table)
+    }
 
+    fn meta(&self) -> VipMeta {
+        let vip = self.vip;
         let mut flags = 0;
         if vip.hash == HashMode::DstPortOnly {
             flags |= VIP_F_HASH_DST_PORT_ONLY;
@@ -370,8 +314,8 @@ pub fn desired_state(
         if vip.fragments {
             flags |= VIP_F_FRAGMENTS;
         }
-        let meta = VipMeta {
-            vip_id,
+        VipMeta {
+            vip_id: self.vip_id,
             table_size: vip.table_size,
             forwarding: match vip.forwarding {
                 Forwarding::Tunnel => FORWARD_TUNNEL,
@@ -379,54 +323,64 @@ pub fn desired_state(
             },
             flags,
             _pad: [0; 2],
-        };
+        }
+    }
+
+    /// The VIP's key, its fragments-only port-0 key, and its address's entry (unless another
+    /// VIP on the address made it already).
+    fn keys(&self, meta: VipMeta, keys: &mut Vec<(VipKey, VipMeta)>) {
+        let vip = self.vip;
         let key = vip_key(vip);
-        state.keys.push((key, meta));
+        keys.push((key, meta));
         if vip.fragments && vip.port.is_some() {
             let fragments = VipMeta {
-                flags: flags | VIP_F_FRAGMENTS_ONLY,
+                flags: meta.flags | VIP_F_FRAGMENTS_ONLY,
                 ..meta
             };
-            state.keys.push((VipKey { port: 0, ..key }, fragments));
+            keys.push((VipKey { port: 0, ..key }, fragments));
         }
-        let (addr, family) = address_bytes(vip.address);
-        let proto = if vip.address.is_ipv4() {
-            PROTO_ICMP
-        } else {
-            PROTO_ICMPV6
-        };
         let address_key = VipKey {
-            addr,
             port: 0,
-            proto,
-            family,
+            proto: if vip.address.is_ipv4() {
+                PROTO_ICMP
+            } else {
+                PROTO_ICMPV6
+            },
+            ..key
         };
-        if !state.keys.iter().any(|(k, _)| *k == address_key) {
+        if !keys.iter().any(|(k, _)| *k == address_key) {
             let meta = VipMeta {
-                vip_id,
+                vip_id: self.vip_id,
                 table_size: 0,
                 forwarding: 0,
                 flags: VIP_F_ADDRESS,
                 _pad: [0; 2],
             };
-            state.keys.push((address_key, meta));
+            keys.push((address_key, meta));
         }
-
-        state.vips.push(DesiredVip {
-            name: vip.name.clone(),
-            key,
-            meta,
-            table,
-            backends,
-            fail_open,
-        });
     }
-    Ok(state)
+}
+
+/// What a backend is doing: resolved or not, configured or retiring, healthy or not.
+fn backend_state(
+    resolved: bool,
+    configured: Option<&BackendConfig>,
+    healthy: bool,
+) -> BackendState {
+    match (resolved, configured) {
+        (false, _) => BackendState::Unreachable,
+        (true, None) => BackendState::Removed,
+        (true, Some(_)) if !healthy => BackendState::Down,
+        (true, Some(b)) if !b.takes_new_flows() => BackendState::Draining,
+        (true, Some(_)) => BackendState::Active,
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
+    use std::{collections::BTreeSet, path::Path};
+
+    use balancer_common::{FAMILY_IPV4, FAMILY_IPV6};
 
     use super::*;
     use crate::config;
@@ -527,7 +481,7 @@ backends = [{ address = "10.0.0.1" }]
         }
 
         // Backend entries: flags, next hop, owner.
-        let entry = |id: u32| state.backends[&id];
+        let entry = |id: u32| state.maps.backends[&id];
         assert_eq!(entry(web.backends[0].id).flags, BACKEND_F_VALID);
         assert_eq!(
             entry(web.backends[2].id).flags,
@@ -548,8 +502,8 @@ backends = [{ address = "10.0.0.1" }]
         assert_ne!(any.backends[0].id, web.backends[0].id);
         assert_eq!(entry(any.backends[0].id).vip_id, 1);
         assert!(any.table.iter().all(|&id| id == any.backends[0].id));
-        assert_eq!(state.backends.len(), 5);
-        assert_eq!(state.egress, BTreeSet::from([7]));
+        assert_eq!(state.maps.backends.len(), 5);
+        assert_eq!(state.maps.egress, BTreeSet::from([7]));
     }
 
     #[test]
@@ -562,7 +516,7 @@ backends = [{ address = "10.0.0.1" }]
         assert_eq!(web.backends[0].state, BackendState::Unreachable);
         assert_eq!(web.backends[0].slots, 0);
         assert_eq!(
-            state.backends[&web.backends[0].id].flags,
+            state.maps.backends[&web.backends[0].id].flags,
             BACKEND_F_VALID | BACKEND_F_DOWN
         );
         // The other VIP's only backend is unreachable: its table is empty.
@@ -577,7 +531,7 @@ backends = [{ address = "10.0.0.1" }]
         let id_of = |s: &DesiredState, vip: usize, b: usize| s.vips[vip].backends[b].id;
         let kept = id_of(&first, 0, 3);
         let removed = id_of(&first, 0, 1);
-        let used: BTreeSet<u32> = first.backends.keys().copied().collect();
+        let used: BTreeSet<u32> = first.maps.backends.keys().copied().collect();
 
         // Remove 10.0.0.2 from "web", add 10.0.0.9.
         let changed = TWO_VIPS
@@ -598,6 +552,7 @@ backends = [{ address = "10.0.0.1" }]
         );
         assert_eq!(second.vips[1].meta.vip_id, 1);
         assert!(!second
+            .maps
             .backends
             .values()
             .any(|b| b.addr[..4] == [10, 0, 0, 2]));
@@ -630,7 +585,7 @@ backends = [{ address = "10.0.0.1" }]
             (removed_id, BackendState::Removed, 0)
         );
         assert_eq!(
-            state.backends[&removed_id].flags,
+            state.maps.backends[&removed_id].flags,
             BACKEND_F_VALID | BACKEND_F_DRAINING
         );
         assert!(!web.table.contains(&removed_id));
@@ -644,7 +599,7 @@ backends = [{ address = "10.0.0.1" }]
             &mut ids,
         )
         .unwrap();
-        assert!(!state.backends.contains_key(&removed_id));
+        assert!(!state.maps.backends.contains_key(&removed_id));
     }
 
     fn all_down(text: &str) -> DesiredState {
@@ -669,7 +624,10 @@ backends = [{ address = "10.0.0.1" }]
         assert_eq!(slots[2], 0);
         assert!(slots[1] > slots[0] * 2, "{slots:?}");
         // Their flows are not moved away (no DOWN flag while failing open).
-        assert_eq!(state.backends[&web.backends[0].id].flags, BACKEND_F_VALID);
+        assert_eq!(
+            state.maps.backends[&web.backends[0].id].flags,
+            BACKEND_F_VALID
+        );
         assert!(web.backends.iter().all(|b| b.state != BackendState::Active));
     }
 
@@ -685,7 +643,7 @@ backends = [{ address = "10.0.0.1" }]
         assert!(!web.fail_open);
         assert!(web.table.iter().all(|&id| id == NO_BACKEND));
         assert_eq!(
-            state.backends[&web.backends[0].id].flags,
+            state.maps.backends[&web.backends[0].id].flags,
             BACKEND_F_VALID | BACKEND_F_DOWN
         );
     }
@@ -757,11 +715,11 @@ backends = [{ address = "2001:db8::2" }]
         let t4 = &state.vips[0];
         assert_eq!(t4.meta.forwarding, FORWARD_TUNNEL);
         assert_eq!(t4.meta.flags, VIP_F_HASH_DST_PORT_ONLY);
-        let v4_backend = state.backends[&t4.backends[0].id];
+        let v4_backend = state.maps.backends[&t4.backends[0].id];
         assert_eq!(&v4_backend.tunnel_src[..4], &[172, 16, 0, 0]);
         assert_eq!((v4_backend.tunnel_src_bits, v4_backend.mtu), (16, 1500));
         // No IPv6 source configured: the route's preferred source, fixed.
-        let v6_backend = state.backends[&t4.backends[1].id];
+        let v6_backend = state.maps.backends[&t4.backends[1].id];
         assert_eq!(v6_backend.tunnel_src, address_bytes(v6(0xfe)).0);
         assert_eq!(
             (
@@ -778,6 +736,7 @@ backends = [{ address = "2001:db8::2" }]
         let frag = &state.vips[2];
         assert_eq!(frag.meta.flags, VIP_F_FRAGMENTS);
         let keys: Vec<(u16, u8, u8)> = state
+            .maps
             .keys
             .iter()
             .map(|(k, m)| (u16::from_be(k.port), k.proto, m.flags))
@@ -793,8 +752,8 @@ backends = [{ address = "2001:db8::2" }]
                 (0, PROTO_ICMPV6, VIP_F_ADDRESS),
             ]
         );
-        assert_eq!(state.keys[1].0.addr[..4], [192, 0, 2, 10]);
-        assert_eq!(state.keys[5].0.family, FAMILY_IPV6);
+        assert_eq!(state.maps.keys[1].0.addr[..4], [192, 0, 2, 10]);
+        assert_eq!(state.maps.keys[5].0.family, FAMILY_IPV6);
     }
 
     #[test]

@@ -3,11 +3,10 @@
 //! into a config.
 //!
 //! A backend behind a gateway resolves to the gateway's MAC address, which suits tunnel mode;
-//! direct server return needs backends on a directly connected network, which the reconciler
+//! direct server return needs backends on a directly connected network, which the planner
 //! checks (`NextHop::gateway`). When the neighbour table has no usable entry, resolution is
-//! triggered (an
-//! `NTF_USE` neighbour request, which makes the kernel send an ARP or neighbour solicitation)
-//! and the table is polled until the answer arrives or the timeout passes.
+//! triggered (an `NTF_USE` neighbour request, which makes the kernel send an ARP or neighbour
+//! solicitation) and the table is polled until the answer arrives or the timeout passes.
 
 use std::{
     collections::HashMap,
@@ -24,7 +23,7 @@ use netlink_packet_route::{
 };
 use rtnetlink::{Handle, RouteMessageBuilder};
 
-use crate::reconcile::{NextHop, NextHops};
+use crate::plan::inputs::{NextHop, NextHops};
 
 /// How long to wait for an ARP or neighbour-discovery answer.
 pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -34,15 +33,6 @@ const POLL_INTERVAL: Duration = Duration::from_millis(50);
 pub enum NextHopError {
     #[error("no route to {0}")]
     NoRoute(IpAddr),
-    #[error(
-        "{address} is reached through gateway {gateway} on {interface}; direct server return \
-         needs backends on a directly connected network"
-    )]
-    ViaGateway {
-        address: IpAddr,
-        gateway: IpAddr,
-        interface: String,
-    },
     #[error("{address} is a local address of this host ({interface})")]
     Local { address: IpAddr, interface: String },
     #[error("no ARP/neighbour answer from {address} on {interface} within {timeout:?}")]
@@ -55,9 +45,9 @@ pub enum NextHopError {
     NoInterface(String),
     #[error("interface index {0} has no MAC address (not an Ethernet interface?)")]
     NoMac(u32),
-    #[error("netlink: {0}")]
+    #[error("netlink")]
     Netlink(#[from] rtnetlink::Error),
-    #[error("netlink socket: {0}")]
+    #[error("netlink socket")]
     Io(#[from] std::io::Error),
 }
 

@@ -1,21 +1,10 @@
-//! Health checks: probes (TCP connect, HTTP GET), the rise/fall state machine, and the timing
-//! of probes (jittered, so that many backends are not probed in lock-step).
-//!
-//! The state machine and the timing are pure and unit-tested; the probes are small async
-//! functions, each bounded by its timeout.
+//! Health verdicts: what a probe result means, the rise/fall state machine, the probe
+//! duration histogram, and the timing of probes (jittered, so that many backends are not
+//! probed in lock-step). Pure; the probes themselves are in `shell::probe`.
 
-use std::{
-    fmt,
-    net::{IpAddr, SocketAddr},
-    time::Duration,
-};
+use std::{fmt, time::Duration};
 
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
-};
-
-use crate::config::{CheckKind, HealthCheck, InitialState};
+use crate::config::InitialState;
 
 /// Why a probe failed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -168,78 +157,6 @@ pub fn next_delay(interval: Duration, unit: f64) -> Duration {
     interval.mul_f64(1.0 - JITTER + 2.0 * JITTER * unit.clamp(0.0, 1.0))
 }
 
-/// Runs one probe of `check` against `address`, bounded by the check's timeout.
-pub async fn probe(address: IpAddr, check: &HealthCheck) -> ProbeResult {
-    let target = SocketAddr::new(address, check.port);
-    match tokio::time::timeout(check.timeout, probe_unbounded(target, &check.kind)).await {
-        Ok(result) => result,
-        Err(_) => Err(ProbeFailure::Timeout),
-    }
-}
-
-async fn probe_unbounded(target: SocketAddr, kind: &CheckKind) -> ProbeResult {
-    match kind {
-        CheckKind::None => Ok(()),
-        CheckKind::Tcp => connect(target).await.map(drop),
-        CheckKind::Http { path, host, status } => {
-            let mut stream = connect(target).await?;
-            let host = host.clone().unwrap_or_else(|| target.to_string());
-            let request = format!(
-                "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: balancer-health-check\r\nConnection: close\r\n\r\n"
-            );
-            stream
-                .write_all(request.as_bytes())
-                .await
-                .map_err(io_failure)?;
-            // The status line is all we need: read until its end (or 1 KiB).
-            let mut head = Vec::with_capacity(256);
-            let mut buf = [0u8; 256];
-            while !head.contains(&b'\n') && head.len() < 1024 {
-                let n = stream.read(&mut buf).await.map_err(io_failure)?;
-                if n == 0 {
-                    break;
-                }
-                head.extend_from_slice(&buf[..n]);
-            }
-            let code = parse_status_line(&head)?;
-            if (status.0..=status.1).contains(&code) {
-                Ok(())
-            } else {
-                Err(ProbeFailure::Status(code))
-            }
-        }
-    }
-}
-
-async fn connect(target: SocketAddr) -> Result<TcpStream, ProbeFailure> {
-    TcpStream::connect(target).await.map_err(io_failure)
-}
-
-fn io_failure(e: std::io::Error) -> ProbeFailure {
-    match e.kind() {
-        std::io::ErrorKind::ConnectionRefused => ProbeFailure::Refused,
-        std::io::ErrorKind::TimedOut => ProbeFailure::Timeout,
-        _ => ProbeFailure::Error(e.to_string()),
-    }
-}
-
-/// The status code of `HTTP/1.x NNN ...`.
-fn parse_status_line(head: &[u8]) -> Result<u16, ProbeFailure> {
-    let line = String::from_utf8_lossy(head);
-    let line = line.lines().next().unwrap_or("");
-    let mut parts = line.split_whitespace();
-    match (
-        parts.next(),
-        parts.next().and_then(|c| c.parse::<u16>().ok()),
-    ) {
-        (Some(version), Some(code)) if version.starts_with("HTTP/1.") => Ok(code),
-        _ => Err(ProbeFailure::Error(format!(
-            "not an HTTP response: {:?}",
-            line.chars().take(40).collect::<String>()
-        ))),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,87 +236,5 @@ mod tests {
         // Out-of-range randomness is clamped, not trusted.
         assert!(next_delay(interval, 7.0) <= Duration::from_millis(1100));
         assert!(first_delay(interval, -1.0) == Duration::ZERO);
-    }
-
-    #[test]
-    fn status_lines() {
-        assert_eq!(
-            parse_status_line(b"HTTP/1.1 503 Service Unavailable\r\n"),
-            Ok(503)
-        );
-        assert_eq!(parse_status_line(b"HTTP/1.0 200 OK\r\n"), Ok(200));
-        assert!(parse_status_line(b"SSH-2.0-OpenSSH\r\n").is_err());
-        assert!(parse_status_line(b"").is_err());
-    }
-
-    /// Real probes against real sockets on loopback: refused, accepted, timed out (a listener
-    /// that never answers HTTP), and HTTP statuses inside and outside the range.
-    #[tokio::test]
-    async fn probes_against_real_sockets() {
-        use tokio::net::TcpListener;
-        let check = |kind: CheckKind, port: u16| HealthCheck {
-            kind,
-            port,
-            interval: Duration::from_secs(1),
-            timeout: Duration::from_millis(300),
-            rise: 1,
-            fall: 1,
-            initial: InitialState::Up,
-        };
-        let lo: IpAddr = "127.0.0.1".parse().unwrap();
-
-        // Refused: bind, learn the port, close.
-        let closed = TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        assert_eq!(
-            probe(lo, &check(CheckKind::Tcp, closed)).await,
-            Err(ProbeFailure::Refused)
-        );
-
-        // Accepted (the kernel completes the handshake before accept()).
-        let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = silent.local_addr().unwrap().port();
-        assert_eq!(probe(lo, &check(CheckKind::Tcp, port)).await, Ok(()));
-
-        // HTTP against a listener that never answers: the timeout bounds the probe.
-        let http = |status| CheckKind::Http {
-            path: "/healthz".into(),
-            host: Some("svc".into()),
-            status,
-        };
-        let started = std::time::Instant::now();
-        assert_eq!(
-            probe(lo, &check(http((200, 399)), port)).await,
-            Err(ProbeFailure::Timeout)
-        );
-        assert!(started.elapsed() < Duration::from_millis(600));
-
-        // HTTP servers answering 200 and 503; the request carries the path and Host.
-        for (code, range, expected) in [
-            (200u16, (200u16, 399u16), Ok(())),
-            (503, (200, 399), Err(ProbeFailure::Status(503))),
-            (503, (500, 503), Ok(())),
-        ] {
-            let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let port = server.local_addr().unwrap().port();
-            let answer = tokio::spawn(async move {
-                let (mut s, _) = server.accept().await.unwrap();
-                let mut req = vec![0u8; 1024];
-                let n = s.read(&mut req).await.unwrap();
-                let req = String::from_utf8_lossy(&req[..n]).into_owned();
-                s.write_all(format!("HTTP/1.1 {code} X\r\nContent-Length: 0\r\n\r\n").as_bytes())
-                    .await
-                    .unwrap();
-                req
-            });
-            assert_eq!(probe(lo, &check(http(range), port)).await, expected);
-            let req = answer.await.unwrap();
-            assert!(req.starts_with("GET /healthz HTTP/1.1\r\n"), "{req}");
-            assert!(req.contains("\r\nHost: svc\r\n"), "{req}");
-        }
     }
 }

@@ -1,0 +1,103 @@
+//! The read-only HTTP API on `metrics_listen`: `GET /metrics` (OpenMetrics) and
+//! `GET /api/v1/status` (the status document, JSON). Both render the latest snapshot the
+//! event loop published; neither reads the kernel. A snapshot older than `FRESH` is refreshed
+//! first: the handler asks the event loop for new counters and waits (briefly) for them.
+//! Every other method is refused: write actions go through the control socket.
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    extract::State,
+    http::{header, Method, StatusCode},
+    response::{IntoResponse, Response},
+    routing::get,
+    Json, Router,
+};
+use tokio::sync::{mpsc, watch};
+
+use crate::{
+    api::{
+        metrics,
+        status::{Attachment, StatusDocument},
+    },
+    core::snapshot::Snapshot,
+};
+
+/// A snapshot younger than this is served as it is.
+pub const FRESH: Duration = Duration::from_millis(100);
+/// How long a request waits for the event loop to publish fresher counters.
+const REFRESH_WAIT: Duration = Duration::from_secs(1);
+
+/// What the API serves from.
+#[derive(Clone)]
+pub struct ApiState {
+    pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    pub attachment: Arc<Attachment>,
+    /// Asks the event loop for a new snapshot with fresh counters (coalesced: capacity 1).
+    pub refresh: mpsc::Sender<()>,
+}
+
+impl ApiState {
+    /// The latest snapshot, refreshed first if it is older than `FRESH`.
+    async fn snapshot(&self) -> Arc<Snapshot> {
+        let current = self.snapshots.borrow().clone();
+        if current.taken_at.elapsed() < FRESH {
+            return current;
+        }
+        let mut snapshots = self.snapshots.clone();
+        snapshots.mark_unchanged();
+        // Full: a refresh is already asked for; closed: shutting down. Either way, wait.
+        let _ = self.refresh.try_send(());
+        let _ = tokio::time::timeout(REFRESH_WAIT, snapshots.changed()).await;
+        let latest = snapshots.borrow().clone();
+        latest
+    }
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/metrics", get(get_metrics))
+        .route("/api/v1/status", get(get_status))
+        .fallback(refuse)
+        .with_state(state)
+}
+
+/// Serves the API until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: ApiState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn get_status(State(api): State<ApiState>) -> Json<StatusDocument> {
+    let snapshot = api.snapshot().await;
+    Json(StatusDocument::new(&snapshot, &api.attachment))
+}
+
+async fn get_metrics(State(api): State<ApiState>) -> Response {
+    let snapshot = api.snapshot().await;
+    let text = metrics::render(snapshot);
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()
+}
+
+/// Anything but the two reads: 405 for another method (a write action), 404 otherwise.
+async fn refuse(method: Method) -> Response {
+    if method == Method::GET || method == Method::HEAD {
+        return (
+            StatusCode::NOT_FOUND,
+            "not found: GET /metrics or /api/v1/status\n",
+        )
+            .into_response();
+    }
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        [(header::ALLOW, "GET")],
+        "this address serves reads only (GET /metrics, GET /api/v1/status); write actions such as \
+         reloads go through the daemon's control socket: `balancer reload`\n",
+    )
+        .into_response()
+}

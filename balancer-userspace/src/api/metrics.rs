@@ -1,0 +1,335 @@
+//! `GET /metrics`: the snapshot in the OpenMetrics text format, encoded by the Prometheus
+//! organisation's own client library (`prometheus-client`) as constant metrics: the counters
+//! are the data plane's per-CPU counters summed when the snapshot was taken, so nothing here
+//! counts anything itself.
+
+use std::{collections::HashMap, fmt};
+
+use balancer_common::{xdp_action, Outcome, LAYOUT_VERSION};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{text::encode, DescriptorEncoder, EncodeMetric, MetricEncoder},
+    metrics::{counter::ConstCounter, exemplar::Exemplar, gauge::ConstGauge, MetricType},
+    registry::Registry,
+};
+
+use crate::core::{
+    health::{Histogram, PROBE_BUCKETS},
+    snapshot::{BackendView, Snapshot, VipView},
+};
+
+/// The content type of the exposition.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The whole exposition of a snapshot.
+pub fn render(snapshot: std::sync::Arc<Snapshot>) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Exposition(snapshot)));
+    let mut out = String::with_capacity(16 * 1024);
+    encode(&mut out, &registry).expect("writing to a String cannot fail");
+    out
+}
+
+#[derive(Debug)]
+struct Exposition(std::sync::Arc<Snapshot>);
+
+/// Label sets, as the encoder takes them.
+type Labels<'a> = Vec<(&'static str, &'a str)>;
+
+/// One metric family, its samples written one by one.
+struct Family<'f> {
+    encoder: MetricEncoder<'f>,
+}
+
+/// Starts a family: its name (without `_total` for counters: the encoder adds it to the
+/// samples), its help text and its type.
+fn family<'f>(
+    encoder: &'f mut DescriptorEncoder<'_>,
+    name: &'f str,
+    help: &str,
+    kind: MetricType,
+) -> Result<Family<'f>, fmt::Error> {
+    Ok(Family {
+        encoder: encoder.encode_descriptor(name, help, None, kind)?,
+    })
+}
+
+impl Family<'_> {
+    fn counter(&mut self, labels: &Labels, value: u64) -> fmt::Result {
+        ConstCounter::new(value).encode(self.encoder.encode_family(labels)?)
+    }
+
+    fn gauge(&mut self, labels: &Labels, value: i64) -> fmt::Result {
+        ConstGauge::new(value).encode(self.encoder.encode_family(labels)?)
+    }
+
+    /// The one sample of a family without labels.
+    fn single(self, value: i64) -> fmt::Result {
+        ConstGauge::new(value).encode(self.encoder)
+    }
+
+    fn histogram(&mut self, labels: &Labels, h: &Histogram) -> fmt::Result {
+        // The encoder takes per-bucket counts and accumulates them; ours are cumulative.
+        let mut buckets: Vec<(f64, u64)> = Vec::with_capacity(PROBE_BUCKETS.len() + 1);
+        let mut below = 0;
+        for (bound, cumulative) in PROBE_BUCKETS.iter().zip(h.buckets) {
+            buckets.push((*bound, cumulative - below));
+            below = cumulative;
+        }
+        buckets.push((f64::MAX, h.count - below));
+        let no_exemplars: Option<&HashMap<usize, Exemplar<Labels, f64>>> = None;
+        self.encoder
+            .encode_family(labels)?
+            .encode_histogram(h.sum, h.count, &buckets, no_exemplars)
+    }
+}
+
+impl Collector for Exposition {
+    fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
+        let s = &self.0;
+        backends(&mut e, s)?;
+        probes(&mut e, s)?;
+        vips(&mut e, s)?;
+        global(&mut e, s)
+    }
+}
+
+/// Every backend of every VIP, with its VIP.
+fn each_backend(s: &Snapshot) -> impl Iterator<Item = (&VipView, &BackendView, String)> {
+    s.vips.iter().flat_map(|v| {
+        v.backends
+            .iter()
+            .map(move |b| (v, b, b.address.to_string()))
+    })
+}
+
+fn backend_labels<'a>(v: &'a VipView, address: &'a str) -> Labels<'a> {
+    vec![("vip", v.name.as_str()), ("backend", address)]
+}
+
+fn backends(e: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
+    let counters: [(&str, &str, fn(&BackendView) -> u64); 3] = [
+        (
+            "balancer_backend_packets",
+            "Packets forwarded to the backend.",
+            |b| b.stats.packets,
+        ),
+        (
+            "balancer_backend_bytes",
+            "Bytes (whole frames as received) forwarded to the backend.",
+            |b| b.stats.bytes,
+        ),
+        (
+            "balancer_backend_new_flows",
+            "Flows placed on the backend by the Maglev table.",
+            |b| b.stats.new_flows,
+        ),
+    ];
+    for (name, help, value) in counters {
+        let mut f = family(e, name, help, MetricType::Counter)?;
+        for (v, b, address) in each_backend(s) {
+            f.counter(&backend_labels(v, &address), value(b))?;
+        }
+    }
+    let gauges: [(&str, &str, fn(&BackendView) -> i64); 3] = [
+        (
+            "balancer_backend_up",
+            "1 if the backend passes its health checks (or has none), else 0.",
+            |b| b.up() as i64,
+        ),
+        ("balancer_backend_weight", "The backend's configured weight.", |b| b.weight.into()),
+        (
+            "balancer_backend_draining",
+            "1 if the backend keeps its flows but gets no new ones (drain, weight 0, or removed from the config).",
+            |b| b.state.drains() as i64,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        let mut f = family(e, name, help, MetricType::Gauge)?;
+        for (v, b, address) in each_backend(s) {
+            f.gauge(&backend_labels(v, &address), value(b))?;
+        }
+    }
+    Ok(())
+}
+
+fn probes(e: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
+    let mut f = family(
+        e,
+        "balancer_backend_probe_duration_seconds",
+        "Duration of the backend's health-check probes.",
+        MetricType::Histogram,
+    )?;
+    for (v, b, address) in each_backend(s) {
+        if let Some(t) = &b.health {
+            f.histogram(&backend_labels(v, &address), &t.durations)?;
+        }
+    }
+    let mut f = family(
+        e,
+        "balancer_backend_probe_failures",
+        "Failed health-check probes, by reason.",
+        MetricType::Counter,
+    )?;
+    for (v, b, address) in each_backend(s) {
+        let Some(t) = &b.health else { continue };
+        for reason in ["refused", "timeout", "status", "error"] {
+            let mut labels = backend_labels(v, &address);
+            labels.push(("reason", reason));
+            f.counter(
+                &labels,
+                t.failures_by_kind.get(reason).copied().unwrap_or(0),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn vips(e: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
+    let counters: [(&str, &str, fn(&VipView) -> u64); 3] = [
+        (
+            "balancer_vip_packets",
+            "Packets forwarded for the VIP.",
+            |v| v.stats.packets,
+        ),
+        (
+            "balancer_vip_bytes",
+            "Bytes (whole frames as received) forwarded for the VIP.",
+            |v| v.stats.bytes,
+        ),
+        (
+            "balancer_vip_new_flows",
+            "Flows placed by the VIP's Maglev table.",
+            |v| v.stats.new_flows,
+        ),
+    ];
+    for (name, help, value) in counters {
+        let mut f = family(e, name, help, MetricType::Counter)?;
+        for v in &s.vips {
+            f.counter(&vec![("vip", v.name.as_str())], value(v))?;
+        }
+    }
+    let gauges: [(&str, &str, fn(&VipView) -> i64); 2] = [
+        (
+            "balancer_vip_healthy_backends",
+            "Backends of the VIP taking new flows (healthy, not draining).",
+            |v| v.healthy as i64,
+        ),
+        (
+            "balancer_vip_fail_open",
+            "1 while every backend is down and the VIP spreads over them anyway.",
+            |v| v.fail_open as i64,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        let mut f = family(e, name, help, MetricType::Gauge)?;
+        for v in &s.vips {
+            f.gauge(&vec![("vip", v.name.as_str())], value(v))?;
+        }
+    }
+    let mut f = family(
+        e,
+        "balancer_vip_table_info",
+        "Always 1; the fingerprint label identifies the VIP's Maglev table, equal on balancers that choose alike.",
+        MetricType::Gauge,
+    )?;
+    for v in &s.vips {
+        let fingerprint = format!("{:016x}", v.fingerprint);
+        f.gauge(
+            &vec![("vip", v.name.as_str()), ("fingerprint", &fingerprint)],
+            1,
+        )?;
+    }
+    let mut f = family(
+        e,
+        "balancer_vip_desired_backends",
+        "Backends the VIP's load calls for (its autoscale target, computed as the Kubernetes HPA does).",
+        MetricType::Gauge,
+    )?;
+    for v in &s.vips {
+        if let Some((_, state)) = &v.autoscale {
+            f.gauge(&vec![("vip", v.name.as_str())], state.desired.into())?;
+        }
+    }
+    Ok(())
+}
+
+fn global(e: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
+    let outcome = |o: &Outcome| s.outcomes.get(*o as usize).copied().unwrap_or(0);
+    let mut f = family(
+        e,
+        "balancer_packets",
+        "Packets seen by the XDP program, by verdict.",
+        MetricType::Counter,
+    )?;
+    for (i, verdict) in xdp_action::NAMES.iter().enumerate() {
+        f.counter(
+            &vec![("verdict", *verdict)],
+            s.verdicts.get(i).copied().unwrap_or(0),
+        )?;
+    }
+    let mut f = family(
+        e,
+        "balancer_packet_outcomes",
+        "Packets seen by the XDP program, by what happened to them.",
+        MetricType::Counter,
+    )?;
+    for o in Outcome::ALL {
+        f.counter(&vec![("outcome", o.name())], outcome(o))?;
+    }
+    let mut f = family(
+        e,
+        "balancer_dropped_packets",
+        "Packets dropped by the XDP program, by reason.",
+        MetricType::Counter,
+    )?;
+    for o in Outcome::ALL
+        .iter()
+        .filter(|o| o.verdict() == xdp_action::DROP)
+    {
+        f.counter(&vec![("reason", o.name())], outcome(o))?;
+    }
+    family(
+        e,
+        "balancer_conn_table_entries",
+        "Flows the connection table remembers (finished ones stay until the LRU evicts them), as of the last walk of the table: every second while the walk is quick, spaced out so that walking costs under 1% of one CPU, at least every 60 seconds.",
+        MetricType::Gauge,
+    )?
+    .single(s.conn_entries.unwrap_or(0) as i64)?;
+    family(
+        e,
+        "balancer_conn_table_capacity",
+        "Flows the connection table holds at most.",
+        MetricType::Gauge,
+    )?
+    .single(s.conn_table_size.into())?;
+    let mut f = family(
+        e,
+        "balancer_config_reloads",
+        "Config reloads, by result.",
+        MetricType::Counter,
+    )?;
+    f.counter(&vec![("result", "accepted")], s.reloads.accepted)?;
+    f.counter(&vec![("result", "rejected")], s.reloads.rejected)?;
+    family(
+        e,
+        "balancer_config_generation",
+        "Generation of the running config (1 at start, +1 per accepted reload).",
+        MetricType::Gauge,
+    )?
+    .single(s.generation as i64)?;
+    let layout = LAYOUT_VERSION.to_string();
+    family(
+        e,
+        "balancer_build_info",
+        "Always 1; labels describe the build.",
+        MetricType::Gauge,
+    )?
+    .gauge(
+        &vec![("version", env!("CARGO_PKG_VERSION")), ("layout", &layout)],
+        1,
+    )
+}
+
+#[cfg(test)]
+mod tests;

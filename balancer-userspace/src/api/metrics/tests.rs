@@ -1,0 +1,119 @@
+//! The exposition against golden text.
+//!
+//! `golden/metrics-0.0.4.txt` is what the hand-written Prometheus 0.0.4 renderer of revision
+//! 49b1652 (before the exposition moved to prometheus-client) wrote for the snapshot built
+//! here: every metric name, label and value the scrape had then. The OpenMetrics output must
+//! carry exactly the same samples (names, labels, values), and the same families with the
+//! same help and type. `golden/metrics.txt` is the exact current output, so that any change
+//! of format shows in review.
+
+use std::{collections::BTreeMap, path::Path, sync::Arc};
+
+use crate::api::{metrics::render, sample::sample_snapshot};
+
+/// A sample: name and labels, as a key.
+type Series = (String, BTreeMap<String, String>);
+
+/// Every sample of an exposition (either format), with its value.
+fn samples(text: &str) -> BTreeMap<Series, f64> {
+    let mut out = BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (series, value) = line.rsplit_once(' ').expect("series value");
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            v => v.parse().unwrap_or_else(|_| panic!("value of {line:?}")),
+        };
+        let (name, labels) = match series.split_once('{') {
+            None => (series, BTreeMap::new()),
+            Some((name, rest)) => {
+                let labels = rest
+                    .strip_suffix('}')
+                    .expect("closing brace")
+                    .split("\",")
+                    .map(|pair| {
+                        let (k, v) = pair.split_once("=\"").expect("label=\"value\"");
+                        let v = v.trim_end_matches('"');
+                        // Bucket bounds are numbers, written differently by each format.
+                        let v = if k == "le" && v != "+Inf" {
+                            v.parse::<f64>().unwrap().to_string()
+                        } else {
+                            v.to_owned()
+                        };
+                        (k.to_owned(), v)
+                    })
+                    .collect();
+                (name, labels)
+            }
+        };
+        assert!(
+            out.insert((name.to_owned(), labels), value).is_none(),
+            "{line} twice"
+        );
+    }
+    out
+}
+
+/// HELP and TYPE per family; OpenMetrics names counter families without `_total`.
+fn families(text: &str, openmetrics: bool) -> BTreeMap<String, (String, String)> {
+    let mut out: BTreeMap<String, (String, String)> = BTreeMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap();
+            out.entry(name.to_owned()).or_default().0 = help.to_owned();
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            out.entry(name.to_owned()).or_default().1 = kind.to_owned();
+        }
+    }
+    if openmetrics {
+        out = out
+            .into_iter()
+            .map(|(name, (help, kind))| {
+                let name = if kind == "counter" {
+                    format!("{name}_total")
+                } else {
+                    name
+                };
+                (name, (help, kind))
+            })
+            .collect();
+    }
+    out
+}
+
+fn golden(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("src/api/metrics/golden")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn the_scrape_keeps_every_metric_name_label_and_value() {
+    let text = render(Arc::new(sample_snapshot()));
+    let legacy = golden("metrics-0.0.4.txt");
+    assert_eq!(samples(&text), samples(&legacy));
+    assert_eq!(families(&text, true), families(&legacy, false));
+    assert!(
+        text.ends_with("# EOF\n"),
+        "an OpenMetrics exposition ends with # EOF"
+    );
+}
+
+#[test]
+fn the_exposition_is_the_golden_text() {
+    let text = render(Arc::new(sample_snapshot()));
+    let golden = golden("metrics.txt");
+    if text != golden {
+        let path = std::env::temp_dir().join("balancer-metrics.txt");
+        std::fs::write(&path, &text).unwrap();
+        panic!(
+            "the exposition differs from src/api/metrics/golden/metrics.txt; the new one is in {} \
+             (copy it over if the change is intended)",
+            path.display()
+        );
+    }
+}

@@ -1,0 +1,276 @@
+//! The status document: one typed struct, serialised by the daemon (`GET /api/v1/status`) and
+//! deserialised by `balancer status`, built from a snapshot.
+
+use std::collections::BTreeMap;
+
+use balancer_common::{xdp_action, Outcome, TrafficStats};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    autoscale::TrafficRates,
+    config::{AutoscaleMetric, Forwarding, HashMode, Protocol},
+    core::snapshot::{BackendView, Snapshot, VipView},
+    plan::{desired::BackendState, inputs::format_mac},
+};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatusDocument {
+    pub interface: Option<String>,
+    pub xdp_mode: Option<String>,
+    pub datapath: DatapathStatus,
+    /// The config file.
+    pub config: String,
+    pub config_generation: u64,
+    pub reloads: ReloadsStatus,
+    pub hash_seed: u32,
+    pub conn_table_size: u32,
+    /// Flows in the connection table at the last walk.
+    pub conn_table_entries: Option<u64>,
+    pub vips: Vec<VipStatus>,
+    /// Packets by outcome name.
+    pub outcomes: BTreeMap<String, u64>,
+    /// Packets by XDP verdict name.
+    pub verdicts: BTreeMap<String, u64>,
+}
+
+/// The data plane as the daemon set it up: fixed at start, but for `keep_on_exit`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatapathStatus {
+    pub pin_dir: Option<String>,
+    /// What was adopted at start, if the data plane was.
+    pub adopted: Option<String>,
+    pub keep_on_exit: bool,
+    pub program_id: Option<u32>,
+    pub program_tag: Option<String>,
+    pub link_id: Option<u32>,
+    pub replaced_program_id: Option<u32>,
+}
+
+/// Where and how the program is attached, as the daemon found out at start.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Attachment {
+    pub interface: Option<String>,
+    pub xdp_mode: Option<String>,
+    /// `adopted` and `keep_on_exit` come from the snapshot.
+    pub datapath: DatapathStatus,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReloadsStatus {
+    pub accepted: u64,
+    pub rejected: u64,
+    pub last_error: Option<String>,
+    pub last_apply_ms: Option<f64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VipStatus {
+    pub name: String,
+    pub address: String,
+    /// `None`: any port.
+    pub port: Option<u16>,
+    pub protocol: Protocol,
+    pub forwarding: Forwarding,
+    pub hash: HashMode,
+    pub fragments: bool,
+    pub table_size: u32,
+    pub table_fingerprint: String,
+    pub all_backends_down: bool,
+    pub fail_open: bool,
+    pub all_down_episodes: u64,
+    pub stats: Stats,
+    pub rates: Rates,
+    pub healthy_backends: usize,
+    pub autoscale: Option<AutoscaleStatus>,
+    pub backends: Vec<BackendStatus>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Rates {
+    pub new_flows_per_second: f64,
+    pub packets_per_second: f64,
+    pub bytes_per_second: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AutoscaleStatus {
+    pub metric: AutoscaleMetric,
+    pub target_per_backend: f64,
+    pub tolerance: f64,
+    pub window_seconds: f64,
+    pub ready_backends: u32,
+    pub rate: f64,
+    pub desired_backends: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackendStatus {
+    pub address: String,
+    pub weight: u32,
+    pub state: BackendState,
+    pub health: HealthStatus,
+    pub slots: u32,
+    pub interface: Option<String>,
+    pub mac: Option<String>,
+    pub stats: Stats,
+    pub rates: Rates,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthStatus {
+    pub state: HealthState,
+    /// Probes run so far (checked backends only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probes: Option<u64>,
+    #[serde(default)]
+    pub last_failure: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthState {
+    Up,
+    Down,
+    /// No health checks: always up.
+    Unchecked,
+}
+
+impl HealthState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HealthState::Up => "up",
+            HealthState::Down => "down",
+            HealthState::Unchecked => "unchecked",
+        }
+    }
+}
+
+impl From<TrafficStats> for Stats {
+    fn from(s: TrafficStats) -> Stats {
+        Stats {
+            packets: s.packets,
+            bytes: s.bytes,
+            new_flows: s.new_flows,
+        }
+    }
+}
+
+impl From<Option<TrafficRates>> for Rates {
+    fn from(r: Option<TrafficRates>) -> Rates {
+        let r = r.unwrap_or_default();
+        Rates {
+            new_flows_per_second: r.new_flows,
+            packets_per_second: r.packets,
+            bytes_per_second: r.bytes,
+        }
+    }
+}
+
+impl StatusDocument {
+    pub fn new(snapshot: &Snapshot, attachment: &Attachment) -> StatusDocument {
+        StatusDocument {
+            interface: attachment.interface.clone(),
+            xdp_mode: attachment.xdp_mode.clone(),
+            datapath: DatapathStatus {
+                adopted: snapshot.adopted.clone(),
+                keep_on_exit: snapshot.keep_datapath,
+                ..attachment.datapath.clone()
+            },
+            config: snapshot.config_path.display().to_string(),
+            config_generation: snapshot.generation,
+            reloads: ReloadsStatus {
+                accepted: snapshot.reloads.accepted,
+                rejected: snapshot.reloads.rejected,
+                last_error: snapshot.reloads.last_error.clone(),
+                last_apply_ms: snapshot.reloads.last_apply.map(|d| d.as_secs_f64() * 1e3),
+            },
+            hash_seed: snapshot.hash_seed,
+            conn_table_size: snapshot.conn_table_size,
+            conn_table_entries: snapshot.conn_entries,
+            vips: snapshot.vips.iter().map(vip_status).collect(),
+            outcomes: Outcome::ALL
+                .iter()
+                .map(|o| {
+                    let n = snapshot.outcomes.get(*o as usize).copied().unwrap_or(0);
+                    (o.name().to_owned(), n)
+                })
+                .collect(),
+            verdicts: xdp_action::NAMES
+                .iter()
+                .enumerate()
+                .map(|(i, name)| {
+                    (
+                        (*name).to_owned(),
+                        snapshot.verdicts.get(i).copied().unwrap_or(0),
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
+fn vip_status(v: &VipView) -> VipStatus {
+    VipStatus {
+        name: v.name.clone(),
+        address: v.address.to_string(),
+        port: v.port,
+        protocol: v.protocol,
+        forwarding: v.forwarding,
+        hash: v.hash,
+        fragments: v.fragments,
+        table_size: v.table_size,
+        table_fingerprint: format!("{:016x}", v.fingerprint),
+        all_backends_down: v.all_down.active,
+        fail_open: v.fail_open,
+        all_down_episodes: v.all_down.episodes,
+        stats: v.stats.into(),
+        rates: v.rates.into(),
+        healthy_backends: v.healthy,
+        autoscale: v.autoscale.as_ref().map(|(target, state)| AutoscaleStatus {
+            metric: target.metric,
+            target_per_backend: target.target_per_backend,
+            tolerance: target.tolerance,
+            window_seconds: target.window.as_secs_f64(),
+            ready_backends: state.ready,
+            rate: state.rate,
+            desired_backends: state.desired,
+        }),
+        backends: v.backends.iter().map(backend_status).collect(),
+    }
+}
+
+fn backend_status(b: &BackendView) -> BackendStatus {
+    BackendStatus {
+        address: b.address.to_string(),
+        weight: b.weight,
+        state: b.state,
+        health: match &b.health {
+            Some(t) => HealthStatus {
+                state: if t.up {
+                    HealthState::Up
+                } else {
+                    HealthState::Down
+                },
+                probes: Some(t.probes),
+                last_failure: t.last_failure.as_ref().map(ToString::to_string),
+            },
+            None => HealthStatus {
+                state: HealthState::Unchecked,
+                probes: None,
+                last_failure: None,
+            },
+        },
+        slots: b.slots,
+        interface: b.next_hop.as_ref().map(|(i, _)| i.clone()),
+        mac: b.next_hop.as_ref().map(|(_, m)| format_mac(m)),
+        stats: b.stats.into(),
+        rates: b.rates.into(),
+    }
+}

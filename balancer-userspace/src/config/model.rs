@@ -1,0 +1,287 @@
+//! The validated configuration: what the rest of the daemon works from. Every value here
+//! passed the checks of `validate`; defaults are filled in.
+
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// Default address of the metrics and status endpoint.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9100";
+/// Default backend weight (as in IPVS and HAProxy).
+pub const DEFAULT_WEIGHT: u32 = 1;
+/// Largest accepted weight.
+pub const MAX_WEIGHT: u32 = 65_535;
+/// Smallest accepted connection table.
+pub const MIN_CONN_TABLE_SIZE: u32 = 1_024;
+/// Largest accepted connection table (about 2.5 GiB of kernel memory).
+pub const MAX_CONN_TABLE_SIZE: u32 = 1 << 25;
+/// Default time a backend removed from the config keeps its established flows.
+pub const DEFAULT_REMOVAL_GRACE: Duration = Duration::from_secs(300);
+
+/// A validated configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// The interface to attach to; `balancer run --interface` overrides it.
+    pub interface: Option<String>,
+    pub xdp_mode: XdpModeSetting,
+    pub hash_seed: u32,
+    pub conn_table_size: u32,
+    pub metrics_listen: SocketAddr,
+    /// How long a backend removed from the config keeps its established flows (it gets no new
+    /// ones); re-adding it within that time keeps them too.
+    pub removal_grace: Duration,
+    /// Where the data plane's maps and XDP link are pinned: `<pin_dir>/<interface>/v<layout>/`.
+    pub pin_dir: PathBuf,
+    /// On SIGTERM/SIGINT, leave the data plane forwarding with its last state (for restarts
+    /// and upgrades) instead of removing it.
+    pub keep_datapath: bool,
+    /// The control socket (reloads and other write actions); `None`: the default path,
+    /// beside the lock file (`/run/balancer/<pin_dir and interface>.sock`).
+    pub control_socket: Option<PathBuf>,
+    pub vips: Vec<Vip>,
+}
+
+/// Default of `pin_dir`.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/balancer";
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeSetting {
+    /// Native (driver) mode, falling back to generic mode with a logged reason.
+    #[default]
+    Auto,
+    Native,
+    Generic,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => balancer_common::PROTO_TCP,
+            Protocol::Udp => balancer_common::PROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Forwarding {
+    /// L2 direct server return.
+    Dsr,
+    /// IP-in-IP encapsulation (IPIP, IP6IP6, IPv4-in-IPv6) to the backend.
+    Tunnel,
+    /// Full NAT (not implemented yet; rejected by validation).
+    Nat,
+}
+
+impl Forwarding {
+    pub fn name(self) -> &'static str {
+        match self {
+            Forwarding::Dsr => "dsr",
+            Forwarding::Tunnel => "tunnel",
+            Forwarding::Nat => "nat",
+        }
+    }
+}
+
+/// What a VIP does when every backend is down.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenAllDown {
+    /// Spread new flows over all of them anyway (a health check that fails everywhere is more
+    /// often wrong than every server at once).
+    #[default]
+    FailOpen,
+    /// Drop the VIP's packets (counted as `no_backend`).
+    Drop,
+}
+
+/// What the VIP's Maglev hash covers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HashMode {
+    /// Source and destination address and port, and protocol.
+    #[default]
+    FiveTuple,
+    /// The destination port only: every flow to a port of the VIP goes to the same backend.
+    DstPortOnly,
+}
+
+impl HashMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            HashMode::FiveTuple => "five_tuple",
+            HashMode::DstPortOnly => "dst_port_only",
+        }
+    }
+}
+
+/// The load metric an autoscale target is set on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AutoscaleMetric {
+    NewFlowsPerSecond,
+    PacketsPerSecond,
+    BytesPerSecond,
+}
+
+impl AutoscaleMetric {
+    pub fn name(self) -> &'static str {
+        match self {
+            AutoscaleMetric::NewFlowsPerSecond => "new_flows_per_second",
+            AutoscaleMetric::PacketsPerSecond => "packets_per_second",
+            AutoscaleMetric::BytesPerSecond => "bytes_per_second",
+        }
+    }
+}
+
+/// A VIP's autoscaling target: desired backends = ceil(ready x (rate per ready backend) /
+/// target), as the Kubernetes HorizontalPodAutoscaler computes it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Autoscale {
+    pub metric: AutoscaleMetric,
+    pub target_per_backend: f64,
+    /// No change while the per-backend rate is within this fraction of the target.
+    pub tolerance: f64,
+    /// The rate is averaged over this window.
+    pub window: Duration,
+}
+
+impl Eq for Autoscale {}
+
+/// The outer source address of tunnel packets: an address, or a prefix whose host bits vary
+/// per flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TunnelSource {
+    pub address: IpAddr,
+    /// How many low bits vary per flow (0: always `address`).
+    pub varied_bits: u8,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Vip {
+    pub name: String,
+    pub address: IpAddr,
+    /// `None`: any port.
+    pub port: Option<u16>,
+    pub protocol: Protocol,
+    pub forwarding: Forwarding,
+    pub table_size: u32,
+    pub when_all_down: WhenAllDown,
+    pub hash: HashMode,
+    /// Balance fragments: hash every fragment of a datagram on addresses and protocol only.
+    pub fragments: bool,
+    /// Tunnel mode: outer source of IPv4 tunnels (default: the egress interface's address).
+    pub tunnel_source_v4: Option<TunnelSource>,
+    /// Tunnel mode: outer source of IPv6 tunnels (default: the egress interface's address).
+    pub tunnel_source_v6: Option<TunnelSource>,
+    /// The autoscaling signal: how many backends this VIP wants for its load.
+    pub autoscale: Option<Autoscale>,
+    pub backends: Vec<BackendConfig>,
+}
+
+impl Vip {
+    /// `203.0.113.10:80/tcp`, `203.0.113.10:*/udp`.
+    pub fn endpoint(&self) -> String {
+        let port = self.port.map_or("*".to_owned(), |p| p.to_string());
+        match self.address {
+            IpAddr::V4(a) => format!("{a}:{port}/{}", self.protocol),
+            IpAddr::V6(a) => format!("[{a}]:{port}/{}", self.protocol),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendConfig {
+    pub address: IpAddr,
+    pub weight: u32,
+    pub drain: bool,
+    /// The VIP's health check with this backend's overrides.
+    pub health: HealthCheck,
+}
+
+impl BackendConfig {
+    /// Whether the backend takes new flows (draining and weight 0 do not).
+    pub fn takes_new_flows(&self) -> bool {
+        !self.drain && self.weight > 0
+    }
+}
+
+/// A config error with its position (line 0 when the file could not be read at all).
+
+/// Defaults of a health check.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
+pub const DEFAULT_RISE: u32 = 2;
+pub const DEFAULT_FALL: u32 = 3;
+pub const DEFAULT_HTTP_STATUS: (u16, u16) = (200, 399);
+
+/// A backend's health check, with the VIP's settings, the backend's overrides and the
+/// defaults resolved.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct HealthCheck {
+    pub kind: CheckKind,
+    /// Port probed on the backend's address (0 for kind `none`).
+    pub port: u16,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive successes that bring a down backend up.
+    pub rise: u32,
+    /// Consecutive failures that take an up backend down.
+    pub fall: u32,
+    /// State of a backend before its first verdict.
+    pub initial: InitialState,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum CheckKind {
+    /// No checks: the backend is always up.
+    None,
+    /// A TCP connect.
+    Tcp,
+    /// An HTTP/1.1 GET whose status must fall in `status` (inclusive).
+    Http {
+        path: String,
+        host: Option<String>,
+        status: (u16, u16),
+    },
+}
+
+impl CheckKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            CheckKind::None => "none",
+            CheckKind::Tcp => "tcp",
+            CheckKind::Http { .. } => "http",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum InitialState {
+    #[default]
+    Up,
+    Down,
+}

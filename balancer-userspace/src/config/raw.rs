@@ -1,0 +1,202 @@
+//! The shape of the config file as serde sees it, with the position of every value that a
+//! later check may reject.
+
+use std::{fmt, net::IpAddr, ops::Range};
+
+use serde::{de, Deserialize, Deserializer};
+use toml::Spanned;
+
+use crate::config::model::{
+    AutoscaleMetric, Forwarding, HashMode, InitialState, Protocol, WhenAllDown, XdpModeSetting,
+};
+
+/// A value that failed a check: where it is in the file, and what is wrong.
+pub(super) type Invalid = (Range<usize>, String);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    pub balancer: RawBalancer,
+    #[serde(default)]
+    pub vip: Vec<Spanned<RawVip>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBalancer {
+    pub interface: Option<Spanned<String>>,
+    #[serde(default)]
+    pub xdp_mode: XdpModeSetting,
+    #[serde(default)]
+    pub hash_seed: Option<HashSeed>,
+    pub conn_table_size: Option<Spanned<u32>>,
+    pub metrics_listen: Option<Spanned<String>>,
+    pub removal_grace: Option<Spanned<String>>,
+    pub pin_dir: Option<Spanned<String>>,
+    #[serde(default)]
+    pub keep_datapath: bool,
+    pub control_socket: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawVip {
+    pub name: Spanned<String>,
+    pub address: Spanned<IpAddr>,
+    pub port: Spanned<PortSpec>,
+    pub protocol: Protocol,
+    pub forwarding: Spanned<Forwarding>,
+    pub table_size: Option<Spanned<u32>>,
+    pub health: Option<Spanned<RawHealth>>,
+    #[serde(default)]
+    pub when_all_down: WhenAllDown,
+    #[serde(default)]
+    pub hash: HashMode,
+    #[serde(default)]
+    pub fragments: bool,
+    pub tunnel_source_v4: Option<Spanned<String>>,
+    pub tunnel_source_v6: Option<Spanned<String>>,
+    pub autoscale: Option<Spanned<RawAutoscale>>,
+    #[serde(default)]
+    pub backends: Vec<Spanned<RawBackend>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBackend {
+    pub address: Spanned<IpAddr>,
+    pub weight: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub drain: bool,
+    pub health: Option<Spanned<RawHealth>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAutoscale {
+    pub metric: AutoscaleMetric,
+    pub target_per_backend: Spanned<f64>,
+    pub tolerance: Option<Spanned<f64>>,
+    pub window: Option<Spanned<String>>,
+}
+
+/// `hash_seed`: an integer, or a string holding a decimal or `0x` hexadecimal number.
+pub(super) struct HashSeed(pub u32);
+
+impl<'de> Deserialize<'de> for HashSeed {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl de::Visitor<'_> for Visitor {
+            type Value = HashSeed;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a 32-bit unsigned integer, or a string like \"0x5eed\"")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<HashSeed, E> {
+                u32::try_from(v)
+                    .map(HashSeed)
+                    .map_err(|_| E::custom(format!("hash_seed {v} does not fit in 32 bits")))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<HashSeed, E> {
+                let parsed = match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+                    Some(hex) => u32::from_str_radix(hex, 16),
+                    None => v.parse(),
+                };
+                parsed.map(HashSeed).map_err(|_| {
+                    E::custom(format!(
+                        "hash_seed \"{v}\" is not a 32-bit number (decimal or 0x-prefixed hex)"
+                    ))
+                })
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// `port`: 1-65535, or the string "any".
+pub(super) enum PortSpec {
+    Port(u16),
+    Any,
+}
+
+impl<'de> Deserialize<'de> for PortSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl de::Visitor<'_> for Visitor {
+            type Value = PortSpec;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a port number from 1 to 65535, or \"any\"")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<PortSpec, E> {
+                match u16::try_from(v) {
+                    Ok(p) if p > 0 => Ok(PortSpec::Port(p)),
+                    _ => Err(E::custom(format!(
+                        "port {v} is out of range: use 1 to 65535, or \"any\" for every port"
+                    ))),
+                }
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<PortSpec, E> {
+                if v == "any" {
+                    Ok(PortSpec::Any)
+                } else {
+                    Err(E::custom(format!(
+                        "port \"{v}\" is not valid: use a number from 1 to 65535, or \"any\""
+                    )))
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum RawKind {
+    None,
+    Tcp,
+    Http,
+}
+
+/// A `health` table as written; every key optional so that a backend can override any subset.
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHealth {
+    pub kind: Option<Spanned<RawKind>>,
+    pub port: Option<Spanned<u16>>,
+    pub interval: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
+    pub rise: Option<Spanned<u32>>,
+    pub fall: Option<Spanned<u32>>,
+    pub initial: Option<InitialState>,
+    pub path: Option<Spanned<String>>,
+    pub host: Option<Spanned<String>>,
+    pub status: Option<Spanned<String>>,
+}
+
+impl RawHealth {
+    /// This table with `overrides` laid over it, key by key.
+    /// When the override names a `kind`, the HTTP-only keys (path, host, status) come from the
+    /// override alone: a backend checked with TCP does not inherit the VIP's HTTP path.
+    pub(super) fn overridden_by(&self, overrides: &RawHealth) -> RawHealth {
+        let o = overrides.clone();
+        let mut s = self.clone();
+        if o.kind.is_some() {
+            s.path = None;
+            s.host = None;
+            s.status = None;
+        }
+        RawHealth {
+            kind: o.kind.or(s.kind),
+            port: o.port.or(s.port),
+            interval: o.interval.or(s.interval),
+            timeout: o.timeout.or(s.timeout),
+            rise: o.rise.or(s.rise),
+            fall: o.fall.or(s.fall),
+            initial: o.initial.or(s.initial),
+            path: o.path.or(s.path),
+            host: o.host.or(s.host),
+            status: o.status.or(s.status),
+        }
+    }
+}

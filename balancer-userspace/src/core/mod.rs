@@ -1,0 +1,565 @@
+//! The core: every decision the daemon makes, and nothing else. Inputs (a reload, a probe
+//! result, next hops resolved, counters read, a tick) go in with the time; effects come out
+//! (a map plan, the health checks to run, log events, a reload's outcome). No I/O, no clock,
+//! no kernel, no locks: `handle(input, now)` is a plain function of the state, unit-tested
+//! with a fake clock (see `tests`). The daemon performs the effects and feeds back what
+//! happened.
+
+pub mod adopt;
+pub mod events;
+pub mod health;
+pub mod reload;
+pub mod snapshot;
+pub mod traffic;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    config::{self, diff, Config},
+    core::{
+        adopt::adopt,
+        events::Event,
+        health::{ProbeResult, Tracker},
+        reload::{
+            carry_trackers, check_set, retiring_after, routed_dsr_backends, CheckSet, ReloadOutcome,
+        },
+        snapshot::{AllDownStats, ReloadStats, Snapshot, Sources},
+        traffic::{ConnWalk, Traffic},
+    },
+    plan::{
+        contents::{Counters, MapContents},
+        desired::{desired_state, DesiredState},
+        ids::{IdError, Ids},
+        inputs::{format_mac, BackendKey, Health, NextHops},
+        ops::{plan, rewrite_all, MapPlan},
+    },
+};
+
+/// What the daemon starts from.
+pub struct Start {
+    pub config_path: PathBuf,
+    pub config: Config,
+    /// The config file's text, to tell a rewrite of the same text from a change.
+    pub text: String,
+    pub next_hops: NextHops,
+    /// What pinned maps hold, when a data plane is adopted.
+    pub adopted: Option<MapContents>,
+    /// `--keep-datapath` was given (the config's `keep_datapath` can also ask for it).
+    pub keep_datapath: bool,
+}
+
+/// Something that happened, for the core to decide on.
+#[derive(Debug)]
+pub enum Input {
+    /// The config file was read. `next_hops` holds every address already known plus the
+    /// new ones that could be resolved. With `only_if_changed`, text equal to the running
+    /// config's is no reload at all (a file watcher sees every write).
+    Reload {
+        text: String,
+        next_hops: NextHops,
+        only_if_changed: bool,
+    },
+    /// The config file could not be read.
+    ReloadUnreadable { error: String },
+    /// A health probe's result, and how long it took.
+    Probe {
+        key: BackendKey,
+        result: ProbeResult,
+        seconds: f64,
+    },
+    /// Every backend's next hop, resolved again.
+    NextHops(NextHops),
+    /// The counters, and the connection table's walk if one was due.
+    Sampled {
+        counters: Counters,
+        walk: Option<ConnWalk>,
+    },
+    /// Time passes (removal grace periods end; a failed plan is retried).
+    Tick,
+    /// The kernel refused part of the last plan.
+    PlanFailed { error: String },
+}
+
+/// What the daemon must do.
+#[derive(Debug, Default)]
+pub struct Output {
+    /// Map operations to execute, in order.
+    pub plan: Option<MapPlan>,
+    /// The health checks to run from now on (when they change).
+    pub checks: Option<CheckSet>,
+    pub events: Vec<Event>,
+    /// The answer to a reload.
+    pub reload: Option<ReloadOutcome>,
+}
+
+pub struct Core {
+    config_path: PathBuf,
+    config: Config,
+    config_text: String,
+    /// Increments with every accepted reload (1 for the config the daemon started with).
+    generation: u64,
+    ids: Ids,
+    /// Health verdicts of backends with checks (kind none: always up, no tracker).
+    trackers: HashMap<BackendKey, Tracker>,
+    /// Backends removed from the config, and when their grace period ends.
+    retiring: BTreeMap<BackendKey, Instant>,
+    next_hops: NextHops,
+    /// What the maps hold, as far as known.
+    held: MapContents,
+    /// A plan failed half-way: `held` is what was recorded, not what the maps hold.
+    held_unknown: bool,
+    desired: DesiredState,
+    reloads: ReloadStats,
+    all_down: HashMap<String, AllDownStats>,
+    traffic: Traffic,
+    keep_datapath_flag: bool,
+    adopted: Option<String>,
+    checks: CheckSet,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error("the config does not fit the maps")]
+    Ids(#[source] IdError),
+}
+
+impl Core {
+    /// The core for a starting daemon, and the effects of starting: the first plan (from
+    /// empty maps, or from what adopted maps hold) and the health checks to run.
+    pub fn start(start: Start, now: Instant) -> Result<(Core, Output), CoreError> {
+        let mut core = Core {
+            config_path: start.config_path,
+            config: start.config,
+            config_text: start.text,
+            generation: 1,
+            ids: Ids::default(),
+            trackers: HashMap::new(),
+            retiring: BTreeMap::new(),
+            next_hops: start.next_hops,
+            held: MapContents::default(),
+            held_unknown: false,
+            desired: DesiredState::default(),
+            reloads: ReloadStats::default(),
+            all_down: HashMap::new(),
+            traffic: Traffic::default(),
+            keep_datapath_flag: start.keep_datapath,
+            adopted: None,
+            checks: CheckSet::new(),
+        };
+        if let Some(pinned) = &start.adopted {
+            let adoption = adopt(&core.config, pinned, now);
+            core.ids = adoption.ids;
+            core.trackers = adoption.trackers;
+            core.retiring = adoption.retiring;
+            core.held = adoption.held;
+            core.adopted = Some(adoption.summary);
+        }
+        core.trackers = carry_trackers(
+            std::mem::take(&mut core.trackers),
+            &core.config,
+            &core.retiring,
+        );
+        let mut out = Output {
+            events: routed_dsr_backends(&core.config, &core.next_hops),
+            ..Output::default()
+        };
+        let mut ids = std::mem::take(&mut core.ids);
+        let desired = core.plan_desired(&mut ids).map_err(CoreError::Ids)?;
+        core.ids = ids;
+        core.commit(desired, &mut out);
+        core.checks = check_set(&core.config);
+        out.checks = Some(core.checks.clone());
+        Ok((core, out))
+    }
+
+    /// Decides what `input` means at `now`.
+    pub fn handle(&mut self, input: Input, now: Instant) -> Output {
+        let mut out = Output::default();
+        match input {
+            Input::Reload {
+                text,
+                next_hops,
+                only_if_changed,
+            } => self.reload(text, next_hops, only_if_changed, now, &mut out),
+            Input::ReloadUnreadable { error } => self.reject(error, &mut out),
+            Input::Probe {
+                key,
+                result,
+                seconds,
+            } => self.probe(&key, &result, seconds, &mut out),
+            Input::NextHops(hops) => self.refresh_next_hops(hops, &mut out),
+            Input::Sampled { counters, walk } => {
+                if let Some(walk) = walk {
+                    self.traffic.walked(walk, now);
+                }
+                out.events = self
+                    .traffic
+                    .record(counters, &self.desired, &self.config, now);
+            }
+            Input::Tick => self.tick(now, &mut out),
+            Input::PlanFailed { error } => {
+                self.held_unknown = true;
+                out.events.push(Event::PlanFailed { error });
+            }
+        }
+        out
+    }
+
+    /// The desired state from everything known.
+    fn plan_desired(&self, ids: &mut Ids) -> Result<DesiredState, IdError> {
+        desired_for(
+            &self.config,
+            &self.retiring,
+            &self.trackers,
+            &self.next_hops,
+            ids,
+        )
+    }
+
+    /// Makes `desired` the state the maps are to hold: the plan there, and the all-down
+    /// episodes it starts or ends.
+    fn commit(&mut self, desired: DesiredState, out: &mut Output) {
+        let plan = if self.held_unknown {
+            rewrite_all(&self.held, &desired.maps)
+        } else {
+            plan(&self.held, &desired.maps)
+        };
+        // Recorded as held at once: the daemon executes the plan before any other input,
+        // and reports a failure with `Input::PlanFailed`.
+        self.held = desired.maps.clone();
+        self.held_unknown = false;
+        self.note_all_down(&desired, out);
+        self.desired = desired;
+        if !plan.is_empty() {
+            out.plan = Some(plan);
+        }
+    }
+
+    /// Recomputes the desired state after a change of health, next hops or retiring backends.
+    fn reconcile(&mut self, out: &mut Output) {
+        let mut ids = std::mem::take(&mut self.ids);
+        let desired = self.plan_desired(&mut ids);
+        self.ids = ids;
+        match desired {
+            Ok(desired) => self.commit(desired, out),
+            Err(e) => out.events.push(Event::Unplannable {
+                error: e.to_string(),
+            }),
+        }
+    }
+
+    /// Logs (once per episode) and counts VIPs whose backends are all down.
+    fn note_all_down(&mut self, desired: &DesiredState, out: &mut Output) {
+        for vip in &desired.vips {
+            let all_down = vip.all_down();
+            let stats = self.all_down.entry(vip.name.clone()).or_default();
+            if all_down && !stats.active {
+                stats.episodes += 1;
+                let down = vip
+                    .backends
+                    .iter()
+                    .filter(|b| b.state == crate::plan::desired::BackendState::Down)
+                    .count();
+                out.events.push(Event::AllDown {
+                    vip: vip.name.clone(),
+                    down,
+                    fail_open: vip.fail_open,
+                });
+            } else if !all_down && stats.active {
+                out.events.push(Event::Recovered {
+                    vip: vip.name.clone(),
+                });
+            }
+            stats.active = all_down;
+            stats.fail_open = vip.fail_open;
+        }
+        self.all_down
+            .retain(|name, _| desired.vips.iter().any(|v| &v.name == name));
+    }
+
+    /// The health checks to run, when they changed.
+    fn sync_checks(&mut self, out: &mut Output) {
+        let wanted = check_set(&self.config);
+        if wanted != self.checks {
+            self.checks = wanted.clone();
+            out.checks = Some(wanted);
+        }
+    }
+
+    fn reload(
+        &mut self,
+        text: String,
+        next_hops: NextHops,
+        only_if_changed: bool,
+        now: Instant,
+        out: &mut Output,
+    ) {
+        if only_if_changed && text == self.config_text {
+            out.reload = Some(ReloadOutcome::Unchanged {
+                generation: self.generation,
+            });
+            return;
+        }
+        let new = match config::parse(&self.config_path, &text) {
+            Ok(new) => new,
+            Err(e) => return self.reject(e.to_string(), out),
+        };
+        let restart = diff::needs_restart(&self.config, &new);
+        if !restart.is_empty() {
+            let error = format!(
+                "{}: changing {} needs a restart of the daemon; the running config stays in force",
+                self.config_path.display(),
+                restart.join(", ")
+            );
+            return self.reject(error, out);
+        }
+        let changes: Vec<String> = diff::diff(&self.config, &new)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let retiring = retiring_after(&self.config, &new, &self.retiring, now);
+        let trackers = carry_trackers(self.trackers.clone(), &new, &retiring);
+        let mut ids = self.ids.clone();
+        let desired = match desired_for(&new, &retiring, &trackers, &next_hops, &mut ids) {
+            Ok(desired) => desired,
+            // The running config stays in force, with everything that came with it.
+            Err(e) => return self.reject(format!("{}: {e}", self.config_path.display()), out),
+        };
+        out.events.extend(routed_dsr_backends(&new, &next_hops));
+        self.config = new;
+        self.config_text = text;
+        self.retiring = retiring;
+        self.trackers = trackers;
+        self.next_hops = next_hops;
+        self.ids = ids;
+        self.commit(desired, out);
+        self.sync_checks(out);
+        self.accept(changes, out);
+    }
+
+    fn accept(&mut self, changes: Vec<String>, out: &mut Output) {
+        self.generation += 1;
+        self.reloads.accepted += 1;
+        let generation = self.generation;
+        out.reload = Some(if changes.is_empty() {
+            ReloadOutcome::Unchanged { generation }
+        } else {
+            ReloadOutcome::Accepted {
+                generation,
+                changes,
+            }
+        });
+    }
+
+    fn reject(&mut self, error: String, out: &mut Output) {
+        self.reloads.rejected += 1;
+        self.reloads.last_error = Some(error.clone());
+        out.events.push(Event::ReloadRejected {
+            error: error.clone(),
+        });
+        out.reload = Some(ReloadOutcome::Rejected { error });
+    }
+
+    /// Records a probe result; a change of verdict is logged once and changes the maps.
+    fn probe(&mut self, key: &BackendKey, result: &ProbeResult, seconds: f64, out: &mut Output) {
+        let Some(check) = self
+            .config
+            .vips
+            .iter()
+            .find(|v| v.name == key.0)
+            .and_then(|v| v.backends.iter().find(|b| b.address == key.1))
+            .map(|b| &b.health)
+        else {
+            return;
+        };
+        let Some(tracker) = self.trackers.get_mut(key) else {
+            return;
+        };
+        tracker.durations.observe(seconds);
+        let Some(transition) = tracker.record(result, check.rise, check.fall) else {
+            return;
+        };
+        let (key, streak, check) = (key.clone(), transition.streak, check.kind.name());
+        out.events.push(if transition.up {
+            Event::BackendUp { key, streak, check }
+        } else {
+            Event::BackendDown {
+                key,
+                streak,
+                check,
+                reason: transition.reason,
+            }
+        });
+        self.reconcile(out);
+    }
+
+    /// Takes freshly resolved next hops; changes the maps if any changed.
+    fn refresh_next_hops(&mut self, hops: NextHops, out: &mut Output) {
+        if hops == self.next_hops {
+            return;
+        }
+        let mut changed: Vec<(&IpAddr, _)> = hops
+            .iter()
+            .filter(|(address, hop)| self.next_hops.get(address) != Some(hop))
+            .collect();
+        changed.sort_by_key(|(address, _)| **address);
+        for (address, hop) in changed {
+            out.events.push(Event::NextHopChanged {
+                address: *address,
+                mac: format_mac(&hop.dst_mac),
+                interface: hop.interface.clone(),
+            });
+        }
+        let mut lost: Vec<IpAddr> = self
+            .next_hops
+            .keys()
+            .filter(|a| !hops.contains_key(a))
+            .copied()
+            .collect();
+        lost.sort();
+        for address in lost {
+            out.events.push(Event::NoLongerResolves { address });
+        }
+        self.next_hops = hops;
+        self.reconcile(out);
+    }
+
+    /// Ends the grace period of removed backends whose time is up; retries a failed plan.
+    fn tick(&mut self, now: Instant, out: &mut Output) {
+        let expired: Vec<BackendKey> = self
+            .retiring
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in &expired {
+            self.retiring.remove(key);
+            self.trackers.remove(key);
+            out.events
+                .push(Event::RemovalGraceOver { key: key.clone() });
+        }
+        if !expired.is_empty() || self.held_unknown {
+            self.reconcile(out);
+        }
+    }
+
+    /// Records how long the last accepted reload took, from reading the file to the maps
+    /// written (measured by the daemon, which does both).
+    pub fn record_apply_time(&mut self, took: Duration) {
+        self.reloads.last_apply = Some(took);
+    }
+
+    /// Backend addresses `text` (a config) names that have no known next hop; empty if the
+    /// text is not a valid config (the reload will say why).
+    pub fn unresolved(&self, text: &str) -> Vec<IpAddr> {
+        config::parse(&self.config_path, text)
+            .map(|c| reload::addresses(&c))
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|a| !self.next_hops.contains_key(a))
+            .collect()
+    }
+
+    /// Every backend address the maps know: configured and retiring.
+    pub fn addresses(&self) -> Vec<IpAddr> {
+        let mut addresses = reload::addresses(&self.config);
+        addresses.extend(self.retiring.keys().map(|(_, a)| *a));
+        addresses.sort();
+        addresses.dedup();
+        addresses
+    }
+
+    pub fn next_hops(&self) -> &NextHops {
+        &self.next_hops
+    }
+
+    /// The ids whose counters to read: every backend and VIP the maps hold.
+    pub fn counter_ids(&self) -> (Vec<u32>, Vec<u32>) {
+        (
+            self.held.backends.keys().copied().collect(),
+            self.held.tables.keys().copied().collect(),
+        )
+    }
+
+    /// Whether the connection table should be walked with the next reading.
+    pub fn conn_walk_due(&self, now: Instant) -> bool {
+        self.traffic.walk_due(now)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The running config file's text.
+    pub fn config_text(&self) -> &str {
+        &self.config_text
+    }
+
+    pub fn config_path(&self) -> &PathBuf {
+        &self.config_path
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub fn desired(&self) -> &DesiredState {
+        &self.desired
+    }
+
+    /// Whether the data plane stays at exit: `--keep-datapath`, or `keep_datapath` in the
+    /// running config.
+    pub fn keep_datapath(&self) -> bool {
+        self.keep_datapath_flag || self.config.keep_datapath
+    }
+
+    /// What was adopted at start, if anything.
+    pub fn adopted(&self) -> Option<&str> {
+        self.adopted.as_deref()
+    }
+
+    /// The picture the API renders.
+    pub fn snapshot(&self, now: Instant) -> Snapshot {
+        snapshot::build(
+            &Sources {
+                config_path: &self.config_path,
+                config: &self.config,
+                generation: self.generation,
+                reloads: &self.reloads,
+                keep_datapath: self.keep_datapath(),
+                adopted: &self.adopted,
+                desired: &self.desired,
+                trackers: &self.trackers,
+                next_hops: &self.next_hops,
+                all_down: &self.all_down,
+                traffic: &self.traffic,
+            },
+            now,
+        )
+    }
+}
+
+/// The desired state for a config, its retiring backends, its health verdicts and the next
+/// hops known.
+fn desired_for(
+    config: &Config,
+    retiring: &BTreeMap<BackendKey, Instant>,
+    trackers: &HashMap<BackendKey, Tracker>,
+    next_hops: &NextHops,
+    ids: &mut Ids,
+) -> Result<DesiredState, IdError> {
+    let retiring: Vec<BackendKey> = retiring.keys().cloned().collect();
+    let health: HashMap<BackendKey, Health> = trackers
+        .iter()
+        .map(|(key, t)| (key.clone(), if t.up { Health::Up } else { Health::Down }))
+        .collect();
+    desired_state(config, &retiring, next_hops, &health, ids)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,195 @@
+//! An immutable picture of what the daemon is doing, published by the event loop after
+//! every change: the API renders it (metrics, status) and never reads the kernel.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use balancer_common::TrafficStats;
+
+use crate::{
+    autoscale::TrafficRates,
+    config::{Autoscale, Config, Forwarding, HashMode, Protocol},
+    core::{
+        health::Tracker,
+        traffic::{AutoscaleState, Traffic},
+    },
+    maglev,
+    plan::{
+        desired::{BackendState, DesiredState, DesiredVip},
+        inputs::{BackendKey, NextHops},
+    },
+};
+
+/// Reload counters and the last rejection.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReloadStats {
+    pub accepted: u64,
+    pub rejected: u64,
+    pub last_error: Option<String>,
+    /// Time from reading the file to the maps being written, of the last accepted reload.
+    pub last_apply: Option<Duration>,
+}
+
+/// Per VIP: is it failing open (or dropping) because every backend is down.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AllDownStats {
+    pub active: bool,
+    pub fail_open: bool,
+    /// Times the VIP entered the all-down state.
+    pub episodes: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    /// When it was taken (the counters' age).
+    pub taken_at: Instant,
+    pub config_path: PathBuf,
+    pub generation: u64,
+    pub reloads: ReloadStats,
+    pub hash_seed: u32,
+    pub conn_table_size: u32,
+    /// Flows in the connection table at the last walk.
+    pub conn_entries: Option<u64>,
+    /// The data plane stays forwarding at exit.
+    pub keep_datapath: bool,
+    /// Started by adopting a pinned data plane: what was adopted.
+    pub adopted: Option<String>,
+    pub vips: Vec<VipView>,
+    /// Packets per `Outcome`, summed over CPUs.
+    pub outcomes: Vec<u64>,
+    /// Packets per XDP verdict (indexed like `xdp_action::NAMES`).
+    pub verdicts: Vec<u64>,
+}
+
+#[derive(Clone, Debug)]
+pub struct VipView {
+    pub name: String,
+    pub address: IpAddr,
+    pub port: Option<u16>,
+    pub protocol: Protocol,
+    pub forwarding: Forwarding,
+    pub hash: HashMode,
+    pub fragments: bool,
+    pub table_size: u32,
+    /// Identifies the Maglev table: equal on balancers that choose alike.
+    pub fingerprint: u64,
+    pub all_down: AllDownStats,
+    pub fail_open: bool,
+    pub stats: TrafficStats,
+    pub rates: Option<TrafficRates>,
+    /// Backends taking new flows.
+    pub healthy: usize,
+    pub autoscale: Option<(Autoscale, AutoscaleState)>,
+    pub backends: Vec<BackendView>,
+}
+
+#[derive(Clone, Debug)]
+pub struct BackendView {
+    pub address: IpAddr,
+    pub weight: u32,
+    pub state: BackendState,
+    /// The health checks' verdict; `None` for a backend without checks.
+    pub health: Option<Tracker>,
+    pub slots: u32,
+    /// The egress interface and the next hop's MAC address.
+    pub next_hop: Option<(String, [u8; 6])>,
+    pub stats: TrafficStats,
+    pub rates: Option<TrafficRates>,
+}
+
+/// Everything a snapshot is made of.
+pub struct Sources<'a> {
+    pub config_path: &'a PathBuf,
+    pub config: &'a Config,
+    pub generation: u64,
+    pub reloads: &'a ReloadStats,
+    pub keep_datapath: bool,
+    pub adopted: &'a Option<String>,
+    pub desired: &'a DesiredState,
+    pub trackers: &'a HashMap<BackendKey, Tracker>,
+    pub next_hops: &'a NextHops,
+    pub all_down: &'a HashMap<String, AllDownStats>,
+    pub traffic: &'a Traffic,
+}
+
+pub fn build(s: &Sources, now: Instant) -> Snapshot {
+    let counters = &s.traffic.counters;
+    Snapshot {
+        taken_at: now,
+        config_path: s.config_path.clone(),
+        generation: s.generation,
+        reloads: s.reloads.clone(),
+        hash_seed: s.config.hash_seed,
+        conn_table_size: s.config.conn_table_size,
+        conn_entries: s.traffic.conn_entries,
+        keep_datapath: s.keep_datapath,
+        adopted: s.adopted.clone(),
+        vips: s
+            .desired
+            .vips
+            .iter()
+            .zip(&s.config.vips)
+            .map(|(vip, config)| vip_view(s, vip, config))
+            .collect(),
+        outcomes: counters.outcomes.clone(),
+        verdicts: counters.verdicts(),
+    }
+}
+
+fn vip_view(s: &Sources, vip: &DesiredVip, config: &crate::config::Vip) -> VipView {
+    let counters = &s.traffic.counters;
+    VipView {
+        name: vip.name.clone(),
+        address: config.address,
+        port: config.port,
+        protocol: config.protocol,
+        forwarding: config.forwarding,
+        hash: config.hash,
+        fragments: config.fragments,
+        table_size: vip.meta.table_size,
+        fingerprint: maglev::fingerprint(&vip.table),
+        all_down: s.all_down.get(&vip.name).cloned().unwrap_or_default(),
+        fail_open: vip.fail_open,
+        stats: counters
+            .vips
+            .get(&vip.meta.vip_id)
+            .copied()
+            .unwrap_or_default(),
+        rates: s.traffic.vip_rates(&vip.name),
+        healthy: vip.healthy(),
+        autoscale: config
+            .autoscale
+            .zip(s.traffic.autoscale.get(&vip.name).cloned()),
+        backends: vip
+            .backends
+            .iter()
+            .map(|b| {
+                let key = (vip.name.clone(), b.address);
+                BackendView {
+                    address: b.address,
+                    weight: b.weight,
+                    state: b.state,
+                    health: s.trackers.get(&key).cloned(),
+                    slots: b.slots,
+                    next_hop: s
+                        .next_hops
+                        .get(&b.address)
+                        .map(|h| (h.interface.clone(), h.dst_mac)),
+                    stats: counters.backends.get(&b.id).copied().unwrap_or_default(),
+                    rates: s.traffic.backend_rates(&key),
+                }
+            })
+            .collect(),
+    }
+}
+
+impl BackendView {
+    /// Passes its health checks, or has none.
+    pub fn up(&self) -> bool {
+        self.health.as_ref().is_none_or(|t| t.up)
+    }
+}

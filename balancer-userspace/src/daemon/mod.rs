@@ -1,0 +1,141 @@
+//! The daemon: `balancer run` and the other subcommands.
+//! - [`startup`]: from the config file to an attached data plane and a started core;
+//! - [`event_loop`]: the loop that feeds the core and performs its effects;
+//! - [`probes`]: the health-check tasks; [`watch`]: the config file watcher;
+//! - [`subcommands`]: `check`, `detach`, `status`, `reload`, `xdp-pass`, `decap`.
+//!
+//! On SIGINT/SIGTERM `run` detaches and removes everything, or leaves the data plane
+//! forwarding for the next daemon to adopt (`--keep-datapath`, `keep_datapath`).
+
+pub mod event_loop;
+pub mod probes;
+pub mod startup;
+pub mod subcommands;
+pub mod watch;
+
+use std::{sync::Arc, time::Instant};
+
+use anyhow::Context as _;
+use tokio::sync::{mpsc, watch as latest};
+use tracing::{info, warn};
+
+use crate::{
+    api::http::{serve, ApiState},
+    daemon::{
+        event_loop::{EventLoop, Inputs},
+        probes::ProbeTasks,
+        startup::{start, Daemon, RunOptions},
+    },
+    shell::pins,
+};
+
+/// Results from probes waiting to be handled: enough for a burst from every backend.
+const PROBE_QUEUE: usize = 4096;
+
+pub async fn run(options: RunOptions) -> anyhow::Result<()> {
+    let config_path = options.config.clone();
+    let Daemon {
+        mut core,
+        mut dataplane,
+        resolver,
+        attachment,
+        listener,
+        control,
+        interface,
+        pin_dir,
+        first,
+        lock,
+    } = start(options).await?;
+
+    let (probe_results, probes_inbox) = mpsc::channel(PROBE_QUEUE);
+    let mut probes = ProbeTasks::new(probe_results);
+    if let Some(checks) = &first.checks {
+        probes.sync(checks);
+    }
+    let (file_changed, file_inbox) = mpsc::channel(1);
+    let _watcher = watch::watch_config(&config_path, file_changed)
+        .map_err(|e| {
+            warn!(
+                "not watching {} for changes ({e:#}); reload with SIGHUP or `balancer reload`",
+                config_path.display()
+            )
+        })
+        .ok();
+    let (snapshots, snapshot_rx) = latest::channel(Arc::new(core.snapshot(Instant::now())));
+    let (refresh, refresh_inbox) = mpsc::channel(1);
+    let (commands, commands_inbox) = mpsc::channel(16);
+    let (stop, stopped) = latest::channel(false);
+    let until_stopped = |mut stopped: latest::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    };
+    let state = ApiState {
+        snapshots: snapshot_rx,
+        attachment: Arc::new(attachment),
+        refresh,
+    };
+    let api = tokio::spawn(serve(listener, state, until_stopped(stopped.clone())));
+    let control = tokio::spawn(control.serve(commands, until_stopped(stopped)));
+
+    let mut event_loop = EventLoop::new(
+        &mut core,
+        &mut dataplane,
+        &resolver,
+        &mut probes,
+        &snapshots,
+    );
+    // Counters before the first snapshot is served.
+    event_loop.sample();
+    let inputs = Inputs {
+        probes: probes_inbox,
+        file_changed: file_inbox,
+        commands: commands_inbox,
+        refresh: refresh_inbox,
+    };
+    let which = event_loop.run(inputs).await.context("the event loop")?;
+    info!("{which}: shutting down");
+    probes.stop();
+    let _ = stop.send(true);
+    match api.await {
+        Ok(Err(e)) => warn!("status API: {e}"),
+        Err(e) => warn!("status API task: {e}"),
+        Ok(Ok(())) => {}
+    }
+    let _ = control.await;
+    let keep = core.keep_datapath();
+    drop(core);
+    finish(dataplane, keep, &pin_dir, &interface)?;
+    drop(lock);
+    Ok(())
+}
+
+/// Leaves the data plane forwarding (pinned, for the next daemon), or removes it.
+fn finish(
+    dataplane: crate::shell::dataplane::Dataplane,
+    keep: bool,
+    pin_dir: &std::path::Path,
+    interface: &str,
+) -> anyhow::Result<()> {
+    if keep {
+        // (The state map was written at start; nothing it records can change without a
+        // restart.)
+        let dir = dataplane
+            .pin_dir()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default();
+        // Closing our descriptors leaves the pins: the program keeps forwarding with the last
+        // maps, without health checks or reloads until a daemon adopts it.
+        drop(dataplane);
+        info!(
+            "left the data plane forwarding on {interface} (pinned in {dir}); the next \
+             `balancer run` adopts it, `balancer detach --interface {interface}` removes it"
+        );
+        return Ok(());
+    }
+    // Unpinned first, then our descriptors closed: the link detaches, the maps are freed.
+    let removed = pins::remove_all(pin_dir, interface)
+        .with_context(|| format!("removing the pins under {}", pin_dir.display()));
+    drop(dataplane);
+    removed?;
+    info!("detached from {interface}; the program and its maps are removed");
+    Ok(())
+}

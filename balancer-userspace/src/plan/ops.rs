@@ -1,0 +1,193 @@
+//! The map plan: the ordered map operations that take the kernel from what its maps hold to
+//! what the desired state says. Computed purely; the kernel shell executes it in order.
+//!
+//! The order keeps every packet consistent, whatever moment it arrives at:
+//! - counters of newly used ids are zeroed before anything can count into them;
+//! - egress devices and backend entries are written before a table can name them;
+//! - keys that go away are removed before tables change under them;
+//! - a VIP's Maglev table is swapped in whole (a fresh inner map, one update of the outer
+//!   map), after its backends and before the key that leads to it;
+//! - tables, backends and devices that nothing leads to any more are cleared last.
+//!
+//! A table whose size changes is padded, cyclically, to the larger of the old and the new
+//! size, so that a packet still matching the old key (old size) finds a backend of its own
+//! VIP in every slot it can hash to.
+//!
+//! Precondition (kept by [`crate::plan::ids::Ids`]): an id present in both states names the
+//! same VIP, and a backend id the same VIP's backend.
+
+use std::collections::HashMap;
+
+use balancer_common::{Backend, VipKey, VipMeta};
+
+use crate::plan::contents::{MapContents, Table};
+
+/// One map operation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MapOp {
+    /// Zero the per-CPU traffic counters of a backend id about to be used.
+    ZeroBackendStats(u32),
+    /// Zero the per-CPU traffic counters of a VIP id about to be used.
+    ZeroVipStats(u32),
+    /// Add an interface to the redirect device map.
+    AddEgress(u32),
+    /// Write a backend entry.
+    SetBackend(u32, Backend),
+    /// Remove a key from the VIPS map.
+    RemoveVipKey(VipKey),
+    /// Swap in a new Maglev table: `slots`, repeated cyclically to fill `fill` slots.
+    SwapTable {
+        vip_id: u32,
+        slots: Table,
+        fill: u32,
+    },
+    /// Write a key of the VIPS map.
+    SetVipKey(VipKey, VipMeta),
+    /// Replace a VIP id's table with an empty one (an array of maps cannot delete).
+    ClearTable(u32),
+    /// Mark a backend id free.
+    ClearBackend(u32),
+    /// Remove an interface from the redirect device map.
+    RemoveEgress(u32),
+}
+
+/// The operations, in the order they must be executed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapPlan {
+    pub ops: Vec<MapOp>,
+}
+
+impl MapPlan {
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+/// The plan from `held` (what the maps hold) to `desired`.
+pub fn plan(held: &MapContents, desired: &MapContents) -> MapPlan {
+    plan_over(held, &key_map(held), desired)
+}
+
+/// The plan after a plan failed half-way, when what the maps hold is not known: every
+/// desired entry is written again, and every entry `held` recorded and `desired` does not
+/// want is cleared.
+pub fn rewrite_all(held: &MapContents, desired: &MapContents) -> MapPlan {
+    // An entry that matches nothing desired: every desired entry differs from it.
+    let unknown_meta = VipMeta {
+        vip_id: u32::MAX,
+        ..VipMeta::default()
+    };
+    let unknown = MapContents {
+        keys: held.keys.iter().map(|(k, _)| (*k, unknown_meta)).collect(),
+        backends: held
+            .backends
+            .keys()
+            .map(|&id| (id, Backend::default()))
+            .collect(),
+        tables: held
+            .tables
+            .keys()
+            .map(|&id| (id, Table::from(Vec::new())))
+            .collect(),
+        egress: held.egress.difference(&desired.egress).copied().collect(),
+    };
+    plan_over(&unknown, &key_map(held), desired)
+}
+
+fn key_map(contents: &MapContents) -> HashMap<VipKey, VipMeta> {
+    contents.keys.iter().copied().collect()
+}
+
+/// The plan from `base` to `desired`; `live_keys` are the keys packets can match while the
+/// plan runs (for padding tables).
+fn plan_over(
+    base: &MapContents,
+    live_keys: &HashMap<VipKey, VipMeta>,
+    desired: &MapContents,
+) -> MapPlan {
+    let mut ops = Vec::new();
+    let base_keys = key_map(base);
+    let desired_keys = key_map(desired);
+    // Counters of ids the maps do not hold yet; devices and entries tables will name.
+    for &id in desired.backends.keys() {
+        if !base.backends.contains_key(&id) {
+            ops.push(MapOp::ZeroBackendStats(id));
+        }
+    }
+    for &id in desired.tables.keys() {
+        if !base.tables.contains_key(&id) {
+            ops.push(MapOp::ZeroVipStats(id));
+        }
+    }
+    for &ifindex in desired.egress.difference(&base.egress) {
+        ops.push(MapOp::AddEgress(ifindex));
+    }
+    for (&id, entry) in &desired.backends {
+        if base.backends.get(&id) != Some(entry) {
+            ops.push(MapOp::SetBackend(id, *entry));
+        }
+    }
+    // Keys that go away, then tables, then the keys that lead to them.
+    for (key, _) in &base.keys {
+        if !desired_keys.contains_key(key) {
+            ops.push(MapOp::RemoveVipKey(*key));
+        }
+    }
+    for (&vip_id, slots) in &desired.tables {
+        if base.tables.get(&vip_id) != Some(slots) {
+            let fill = padded_size(vip_id, slots, live_keys, &desired_keys);
+            let slots = slots.clone();
+            ops.push(MapOp::SwapTable {
+                vip_id,
+                slots,
+                fill,
+            });
+        }
+    }
+    for (key, meta) in &desired.keys {
+        if base_keys.get(key) != Some(meta) {
+            ops.push(MapOp::SetVipKey(*key, *meta));
+        }
+    }
+    clear_unreachable(base, desired, &mut ops);
+    MapPlan { ops }
+}
+
+/// What nothing leads to any more: tables of VIP ids gone, backends gone, devices unused.
+fn clear_unreachable(base: &MapContents, desired: &MapContents, ops: &mut Vec<MapOp>) {
+    for &vip_id in base.tables.keys() {
+        if !desired.tables.contains_key(&vip_id) {
+            ops.push(MapOp::ClearTable(vip_id));
+        }
+    }
+    for &id in base.backends.keys() {
+        if !desired.backends.contains_key(&id) {
+            ops.push(MapOp::ClearBackend(id));
+        }
+    }
+    for &ifindex in base.egress.difference(&desired.egress) {
+        ops.push(MapOp::RemoveEgress(ifindex));
+    }
+}
+
+/// How many slots a swapped table must fill: its own size, or more while a key still in
+/// the maps hashes this VIP's packets over a larger table.
+fn padded_size(
+    vip_id: u32,
+    slots: &Table,
+    held_keys: &HashMap<VipKey, VipMeta>,
+    desired_keys: &HashMap<VipKey, VipMeta>,
+) -> u32 {
+    held_keys
+        .iter()
+        .filter(|(key, meta)| {
+            meta.vip_id == vip_id && !meta.is_address() && desired_keys.contains_key(*key)
+        })
+        .map(|(_, meta)| meta.table_size)
+        .chain([slots.len() as u32])
+        .max()
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,504 @@
+//! The map plan's order invariants, checked as properties: random pairs of states (and random
+//! sequences of configs through the real planner), each plan applied step by step to a model
+//! of the kernel's maps, and after every single step no packet can meet a half state.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+    path::Path,
+};
+
+use balancer_common::{
+    Backend, VipKey, VipMeta, BACKEND_F_DOWN, BACKEND_F_DRAINING, BACKEND_F_VALID, NO_BACKEND,
+    VIP_F_ADDRESS, VIP_F_FRAGMENTS_ONLY,
+};
+
+use super::*;
+use crate::{
+    config::{self, Config, Vip},
+    plan::{
+        contents::{MapContents, Table},
+        desired::desired_state,
+        ids::Ids,
+        inputs::{BackendKey, Health, NextHop, NextHops},
+    },
+};
+
+/// The maps as the kernel holds them, operation by operation.
+#[derive(Default)]
+struct Kernel {
+    keys: HashMap<VipKey, VipMeta>,
+    backends: BTreeMap<u32, Backend>,
+    /// The table as planned, and as filled (padded).
+    tables: BTreeMap<u32, (Table, Vec<u32>)>,
+    egress: BTreeSet<u32>,
+    zeroed_backends: BTreeSet<u32>,
+}
+
+impl Kernel {
+    fn holding(contents: &MapContents) -> Kernel {
+        Kernel {
+            keys: contents.keys.iter().copied().collect(),
+            backends: contents.backends.clone(),
+            tables: contents
+                .tables
+                .iter()
+                .map(|(id, t)| (*id, (t.clone(), t.to_vec())))
+                .collect(),
+            egress: contents.egress.clone(),
+            zeroed_backends: BTreeSet::new(),
+        }
+    }
+
+    fn apply(&mut self, op: &MapOp) {
+        match op {
+            MapOp::ZeroBackendStats(id) => {
+                self.zeroed_backends.insert(*id);
+            }
+            MapOp::ZeroVipStats(_) => {}
+            MapOp::AddEgress(i) => {
+                self.egress.insert(*i);
+            }
+            MapOp::SetBackend(id, entry) => {
+                self.backends.insert(*id, *entry);
+            }
+            MapOp::RemoveVipKey(key) => {
+                self.keys.remove(key);
+            }
+            MapOp::SwapTable {
+                vip_id,
+                slots,
+                fill,
+            } => {
+                let filled = (0..*fill as usize)
+                    .map(|i| slots[i % slots.len()])
+                    .collect();
+                self.tables.insert(*vip_id, (slots.clone(), filled));
+            }
+            MapOp::SetVipKey(key, meta) => {
+                self.keys.insert(*key, *meta);
+            }
+            MapOp::ClearTable(id) => {
+                self.tables.remove(id);
+            }
+            MapOp::ClearBackend(id) => {
+                self.backends.remove(id);
+            }
+            MapOp::RemoveEgress(i) => {
+                self.egress.remove(i);
+            }
+        }
+    }
+
+    /// What a packet can meet now is either the old state or the new one, never a mix.
+    fn check(&self, held: &MapContents, desired: &MapContents, step: &str) {
+        for (key, meta) in &self.keys {
+            assert!(
+                held.meta(key) == Some(meta) || desired.meta(key) == Some(meta),
+                "{step}: key {key:?} leads to {meta:?}, neither the old nor the new meta"
+            );
+            if meta.is_address() {
+                continue;
+            }
+            let (_, filled) = self.tables.get(&meta.vip_id).unwrap_or_else(|| {
+                panic!(
+                    "{step}: key {key:?} leads to VIP {} without a table",
+                    meta.vip_id
+                )
+            });
+            if filled.is_empty() {
+                // An adopted table the plan has not rewritten yet: its slots are whatever
+                // the previous daemon wrote, which was consistent then.
+                continue;
+            }
+            assert!(
+                filled.len() >= meta.table_size as usize,
+                "{step}: VIP {} hashes over {} slots of a table of {}",
+                meta.vip_id,
+                meta.table_size,
+                filled.len()
+            );
+            for &id in &filled[..meta.table_size as usize] {
+                if id == NO_BACKEND {
+                    continue;
+                }
+                let b = self.backends.get(&id).unwrap_or_else(|| {
+                    panic!(
+                        "{step}: VIP {}'s table names backend {id}, which the maps lack",
+                        meta.vip_id
+                    )
+                });
+                assert!(b.is_valid(), "{step}: backend {id} is not valid");
+                assert_eq!(b.vip_id, meta.vip_id, "{step}: backend {id} of another VIP");
+                assert!(
+                    b.ifindex == 0 || self.egress.contains(&b.ifindex),
+                    "{step}: backend {id} leaves through {}, not in the device map",
+                    b.ifindex
+                );
+            }
+        }
+        for (id, (slots, _)) in &self.tables {
+            assert!(
+                held.tables.get(id) == Some(slots) || desired.tables.get(id) == Some(slots),
+                "{step}: VIP {id}'s table is neither the old nor the new one"
+            );
+        }
+        for id in self.backends.keys() {
+            if !held.backends.contains_key(id) {
+                assert!(
+                    self.zeroed_backends.contains(id),
+                    "{step}: backend {id} written before its counters were zeroed"
+                );
+            }
+        }
+    }
+
+    fn assert_holds(&self, desired: &MapContents, case: &str) {
+        let keys: HashMap<VipKey, VipMeta> = desired.keys.iter().copied().collect();
+        assert_eq!(self.keys, keys, "{case}: keys");
+        assert_eq!(self.backends, desired.backends, "{case}: backends");
+        let tables: BTreeMap<u32, Table> = self
+            .tables
+            .iter()
+            .map(|(id, (t, _))| (*id, t.clone()))
+            .collect();
+        assert_eq!(tables, desired.tables, "{case}: tables");
+        assert_eq!(self.egress, desired.egress, "{case}: egress");
+    }
+}
+
+/// Applies `plan` to `kernel` step by step, checking after each step, and then that the maps
+/// hold `desired`.
+fn run_plan(
+    kernel: &mut Kernel,
+    plan: &MapPlan,
+    held: &MapContents,
+    desired: &MapContents,
+    case: &str,
+) {
+    kernel.check(held, desired, &format!("{case}, before the plan"));
+    for (i, op) in plan.ops.iter().enumerate() {
+        kernel.apply(op);
+        kernel.check(held, desired, &format!("{case}, after step {i} {op:?}"));
+    }
+    kernel.assert_holds(desired, case);
+}
+
+const VIP_IDS: u32 = 6;
+const BACKEND_IDS: u32 = 24;
+
+/// A random but consistent state: every key leads to a table whose slots name live backends
+/// of its VIP. `owners[id]` is the VIP a backend id belongs to (the same in both states of a
+/// pair: the planner's precondition).
+fn random_state(rng: &mut fastrand::Rng, owners: &[u32]) -> MapContents {
+    let mut pool: Vec<VipKey> = (0..10u8)
+        .map(|i| VipKey {
+            addr: [10, 0, i % 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            port: (80 + u16::from(i)).to_be(),
+            proto: 6,
+            family: 4,
+        })
+        .collect();
+    rng.shuffle(&mut pool);
+    let mut state = MapContents::default();
+    for vip_id in 0..VIP_IDS {
+        if !rng.bool() {
+            continue;
+        }
+        let size = [5u32, 7, 11][rng.usize(..3)];
+        let meta = VipMeta {
+            vip_id,
+            table_size: size,
+            ..VipMeta::default()
+        };
+        let Some(key) = pool.pop() else { break };
+        state.keys.push((key, meta));
+        if rng.u8(..10) < 3 {
+            if let Some(key) = pool.pop() {
+                let flags = if rng.bool() {
+                    VIP_F_FRAGMENTS_ONLY
+                } else {
+                    VIP_F_ADDRESS
+                };
+                let table_size = if flags == VIP_F_ADDRESS { 0 } else { size };
+                state.keys.push((
+                    key,
+                    VipMeta {
+                        flags,
+                        table_size,
+                        ..meta
+                    },
+                ));
+            }
+        }
+        let mut live = Vec::new();
+        for id in 0..BACKEND_IDS {
+            if owners[id as usize] != vip_id || rng.u8(..10) >= 6 {
+                continue;
+            }
+            let entry = random_backend(rng, vip_id);
+            if entry.flags == BACKEND_F_VALID {
+                live.push(id);
+            }
+            if entry.ifindex != 0 {
+                state.egress.insert(entry.ifindex);
+            }
+            state.backends.insert(id, entry);
+        }
+        let mut table = Vec::new();
+        for _ in 0..size {
+            table.push(if live.is_empty() {
+                NO_BACKEND
+            } else {
+                live[rng.usize(..live.len())]
+            });
+        }
+        state.tables.insert(vip_id, Table::from(table));
+    }
+    state
+}
+
+fn random_backend(rng: &mut fastrand::Rng, vip_id: u32) -> Backend {
+    let ifindex = rng.u32(0..4);
+    let mut flags = BACKEND_F_VALID;
+    match rng.u8(..10) {
+        _ if ifindex == 0 => flags |= BACKEND_F_DOWN,
+        0 | 1 => flags |= BACKEND_F_DOWN,
+        2 => flags |= BACKEND_F_DRAINING,
+        _ => {}
+    }
+    Backend {
+        vip_id,
+        ifindex,
+        flags,
+        dst_mac: [2, 0, 0, 0, 0, rng.u8(..3)],
+        ..Backend::default()
+    }
+}
+
+/// The maps as a daemon adopting them records them: tables not known.
+fn adopted(contents: &MapContents) -> MapContents {
+    MapContents {
+        tables: contents
+            .tables
+            .keys()
+            .map(|&id| (id, Table::from(Vec::new())))
+            .collect(),
+        ..contents.clone()
+    }
+}
+
+#[test]
+fn random_pairs_of_states_never_expose_a_half_state() {
+    for seed in 0..1000u64 {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let owners: Vec<u32> = (0..BACKEND_IDS).map(|_| rng.u32(..VIP_IDS)).collect();
+        let held = random_state(&mut rng, &owners);
+        let desired = random_state(&mut rng, &owners);
+        let case = format!("seed {seed}");
+        let mut kernel = Kernel::holding(&held);
+        run_plan(&mut kernel, &plan(&held, &desired), &held, &desired, &case);
+        // Adopted: the same kernel, known less well.
+        let mut kernel = Kernel::holding(&held);
+        let recorded = adopted(&held);
+        run_plan(
+            &mut kernel,
+            &plan(&recorded, &desired),
+            &held,
+            &desired,
+            &format!("{case}, adopted"),
+        );
+        // After a failure: everything written again.
+        let mut kernel = Kernel::holding(&held);
+        run_plan(
+            &mut kernel,
+            &rewrite_all(&held, &desired),
+            &held,
+            &desired,
+            &format!("{case}, rewrite"),
+        );
+    }
+}
+
+#[test]
+fn the_same_state_needs_no_operation() {
+    let mut rng = fastrand::Rng::with_seed(7);
+    let owners: Vec<u32> = (0..BACKEND_IDS).map(|_| rng.u32(..VIP_IDS)).collect();
+    let state = random_state(&mut rng, &owners);
+    assert!(plan(&state, &state).is_empty());
+    assert!(!rewrite_all(&state, &state).is_empty());
+}
+
+#[test]
+fn a_table_that_shrinks_is_padded_while_the_old_key_can_see_it() {
+    let key = VipKey::default();
+    let meta = |size| VipMeta {
+        vip_id: 1,
+        table_size: size,
+        ..VipMeta::default()
+    };
+    let backend = Backend {
+        vip_id: 1,
+        flags: BACKEND_F_VALID,
+        ..Backend::default()
+    };
+    let state = |size: u32| MapContents {
+        keys: vec![(key, meta(size))],
+        backends: BTreeMap::from([(3, backend)]),
+        tables: BTreeMap::from([(1, Table::from(vec![3; size as usize]))]),
+        egress: BTreeSet::new(),
+    };
+    let (big, small) = (state(11), state(5));
+    let shrink = plan(&big, &small);
+    assert_eq!(
+        shrink.ops,
+        [
+            MapOp::SwapTable {
+                vip_id: 1,
+                slots: small.tables[&1].clone(),
+                fill: 11
+            },
+            MapOp::SetVipKey(key, meta(5)),
+        ]
+    );
+    let mut kernel = Kernel::holding(&big);
+    run_plan(&mut kernel, &shrink, &big, &small, "shrink");
+    let grow = plan(&small, &big);
+    assert!(matches!(grow.ops[0], MapOp::SwapTable { fill: 11, .. }));
+}
+
+// ------------------------------------------------------------------------------------------
+// The real planner: random sequences of configs, next hops and health.
+
+fn template() -> Config {
+    let text = "[balancer]\nremoval_grace = \"1m\"\n[[vip]]\nname = \"t\"\naddress = \"192.0.2.1\"\nport = 80\n\
+                protocol = \"tcp\"\nforwarding = \"dsr\"\ntable_size = 13\nbackends = [{ address = \"10.0.0.1\" }]\n";
+    config::parse(Path::new("template.toml"), text).unwrap()
+}
+
+fn random_config(rng: &mut fastrand::Rng, base: &Config) -> Config {
+    let mut config = Config {
+        vips: Vec::new(),
+        ..base.clone()
+    };
+    let template = &base.vips[0];
+    // Each VIP on an address of its own (a VIP balancing fragments must be alone on it), the
+    // addresses shuffled so that keys move from one VIP to another.
+    let mut addresses: Vec<IpAddr> = (1..=6u8).map(|i| IpAddr::from([192, 0, 2, i])).collect();
+    rng.shuffle(&mut addresses);
+    for name in ["a", "b", "c", "d"] {
+        if rng.u8(..10) >= 7 {
+            continue;
+        }
+        let mut backends = Vec::new();
+        for last in 1..=8u8 {
+            if !rng.bool() {
+                continue;
+            }
+            let mut b = template.backends[0].clone();
+            b.address = IpAddr::from([10, 0, 0, last]);
+            b.weight = rng.u32(0..4);
+            b.drain = rng.u8(..10) == 0;
+            backends.push(b);
+        }
+        config.vips.push(Vip {
+            name: name.to_owned(),
+            address: addresses.pop().expect("more addresses than VIPs"),
+            port: Some([80, 81][rng.usize(..2)]),
+            table_size: [7, 13][rng.usize(..2)],
+            fragments: rng.u8(..10) == 0,
+            backends,
+            ..template.clone()
+        });
+    }
+    config
+}
+
+fn random_hops(rng: &mut fastrand::Rng) -> NextHops {
+    (1..=8u8)
+        .filter(|_| rng.u8(..10) < 8)
+        .collect::<Vec<u8>>()
+        .into_iter()
+        .map(|last| {
+            let hop = NextHop {
+                ifindex: rng.u32(1..4),
+                interface: "x".into(),
+                src_mac: [2; 6],
+                dst_mac: [2, 0, 0, 0, last, rng.u8(..2)],
+                gateway: None,
+                mtu: 1500,
+                source: None,
+            };
+            (IpAddr::from([10, 0, 0, last]), hop)
+        })
+        .collect()
+}
+
+fn random_health(rng: &mut fastrand::Rng, config: &Config) -> HashMap<BackendKey, Health> {
+    config
+        .vips
+        .iter()
+        .flat_map(|v| v.backends.iter().map(|b| (v.name.clone(), b.address)))
+        .map(|key| {
+            (
+                key,
+                if rng.u8(..10) < 2 {
+                    Health::Down
+                } else {
+                    Health::Up
+                },
+            )
+        })
+        .collect()
+}
+
+/// Backends of the previous config that the new one dropped, kept (at random) as retiring.
+fn random_retiring(rng: &mut fastrand::Rng, old: &Config, new: &Config) -> Vec<BackendKey> {
+    old.vips
+        .iter()
+        .flat_map(|v| v.backends.iter().map(|b| (v.name.clone(), b.address)))
+        .filter(|(vip, address)| {
+            !new.vips
+                .iter()
+                .any(|v| &v.name == vip && v.backends.iter().any(|b| b.address == *address))
+        })
+        .filter(|_| rng.bool())
+        .collect()
+}
+
+#[test]
+fn random_config_sequences_through_the_planner_never_expose_a_half_state() {
+    let base = template();
+    for seed in 0..100u64 {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let mut ids = Ids::default();
+        let mut held = MapContents::default();
+        let mut kernel = Kernel::default();
+        let mut config = Config {
+            vips: Vec::new(),
+            ..base.clone()
+        };
+        for step in 0..12 {
+            let new = random_config(&mut rng, &base);
+            let retiring = random_retiring(&mut rng, &config, &new);
+            let desired = desired_state(
+                &new,
+                &retiring,
+                &random_hops(&mut rng),
+                &random_health(&mut rng, &new),
+                &mut ids,
+            )
+            .unwrap();
+            let case = format!("seed {seed} step {step}");
+            run_plan(
+                &mut kernel,
+                &plan(&held, &desired.maps),
+                &held,
+                &desired.maps,
+                &case,
+            );
+            held = desired.maps;
+            config = new;
+        }
+    }
+}

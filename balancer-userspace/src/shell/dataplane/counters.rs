@@ -1,0 +1,136 @@
+//! Reading the data plane: per-CPU counters summed, the connection table, kernel memory.
+
+use std::{
+    collections::BTreeMap,
+    os::fd::{AsFd as _, AsRawFd as _},
+};
+
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray};
+use balancer_common::{
+    map_names, ConnEntry, FlowKey, TrafficStats, DECAP_OUTCOME_COUNT, OUTCOME_COUNT,
+};
+
+use crate::{
+    plan::contents::Counters,
+    shell::dataplane::{map_err, Dataplane, DataplaneError},
+};
+
+type Result<T, E = DataplaneError> = std::result::Result<T, E>;
+
+fn typed<'a, T>(map: &'a Map, name: &'static str) -> Result<T>
+where
+    T: TryFrom<&'a Map, Error = MapError>,
+{
+    T::try_from(map).map_err(map_err(name))
+}
+
+impl Dataplane {
+    /// The counters of the given backend and VIP ids, and every outcome, summed over CPUs.
+    pub fn counters(&self, backend_ids: &[u32], vip_ids: &[u32]) -> Result<Counters> {
+        let outcome_map: PerCpuArray<&MapData, u64> = typed(
+            self.map(map_names::OUTCOME_STATS)?,
+            map_names::OUTCOME_STATS,
+        )?;
+        let outcomes = (0..OUTCOME_COUNT)
+            .map(|i| outcome_map.get(&i, 0).map(|v| v.iter().sum()))
+            .collect::<Result<Vec<u64>, _>>()
+            .map_err(map_err(map_names::OUTCOME_STATS))?;
+        Ok(Counters {
+            backends: self.traffic(map_names::BACKEND_STATS, backend_ids)?,
+            vips: self.traffic(map_names::VIP_STATS, vip_ids)?,
+            outcomes,
+        })
+    }
+
+    fn traffic(&self, name: &'static str, ids: &[u32]) -> Result<BTreeMap<u32, TrafficStats>> {
+        let stats: PerCpuArray<&MapData, TrafficStats> = typed(self.map(name)?, name)?;
+        let mut out = BTreeMap::new();
+        for &id in ids {
+            let per_cpu = stats.get(&id, 0).map_err(map_err(name))?;
+            let total = per_cpu
+                .iter()
+                .fold(TrafficStats::default(), |a, s| TrafficStats {
+                    packets: a.packets + s.packets,
+                    bytes: a.bytes + s.bytes,
+                    new_flows: a.new_flows + s.new_flows,
+                });
+            out.insert(id, total);
+        }
+        Ok(out)
+    }
+
+    fn conn_table(&self) -> Result<BpfHashMap<&MapData, FlowKey, ConnEntry>> {
+        typed(self.map(map_names::CONN_TABLE)?, map_names::CONN_TABLE)
+    }
+
+    /// The backend the connection table holds for a flow.
+    pub fn conn_lookup(&self, flow: &FlowKey) -> Result<Option<u32>> {
+        match self.conn_table()?.get(flow, 0) {
+            Ok(entry) => Ok(Some(entry.backend_id)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(map_names::CONN_TABLE)(e)),
+        }
+    }
+
+    /// Remembers `flow` on backend `backend_id`, as the program does for a new flow (tests
+    /// and tools; the packet path fills the table itself).
+    pub fn conn_insert(&mut self, flow: &FlowKey, backend_id: u32) -> Result<()> {
+        let name = map_names::CONN_TABLE;
+        let mut table: BpfHashMap<&mut MapData, FlowKey, ConnEntry> =
+            self.map_mut(name)?.try_into().map_err(map_err(name))?;
+        let entry = ConnEntry {
+            backend_id,
+            _reserved: 0,
+        };
+        table.insert(flow, entry, 0).map_err(map_err(name))
+    }
+
+    /// Number of flows in the connection table (walks the table: one syscall per flow).
+    pub fn conn_count(&self) -> Result<usize> {
+        Ok(self.conn_table()?.keys().filter(|k| k.is_ok()).count())
+    }
+
+    /// The decapsulating program's counters, indexed by `DecapOutcome`.
+    pub fn decap_counters(&self) -> Result<Vec<u64>> {
+        let name = map_names::DECAP_STATS;
+        let stats: PerCpuArray<&MapData, u64> = typed(self.map(name)?, name)?;
+        (0..DECAP_OUTCOME_COUNT)
+            .map(|i| stats.get(&i, 0).map(|v| v.iter().sum()))
+            .collect::<Result<Vec<u64>, _>>()
+            .map_err(map_err(name))
+    }
+
+    /// Kernel memory of every map (as `memlock` in /proc/self/fdinfo), by map name; the
+    /// Maglev tables summed under `maglev tables`.
+    pub fn memory(&self) -> std::io::Result<Vec<(String, u64)>> {
+        let memlock = |fd: i32| -> std::io::Result<u64> {
+            let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
+            Ok(info
+                .lines()
+                .find_map(|l| l.strip_prefix("memlock:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0))
+        };
+        let mut out = Vec::new();
+        for (name, map) in self.ebpf.maps() {
+            let fd = match map {
+                Map::Array(d)
+                | Map::ArrayOfMaps(d)
+                | Map::HashMap(d)
+                | Map::LruHashMap(d)
+                | Map::PerCpuArray(d)
+                | Map::DevMapHash(d) => d.fd().as_fd().as_raw_fd(),
+                _ => continue,
+            };
+            out.push((name.to_owned(), memlock(fd)?));
+        }
+        let tables = self
+            .tables
+            .values()
+            .map(|t| memlock(t.fd().as_fd().as_raw_fd()))
+            .sum::<std::io::Result<u64>>()?;
+        out.push(("maglev tables".to_owned(), tables));
+        out.sort();
+        Ok(out)
+    }
+}

@@ -1,0 +1,369 @@
+//! The data plane as the kernel holds it: the XDP object loaded (verifier included), its maps
+//! (pinned, or adopted from pins), its link. The only code that calls aya, split by job:
+//! - this file: loading the object and reaching its programs and maps;
+//! - [`attach`]: attaching, through a pinned link that outlives the daemon;
+//! - [`maps`]: executing a map plan through typed per-map handles, reading pinned contents;
+//! - [`counters`]: reading the counters and the connection table.
+
+pub mod attach;
+pub mod counters;
+pub mod maps;
+
+use std::{collections::BTreeMap, path::Path};
+
+use aya::{
+    maps::{MapData, MapError},
+    programs::{links::FdLink, ProgramError, Xdp},
+    Ebpf, EbpfLoader,
+};
+use balancer_common::{map_names, program_names};
+
+use crate::{
+    plan::contents::MapContents,
+    shell::pins::{self, PinError},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("loading the XDP object")]
+    Load(#[source] aya::EbpfError),
+    #[error("the XDP object has no {what} named {name}")]
+    Missing {
+        what: &'static str,
+        name: &'static str,
+    },
+    #[error("the kernel refused the {program} program ({io_error}); the verifier's log:\n{log}")]
+    Verifier {
+        program: &'static str,
+        io_error: std::io::Error,
+        log: String,
+    },
+    #[error("loading the {program} program into the kernel")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("attaching to {interface} in {mode} mode")]
+    Attach {
+        interface: String,
+        mode: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("map {map}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("map {map}")]
+    Io {
+        map: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("map {map}")]
+    Xdp {
+        map: &'static str,
+        #[source]
+        source: aya::maps::xdp::XdpMapError,
+    },
+    #[error(transparent)]
+    Pins(#[from] PinError),
+    #[error("{what} in {dir}")]
+    Link {
+        what: &'static str,
+        dir: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(
+        "the kernel attached XDP without a BPF link; keeping the data plane across restarts needs \
+         BPF links for XDP (Linux 5.9 or later)"
+    )]
+    NoLink(#[source] aya::programs::links::LinkError),
+    #[error("parsing the XDP object")]
+    Object(#[source] aya_obj::ParseError),
+}
+
+type Result<T, E = DataplaneError> = std::result::Result<T, E>;
+
+fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { map, source }
+}
+
+/// A program that failed to load: the verifier's refusal with its log once, whole.
+fn program_error(program: &'static str, source: ProgramError) -> DataplaneError {
+    match source {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => DataplaneError::Verifier {
+            program,
+            io_error,
+            log: verifier_log.to_string(),
+        },
+        source => DataplaneError::Program { program, source },
+    }
+}
+
+/// How the program ended up attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachedMode {
+    Native,
+    Generic,
+}
+
+impl AttachedMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttachedMode::Native => "native",
+            AttachedMode::Generic => "generic",
+        }
+    }
+
+    /// As recorded in the pinned state map.
+    pub fn code(self) -> u32 {
+        match self {
+            AttachedMode::Native => 1,
+            AttachedMode::Generic => 2,
+        }
+    }
+
+    pub fn from_code(code: u32) -> Option<AttachedMode> {
+        match code {
+            1 => Some(AttachedMode::Native),
+            2 => Some(AttachedMode::Generic),
+            _ => None,
+        }
+    }
+}
+
+/// Settings fixed when the object is loaded.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    pub hash_seed: u32,
+    pub conn_table_size: u32,
+}
+
+/// The loaded program and its maps. Dropping it detaches the program and frees the maps,
+/// unless they are pinned (see [`Dataplane::load_pinned`]).
+pub struct Dataplane {
+    ebpf: Ebpf,
+    attached: Option<(String, AttachedMode)>,
+    /// The Maglev tables in `MAGLEV_TABLES`, by VIP id: held so that their memory can be
+    /// reported (the kernel keeps them alive through the outer map anyway).
+    tables: BTreeMap<u32, MapData>,
+    /// Pinned: the layout directory, and the XDP link once attached through it.
+    pinned: Option<Pinned>,
+    /// CPUs the per-CPU maps have a slot for.
+    cpus: usize,
+}
+
+struct Pinned {
+    dir: std::path::PathBuf,
+    link: Option<FdLink>,
+    /// The program the pinned link ran before this one was swapped in, if adopted.
+    replaced_program: Option<u32>,
+}
+
+/// The program running on the interface, for the status.
+#[derive(Clone, Copy, Debug)]
+pub struct ProgramIds {
+    pub program_id: u32,
+    pub program_tag: u64,
+    pub link_id: Option<u32>,
+    /// Adopted: the program this one replaced through the pinned link.
+    pub replaced_program: Option<u32>,
+}
+
+impl Dataplane {
+    /// Loads the built-in object and the balancer program into the kernel (verifier
+    /// included), without attaching it anywhere.
+    pub fn load(options: LoadOptions) -> Result<Self> {
+        Self::load_object(crate::PROGRAM, options)
+    }
+
+    /// Like [`Dataplane::load`], from another build of the object (tests, upgrades).
+    pub fn load_object(object: &[u8], options: LoadOptions) -> Result<Self> {
+        use program_names::*;
+        Self::load_programs(object, options, &[BALANCER, PASS], None)
+    }
+
+    /// Like [`Dataplane::load_object`], with every map pinned in `dir` (a layout directory):
+    /// maps already pinned there are adopted, after checking that they match this object; the
+    /// others are created and pinned. Returns what adopted maps hold (tables not read).
+    pub fn load_pinned(
+        object: &[u8],
+        options: LoadOptions,
+        dir: &Path,
+    ) -> Result<(Self, Option<MapContents>)> {
+        let obj = aya_obj::Object::parse(object).map_err(DataplaneError::Object)?;
+        let names = pins::pinnable_maps(&obj);
+        let adopting = names.iter().any(|n| dir.join(n).exists());
+        if adopting {
+            pins::check_compatible(&obj, options.conn_table_size, dir, &names)?;
+        }
+        use program_names::*;
+        let mut dataplane =
+            Self::load_programs(object, options, &[BALANCER, PASS], Some((dir, &names)))?;
+        dataplane.pinned = Some(Pinned {
+            dir: dir.to_owned(),
+            link: None,
+            replaced_program: None,
+        });
+        let contents = if adopting {
+            Some(dataplane.read_contents()?)
+        } else {
+            None
+        };
+        Ok((dataplane, contents))
+    }
+
+    /// Loads the balancer and every trivial program of the object (benchmarks).
+    pub fn load_with_trivial_programs(options: LoadOptions) -> Result<Self> {
+        use program_names::*;
+        Self::load_programs(
+            crate::PROGRAM,
+            options,
+            &[BALANCER, PASS, DROP, TX, REFLECT],
+            None,
+        )
+    }
+
+    /// Loads the object and only the decapsulating program (`balancer decap`).
+    pub fn load_decap() -> Result<Self> {
+        let options = LoadOptions {
+            hash_seed: 0,
+            conn_table_size: crate::config::MIN_CONN_TABLE_SIZE,
+        };
+        Self::load_programs(crate::PROGRAM, options, &[program_names::DECAP], None)
+    }
+
+    fn load_programs(
+        object: &[u8],
+        options: LoadOptions,
+        programs: &[&'static str],
+        pins: Option<(&Path, &[String])>,
+    ) -> Result<Self> {
+        let mut loader = EbpfLoader::new();
+        loader
+            .override_global("HASH_SEED", &options.hash_seed, true)
+            .map_max_entries(map_names::CONN_TABLE, options.conn_table_size);
+        if let Some((dir, names)) = pins {
+            for name in names {
+                loader.map_pin_path(name.as_str(), dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(object).map_err(DataplaneError::Load)?;
+        for &name in programs {
+            let program: &mut Xdp = ebpf
+                .program_mut(name)
+                .ok_or(DataplaneError::Missing {
+                    what: "program",
+                    name,
+                })?
+                .try_into()
+                .map_err(|source| program_error(name, source))?;
+            program
+                .load()
+                .map_err(|source| program_error(name, source))?;
+        }
+        let cpus = aya::util::nr_cpus().map_err(|(_, source)| DataplaneError::Io {
+            map: "per-CPU maps",
+            source,
+        })?;
+        Ok(Dataplane {
+            ebpf,
+            attached: None,
+            tables: BTreeMap::new(),
+            pinned: None,
+            cpus,
+        })
+    }
+
+    /// The balancer program, e.g. for BPF_PROG_TEST_RUN.
+    pub fn program(&self) -> &Xdp {
+        self.program_named(program_names::BALANCER)
+    }
+
+    /// The trivial XDP_PASS program of the same object.
+    pub fn pass_program(&self) -> &Xdp {
+        self.program_named(program_names::PASS)
+    }
+
+    /// A loaded program of the object by name (see `balancer_common::program_names`).
+    pub fn program_named(&self, name: &'static str) -> &Xdp {
+        self.ebpf
+            .program(name)
+            .and_then(|p| p.try_into().ok())
+            .expect("loaded and checked in load_programs")
+    }
+
+    fn program_mut(&mut self, name: &'static str) -> Result<&mut Xdp> {
+        self.ebpf
+            .program_mut(name)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(DataplaneError::Missing {
+                what: "loaded program",
+                name,
+            })
+    }
+
+    /// Where and how the balancer is attached.
+    pub fn attached(&self) -> Option<(&str, AttachedMode)> {
+        self.attached.as_ref().map(|(i, m)| (i.as_str(), *m))
+    }
+
+    /// The layout directory, if pinned.
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pinned.as_ref().map(|p| p.dir.as_path())
+    }
+
+    fn map(&self, name: &'static str) -> Result<&aya::maps::Map> {
+        self.ebpf
+            .map(name)
+            .ok_or(DataplaneError::Missing { what: "map", name })
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or(DataplaneError::Missing { what: "map", name })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each cause once: a verifier refusal shows the system error and the log once each.
+    #[test]
+    fn errors_name_each_cause_once() {
+        let error = DataplaneError::Verifier {
+            program: "balancer",
+            io_error: std::io::Error::from_raw_os_error(libc::EACCES),
+            log: "0: (b7) r0 = 2\ninvalid access to packet".into(),
+        };
+        let text = format!("{:#}", anyhow::Error::new(error));
+        assert_eq!(text.matches("Permission denied").count(), 1, "{text}");
+        assert_eq!(
+            text.matches("invalid access to packet").count(),
+            1,
+            "{text}"
+        );
+        let error = DataplaneError::Io {
+            map: "BACKENDS",
+            source: std::io::Error::from_raw_os_error(libc::ENOMEM),
+        };
+        let text = format!(
+            "{:#}",
+            anyhow::Error::new(error).context("writing the maps")
+        );
+        assert_eq!(
+            text,
+            "writing the maps: map BACKENDS: Cannot allocate memory (os error 12)"
+        );
+    }
+}

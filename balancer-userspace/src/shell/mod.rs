@@ -1,0 +1,13 @@
+//! The kernel shell: the only code that calls aya, netlink or the network for the daemon's
+//! own purposes. It performs what the core decides and reports what happened.
+//! - [`dataplane`]: load, attach, pin, adopt; execute map plans; read counters;
+//! - [`pins`]: pin directories, the layout check, the lock, the state map;
+//! - [`nexthop`]: next hops from the kernel's routing and neighbour tables;
+//! - [`kernel`]: what the running kernel supports;
+//! - [`probe`]: health probes (TCP connect, HTTP GET).
+
+pub mod dataplane;
+pub mod kernel;
+pub mod nexthop;
+pub mod pins;
+pub mod probe;
