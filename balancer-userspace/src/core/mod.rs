@@ -101,6 +101,9 @@ pub struct Core {
     config_path: PathBuf,
     config: Config,
     config_text: String,
+    /// The text of the last config file read, accepted or not: a watcher's reload of the
+    /// same text again is no reload (an invalid file left in place is rejected once).
+    last_read: String,
     /// Increments with every accepted reload (1 for the config the daemon started with).
     generation: u64,
     ids: Ids,
@@ -135,6 +138,7 @@ impl Core {
         let mut core = Core {
             config_path: start.config_path,
             config: start.config,
+            last_read: start.text.clone(),
             config_text: start.text,
             generation: 1,
             ids: Ids::default(),
@@ -186,7 +190,10 @@ impl Core {
                 next_hops,
                 only_if_changed,
             } => self.reload(text, next_hops, only_if_changed, now, &mut out),
-            Input::ReloadUnreadable { error } => self.reject(error, &mut out),
+            Input::ReloadUnreadable { error } => {
+                self.last_read.clear();
+                self.reject(error, &mut out)
+            }
             Input::Probe {
                 key,
                 result,
@@ -299,7 +306,9 @@ impl Core {
         now: Instant,
         out: &mut Output,
     ) {
-        if only_if_changed && text == self.config_text {
+        let seen = text == self.last_read || text == self.config_text;
+        self.last_read.clone_from(&text);
+        if only_if_changed && seen {
             out.reload = Some(ReloadOutcome::Unchanged {
                 generation: self.generation,
             });
@@ -495,9 +504,10 @@ impl Core {
         &self.config
     }
 
-    /// The running config file's text.
-    pub fn config_text(&self) -> &str {
-        &self.config_text
+    /// Whether `text` is what was read last, or what runs (a file watcher's reload of it is
+    /// none).
+    pub fn read_last(&self, text: &str) -> bool {
+        text == self.last_read || text == self.config_text
     }
 
     pub fn config_path(&self) -> &PathBuf {

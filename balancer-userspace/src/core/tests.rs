@@ -203,11 +203,42 @@ fn reload_accepted_rejected_and_unchanged() {
     );
     assert_eq!(out.reload, Some(ReloadOutcome::Unchanged { generation: 2 }));
     assert_eq!(core.generation(), 2);
+
     // Asked for explicitly, an unchanged config is accepted with no changes and no plan.
     let out = reload(&mut core, &heavier, now);
     assert_eq!(out.reload, Some(ReloadOutcome::Unchanged { generation: 3 }));
     assert!(out.plan.is_none());
     assert_eq!(core.reloads.accepted, 2);
+
+    // An invalid file left in place is rejected once, not at every look at it; asked for
+    // explicitly, it is judged again.
+    let watched = |core: &mut Core, text: &str| {
+        let input = Input::Reload {
+            text: text.to_owned(),
+            next_hops: hops(),
+            only_if_changed: true,
+        };
+        core.handle(input, now).reload
+    };
+    assert!(matches!(
+        watched(&mut core, &broken),
+        Some(ReloadOutcome::Rejected { .. })
+    ));
+    assert!(matches!(
+        watched(&mut core, &broken),
+        Some(ReloadOutcome::Unchanged { .. })
+    ));
+    assert!(matches!(
+        reload(&mut core, &broken, now).reload,
+        Some(ReloadOutcome::Rejected { .. })
+    ));
+    assert_eq!(core.reloads.rejected, 4);
+    // Put back as it runs: nothing to reload.
+    assert_eq!(
+        watched(&mut core, &heavier),
+        Some(ReloadOutcome::Unchanged { generation: 3 })
+    );
+    assert_eq!(core.generation(), 3);
 }
 
 #[test]

@@ -231,7 +231,7 @@ impl<'a> EventLoop<'a> {
                 return outcome.expect("a reload has an outcome");
             }
         };
-        if !(only_if_changed && text == self.core.config_text()) {
+        if !(only_if_changed && self.core.read_last(&text)) {
             info!("reloading {} ({trigger})", path.display());
         }
         // The next hops of new backends, before the core decides.

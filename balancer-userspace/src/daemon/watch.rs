@@ -30,6 +30,10 @@ pub fn watch_config(
     }
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
+        // Reading the file (the daemon's own reload included) is no change.
+        if matches!(event.kind, notify::EventKind::Access(_)) {
+            return;
+        }
         let concerns = event
             .paths
             .iter()
