@@ -36,6 +36,10 @@ struct Exposition(std::sync::Arc<Snapshot>);
 /// Label sets, as the encoder takes them.
 type Labels<'a> = Vec<(&'static str, &'a str)>;
 
+/// A family of one value per backend (or VIP): name, help, the value.
+type PerBackend<T> = (&'static str, &'static str, fn(&BackendView) -> T);
+type PerVip<T> = (&'static str, &'static str, fn(&VipView) -> T);
+
 /// One metric family, its samples written one by one.
 struct Family<'f> {
     encoder: MetricEncoder<'f>,
@@ -108,7 +112,7 @@ fn backend_labels<'a>(v: &'a VipView, address: &'a str) -> Labels<'a> {
 }
 
 fn backends(e: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
-    let counters: [(&str, &str, fn(&BackendView) -> u64); 3] = [
+    let counters: [PerBackend<u64>; 3] = [
         (
             "balancer_backend_packets",
             "Packets forwarded to the backend.",
@@ -131,7 +135,7 @@ fn backends(e: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
             f.counter(&backend_labels(v, &address), value(b))?;
         }
     }
-    let gauges: [(&str, &str, fn(&BackendView) -> i64); 3] = [
+    let gauges: [PerBackend<i64>; 3] = [
         (
             "balancer_backend_up",
             "1 if the backend passes its health checks (or has none), else 0.",
@@ -186,7 +190,7 @@ fn probes(e: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
 }
 
 fn vips(e: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
-    let counters: [(&str, &str, fn(&VipView) -> u64); 3] = [
+    let counters: [PerVip<u64>; 3] = [
         (
             "balancer_vip_packets",
             "Packets forwarded for the VIP.",
@@ -209,7 +213,7 @@ fn vips(e: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
             f.counter(&vec![("vip", v.name.as_str())], value(v))?;
         }
     }
-    let gauges: [(&str, &str, fn(&VipView) -> i64); 2] = [
+    let gauges: [PerVip<i64>; 2] = [
         (
             "balancer_vip_healthy_backends",
             "Backends of the VIP taking new flows (healthy, not draining).",

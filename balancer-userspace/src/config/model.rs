@@ -228,8 +228,6 @@ impl BackendConfig {
     }
 }
 
-/// A config error with its position (line 0 when the file could not be read at all).
-
 /// Defaults of a health check.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);

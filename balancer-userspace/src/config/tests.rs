@@ -6,6 +6,9 @@ use balancer_common::{DEFAULT_CONN_TABLE_SIZE, DEFAULT_MAGLEV_SIZE};
 
 use crate::config::{line_column, load, model::*, parse, validate::is_prime};
 
+/// A case of a rejected config: (replace, with, line, column, part of the message).
+type Case = (&'static str, &'static str, usize, usize, &'static str);
+
 const GOOD: &str = r#"
 [balancer]
 interface = "eth0"
@@ -138,108 +141,111 @@ fn health_checks_and_overrides() {
     );
 }
 
+/// (replace in HEALTH, with, line, column, part of the message)
+const HEALTH_ERRORS: &[Case] = &[
+    (
+        "interval = \"500ms\"",
+        "interval = \"half a second\"",
+        11,
+        99,
+        "health interval \"half a second\" is not a duration",
+    ),
+    (
+        "interval = \"500ms\"",
+        "interval = \"50ms\"",
+        11,
+        99,
+        "interval must be from 100ms to 1h",
+    ),
+    (
+        "timeout = \"200ms\"",
+        "timeout = \"2s\"",
+        11,
+        118,
+        "timeout must be at least 10ms and no longer than the interval",
+    ),
+    (
+        "rise = 1",
+        "rise = 0",
+        11,
+        134,
+        "health rise must be from 1 to 100",
+    ),
+    (
+        "status = \"200-299\"",
+        "status = \"2xx\"",
+        11,
+        77,
+        "health status \"2xx\" is not a status code",
+    ),
+    (
+        "path = \"/healthz\"",
+        "path = \"healthz\"",
+        11,
+        34,
+        "health path must start with '/'",
+    ),
+    (
+        "{ kind = \"tcp\" }",
+        "{ kind = \"tcp\", path = \"/\" }",
+        15,
+        59,
+        "health path only applies to kind = \"http\"",
+    ),
+    (
+        "{ port = 8080, fall = 5 }",
+        "{ port = 0 }",
+        14,
+        45,
+        "health port must be from 1 to 65535",
+    ),
+    (
+        "{ port = 8080, fall = 5 }",
+        "{ prot = 8080 }",
+        14,
+        38,
+        "unknown field `prot`",
+    ),
+    (
+        "removal_grace = \"30s\"",
+        "removal_grace = \"soon\"",
+        3,
+        17,
+        "removal_grace \"soon\"",
+    ),
+    (
+        "when_all_down = \"drop\"",
+        "when_all_down = \"panic\"",
+        10,
+        17,
+        "unknown variant `panic`",
+    ),
+    (
+        "removal_grace = \"30s\"",
+        "removal_grace = \"30s\"\npin_dir = \"bpf/balancer\"",
+        4,
+        11,
+        "pin_dir \"bpf/balancer\" must be an absolute path",
+    ),
+    (
+        "removal_grace = \"30s\"",
+        "removal_grace = \"30s\"\npin_dir = \"/sys/fs/bpf/../x\"",
+        4,
+        11,
+        "without `..`",
+    ),
+    (
+        "removal_grace = \"30s\"",
+        "removal_grace = \"30s\"\nkeep_datapath = \"yes\"",
+        4,
+        17,
+        "invalid type",
+    ),
+];
+
 #[test]
 fn health_errors_name_the_position() {
-    let cases: &[(&str, &str, usize, usize, &str)] = &[
-        (
-            "interval = \"500ms\"",
-            "interval = \"half a second\"",
-            11,
-            99,
-            "health interval \"half a second\" is not a duration",
-        ),
-        (
-            "interval = \"500ms\"",
-            "interval = \"50ms\"",
-            11,
-            99,
-            "interval must be from 100ms to 1h",
-        ),
-        (
-            "timeout = \"200ms\"",
-            "timeout = \"2s\"",
-            11,
-            118,
-            "timeout must be at least 10ms and no longer than the interval",
-        ),
-        (
-            "rise = 1",
-            "rise = 0",
-            11,
-            134,
-            "health rise must be from 1 to 100",
-        ),
-        (
-            "status = \"200-299\"",
-            "status = \"2xx\"",
-            11,
-            77,
-            "health status \"2xx\" is not a status code",
-        ),
-        (
-            "path = \"/healthz\"",
-            "path = \"healthz\"",
-            11,
-            34,
-            "health path must start with '/'",
-        ),
-        (
-            "{ kind = \"tcp\" }",
-            "{ kind = \"tcp\", path = \"/\" }",
-            15,
-            59,
-            "health path only applies to kind = \"http\"",
-        ),
-        (
-            "{ port = 8080, fall = 5 }",
-            "{ port = 0 }",
-            14,
-            45,
-            "health port must be from 1 to 65535",
-        ),
-        (
-            "{ port = 8080, fall = 5 }",
-            "{ prot = 8080 }",
-            14,
-            38,
-            "unknown field `prot`",
-        ),
-        (
-            "removal_grace = \"30s\"",
-            "removal_grace = \"soon\"",
-            3,
-            17,
-            "removal_grace \"soon\"",
-        ),
-        (
-            "when_all_down = \"drop\"",
-            "when_all_down = \"panic\"",
-            10,
-            17,
-            "unknown variant `panic`",
-        ),
-        (
-            "removal_grace = \"30s\"",
-            "removal_grace = \"30s\"\npin_dir = \"bpf/balancer\"",
-            4,
-            11,
-            "pin_dir \"bpf/balancer\" must be an absolute path",
-        ),
-        (
-            "removal_grace = \"30s\"",
-            "removal_grace = \"30s\"\npin_dir = \"/sys/fs/bpf/../x\"",
-            4,
-            11,
-            "without `..`",
-        ),
-        (
-            "removal_grace = \"30s\"",
-            "removal_grace = \"30s\"\nkeep_datapath = \"yes\"",
-            4,
-            17,
-            "invalid type",
-        ),
-    ];
+    let cases = HEALTH_ERRORS;
     for (from, to, line, column, message) in cases {
         assert!(HEALTH.contains(from), "{from}");
         let err = parse(Path::new("h.toml"), &HEALTH.replacen(from, to, 1)).expect_err(to);
@@ -301,210 +307,213 @@ fn rejects(from: &str, to: &str, line: usize, column: usize, message: &str) {
     );
 }
 
+/// (replace in GOOD, with, line, column, part of the message)
+const ERRORS: &[Case] = &[
+    (
+        "xdp_mode = \"native\"",
+        "xdp_mod = \"native\"",
+        4,
+        1,
+        "unknown field `xdp_mod`",
+    ),
+    (
+        "xdp_mode = \"native\"",
+        "xdp_mode = \"fast\"",
+        4,
+        12,
+        "unknown variant `fast`",
+    ),
+    (
+        "hash_seed = \"0x5eed\"",
+        "hash_seed = \"0xzz\"",
+        5,
+        13,
+        "hash_seed \"0xzz\"",
+    ),
+    (
+        "hash_seed = \"0x5eed\"",
+        "hash_seed = -1",
+        5,
+        13,
+        "does not fit in 32 bits",
+    ),
+    (
+        "conn_table_size = 65536",
+        "conn_table_size = 10",
+        6,
+        19,
+        "out of range",
+    ),
+    (
+        "\"127.0.0.1:9200\"",
+        "\"localhost\"",
+        7,
+        18,
+        "is not an address:port",
+    ),
+    (
+        "interface = \"eth0\"",
+        "interface = \"a/b\"",
+        3,
+        13,
+        "not a valid interface",
+    ),
+    (
+        "name = \"web\"",
+        "name = \"w b\"",
+        10,
+        8,
+        "VIP name \"w b\" is not valid",
+    ),
+    (
+        "\"203.0.113.10\"",
+        "\"203.0.113\"",
+        11,
+        11,
+        "invalid IP address syntax",
+    ),
+    (
+        "\"203.0.113.10\"",
+        "\"2001:db8::1\"",
+        17,
+        15,
+        "backend 10.0.0.11 is not of the VIP's address family",
+    ),
+    (
+        "\"203.0.113.10\"",
+        "\"224.0.0.1\"",
+        11,
+        11,
+        "cannot be a VIP",
+    ),
+    ("port = 80", "port = 0", 12, 8, "port 0 is out of range"),
+    (
+        "port = 80",
+        "port = 70000",
+        12,
+        8,
+        "port 70000 is out of range",
+    ),
+    (
+        "port = 80",
+        "port = \"all\"",
+        12,
+        8,
+        "port \"all\" is not valid",
+    ),
+    (
+        "protocol = \"tcp\"",
+        "protocol = \"sctp\"",
+        13,
+        12,
+        "unknown variant `sctp`",
+    ),
+    (
+        "forwarding = \"dsr\"",
+        "forwarding = \"nat\"",
+        14,
+        14,
+        "forwarding = \"nat\" is not supported yet",
+    ),
+    (
+        "forwarding = \"dsr\"",
+        "forwarding = \"dsr\"\ntunnel_source_v4 = \"10.0.0.1\"",
+        15,
+        20,
+        "tunnel_source_v4 only applies to forwarding = \"tunnel\"",
+    ),
+    (
+        "forwarding = \"dsr\"",
+        "forwarding = \"tunnel\"\ntunnel_source_v4 = \"10.0.0.0/33\"",
+        15,
+        20,
+        "the prefix must leave 0 to 32 host bits",
+    ),
+    (
+        "forwarding = \"dsr\"",
+        "forwarding = \"tunnel\"\ntunnel_source_v6 = \"10.0.0.1\"",
+        15,
+        20,
+        "is not an IPv6 address",
+    ),
+    (
+        "forwarding = \"dsr\"",
+        "forwarding = \"dsr\"\nhash = \"random\"",
+        15,
+        8,
+        "unknown variant `random`",
+    ),
+    (
+        "table_size = 251",
+        "table_size = 250",
+        15,
+        14,
+        "must be a prime",
+    ),
+    (
+        "table_size = 251",
+        "table_size = 65539",
+        15,
+        14,
+        "must be a prime no larger",
+    ),
+    (
+        "weight = 100",
+        "weight = 70000",
+        17,
+        37,
+        "weight 70000 is out of range",
+    ),
+    (
+        "weight = 100",
+        "wieght = 100",
+        17,
+        28,
+        "unknown field `wieght`",
+    ),
+    ("drain = true", "drain = 1", 18, 36, "invalid type"),
+    (
+        "\"10.0.0.12\"",
+        "\"10.0.0.11\"",
+        18,
+        3,
+        "backend 10.0.0.11 is listed twice",
+    ),
+    (
+        "\"10.0.0.12\"",
+        "\"2001:db8::2\"",
+        18,
+        15,
+        "not of the VIP's address family",
+    ),
+    (
+        "\"10.0.0.12\"",
+        "\"127.0.0.1\"",
+        18,
+        15,
+        "cannot be a backend",
+    ),
+    (
+        "name = \"dns\"",
+        "name = \"web\"",
+        21,
+        1,
+        "duplicate VIP name \"web\"",
+    ),
+    (
+        "port = \"any\"\nprotocol = \"udp\"",
+        "port = 80\nprotocol = \"tcp\"",
+        21,
+        1,
+        "has the same 203.0.113.10:80/tcp as VIP \"web\"",
+    ),
+    ("[balancer]", "[balancr]", 2, 2, "unknown field `balancr`"),
+];
+
 #[test]
 fn errors_name_the_position() {
     // (replace, with, line, column, part of the message)
-    let cases: &[(&str, &str, usize, usize, &str)] = &[
-        (
-            "xdp_mode = \"native\"",
-            "xdp_mod = \"native\"",
-            4,
-            1,
-            "unknown field `xdp_mod`",
-        ),
-        (
-            "xdp_mode = \"native\"",
-            "xdp_mode = \"fast\"",
-            4,
-            12,
-            "unknown variant `fast`",
-        ),
-        (
-            "hash_seed = \"0x5eed\"",
-            "hash_seed = \"0xzz\"",
-            5,
-            13,
-            "hash_seed \"0xzz\"",
-        ),
-        (
-            "hash_seed = \"0x5eed\"",
-            "hash_seed = -1",
-            5,
-            13,
-            "does not fit in 32 bits",
-        ),
-        (
-            "conn_table_size = 65536",
-            "conn_table_size = 10",
-            6,
-            19,
-            "out of range",
-        ),
-        (
-            "\"127.0.0.1:9200\"",
-            "\"localhost\"",
-            7,
-            18,
-            "is not an address:port",
-        ),
-        (
-            "interface = \"eth0\"",
-            "interface = \"a/b\"",
-            3,
-            13,
-            "not a valid interface",
-        ),
-        (
-            "name = \"web\"",
-            "name = \"w b\"",
-            10,
-            8,
-            "VIP name \"w b\" is not valid",
-        ),
-        (
-            "\"203.0.113.10\"",
-            "\"203.0.113\"",
-            11,
-            11,
-            "invalid IP address syntax",
-        ),
-        (
-            "\"203.0.113.10\"",
-            "\"2001:db8::1\"",
-            17,
-            15,
-            "backend 10.0.0.11 is not of the VIP's address family",
-        ),
-        (
-            "\"203.0.113.10\"",
-            "\"224.0.0.1\"",
-            11,
-            11,
-            "cannot be a VIP",
-        ),
-        ("port = 80", "port = 0", 12, 8, "port 0 is out of range"),
-        (
-            "port = 80",
-            "port = 70000",
-            12,
-            8,
-            "port 70000 is out of range",
-        ),
-        (
-            "port = 80",
-            "port = \"all\"",
-            12,
-            8,
-            "port \"all\" is not valid",
-        ),
-        (
-            "protocol = \"tcp\"",
-            "protocol = \"sctp\"",
-            13,
-            12,
-            "unknown variant `sctp`",
-        ),
-        (
-            "forwarding = \"dsr\"",
-            "forwarding = \"nat\"",
-            14,
-            14,
-            "forwarding = \"nat\" is not supported yet",
-        ),
-        (
-            "forwarding = \"dsr\"",
-            "forwarding = \"dsr\"\ntunnel_source_v4 = \"10.0.0.1\"",
-            15,
-            20,
-            "tunnel_source_v4 only applies to forwarding = \"tunnel\"",
-        ),
-        (
-            "forwarding = \"dsr\"",
-            "forwarding = \"tunnel\"\ntunnel_source_v4 = \"10.0.0.0/33\"",
-            15,
-            20,
-            "the prefix must leave 0 to 32 host bits",
-        ),
-        (
-            "forwarding = \"dsr\"",
-            "forwarding = \"tunnel\"\ntunnel_source_v6 = \"10.0.0.1\"",
-            15,
-            20,
-            "is not an IPv6 address",
-        ),
-        (
-            "forwarding = \"dsr\"",
-            "forwarding = \"dsr\"\nhash = \"random\"",
-            15,
-            8,
-            "unknown variant `random`",
-        ),
-        (
-            "table_size = 251",
-            "table_size = 250",
-            15,
-            14,
-            "must be a prime",
-        ),
-        (
-            "table_size = 251",
-            "table_size = 65539",
-            15,
-            14,
-            "must be a prime no larger",
-        ),
-        (
-            "weight = 100",
-            "weight = 70000",
-            17,
-            37,
-            "weight 70000 is out of range",
-        ),
-        (
-            "weight = 100",
-            "wieght = 100",
-            17,
-            28,
-            "unknown field `wieght`",
-        ),
-        ("drain = true", "drain = 1", 18, 36, "invalid type"),
-        (
-            "\"10.0.0.12\"",
-            "\"10.0.0.11\"",
-            18,
-            3,
-            "backend 10.0.0.11 is listed twice",
-        ),
-        (
-            "\"10.0.0.12\"",
-            "\"2001:db8::2\"",
-            18,
-            15,
-            "not of the VIP's address family",
-        ),
-        (
-            "\"10.0.0.12\"",
-            "\"127.0.0.1\"",
-            18,
-            15,
-            "cannot be a backend",
-        ),
-        (
-            "name = \"dns\"",
-            "name = \"web\"",
-            21,
-            1,
-            "duplicate VIP name \"web\"",
-        ),
-        (
-            "port = \"any\"\nprotocol = \"udp\"",
-            "port = 80\nprotocol = \"tcp\"",
-            21,
-            1,
-            "has the same 203.0.113.10:80/tcp as VIP \"web\"",
-        ),
-        ("[balancer]", "[balancr]", 2, 2, "unknown field `balancr`"),
-    ];
+    let cases = ERRORS;
     for (from, to, line, column, message) in cases {
         rejects(from, to, *line, *column, message);
     }

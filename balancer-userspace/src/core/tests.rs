@@ -182,6 +182,19 @@ fn reload_accepted_rejected_and_unchanged() {
     assert!(matches!(out.events[..], [Event::ReloadRejected { .. }]));
     assert_eq!(core.generation(), 2);
     assert_eq!(core.reloads.rejected, 1);
+}
+
+#[test]
+fn reload_refused_for_a_restart_setting_and_unchanged_text() {
+    let now = Instant::now();
+    let (mut core, _) = start_with(WEB, None, now);
+    let heavier = WEB.replace(
+        "{ address = \"10.0.0.1\" }",
+        "{ address = \"10.0.0.1\", weight = 3 }",
+    );
+    reload(&mut core, &heavier, now);
+    let broken = heavier.replace("weight = 3", "weight = \"heavy\"");
+    reload(&mut core, &broken, now);
 
     // A setting only a restart can change: rejected too.
     let seeded = heavier.replace("[balancer]\n", "[balancer]\nhash_seed = 9\n");
