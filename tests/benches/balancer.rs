@@ -6,9 +6,9 @@
 //! (the harness must not rot; its figures mean little).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -18,21 +18,18 @@ use std::{
 };
 
 use aya::programs::{TestRun as _, TestRunAttrs, TestRunOptions};
-use balancer::{
-    config::{self, Config, XdpModeSetting},
-    dataplane::{Dataplane, LoadOptions},
-    maglev::{self, MaglevBackend},
-    reconcile::{self, address_bytes, Ids, NextHop, NextHops},
-};
-use balancer_common::{program_names, FlowKey};
+use balancer_common::{program_names, DEFAULT_CONN_TABLE_SIZE};
 use balancer_tests::{
+    datapath::{
+        packet::{frame, tcp, udp},
+        world::{MaglevBackends, Reach, World, WorldOptions},
+    },
     http::{get, get_json},
     netns::{remove_stale, require_root, Netns},
     process::BalancerProcess,
     scratch::Scratch,
     topology::{backend_addr, DsrTopology, BALANCER_ADDR, VIP_ADDR},
 };
-use etherparse::PacketBuilder;
 use serde_json::{json, Value};
 
 struct Args {
@@ -189,129 +186,52 @@ fn machine() -> Value {
 // -------------------------------------------------------------------------------------------
 // 1. Data plane cost per packet (BPF_PROG_TEST_RUN on the real object)
 
-const CLIENT4: [u8; 4] = [192, 0, 2, 7];
-const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 7);
-const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
-const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
+/// Backend `i` (from 0) of a benchmark VIP.
+fn bench_backend(v6: bool, i: usize) -> IpAddr {
+    let j = i + 1;
+    if v6 {
+        IpAddr::V6(Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, j as u16))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(
+            10,
+            (10 + j / 65_536) as u8,
+            ((j / 256) % 256) as u8,
+            (j % 256) as u8,
+        ))
+    }
+}
 
-/// A one-VIP config with `n` backends, and next hops that transmit back out of `lo`.
+/// A one-VIP world ("v") with `n` backends, all on the ingress link (sent back out of `lo`),
+/// the trivial programs loaded too; and the backends' addresses.
 fn bench_world(
     mode: &str,
     protocol: &str,
     v6: bool,
     n: usize,
     conn_table: u32,
-) -> (Dataplane, Config) {
+) -> (World, Vec<IpAddr>) {
     let vip = if v6 { "fd00:200::1" } else { "10.200.0.1" };
     let port = if protocol == "udp" { 53 } else { 80 };
-    let backends: Vec<String> = (0..n)
-        .map(|i| {
-            if v6 {
-                format!("{{ address = \"fd00:10::{:x}\" }}", i + 1)
-            } else {
-                let j = i + 1;
-                format!(
-                    "{{ address = \"10.{}.{}.{}\" }}",
-                    10 + j / 65_536,
-                    (j / 256) % 256,
-                    j % 256
-                )
-            }
-        })
+    let backends: Vec<IpAddr> = (0..n).map(|i| bench_backend(v6, i)).collect();
+    let listed: Vec<String> = backends
+        .iter()
+        .map(|a| format!("{{ address = \"{a}\" }}"))
         .collect();
     let text = format!(
         "[balancer]\nhash_seed = 7\nconn_table_size = {conn_table}\n[[vip]]\nname = \"v\"\naddress = \"{vip}\"\nport = {port}\n\
          protocol = \"{protocol}\"\nforwarding = \"{mode}\"\nhealth = {{ kind = \"none\" }}\nbackends = [{}]\n",
-        backends.join(", ")
+        listed.join(", ")
     );
-    let config = config::parse(Path::new("bench.toml"), &text).unwrap();
-    let mut dataplane = Dataplane::load_with_trivial_programs(LoadOptions {
-        hash_seed: 7,
-        conn_table_size: conn_table,
-    })
-    .unwrap();
-    let hops: NextHops = config.vips[0]
-        .backends
-        .iter()
-        .map(|b| {
-            let source = if v6 {
-                IpAddr::V6("fd00::fe".parse().unwrap())
-            } else {
-                IpAddr::V4(Ipv4Addr::new(10, 0, 0, 254))
-            };
-            (
-                b.address,
-                NextHop {
-                    ifindex: 1,
-                    interface: "lo".into(),
-                    src_mac: MAC_A,
-                    dst_mac: MAC_B,
-                    gateway: None,
-                    mtu: 9000,
-                    source: Some(source),
-                },
-            )
-        })
-        .collect();
-    let desired =
-        reconcile::desired_state(&config, &[], &hops, &HashMap::new(), &mut Ids::default())
-            .unwrap();
-    dataplane.apply(&desired).unwrap();
-    (dataplane, config)
-}
-
-fn packet(udp: bool, syn: bool, dst: IpAddr, sport: u16) -> Vec<u8> {
-    let eth = PacketBuilder::ethernet2(MAC_B, MAC_A);
-    let step = match dst {
-        IpAddr::V4(d) => eth.ipv4(CLIENT4, d.octets(), 64),
-        IpAddr::V6(d) => eth.ipv6(CLIENT6.octets(), d.octets(), 64),
-    };
-    let mut out = Vec::new();
-    let payload = [0u8; 64];
-    if udp {
-        step.udp(sport, 53).write(&mut out, &payload).unwrap();
-    } else if syn {
-        step.tcp(sport, 80, 1, 64240)
-            .syn()
-            .write(&mut out, &[])
-            .unwrap();
-    } else {
-        step.tcp(sport, 80, 1, 64240)
-            .ack(1)
-            .write(&mut out, &payload)
-            .unwrap();
-    }
-    out
-}
-
-fn flow_of(frame: &[u8]) -> FlowKey {
-    let sliced = etherparse::SlicedPacket::from_ethernet(frame).unwrap();
-    let (src, dst) = match &sliced.net {
-        Some(etherparse::NetSlice::Ipv4(ip)) => (
-            IpAddr::from(ip.header().source()),
-            IpAddr::from(ip.header().destination()),
-        ),
-        Some(etherparse::NetSlice::Ipv6(ip)) => (
-            IpAddr::from(ip.header().source()),
-            IpAddr::from(ip.header().destination()),
-        ),
-        _ => unreachable!(),
-    };
-    let (sport, dport, proto) = match &sliced.transport {
-        Some(etherparse::TransportSlice::Tcp(t)) => (t.source_port(), t.destination_port(), 6),
-        Some(etherparse::TransportSlice::Udp(u)) => (u.source_port(), u.destination_port(), 17),
-        _ => unreachable!(),
-    };
-    let (s, family) = address_bytes(src);
-    FlowKey {
-        src: s,
-        dst: address_bytes(dst).0,
-        src_port: sport.to_be(),
-        dst_port: dport.to_be(),
-        proto,
-        family,
-        _pad: [0; 2],
-    }
+    let reach: Vec<(IpAddr, Reach)> = backends.iter().map(|&a| (a, Reach::Local)).collect();
+    let world = World::load(
+        &text,
+        &reach,
+        WorldOptions {
+            trivial_programs: true,
+            ..WorldOptions::default()
+        },
+    );
+    (world, backends)
 }
 
 /// Average nanoseconds per run of `program` on `frame`: `repeat` runs in one call, or, with
@@ -319,13 +239,13 @@ fn flow_of(frame: &[u8]) -> FlowKey {
 /// next run's input: BPF_PROG_TEST_RUN does not restore the packet between repeats, and a
 /// tunnel would encapsulate its own output).
 fn run_ns(
-    dataplane: &Dataplane,
+    world: &World,
     program: &'static str,
     frame: &[u8],
     repeat: u32,
     single: Option<usize>,
 ) -> f64 {
-    let p = dataplane.program_named(program);
+    let p = world.program(program);
     let mut out = vec![0u8; frame.len() + 256];
     match single {
         None => {
@@ -359,18 +279,12 @@ fn run_ns(
 
 /// Rounds of (trivial program, balancer) on the same frame, interleaved; the per-round
 /// difference's median and range, and the trivial program's median.
-fn compare(dataplane: &Dataplane, frame: &[u8], sizes: &Sizes, single: bool) -> Value {
+fn compare(world: &World, frame: &[u8], sizes: &Sizes, single: bool) -> Value {
     let single = single.then_some(sizes.single_calls);
     // Warm-up: caches, the connection table entry of established classes.
+    run_ns(world, program_names::PASS, frame, 1000, single.map(|_| 100));
     run_ns(
-        dataplane,
-        program_names::PASS,
-        frame,
-        1000,
-        single.map(|_| 100),
-    );
-    run_ns(
-        dataplane,
+        world,
         program_names::BALANCER,
         frame,
         1000,
@@ -380,14 +294,8 @@ fn compare(dataplane: &Dataplane, frame: &[u8], sizes: &Sizes, single: bool) -> 
     let mut trivial = Vec::new();
     let mut balancer = Vec::new();
     for _ in 0..sizes.rounds {
-        let t = run_ns(dataplane, program_names::PASS, frame, sizes.repeats, single);
-        let b = run_ns(
-            dataplane,
-            program_names::BALANCER,
-            frame,
-            sizes.repeats,
-            single,
-        );
+        let t = run_ns(world, program_names::PASS, frame, sizes.repeats, single);
+        let b = run_ns(world, program_names::BALANCER, frame, sizes.repeats, single);
         diffs.push(b - t);
         trivial.push(t);
         balancer.push(b);
@@ -418,10 +326,10 @@ fn datapath(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
                        mode: &str,
                        n: usize,
                        full: bool,
-                       dp: &Dataplane,
+                       world: &World,
                        frame: &[u8],
                        single: bool| {
-        let r = compare(dp, frame, sizes, single);
+        let r = compare(world, frame, sizes, single);
         println!(
             "  {mode:<6} {n:>6} backends{}  {label:<34} {:>6.1} ns above trivial (range {:.1} to {:.1}; trivial {:.1} ns)",
             if full { ", full conn table" } else { "" },
@@ -442,15 +350,15 @@ fn datapath(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
     for mode in ["dsr", "tunnel"] {
         let single = mode == "tunnel";
         for &n in sizes.backend_counts {
-            let (dp, _) = bench_world(mode, "tcp", false, n, 65_536);
-            let syn = packet(false, true, vip4, 40_000);
-            let est = packet(false, false, vip4, 40_001);
+            let (world, _) = bench_world(mode, "tcp", false, n, 65_536);
+            let syn = tcp(vip4, 40_000, 80).bytes();
+            let est = tcp(vip4, 40_001, 80).ack().size(64).bytes();
             measure(
                 "IPv4 TCP SYN (new flow)".into(),
                 mode,
                 n,
                 false,
-                &dp,
+                &world,
                 &syn,
                 single,
             );
@@ -459,61 +367,65 @@ fn datapath(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
                 mode,
                 n,
                 false,
-                &dp,
+                &world,
                 &est,
                 single,
             );
             if mode == "dsr" && n == sizes.backend_counts[0] {
-                let other = packet(false, false, "10.9.9.9".parse().unwrap(), 40_002);
+                let other = tcp("10.9.9.9".parse().unwrap(), 40_002, 80)
+                    .ack()
+                    .size(64)
+                    .bytes();
                 measure(
                     "not for a VIP (passed)".into(),
                     "any",
                     n,
                     false,
-                    &dp,
+                    &world,
                     &other,
                     false,
                 );
             }
-            drop(dp);
-            let (dp, _) = bench_world(mode, "udp", false, n, 65_536);
+            drop(world);
+            let (world, _) = bench_world(mode, "udp", false, n, 65_536);
             measure(
                 "IPv4 UDP".into(),
                 mode,
                 n,
                 false,
-                &dp,
-                &packet(true, false, vip4, 40_003),
+                &world,
+                &udp(vip4, 40_003, 53).size(64).bytes(),
                 single,
             );
-            drop(dp);
-            let (dp, _) = bench_world(mode, "tcp", true, n, 65_536);
+            drop(world);
+            let (world, _) = bench_world(mode, "tcp", true, n, 65_536);
             measure(
                 "IPv6 TCP established".into(),
                 mode,
                 n,
                 false,
-                &dp,
-                &packet(false, false, vip6, 40_004),
+                &world,
+                &tcp(vip6, 40_004, 80).ack().size(64).bytes(),
                 single,
             );
         }
         // A full connection table: every slot taken by other flows.
         let size = 65_536u32;
-        let (mut dp, _) = bench_world(mode, "tcp", false, 100, size);
-        let est = packet(false, false, vip4, 40_001);
-        let mut flow = flow_of(&est);
+        let (mut world, backends) = bench_world(mode, "tcp", false, 100, size);
+        let est = tcp(vip4, 40_001, 80).ack().size(64);
+        let mut flow = est.flow();
         for i in 0..size {
             flow.src[..4].copy_from_slice(&(0xc612_0000u32 + i).to_be_bytes());
-            dp.conn_insert(&flow, 0).unwrap();
+            world.remember("v", &flow, backends[0]);
         }
-        let syn = packet(false, true, vip4, 40_000);
+        let est = est.bytes();
+        let syn = tcp(vip4, 40_000, 80).bytes();
         measure(
             "IPv4 TCP SYN (new flow)".into(),
             mode,
             100,
             true,
-            &dp,
+            &world,
             &syn,
             single,
         );
@@ -522,7 +434,7 @@ fn datapath(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
             mode,
             100,
             true,
-            &dp,
+            &world,
             &est,
             single,
         );
@@ -537,18 +449,16 @@ fn control_plane(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
     println!("\n== control plane");
     let mut maglev_rows = Vec::new();
     for n in [10u32, 100, 1000] {
-        let backends: Vec<MaglevBackend> = (0..n)
-            .map(|i| MaglevBackend {
-                address: IpAddr::V4(Ipv4Addr::from(0x0a00_0001 + i)),
-                weight: 1 + i % 3,
-            })
+        let backends: Vec<(IpAddr, u32)> = (0..n)
+            .map(|i| (IpAddr::V4(Ipv4Addr::from(0x0a00_0001 + i)), 1 + i % 3))
             .collect();
+        let backends = MaglevBackends::new(&backends);
         let mut times = Vec::new();
         for _ in 0..sizes.maglev_runs {
             let t = Instant::now();
-            let table = maglev::build(&backends, 65_537, 7);
+            let slots = backends.build_table(65_537, 7);
             times.push(t.elapsed().as_secs_f64() * 1e3);
-            assert_eq!(table.len(), 65_537);
+            assert_eq!(slots, 65_537);
         }
         let worst = times.iter().cloned().fold(0.0, f64::max);
         let med = median(&mut times);
@@ -564,7 +474,8 @@ fn control_plane(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
 
     let mut memory_rows = Vec::new();
     for &vips in sizes.vip_counts {
-        let mut text = String::from("[balancer]\n");
+        let mut text = format!("[balancer]\nconn_table_size = {DEFAULT_CONN_TABLE_SIZE}\n");
+        let mut reach = Vec::new();
         for v in 0..vips {
             text.push_str(&format!(
                 "[[vip]]\nname = \"v{v}\"\naddress = \"10.201.{}.{}\"\nport = 80\nprotocol = \"tcp\"\nforwarding = \"dsr\"\n\
@@ -574,37 +485,13 @@ fn control_plane(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
                 v % 256,
                 v % 256
             ));
+            for host in [1, 2] {
+                let backend = Ipv4Addr::new(10, 0, (v % 256) as u8, host);
+                reach.push((IpAddr::V4(backend), Reach::Local));
+            }
         }
-        let config = config::parse(Path::new("m.toml"), &text).unwrap();
-        let mut dp = Dataplane::load(LoadOptions {
-            hash_seed: 0,
-            conn_table_size: config.conn_table_size,
-        })
-        .unwrap();
-        let hops: NextHops = config
-            .vips
-            .iter()
-            .flat_map(|v| v.backends.iter())
-            .map(|b| {
-                (
-                    b.address,
-                    NextHop {
-                        ifindex: 1,
-                        interface: "lo".into(),
-                        src_mac: MAC_A,
-                        dst_mac: MAC_B,
-                        gateway: None,
-                        mtu: 1500,
-                        source: None,
-                    },
-                )
-            })
-            .collect();
-        let desired =
-            reconcile::desired_state(&config, &[], &hops, &HashMap::new(), &mut Ids::default())
-                .unwrap();
-        dp.apply(&desired).unwrap();
-        let memory = dp.memory().unwrap();
+        let world = World::load(&text, &reach, WorldOptions::default());
+        let memory = world.map_memory();
         let total: u64 = memory.iter().map(|(_, b)| b).sum();
         let tables = memory
             .iter()
@@ -621,7 +508,7 @@ fn control_plane(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
             total as f64 / 1048576.0,
             tables as f64 / 1048576.0,
             conn as f64 / 1048576.0,
-            config.conn_table_size
+            DEFAULT_CONN_TABLE_SIZE
         );
         memory_rows.push(json!({
             "vips": vips,
@@ -711,6 +598,18 @@ fn end_to_end(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
     json!({ "packets_per_second": pps, "tcp": tcp })
 }
 
+/// The object with no VIP, for its trivial programs (a generator, a sink, a reflector).
+fn trivial_programs() -> World {
+    World::load(
+        "[balancer]\nconn_table_size = 1024\n",
+        &[],
+        WorldOptions {
+            trivial_programs: true,
+            ..WorldOptions::default()
+        },
+    )
+}
+
 /// A client and a balancer joined by one veth pair. The client generates UDP packets to a
 /// VIP with BPF_PROG_TEST_RUN's live frames (an XDP_TX program transmitting the frame from
 /// the client's interface, like xdp-trafficgen, whose 1.3.1 release does not load on this
@@ -759,30 +658,23 @@ fn packets_per_second(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
 
     // The sink and the generator on the client: a thread in the client's namespace owns them
     // (live frames need the ingress interface to be found in the caller's namespace).
-    let vip: Ipv4Addr = Ipv4Addr::new(10, 96, 100, 1);
-    let mut frame = Vec::new();
-    PacketBuilder::ethernet2(client_mac, lb_mac)
-        .ipv4([10, 96, 0, 1], vip.octets(), 64)
-        .udp(40_000, 53)
-        .write(&mut frame, &[0u8; 18])
-        .unwrap();
+    let vip = IpAddr::V4(Ipv4Addr::new(10, 96, 100, 1));
+    let client_addr = IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1));
+    let datagram = udp(vip, 40_000, 53).from(client_addr).size(18);
+    let frame = frame(client_mac, lb_mac, None, &datagram.ip_bytes());
     let (requests, work) = std::sync::mpsc::channel::<u32>();
     let (answers, results_rx) = std::sync::mpsc::channel::<f64>();
     let generator = client.spawn(move || {
-        let mut dp = Dataplane::load_with_trivial_programs(LoadOptions {
-            hash_seed: 0,
-            conn_table_size: 1024,
-        })
-        .unwrap();
-        dp.attach_program(program_names::DROP, "eth0", XdpModeSetting::Native)
-            .unwrap();
+        let mut programs = trivial_programs();
+        programs.attach(program_names::DROP, "eth0");
         // struct xdp_md: data 0, data_end the frame's length (the kernel insists), ingress.
         let mut ctx = [0u8; 24];
         ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
         ctx[12..16].copy_from_slice(&client_if.to_ne_bytes());
         for packets in work {
             let started = Instant::now();
-            dp.program_named(program_names::TX)
+            programs
+                .program(program_names::TX)
                 .test_run(TestRunOptions {
                     data_in: Some(&frame),
                     ctx_in: Some(&ctx),
@@ -807,46 +699,32 @@ fn packets_per_second(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
             .filter_map(|l| l.rsplit(':').next()?.trim().parse::<u64>().ok())
             .sum()
     };
-    let config = config::parse(
-        Path::new("pps.toml"),
-        "[balancer]\n[[vip]]\nname = \"udp\"\naddress = \"10.96.100.1\"\nport = 53\nprotocol = \"udp\"\nforwarding = \"dsr\"\n\
-         health = { kind = \"none\" }\nbackends = [{ address = \"10.96.0.1\" }]\n",
-    )
-    .unwrap();
-    let hop = NextHop {
-        ifindex: lb_if,
-        interface: "eth0".into(),
-        src_mac: lb_mac,
-        dst_mac: client_mac,
-        gateway: None,
-        mtu: 1500,
-        source: None,
-    };
-    let hops: NextHops = [(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1)), hop)]
-        .into_iter()
-        .collect();
-    let desired =
-        reconcile::desired_state(&config, &[], &hops, &HashMap::new(), &mut Ids::default())
-            .unwrap();
+    // The balancer's only backend is the client, on the link the packets come in on.
+    let config = "[balancer]\nconn_table_size = 65536\n[[vip]]\nname = \"udp\"\naddress = \"10.96.100.1\"\nport = 53\n\
+                  protocol = \"udp\"\nforwarding = \"dsr\"\nhealth = { kind = \"none\" }\nbackends = [{ address = \"10.96.0.1\" }]\n";
+    let reach = [(client_addr, Reach::Local)];
 
     let mut results: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     for _ in 0..sizes.e2e_rounds {
         for which in ["balancer", "reflector"] {
-            let desired = desired.clone();
-            let dp = lb.run(move || {
-                let mut dp = Dataplane::load_with_trivial_programs(LoadOptions {
-                    hash_seed: 0,
-                    conn_table_size: 65_536,
-                })
-                .unwrap();
+            let running = lb.run(move || {
                 if which == "balancer" {
-                    dp.apply(&desired).unwrap();
-                    dp.attach("eth0", XdpModeSetting::Native).unwrap();
+                    let mut world = World::load(
+                        config,
+                        &reach,
+                        WorldOptions {
+                            ingress_ifindex: lb_if,
+                            trivial_programs: true,
+                            ..WorldOptions::default()
+                        },
+                    );
+                    world.attach(program_names::BALANCER, "eth0");
+                    world
                 } else {
-                    dp.attach_program(program_names::REFLECT, "eth0", XdpModeSetting::Native)
-                        .unwrap();
+                    let mut programs = trivial_programs();
+                    programs.attach(program_names::REFLECT, "eth0");
+                    programs
                 }
-                dp
             });
             let before = xdp_tx(&lb);
             let seconds = generate(sizes.generator_packets);
@@ -856,7 +734,7 @@ fn packets_per_second(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
                 .entry(which)
                 .or_default()
                 .push(forwarded as f64 / seconds);
-            drop(dp);
+            drop(running);
         }
     }
     drop(requests);
