@@ -1,10 +1,14 @@
 //! The read-only HTTP API on `metrics_listen`: `GET /metrics` (OpenMetrics) and
 //! `GET /api/v1/status` (the status document, JSON). Both render the latest snapshot the
-//! event loop published; neither reads the kernel. A snapshot older than `FRESH` is refreshed
-//! first: the handler asks the event loop for new counters and waits (briefly) for them.
+//! event loop published; neither reads the kernel. Counters are as of the request: the
+//! handler asks the event loop to read them and waits (briefly) for the snapshot that has
+//! them.
 //! Every other method is refused: write actions go through the control socket.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use axum::{
     extract::State,
@@ -23,8 +27,6 @@ use crate::{
     core::snapshot::Snapshot,
 };
 
-/// A snapshot younger than this is served as it is.
-pub const FRESH: Duration = Duration::from_millis(100);
 /// How long a request waits for the event loop to publish fresher counters.
 const REFRESH_WAIT: Duration = Duration::from_secs(1);
 
@@ -38,19 +40,25 @@ pub struct ApiState {
 }
 
 impl ApiState {
-    /// The latest snapshot, refreshed first if it is older than `FRESH`.
+    /// A snapshot with counters read after the request came: the event loop is asked for
+    /// one (requests that arrive together share a reading), and after `REFRESH_WAIT` without
+    /// one, the latest there is.
     async fn snapshot(&self) -> Arc<Snapshot> {
-        let current = self.snapshots.borrow().clone();
-        if current.taken_at.elapsed() < FRESH {
-            return current;
-        }
+        let asked = Instant::now();
         let mut snapshots = self.snapshots.clone();
-        snapshots.mark_unchanged();
         // Full: a refresh is already asked for; closed: shutting down. Either way, wait.
         let _ = self.refresh.try_send(());
-        let _ = tokio::time::timeout(REFRESH_WAIT, snapshots.changed()).await;
-        let latest = snapshots.borrow().clone();
-        latest
+        let deadline = tokio::time::Instant::from_std(asked + REFRESH_WAIT);
+        loop {
+            let latest = snapshots.borrow_and_update().clone();
+            if latest.counters_at.is_some_and(|at| at >= asked) {
+                return latest;
+            }
+            match tokio::time::timeout_at(deadline, snapshots.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return latest,
+            }
+        }
     }
 }
 

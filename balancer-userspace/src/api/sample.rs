@@ -137,7 +137,7 @@ pub fn sample_snapshot() -> Snapshot {
             at(ms),
         );
     }
-    core.snapshot(at(2000))
+    core.snapshot()
 }
 
 /// Counters that grow with `n`, different for every id and outcome.

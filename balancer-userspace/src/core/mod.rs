@@ -534,23 +534,20 @@ impl Core {
     }
 
     /// The picture the API renders.
-    pub fn snapshot(&self, now: Instant) -> Snapshot {
-        snapshot::build(
-            &Sources {
-                config_path: &self.config_path,
-                config: &self.config,
-                generation: self.generation,
-                reloads: &self.reloads,
-                keep_datapath: self.keep_datapath(),
-                adopted: &self.adopted,
-                desired: &self.desired,
-                trackers: &self.trackers,
-                next_hops: &self.next_hops,
-                all_down: &self.all_down,
-                traffic: &self.traffic,
-            },
-            now,
-        )
+    pub fn snapshot(&self) -> Snapshot {
+        snapshot::build(&Sources {
+            config_path: &self.config_path,
+            config: &self.config,
+            generation: self.generation,
+            reloads: &self.reloads,
+            keep_datapath: self.keep_datapath(),
+            adopted: &self.adopted,
+            desired: &self.desired,
+            trackers: &self.trackers,
+            next_hops: &self.next_hops,
+            all_down: &self.all_down,
+            traffic: &self.traffic,
+        })
     }
 }
 

@@ -45,8 +45,8 @@ pub struct AllDownStats {
 
 #[derive(Clone, Debug)]
 pub struct Snapshot {
-    /// When it was taken (the counters' age).
-    pub taken_at: Instant,
+    /// When the counters in it were read (`None`: not yet).
+    pub counters_at: Option<Instant>,
     pub config_path: PathBuf,
     pub generation: u64,
     pub reloads: ReloadStats,
@@ -116,10 +116,10 @@ pub struct Sources<'a> {
     pub traffic: &'a Traffic,
 }
 
-pub fn build(s: &Sources, now: Instant) -> Snapshot {
+pub fn build(s: &Sources) -> Snapshot {
     let counters = &s.traffic.counters;
     Snapshot {
-        taken_at: now,
+        counters_at: s.traffic.read_at,
         config_path: s.config_path.clone(),
         generation: s.generation,
         reloads: s.reloads.clone(),

@@ -37,8 +37,9 @@ pub struct ConnWalk {
 
 #[derive(Debug, Default)]
 pub struct Traffic {
-    /// The latest reading (shown as totals).
+    /// The latest reading (shown as totals), and when it was taken.
     pub counters: Counters,
+    pub read_at: Option<Instant>,
     samples: Samples,
     last_sample: Option<Instant>,
     /// The autoscaling signal of every VIP that sets a target.
@@ -71,6 +72,7 @@ impl Traffic {
         now: Instant,
     ) -> Vec<Event> {
         self.counters = counters;
+        self.read_at = Some(now);
         let due = self
             .last_sample
             .is_none_or(|at| now.duration_since(at) + SAMPLE_INTERVAL / 10 >= SAMPLE_INTERVAL);

@@ -32,8 +32,6 @@ const NEXT_HOP_REFRESH: Duration = Duration::from_secs(10);
 const RELOAD_DEBOUNCE: Duration = Duration::from_millis(20);
 /// ...but never longer than this after the first change.
 const RELOAD_DEBOUNCE_MAX: Duration = Duration::from_millis(500);
-/// Counters read for an API request at most this often.
-const REFRESH_MIN_INTERVAL: Duration = Duration::from_millis(50);
 
 /// The channels that feed the loop.
 pub struct Inputs {
@@ -49,7 +47,6 @@ pub struct EventLoop<'a> {
     pub resolver: &'a Resolver,
     pub probes: &'a mut ProbeTasks,
     pub snapshots: &'a watch::Sender<Arc<Snapshot>>,
-    last_sample: Option<Instant>,
 }
 
 impl<'a> EventLoop<'a> {
@@ -66,7 +63,6 @@ impl<'a> EventLoop<'a> {
             resolver,
             probes,
             snapshots,
-            last_sample: None,
         }
     }
 
@@ -119,13 +115,7 @@ impl<'a> EventLoop<'a> {
                     self.handle(Input::Tick);
                 }
                 _ = sampling.tick() => self.sample(),
-                Some(()) = inputs.refresh.recv() => {
-                    if self.last_sample.is_some_and(|at| at.elapsed() < REFRESH_MIN_INTERVAL) {
-                        self.publish();
-                    } else {
-                        self.sample();
-                    }
-                }
+                Some(()) = inputs.refresh.recv() => self.sample(),
             }
         }
     }
@@ -187,15 +177,13 @@ impl<'a> EventLoop<'a> {
         } else {
             None
         };
-        self.last_sample = Some(now);
         let mut out = self.core.handle(Input::Sampled { counters, walk }, now);
         log_events(&mut out);
         self.publish();
     }
 
     pub fn publish(&self) {
-        self.snapshots
-            .send_replace(Arc::new(self.core.snapshot(Instant::now())));
+        self.snapshots.send_replace(Arc::new(self.core.snapshot()));
     }
 
     async fn command(&mut self, command: Command) {

@@ -13,7 +13,7 @@ pub mod startup;
 pub mod subcommands;
 pub mod watch;
 
-use std::{sync::Arc, time::Instant};
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use tokio::sync::{mpsc, watch as latest};
@@ -61,7 +61,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             )
         })
         .ok();
-    let (snapshots, snapshot_rx) = latest::channel(Arc::new(core.snapshot(Instant::now())));
+    let (snapshots, snapshot_rx) = latest::channel(Arc::new(core.snapshot()));
     let (refresh, refresh_inbox) = mpsc::channel(1);
     let (commands, commands_inbox) = mpsc::channel(16);
     let (stop, stopped) = latest::channel(false);

@@ -1,5 +1,5 @@
 //! The world a datapath test runs in: the real XDP object loaded into the kernel, its maps
-//! filled from a config by the daemon's own code (config parser, reconciler, map writer), and
+//! filled from a config by the daemon's own code (config parser, planner, kernel shell), and
 //! the network around it described by name: each backend address has a [`Reach`].
 //!
 //! This is the only file of the tests that uses the daemon's library (`balancer`). When that
@@ -15,9 +15,15 @@ use std::{
 use aya::programs::{TestRun as _, TestRunOptions, Xdp};
 use balancer::{
     config::{self, Config, XdpModeSetting},
-    dataplane::{Dataplane, LoadOptions},
     maglev::{self, MaglevBackend},
-    reconcile::{self, BackendKey, Ids, NextHop, NextHops},
+    plan::{
+        self,
+        contents::MapContents,
+        desired::{desired_state, DesiredState, DesiredVip},
+        ids::Ids,
+        inputs::{BackendKey, NextHop, NextHops},
+    },
+    shell::dataplane::{Dataplane, LoadOptions},
 };
 use balancer_common::{hash::vip_flow_hash, FlowKey, Outcome, TrafficStats, VipMeta};
 
@@ -104,7 +110,7 @@ pub struct TunnelSource {
     pub varied_bits: u8,
 }
 
-/// The loaded program, its maps filled from a config, and the state the daemon's reconciler
+/// The loaded program, its maps filled from a config, and the state the daemon's planner
 /// works from (next hops from the reach table, health, id assignments). Dropping it unloads
 /// the program and frees the maps.
 pub struct World {
@@ -112,8 +118,11 @@ pub struct World {
     config: Config,
     reach: HashMap<IpAddr, Reach>,
     hops: NextHops,
-    health: HashMap<BackendKey, reconcile::Health>,
+    health: HashMap<BackendKey, plan::inputs::Health>,
     ids: Ids,
+    /// What the maps hold, and what the planner said of each VIP.
+    held: MapContents,
+    desired: DesiredState,
 }
 
 impl World {
@@ -144,13 +153,16 @@ impl World {
             hops,
             health: HashMap::new(),
             ids: Ids::default(),
+            held: MapContents::default(),
+            desired: DesiredState::default(),
         };
         world.apply();
         world
     }
 
     /// Computes the maps' contents from the config, next hops and health (the daemon's
-    /// reconciler) and writes them (the daemon's map writer).
+    /// planner) and writes them (the plan from what the maps hold, executed by the daemon's
+    /// kernel shell).
     pub fn apply(&mut self) {
         for vip in &self.config.vips {
             for backend in &vip.backends {
@@ -162,10 +174,12 @@ impl World {
                 );
             }
         }
-        let desired =
-            reconcile::desired_state(&self.config, &[], &self.hops, &self.health, &mut self.ids)
-                .expect("the reconciler accepts the config");
-        self.dataplane.apply(&desired).expect("maps written");
+        let desired = desired_state(&self.config, &[], &self.hops, &self.health, &mut self.ids)
+            .expect("the planner accepts the config");
+        let plan = plan::ops::plan(&self.held, &desired.maps);
+        self.dataplane.execute(&plan).expect("maps written");
+        self.held = desired.maps.clone();
+        self.desired = desired;
     }
 
     /// Replaces the config (the whole TOML text) and applies it, as a reload does: ids of the
@@ -178,8 +192,8 @@ impl World {
     /// Sets what the health checks say of `backend` of `vip`, and applies it.
     pub fn set_health(&mut self, vip: &str, backend: IpAddr, health: Health) {
         let health = match health {
-            Health::Up => reconcile::Health::Up,
-            Health::Down => reconcile::Health::Down,
+            Health::Up => plan::inputs::Health::Up,
+            Health::Down => plan::inputs::Health::Down,
         };
         self.health.insert((vip.to_owned(), backend), health);
         self.apply();
@@ -206,7 +220,12 @@ impl World {
 
     /// The counters of every VIP and backend of the config, and of every outcome.
     pub fn counters(&self) -> Counters {
-        let c = self.dataplane.counters().expect("counters read");
+        let backends: Vec<u32> = self.held.backends.keys().copied().collect();
+        let vips: Vec<u32> = self.held.tables.keys().copied().collect();
+        let c = self
+            .dataplane
+            .counters(&backends, &vips)
+            .expect("counters read");
         Counters {
             backends: c.backends,
             vips: c.vips,
@@ -240,13 +259,7 @@ impl World {
     /// The backend owning the slot of the VIP's Maglev table that `hash` falls in (the hash
     /// modulo the table's size).
     pub fn table_owner(&self, vip: &str, hash: u32) -> IpAddr {
-        let v = self
-            .dataplane
-            .applied()
-            .vips
-            .iter()
-            .find(|v| v.name == vip)
-            .unwrap_or_else(|| panic!("no VIP {vip:?} applied"));
+        let v = self.planned(vip);
         let id = v.table[(hash % v.meta.table_size) as usize];
         v.backends
             .iter()
@@ -257,13 +270,15 @@ impl World {
 
     /// The VIP's entry as applied to the maps (its id, table size, forwarding and flags).
     pub fn vip_meta(&self, vip: &str) -> VipMeta {
-        self.dataplane
-            .applied()
+        self.planned(vip).meta
+    }
+
+    fn planned(&self, vip: &str) -> &DesiredVip {
+        self.desired
             .vips
             .iter()
             .find(|v| v.name == vip)
             .unwrap_or_else(|| panic!("no VIP {vip:?} applied"))
-            .meta
     }
 
     pub fn vip_id(&self, vip: &str) -> u32 {
