@@ -95,7 +95,7 @@ pub fn run(no_vm: bool) -> Result<()> {
     ));
 
     tiers.push(tier(
-        "unit (config, Maglev, reconciler, hash, autoscale formula, deploy manifests)",
+        "unit (config, Maglev, planner and map plan, core decisions, API documents, hash, module layers, deploy manifests)",
         || {
             cargo_step(&[
                 "test",
