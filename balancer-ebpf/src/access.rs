@@ -23,6 +23,16 @@ pub fn ptr_at_mut<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
+/// Writes `value` at `offset` bytes into the packet, or returns `None` if the packet ends
+/// first.
+#[inline(always)]
+pub fn write<T: Copy>(ctx: &XdpContext, offset: usize, value: T) -> Option<()> {
+    let at = ptr_at_mut::<T>(ctx, offset)?;
+    // SAFETY: ptr_at_mut checked that the `T` lies inside the packet.
+    unsafe { at.write(value) };
+    Some(())
+}
+
 /// Copies `N` bytes within the packet, from offset `from` to offset `to`, byte by byte.
 ///
 /// Volatile reads on purpose: LLVM turns an ordinary packet-to-packet copy at a variable

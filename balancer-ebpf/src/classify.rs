@@ -2,10 +2,7 @@
 //! address's port-0 entry: an any-port VIP, or the entry that takes a VIP's non-first
 //! fragments (which carry no port).
 
-use balancer_common::{
-    Outcome, VipKey, VipMeta, FAMILY_IPV4, PROTO_ICMP, PROTO_ICMPV6, VIP_F_ADDRESS,
-    VIP_F_FRAGMENTS, VIP_F_FRAGMENTS_ONLY,
-};
+use balancer_common::{Outcome, VipKey, VipMeta, FAMILY_IPV4, PROTO_ICMP, PROTO_ICMPV6};
 
 use crate::{maps::VIPS, parse::Packet};
 
@@ -16,8 +13,8 @@ fn lookup(key: &VipKey) -> Option<&'static VipMeta> {
 }
 
 /// The VIP of a TCP or UDP packet (or of the flow an ICMP error is about). Fragments: see
-/// `VIP_F_FRAGMENTS`; their ports are cleared here, so that every fragment of a datagram
-/// hashes alike.
+/// `VIP_F_FRAGMENTS` (`VipMeta::balances_fragments`); their ports are cleared here, so that
+/// every fragment of a datagram hashes alike.
 #[inline(always)]
 pub fn vip(packet: &mut Packet) -> Result<&'static VipMeta, Outcome> {
     let flow = &packet.flow;
@@ -39,12 +36,12 @@ pub fn vip(packet: &mut Packet) -> Result<&'static VipMeta, Outcome> {
     };
     let meta = meta.ok_or(not_ours)?;
     if packet.fragment {
-        if meta.flags & VIP_F_FRAGMENTS == 0 {
+        if !meta.balances_fragments() {
             return Err(Outcome::Fragment);
         }
         packet.flow.src_port = 0;
         packet.flow.dst_port = 0;
-    } else if meta.flags & VIP_F_FRAGMENTS_ONLY != 0 {
+    } else if meta.is_fragments_only() {
         return Err(Outcome::NotVip);
     }
     Ok(meta)
@@ -65,5 +62,5 @@ pub fn is_vip_address(packet: &Packet) -> bool {
         proto,
         family: flow.family,
     };
-    lookup(&key).is_some_and(|meta| meta.flags & VIP_F_ADDRESS != 0)
+    lookup(&key).is_some_and(VipMeta::is_address)
 }

@@ -2,15 +2,17 @@
 //! outer header of IPIP, IP6IP6 and IPv4-in-IPv6 packets addressed to this host and passes the
 //! inner packet to the local stack. Everything else passes untouched.
 
-use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
+use aya_ebpf::programs::XdpContext;
 use balancer_common::{
     DecapAddress, DecapOutcome, FAMILY_IPV4, FAMILY_IPV6, PROTO_IPIP, PROTO_IPV6,
 };
 
 use crate::{
-    access::{copy_within, ptr_at, ptr_at_mut},
+    access::ptr_at,
+    frame,
     maps::DECAP_ADDRESSES,
-    parse::{ethernet, Ipv4Hdr, Ipv6Hdr, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV4_HLEN, IPV6_HLEN},
+    parse::ethernet,
+    wire::{Ipv4Hdr, Ipv6Hdr, ETH_P_IP, ETH_P_IPV6, IPV4_HLEN, IPV6_HLEN},
 };
 
 #[inline(always)]
@@ -43,7 +45,7 @@ pub fn decapsulate(ctx: &XdpContext) -> DecapOutcome {
         if !local(dst, FAMILY_IPV4) {
             return DecapOutcome::NotLocal;
         }
-        let header_len = ((ip.version_ihl & 0x0F) as usize) * 4;
+        let header_len = ip.header_len();
         if header_len < IPV4_HLEN || ptr_at::<Ipv4Hdr>(ctx, l3 + header_len).is_none() {
             return DecapOutcome::Malformed;
         }
@@ -70,26 +72,8 @@ pub fn decapsulate(ctx: &XdpContext) -> DecapOutcome {
         return DecapOutcome::NotTunnel;
     };
 
-    // Move the Ethernet header (and VLAN tag) forward over the outer IP header, then drop
-    // the bytes in front. The regions do not overlap: the outer header is at least 20
-    // bytes, the L2 header at most 18.
-    let vlan = l3 > ETH_HLEN;
-    if copy_within::<ETH_HLEN>(ctx, 0, outer_len).is_none() {
-        return DecapOutcome::Malformed;
+    match frame::shrink_front(ctx, outer_len, l3, inner_ether_type) {
+        Some(()) => outcome,
+        None => DecapOutcome::Malformed,
     }
-    if vlan && copy_within::<2>(ctx, ETH_HLEN, outer_len + ETH_HLEN).is_none() {
-        return DecapOutcome::Malformed;
-    }
-    // The EtherType that announces the inner packet (after the tag, if any).
-    let ether_type_at = if vlan { ETH_HLEN + 2 } else { ETH_HLEN - 2 };
-    let Some(et) = ptr_at_mut::<u16>(ctx, outer_len + ether_type_at) else {
-        return DecapOutcome::Malformed;
-    };
-    // SAFETY: checked.
-    unsafe { *et = inner_ether_type };
-    // SAFETY: shrinks the packet from the front; nothing is read afterwards.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, outer_len as i32) } != 0 {
-        return DecapOutcome::Malformed;
-    }
-    outcome
 }

@@ -3,20 +3,18 @@
 //! MTU once encapsulated. Both turn the received frame into the answer in place and send it
 //! back out of the interface it came in on.
 
-use aya_ebpf::{
-    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
-    programs::XdpContext,
-};
+use aya_ebpf::{helpers::bpf_xdp_adjust_tail, programs::XdpContext};
 use balancer_common::{csum, Outcome, FAMILY_IPV4, PROTO_ICMP, PROTO_ICMPV6};
 
 use crate::{
-    access::{ptr_at, ptr_at_mut},
-    parse::{
-        EthHdr, IcmpHdr, Ipv4Hdr, Ipv6Hdr, Packet, ETH_HLEN, ETH_P_IP, ETH_P_IPV6,
-        ICMPV6_ECHO_REPLY, ICMPV6_PACKET_TOO_BIG, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY,
-        ICMP_FRAG_NEEDED, ICMP_HLEN, IPV4_HLEN, IPV6_HLEN,
+    access::{ptr_at, ptr_at_mut, write},
+    frame::{self, TTL},
+    parse::Packet,
+    wire::{
+        ipv4_address, IcmpHdr, Ipv4Hdr, Ipv6Hdr, ETH_P_IP, ETH_P_IPV6, ICMPV6_ECHO_REPLY,
+        ICMPV6_PACKET_TOO_BIG, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_FRAG_NEEDED, ICMP_HLEN,
+        IPV4_HLEN, IPV6_HLEN,
     },
-    rewrite::{move_l2_header, TTL},
 };
 
 /// IPv6's minimum MTU: an ICMPv6 error carries as much of the offending packet as fits in it.
@@ -26,17 +24,6 @@ const IPV6_QUOTE_MAX: usize = IPV6_MIN_MTU - IPV6_HLEN - ICMP_HLEN;
 /// An IPv4 "fragmentation needed" carries the offending header (at most 60 bytes) and 8 more.
 const IPV4_QUOTE_MAX: usize = 60 + 8;
 
-/// Answers the frame to its sender: swaps the Ethernet addresses.
-#[inline(always)]
-fn turn_around(ctx: &XdpContext) -> Result<(), Outcome> {
-    let eth = ptr_at_mut::<EthHdr>(ctx, 0).ok_or(Outcome::TruncatedEthernet)?;
-    // SAFETY: ptr_at_mut checked the bounds.
-    unsafe {
-        core::mem::swap(&mut (*eth).dst, &mut (*eth).src);
-    }
-    Ok(())
-}
-
 #[inline(always)]
 fn word(bytes: [u8; 2]) -> u16 {
     u16::from_ne_bytes(bytes)
@@ -45,7 +32,7 @@ fn word(bytes: [u8; 2]) -> u16 {
 /// Turns an echo request to a VIP address into the reply.
 #[inline(always)]
 pub fn echo_reply(ctx: &XdpContext, packet: &Packet) -> Result<Outcome, Outcome> {
-    turn_around(ctx)?;
+    frame::turn_around(ctx).ok_or(Outcome::TruncatedEthernet)?;
     let icmp = ptr_at_mut::<IcmpHdr>(ctx, packet.l4).ok_or(Outcome::TruncatedL4)?;
     if packet.flow.family == FAMILY_IPV4 {
         let ip = ptr_at_mut::<Ipv4Hdr>(ctx, packet.l3).ok_or(Outcome::TruncatedIpv4)?;
@@ -137,12 +124,8 @@ fn reshape(
             return Err(Outcome::TooBig);
         }
     }
-    // SAFETY: as above, at the head.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(grown as i32)) } != 0 {
-        return Err(Outcome::NoHeadroom);
-    }
-    move_l2_header(ctx, grown, packet.l3 > ETH_HLEN, ether_type)?;
-    turn_around(ctx)
+    frame::grow_front(ctx, grown, packet.l3, ether_type).ok_or(Outcome::NoHeadroom)?;
+    frame::turn_around(ctx).ok_or(Outcome::TruncatedEthernet)
 }
 
 fn too_big_v4(ctx: &XdpContext, packet: &Packet, mtu: usize) -> Result<Outcome, Outcome> {
@@ -151,34 +134,26 @@ fn too_big_v4(ctx: &XdpContext, packet: &Packet, mtu: usize) -> Result<Outcome, 
     let (client, vip) = (packet.flow.src, packet.flow.dst);
     reshape(ctx, packet, l3 + quote, IPV4_HLEN + ICMP_HLEN, ETH_P_IP)?;
 
-    let total = ((IPV4_HLEN + ICMP_HLEN + quote) as u16).to_be_bytes();
-    let mut h = [0u8; IPV4_HLEN];
-    h[0] = 0x45;
-    h[2] = total[0];
-    h[3] = total[1];
-    h[8] = TTL;
-    h[9] = PROTO_ICMP;
-    h[12..16].copy_from_slice(&vip[..4]);
-    h[16..20].copy_from_slice(&client[..4]);
-    let check = csum::ipv4_header(&h).to_ne_bytes();
-    h[10] = check[0];
-    h[11] = check[1];
-    let ip = ptr_at_mut::<[u8; IPV4_HLEN]>(ctx, l3).ok_or(Outcome::TooBig)?;
-    // SAFETY: checked.
-    unsafe { *ip = h };
+    // TOS 0, DF clear.
+    let ip = frame::ipv4_header(
+        PROTO_ICMP,
+        ipv4_address(&vip),
+        ipv4_address(&client),
+        ICMP_HLEN + quote,
+        0,
+        false,
+    );
+    write(ctx, l3, ip).ok_or(Outcome::TooBig)?;
 
     let mtu = (mtu as u16).to_be_bytes();
     let icmp_at = l3 + IPV4_HLEN;
-    let icmp = ptr_at_mut::<IcmpHdr>(ctx, icmp_at).ok_or(Outcome::TooBig)?;
-    // SAFETY: checked.
-    unsafe {
-        *icmp = IcmpHdr {
-            kind: ICMP_DEST_UNREACH,
-            code: ICMP_FRAG_NEEDED,
-            check: 0,
-            rest: [0, 0, mtu[0], mtu[1]],
-        };
-    }
+    let icmp = IcmpHdr {
+        kind: ICMP_DEST_UNREACH,
+        code: ICMP_FRAG_NEEDED,
+        check: 0,
+        rest: [0, 0, mtu[0], mtu[1]],
+    };
+    write(ctx, icmp_at, icmp).ok_or(Outcome::TooBig)?;
     let sum =
         sum_packet::<{ (ICMP_HLEN + IPV4_QUOTE_MAX) / 2 }>(ctx, 0, icmp_at, ICMP_HLEN + quote);
     let icmp = ptr_at_mut::<IcmpHdr>(ctx, icmp_at).ok_or(Outcome::TooBig)?;
@@ -195,29 +170,17 @@ fn too_big_v6(ctx: &XdpContext, packet: &Packet, mtu: usize) -> Result<Outcome, 
     reshape(ctx, packet, l3 + quote, IPV6_HLEN + ICMP_HLEN, ETH_P_IPV6)?;
 
     let upper_len = ICMP_HLEN + quote;
-    let ip = ptr_at_mut::<Ipv6Hdr>(ctx, l3).ok_or(Outcome::TooBig)?;
-    // SAFETY: checked.
-    unsafe {
-        *ip = Ipv6Hdr {
-            vtc_flow: [0x60, 0, 0, 0],
-            payload_len: (upper_len as u16).to_be(),
-            next_header: PROTO_ICMPV6,
-            hop_limit: TTL,
-            src: vip,
-            dst: client,
-        };
-    }
+    // Traffic class 0, flow label 0.
+    let ip = frame::ipv6_header(PROTO_ICMPV6, vip, client, upper_len, 0, 0);
+    write(ctx, l3, ip).ok_or(Outcome::TooBig)?;
     let icmp_at = l3 + IPV6_HLEN;
-    let icmp = ptr_at_mut::<IcmpHdr>(ctx, icmp_at).ok_or(Outcome::TooBig)?;
-    // SAFETY: checked.
-    unsafe {
-        *icmp = IcmpHdr {
-            kind: ICMPV6_PACKET_TOO_BIG,
-            code: 0,
-            check: 0,
-            rest: (mtu as u32).to_be_bytes(),
-        };
-    }
+    let icmp = IcmpHdr {
+        kind: ICMPV6_PACKET_TOO_BIG,
+        code: 0,
+        check: 0,
+        rest: (mtu as u32).to_be_bytes(),
+    };
+    write(ctx, icmp_at, icmp).ok_or(Outcome::TooBig)?;
     // Pseudo-header: addresses, upper-layer length, next header.
     let mut sum = csum::add_bytes(0, &vip);
     sum = csum::add_bytes(sum, &client);

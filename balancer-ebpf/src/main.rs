@@ -16,6 +16,8 @@ mod count;
 #[cfg(target_arch = "bpf")]
 mod decap;
 #[cfg(target_arch = "bpf")]
+mod frame;
+#[cfg(target_arch = "bpf")]
 mod icmp;
 #[cfg(target_arch = "bpf")]
 mod maps;
@@ -25,14 +27,16 @@ mod parse;
 mod rewrite;
 #[cfg(target_arch = "bpf")]
 mod select;
+#[cfg(target_arch = "bpf")]
+mod wire;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::{macros::xdp, programs::XdpContext};
-    use balancer_common::{xdp_action, Outcome, FORWARD_TUNNEL};
+    use balancer_common::{xdp_action, Outcome};
 
     use crate::{
-        classify, count, decap, icmp,
+        classify, count, decap, frame, icmp,
         parse::{self, Kind},
         rewrite, select,
     };
@@ -65,7 +69,7 @@ mod programs {
             other => other?,
         };
         let selected = select::backend(vip, &packet)?;
-        let outcome = if vip.forwarding == FORWARD_TUNNEL {
+        let outcome = if vip.tunnels() {
             rewrite::tunnel(ctx, &packet, &selected, select::hash(vip, &packet.flow))?
         } else {
             rewrite::direct_server_return(ctx, &selected)?
@@ -106,12 +110,10 @@ mod programs {
     /// addresses and sends the frame back.
     #[xdp]
     pub fn xdp_reflect(ctx: XdpContext) -> u32 {
-        let Some(eth) = crate::access::ptr_at_mut::<parse::EthHdr>(&ctx, 0) else {
-            return xdp_action::PASS;
-        };
-        // SAFETY: ptr_at_mut checked the bounds.
-        unsafe { core::mem::swap(&mut (*eth).dst, &mut (*eth).src) };
-        xdp_action::TX
+        match frame::turn_around(&ctx) {
+            Some(()) => xdp_action::TX,
+            None => xdp_action::PASS,
+        }
     }
 
     #[panic_handler]

@@ -12,99 +12,17 @@ use balancer_common::{
     PROTO_TCP, PROTO_UDP,
 };
 
-use crate::access::ptr_at;
-
-pub const ETH_HLEN: usize = 14;
-const VLAN_HLEN: usize = 4;
-pub const IPV4_HLEN: usize = 20;
-pub const IPV6_HLEN: usize = 40;
-const TCP_HLEN: usize = 20;
-const UDP_HLEN: usize = 8;
-pub const ICMP_HLEN: usize = 8;
-
-// EtherTypes, in network byte order as read from the packet.
-pub const ETH_P_IP: u16 = 0x0800u16.to_be();
-pub const ETH_P_IPV6: u16 = 0x86DDu16.to_be();
-const ETH_P_8021Q: u16 = 0x8100u16.to_be();
-const ETH_P_8021AD: u16 = 0x88A8u16.to_be();
-
-/// IPv4 flags and fragment offset, network byte order.
-const IP_DF: u16 = 0x4000u16.to_be();
-const IP_MF: u16 = 0x2000u16.to_be();
-const IP_OFFSET: u16 = 0x1FFFu16.to_be();
-
-// IPv6 extension headers walked.
-const IPV6_HOP_BY_HOP: u8 = 0;
-const IPV6_ROUTING: u8 = 43;
-const IPV6_FRAGMENT: u8 = 44;
-const IPV6_DEST_OPTIONS: u8 = 60;
-
-// ICMP types handled.
-pub const ICMP_ECHO_REQUEST: u8 = 8;
-pub const ICMP_ECHO_REPLY: u8 = 0;
-pub const ICMP_DEST_UNREACH: u8 = 3;
-pub const ICMP_FRAG_NEEDED: u8 = 4;
-pub const ICMPV6_PACKET_TOO_BIG: u8 = 2;
-pub const ICMPV6_ECHO_REQUEST: u8 = 128;
-pub const ICMPV6_ECHO_REPLY: u8 = 129;
-
-/// Offset and bits of the TCP flags byte.
-const TCP_FLAGS_OFFSET: usize = 13;
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
-
-#[repr(C)]
-pub struct EthHdr {
-    pub dst: [u8; 6],
-    pub src: [u8; 6],
-    pub ether_type: u16,
-}
-
-#[repr(C)]
-struct VlanHdr {
-    _tci: u16,
-    ether_type: u16,
-}
-
-#[repr(C)]
-pub struct Ipv4Hdr {
-    pub version_ihl: u8,
-    pub tos: u8,
-    pub total_len: u16,
-    pub id: u16,
-    pub frag_off: u16,
-    pub ttl: u8,
-    pub proto: u8,
-    pub check: u16,
-    pub src: [u8; 4],
-    pub dst: [u8; 4],
-}
-
-#[repr(C)]
-pub struct Ipv6Hdr {
-    /// Version, traffic class and flow label.
-    pub vtc_flow: [u8; 4],
-    pub payload_len: u16,
-    pub next_header: u8,
-    pub hop_limit: u8,
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
-}
-
-/// The first four bytes of TCP and UDP alike.
-#[repr(C)]
-struct Ports {
-    src: u16,
-    dst: u16,
-}
-
-#[repr(C)]
-pub struct IcmpHdr {
-    pub kind: u8,
-    pub code: u8,
-    pub check: u16,
-    pub rest: [u8; 4],
-}
+use crate::{
+    access::ptr_at,
+    wire::{
+        EthHdr, IcmpHdr, Ipv4Hdr, Ipv6ExtHdr, Ipv6FragHdr, Ipv6Hdr, Ports, VlanHdr, ETH_HLEN,
+        ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, ICMPV6_ECHO_REQUEST,
+        ICMPV6_PACKET_TOO_BIG, ICMP_DEST_UNREACH, ICMP_ECHO_REQUEST, ICMP_FRAG_NEEDED, ICMP_HLEN,
+        IPV4_HLEN, IPV6_DEST_OPTIONS, IPV6_FRAGMENT, IPV6_FRAG_HLEN, IPV6_FRAG_OFFSET, IPV6_HLEN,
+        IPV6_HOP_BY_HOP, IPV6_ROUTING, IP_DF, IP_MF, IP_OFFSET, TCP_ACK, TCP_FLAGS_OFFSET,
+        TCP_HLEN, TCP_SYN, UDP_HLEN, VLAN_HLEN,
+    },
+};
 
 /// What the packet asks of the balancer.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -192,10 +110,10 @@ fn ipv4(ctx: &XdpContext, l3: usize) -> Result<Packet, Outcome> {
     let ip = ptr_at::<Ipv4Hdr>(ctx, l3).ok_or(Outcome::TruncatedIpv4)?;
     // SAFETY: ptr_at checked that the fixed header lies inside the packet.
     let ip = unsafe { &*ip };
-    if ip.version_ihl >> 4 != 4 {
+    if ip.version() != 4 {
         return Err(Outcome::BadIpv4Header);
     }
-    let header_len = ((ip.version_ihl & 0x0F) as usize) * 4;
+    let header_len = ip.header_len();
     if header_len < IPV4_HLEN {
         return Err(Outcome::BadIpv4Header);
     }
@@ -223,10 +141,10 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Result<Packet, Outcome> {
     let ip = ptr_at::<Ipv6Hdr>(ctx, l3).ok_or(Outcome::TruncatedIpv6)?;
     // SAFETY: ptr_at checked that the fixed header lies inside the packet.
     let ip = unsafe { &*ip };
-    if ip.vtc_flow[0] >> 4 != 6 {
+    if ip.version() != 6 {
         return Err(Outcome::TruncatedIpv6);
     }
-    let tos = (ip.vtc_flow[0] << 4) | (ip.vtc_flow[1] >> 4);
+    let tos = ip.traffic_class();
     let flow = FlowKey {
         src: ip.src,
         dst: ip.dst,
@@ -242,21 +160,20 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Result<Packet, Outcome> {
     for _ in 0..IPV6_EXTENSION_LIMIT {
         match next {
             IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTIONS => {
-                let ext = ptr_at::<[u8; 2]>(ctx, offset).ok_or(Outcome::TruncatedIpv6)?;
+                let ext = ptr_at::<Ipv6ExtHdr>(ctx, offset).ok_or(Outcome::TruncatedIpv6)?;
                 // SAFETY: ptr_at checked the bounds.
-                let ext = unsafe { *ext };
-                next = ext[0];
-                offset += (ext[1] as usize + 1) * 8;
+                let ext = unsafe { &*ext };
+                next = ext.next_header;
+                offset += (ext.len as usize + 1) * 8;
             }
             IPV6_FRAGMENT => {
-                let frag = ptr_at::<[u8; 8]>(ctx, offset).ok_or(Outcome::TruncatedIpv6)?;
+                let frag = ptr_at::<Ipv6FragHdr>(ctx, offset).ok_or(Outcome::TruncatedIpv6)?;
                 // SAFETY: ptr_at checked the bounds.
-                let frag = unsafe { *frag };
-                next = frag[0];
-                let offset_and_more = u16::from_be_bytes([frag[2], frag[3]]);
+                let frag = unsafe { &*frag };
+                next = frag.next_header;
                 packet.fragment = true;
-                packet.later_fragment = offset_and_more & 0xFFF8 != 0;
-                offset += 8;
+                packet.later_fragment = u16::from_be(frag.offset_flags) & IPV6_FRAG_OFFSET != 0;
+                offset += IPV6_FRAG_HLEN;
             }
             _ => break,
         }
@@ -346,8 +263,8 @@ fn embedded_ipv4(ctx: &XdpContext, offset: usize) -> Result<FlowKey, Outcome> {
     let ip = ptr_at::<Ipv4Hdr>(ctx, offset).ok_or(Outcome::IcmpOther)?;
     // SAFETY: ptr_at checked the bounds.
     let ip = unsafe { &*ip };
-    let header_len = ((ip.version_ihl & 0x0F) as usize) * 4;
-    if ip.version_ihl >> 4 != 4
+    let header_len = ip.header_len();
+    if ip.version() != 4
         || header_len < IPV4_HLEN
         || (ip.proto != PROTO_TCP && ip.proto != PROTO_UDP)
     {

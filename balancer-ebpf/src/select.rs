@@ -8,10 +8,7 @@
 //!    remembered. Down and draining backends are not in the table (the daemon leaves them
 //!    out), so re-selection moves a flow off a down backend.
 
-use balancer_common::{
-    hash::flow_hash, Backend, ConnEntry, FlowKey, Outcome, VipMeta, BACKEND_F_DOWN,
-    BACKEND_F_VALID, VIP_F_HASH_DST_PORT_ONLY,
-};
+use balancer_common::{hash::vip_flow_hash, Backend, ConnEntry, FlowKey, Outcome, VipMeta};
 
 use crate::{
     maps::{hash_seed, BACKENDS, CONN_TABLE, MAGLEV_TABLES},
@@ -54,19 +51,10 @@ impl Selected {
     }
 }
 
-/// The flow as the VIP's hash sees it.
+/// The flow's hash as the VIP sees it, with the seed the daemon set.
 #[inline(always)]
 pub fn hash(vip: &VipMeta, flow: &FlowKey) -> u32 {
-    if vip.flags & VIP_F_HASH_DST_PORT_ONLY != 0 {
-        let only_port = FlowKey {
-            src: [0; 16],
-            src_port: 0,
-            ..*flow
-        };
-        flow_hash(&only_port, hash_seed())
-    } else {
-        flow_hash(flow, hash_seed())
-    }
+    vip_flow_hash(vip, flow, hash_seed())
 }
 
 #[inline(always)]
@@ -81,9 +69,7 @@ pub fn backend(vip: &VipMeta, packet: &Packet) -> Result<Selected, Outcome> {
         // eviction can at worst give a stale id, which is checked below like any other.
         let id = unsafe { (*entry).backend_id };
         if let Some(backend) = BACKENDS.get(id) {
-            if backend.flags & (BACKEND_F_VALID | BACKEND_F_DOWN) == BACKEND_F_VALID
-                && backend.vip_id == vip.vip_id
-            {
+            if backend.is_live() && backend.vip_id == vip.vip_id {
                 return Ok(Selected::new(id, backend, 0));
             }
         }
@@ -94,7 +80,7 @@ pub fn backend(vip: &VipMeta, packet: &Packet) -> Result<Selected, Outcome> {
         .get_value(vip.vip_id, &slot)
         .ok_or(Outcome::NoBackend)?;
     let backend = BACKENDS.get(id).ok_or(Outcome::NoBackend)?;
-    if backend.flags & BACKEND_F_VALID == 0 {
+    if !backend.is_valid() {
         return Err(Outcome::NoBackend);
     }
     // An insert can only fail if the kernel cannot allocate; the packet is forwarded anyway
