@@ -5,6 +5,8 @@
 use std::{fs, path::Path};
 
 use anyhow::{bail, Context as _};
+// Not linked: a build-dependency so that cargo runs this script again when the programs change.
+use balancer_ebpf as _;
 
 fn main() -> anyhow::Result<()> {
     let ebpf_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../balancer-ebpf");

@@ -404,15 +404,22 @@ pub const DECAP_OUTCOME_COUNT: u32 = 6;
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all of these are #[repr(C)], contain only integers and byte arrays, and have
-    // explicit padding fields, so every bit pattern is valid and no byte is uninitialised.
-    unsafe impl aya::Pod for super::VipKey {}
-    unsafe impl aya::Pod for super::VipMeta {}
-    unsafe impl aya::Pod for super::Backend {}
-    unsafe impl aya::Pod for super::FlowKey {}
-    unsafe impl aya::Pod for super::ConnEntry {}
-    unsafe impl aya::Pod for super::TrafficStats {}
-    unsafe impl aya::Pod for super::DecapAddress {}
+    macro_rules! pod {
+        ($($t:ty),+) => {$(
+            // SAFETY: #[repr(C)], only integers and byte arrays, explicit padding fields: every
+            // bit pattern is valid and no byte is uninitialised.
+            unsafe impl aya::Pod for $t {}
+        )+};
+    }
+    pod!(
+        super::VipKey,
+        super::VipMeta,
+        super::Backend,
+        super::FlowKey,
+        super::ConnEntry,
+        super::TrafficStats,
+        super::DecapAddress
+    );
 }
 
 // The layout is a contract with maps that may outlive the process that wrote them.

@@ -7,6 +7,9 @@
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+// The package's host library (empty) comes with every binary of the package; not used here.
+use balancer_ebpf as _;
+
 #[cfg(target_arch = "bpf")]
 mod access;
 #[cfg(target_arch = "bpf")]

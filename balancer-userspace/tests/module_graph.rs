@@ -4,6 +4,10 @@
 //! Read from the sources: every `use` declaration and every path starting with `crate::`,
 //! `super::` or `self::`, or naming a child module, is an edge from the file's module to the
 //! deepest module the path names. Comments and string literals are skipped.
+#![allow(
+    unused_crate_dependencies,
+    reason = "reads the sources; the crate's dependencies are the library's"
+)]
 
 use std::{
     collections::{BTreeMap, BTreeSet},

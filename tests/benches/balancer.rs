@@ -4,6 +4,14 @@
 //!
 //! Arguments: `[--quick] [--out DIR]`. `--quick` shrinks every measurement to a smoke run
 //! (the harness must not rot; its figures mean little).
+#![allow(
+    clippy::too_many_lines,
+    reason = "end-to-end scenarios and fixture tables read top to bottom; the 80-line rule is the daemon's"
+)]
+#![allow(
+    unused_crate_dependencies,
+    reason = "every test target of the crate gets all its dev-dependencies and uses some"
+)]
 
 use std::{
     collections::BTreeMap,

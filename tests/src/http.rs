@@ -549,7 +549,12 @@ pub fn get_text(ns: &Netns, address: SocketAddr, path: &str) -> Result<String, S
 
 /// `METHOD path` over plain HTTP from inside `ns`, with an empty body: the status code and
 /// the body of the answer.
-pub fn send(ns: &Netns, address: SocketAddr, method: &str, path: &str) -> Result<(u16, String), String> {
+pub fn send(
+    ns: &Netns,
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+) -> Result<(u16, String), String> {
     let (method, path) = (method.to_owned(), path.to_owned());
     ns.run(move || {
         let mut stream = TcpStream::connect_timeout(&address, IO_TIMEOUT)

@@ -5,6 +5,17 @@
 //! With the `datapath` feature (on for the tests and the benchmark, see Cargo.toml), also the
 //! world of the datapath fixtures: the real XDP object with its maps filled by the daemon's
 //! code, and the packet builder.
+#![cfg_attr(
+    test,
+    allow(
+        unused_crate_dependencies,
+        reason = "the library's own unit-test build gets the dev-dependencies of the test targets"
+    )
+)]
+#![allow(
+    clippy::too_many_lines,
+    reason = "topologies and scenarios read top to bottom; the 80-line rule is the daemon's"
+)]
 
 #[cfg(feature = "datapath")]
 pub mod datapath;

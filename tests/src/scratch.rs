@@ -32,9 +32,11 @@ pub fn is_bpffs(path: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
         return false;
     };
-    // SAFETY: statfs on a valid C string into a zeroed struct.
+    // SAFETY: a plain C struct of integers, for which all zeroes is a valid value.
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    (unsafe { libc::statfs(c.as_ptr(), &mut stat) } == 0) && stat.f_type as i64 == BPF_FS_MAGIC
+    // SAFETY: a NUL-terminated path and a struct statfs to fill, both alive for the call.
+    let found = unsafe { libc::statfs(c.as_ptr(), &mut stat) } == 0;
+    found && stat.f_type as i64 == BPF_FS_MAGIC
 }
 
 /// For a name `<prefix><pid>-...`: whether process `pid` still runs (`None`: the name does

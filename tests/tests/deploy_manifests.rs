@@ -2,6 +2,14 @@
 //! kubernetes-validate (PyPI, installed by `cargo xtask setup`), plus the properties the
 //! schemas cannot know: the DaemonSet's privileges, the ConfigMap's balancer config, the
 //! HPA's metric, the Dockerfile's stages.
+#![allow(
+    clippy::too_many_lines,
+    reason = "end-to-end scenarios and fixture tables read top to bottom; the 80-line rule is the daemon's"
+)]
+#![allow(
+    unused_crate_dependencies,
+    reason = "every test target of the crate gets all its dev-dependencies and uses some"
+)]
 
 use std::{
     path::{Path, PathBuf},

@@ -1,5 +1,13 @@
 //! End to end, in network namespaces: the real `balancer` binary with config/demo.toml, real
 //! HTTP servers on three backends, a real client making 300 connections to the VIP.
+#![allow(
+    clippy::too_many_lines,
+    reason = "end-to-end scenarios and fixture tables read top to bottom; the 80-line rule is the daemon's"
+)]
+#![allow(
+    unused_crate_dependencies,
+    reason = "every test target of the crate gets all its dev-dependencies and uses some"
+)]
 
 use std::{
     collections::{BTreeMap, HashMap},

@@ -1,6 +1,14 @@
 //! The backend set changing under load, in network namespaces with the real binary, real
 //! servers and real clients: a backend dying and coming back, a backend drained under a
 //! long-lived connection, 50 reloads in a row, and an invalid config.
+#![allow(
+    clippy::too_many_lines,
+    reason = "end-to-end scenarios and fixture tables read top to bottom; the 80-line rule is the daemon's"
+)]
+#![allow(
+    unused_crate_dependencies,
+    reason = "every test target of the crate gets all its dev-dependencies and uses some"
+)]
 
 use std::{
     net::{SocketAddr, SocketAddrV4},

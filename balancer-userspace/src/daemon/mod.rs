@@ -2,11 +2,13 @@
 //! - [`startup`]: from the config file to an attached data plane and a started core;
 //! - [`event_loop`]: the loop that feeds the core and performs its effects;
 //! - [`probes`]: the health-check tasks; [`watch`]: the config file watcher;
-//! - [`subcommands`]: `check`, `detach`, `status`, `reload`, `xdp-pass`, `decap`.
+//! - [`subcommands`]: `check`, `detach`, `status`, `reload`, `xdp-pass`, `decap`;
+//! - [`cli`]: the command line.
 //!
 //! On SIGINT/SIGTERM `run` detaches and removes everything, or leaves the data plane
 //! forwarding for the next daemon to adopt (`--keep-datapath`, `keep_datapath`).
 
+pub mod cli;
 pub mod event_loop;
 pub mod probes;
 pub mod startup;

@@ -125,8 +125,9 @@ impl Probes {
 
 /// `uname -r` of the running kernel.
 pub fn release() -> String {
-    // SAFETY: uname fills a zeroed struct.
+    // SAFETY: a plain C struct of byte arrays, for which all zeroes is a valid value.
     let mut name: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: a struct utsname to fill, alive for the call.
     if unsafe { libc::uname(&mut name) } != 0 {
         return String::new();
     }
