@@ -4,7 +4,7 @@
 //!
 //! `l3` is the L2 header's length: where the IP packet starts, after the Ethernet header and
 //! the VLAN tag if any. The EtherType that announces the IP packet is the L2 header's last two
-//! bytes either way.
+//! bytes either way (see `ether_type_at` for how that offset must be written).
 
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
 
@@ -30,7 +30,7 @@ pub fn grow_front(ctx: &XdpContext, room: usize, l3: usize, ether_type: u16) -> 
         copy_within::<2>(ctx, room + ETH_HLEN, ETH_HLEN)?;
     }
     // The EtherType that announces the IP packet (after the tag, if any).
-    write(ctx, l3 - 2, ether_type)
+    write(ctx, ether_type_at(l3), ether_type)
 }
 
 /// Removes the `len` bytes between the L2 header and what follows (an outer IP header),
@@ -45,12 +45,27 @@ pub fn shrink_front(ctx: &XdpContext, len: usize, l3: usize, ether_type: u16) ->
         copy_within::<2>(ctx, ETH_HLEN, len + ETH_HLEN)?;
     }
     // The EtherType that announces the inner packet (after the tag, if any).
-    write(ctx, len + l3 - 2, ether_type)?;
+    write(ctx, len + ether_type_at(l3), ether_type)?;
     // SAFETY: shrinks the packet from the front; nothing is read afterwards.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, len as i32) } != 0 {
         return None;
     }
     Some(())
+}
+
+/// Where the EtherType announcing the IP packet sits: 12 without a VLAN tag, 16 with one.
+///
+/// Chosen between two constants on purpose, never computed as `l3 - 2`: LLVM folds that
+/// subtraction into the store after the bounds check (`*(ptr - 2)` of a pointer checked up to
+/// its end), and the verifier refuses a packet access at a negative offset from the pointer it
+/// checked ("R3 offset is outside of the packet", seen in `balancer_decap`).
+#[inline(always)]
+fn ether_type_at(l3: usize) -> usize {
+    if l3 > ETH_HLEN {
+        ETH_HLEN + 2
+    } else {
+        ETH_HLEN - 2
+    }
 }
 
 /// Addresses the frame from `src` to `dst`.

@@ -125,6 +125,29 @@ pub struct World {
     desired: DesiredState,
 }
 
+/// Loads every program of the built-in object into the kernel (the verifier checks each):
+/// the balancer and `xdp_pass`, the decapsulating program, the benchmarks' trivial programs.
+/// Returns the names of those loaded, or the first refusal, whole.
+pub fn load_every_program() -> Result<Vec<&'static str>, String> {
+    use balancer_common::program_names::*;
+    let options = LoadOptions {
+        hash_seed: 0,
+        conn_table_size: balancer::config::MIN_CONN_TABLE_SIZE,
+    };
+    let error = |e: balancer::shell::dataplane::DataplaneError| {
+        let mut text = e.to_string();
+        let mut cause = std::error::Error::source(&e);
+        while let Some(c) = cause {
+            text = format!("{text}: {c}");
+            cause = c.source();
+        }
+        text
+    };
+    Dataplane::load_with_trivial_programs(balancer::PROGRAM, options).map_err(error)?;
+    Dataplane::load_decap().map_err(error)?;
+    Ok(vec![BALANCER, PASS, DROP, TX, REFLECT, DECAP])
+}
+
 impl World {
     /// Loads the object (through the verifier), and fills its maps from `config` (the TOML of
     /// the daemon's config file) with every backend reached as `reach` says. Every backend the

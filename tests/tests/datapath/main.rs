@@ -24,7 +24,7 @@ use balancer_common::{hash::vip_flow_hash, tunnel, xdp_action, Outcome, TrafficS
 use balancer_tests::{
     datapath::{
         packet::{assert_checksums_valid, forwarded, Encapsulation},
-        world::{Run, TunnelSource, World, WorldOptions},
+        world::{load_every_program, Run, TunnelSource, World, WorldOptions},
     },
     netns::{remove_stale, require_root, Netns},
 };
@@ -61,6 +61,15 @@ fn world(other_ifindex: u32) -> World {
             ..WorldOptions::default()
         },
     )
+}
+
+/// Every program of the object passes the verifier, not only the one the fixtures run.
+#[test]
+fn every_program_of_the_object_loads() {
+    require_root("loading the XDP programs");
+    let loaded = load_every_program().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(loaded.len(), 6, "{loaded:?}");
+    println!("loaded: {}", loaded.join(", "));
 }
 
 #[test]
