@@ -2,8 +2,12 @@
 //! Not a test: it prints ratios and figures and writes them as JSON and Markdown; nothing here
 //! fails on speed. Needs root (BPF_PROG_TEST_RUN, XDP, network namespaces).
 //!
-//! Arguments: `[--quick] [--out DIR]`. `--quick` shrinks every measurement to a smoke run
-//! (the harness must not rot; its figures mean little).
+//! Arguments: `[--quick] [--out DIR] [--baseline-name REV --baseline-object FILE
+//! --baseline-bin FILE]`. `--quick` shrinks every measurement to a smoke run (the harness must
+//! not rot; its figures mean little). With a baseline (another revision's XDP object and
+//! `balancer` binary, which `cargo xtask bench --baseline REV` builds), the per-packet costs
+//! and the reload latency are measured for both, interleaved round by round in this one run,
+//! and reported side by side with their ratio.
 #![allow(
     clippy::too_many_lines,
     reason = "end-to-end scenarios and fixture tables read top to bottom; the 80-line rule is the daemon's"
@@ -43,23 +47,57 @@ use serde_json::{json, Value};
 struct Args {
     quick: bool,
     out: PathBuf,
+    baseline: Option<Baseline>,
+}
+
+/// Another revision, measured beside this one.
+struct Baseline {
+    name: String,
+    /// Its XDP object (the same map layout: its maps are filled by this revision's code).
+    object: &'static [u8],
+    /// Its `balancer` binary.
+    binary: PathBuf,
 }
 
 fn args() -> Args {
     let mut args = Args {
         quick: false,
         out: PathBuf::from("target/bench"),
+        baseline: None,
     };
+    let (mut name, mut object, mut binary) = (None, None, None);
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| panic!("{a} needs a value"));
         match a.as_str() {
             "--quick" => args.quick = true,
-            "--out" => args.out = PathBuf::from(it.next().expect("--out DIR")),
+            "--out" => args.out = PathBuf::from(value()),
+            "--baseline-name" => name = Some(value()),
+            "--baseline-object" => object = Some(PathBuf::from(value())),
+            "--baseline-bin" => binary = Some(PathBuf::from(value())),
             // cargo bench passes --bench to harness=false targets.
             "--bench" => {}
-            other => panic!("unknown argument {other:?}: use [--quick] [--out DIR]"),
+            other => panic!(
+                "unknown argument {other:?}: use [--quick] [--out DIR] [--baseline-name REV \
+                 --baseline-object FILE --baseline-bin FILE]"
+            ),
         }
     }
+    args.baseline = match (name, object, binary) {
+        (None, None, None) => None,
+        (Some(name), Some(object), Some(binary)) => {
+            let bytes = std::fs::read(&object)
+                .unwrap_or_else(|e| panic!("the baseline object {}: {e}", object.display()));
+            Some(Baseline {
+                name,
+                object: Box::leak(bytes.into_boxed_slice()),
+                binary,
+            })
+        }
+        _ => {
+            panic!("a baseline needs all of --baseline-name, --baseline-object and --baseline-bin")
+        }
+    };
     args
 }
 
@@ -135,12 +173,22 @@ fn main() {
         args.out.display()
     );
 
-    let datapath = datapath(&sizes, &mut commands);
-    let control = control_plane(&sizes, &mut commands);
+    let baseline = args.baseline.as_ref();
+    if let Some(b) = baseline {
+        println!(
+            "baseline: revision {} ({}, {}), measured beside this build",
+            b.name,
+            b.binary.display(),
+            b.object.len()
+        );
+    }
+    let datapath = datapath(&sizes, baseline, &mut commands);
+    let control = control_plane(&sizes, baseline, &mut commands);
     let e2e = end_to_end(&sizes, &mut commands);
 
     let report = json!({
         "quick": args.quick,
+        "baseline": baseline.map(|b| b.name.clone()),
         "machine": machine(),
         "date": chrono_like_now(),
         "seconds": started.elapsed().as_secs(),
@@ -209,9 +257,40 @@ fn bench_backend(v6: bool, i: usize) -> IpAddr {
     }
 }
 
+/// The world of this build, and the same world with the baseline's program.
+struct Worlds {
+    current: World,
+    baseline: Option<World>,
+}
+
+impl Worlds {
+    fn remember(&mut self, flow: &balancer_common::FlowKey, backend: IpAddr) {
+        self.current.remember("v", flow, backend);
+        if let Some(b) = &mut self.baseline {
+            b.remember("v", flow, backend);
+        }
+    }
+}
+
+/// `bench_world` for this build and, with a baseline, for its program too.
+fn bench_worlds(
+    baseline: Option<&Baseline>,
+    mode: &str,
+    protocol: &str,
+    v6: bool,
+    n: usize,
+    conn_table: u32,
+) -> (Worlds, Vec<IpAddr>) {
+    let (current, backends) = bench_world(None, mode, protocol, v6, n, conn_table);
+    let baseline =
+        baseline.map(|b| bench_world(Some(b.object), mode, protocol, v6, n, conn_table).0);
+    (Worlds { current, baseline }, backends)
+}
+
 /// A one-VIP world ("v") with `n` backends, all on the ingress link (sent back out of `lo`),
 /// the trivial programs loaded too; and the backends' addresses.
 fn bench_world(
+    object: Option<&'static [u8]>,
     mode: &str,
     protocol: &str,
     v6: bool,
@@ -236,6 +315,7 @@ fn bench_world(
         &reach,
         WorldOptions {
             trivial_programs: true,
+            object,
             ..WorldOptions::default()
         },
     );
@@ -285,41 +365,58 @@ fn run_ns(
     }
 }
 
-/// Rounds of (trivial program, balancer) on the same frame, interleaved; the per-round
-/// difference's median and range, and the trivial program's median.
-fn compare(world: &World, frame: &[u8], sizes: &Sizes, single: bool) -> Value {
+/// Rounds of (trivial program, balancer, and the baseline's balancer) on the same frame,
+/// interleaved; the per-round differences' medians and ranges, and the trivial program's
+/// median.
+fn compare(worlds: &Worlds, frame: &[u8], sizes: &Sizes, single: bool) -> Value {
     let single = single.then_some(sizes.single_calls);
-    // Warm-up: caches, the connection table entry of established classes.
-    run_ns(world, program_names::PASS, frame, 1000, single.map(|_| 100));
-    run_ns(
-        world,
-        program_names::BALANCER,
-        frame,
-        1000,
-        single.map(|_| 100),
-    );
-    let mut diffs = Vec::new();
-    let mut trivial = Vec::new();
-    let mut balancer = Vec::new();
+    let runs = |world: &World, program, repeat| run_ns(world, program, frame, repeat, single);
+    let warm = |world: &World| {
+        // Caches, the connection table entry of established classes.
+        run_ns(world, program_names::PASS, frame, 1000, single.map(|_| 100));
+        run_ns(
+            world,
+            program_names::BALANCER,
+            frame,
+            1000,
+            single.map(|_| 100),
+        );
+    };
+    warm(&worlds.current);
+    if let Some(b) = &worlds.baseline {
+        warm(b);
+    }
+    let (mut diffs, mut base_diffs, mut trivial, mut balancer) = (vec![], vec![], vec![], vec![]);
     for _ in 0..sizes.rounds {
-        let t = run_ns(world, program_names::PASS, frame, sizes.repeats, single);
-        let b = run_ns(world, program_names::BALANCER, frame, sizes.repeats, single);
+        let t = runs(&worlds.current, program_names::PASS, sizes.repeats);
+        let b = runs(&worlds.current, program_names::BALANCER, sizes.repeats);
+        if let Some(base) = &worlds.baseline {
+            base_diffs.push(runs(base, program_names::BALANCER, sizes.repeats) - t);
+        }
         diffs.push(b - t);
         trivial.push(t);
         balancer.push(b);
     }
-    let min = diffs.iter().cloned().fold(f64::INFINITY, f64::min);
-    let max = diffs.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    json!({
-        "above_trivial_ns": median(&mut diffs),
-        "spread_ns": [min, max],
+    let range = |v: &[f64]| {
+        let min = v.iter().cloned().fold(f64::INFINITY, f64::min);
+        let max = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        [min, max]
+    };
+    let mut out = json!({
+        "above_trivial_ns": median(&mut diffs.clone()),
+        "spread_ns": range(&diffs),
         "trivial_ns": median(&mut trivial),
         "balancer_ns": median(&mut balancer),
         "method": if single.is_some() { "one run per call" } else { "repeat" },
-    })
+    });
+    if !base_diffs.is_empty() {
+        out["baseline_above_trivial_ns"] = json!(median(&mut base_diffs.clone()));
+        out["baseline_spread_ns"] = json!(range(&base_diffs));
+    }
+    out
 }
 
-fn datapath(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
+fn datapath(sizes: &Sizes, baseline: Option<&Baseline>, commands: &mut Vec<String>) -> Value {
     println!(
         "\n== data plane cost per packet (BPF_PROG_TEST_RUN, {} rounds)",
         sizes.rounds
@@ -329,17 +426,31 @@ fn datapath(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
          repeat={} (tunnel classes: {} calls of repeat=1 per round)",
         sizes.rounds, sizes.repeats, sizes.single_calls
     ));
+    if let Some(b) = baseline {
+        commands.push(format!(
+            "the same, with revision {}'s program in a world of the same contents, interleaved in every round",
+            b.name
+        ));
+    }
     let mut rows = Vec::new();
     let mut measure = |label: String,
                        mode: &str,
                        n: usize,
                        full: bool,
-                       world: &World,
+                       worlds: &Worlds,
                        frame: &[u8],
                        single: bool| {
-        let r = compare(world, frame, sizes, single);
+        let r = compare(worlds, frame, sizes, single);
+        let against = match (baseline, r["baseline_above_trivial_ns"].as_f64()) {
+            (Some(b), Some(base)) => format!(
+                "; {}: {base:.1} ns, ratio {:.2}",
+                b.name,
+                r["above_trivial_ns"].as_f64().unwrap() / base
+            ),
+            _ => String::new(),
+        };
         println!(
-            "  {mode:<6} {n:>6} backends{}  {label:<34} {:>6.1} ns above trivial (range {:.1} to {:.1}; trivial {:.1} ns)",
+            "  {mode:<6} {n:>6} backends{}  {label:<34} {:>6.1} ns above trivial (range {:.1} to {:.1}; trivial {:.1} ns{against})",
             if full { ", full conn table" } else { "" },
             r["above_trivial_ns"].as_f64().unwrap(),
             r["spread_ns"][0].as_f64().unwrap(),
@@ -358,7 +469,7 @@ fn datapath(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
     for mode in ["dsr", "tunnel"] {
         let single = mode == "tunnel";
         for &n in sizes.backend_counts {
-            let (world, _) = bench_world(mode, "tcp", false, n, 65_536);
+            let (worlds, _) = bench_worlds(baseline, mode, "tcp", false, n, 65_536);
             let syn = tcp(vip4, 40_000, 80).bytes();
             let est = tcp(vip4, 40_001, 80).ack().size(64).bytes();
             measure(
@@ -366,7 +477,7 @@ fn datapath(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
                 mode,
                 n,
                 false,
-                &world,
+                &worlds,
                 &syn,
                 single,
             );
@@ -375,7 +486,7 @@ fn datapath(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
                 mode,
                 n,
                 false,
-                &world,
+                &worlds,
                 &est,
                 single,
             );
@@ -389,42 +500,42 @@ fn datapath(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
                     "any",
                     n,
                     false,
-                    &world,
+                    &worlds,
                     &other,
                     false,
                 );
             }
-            drop(world);
-            let (world, _) = bench_world(mode, "udp", false, n, 65_536);
+            drop(worlds);
+            let (worlds, _) = bench_worlds(baseline, mode, "udp", false, n, 65_536);
             measure(
                 "IPv4 UDP".into(),
                 mode,
                 n,
                 false,
-                &world,
+                &worlds,
                 &udp(vip4, 40_003, 53).size(64).bytes(),
                 single,
             );
-            drop(world);
-            let (world, _) = bench_world(mode, "tcp", true, n, 65_536);
+            drop(worlds);
+            let (worlds, _) = bench_worlds(baseline, mode, "tcp", true, n, 65_536);
             measure(
                 "IPv6 TCP established".into(),
                 mode,
                 n,
                 false,
-                &world,
+                &worlds,
                 &tcp(vip6, 40_004, 80).ack().size(64).bytes(),
                 single,
             );
         }
         // A full connection table: every slot taken by other flows.
         let size = 65_536u32;
-        let (mut world, backends) = bench_world(mode, "tcp", false, 100, size);
+        let (mut worlds, backends) = bench_worlds(baseline, mode, "tcp", false, 100, size);
         let est = tcp(vip4, 40_001, 80).ack().size(64);
         let mut flow = est.flow();
         for i in 0..size {
             flow.src[..4].copy_from_slice(&(0xc612_0000u32 + i).to_be_bytes());
-            world.remember("v", &flow, backends[0]);
+            worlds.remember(&flow, backends[0]);
         }
         let est = est.bytes();
         let syn = tcp(vip4, 40_000, 80).bytes();
@@ -433,7 +544,7 @@ fn datapath(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
             mode,
             100,
             true,
-            &world,
+            &worlds,
             &syn,
             single,
         );
@@ -442,7 +553,7 @@ fn datapath(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
             mode,
             100,
             true,
-            &world,
+            &worlds,
             &est,
             single,
         );
@@ -453,7 +564,7 @@ fn datapath(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
 // -------------------------------------------------------------------------------------------
 // 3. Control plane
 
-fn control_plane(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
+fn control_plane(sizes: &Sizes, baseline: Option<&Baseline>, commands: &mut Vec<String>) -> Value {
     println!("\n== control plane");
     let mut maglev_rows = Vec::new();
     for n in [10u32, 100, 1000] {
@@ -531,17 +642,93 @@ fn control_plane(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
         sizes.vip_counts
     ));
 
-    let reload = reload_latency(sizes, commands);
+    let reload = reload_latency(sizes, baseline, commands);
     json!({ "maglev": maglev_rows, "memory": memory_rows, "reload": reload })
 }
 
 /// The real daemon in the demo's topology: a config change written (atomically, as editors
-/// do) until the status API shows its generation; and the daemon's own apply time.
-fn reload_latency(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
+/// do) until the status API shows its generation; and the daemon's own apply time. With a
+/// baseline, its binary and this one take turns (two rounds each), in the same topology.
+fn reload_latency(sizes: &Sizes, baseline: Option<&Baseline>, commands: &mut Vec<String>) -> Value {
     remove_stale("lbt-");
     let prefix = format!("lbt-{}-bench-", std::process::id());
     let topology = DsrTopology::create(&prefix, 3);
     let scratch = Scratch::new("lbt-", "bench-reload");
+    let turns: Vec<Option<&Baseline>> = match baseline {
+        None => vec![None],
+        Some(b) => vec![Some(b), None, Some(b), None],
+    };
+    let per_turn = sizes.reloads / turns.len().div_ceil(2).max(1);
+    let (mut current, mut base) = (Timings::default(), Timings::default());
+    for turn in turns {
+        let binary = turn.map(|b| b.binary.as_path());
+        let timings = reload_turn(&topology, &scratch, binary, per_turn);
+        match turn {
+            Some(_) => base.extend(timings),
+            None => current.extend(timings),
+        }
+    }
+    let (mv, wv, ma, wa) = current.summary();
+    println!(
+        "  config change -> maps updated, {} changes: median {mv:.1} ms, worst {wv:.1} ms (of which the daemon's apply: median {ma:.1} ms, worst {wa:.1} ms)",
+        current.visible.len()
+    );
+    commands.push(format!(
+        "balancer run in the demo topology; {} weight changes written by rename; time until GET /api/v1/status shows the new \
+         generation (polled every 1 ms), and the daemon's own reloads.last_apply_ms",
+        sizes.reloads
+    ));
+    let mut out = json!({ "changes": current.visible.len(), "median_ms": mv, "worst_ms": wv, "apply_median_ms": ma, "apply_worst_ms": wa, "debounce_ms": 20 });
+    if let Some(b) = baseline {
+        let (bv, bwv, ba, bwa) = base.summary();
+        println!(
+            "  the same with {}'s daemon ({} changes, turns interleaved): median {bv:.1} ms, worst {bwv:.1} ms (apply: median {ba:.1} ms, worst {bwa:.1} ms); ratios this/baseline: {:.2} visible, {:.2} apply",
+            b.name,
+            base.visible.len(),
+            mv / bv,
+            ma / ba
+        );
+        commands.push(format!(
+            "the same with revision {}'s balancer binary, its turns and this build's alternating (2 each)",
+            b.name
+        ));
+        out["baseline"] = json!({ "changes": base.visible.len(), "median_ms": bv, "worst_ms": bwv, "apply_median_ms": ba, "apply_worst_ms": bwa });
+    }
+    out
+}
+
+/// Reload timings, in milliseconds: written to visible in the status, and the daemon's apply.
+#[derive(Default)]
+struct Timings {
+    visible: Vec<f64>,
+    applied: Vec<f64>,
+}
+
+impl Timings {
+    fn extend(&mut self, other: Timings) {
+        self.visible.extend(other.visible);
+        self.applied.extend(other.applied);
+    }
+
+    /// Median and worst of each.
+    fn summary(&self) -> (f64, f64, f64, f64) {
+        let worst = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
+        (
+            median(&mut self.visible.clone()),
+            worst(&self.visible),
+            median(&mut self.applied.clone()),
+            worst(&self.applied),
+        )
+    }
+}
+
+/// One daemon (this build's, or `binary`), `reloads` config changes, stopped.
+fn reload_turn(
+    topology: &DsrTopology,
+    scratch: &Scratch,
+    binary: Option<&std::path::Path>,
+    reloads: usize,
+) -> Timings {
     let config = |w: u32| {
         format!(
             "[balancer]\ninterface = \"eth0\"\nmetrics_listen = \"127.0.0.1:9100\"\n[[vip]]\nname = \"web\"\naddress = \"{VIP_ADDR}\"\n\
@@ -553,22 +740,36 @@ fn reload_latency(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
         )
     };
     let path = scratch.write_atomically("config.toml", &config(1));
-    let mut balancer =
-        BalancerProcess::run(&topology.balancer, &path, &scratch, &[], "balancer.log");
+    let mut balancer = match binary {
+        None => BalancerProcess::run(&topology.balancer, &path, scratch, &[], "balancer.log"),
+        Some(binary) => {
+            let pin_dir = scratch.pin_dir_arg();
+            let args = [
+                "run",
+                "--config",
+                path.to_str().unwrap(),
+                "--pin-dir",
+                &pin_dir,
+            ];
+            let log = scratch.path("baseline.log");
+            BalancerProcess::start_binary(&topology.balancer, binary, &[], &args, &log)
+        }
+    };
     let api: SocketAddr = "127.0.0.1:9100".parse().unwrap();
     let status = balancer.wait_ready(&topology.balancer, api, Duration::from_secs(30));
     let first_generation = status["config_generation"].as_u64().unwrap();
-    let mut visible = Vec::new();
-    let mut applied = Vec::new();
-    for i in 0..sizes.reloads {
+    let mut timings = Timings::default();
+    for i in 0..reloads {
         let generation = first_generation + i as u64;
         let written = Instant::now();
         scratch.write_atomically("config.toml", &config(2 + i as u32 % 5));
         loop {
             let s = get_json(&topology.balancer, api, "/api/v1/status").unwrap();
             if s["config_generation"].as_u64() == Some(generation + 1) {
-                visible.push(written.elapsed().as_secs_f64() * 1e3);
-                applied.push(s["reloads"]["last_apply_ms"].as_f64().unwrap());
+                timings.visible.push(written.elapsed().as_secs_f64() * 1e3);
+                timings
+                    .applied
+                    .push(s["reloads"]["last_apply_ms"].as_f64().unwrap());
                 break;
             }
             assert!(
@@ -581,19 +782,7 @@ fn reload_latency(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
         std::thread::sleep(Duration::from_millis(30));
     }
     assert!(balancer.stop().success());
-    let worst = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
-    let (wv, wa) = (worst(&visible), worst(&applied));
-    let (mv, ma) = (median(&mut visible), median(&mut applied));
-    println!(
-        "  config change -> maps updated, {} changes: median {mv:.1} ms, worst {wv:.1} ms (of which the daemon's apply: median {ma:.1} ms, worst {wa:.1} ms)",
-        sizes.reloads
-    );
-    commands.push(format!(
-        "balancer run in the demo topology; {} weight changes written by rename; time until GET /api/v1/status shows the new \
-         generation (polled every 1 ms), and the daemon's own reloads.last_apply_ms",
-        sizes.reloads
-    ));
-    json!({ "changes": sizes.reloads, "median_ms": mv, "worst_ms": wv, "apply_median_ms": ma, "apply_worst_ms": wa, "debounce_ms": 20 })
+    timings
 }
 
 // -------------------------------------------------------------------------------------------
@@ -985,6 +1174,38 @@ fn markdown(r: &Value) -> String {
     md.push_str(
         "### Data plane: cost per packet above the trivial XDP program (BPF_PROG_TEST_RUN)\n\n",
     );
+    if let Some(name) = r["baseline"].as_str() {
+        md.push_str(&format!(
+            "Beside revision {name} (its program in a world of the same contents, interleaved in every round):\n\n\
+             | mode | backends | conn table | packet | this build | {name} | ratio |\n|---|---:|---|---|---:|---:|---:|\n"
+        ));
+        for row in r["datapath"].as_array().unwrap() {
+            let (this, base) = (
+                row["above_trivial_ns"].as_f64().unwrap(),
+                row["baseline_above_trivial_ns"].as_f64().unwrap(),
+            );
+            md.push_str(&format!(
+                "| {} | {} | {} | {} | {this:.1} ns | {base:.1} ns | {:.2} |\n",
+                row["mode"].as_str().unwrap(),
+                row["backends"],
+                if row["full_conn_table"] == true {
+                    "full"
+                } else {
+                    "-"
+                },
+                row["class"].as_str().unwrap(),
+                this / base
+            ));
+        }
+        let rl = &r["control_plane"]["reload"];
+        md.push_str(&format!(
+            "\nReload, config written to visible: this build median {:.1} ms, {name} {:.1} ms; the daemon's apply: this build {:.1} ms, {name} {:.1} ms.\n\n",
+            rl["median_ms"].as_f64().unwrap(),
+            rl["baseline"]["median_ms"].as_f64().unwrap(),
+            rl["apply_median_ms"].as_f64().unwrap(),
+            rl["baseline"]["apply_median_ms"].as_f64().unwrap()
+        ));
+    }
     md.push_str("| mode | backends | conn table | packet | above trivial (median) | range over rounds | trivial | method |\n|---|---:|---|---|---:|---|---:|---|\n");
     for row in r["datapath"].as_array().unwrap() {
         md.push_str(&format!(

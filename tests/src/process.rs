@@ -77,9 +77,20 @@ impl BalancerProcess {
         args: &[&str],
         log: &Path,
     ) -> BalancerProcess {
+        Self::start_binary(ns, &balancer_binary(), wrapper, args, log)
+    }
+
+    /// Like [`start_wrapped`](Self::start_wrapped), with another `balancer` binary (the
+    /// benchmark's baseline revision).
+    pub fn start_binary(
+        ns: &Netns,
+        binary: &Path,
+        wrapper: &[&str],
+        args: &[&str],
+        log: &Path,
+    ) -> BalancerProcess {
         let file =
             std::fs::File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
-        let binary = balancer_binary();
         let binary = binary.to_str().expect("UTF-8 path");
         let mut command = match wrapper.split_first() {
             Some((program, rest)) => {

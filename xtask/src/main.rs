@@ -4,6 +4,7 @@
     reason = "setup and test steps read top to bottom; the 80-line rule is the daemon's"
 )]
 
+mod baseline;
 mod cmd;
 mod demo;
 mod setup;
@@ -72,6 +73,11 @@ enum Task {
         /// A short smoke run (figures not meaningful; docs/benchmarks.md is left alone).
         #[arg(long)]
         quick: bool,
+        /// Also measure this git revision (a commit, tag or branch), built in a worktree under
+        /// target/baseline/: its XDP program and its daemon beside this build's, interleaved,
+        /// reported side by side (docs/benchmarks.md is left alone).
+        #[arg(long, value_name = "REV")]
+        baseline: Option<String>,
     },
 }
 
@@ -83,7 +89,7 @@ fn main() -> ExitCode {
         Task::Demo { requests } => demo::run(requests),
         Task::Test { no_vm } => test::run(no_vm),
         Task::Vm { kernels, filter } => vm::run(&kernels, &filter),
-        Task::Bench { quick } => bench(quick),
+        Task::Bench { quick, baseline } => bench(quick, baseline),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -150,6 +156,22 @@ pub fn build_upgrade_variant(toolchain: &str) -> Result<PathBuf> {
         "[build] XDP program variant for the upgrade test (balancer-ebpf, feature upgrade-variant)"
     );
     let target_dir = workspace_root().join("target/ebpf-variant");
+    build_xdp_object(
+        toolchain,
+        &workspace_root(),
+        &["--features", "upgrade-variant"],
+        &target_dir,
+    )
+}
+
+/// Builds the XDP object of the workspace at `root` the way aya-build builds the embedded one
+/// (release, BTF), into `target_dir`; returns the object's path.
+pub fn build_xdp_object(
+    toolchain: &str,
+    root: &Path,
+    extra: &[&str],
+    target_dir: &Path,
+) -> Result<PathBuf> {
     let rustflags = [
         "--cfg=bpf_target_arch=\"x86_64\"",
         "-Cdebuginfo=2",
@@ -158,6 +180,7 @@ pub fn build_upgrade_variant(toolchain: &str) -> Result<PathBuf> {
     .join("\x1f");
     let mut command = cargo_of(toolchain);
     command
+        .current_dir(root)
         .env("CARGO_ENCODED_RUSTFLAGS", rustflags)
         .env_remove("RUSTC")
         .env_remove("RUSTC_WORKSPACE_WRAPPER")
@@ -171,17 +194,17 @@ pub fn build_upgrade_variant(toolchain: &str) -> Result<PathBuf> {
             "bpfel-unknown-none",
             "-Z",
             "build-std=core",
-            "--features",
-            "upgrade-variant",
-            "--target-dir",
         ])
-        .arg(&target_dir);
+        .args(extra)
+        .arg("--target-dir")
+        .arg(target_dir);
     cmd::run(&mut command)?;
     Ok(target_dir.join("bpfel-unknown-none/release/balancer-xdp"))
 }
 
-/// Builds the release binary and runs the benchmark harness (tests/benches/balancer.rs).
-pub fn bench_run(quick: bool) -> Result<std::path::PathBuf> {
+/// Builds the release binary and runs the benchmark harness (tests/benches/balancer.rs),
+/// beside `baseline` if given.
+pub fn bench_run(quick: bool, baseline: Option<&baseline::Build>) -> Result<std::path::PathBuf> {
     let binary = build_balancer(true)?;
     let out = workspace_root().join("target/bench");
     let mut command = cargo();
@@ -196,20 +219,35 @@ pub fn bench_run(quick: bool) -> Result<std::path::PathBuf> {
     if quick {
         command.arg("--quick");
     }
+    if let Some(b) = baseline {
+        command
+            .args(["--baseline-name", &b.name, "--baseline-object"])
+            .arg(&b.object)
+            .arg("--baseline-bin")
+            .arg(&b.binary);
+    }
     command.arg("--out").arg(&out);
     cmd::run(&mut command)?;
     Ok(out)
 }
 
-fn bench(quick: bool) -> Result<()> {
+fn bench(quick: bool, baseline: Option<String>) -> Result<()> {
     setup::run()?;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         anyhow::bail!("the benchmarks need root (BPF_PROG_TEST_RUN, XDP, network namespaces): run `sudo cargo xtask bench`");
     }
-    let out = bench_run(quick)?;
-    if quick {
-        println!("[bench] quick run: docs/benchmarks.md left alone");
+    let baseline = match baseline {
+        Some(rev) => Some(baseline::build(&rev)?),
+        None => None,
+    };
+    let out = bench_run(quick, baseline.as_ref())?;
+    if quick || baseline.is_some() {
+        println!(
+            "[bench] {} run: docs/benchmarks.md left alone; the figures are in {}",
+            if quick { "quick" } else { "comparison" },
+            out.join("latest.md").display()
+        );
         return Ok(());
     }
     let figures = std::fs::read_to_string(out.join("latest.md"))?;

@@ -57,6 +57,9 @@ pub struct WorldOptions {
     /// Also load the object's trivial programs (`program_names::{DROP, TX, REFLECT}`), for
     /// measurements. `program_names::PASS` is always loaded.
     pub trivial_programs: bool,
+    /// The XDP object to load: the daemon's built-in one, or another build of the same map
+    /// layout (the benchmark's baseline revision).
+    pub object: Option<&'static [u8]>,
 }
 
 impl Default for WorldOptions {
@@ -65,6 +68,7 @@ impl Default for WorldOptions {
             ingress_ifindex: 1,
             other_ifindex: None,
             trivial_programs: false,
+            object: None,
         }
     }
 }
@@ -163,10 +167,11 @@ impl World {
             hash_seed: config.hash_seed,
             conn_table_size: config.conn_table_size,
         };
+        let object = options.object.unwrap_or(balancer::PROGRAM);
         let dataplane = if options.trivial_programs {
-            Dataplane::load_with_trivial_programs(load)
+            Dataplane::load_with_trivial_programs(object, load)
         } else {
-            Dataplane::load(load)
+            Dataplane::load_object(object, load)
         }
         .expect("the XDP object loads and passes the verifier");
         let mut world = World {

@@ -221,15 +221,11 @@ impl Dataplane {
         Ok((dataplane, contents))
     }
 
-    /// Loads the balancer and every trivial program of the object (benchmarks).
-    pub fn load_with_trivial_programs(options: LoadOptions) -> Result<Self> {
+    /// Loads the balancer and every trivial program of an object (benchmarks: the built-in
+    /// one, or another revision's to compare with).
+    pub fn load_with_trivial_programs(object: &[u8], options: LoadOptions) -> Result<Self> {
         use program_names::*;
-        Self::load_programs(
-            crate::PROGRAM,
-            options,
-            &[BALANCER, PASS, DROP, TX, REFLECT],
-            None,
-        )
+        Self::load_programs(object, options, &[BALANCER, PASS, DROP, TX, REFLECT], None)
     }
 
     /// Loads the object and only the decapsulating program (`balancer decap`).
