@@ -366,8 +366,8 @@ fn run_ns(
 }
 
 /// Rounds of (trivial program, balancer, and the baseline's balancer) on the same frame,
-/// interleaved; the per-round differences' medians and ranges, and the trivial program's
-/// median.
+/// interleaved (the two balancers taking turns at going first); the per-round differences'
+/// medians and ranges, and the trivial program's median.
 fn compare(worlds: &Worlds, frame: &[u8], sizes: &Sizes, single: bool) -> Value {
     let single = single.then_some(sizes.single_calls);
     let runs = |world: &World, program, repeat| run_ns(world, program, frame, repeat, single);
@@ -387,12 +387,17 @@ fn compare(worlds: &Worlds, frame: &[u8], sizes: &Sizes, single: bool) -> Value 
         warm(b);
     }
     let (mut diffs, mut base_diffs, mut trivial, mut balancer) = (vec![], vec![], vec![], vec![]);
-    for _ in 0..sizes.rounds {
+    for round in 0..sizes.rounds {
         let t = runs(&worlds.current, program_names::PASS, sizes.repeats);
+        // With a baseline, the two builds take turns at going first.
+        let base_first = round % 2 == 1;
+        let base_run = |base: &World| runs(base, program_names::BALANCER, sizes.repeats) - t;
+        let mut base = worlds.baseline.as_ref().filter(|_| base_first).map(base_run);
         let b = runs(&worlds.current, program_names::BALANCER, sizes.repeats);
-        if let Some(base) = &worlds.baseline {
-            base_diffs.push(runs(base, program_names::BALANCER, sizes.repeats) - t);
+        if !base_first {
+            base = worlds.baseline.as_ref().map(base_run);
         }
+        base_diffs.extend(base);
         diffs.push(b - t);
         trivial.push(t);
         balancer.push(b);
