@@ -236,6 +236,13 @@ const HEALTH_ERRORS: &[Case] = &[
     ),
     (
         "removal_grace = \"30s\"",
+        "removal_grace = \"30s\"\ncontrol_socket = \"run/x.sock\"",
+        4,
+        18,
+        "control_socket \"run/x.sock\" must be an absolute path",
+    ),
+    (
+        "removal_grace = \"30s\"",
         "removal_grace = \"30s\"\nkeep_datapath = \"yes\"",
         4,
         17,

@@ -119,6 +119,9 @@ enum Command {
         /// The control socket itself.
         #[arg(long, value_name = "PATH")]
         socket: Option<PathBuf>,
+        /// Gone: reloads no longer go through the HTTP API (a clear error instead of clap's).
+        #[arg(long, hide = true, value_name = "ADDR")]
+        api: Option<String>,
     },
     /// Validate a config file without touching the kernel (no root needed).
     Check {
@@ -182,11 +185,20 @@ pub fn main() -> ExitCode {
                 subcommands::status(&target, json, watch).await
             })
         }
+        Command::Reload { api: Some(_), .. } => {
+            eprintln!(
+                "error: `balancer reload` no longer uses the HTTP API, which serves reads only: it \
+                 talks to the daemon's control socket. Give --config (and --interface, --pin-dir \
+                 as `balancer run` got them), or --socket"
+            );
+            ExitCode::FAILURE
+        }
         Command::Reload {
             config,
             interface,
             pin_dir,
             socket,
+            api: None,
         } => reload(Target {
             config,
             interface,
