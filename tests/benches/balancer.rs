@@ -392,7 +392,11 @@ fn compare(worlds: &Worlds, frame: &[u8], sizes: &Sizes, single: bool) -> Value 
         // With a baseline, the two builds take turns at going first.
         let base_first = round % 2 == 1;
         let base_run = |base: &World| runs(base, program_names::BALANCER, sizes.repeats) - t;
-        let mut base = worlds.baseline.as_ref().filter(|_| base_first).map(base_run);
+        let mut base = worlds
+            .baseline
+            .as_ref()
+            .filter(|_| base_first)
+            .map(base_run);
         let b = runs(&worlds.current, program_names::BALANCER, sizes.repeats);
         if !base_first {
             base = worlds.baseline.as_ref().map(base_run);

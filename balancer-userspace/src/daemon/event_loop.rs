@@ -47,6 +47,8 @@ pub struct EventLoop<'a> {
     pub resolver: &'a Resolver,
     pub probes: &'a mut ProbeTasks,
     pub snapshots: &'a watch::Sender<Arc<Snapshot>>,
+    /// Why the last plan failed, if it did (for the reply to a reload).
+    plan_failure: Option<String>,
 }
 
 impl<'a> EventLoop<'a> {
@@ -63,6 +65,7 @@ impl<'a> EventLoop<'a> {
             resolver,
             probes,
             snapshots,
+            plan_failure: None,
         }
     }
 
@@ -139,9 +142,11 @@ impl<'a> EventLoop<'a> {
     /// log. Returns the reload outcome.
     fn perform(&mut self, mut out: Output) -> Option<ReloadOutcome> {
         log_events(&mut out);
+        self.plan_failure = None;
         if let Some(plan) = &out.plan {
             if let Err(e) = self.dataplane.execute(plan) {
                 let error = format!("{:#}", anyhow::Error::new(e));
+                self.plan_failure = Some(error.clone());
                 let mut failed = self
                     .core
                     .handle(Input::PlanFailed { error }, Instant::now());
@@ -189,6 +194,19 @@ impl<'a> EventLoop<'a> {
     async fn command(&mut self, command: Command) {
         let reply = match command.request {
             ControlRequest::Reload => match self.reload("control socket", false).await {
+                // Valid and running, but the kernel refused part of the maps: said plainly.
+                ReloadOutcome::Accepted { generation, .. }
+                | ReloadOutcome::Unchanged { generation }
+                    if self.plan_failure.is_some() =>
+                {
+                    ControlReply::Failed {
+                        error: format!(
+                            "config generation {generation} is running, but writing the maps failed: {}; \
+                             they are written again, whole, within a second",
+                            self.plan_failure.as_deref().unwrap_or_default()
+                        ),
+                    }
+                }
                 ReloadOutcome::Accepted {
                     generation,
                     changes,
