@@ -61,6 +61,22 @@ fn remove_dead(root: &Path, prefix: &str) {
     }
 }
 
+/// A daemon killed in a test leaves its lock file and control socket in `/run/balancer`,
+/// named after its pin directory (`..._<prefix><pid>-<name>_<interface>.lock`): removed once
+/// that process is gone.
+fn remove_dead_run_files(prefix: &str) {
+    let Ok(entries) = std::fs::read_dir("/run/balancer") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        let owner = file_name.find(prefix).map(|at| &file_name[at..]);
+        if owner.and_then(|o| owner_alive(o, prefix)) == Some(false) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 pub struct Scratch {
     dir: PathBuf,
     keep: bool,
@@ -73,6 +89,7 @@ impl Scratch {
         // detaches its program).
         remove_dead(&std::env::temp_dir(), prefix);
         remove_dead(Path::new(TEST_BPFFS), prefix);
+        remove_dead_run_files(prefix);
         Scratch::named(&format!("{prefix}{}-{name}", std::process::id()))
     }
 
