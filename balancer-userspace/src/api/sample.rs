@@ -7,7 +7,9 @@ use balancer_common::{Outcome, TrafficStats};
 
 use crate::{
     config,
-    core::{health::ProbeFailure, snapshot::Snapshot, traffic::ConnWalk, Core, Input, Start},
+    core::{
+        health::ProbeFailure, snapshot::Snapshot, traffic::ConnWalk, Core, Input, ReadConfig, Start,
+    },
     plan::{
         contents::Counters,
         inputs::{NextHop, NextHops},
@@ -109,7 +111,7 @@ pub fn sample_snapshot() -> Snapshot {
     let reloaded = CONFIG.replace(", { address = \"2001:db8::2\" }", "");
     core.handle(
         Input::Reload {
-            text: reloaded,
+            read: ReadConfig::new(Path::new("golden.toml"), reloaded),
             next_hops: hops(),
             only_if_changed: false,
         },
@@ -117,7 +119,7 @@ pub fn sample_snapshot() -> Snapshot {
     );
     core.handle(
         Input::Reload {
-            text: "[balancer\n".into(),
+            read: ReadConfig::new(Path::new("golden.toml"), "[balancer\n".into()),
             next_hops: hops(),
             only_if_changed: false,
         },

@@ -15,7 +15,7 @@ pub mod traffic;
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -53,6 +53,22 @@ pub struct Start {
     pub keep_datapath: bool,
 }
 
+/// A config file's text, parsed once: the daemon needs its backends' addresses (to resolve
+/// the new ones) before the core decides on it.
+#[derive(Debug)]
+pub struct ReadConfig {
+    pub text: String,
+    pub parsed: Result<Config, config::ConfigError>,
+}
+
+impl ReadConfig {
+    /// Parses `text`, read from `path`.
+    pub fn new(path: &Path, text: String) -> ReadConfig {
+        let parsed = config::parse(path, &text);
+        ReadConfig { text, parsed }
+    }
+}
+
 /// Something that happened, for the core to decide on.
 #[derive(Debug)]
 pub enum Input {
@@ -60,7 +76,7 @@ pub enum Input {
     /// new ones that could be resolved. With `only_if_changed`, text equal to the running
     /// config's is no reload at all (a file watcher sees every write).
     Reload {
-        text: String,
+        read: ReadConfig,
         next_hops: NextHops,
         only_if_changed: bool,
     },
@@ -112,11 +128,11 @@ pub struct Core {
     /// Backends removed from the config, and when their grace period ends.
     retiring: BTreeMap<BackendKey, Instant>,
     next_hops: NextHops,
-    /// What the maps hold, as far as known.
-    held: MapContents,
-    /// A plan failed half-way: `held` is what was recorded, not what the maps hold.
-    held_unknown: bool,
+    /// What the maps hold (the last desired state committed; before the first, what adopted
+    /// maps hold, tables unknown), and what the planner said of each VIP.
     desired: DesiredState,
+    /// A plan failed half-way: the maps hold some mix of the last two desired states.
+    held_unknown: bool,
     reloads: ReloadStats,
     all_down: HashMap<String, AllDownStats>,
     traffic: Traffic,
@@ -145,9 +161,8 @@ impl Core {
             trackers: HashMap::new(),
             retiring: BTreeMap::new(),
             next_hops: start.next_hops,
-            held: MapContents::default(),
-            held_unknown: false,
             desired: DesiredState::default(),
+            held_unknown: false,
             reloads: ReloadStats::default(),
             all_down: HashMap::new(),
             traffic: Traffic::default(),
@@ -160,7 +175,7 @@ impl Core {
             core.ids = adoption.ids;
             core.trackers = adoption.trackers;
             core.retiring = adoption.retiring;
-            core.held = adoption.held;
+            core.desired.maps = adoption.held;
             core.adopted = Some(adoption.summary);
         }
         core.trackers = carry_trackers(
@@ -186,10 +201,10 @@ impl Core {
         let mut out = Output::default();
         match input {
             Input::Reload {
-                text,
+                read,
                 next_hops,
                 only_if_changed,
-            } => self.reload(text, next_hops, only_if_changed, now, &mut out),
+            } => self.reload(read, next_hops, only_if_changed, now, &mut out),
             Input::ReloadUnreadable { error } => {
                 self.last_read.clear();
                 self.reject(error, &mut out)
@@ -231,14 +246,14 @@ impl Core {
     /// Makes `desired` the state the maps are to hold: the plan there, and the all-down
     /// episodes it starts or ends.
     fn commit(&mut self, desired: DesiredState, out: &mut Output) {
+        let held = &self.desired.maps;
         let plan = if self.held_unknown {
-            rewrite_all(&self.held, &desired.maps)
+            rewrite_all(held, &desired.maps)
         } else {
-            plan(&self.held, &desired.maps)
+            plan(held, &desired.maps)
         };
-        // Recorded as held at once: the daemon executes the plan before any other input,
-        // and reports a failure with `Input::PlanFailed`.
-        self.held = desired.maps.clone();
+        // Taken as held at once: the daemon executes the plan before any other input, and
+        // reports a failure with `Input::PlanFailed`.
         self.held_unknown = false;
         self.note_all_down(&desired, out);
         self.desired = desired;
@@ -283,7 +298,6 @@ impl Core {
                 });
             }
             stats.active = all_down;
-            stats.fail_open = vip.fail_open;
         }
         self.all_down
             .retain(|name, _| desired.vips.iter().any(|v| &v.name == name));
@@ -300,12 +314,13 @@ impl Core {
 
     fn reload(
         &mut self,
-        text: String,
+        read: ReadConfig,
         next_hops: NextHops,
         only_if_changed: bool,
         now: Instant,
         out: &mut Output,
     ) {
+        let ReadConfig { text, parsed } = read;
         let seen = text == self.last_read || text == self.config_text;
         self.last_read.clone_from(&text);
         if only_if_changed && seen {
@@ -314,7 +329,7 @@ impl Core {
             });
             return;
         }
-        let new = match config::parse(&self.config_path, &text) {
+        let new = match parsed {
             Ok(new) => new,
             Err(e) => return self.reject(e.to_string(), out),
         };
@@ -463,12 +478,13 @@ impl Core {
         self.reloads.last_apply = Some(took);
     }
 
-    /// Backend addresses `text` (a config) names that have no known next hop; empty if the
-    /// text is not a valid config (the reload will say why).
-    pub fn unresolved(&self, text: &str) -> Vec<IpAddr> {
-        config::parse(&self.config_path, text)
-            .map(|c| reload::addresses(&c))
-            .unwrap_or_default()
+    /// Backend addresses a config read names that have no known next hop; none if it is not
+    /// a valid config (the reload will say why).
+    pub fn unresolved(&self, read: &ReadConfig) -> Vec<IpAddr> {
+        let Ok(config) = &read.parsed else {
+            return Vec::new();
+        };
+        reload::addresses(config)
             .into_iter()
             .filter(|a| !self.next_hops.contains_key(a))
             .collect()
@@ -490,8 +506,8 @@ impl Core {
     /// The ids whose counters to read: every backend and VIP the maps hold.
     pub fn counter_ids(&self) -> (Vec<u32>, Vec<u32>) {
         (
-            self.held.backends.keys().copied().collect(),
-            self.held.tables.keys().copied().collect(),
+            self.desired.maps.backends.keys().copied().collect(),
+            self.desired.maps.tables.keys().copied().collect(),
         )
     }
 

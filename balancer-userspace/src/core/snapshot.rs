@@ -34,11 +34,10 @@ pub struct ReloadStats {
     pub last_apply: Option<Duration>,
 }
 
-/// Per VIP: is it failing open (or dropping) because every backend is down.
+/// Per VIP: is every backend down (whether it fails open is the desired state's).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AllDownStats {
     pub active: bool,
-    pub fail_open: bool,
     /// Times the VIP entered the all-down state.
     pub episodes: u64,
 }

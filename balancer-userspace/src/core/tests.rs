@@ -78,7 +78,7 @@ fn start_with(text: &str, adopted: Option<MapContents>, now: Instant) -> (Core, 
 fn reload(core: &mut Core, text: &str, now: Instant) -> Output {
     core.handle(
         Input::Reload {
-            text: text.to_owned(),
+            read: ReadConfig::new(Path::new("core.toml"), text.to_owned()),
             next_hops: hops(),
             only_if_changed: false,
         },
@@ -208,7 +208,7 @@ fn reload_refused_for_a_restart_setting_and_unchanged_text() {
     // The same text from a file watcher: no reload at all.
     let out = core.handle(
         Input::Reload {
-            text: heavier.clone(),
+            read: ReadConfig::new(Path::new("core.toml"), heavier.clone()),
             next_hops: hops(),
             only_if_changed: true,
         },
@@ -227,7 +227,7 @@ fn reload_refused_for_a_restart_setting_and_unchanged_text() {
     // explicitly, it is judged again.
     let watched = |core: &mut Core, text: &str| {
         let input = Input::Reload {
-            text: text.to_owned(),
+            read: ReadConfig::new(Path::new("core.toml"), text.to_owned()),
             next_hops: hops(),
             only_if_changed: true,
         };
@@ -267,7 +267,7 @@ fn removed_backends_retire_after_removal_grace() {
     assert_eq!(slots_of(&core, 2), 0);
     assert_eq!(core.ids.backend(&key(2)), Some(id));
     assert_eq!(
-        core.held.backends[&id].flags,
+        core.desired().maps.backends[&id].flags,
         BACKEND_F_VALID | BACKEND_F_DRAINING
     );
     assert!(!out.checks.expect("one check fewer").contains_key(&key(2)));
@@ -333,7 +333,8 @@ fn all_backends_down_fail_open() {
     // Failing open: the table spreads over the down backends, whose flows stay.
     assert!(vip.table.iter().all(|&id| id != NO_BACKEND));
     assert!(core
-        .held
+        .desired()
+        .maps
         .backends
         .values()
         .all(|b| b.flags == BACKEND_F_VALID));
@@ -352,7 +353,7 @@ fn all_backends_down_fail_open() {
     let two = core.ids.backend(&key(2)).unwrap();
     assert!(core.desired().vips[0].table.iter().all(|&id| id == two));
     assert_eq!(
-        core.held.backends[&core.ids.backend(&key(1)).unwrap()].flags,
+        core.desired().maps.backends[&core.ids.backend(&key(1)).unwrap()].flags,
         BACKEND_F_VALID | BACKEND_F_DOWN
     );
     assert!(!core.snapshot().vips[0].all_down.active);
@@ -379,7 +380,8 @@ fn all_backends_down_drop() {
         "an empty table drops"
     );
     assert!(core
-        .held
+        .desired()
+        .maps
         .backends
         .values()
         .all(|b| b.flags == BACKEND_F_VALID | BACKEND_F_DOWN));
@@ -445,7 +447,7 @@ fn adoption_keeps_ids_retires_unlisted_backends_and_adds_new_ones() {
     }
     let pinned = MapContents {
         tables: Default::default(),
-        ..earlier.held.clone()
+        ..earlier.desired().maps.clone()
     };
     let ids: Vec<u32> = (1..=3)
         .map(|l| earlier.ids.backend(&key(l)).unwrap())
@@ -478,9 +480,10 @@ fn adoption_keeps_ids_retires_unlisted_backends_and_adds_new_ones() {
         .ops
         .iter()
         .any(|op| matches!(op, MapOp::ZeroBackendStats(id) if ids.contains(id))));
-    assert!(!plan
-        .ops
-        .contains(&MapOp::SetBackend(ids[0], earlier.held.backends[&ids[0]])));
+    assert!(!plan.ops.contains(&MapOp::SetBackend(
+        ids[0],
+        earlier.desired().maps.backends[&ids[0]]
+    )));
     assert!(plan
         .ops
         .iter()

@@ -17,7 +17,10 @@ use tracing::{error, info};
 use crate::{
     api::control::{Command, ControlReply, ControlRequest},
     autoscale::SAMPLE_INTERVAL,
-    core::{reload::ReloadOutcome, snapshot::Snapshot, traffic::ConnWalk, Core, Input, Output},
+    core::{
+        reload::ReloadOutcome, snapshot::Snapshot, traffic::ConnWalk, Core, Input, Output,
+        ReadConfig,
+    },
     daemon::{
         probes::{ProbeDone, ProbeTasks},
         startup::{log_events, resolve},
@@ -241,13 +244,14 @@ impl<'a> EventLoop<'a> {
             info!("reloading {} ({trigger})", path.display());
         }
         // The next hops of new backends, before the core decides.
+        let read = ReadConfig::new(&path, text);
         let mut next_hops = self.core.next_hops().clone();
-        let unresolved = self.core.unresolved(&text);
+        let unresolved = self.core.unresolved(&read);
         if !unresolved.is_empty() {
             next_hops.extend(resolve(self.resolver, unresolved).await);
         }
         let input = Input::Reload {
-            text,
+            read,
             next_hops,
             only_if_changed,
         };

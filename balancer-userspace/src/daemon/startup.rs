@@ -89,7 +89,7 @@ pub async fn start(options: RunOptions) -> anyhow::Result<Daemon> {
     let control = ControlServer::bind(&socket)?;
 
     let resolver = Resolver::new().context("opening a netlink socket")?;
-    let next_hops = resolve(&resolver, addresses(&config)).await;
+    let next_hops = resolve(&resolver, crate::core::reload::addresses(&config)).await;
     let loaded = load(&object, &config, &pin_dir, &interface, options.replace)?;
     let fresh = loaded.adopted.is_none();
     // A fresh data plane that fails to start is removed; an adopted one keeps forwarding.
@@ -328,10 +328,6 @@ pub fn require_root() -> anyhow::Result<()> {
         bail!("the balancer needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON) to load and attach XDP programs");
     }
     Ok(())
-}
-
-fn addresses(config: &Config) -> Vec<IpAddr> {
-    crate::core::reload::addresses(config)
 }
 
 /// Resolves addresses, logging the ones that fail (they get no traffic).
