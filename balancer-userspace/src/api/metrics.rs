@@ -36,9 +36,14 @@ struct Exposition(std::sync::Arc<Snapshot>);
 /// Label sets, as the encoder takes them.
 type Labels<'a> = Vec<(&'static str, &'a str)>;
 
-/// A family of one value per backend (or VIP): name, help, the value.
-type PerBackend<T> = (&'static str, &'static str, fn(&BackendView) -> T);
-type PerVip<T> = (&'static str, &'static str, fn(&VipView) -> T);
+/// A family of one value per backend (or VIP): name, help, counter or gauge, the value.
+type PerBackend = (
+    &'static str,
+    &'static str,
+    MetricType,
+    fn(&BackendView) -> u64,
+);
+type PerVip = (&'static str, &'static str, MetricType, fn(&VipView) -> u64);
 
 /// One metric family, its samples written one by one.
 struct Family<'f> {
@@ -65,6 +70,14 @@ impl Family<'_> {
 
     fn gauge(&mut self, labels: &Labels, value: i64) -> fmt::Result {
         ConstGauge::new(value).encode(self.encoder.encode_family(labels)?)
+    }
+
+    /// A sample of a counter or gauge family, as its type says.
+    fn sample(&mut self, kind: MetricType, labels: &Labels, value: u64) -> fmt::Result {
+        match kind {
+            MetricType::Counter => self.counter(labels, value),
+            _ => self.gauge(labels, value as i64),
+        }
     }
 
     /// The one sample of a family without labels.
@@ -112,46 +125,39 @@ fn backend_labels<'a>(v: &'a VipView, address: &'a str) -> Labels<'a> {
 }
 
 fn backends(e: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
-    let counters: [PerBackend<u64>; 3] = [
-        (
-            "balancer_backend_packets",
-            "Packets forwarded to the backend.",
-            |b| b.stats.packets,
-        ),
+    use MetricType::{Counter, Gauge};
+    let families: [PerBackend; 6] = [
+        ("balancer_backend_packets", "Packets forwarded to the backend.", Counter, |b| b.stats.packets),
         (
             "balancer_backend_bytes",
             "Bytes (whole frames as received) forwarded to the backend.",
+            Counter,
             |b| b.stats.bytes,
         ),
         (
             "balancer_backend_new_flows",
             "Flows placed on the backend by the Maglev table.",
+            Counter,
             |b| b.stats.new_flows,
         ),
-    ];
-    for (name, help, value) in counters {
-        let mut f = family(e, name, help, MetricType::Counter)?;
-        for (v, b, address) in each_backend(s) {
-            f.counter(&backend_labels(v, &address), value(b))?;
-        }
-    }
-    let gauges: [PerBackend<i64>; 3] = [
         (
             "balancer_backend_up",
             "1 if the backend passes its health checks (or has none), else 0.",
-            |b| b.up() as i64,
+            Gauge,
+            |b| b.up().into(),
         ),
-        ("balancer_backend_weight", "The backend's configured weight.", |b| b.weight.into()),
+        ("balancer_backend_weight", "The backend's configured weight.", Gauge, |b| b.weight.into()),
         (
             "balancer_backend_draining",
             "1 if the backend keeps its flows but gets no new ones (drain, weight 0, or removed from the config).",
-            |b| b.state.drains() as i64,
+            Gauge,
+            |b| b.state.drains().into(),
         ),
     ];
-    for (name, help, value) in gauges {
-        let mut f = family(e, name, help, MetricType::Gauge)?;
+    for (name, help, kind, value) in families {
+        let mut f = family(e, name, help, kind)?;
         for (v, b, address) in each_backend(s) {
-            f.gauge(&backend_labels(v, &address), value(b))?;
+            f.sample(kind, &backend_labels(v, &address), value(b))?;
         }
     }
     Ok(())
@@ -190,45 +196,43 @@ fn probes(e: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
 }
 
 fn vips(e: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
-    let counters: [PerVip<u64>; 3] = [
+    use MetricType::{Counter, Gauge};
+    let families: [PerVip; 5] = [
         (
             "balancer_vip_packets",
             "Packets forwarded for the VIP.",
+            Counter,
             |v| v.stats.packets,
         ),
         (
             "balancer_vip_bytes",
             "Bytes (whole frames as received) forwarded for the VIP.",
+            Counter,
             |v| v.stats.bytes,
         ),
         (
             "balancer_vip_new_flows",
             "Flows placed by the VIP's Maglev table.",
+            Counter,
             |v| v.stats.new_flows,
         ),
-    ];
-    for (name, help, value) in counters {
-        let mut f = family(e, name, help, MetricType::Counter)?;
-        for v in &s.vips {
-            f.counter(&vec![("vip", v.name.as_str())], value(v))?;
-        }
-    }
-    let gauges: [PerVip<i64>; 2] = [
         (
             "balancer_vip_healthy_backends",
             "Backends of the VIP taking new flows (healthy, not draining).",
-            |v| v.healthy as i64,
+            Gauge,
+            |v| v.healthy as u64,
         ),
         (
             "balancer_vip_fail_open",
             "1 while every backend is down and the VIP spreads over them anyway.",
-            |v| v.fail_open as i64,
+            Gauge,
+            |v| v.fail_open.into(),
         ),
     ];
-    for (name, help, value) in gauges {
-        let mut f = family(e, name, help, MetricType::Gauge)?;
+    for (name, help, kind, value) in families {
+        let mut f = family(e, name, help, kind)?;
         for v in &s.vips {
-            f.gauge(&vec![("vip", v.name.as_str())], value(v))?;
+            f.sample(kind, &vec![("vip", v.name.as_str())], value(v))?;
         }
     }
     let mut f = family(
