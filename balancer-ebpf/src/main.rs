@@ -73,7 +73,12 @@ mod programs {
         };
         let selected = select::backend(vip, &packet)?;
         let outcome = if vip.tunnels() {
-            rewrite::tunnel(ctx, &packet, &selected, select::hash(vip, &packet.flow))?
+            rewrite::tunnel(
+                ctx,
+                &packet,
+                &selected,
+                selected.flow_hash(vip, &packet.flow),
+            )?
         } else {
             rewrite::direct_server_return(ctx, &selected)?
         };

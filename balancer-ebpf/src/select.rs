@@ -23,6 +23,9 @@ pub struct Selected {
     pub id: u32,
     /// 1 if the flow missed the connection table, else 0.
     pub new_flows: u32,
+    /// The flow's hash, when the Maglev table placed it (`new_flows == 1`); else 0, not
+    /// computed: a connection-table hit needs no hash (see `flow_hash`).
+    hash: u32,
     pub addr: [u8; 16],
     pub tunnel_src: [u8; 16],
     pub dst_mac: [u8; 6],
@@ -35,10 +38,11 @@ pub struct Selected {
 
 impl Selected {
     #[inline(always)]
-    fn new(id: u32, backend: &Backend, new_flows: u32) -> Self {
+    fn new(id: u32, backend: &Backend, new_flows: u32, hash: u32) -> Self {
         Selected {
             id,
             new_flows,
+            hash,
             addr: backend.addr,
             tunnel_src: backend.tunnel_src,
             dst_mac: backend.dst_mac,
@@ -49,11 +53,23 @@ impl Selected {
             tunnel_src_bits: backend.tunnel_src_bits,
         }
     }
+
+    /// The flow's hash as the VIP sees it: the one selection computed, or, for a flow the
+    /// connection table knew, computed now (a tunnel's outer header needs it; direct server
+    /// return never asks).
+    #[inline(always)]
+    pub fn flow_hash(&self, vip: &VipMeta, flow: &FlowKey) -> u32 {
+        if self.new_flows == 1 {
+            self.hash
+        } else {
+            hash(vip, flow)
+        }
+    }
 }
 
 /// The flow's hash as the VIP sees it, with the seed the daemon set.
 #[inline(always)]
-pub fn hash(vip: &VipMeta, flow: &FlowKey) -> u32 {
+fn hash(vip: &VipMeta, flow: &FlowKey) -> u32 {
     vip_flow_hash(vip, flow, hash_seed())
 }
 
@@ -70,12 +86,13 @@ pub fn backend(vip: &VipMeta, packet: &Packet) -> Result<Selected, Outcome> {
         let id = unsafe { (*entry).backend_id };
         if let Some(backend) = BACKENDS.get(id) {
             if backend.is_live() && backend.vip_id == vip.vip_id {
-                return Ok(Selected::new(id, backend, 0));
+                return Ok(Selected::new(id, backend, 0, 0));
             }
         }
     }
 
-    let slot = hash(vip, flow) % vip.table_size;
+    let hash = hash(vip, flow);
+    let slot = hash % vip.table_size;
     let id = *MAGLEV_TABLES
         .get_value(vip.vip_id, &slot)
         .ok_or(Outcome::NoBackend)?;
@@ -93,5 +110,5 @@ pub fn backend(vip: &VipMeta, packet: &Packet) -> Result<Selected, Outcome> {
         },
         0,
     );
-    Ok(Selected::new(id, backend, 1))
+    Ok(Selected::new(id, backend, 1, hash))
 }

@@ -67,9 +67,7 @@ fn world(other_ifindex: u32) -> World {
 #[test]
 fn every_program_of_the_object_loads() {
     require_root("loading the XDP programs");
-    let loaded = load_every_program().unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(loaded.len(), 6, "{loaded:?}");
-    println!("loaded: {}", loaded.join(", "));
+    load_every_program().unwrap_or_else(|e| panic!("{e}"));
 }
 
 #[test]

@@ -48,12 +48,6 @@ impl Dataplane {
         self.attach_program(program_names::DECAP, interface, setting)
     }
 
-    /// Attaches the balancer to `interface` with a plain link. `Auto` tries native mode and
-    /// falls back to generic mode.
-    pub fn attach(&mut self, interface: &str, setting: XdpModeSetting) -> Result<Attached> {
-        self.attach_program(program_names::BALANCER, interface, setting)
-    }
-
     /// Attaches a loaded program of the object by name.
     pub fn attach_program(
         &mut self,

@@ -284,11 +284,6 @@ impl Dataplane {
         self.program_named(program_names::BALANCER)
     }
 
-    /// The trivial XDP_PASS program of the same object.
-    pub fn pass_program(&self) -> &Xdp {
-        self.program_named(program_names::PASS)
-    }
-
     /// A loaded program of the object by name (see `balancer_common::program_names`).
     pub fn program_named(&self, name: &'static str) -> &Xdp {
         self.ebpf
