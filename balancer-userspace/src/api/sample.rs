@@ -79,6 +79,7 @@ pub fn sample_snapshot() -> Snapshot {
             config: config::parse(path, CONFIG).unwrap(),
             text: CONFIG.to_owned(),
             next_hops: hops(),
+            unreachable: Vec::new(),
             adopted: None,
             keep_datapath: false,
         },
@@ -125,7 +126,7 @@ pub fn sample_snapshot() -> Snapshot {
         },
         start,
     );
-    core.record_apply_time(Duration::from_millis(12));
+    core.applied(Duration::from_millis(12), Vec::new(), start);
     for (n, ms) in [(1u64, 0u64), (3, 1000), (5, 2000)] {
         let walk = (n == 5).then_some(ConnWalk {
             entries: 42,

@@ -41,6 +41,7 @@ pub enum Change {
         address: IpAddr,
     },
     RemovalGrace,
+    ReloadSettle,
 }
 
 impl fmt::Display for Change {
@@ -65,6 +66,7 @@ impl fmt::Display for Change {
                 write!(f, "VIP {vip}: {address} health check changed")
             }
             Change::RemovalGrace => f.write_str("removal_grace changed"),
+            Change::ReloadSettle => f.write_str("reload_settle changed"),
         }
     }
 }
@@ -167,6 +169,9 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
     }
     if old.removal_grace != new.removal_grace {
         changes.push(Change::RemovalGrace);
+    }
+    if old.reload_settle != new.reload_settle {
+        changes.push(Change::ReloadSettle);
     }
     changes
 }

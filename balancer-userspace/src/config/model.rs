@@ -22,6 +22,15 @@ pub const MIN_CONN_TABLE_SIZE: u32 = 1_024;
 pub const MAX_CONN_TABLE_SIZE: u32 = 1 << 25;
 /// Default time a backend removed from the config keeps its established flows.
 pub const DEFAULT_REMOVAL_GRACE: Duration = Duration::from_secs(300);
+/// Default quiet time before a config file written in place is read: three times the
+/// longest pause of a slow writer we expect (a script, `cat` from a pipe, an upload), and
+/// short enough that an edit is live before anyone looks. A file replaced by a rename is
+/// read at once; this is for writes in place only.
+pub const DEFAULT_RELOAD_SETTLE: Duration = Duration::from_secs(1);
+/// Longest accepted `reload_settle`.
+pub const MAX_RELOAD_SETTLE: Duration = Duration::from_secs(60);
+/// The largest config file read (16,384 backends take about 1.5 MB).
+pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
 
 /// A validated configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,6 +44,8 @@ pub struct Config {
     /// How long a backend removed from the config keeps its established flows (it gets no new
     /// ones); re-adding it within that time keeps them too.
     pub removal_grace: Duration,
+    /// How long a config file written in place must be unchanged before it is read.
+    pub reload_settle: Duration,
     /// Where the data plane's maps and XDP link are pinned: `<pin_dir>/<interface>/v<layout>/`.
     pub pin_dir: PathBuf,
     /// On SIGTERM/SIGINT, leave the data plane forwarding with its last state (for restarts

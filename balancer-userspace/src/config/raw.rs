@@ -32,6 +32,7 @@ pub(super) struct RawBalancer {
     pub conn_table_size: Option<Spanned<u32>>,
     pub metrics_listen: Option<Spanned<String>>,
     pub removal_grace: Option<Spanned<String>>,
+    pub reload_settle: Option<Spanned<String>>,
     pub pin_dir: Option<Spanned<String>>,
     #[serde(default)]
     pub keep_datapath: bool,

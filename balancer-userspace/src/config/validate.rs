@@ -17,8 +17,8 @@ use crate::config::{
     health::{self, Scope},
     model::{
         Autoscale, BackendConfig, Config, Forwarding, Protocol, TunnelSource, Vip,
-        DEFAULT_METRICS_LISTEN, DEFAULT_PIN_DIR, DEFAULT_REMOVAL_GRACE, DEFAULT_WEIGHT,
-        MAX_CONN_TABLE_SIZE, MAX_WEIGHT, MIN_CONN_TABLE_SIZE,
+        DEFAULT_METRICS_LISTEN, DEFAULT_PIN_DIR, DEFAULT_RELOAD_SETTLE, DEFAULT_REMOVAL_GRACE,
+        DEFAULT_WEIGHT, MAX_CONN_TABLE_SIZE, MAX_RELOAD_SETTLE, MAX_WEIGHT, MIN_CONN_TABLE_SIZE,
     },
     raw::{Invalid, PortSpec, RawAutoscale, RawBackend, RawBalancer, RawConfig, RawVip},
 };
@@ -35,6 +35,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, Invalid> {
         Some(grace) => health::parse_duration(grace.get_ref())
             .map_err(|e| (grace.span(), format!("removal_grace {e}")))?,
     };
+    let reload_settle = reload_settle(&b)?;
     let pin_dir = match &b.pin_dir {
         None => PathBuf::from(DEFAULT_PIN_DIR),
         Some(dir) => absolute_path(
@@ -58,6 +59,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, Invalid> {
         conn_table_size,
         metrics_listen,
         removal_grace,
+        reload_settle,
         pin_dir,
         keep_datapath: b.keep_datapath,
         control_socket,
@@ -80,6 +82,24 @@ fn conn_table_size(b: &RawBalancer) -> Result<u32, Invalid> {
         ));
     }
     Ok(v)
+}
+
+fn reload_settle(b: &RawBalancer) -> Result<Duration, Invalid> {
+    let Some(settle) = &b.reload_settle else {
+        return Ok(DEFAULT_RELOAD_SETTLE);
+    };
+    let d = health::parse_duration(settle.get_ref())
+        .map_err(|e| (settle.span(), format!("reload_settle {e}")))?;
+    if d > MAX_RELOAD_SETTLE {
+        return Err((
+            settle.span(),
+            format!(
+                "reload_settle must be at most {}s",
+                MAX_RELOAD_SETTLE.as_secs()
+            ),
+        ));
+    }
+    Ok(d)
 }
 
 fn metrics_listen(b: &RawBalancer) -> Result<SocketAddr, Invalid> {

@@ -3,7 +3,17 @@
 
 use std::{fmt, net::IpAddr};
 
-use crate::{config::AutoscaleMetric, core::health::ProbeFailure, plan::inputs::BackendKey};
+use crate::{
+    config::AutoscaleMetric,
+    core::{
+        health::ProbeFailure,
+        log_limit::{thousands, Kind, LeftOut},
+    },
+    plan::inputs::BackendKey,
+};
+
+/// VIPs named in a conditions summary.
+const CONDITIONS_NAMED: usize = 10;
 
 /// How loud an event is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -63,11 +73,40 @@ pub enum Event {
         address: IpAddr,
         gateway: IpAddr,
     },
+    /// A backend's next hop cannot be resolved (yet): it gets no traffic until it is.
+    Unreachable { address: IpAddr, error: String },
+    /// A probe could not run for a reason of this host (no descriptor left, no memory): it
+    /// says nothing of the backend and does not count towards its verdict.
+    ProbeNotRun { key: BackendKey, error: String },
     /// The kernel refused part of a map plan; the maps are written again at the next tick.
     PlanFailed { error: String },
     /// The maps could not be planned (ids exhausted).
     Unplannable { error: String },
+    /// The counters could not be read.
+    CountersUnreadable { error: String },
+    /// A config was applied.
+    ReloadApplied {
+        generation: u64,
+        millis: f64,
+        changes: Vec<String>,
+    },
+    /// What the log limiter left out.
+    LeftOut(LeftOut),
+    /// Backends still down or unreachable, per VIP (a periodic reminder while it lasts).
+    Conditions(Vec<VipCondition>),
 }
+
+/// How many of a VIP's backends are down or unreachable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VipCondition {
+    pub vip: String,
+    pub backends: usize,
+    pub down: usize,
+    pub unreachable: usize,
+}
+
+/// Changes named in the log line of an applied reload (all of them go to the reply).
+const CHANGES_NAMED: usize = 10;
 
 impl Event {
     pub fn level(&self) -> Level {
@@ -76,13 +115,66 @@ impl Event {
             | Event::Recovered { .. }
             | Event::DesiredBackends { .. }
             | Event::RemovalGraceOver { .. }
-            | Event::NextHopChanged { .. } => Level::Info,
-            Event::BackendDown { .. } | Event::NoLongerResolves { .. } => Level::Warn,
+            | Event::NextHopChanged { .. }
+            | Event::ReloadApplied { .. } => Level::Info,
+            Event::BackendDown { .. }
+            | Event::NoLongerResolves { .. }
+            | Event::Unreachable { .. }
+            | Event::ProbeNotRun { .. }
+            | Event::LeftOut(_)
+            | Event::Conditions(_) => Level::Warn,
             Event::AllDown { .. }
             | Event::ReloadRejected { .. }
             | Event::RoutedDsrBackend { .. }
             | Event::PlanFailed { .. }
-            | Event::Unplannable { .. } => Level::Error,
+            | Event::Unplannable { .. }
+            | Event::CountersUnreadable { .. } => Level::Error,
+        }
+    }
+
+    /// The log budget the line comes out of; `None`: the limiter's own summaries, which
+    /// have their own period.
+    pub fn kind(&self) -> Option<Kind> {
+        Some(match self {
+            Event::BackendUp { .. } | Event::BackendDown { .. } | Event::ProbeNotRun { .. } => {
+                Kind::Health
+            }
+            Event::NextHopChanged { .. }
+            | Event::NoLongerResolves { .. }
+            | Event::Unreachable { .. }
+            | Event::RoutedDsrBackend { .. } => Kind::NextHops,
+            Event::AllDown { .. }
+            | Event::Recovered { .. }
+            | Event::DesiredBackends { .. }
+            | Event::RemovalGraceOver { .. } => Kind::Vips,
+            Event::ReloadRejected { .. } | Event::ReloadApplied { .. } => Kind::Reloads,
+            Event::PlanFailed { .. }
+            | Event::Unplannable { .. }
+            | Event::CountersUnreadable { .. } => Kind::Kernel,
+            Event::LeftOut(_) | Event::Conditions(_) => return None,
+        })
+    }
+
+    /// What a left-out line is counted under in the summary.
+    pub fn subject(&self) -> String {
+        match self {
+            Event::BackendUp { key, .. } => format!("VIP {}: UP", key.0),
+            Event::BackendDown { key, .. } => format!("VIP {}: DOWN", key.0),
+            Event::ProbeNotRun { error, .. } => format!("probes not run ({error})"),
+            Event::AllDown { vip, .. } => format!("VIP {vip}: all down"),
+            Event::Recovered { vip } => format!("VIP {vip}: recovered"),
+            Event::DesiredBackends { vip, .. } => format!("VIP {vip}: desired backends"),
+            Event::RemovalGraceOver { key } => format!("VIP {}: removal grace over", key.0),
+            Event::RoutedDsrBackend { vip, .. } => format!("VIP {vip}: behind a router"),
+            Event::NextHopChanged { .. } => "changed".into(),
+            Event::NoLongerResolves { .. } => "no longer resolve".into(),
+            Event::Unreachable { .. } => "unreachable".into(),
+            Event::ReloadRejected { .. } => "rejected".into(),
+            Event::ReloadApplied { .. } => "applied".into(),
+            Event::PlanFailed { .. } => "map writes failed".into(),
+            Event::Unplannable { .. } => "maps unplannable".into(),
+            Event::CountersUnreadable { .. } => "counters unreadable".into(),
+            Event::LeftOut(_) | Event::Conditions(_) => String::new(),
         }
     }
 }
@@ -168,6 +260,53 @@ impl fmt::Display for Event {
                 "writing the maps: {error}; they are written again, whole, within a second"
             ),
             Event::Unplannable { error } => write!(f, "planning the maps: {error}"),
+            Event::Unreachable { address, error } => write!(
+                f,
+                "backend {address} is unreachable and gets no traffic until it resolves: {error}"
+            ),
+            Event::ProbeNotRun { key, error } => write!(
+                f,
+                "a health probe of backend {} of VIP {} could not run on this host ({error}); it \
+                 does not count against the backend",
+                key.1, key.0
+            ),
+            Event::CountersUnreadable { error } => write!(f, "reading counters: {error}"),
+            Event::ReloadApplied {
+                generation,
+                millis,
+                changes,
+            } => {
+                write!(f, "config generation {generation} applied in {millis:.1} ms: ")?;
+                let named: Vec<&str> = changes.iter().take(CHANGES_NAMED).map(String::as_str).collect();
+                f.write_str(&named.join("; "))?;
+                if changes.len() > CHANGES_NAMED {
+                    let more = (changes.len() - CHANGES_NAMED) as u64;
+                    write!(f, "; and {} more changes", thousands(more))?;
+                }
+                Ok(())
+            }
+            Event::LeftOut(left_out) => left_out.fmt(f),
+            Event::Conditions(vips) => {
+                f.write_str("still: ")?;
+                let named: Vec<String> = vips
+                    .iter()
+                    .take(CONDITIONS_NAMED)
+                    .map(|c| {
+                        format!(
+                            "VIP {}: {} of {} backends down, {} unreachable",
+                            c.vip,
+                            thousands(c.down as u64),
+                            thousands(c.backends as u64),
+                            thousands(c.unreachable as u64)
+                        )
+                    })
+                    .collect();
+                f.write_str(&named.join("; "))?;
+                if vips.len() > CONDITIONS_NAMED {
+                    write!(f, "; and {} more VIPs", vips.len() - CONDITIONS_NAMED)?;
+                }
+                Ok(())
+            }
         }
     }
 }

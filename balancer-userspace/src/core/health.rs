@@ -17,6 +17,9 @@ pub enum ProbeFailure {
     Status(u16),
     /// Anything else: unreachable network, reset, malformed response...
     Error(String),
+    /// The probe could not run for a reason of this host, not of the backend (no descriptor
+    /// left, no memory, no local port): it does not count towards the verdict.
+    Local(String),
 }
 
 impl fmt::Display for ProbeFailure {
@@ -26,6 +29,7 @@ impl fmt::Display for ProbeFailure {
             ProbeFailure::Timeout => f.write_str("timeout"),
             ProbeFailure::Status(code) => write!(f, "status {code}"),
             ProbeFailure::Error(e) => f.write_str(e),
+            ProbeFailure::Local(e) => write!(f, "not run on this host: {e}"),
         }
     }
 }
@@ -40,6 +44,7 @@ impl ProbeFailure {
             ProbeFailure::Timeout => "timeout",
             ProbeFailure::Status(_) => "status",
             ProbeFailure::Error(_) => "error",
+            ProbeFailure::Local(_) => "local",
         }
     }
 }
@@ -110,6 +115,10 @@ impl Tracker {
     /// `fall` failures in a row take an up backend down, `rise` successes in a row bring a
     /// down backend up.
     pub fn record(&mut self, result: &ProbeResult, rise: u32, fall: u32) -> Option<Transition> {
+        if let Err(ProbeFailure::Local(_)) = result {
+            self.not_run();
+            return None;
+        }
         self.probes += 1;
         match result {
             Ok(()) => {
@@ -140,6 +149,13 @@ impl Tracker {
             }
         }
         None
+    }
+}
+
+impl Tracker {
+    /// A probe that could not run: counted, and nothing else (neither streak moves).
+    pub fn not_run(&mut self) {
+        *self.failures_by_kind.entry("local").or_default() += 1;
     }
 }
 
@@ -208,6 +224,28 @@ mod tests {
         );
         assert_eq!(t.record(&Ok(()), 2, 3), None);
         assert!(t.up);
+    }
+
+    #[test]
+    fn probes_that_could_not_run_say_nothing_of_the_backend() {
+        let local = || {
+            Err(ProbeFailure::Local(
+                "Too many open files (os error 24)".into(),
+            ))
+        };
+        let mut t = Tracker::new(InitialState::Up);
+        assert_eq!(t.record(&fail(), 2, 2), None);
+        // Any number of them: no transition, and the failure streak is not reset either.
+        for _ in 0..100 {
+            assert_eq!(t.record(&local(), 2, 2), None);
+        }
+        assert!(t.up);
+        assert!(
+            t.record(&fail(), 2, 2).is_some(),
+            "the second real failure in a row"
+        );
+        assert_eq!(t.failures_by_kind.get("local"), Some(&100));
+        assert_eq!(t.probes, 2, "probes that ran");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 pub mod adopt;
 pub mod events;
 pub mod health;
+pub mod log_limit;
 pub mod reload;
 pub mod snapshot;
 pub mod traffic;
@@ -23,8 +24,9 @@ use crate::{
     config::{self, diff, Config},
     core::{
         adopt::adopt,
-        events::Event,
-        health::{ProbeResult, Tracker},
+        events::{Event, VipCondition},
+        health::{ProbeFailure, ProbeResult, Tracker},
+        log_limit::{LogLimit, CONDITIONS_EVERY},
         reload::{
             carry_trackers, check_set, retiring_after, routed_dsr_backends, CheckSet, ReloadOutcome,
         },
@@ -33,9 +35,10 @@ use crate::{
     },
     plan::{
         contents::{Counters, MapContents},
-        desired::{desired_state, DesiredState},
+        desired::BackendState,
+        desired::{desired_state_after, DesiredState},
         ids::{IdError, Ids},
-        inputs::{format_mac, BackendKey, Health, NextHops},
+        inputs::{format_mac, BackendKey, Health, NextHop, NextHops},
         ops::{plan, rewrite_all, MapPlan},
     },
 };
@@ -47,6 +50,8 @@ pub struct Start {
     /// The config file's text, to tell a rewrite of the same text from a change.
     pub text: String,
     pub next_hops: NextHops,
+    /// Backend addresses that could not be resolved, and why.
+    pub unreachable: Vec<(IpAddr, String)>,
     /// What pinned maps hold, when a data plane is adopted.
     pub adopted: Option<MapContents>,
     /// `--keep-datapath` was given (the config's `keep_datapath` can also ask for it).
@@ -88,14 +93,17 @@ pub enum Input {
         result: ProbeResult,
         seconds: f64,
     },
-    /// Every backend's next hop, resolved again.
-    NextHops(NextHops),
+    /// Next hops resolved (again), or why not, for some backend addresses.
+    Resolved(Vec<(IpAddr, Result<NextHop, String>)>),
     /// The counters, and the connection table's walk if one was due.
     Sampled {
         counters: Counters,
         walk: Option<ConnWalk>,
     },
-    /// Time passes (removal grace periods end; a failed plan is retried).
+    /// The counters could not be read.
+    SampleFailed { error: String },
+    /// Time passes (removal grace periods end, coalesced health changes reach the maps, a
+    /// failed plan is retried, log summaries fall due).
     Tick,
     /// The kernel refused part of the last plan.
     PlanFailed { error: String },
@@ -139,7 +147,18 @@ pub struct Core {
     keep_datapath_flag: bool,
     adopted: Option<String>,
     checks: CheckSet,
+    /// Health verdicts changed since the maps were last planned: they are planned together
+    /// at this time (one table build per burst of changes, not one per change).
+    rebuild_due: Option<Instant>,
+    /// Addresses that do not resolve, and why (logged once when they start and stop).
+    unreachable: BTreeMap<IpAddr, String>,
+    log: LogLimit,
+    /// When ongoing conditions are next summarised in the log.
+    conditions_due: Instant,
 }
+
+/// How long health verdicts are gathered before the maps are planned with them.
+pub const COALESCE: Duration = Duration::from_millis(200);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoreError {
@@ -169,6 +188,10 @@ impl Core {
             keep_datapath_flag: start.keep_datapath,
             adopted: None,
             checks: CheckSet::new(),
+            rebuild_due: None,
+            unreachable: BTreeMap::new(),
+            log: LogLimit::default(),
+            conditions_due: now + CONDITIONS_EVERY,
         };
         if let Some(pinned) = &start.adopted {
             let adoption = adopt(&core.config, pinned, now);
@@ -187,12 +210,20 @@ impl Core {
             events: routed_dsr_backends(&core.config, &core.next_hops),
             ..Output::default()
         };
+        for (address, error) in start.unreachable {
+            out.events.push(Event::Unreachable {
+                address,
+                error: error.clone(),
+            });
+            core.unreachable.insert(address, error);
+        }
         let mut ids = std::mem::take(&mut core.ids);
         let desired = core.plan_desired(&mut ids).map_err(CoreError::Ids)?;
         core.ids = ids;
         core.commit(desired, &mut out);
         core.checks = check_set(&core.config);
         out.checks = Some(core.checks.clone());
+        core.limit(&mut out.events, now);
         Ok((core, out))
     }
 
@@ -213,8 +244,8 @@ impl Core {
                 key,
                 result,
                 seconds,
-            } => self.probe(&key, &result, seconds, &mut out),
-            Input::NextHops(hops) => self.refresh_next_hops(hops, &mut out),
+            } => self.probe(&key, &result, seconds, now, &mut out),
+            Input::Resolved(results) => self.resolved(results, &mut out),
             Input::Sampled { counters, walk } => {
                 if let Some(walk) = walk {
                     self.traffic.walked(walk, now);
@@ -223,13 +254,46 @@ impl Core {
                     .traffic
                     .record(counters, &self.desired, &self.config, now);
             }
+            Input::SampleFailed { error } => out.events.push(Event::CountersUnreadable { error }),
             Input::Tick => self.tick(now, &mut out),
             Input::PlanFailed { error } => {
                 self.held_unknown = true;
                 out.events.push(Event::PlanFailed { error });
             }
         }
+        self.limit(&mut out.events, now);
         out
+    }
+
+    /// Passes the events the log budget allows; counts the others for the next summary.
+    fn limit(&mut self, events: &mut Vec<Event>, now: Instant) {
+        events.retain(|event| match event.kind() {
+            Some(kind) => self.log.admit(kind, event.subject(), now),
+            None => true,
+        });
+    }
+
+    /// When the core next has something to do without another input: coalesced health
+    /// changes to plan, or a log summary to write. The daemon sends `Input::Tick` then (and
+    /// every second anyway).
+    pub fn next_wake(&self) -> Option<Instant> {
+        match (self.rebuild_due, self.log.summary_due()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Records that an accepted reload took `took`, from reading the file to the maps
+    /// written (measured by the daemon, which does both); the events to log.
+    pub fn applied(&mut self, took: Duration, changes: Vec<String>, now: Instant) -> Vec<Event> {
+        self.reloads.last_apply = Some(took);
+        let mut events = vec![Event::ReloadApplied {
+            generation: self.generation,
+            millis: took.as_secs_f64() * 1e3,
+            changes,
+        }];
+        self.limit(&mut events, now);
+        events
     }
 
     /// The desired state from everything known.
@@ -240,6 +304,7 @@ impl Core {
             &self.trackers,
             &self.next_hops,
             ids,
+            &self.desired,
         )
     }
 
@@ -255,6 +320,8 @@ impl Core {
         // Taken as held at once: the daemon executes the plan before any other input, and
         // reports a failure with `Input::PlanFailed`.
         self.held_unknown = false;
+        // Every verdict known is in this plan.
+        self.rebuild_due = None;
         self.note_all_down(&desired, out);
         self.desired = desired;
         if !plan.is_empty() {
@@ -342,6 +409,15 @@ impl Core {
             );
             return self.reject(error, out);
         }
+        if new == self.config {
+            // Nothing to do (comments or layout changed): no new generation.
+            self.config_text = text;
+            self.reloads.accepted += 1;
+            out.reload = Some(ReloadOutcome::Unchanged {
+                generation: self.generation,
+            });
+            return;
+        }
         let changes: Vec<String> = diff::diff(&self.config, &new)
             .iter()
             .map(ToString::to_string)
@@ -349,7 +425,14 @@ impl Core {
         let retiring = retiring_after(&self.config, &new, &self.retiring, now);
         let trackers = carry_trackers(self.trackers.clone(), &new, &retiring);
         let mut ids = self.ids.clone();
-        let desired = match desired_for(&new, &retiring, &trackers, &next_hops, &mut ids) {
+        let desired = match desired_for(
+            &new,
+            &retiring,
+            &trackers,
+            &next_hops,
+            &mut ids,
+            &self.desired,
+        ) {
             Ok(desired) => desired,
             // The running config stays in force, with everything that came with it.
             Err(e) => return self.reject(format!("{}: {e}", self.config_path.display()), out),
@@ -361,6 +444,9 @@ impl Core {
         self.trackers = trackers;
         self.next_hops = next_hops;
         self.ids = ids;
+        let known = self.addresses();
+        self.unreachable
+            .retain(|a, _| known.binary_search(a).is_ok());
         self.commit(desired, out);
         self.sync_checks(out);
         self.accept(changes, out);
@@ -369,14 +455,9 @@ impl Core {
     fn accept(&mut self, changes: Vec<String>, out: &mut Output) {
         self.generation += 1;
         self.reloads.accepted += 1;
-        let generation = self.generation;
-        out.reload = Some(if changes.is_empty() {
-            ReloadOutcome::Unchanged { generation }
-        } else {
-            ReloadOutcome::Accepted {
-                generation,
-                changes,
-            }
+        out.reload = Some(ReloadOutcome::Accepted {
+            generation: self.generation,
+            changes,
         });
     }
 
@@ -389,21 +470,32 @@ impl Core {
         out.reload = Some(ReloadOutcome::Rejected { error });
     }
 
-    /// Records a probe result; a change of verdict is logged once and changes the maps.
-    fn probe(&mut self, key: &BackendKey, result: &ProbeResult, seconds: f64, out: &mut Output) {
-        let Some(check) = self
-            .config
-            .vips
-            .iter()
-            .find(|v| v.name == key.0)
-            .and_then(|v| v.backends.iter().find(|b| b.address == key.1))
-            .map(|b| &b.health)
-        else {
+    /// Records a probe result; a change of verdict is logged once and reaches the maps with
+    /// the other changes of the next `COALESCE`.
+    fn probe(
+        &mut self,
+        key: &BackendKey,
+        result: &ProbeResult,
+        seconds: f64,
+        now: Instant,
+        out: &mut Output,
+    ) {
+        // The check set indexes the config's checks by backend: a probe result costs a
+        // lookup, not a walk over every backend.
+        let Some((_, check)) = self.checks.get(key) else {
             return;
         };
         let Some(tracker) = self.trackers.get_mut(key) else {
             return;
         };
+        if let Err(ProbeFailure::Local(error)) = result {
+            tracker.not_run();
+            out.events.push(Event::ProbeNotRun {
+                key: key.clone(),
+                error: error.clone(),
+            });
+            return;
+        }
         tracker.durations.observe(seconds);
         let Some(transition) = tracker.record(result, check.rise, check.fall) else {
             return;
@@ -419,38 +511,52 @@ impl Core {
                 reason: transition.reason,
             }
         });
-        self.reconcile(out);
+        self.rebuild_due.get_or_insert(now + COALESCE);
     }
 
-    /// Takes freshly resolved next hops; changes the maps if any changed.
-    fn refresh_next_hops(&mut self, hops: NextHops, out: &mut Output) {
-        if hops == self.next_hops {
-            return;
+    /// Takes next hops resolved for some addresses (or why they do not resolve); changes the
+    /// maps if any changed. Each address is logged when it stops resolving and when it
+    /// resolves again, not at every attempt.
+    fn resolved(&mut self, results: Vec<(IpAddr, Result<NextHop, String>)>, out: &mut Output) {
+        let known = self.addresses();
+        let mut changed = false;
+        let mut results = results;
+        results.sort_by_key(|(address, _)| *address);
+        for (address, result) in results {
+            // Answers for backends that left the config since the question.
+            if known.binary_search(&address).is_err() {
+                continue;
+            }
+            match result {
+                Ok(hop) => {
+                    self.unreachable.remove(&address);
+                    if self.next_hops.get(&address) != Some(&hop) {
+                        out.events.push(Event::NextHopChanged {
+                            address,
+                            mac: format_mac(&hop.dst_mac),
+                            interface: hop.interface.clone(),
+                        });
+                        self.next_hops.insert(address, hop);
+                        changed = true;
+                    }
+                }
+                Err(error) => {
+                    if self.next_hops.remove(&address).is_some() {
+                        out.events.push(Event::NoLongerResolves { address });
+                        changed = true;
+                    } else if !self.unreachable.contains_key(&address) {
+                        out.events.push(Event::Unreachable {
+                            address,
+                            error: error.clone(),
+                        });
+                    }
+                    self.unreachable.insert(address, error);
+                }
+            }
         }
-        let mut changed: Vec<(&IpAddr, _)> = hops
-            .iter()
-            .filter(|(address, hop)| self.next_hops.get(address) != Some(hop))
-            .collect();
-        changed.sort_by_key(|(address, _)| **address);
-        for (address, hop) in changed {
-            out.events.push(Event::NextHopChanged {
-                address: *address,
-                mac: format_mac(&hop.dst_mac),
-                interface: hop.interface.clone(),
-            });
+        if changed {
+            self.reconcile(out);
         }
-        let mut lost: Vec<IpAddr> = self
-            .next_hops
-            .keys()
-            .filter(|a| !hops.contains_key(a))
-            .copied()
-            .collect();
-        lost.sort();
-        for address in lost {
-            out.events.push(Event::NoLongerResolves { address });
-        }
-        self.next_hops = hops;
-        self.reconcile(out);
     }
 
     /// Ends the grace period of removed backends whose time is up; retries a failed plan.
@@ -467,15 +573,45 @@ impl Core {
             out.events
                 .push(Event::RemovalGraceOver { key: key.clone() });
         }
-        if !expired.is_empty() || self.held_unknown {
+        let rebuild = self.rebuild_due.is_some_and(|due| due <= now);
+        if !expired.is_empty() || self.held_unknown || rebuild {
             self.reconcile(out);
+        }
+        if let Some(left_out) = self.log.summary(now) {
+            out.events.push(Event::LeftOut(left_out));
+        }
+        if now >= self.conditions_due {
+            self.conditions_due = now + CONDITIONS_EVERY;
+            let conditions = self.conditions();
+            if !conditions.is_empty() {
+                out.events.push(Event::Conditions(conditions));
+            }
         }
     }
 
-    /// Records how long the last accepted reload took, from reading the file to the maps
-    /// written (measured by the daemon, which does both).
-    pub fn record_apply_time(&mut self, took: Duration) {
-        self.reloads.last_apply = Some(took);
+    /// VIPs with backends down or unreachable, the most affected first.
+    fn conditions(&self) -> Vec<VipCondition> {
+        let mut vips: Vec<VipCondition> = self
+            .desired
+            .vips
+            .iter()
+            .map(|vip| {
+                let count = |state| vip.backends.iter().filter(|b| b.state == state).count();
+                VipCondition {
+                    vip: vip.name.clone(),
+                    backends: vip.backends.len(),
+                    down: count(BackendState::Down),
+                    unreachable: count(BackendState::Unreachable),
+                }
+            })
+            .filter(|c| c.down + c.unreachable > 0)
+            .collect();
+        vips.sort_by(|a, b| {
+            (b.down + b.unreachable)
+                .cmp(&(a.down + a.unreachable))
+                .then_with(|| a.vip.cmp(&b.vip))
+        });
+        vips
     }
 
     /// Backend addresses a config read names that have no known next hop; none if it is not
@@ -575,13 +711,14 @@ fn desired_for(
     trackers: &HashMap<BackendKey, Tracker>,
     next_hops: &NextHops,
     ids: &mut Ids,
+    previous: &DesiredState,
 ) -> Result<DesiredState, IdError> {
     let retiring: Vec<BackendKey> = retiring.keys().cloned().collect();
     let health: HashMap<BackendKey, Health> = trackers
         .iter()
         .map(|(key, t)| (key.clone(), if t.up { Health::Up } else { Health::Down }))
         .collect();
-    desired_state(config, &retiring, next_hops, &health, ids)
+    desired_state_after(config, &retiring, next_hops, &health, ids, Some(previous))
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use balancer_common::{BACKEND_F_DOWN, BACKEND_F_DRAINING, BACKEND_F_VALID, NO_BA
 use super::*;
 use crate::{
     core::health::ProbeFailure,
+    core::log_limit::SUMMARY_EVERY,
     plan::{
         desired::BackendState,
         inputs::{address_bytes, NextHop},
@@ -59,6 +60,11 @@ fn hops() -> NextHops {
         .collect()
 }
 
+/// Every next hop of `hops`, as resolved again.
+fn resolved(hops: &NextHops) -> Vec<(IpAddr, Result<NextHop, String>)> {
+    hops.iter().map(|(a, h)| (*a, Ok(h.clone()))).collect()
+}
+
 fn start_with(text: &str, adopted: Option<MapContents>, now: Instant) -> (Core, Output) {
     let path = Path::new("core.toml");
     Core::start(
@@ -67,6 +73,7 @@ fn start_with(text: &str, adopted: Option<MapContents>, now: Instant) -> (Core, 
             config: config::parse(path, text).unwrap(),
             text: text.to_owned(),
             next_hops: hops(),
+            unreachable: Vec::new(),
             adopted,
             keep_datapath: false,
         },
@@ -104,20 +111,29 @@ fn slots_of(core: &Core, last: u8) -> u32 {
         .count() as u32
 }
 
+/// A probe's result at `now`, and the tick `COALESCE` later that plans the maps with it.
 fn probe(core: &mut Core, last: u8, ok: bool, now: Instant) -> Output {
     let result = if ok {
         Ok(())
     } else {
         Err(ProbeFailure::Refused)
     };
-    core.handle(
+    let mut out = core.handle(
         Input::Probe {
             key: key(last),
             result,
             seconds: 0.001,
         },
         now,
-    )
+    );
+    assert!(
+        out.plan.is_none(),
+        "planned with the next tick, not at once"
+    );
+    let tick = core.handle(Input::Tick, now + COALESCE);
+    out.events.extend(tick.events);
+    out.plan = tick.plan;
+    out
 }
 
 #[test]
@@ -217,11 +233,18 @@ fn reload_refused_for_a_restart_setting_and_unchanged_text() {
     assert_eq!(out.reload, Some(ReloadOutcome::Unchanged { generation: 2 }));
     assert_eq!(core.generation(), 2);
 
-    // Asked for explicitly, an unchanged config is accepted with no changes and no plan.
+    // Asked for explicitly, an unchanged config is accepted with no changes, no plan and
+    // no new generation; so is one whose comments and layout changed.
     let out = reload(&mut core, &heavier, now);
-    assert_eq!(out.reload, Some(ReloadOutcome::Unchanged { generation: 3 }));
+    assert_eq!(out.reload, Some(ReloadOutcome::Unchanged { generation: 2 }));
     assert!(out.plan.is_none());
     assert_eq!(core.reloads.accepted, 2);
+    let commented = format!("# edited by hand\n{}", heavier.replace(" = ", "   =   "));
+    let out = reload(&mut core, &commented, now);
+    assert_eq!(out.reload, Some(ReloadOutcome::Unchanged { generation: 2 }));
+    assert!(out.plan.is_none() && out.checks.is_none());
+    assert_eq!(core.generation(), 2);
+    reload(&mut core, &heavier, now);
 
     // An invalid file left in place is rejected once, not at every look at it; asked for
     // explicitly, it is judged again.
@@ -249,9 +272,9 @@ fn reload_refused_for_a_restart_setting_and_unchanged_text() {
     // Put back as it runs: nothing to reload.
     assert_eq!(
         watched(&mut core, &heavier),
-        Some(ReloadOutcome::Unchanged { generation: 3 })
+        Some(ReloadOutcome::Unchanged { generation: 2 })
     );
-    assert_eq!(core.generation(), 3);
+    assert_eq!(core.generation(), 2);
 }
 
 #[test]
@@ -524,7 +547,11 @@ fn next_hop_changes_are_logged_and_planned() {
     let mut moved = hops();
     moved.get_mut(&ip(1)).unwrap().dst_mac = [2, 0, 0, 0, 0, 0x99];
     moved.remove(&ip(3));
-    let out = core.handle(Input::NextHops(moved), now);
+    let results = vec![
+        (ip(1), Ok(moved[&ip(1)].clone())),
+        (ip(3), Err("no route to 10.0.0.3".to_owned())),
+    ];
+    let out = core.handle(Input::Resolved(results), now);
     assert_eq!(
         out.events,
         [
@@ -545,9 +572,278 @@ fn next_hop_changes_are_logged_and_planned() {
         .iter()
         .any(|op| matches!(op, MapOp::SetBackend(i, b) if *i == id && b.dst_mac[5] == 0x99)));
     assert_eq!(
-        core.handle(Input::NextHops(core.next_hops().clone()), now)
+        core.handle(Input::Resolved(resolved(core.next_hops())), now)
             .plan,
         None
     );
     assert_eq!(address_bytes(ip(1)).1, 4);
+}
+
+/// A config with VIP "web" (3 backends, as `WEB`) and VIP "big" with `n` backends in
+/// 10.1.0.0/16 (health checked every second, fall 1).
+fn with_big(n: usize) -> String {
+    let backends: Vec<String> = (0..n)
+        .map(|i| format!("{{ address = \"10.1.{}.{}\" }}", i / 250, i % 250 + 1))
+        .collect();
+    format!(
+        "{WEB}
+[[vip]]
+name = \"big\"
+address = \"192.0.2.2\"
+port = 80
+protocol = \"tcp\"
+forwarding = \"dsr\"
+table_size = 65537
+health = {{ kind = \"tcp\", interval = \"1s\", timeout = \"500ms\", rise = 1, fall = 1 }}
+backends = [{}]
+",
+        backends.join(", ")
+    )
+}
+
+fn big_key(i: usize) -> BackendKey {
+    (
+        "big".to_owned(),
+        IpAddr::from([10, 1, (i / 250) as u8, (i % 250 + 1) as u8]),
+    )
+}
+
+/// `WEB`'s next hops and one for every backend of "big".
+fn big_hops(n: usize) -> NextHops {
+    let mut hops = hops();
+    let template = hops[&ip(1)].clone();
+    for i in 0..n {
+        hops.insert(big_key(i).1, template.clone());
+    }
+    hops
+}
+
+fn start_big(n: usize, now: Instant) -> Core {
+    let text = with_big(n);
+    let path = Path::new("core.toml");
+    let (core, _) = Core::start(
+        Start {
+            config_path: path.to_owned(),
+            config: config::parse(path, &text).unwrap(),
+            text,
+            next_hops: big_hops(n),
+            unreachable: Vec::new(),
+            adopted: None,
+            keep_datapath: false,
+        },
+        now,
+    )
+    .unwrap();
+    core
+}
+
+fn fail(core: &mut Core, key: BackendKey, now: Instant) -> Output {
+    let input = Input::Probe {
+        key,
+        result: Err(ProbeFailure::Timeout),
+        seconds: 0.5,
+    };
+    core.handle(input, now)
+}
+
+#[test]
+fn health_changes_arriving_together_are_planned_once() {
+    let t0 = Instant::now();
+    let mut core = start_big(100, t0);
+    let web_table = core.desired().vips[0].table.clone();
+    assert_eq!(core.next_wake(), None, "nothing to do");
+    // 60 backends go down over 150 ms: each is logged, none is planned yet.
+    for i in 0..60 {
+        let out = fail(
+            &mut core,
+            big_key(i),
+            t0 + Duration::from_millis(i as u64 * 2),
+        );
+        assert!(out.plan.is_none(), "backend {i} planned alone");
+    }
+    assert_eq!(
+        core.next_wake(),
+        Some(t0 + COALESCE),
+        "due a coalescing interval after the first"
+    );
+    assert!(core
+        .handle(Input::Tick, t0 + COALESCE - Duration::from_millis(1))
+        .plan
+        .is_none());
+    let out = core.handle(Input::Tick, t0 + COALESCE);
+    let plan = out.plan.expect("one plan for the burst");
+    let swaps: Vec<_> = plan
+        .ops
+        .iter()
+        .filter(|op| matches!(op, MapOp::SwapTable { .. }))
+        .collect();
+    assert_eq!(swaps.len(), 1, "one table swap, of VIP big only: {swaps:?}");
+    let big = &core.desired().vips[1];
+    assert_eq!(big.healthy(), 40);
+    assert_eq!(big.backends.iter().filter(|b| b.slots > 0).count(), 40);
+    // The VIP whose backends did not change kept its table as it was (not rebuilt).
+    assert!(std::sync::Arc::ptr_eq(
+        &core.desired().vips[0].table,
+        &web_table
+    ));
+    // What is due next is the summary of the DOWN lines left out, nothing else.
+    assert_eq!(
+        core.next_wake(),
+        Some(t0 + Duration::from_millis(20) + SUMMARY_EVERY)
+    );
+    assert!(
+        core.handle(Input::Tick, t0 + COALESCE * 2).plan.is_none(),
+        "once"
+    );
+}
+
+#[test]
+fn ten_thousand_backends_failing_write_a_bounded_log() {
+    const N: usize = 10_000;
+    let t0 = Instant::now();
+    let mut core = start_big(N, t0);
+    let mut lines: Vec<Event> = Vec::new();
+    let mut plans = 0;
+    // Every backend fails its probes for two minutes, each once every 10 s; a tick every
+    // 100 ms, as the daemon does with `next_wake`.
+    for ms in (0..=120_000u64).step_by(100) {
+        let now = t0 + Duration::from_millis(ms);
+        if ms % 10_000 == 0 {
+            // Two of them stay up.
+            for i in 2..N {
+                lines.extend(fail(&mut core, big_key(i), now).events);
+            }
+        }
+        let out = core.handle(Input::Tick, now);
+        plans += usize::from(out.plan.is_some());
+        lines.extend(out.events);
+    }
+    let down: Vec<_> = lines
+        .iter()
+        .filter(|e| matches!(e, Event::BackendDown { .. }))
+        .collect();
+    // A burst, then the rate; the rest is counted in summaries.
+    assert!(down.len() <= 30, "{} DOWN lines", down.len());
+    let summaries: Vec<String> = lines
+        .iter()
+        .filter(|e| matches!(e, Event::LeftOut(_)))
+        .map(ToString::to_string)
+        .collect();
+    assert!(
+        summaries[0].contains("health: 9,988 VIP big: DOWN"),
+        "{summaries:?}"
+    );
+    assert!(summaries.len() <= 12, "{summaries:?}");
+    let still: Vec<String> = lines
+        .iter()
+        .filter(|e| matches!(e, Event::Conditions(_)))
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        still, ["still: VIP big: 9,998 of 10,000 backends down, 0 unreachable"; 2],
+        "once a minute while it lasts"
+    );
+    assert!(
+        lines.len() <= 2 * 110,
+        "{} lines in two minutes",
+        lines.len()
+    );
+    // One plan for the whole storm (everything went down within one interval), then none:
+    // nothing changes while they stay down.
+    assert_eq!(plans, 1);
+    assert_eq!(core.desired().vips[1].healthy(), 2);
+}
+
+#[test]
+fn unreachable_backends_are_logged_when_they_start_and_stop() {
+    let t0 = Instant::now();
+    let (mut core, _) = start_with(WEB, None, t0);
+    let unreachable = || vec![(ip(2), Err("no ARP/neighbour answer".to_owned()))];
+    let out = core.handle(Input::Resolved(unreachable()), t0);
+    assert_eq!(out.events, [Event::NoLongerResolves { address: ip(2) }]);
+    // Every refresh fails again: nothing more is said.
+    for n in 1..100 {
+        let out = core.handle(
+            Input::Resolved(unreachable()),
+            t0 + Duration::from_secs(n * 10),
+        );
+        assert!(out.events.is_empty(), "{:?}", out.events);
+    }
+    assert_eq!(state_of(&core, 2), BackendState::Unreachable);
+    let out = core.handle(
+        Input::Resolved(vec![(ip(2), Ok(hops()[&ip(2)].clone()))]),
+        t0,
+    );
+    assert!(matches!(&out.events[..], [Event::NextHopChanged { .. }]));
+    assert_eq!(state_of(&core, 2), BackendState::Active);
+    // Answers for addresses the config no longer names are ignored.
+    let stray = IpAddr::from([10, 9, 9, 9]);
+    let out = core.handle(
+        Input::Resolved(vec![(stray, Ok(hops()[&ip(2)].clone()))]),
+        t0,
+    );
+    assert!(out.events.is_empty() && out.plan.is_none());
+    assert!(!core.next_hops().contains_key(&stray));
+    // A new backend that never resolved: logged once as unreachable.
+    let added = WEB.replace(
+        "\"10.0.0.3\" }]",
+        "\"10.0.0.3\" }, { address = \"10.0.0.4\" }]",
+    );
+    let mut no_hop = hops();
+    no_hop.remove(&ip(4));
+    let read = ReadConfig::new(Path::new("core.toml"), added);
+    let out = core.handle(
+        Input::Reload {
+            read,
+            next_hops: no_hop,
+            only_if_changed: false,
+        },
+        t0,
+    );
+    assert!(
+        matches!(out.reload, Some(ReloadOutcome::Accepted { .. })),
+        "{:?}",
+        out.reload
+    );
+    let error = || vec![(ip(4), Err("no route to 10.0.0.4".to_owned()))];
+    let out = core.handle(Input::Resolved(error()), t0);
+    assert!(
+        matches!(&out.events[..], [Event::Unreachable { .. }]),
+        "{:?}",
+        out.events
+    );
+    assert!(core.handle(Input::Resolved(error()), t0).events.is_empty());
+    let out = core.handle(Input::Tick, t0 + CONDITIONS_EVERY);
+    assert_eq!(
+        out.events
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        ["still: VIP web: 0 of 4 backends down, 1 unreachable"]
+    );
+}
+
+#[test]
+fn probes_that_could_not_run_take_no_backend_down() {
+    let t0 = Instant::now();
+    let (mut core, _) = start_with(WEB, None, t0);
+    for n in 0..50u64 {
+        let input = Input::Probe {
+            key: key(1),
+            result: Err(ProbeFailure::Local(
+                "Too many open files (os error 24)".into(),
+            )),
+            seconds: 0.0,
+        };
+        core.handle(input, t0 + Duration::from_millis(n));
+    }
+    assert_eq!(state_of(&core, 1), BackendState::Active);
+    let due = core.next_wake().expect("a summary of the left-out lines");
+    assert_eq!(due, t0 + Duration::from_millis(10) + SUMMARY_EVERY);
+    let out = core.handle(Input::Tick, due);
+    assert_eq!(
+        out.events.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        ["40 log lines left out in the last 10 s (at most 20 a minute of each kind; the status API \
+          has every backend's state): health: 40 probes not run (Too many open files (os error 24))"]
+    );
 }

@@ -1,67 +1,133 @@
 //! The event loop: the one place inputs reach the core, and the core's effects are performed.
-//! Probe results, reloads (SIGHUP, a change of the config file, the control socket), next hop
-//! refreshes, counter readings and ticks go in; map plans are executed, probe tasks synced,
-//! events logged, and a snapshot published for the API after every change.
+//! Probe results, reloads (SIGHUP, a change of the config file, the control socket), next
+//! hops resolved, counter readings and ticks go in; map plans are executed, probe tasks
+//! synced, events logged, and a snapshot published for the API.
+//!
+//! It never waits on slow work: probes are tasks of their own; next hops are resolved by
+//! tasks whose answers come back as inputs; a reload that names new backends waits for their
+//! next hops at most `RELOAD_RESOLVE_WAIT` while the loop goes on (backends resolved later
+//! join when they are); the core gathers health changes and plans them together.
 
 use std::{
+    collections::HashSet,
+    net::IpAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use tokio::{
     signal::unix::{signal, SignalKind},
-    sync::{mpsc, watch},
+    sync::{mpsc, oneshot, watch},
 };
-use tracing::{error, info};
 
 use crate::{
     api::control::{Command, ControlReply, ControlRequest},
     autoscale::SAMPLE_INTERVAL,
+    config::MAX_CONFIG_BYTES,
     core::{
         reload::ReloadOutcome, snapshot::Snapshot, traffic::ConnWalk, Core, Input, Output,
         ReadConfig,
     },
     daemon::{
         probes::{ProbeDone, ProbeTasks},
-        startup::{log_events, resolve},
+        startup::log_events,
+        watch::{Change, Settle},
     },
+    plan::inputs::NextHop,
     shell::{dataplane::Dataplane, nexthop::Resolver},
 };
 
 /// How often next hops are resolved again (a backend's MAC address can change, and one that
-/// did not answer at start-up may answer later).
+/// did not answer may answer later).
 const NEXT_HOP_REFRESH: Duration = Duration::from_secs(10);
-/// After a change in the config's directory, wait until it has been quiet this long...
-const RELOAD_DEBOUNCE: Duration = Duration::from_millis(20);
-/// ...but never longer than this after the first change.
-const RELOAD_DEBOUNCE_MAX: Duration = Duration::from_millis(500);
+/// How long a reload waits for the next hops of the backends it adds before it is applied
+/// (with the ones not resolved yet getting no traffic until they are): a reload is answered
+/// within a second whatever else is going on.
+pub const RELOAD_RESOLVE_WAIT: Duration = Duration::from_millis(500);
+/// How long a change waits before the snapshot the API serves shows it: bursts of changes
+/// are published once.
+const PUBLISH_DELAY: Duration = Duration::from_millis(50);
 
 /// The channels that feed the loop.
 pub struct Inputs {
     pub probes: mpsc::Receiver<ProbeDone>,
-    pub file_changed: mpsc::Receiver<()>,
+    pub file_changed: mpsc::Receiver<Change>,
     pub commands: mpsc::Receiver<Command>,
     pub refresh: mpsc::Receiver<()>,
+}
+
+/// Next hops resolved by a task, or a refresh that ended.
+enum Resolution {
+    Results(Vec<(IpAddr, Result<NextHop, String>)>),
+    RefreshDone,
+}
+
+/// Who asked for a reload, and how to answer.
+struct Request {
+    trigger: &'static str,
+    /// Text equal to the running config's is no reload (a file watcher sees every write).
+    only_if_changed: bool,
+    replies: Vec<oneshot::Sender<ControlReply>>,
+}
+
+impl Request {
+    /// Another request for the same reload: the stricter `only_if_changed` of the two loses.
+    fn merge(&mut self, other: Request) {
+        self.only_if_changed &= other.only_if_changed;
+        self.replies.extend(other.replies);
+        if !other.only_if_changed {
+            self.trigger = other.trigger;
+        }
+    }
+}
+
+/// A reload waiting for the next hops of its new backends.
+struct Pending {
+    request: Request,
+    read: ReadConfig,
+    started: Instant,
+    waiting: HashSet<IpAddr>,
+    resolved: Vec<(IpAddr, NextHop)>,
+    deadline: Instant,
 }
 
 pub struct EventLoop<'a> {
     pub core: &'a mut Core,
     pub dataplane: &'a mut Dataplane,
-    pub resolver: &'a Resolver,
+    pub resolver: Arc<Resolver>,
     pub probes: &'a mut ProbeTasks,
     pub snapshots: &'a watch::Sender<Arc<Snapshot>>,
     /// Why the last plan failed, if it did (for the reply to a reload).
     plan_failure: Option<String>,
+    resolutions: (
+        mpsc::UnboundedSender<Resolution>,
+        mpsc::UnboundedReceiver<Resolution>,
+    ),
+    refreshing: bool,
+    pending: Option<Pending>,
+    /// Reloads asked for while one is pending: one more, after it.
+    queued: Option<Request>,
+    publish_due: Option<Instant>,
+    settle: Settle,
+}
+
+/// Sleeps until `at`, or forever.
+async fn until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 impl<'a> EventLoop<'a> {
     pub fn new(
         core: &'a mut Core,
         dataplane: &'a mut Dataplane,
-        resolver: &'a Resolver,
+        resolver: Arc<Resolver>,
         probes: &'a mut ProbeTasks,
         snapshots: &'a watch::Sender<Arc<Snapshot>>,
     ) -> Self {
+        let settle = Settle::new(core.config().reload_settle);
         EventLoop {
             core,
             dataplane,
@@ -69,6 +135,12 @@ impl<'a> EventLoop<'a> {
             probes,
             snapshots,
             plan_failure: None,
+            resolutions: mpsc::unbounded_channel(),
+            refreshing: false,
+            pending: None,
+            queued: None,
+            publish_due: None,
+            settle,
         }
     }
 
@@ -81,52 +153,39 @@ impl<'a> EventLoop<'a> {
         refresh.tick().await;
         let mut ticks = tokio::time::interval(Duration::from_secs(1));
         let mut sampling = tokio::time::interval(SAMPLE_INTERVAL);
-        let mut file_changed_at: Option<(Instant, Instant)> = None;
         loop {
-            let debounce = async {
-                match file_changed_at {
-                    Some((first, last)) => {
-                        let due = (last + RELOAD_DEBOUNCE).min(first + RELOAD_DEBOUNCE_MAX);
-                        tokio::time::sleep_until(due.into()).await
-                    }
-                    None => std::future::pending().await,
-                }
-            };
+            let reload_due = self.pending.as_ref().map(|p| p.deadline);
             tokio::select! {
                 _ = sigterm.recv() => return Ok("SIGTERM"),
                 _ = sigint.recv() => return Ok("SIGINT"),
-                _ = sighup.recv() => {
-                    self.reload("SIGHUP", false).await;
+                _ = sighup.recv() => self.reload(Request { trigger: "SIGHUP", only_if_changed: false, replies: Vec::new() }),
+                Some(change) = inputs.file_changed.recv() => self.settle.changed(change, Instant::now()),
+                () = until(self.settle.due()) => {
+                    if self.settle.take(Instant::now()) {
+                        self.reload(Request { trigger: "config file change", only_if_changed: true, replies: Vec::new() });
+                    }
                 }
-                _ = debounce => {
-                    file_changed_at = None;
-                    self.reload("config file change", true).await;
-                }
-                Some(()) = inputs.file_changed.recv() => {
-                    let now = Instant::now();
-                    file_changed_at = Some(file_changed_at.map_or((now, now), |(first, _)| (first, now)));
-                }
-                Some(command) = inputs.commands.recv() => self.command(command).await,
+                Some(command) = inputs.commands.recv() => self.command(command),
                 Some(done) = inputs.probes.recv() => {
                     if self.probes.is_current(&done) {
                         let input = Input::Probe { key: done.key, result: done.result, seconds: done.seconds };
                         self.handle(input);
                     }
+
                 }
-                _ = refresh.tick() => {
-                    let hops = resolve(self.resolver, self.core.addresses()).await;
-                    self.handle(Input::NextHops(hops));
-                }
-                _ = ticks.tick() => {
-                    self.handle(Input::Tick);
-                }
+                Some(resolution) = self.resolutions.1.recv() => self.resolution(resolution),
+                () = until(reload_due) => self.finish_reload(),
+                _ = refresh.tick() => self.refresh_next_hops(),
+                () = until(self.core.next_wake()) => { self.handle(Input::Tick); }
+                _ = ticks.tick() => { self.handle(Input::Tick); }
+                () = until(self.publish_due) => self.publish(),
                 _ = sampling.tick() => self.sample(),
                 Some(()) = inputs.refresh.recv() => self.sample(),
             }
         }
     }
 
-    /// Feeds the core one input, performs what it decides, and publishes a snapshot if
+    /// Feeds the core one input, performs what it decides, and publishes a snapshot soon if
     /// anything happened.
     fn handle(&mut self, input: Input) -> Option<ReloadOutcome> {
         let out = self.core.handle(input, Instant::now());
@@ -136,7 +195,8 @@ impl<'a> EventLoop<'a> {
             || out.reload.is_some();
         let outcome = self.perform(out);
         if changed {
-            self.publish();
+            self.publish_due
+                .get_or_insert(Instant::now() + PUBLISH_DELAY);
         }
         outcome
     }
@@ -144,7 +204,7 @@ impl<'a> EventLoop<'a> {
     /// Performs the core's effects: the plan (a failure is fed back), the health checks, the
     /// log. Returns the reload outcome.
     fn perform(&mut self, mut out: Output) -> Option<ReloadOutcome> {
-        log_events(&mut out);
+        log_events(&mut out.events);
         self.plan_failure = None;
         if let Some(plan) = &out.plan {
             if let Err(e) = self.dataplane.execute(plan) {
@@ -153,7 +213,7 @@ impl<'a> EventLoop<'a> {
                 let mut failed = self
                     .core
                     .handle(Input::PlanFailed { error }, Instant::now());
-                log_events(&mut failed);
+                log_events(&mut failed.events);
             }
         }
         if let Some(checks) = &out.checks {
@@ -168,7 +228,11 @@ impl<'a> EventLoop<'a> {
         let (backends, vips) = self.core.counter_ids();
         let counters = match self.dataplane.counters(&backends, &vips) {
             Ok(counters) => counters,
-            Err(e) => return error!("reading counters: {:#}", anyhow::Error::new(e)),
+            Err(e) => {
+                let error = format!("{:#}", anyhow::Error::new(e));
+                self.handle(Input::SampleFailed { error });
+                return;
+            }
         };
         let walk = if self.core.conn_walk_due(now) {
             let started = Instant::now();
@@ -178,7 +242,9 @@ impl<'a> EventLoop<'a> {
                     took: started.elapsed(),
                 }),
                 Err(e) => {
-                    error!("counting the connection table: {:#}", anyhow::Error::new(e));
+                    let error =
+                        format!("counting the connection table: {:#}", anyhow::Error::new(e));
+                    self.handle(Input::SampleFailed { error });
                     None
                 }
             }
@@ -186,92 +252,209 @@ impl<'a> EventLoop<'a> {
             None
         };
         let mut out = self.core.handle(Input::Sampled { counters, walk }, now);
-        log_events(&mut out);
+        log_events(&mut out.events);
         self.publish();
     }
 
-    pub fn publish(&self) {
+    pub fn publish(&mut self) {
+        self.publish_due = None;
         self.snapshots.send_replace(Arc::new(self.core.snapshot()));
     }
 
-    async fn command(&mut self, command: Command) {
-        let reply = match command.request {
-            ControlRequest::Reload => match self.reload("control socket", false).await {
-                // Valid and running, but the kernel refused part of the maps: said plainly.
-                ReloadOutcome::Accepted { generation, .. }
-                | ReloadOutcome::Unchanged { generation }
-                    if self.plan_failure.is_some() =>
-                {
-                    ControlReply::Failed {
-                        error: format!(
-                            "config generation {generation} is running, but writing the maps failed: {}; \
-                             they are written again, whole, within a second",
-                            self.plan_failure.as_deref().unwrap_or_default()
-                        ),
-                    }
-                }
-                ReloadOutcome::Accepted {
-                    generation,
-                    changes,
-                } => ControlReply::Reloaded {
-                    generation,
-                    changes,
-                },
-                ReloadOutcome::Unchanged { generation } => ControlReply::Reloaded {
-                    generation,
-                    changes: Vec::new(),
-                },
-                ReloadOutcome::Rejected { error } => ControlReply::Rejected { error },
-            },
-        };
-        let _ = command.reply.send(reply);
+    /// Resolves `addresses` in a task of its own; the answers come back as they are known.
+    fn resolve(&self, addresses: Vec<IpAddr>, then: Option<Resolution>) {
+        let resolver = self.resolver.clone();
+        let answers = self.resolutions.0.clone();
+        tokio::spawn(async move {
+            resolver
+                .resolve_batch(addresses, |results| {
+                    let results = results
+                        .into_iter()
+                        .map(|(a, r)| (a, r.map_err(|e| format!("{:#}", anyhow::Error::new(e)))))
+                        .collect();
+                    let _ = answers.send(Resolution::Results(results));
+                })
+                .await;
+            if let Some(then) = then {
+                let _ = answers.send(then);
+            }
+        });
     }
 
-    /// Reads the config file and hands it to the core. With `only_if_changed`, text equal to
-    /// the running config's is ignored silently (the directory watcher sees every write).
-    async fn reload(&mut self, trigger: &'static str, only_if_changed: bool) -> ReloadOutcome {
+    /// Every backend's next hop again, unless the last refresh is still running.
+    fn refresh_next_hops(&mut self) {
+        if self.refreshing {
+            return;
+        }
+        self.refreshing = true;
+        self.resolve(self.core.addresses(), Some(Resolution::RefreshDone));
+    }
+
+    fn resolution(&mut self, resolution: Resolution) {
+        let results = match resolution {
+            Resolution::RefreshDone => {
+                self.refreshing = false;
+                return;
+            }
+            Resolution::Results(results) => results,
+        };
+        if let Some(pending) = &mut self.pending {
+            for (address, result) in &results {
+                if pending.waiting.remove(address) {
+                    if let Ok(hop) = result {
+                        pending.resolved.push((*address, hop.clone()));
+                    }
+                }
+            }
+        }
+        self.handle(Input::Resolved(results));
+        if self.pending.as_ref().is_some_and(|p| p.waiting.is_empty()) {
+            self.finish_reload();
+        }
+    }
+
+    fn command(&mut self, command: Command) {
+        match command.request {
+            ControlRequest::Reload => self.reload(Request {
+                trigger: "control socket",
+                only_if_changed: false,
+                replies: vec![command.reply],
+            }),
+        }
+    }
+
+    /// Starts a reload: reads and parses the file, and asks for the next hops of its new
+    /// backends. One at a time: a request while one waits is served after it, once for all.
+    fn reload(&mut self, request: Request) {
+        if self.pending.is_some() {
+            match &mut self.queued {
+                Some(queued) => queued.merge(request),
+                None => self.queued = Some(request),
+            }
+            return;
+        }
         let started = Instant::now();
         let path = self.core.config_path().clone();
-        let text = match std::fs::read_to_string(&path) {
+        let text = match read_config(&path) {
             Ok(text) => text,
-            Err(e) => {
-                let error = format!("{}: cannot read the config file: {e}", path.display());
+            Err(error) => {
                 let outcome = self.handle(Input::ReloadUnreadable { error });
-                return outcome.expect("a reload has an outcome");
+                return self.answer(request, outcome);
             }
         };
-        if !(only_if_changed && self.core.read_last(&text)) {
-            info!("reloading {} ({trigger})", path.display());
+        if request.only_if_changed && self.core.read_last(&text) {
+            // Written again with what was read last (accepted or not): nothing to say.
+            return self.answer(request, None);
         }
-        // The next hops of new backends, before the core decides.
         let read = ReadConfig::new(&path, text);
-        let mut next_hops = self.core.next_hops().clone();
-        let unresolved = self.core.unresolved(&read);
-        if !unresolved.is_empty() {
-            next_hops.extend(resolve(self.resolver, unresolved).await);
+        let waiting: HashSet<IpAddr> = self.core.unresolved(&read).into_iter().collect();
+        if !waiting.is_empty() {
+            self.resolve(waiting.iter().copied().collect(), None);
         }
-        let input = Input::Reload {
+        self.pending = Some(Pending {
+            request,
             read,
+            started,
+            waiting,
+            resolved: Vec::new(),
+            deadline: started + RELOAD_RESOLVE_WAIT,
+        });
+        if self.pending.as_ref().is_some_and(|p| p.waiting.is_empty()) {
+            self.finish_reload();
+        }
+    }
+
+    /// Applies the pending reload with the next hops resolved so far, answers, and starts
+    /// the queued one.
+    fn finish_reload(&mut self) {
+        let Some(pending) = self.pending.take() else {
+            return;
+        };
+        let mut next_hops = self.core.next_hops().clone();
+        next_hops.extend(pending.resolved);
+        let input = Input::Reload {
+            read: pending.read,
             next_hops,
-            only_if_changed,
+            only_if_changed: pending.request.only_if_changed,
         };
         let generation = self.core.generation();
         let out = self.core.handle(input, Instant::now());
-        let outcome = self.perform(out).expect("a reload has an outcome");
+        let outcome = self.perform(out);
         if self.core.generation() != generation {
-            let took = started.elapsed();
-            self.core.record_apply_time(took);
-            let summary = match &outcome {
-                ReloadOutcome::Accepted { changes, .. } => changes.join("; "),
-                _ => "no changes".to_owned(),
+            let changes = match &outcome {
+                Some(ReloadOutcome::Accepted { changes, .. }) => changes.clone(),
+                _ => Vec::new(),
             };
-            info!(
-                "config generation {} applied in {:.1} ms: {summary}",
-                self.core.generation(),
-                took.as_secs_f64() * 1e3
-            );
+            let mut events = self
+                .core
+                .applied(pending.started.elapsed(), changes, Instant::now());
+            log_events(&mut events);
         }
+        self.settle.set_settle(self.core.config().reload_settle);
         self.publish();
-        outcome
+        self.answer(pending.request, outcome);
+        if let Some(queued) = self.queued.take() {
+            self.reload(queued);
+        }
     }
+
+    /// Answers the control socket clients waiting for a reload.
+    fn answer(&self, request: Request, outcome: Option<ReloadOutcome>) {
+        if request.replies.is_empty() {
+            return;
+        }
+        let running = self.core.generation();
+        let reply = match outcome {
+            // Valid and running, but the kernel refused part of the maps: said plainly.
+            Some(
+                ReloadOutcome::Accepted { generation, .. }
+                | ReloadOutcome::Unchanged { generation },
+            ) if self.plan_failure.is_some() => ControlReply::Failed {
+                error: format!(
+                    "config generation {generation} is running, but writing the maps failed: {}; \
+                         they are written again, whole, within a second",
+                    self.plan_failure.as_deref().unwrap_or_default()
+                ),
+            },
+            Some(ReloadOutcome::Accepted {
+                generation,
+                changes,
+            }) => ControlReply::Reloaded {
+                generation,
+                changes,
+            },
+            Some(ReloadOutcome::Rejected { error }) => ControlReply::Rejected { error },
+            Some(ReloadOutcome::Unchanged { generation }) => ControlReply::Reloaded {
+                generation,
+                changes: Vec::new(),
+            },
+            None => ControlReply::Reloaded {
+                generation: running,
+                changes: Vec::new(),
+            },
+        };
+        for reply_to in request.replies {
+            let _ = reply_to.send(reply.clone());
+        }
+    }
+}
+
+/// The config file's text, at most `MAX_CONFIG_BYTES`.
+fn read_config(path: &std::path::Path) -> Result<String, String> {
+    use std::io::Read as _;
+    let unreadable =
+        |e: std::io::Error| format!("{}: cannot read the config file: {e}", path.display());
+    let file = std::fs::File::open(path).map_err(unreadable)?;
+    let mut text = String::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(unreadable)?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(format!(
+            "{}: the config file is larger than {} MiB",
+            path.display(),
+            MAX_CONFIG_BYTES >> 20
+        ));
+    }
+    Ok(text)
 }

@@ -50,11 +50,14 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     } = start(options).await?;
 
     let (probe_results, probes_inbox) = mpsc::channel(PROBE_QUEUE);
-    let mut probes = ProbeTasks::new(probe_results);
+    let nofile = crate::shell::kernel::nofile_limit();
+    let budget = probes::probe_budget(nofile);
+    info!("health probes: at most {budget} at once (open files limit {nofile})");
+    let mut probes = ProbeTasks::new(probe_results, budget);
     if let Some(checks) = &first.checks {
         probes.sync(checks);
     }
-    let (file_changed, file_inbox) = mpsc::channel(1);
+    let (file_changed, file_inbox) = mpsc::channel(64);
     let _watcher = watch::watch_config(&config_path, file_changed)
         .map_err(|e| {
             warn!(
@@ -78,13 +81,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let api = tokio::spawn(serve(listener, state, until_stopped(stopped.clone())));
     let control = tokio::spawn(control.serve(commands, until_stopped(stopped)));
 
-    let mut event_loop = EventLoop::new(
-        &mut core,
-        &mut dataplane,
-        &resolver,
-        &mut probes,
-        &snapshots,
-    );
+    let mut event_loop =
+        EventLoop::new(&mut core, &mut dataplane, resolver, &mut probes, &snapshots);
     // Counters before the first snapshot is served.
     event_loop.sample();
     let inputs = Inputs {

@@ -1,9 +1,16 @@
 //! The health-check tasks: one per checked backend, started, restarted and stopped to match
-//! the check set the core decides on; each result comes back to the event loop.
+//! the check set the core decides on; each result comes back to the event loop. Probes run
+//! concurrently up to a budget of descriptors of their own (`probe_budget`): a probe waits
+//! for a slot before it starts (its timeout starts with it), so that thousands of backends
+//! cannot exhaust the daemon's descriptors, and clients of the API, which has its own cap,
+//! cannot take the probes' share.
 
-use std::{collections::HashMap, net::IpAddr, time::Instant};
+use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Instant};
 
-use tokio::{sync::mpsc, task::JoinHandle};
+use tokio::{
+    sync::{mpsc, Semaphore},
+    task::JoinHandle,
+};
 
 use crate::{
     config::HealthCheck,
@@ -26,18 +33,27 @@ pub struct ProbeDone {
     pub seconds: f64,
 }
 
+/// Probes that may run at once, from the daemon's open-files limit: a quarter of it, at least
+/// 16 and at most 4096 (each probe holds one socket).
+pub fn probe_budget(nofile: u64) -> usize {
+    (nofile / 4).clamp(16, 4096) as usize
+}
+
 pub struct ProbeTasks {
     results: mpsc::Sender<ProbeDone>,
     tasks: HashMap<BackendKey, (HealthCheck, u64, JoinHandle<()>)>,
     serial: u64,
+    slots: Arc<Semaphore>,
 }
 
 impl ProbeTasks {
-    pub fn new(results: mpsc::Sender<ProbeDone>) -> Self {
+    /// Tasks whose probes run at most `budget` at once.
+    pub fn new(results: mpsc::Sender<ProbeDone>, budget: usize) -> Self {
         ProbeTasks {
             results,
             tasks: HashMap::new(),
             serial: 0,
+            slots: Arc::new(Semaphore::new(budget)),
         }
     }
 
@@ -68,6 +84,7 @@ impl ProbeTasks {
                 check.clone(),
                 self.serial,
                 self.results.clone(),
+                self.slots.clone(),
             ));
             self.tasks
                 .insert(key.clone(), (check.clone(), self.serial, task));
@@ -88,11 +105,17 @@ async fn run(
     check: HealthCheck,
     serial: u64,
     results: mpsc::Sender<ProbeDone>,
+    slots: Arc<Semaphore>,
 ) {
     tokio::time::sleep(first_delay(check.interval, fastrand::f64())).await;
     loop {
+        // Closed: shutting down.
+        let Ok(slot) = slots.acquire().await else {
+            return;
+        };
         let started = Instant::now();
         let result = probe(address, &check).await;
+        drop(slot);
         let done = ProbeDone {
             key: key.clone(),
             serial,

@@ -45,7 +45,7 @@ pub struct RunOptions {
 pub struct Daemon {
     pub core: Core,
     pub dataplane: Dataplane,
-    pub resolver: Resolver,
+    pub resolver: std::sync::Arc<Resolver>,
     pub attachment: Attachment,
     pub listener: tokio::net::TcpListener,
     pub control: ControlServer,
@@ -89,7 +89,8 @@ pub async fn start(options: RunOptions) -> anyhow::Result<Daemon> {
     let control = ControlServer::bind(&socket)?;
 
     let resolver = Resolver::new().context("opening a netlink socket")?;
-    let next_hops = resolve(&resolver, crate::core::reload::addresses(&config)).await;
+    let (next_hops, unreachable) =
+        resolve(&resolver, crate::core::reload::addresses(&config)).await;
     let loaded = load(&object, &config, &pin_dir, &interface, options.replace)?;
     let fresh = loaded.adopted.is_none();
     // A fresh data plane that fails to start is removed; an adopted one keeps forwarding.
@@ -116,6 +117,7 @@ pub async fn start(options: RunOptions) -> anyhow::Result<Daemon> {
         config,
         text,
         next_hops,
+        unreachable,
         adopted: loaded.adopted,
         keep_datapath: options.keep_datapath,
     };
@@ -136,7 +138,7 @@ pub async fn start(options: RunOptions) -> anyhow::Result<Daemon> {
     Ok(Daemon {
         core,
         dataplane,
-        resolver,
+        resolver: std::sync::Arc::new(resolver),
         attachment,
         listener,
         control,
@@ -274,7 +276,7 @@ fn attach(
 /// Starts the core and executes its first plan.
 fn first_plan(start: Start, mut dataplane: Dataplane) -> anyhow::Result<(Core, Output, Dataplane)> {
     let (core, mut first) = Core::start(start, Instant::now())?;
-    log_events(&mut first);
+    log_events(&mut first.events);
     if let Some(plan) = first.plan.take() {
         dataplane.execute(&plan).context("writing the maps")?;
     }
@@ -312,8 +314,8 @@ fn attachment(dataplane: &Dataplane, interface: &str, mode: AttachedMode) -> Att
 }
 
 /// Writes the core's events to the log, each at its level; leaves the rest of the output.
-pub fn log_events(out: &mut Output) {
-    for event in out.events.drain(..) {
+pub fn log_events(events: &mut Vec<crate::core::events::Event>) {
+    for event in events.drain(..) {
         match event.level() {
             Level::Info => info!("{event}"),
             Level::Warn => warn!("{event}"),
@@ -330,18 +332,19 @@ pub fn require_root() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Resolves addresses, logging the ones that fail (they get no traffic).
-pub async fn resolve(resolver: &Resolver, addresses: Vec<IpAddr>) -> NextHops {
+/// Resolves addresses: the next hops, and why the others do not resolve (they get no
+/// traffic; the core logs them, within its log budget).
+pub async fn resolve(
+    resolver: &Resolver,
+    addresses: Vec<IpAddr>,
+) -> (NextHops, Vec<(IpAddr, String)>) {
     let (hops, errors) = resolver.resolve_all(addresses).await;
-    let mut errors: Vec<_> = errors.into_iter().collect();
-    errors.sort_by_key(|(a, _)| *a);
-    for (address, e) in errors {
-        error!(
-            "backend {address} is unreachable and gets no traffic: {:#}",
-            anyhow::Error::new(e)
-        );
-    }
-    hops
+    let mut errors: Vec<(IpAddr, String)> = errors
+        .into_iter()
+        .map(|(a, e)| (a, format!("{:#}", anyhow::Error::new(e))))
+        .collect();
+    errors.sort();
+    (hops, errors)
 }
 
 /// The one-screen summary at start-up: attach mode, each VIP with its health check, each

@@ -40,6 +40,18 @@ pub struct DesiredVip {
     /// Every backend that could take new flows is down, and the VIP fails open: the table
     /// spreads over the down backends.
     pub fail_open: bool,
+    /// What the table was built from: (id, address, weight in the table) of every backend,
+    /// the table size and seed. The same input gives the same table, which is then reused
+    /// rather than built again (a health change of one VIP rebuilds that VIP only).
+    pub table_input: TableInput,
+}
+
+/// What a Maglev table is built from.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct TableInput {
+    pub backends: Arc<[(u32, IpAddr, u32)]>,
+    pub size: u32,
+    pub seed: u32,
 }
 
 impl DesiredVip {
@@ -114,6 +126,18 @@ pub fn desired_state(
     health: &HashMap<BackendKey, Health>,
     ids: &mut Ids,
 ) -> Result<DesiredState, IdError> {
+    desired_state_after(config, retiring, next_hops, health, ids, None)
+}
+
+/// [`desired_state`], reusing the tables of `previous` whose input has not changed.
+pub fn desired_state_after(
+    config: &Config,
+    retiring: &[BackendKey],
+    next_hops: &NextHops,
+    health: &HashMap<BackendKey, Health>,
+    ids: &mut Ids,
+    previous: Option<&DesiredState>,
+) -> Result<DesiredState, IdError> {
     let members: Vec<(&Vip, Vec<Member>)> = config
         .vips
         .iter()
@@ -132,6 +156,7 @@ pub fn desired_state(
             vip,
             vip_id: ids.vip(&vip.name).expect("assigned above"),
             seed: config.hash_seed,
+            previous: previous.and_then(|p| p.vips.iter().find(|v| v.name == vip.name)),
         };
         let desired = planned.build(&list, next_hops, health, ids, &mut state.maps);
         state.vips.push(desired);
@@ -142,8 +167,9 @@ pub fn desired_state(
 /// The configured backends of `vip`, then its retiring ones.
 fn members<'a>(vip: &'a Vip, retiring: &[BackendKey]) -> Vec<Member<'a>> {
     let mut list: Vec<Member> = vip.backends.iter().map(|b| (b.address, Some(b))).collect();
+    let listed: std::collections::HashSet<IpAddr> = list.iter().map(|(a, _)| *a).collect();
     for (name, address) in retiring {
-        if *name == vip.name && !vip.backends.iter().any(|b| b.address == *address) {
+        if *name == vip.name && !listed.contains(address) {
             list.push((*address, None));
         }
     }
@@ -155,6 +181,8 @@ struct VipPlan<'a> {
     vip: &'a Vip,
     vip_id: u32,
     seed: u32,
+    /// The VIP as last planned, if it was.
+    previous: Option<&'a DesiredVip>,
 }
 
 impl VipPlan<'_> {
@@ -170,6 +198,12 @@ impl VipPlan<'_> {
         let vip = self.vip;
         let mut backends = Vec::with_capacity(members.len());
         let mut entries = Vec::with_capacity(members.len());
+        // Whether each backend is configured to take new flows (not draining, weight above
+        // 0; retiring ones never).
+        let takes: Vec<bool> = members
+            .iter()
+            .map(|(_, c)| c.is_some_and(BackendConfig::takes_new_flows))
+            .collect();
         for &(address, configured) in members {
             let key = (vip.name.clone(), address);
             let id = ids.backend(&key).expect("assigned above");
@@ -190,12 +224,12 @@ impl VipPlan<'_> {
                 slots: 0,
             });
         }
-        let fail_open = self.fails_open(&backends);
-        for ((mut entry, healthy), b) in entries.into_iter().zip(&backends) {
-            entry.flags |= self.state_flags(b, healthy, fail_open);
+        let fail_open = self.fails_open(&backends, &takes);
+        for (((mut entry, healthy), b), takes) in entries.into_iter().zip(&backends).zip(&takes) {
+            entry.flags |= self.state_flags(b, *takes, healthy, fail_open);
             maps.backends.insert(b.id, entry);
         }
-        let table = self.table(&mut backends, fail_open);
+        let (table, table_input) = self.table(&mut backends, &takes, fail_open);
         let meta = self.meta();
         self.keys(meta, &mut maps.keys);
         maps.tables.insert(self.vip_id, table.clone());
@@ -206,6 +240,7 @@ impl VipPlan<'_> {
             table,
             backends,
             fail_open,
+            table_input,
         }
     }
 
@@ -244,53 +279,73 @@ impl VipPlan<'_> {
         entry
     }
 
-    /// Whether the backend is configured to take new flows (not draining, weight above 0).
-    fn would_take(&self, b: &DesiredBackend) -> bool {
-        matches!(b.state, BackendState::Active | BackendState::Down)
-            && self
-                .vip
-                .backends
-                .iter()
-                .any(|c| c.address == b.address && c.takes_new_flows())
+    /// Whether the backend would take new flows if it were healthy (`takes`: configured to).
+    fn would_take(b: &DesiredBackend, takes: bool) -> bool {
+        takes && matches!(b.state, BackendState::Active | BackendState::Down)
     }
 
     /// New flows go to active backends; if every backend that would take new flows is down
     /// and the VIP fails open, to those down backends instead.
-    fn fails_open(&self, backends: &[DesiredBackend]) -> bool {
+    fn fails_open(&self, backends: &[DesiredBackend], takes: &[bool]) -> bool {
         self.vip.when_all_down == WhenAllDown::FailOpen
             && !backends.iter().any(|b| b.state == BackendState::Active)
-            && backends.iter().any(|b| self.would_take(b))
+            && backends
+                .iter()
+                .zip(takes)
+                .any(|(b, t)| Self::would_take(b, *t))
     }
 
-    fn in_table(&self, b: &DesiredBackend, fail_open: bool) -> bool {
-        b.state == BackendState::Active || (fail_open && self.would_take(b))
+    fn in_table(b: &DesiredBackend, takes: bool, fail_open: bool) -> bool {
+        b.state == BackendState::Active || (fail_open && Self::would_take(b, takes))
     }
 
-    fn state_flags(&self, b: &DesiredBackend, healthy: bool, fail_open: bool) -> u32 {
+    fn state_flags(&self, b: &DesiredBackend, takes: bool, healthy: bool, fail_open: bool) -> u32 {
         match b.state {
             BackendState::Active => 0,
             BackendState::Draining => BACKEND_F_DRAINING,
             BackendState::Removed if healthy => BACKEND_F_DRAINING,
             // A down backend's flows move, unless the VIP fails open over it.
-            BackendState::Down if self.in_table(b, fail_open) => 0,
+            BackendState::Down if Self::in_table(b, takes, fail_open) => 0,
             BackendState::Down | BackendState::Unreachable | BackendState::Removed => {
                 BACKEND_F_DOWN
             }
         }
     }
 
-    /// The Maglev table over the backends that take new flows; counts each one's slots.
-    fn table(&self, backends: &mut [DesiredBackend], fail_open: bool) -> Table {
-        let candidates: Vec<MaglevBackend> = backends
+    /// The Maglev table over the backends that take new flows, and what it was built from;
+    /// counts each one's slots. The last table is reused if its input is the same.
+    fn table(
+        &self,
+        backends: &mut [DesiredBackend],
+        takes: &[bool],
+        fail_open: bool,
+    ) -> (Table, TableInput) {
+        let input = TableInput {
+            backends: backends
+                .iter()
+                .zip(takes)
+                .map(|(b, t)| {
+                    let weight = if Self::in_table(b, *t, fail_open) {
+                        b.weight
+                    } else {
+                        0
+                    };
+                    (b.id, b.address, weight)
+                })
+                .collect(),
+            size: self.vip.table_size,
+            seed: self.seed,
+        };
+        if let Some(previous) = self.previous.filter(|p| p.table_input == input) {
+            for (b, old) in backends.iter_mut().zip(&previous.backends) {
+                b.slots = old.slots;
+            }
+            return (previous.table.clone(), input);
+        }
+        let candidates: Vec<MaglevBackend> = input
+            .backends
             .iter()
-            .map(|b| MaglevBackend {
-                address: b.address,
-                weight: if self.in_table(b, fail_open) {
-                    b.weight
-                } else {
-                    0
-                },
-            })
+            .map(|&(_, address, weight)| MaglevBackend { address, weight })
             .collect();
         let table: Vec<u32> = maglev::build(&candidates, self.vip.table_size, self.seed)
             .into_iter()
@@ -302,7 +357,7 @@ impl VipPlan<'_> {
                 None => NO_BACKEND,
             })
             .collect();
-        Arc::from(table)
+        (Arc::from(table), input)
     }
 
     fn meta(&self) -> VipMeta {

@@ -66,18 +66,25 @@ impl Ids {
             drain_unwanted(&mut self.vips, |n| wanted_vips.contains(n.as_str()));
         let wanted_backends: BTreeSet<&BackendKey> = backends.iter().collect();
         let freed_backends = drain_unwanted(&mut self.backends, |k| wanted_backends.contains(k));
+        // The ids in use (and just freed), built once: a set per new backend made a reload
+        // adding 10,000 backends take seconds.
+        let mut used: BTreeSet<u32> = self.vips.values().chain(&freed_vips).copied().collect();
         for &name in vips {
             if !self.vips.contains_key(name) {
-                let used = self.vips.values().chain(&freed_vips);
-                let id =
-                    next_free(&mut self.next_vip, used, MAX_VIPS).ok_or(IdError::TooManyVips)?;
+                let id = next_free(&mut self.next_vip, &mut used, MAX_VIPS)
+                    .ok_or(IdError::TooManyVips)?;
                 self.vips.insert(name.to_owned(), id);
             }
         }
+        let mut used: BTreeSet<u32> = self
+            .backends
+            .values()
+            .chain(&freed_backends)
+            .copied()
+            .collect();
         for key in backends {
             if !self.backends.contains_key(key) {
-                let used = self.backends.values().chain(&freed_backends);
-                let id = next_free(&mut self.next_backend, used, MAX_BACKENDS)
+                let id = next_free(&mut self.next_backend, &mut used, MAX_BACKENDS)
                     .ok_or(IdError::TooManyBackends)?;
                 self.backends.insert(key.clone(), id);
             }
@@ -95,12 +102,13 @@ fn drain_unwanted<K: Clone + Eq + std::hash::Hash>(
     gone.iter().filter_map(|k| ids.remove(k)).collect()
 }
 
-/// The first id at or after `cursor` (wrapping) that is not used; advances the cursor past it.
-fn next_free<'a>(cursor: &mut u32, used: impl Iterator<Item = &'a u32>, limit: u32) -> Option<u32> {
-    let used: BTreeSet<u32> = used.copied().collect();
+/// The first id at or after `cursor` (wrapping) that is not used; takes it, and advances the
+/// cursor past it.
+fn next_free(cursor: &mut u32, used: &mut BTreeSet<u32>, limit: u32) -> Option<u32> {
     let id = (0..limit)
         .map(|i| (*cursor + i) % limit)
         .find(|id| !used.contains(id))?;
+    used.insert(id);
     *cursor = (id + 1) % limit;
     Some(id)
 }

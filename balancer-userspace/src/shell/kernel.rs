@@ -224,3 +224,16 @@ mod tests {
         assert!(missing[1].contains("map-in-map"), "{missing:?}");
     }
 }
+
+/// The soft limit of open files this process has now (1024 if it cannot be read).
+pub fn nofile_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given and nothing else.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return 1024;
+    }
+    limit.rlim_cur
+}

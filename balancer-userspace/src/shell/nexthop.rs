@@ -77,60 +77,142 @@ impl Resolver {
         })
     }
 
-    /// Resolves every address, concurrently. Failures are returned per address.
+    /// Resolves every address. Failures are returned per address.
     pub async fn resolve_all(
         &self,
         addresses: impl IntoIterator<Item = IpAddr>,
     ) -> (NextHops, HashMap<IpAddr, NextHopError>) {
-        let lookups = addresses
-            .into_iter()
-            .map(|a| async move { (a, self.resolve(a).await) });
         let mut hops = NextHops::new();
         let mut errors = HashMap::new();
-        for (address, result) in futures::future::join_all(lookups).await {
-            match result {
-                Ok(hop) => {
-                    hops.insert(address, hop);
-                }
-                Err(e) => {
-                    errors.insert(address, e);
+        self.resolve_batch(addresses, |results| {
+            for (address, result) in results {
+                match result {
+                    Ok(hop) => {
+                        hops.insert(address, hop);
+                    }
+                    Err(e) => {
+                        errors.insert(address, e);
+                    }
                 }
             }
-        }
+        })
+        .await;
         (hops, errors)
     }
 
-    pub async fn resolve(&self, address: IpAddr) -> Result<NextHop, NextHopError> {
-        let route = self.route(address).await?;
-        let (interface, src_mac, mtu) = self.link(route.ifindex).await?;
-        let neighbour = route.gateway.unwrap_or(address);
+    /// Resolves every address as one batch, handing results to `sink` as they become known:
+    /// the routes first (one netlink request each), then one neighbour-table dump per poll
+    /// round for every address still waiting, so that the cost grows with the number of
+    /// addresses, not with its square (a dump per address per round did not scale to
+    /// thousands of unreachable backends). Every address is answered within
+    /// `RESOLVE_TIMEOUT` plus the time of its route lookup.
+    pub async fn resolve_batch(
+        &self,
+        addresses: impl IntoIterator<Item = IpAddr>,
+        mut sink: impl FnMut(Vec<(IpAddr, Result<NextHop, NextHopError>)>),
+    ) {
+        let mut links: HashMap<u32, (String, [u8; 6], u32)> = HashMap::new();
+        let mut waiting: Vec<(IpAddr, Route)> = Vec::new();
+        let mut failed = Vec::new();
+        for address in addresses {
+            let route = match self.route(address).await {
+                Ok(route) => route,
+                Err(e) => {
+                    failed.push((address, Err(e)));
+                    continue;
+                }
+            };
+            if !links.contains_key(&route.ifindex) {
+                match self.link(route.ifindex).await {
+                    Ok(link) => {
+                        links.insert(route.ifindex, link);
+                    }
+                    Err(e) => {
+                        failed.push((address, Err(e)));
+                        continue;
+                    }
+                }
+            }
+            waiting.push((address, route));
+        }
+        if !failed.is_empty() {
+            sink(failed);
+        }
         let deadline = Instant::now() + RESOLVE_TIMEOUT;
         let mut triggered = false;
-        loop {
-            if let Some(dst_mac) = self.neighbour(route.ifindex, neighbour).await? {
-                return Ok(NextHop {
-                    ifindex: route.ifindex,
-                    interface,
-                    src_mac,
-                    dst_mac,
-                    gateway: route.gateway,
-                    mtu,
-                    source: route.source,
-                });
+        while !waiting.is_empty() {
+            let table = self.neighbours(&waiting).await;
+            let mut found = Vec::new();
+            waiting.retain(|(address, route)| {
+                let neighbour = route.gateway.unwrap_or(*address);
+                let Some(dst_mac) = table.get(&(route.ifindex, neighbour)) else {
+                    return true;
+                };
+                let (interface, src_mac, mtu) = links[&route.ifindex].clone();
+                found.push((
+                    *address,
+                    Ok(NextHop {
+                        ifindex: route.ifindex,
+                        interface,
+                        src_mac,
+                        dst_mac: *dst_mac,
+                        gateway: route.gateway,
+                        mtu,
+                        source: route.source,
+                    }),
+                ));
+                false
+            });
+            if !found.is_empty() {
+                sink(found);
+            }
+            if waiting.is_empty() {
+                break;
             }
             if !triggered {
-                self.trigger(route.ifindex, neighbour).await?;
+                let mut failures = Vec::new();
+                for (address, route) in &waiting {
+                    let neighbour = route.gateway.unwrap_or(*address);
+                    if let Err(e) = self.trigger(route.ifindex, neighbour).await {
+                        failures.push((*address, e));
+                    }
+                }
+                // A neighbour the kernel would not even try (its table full): no answer
+                // will come.
+                if !failures.is_empty() {
+                    waiting.retain(|(a, _)| !failures.iter().any(|(f, _)| f == a));
+                    sink(failures.into_iter().map(|(a, e)| (a, Err(e))).collect());
+                }
                 triggered = true;
             }
             if Instant::now() >= deadline {
-                return Err(NextHopError::NoAnswer {
-                    address: neighbour,
-                    interface,
-                    timeout: RESOLVE_TIMEOUT,
-                });
+                let timeouts = waiting
+                    .drain(..)
+                    .map(|(address, route)| {
+                        let interface = links[&route.ifindex].0.clone();
+                        let neighbour = route.gateway.unwrap_or(address);
+                        let error = NextHopError::NoAnswer {
+                            address: neighbour,
+                            interface,
+                            timeout: RESOLVE_TIMEOUT,
+                        };
+                        (address, Err(error))
+                    })
+                    .collect();
+                sink(timeouts);
+                break;
             }
             tokio::time::sleep(POLL_INTERVAL).await;
         }
+    }
+
+    pub async fn resolve(&self, address: IpAddr) -> Result<NextHop, NextHopError> {
+        let mut answer = None;
+        self.resolve_batch([address], |mut results| {
+            answer = results.pop().map(|(_, r)| r)
+        })
+        .await;
+        answer.unwrap_or(Err(NextHopError::NoRoute(address)))
     }
 
     /// `ip route get ADDRESS`: the output interface, the gateway if any, and the preferred
@@ -262,61 +344,34 @@ impl Resolver {
         Ok((name, mac.ok_or(NextHopError::NoMac(ifindex))?, mtu))
     }
 
-    /// The neighbour's MAC address, if the table holds a usable entry.
-    async fn neighbour(
-        &self,
-        ifindex: u32,
-        address: IpAddr,
-    ) -> Result<Option<[u8; 6]>, NextHopError> {
-        let _netlink = self.one_at_a_time.lock().await;
-        let family = match address {
-            IpAddr::V4(_) => AddressFamily::Inet,
-            IpAddr::V6(_) => AddressFamily::Inet6,
-        };
-        let entries: Vec<_> = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(family)
-            .execute()
-            .try_collect()
-            .await?;
-        for entry in entries {
-            if entry.header.ifindex != ifindex {
+    /// The usable entries of the neighbour table (by interface and address) of the address
+    /// families `waiting` needs: one dump per family.
+    async fn neighbours(&self, waiting: &[(IpAddr, Route)]) -> HashMap<(u32, IpAddr), [u8; 6]> {
+        let mut table = HashMap::new();
+        for (family, v4) in [(AddressFamily::Inet, true), (AddressFamily::Inet6, false)] {
+            let needed = waiting
+                .iter()
+                .any(|(a, r)| r.gateway.unwrap_or(*a).is_ipv4() == v4);
+            if !needed {
                 continue;
             }
-            let usable = matches!(
-                entry.header.state,
-                NeighbourState::Reachable
-                    | NeighbourState::Stale
-                    | NeighbourState::Delay
-                    | NeighbourState::Probe
-                    | NeighbourState::Permanent
-                    | NeighbourState::Noarp
-            );
-            let mut destination = None;
-            let mut mac = None;
-            for attribute in entry.attributes {
-                match attribute {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
-                        destination = Some(IpAddr::V4(a))
-                    }
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
-                        destination = Some(IpAddr::V6(a))
-                    }
-                    NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => {
-                        mac = l.try_into().ok()
-                    }
-                    _ => {}
-                }
-            }
-            if destination == Some(address) && usable {
-                if let Some(mac) = mac {
-                    return Ok(Some(mac));
+            let _netlink = self.one_at_a_time.lock().await;
+            let entries: Vec<_> = self
+                .handle
+                .neighbours()
+                .get()
+                .set_address_family(family)
+                .execute()
+                .try_collect()
+                .await
+                .unwrap_or_default();
+            for entry in entries {
+                if let Some((address, mac)) = usable_entry(entry.header.state, entry.attributes) {
+                    table.insert((entry.header.ifindex, address), mac);
                 }
             }
         }
-        Ok(None)
+        table
     }
 
     /// Asks the kernel to resolve the neighbour (`ip neigh replace ADDRESS dev IF use`).
@@ -333,4 +388,38 @@ impl Resolver {
         request.execute().await?;
         Ok(())
     }
+}
+
+/// A neighbour entry's address and MAC address, if the entry can be forwarded to.
+fn usable_entry(
+    state: NeighbourState,
+    attributes: Vec<NeighbourAttribute>,
+) -> Option<(IpAddr, [u8; 6])> {
+    let usable = matches!(
+        state,
+        NeighbourState::Reachable
+            | NeighbourState::Stale
+            | NeighbourState::Delay
+            | NeighbourState::Probe
+            | NeighbourState::Permanent
+            | NeighbourState::Noarp
+    );
+    if !usable {
+        return None;
+    }
+    let mut destination = None;
+    let mut mac = None;
+    for attribute in attributes {
+        match attribute {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
+                destination = Some(IpAddr::V4(a));
+            }
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
+                destination = Some(IpAddr::V6(a));
+            }
+            NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => mac = l.try_into().ok(),
+            _ => {}
+        }
+    }
+    Some((destination?, mac?))
 }

@@ -80,6 +80,18 @@ async fn connect(target: SocketAddr) -> Result<TcpStream, ProbeFailure> {
 }
 
 fn io_failure(e: std::io::Error) -> ProbeFailure {
+    // This host's shortage, not the backend's failure: no descriptor, buffer, memory or
+    // local port for the probe.
+    let local = [
+        libc::EMFILE,
+        libc::ENFILE,
+        libc::ENOBUFS,
+        libc::ENOMEM,
+        libc::EADDRNOTAVAIL,
+    ];
+    if e.raw_os_error().is_some_and(|code| local.contains(&code)) {
+        return ProbeFailure::Local(e.to_string());
+    }
     match e.kind() {
         std::io::ErrorKind::ConnectionRefused => ProbeFailure::Refused,
         std::io::ErrorKind::TimedOut => ProbeFailure::Timeout,
