@@ -112,7 +112,7 @@ pub fn sample_snapshot() -> Snapshot {
     let reloaded = CONFIG.replace(", { address = \"2001:db8::2\" }", "");
     core.handle(
         Input::Reload {
-            read: ReadConfig::new(Path::new("golden.toml"), reloaded),
+            read: ReadConfig::new(Path::new("golden.toml"), reloaded, &config::Host::default()),
             next_hops: hops(),
             only_if_changed: false,
         },
@@ -120,7 +120,11 @@ pub fn sample_snapshot() -> Snapshot {
     );
     core.handle(
         Input::Reload {
-            read: ReadConfig::new(Path::new("golden.toml"), "[balancer\n".into()),
+            read: ReadConfig::new(
+                Path::new("golden.toml"),
+                "[balancer\n".into(),
+                &config::Host::default(),
+            ),
             next_hops: hops(),
             only_if_changed: false,
         },

@@ -56,14 +56,43 @@ fn unreadable(path: &Path, e: &std::io::Error) -> ConfigError {
     }
 }
 
-/// Reads and validates a config file.
-pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| unreadable(path, &e))?;
-    parse(path, &text)
+/// What validation knows of the host the config is for: its own addresses (a backend may not
+/// be one of them).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Host {
+    /// Every address of this host, with its interface's name.
+    pub addresses: Vec<(std::net::IpAddr, String)>,
 }
 
-/// Validates config text; `file` is only used in error messages.
+/// Reads and validates a config file for `host`.
+pub fn load(path: &Path, host: &Host) -> Result<Config, ConfigError> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path).map_err(|e| unreadable(path, &e))?;
+    let mut text = String::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| unreadable(path, &e))?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(ConfigError {
+            file: path.to_owned(),
+            line: 0,
+            column: 0,
+            message: format!(
+                "the config file is larger than {} MiB",
+                MAX_CONFIG_BYTES >> 20
+            ),
+        });
+    }
+    parse_for(path, &text, host)
+}
+
+/// Validates config text, knowing nothing of the host; `file` is only used in error messages.
 pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
+    parse_for(file, text, &Host::default())
+}
+
+/// Validates config text for `host`; `file` is only used in error messages.
+pub fn parse_for(file: &Path, text: &str, host: &Host) -> Result<Config, ConfigError> {
     let at = |span: Range<usize>, message: String| {
         let (line, column) = line_column(text, span.start);
         ConfigError {
@@ -77,7 +106,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         let message = e.message().trim_end().to_owned();
         at(e.span().unwrap_or(0..0), message)
     })?;
-    validate::validate(raw).map_err(|(span, message)| at(span, message))
+    validate::validate(raw, host).map_err(|(span, message)| at(span, message))
 }
 
 /// What the commands that talk to a running daemon need from its config file, read

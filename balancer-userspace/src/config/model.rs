@@ -190,6 +190,23 @@ pub struct TunnelSource {
     pub varied_bits: u8,
 }
 
+impl TunnelSource {
+    /// Whether `other` is one of the addresses this source may use.
+    pub fn contains(&self, other: IpAddr) -> bool {
+        let bits = |a: IpAddr| -> u128 {
+            match a {
+                IpAddr::V4(a) => u128::from(u32::from(a)),
+                IpAddr::V6(a) => u128::from(a),
+            }
+        };
+        if self.address.is_ipv4() != other.is_ipv4() {
+            return false;
+        }
+        let varied = u32::from(self.varied_bits);
+        bits(self.address).checked_shr(varied) == bits(other).checked_shr(varied)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Vip {
     pub name: String,

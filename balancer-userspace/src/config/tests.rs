@@ -4,7 +4,7 @@ use std::{net::IpAddr, path::Path, time::Duration};
 
 use balancer_common::{DEFAULT_CONN_TABLE_SIZE, DEFAULT_MAGLEV_SIZE};
 
-use crate::config::{line_column, load, model::*, parse, validate::is_prime};
+use crate::config::{line_column, load, model::*, parse, parse_for, validate::is_prime, Host};
 
 /// A case of a rejected config: (replace, with, line, column, part of the message).
 type Case = (&'static str, &'static str, usize, usize, &'static str);
@@ -515,6 +515,34 @@ const ERRORS: &[Case] = &[
         "has the same 203.0.113.10:80/tcp as VIP \"web\"",
     ),
     ("[balancer]", "[balancr]", 2, 2, "unknown field `balancr`"),
+    (
+        "{ address = \"10.0.0.13\" }",
+        "{ address = \"203.0.113.10\" }",
+        27,
+        25,
+        "backend 203.0.113.10 is the address of VIP \"web\"",
+    ),
+    (
+        "{ address = \"10.0.0.11\", weight = 100 }",
+        "{ address = \"203.0.113.10\", weight = 100 }",
+        17,
+        15,
+        "VIP \"web\": backend 203.0.113.10 is the address of VIP \"web\"",
+    ),
+    (
+        "interface = \"eth0\"",
+        "interface = \"eth0\"\nreload_settle = \"2m\"",
+        4,
+        17,
+        "reload_settle must be at most 60s",
+    ),
+    (
+        "interface = \"eth0\"",
+        "interface = \"eth0\"\nreload_settle = \"soon\"",
+        4,
+        17,
+        "reload_settle \"soon\" is not a duration",
+    ),
 ];
 
 #[test]
@@ -640,7 +668,7 @@ fn shipped_configs_are_valid() {
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
-            load(&path).unwrap_or_else(|e| panic!("{e}"));
+            load(&path, &Host::default()).unwrap_or_else(|e| panic!("{e}"));
             checked += 1;
         }
     }
@@ -648,4 +676,53 @@ fn shipped_configs_are_valid() {
         checked >= 2,
         "expected config/demo.toml and config/example.toml"
     );
+}
+
+#[test]
+fn backends_and_tunnel_sources_may_be_neither_a_vip_nor_this_host() {
+    // A backend that is one of this host's addresses, named with its interface.
+    let host = Host {
+        addresses: vec![
+            ("127.0.0.1".parse().unwrap(), "lo".into()),
+            ("10.0.0.12".parse().unwrap(), "eth1".into()),
+        ],
+    };
+    let err = parse_for(Path::new("h.toml"), GOOD, &host).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "h.toml:18:15: VIP \"web\": backend 10.0.0.12 is an address of this host (eth1); a backend \
+         must be another machine"
+    );
+    // Without that address, the same file is valid; `parse` knows no host.
+    let elsewhere = Host {
+        addresses: vec![("192.0.2.99".parse().unwrap(), "eth0".into())],
+    };
+    parse_for(Path::new("h.toml"), GOOD, &elsewhere).unwrap();
+    parse(Path::new("h.toml"), GOOD).unwrap();
+
+    // A tunnel source (an address, or a prefix) that includes a VIP's address.
+    let tunnel = |source: &str| {
+        format!(
+            "[balancer]\n[[vip]]\nname = \"t\"\naddress = \"192.0.2.1\"\nport = 80\nprotocol = \"tcp\"\n\
+             forwarding = \"tunnel\"\ntunnel_source_v4 = \"{source}\"\nbackends = [{{ address = \"10.0.0.1\" }}]\n\
+             [[vip]]\nname = \"u\"\naddress = \"198.51.100.7\"\nport = 80\nprotocol = \"tcp\"\n\
+             forwarding = \"dsr\"\nbackends = [{{ address = \"10.0.0.2\" }}]\n"
+        )
+    };
+    let err = parse(Path::new("t.toml"), &tunnel("192.0.2.1")).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "t.toml:8:20: VIP \"t\": tunnel_source_v4 \"192.0.2.1\" includes 192.0.2.1, the address of \
+         VIP \"t\": tunnelled packets would come from a VIP"
+    );
+    let err = parse(Path::new("t.toml"), &tunnel("198.51.100.0/24")).unwrap_err();
+    assert!(
+        err.message
+            .contains("includes 198.51.100.7, the address of VIP \"u\""),
+        "{err}"
+    );
+    assert_eq!((err.line, err.column), (8, 20));
+    // A prefix next to the VIPs is fine.
+    parse(Path::new("t.toml"), &tunnel("198.51.101.0/24")).unwrap();
+    parse(Path::new("t.toml"), &tunnel("192.0.2.2")).unwrap();
 }

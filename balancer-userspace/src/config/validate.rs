@@ -21,9 +21,10 @@ use crate::config::{
         DEFAULT_WEIGHT, MAX_CONN_TABLE_SIZE, MAX_RELOAD_SETTLE, MAX_WEIGHT, MIN_CONN_TABLE_SIZE,
     },
     raw::{Invalid, PortSpec, RawAutoscale, RawBackend, RawBalancer, RawConfig, RawVip},
+    Host,
 };
 
-pub(super) fn validate(raw: RawConfig) -> Result<Config, Invalid> {
+pub(super) fn validate(raw: RawConfig, host: &Host) -> Result<Config, Invalid> {
     let b = raw.balancer;
     if let Some(interface) = &b.interface {
         check_interface_name(interface.get_ref()).map_err(|m| (interface.span(), m))?;
@@ -63,7 +64,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, Invalid> {
         pin_dir,
         keep_datapath: b.keep_datapath,
         control_socket,
-        vips: validate_vips(raw.vip)?,
+        vips: validate_vips(raw.vip, host)?,
     })
 }
 
@@ -132,9 +133,29 @@ fn absolute_path(value: &Spanned<String>, key: &str, example: &str) -> Result<Pa
     ))
 }
 
+/// What a backend or tunnel source address may not be: any VIP's address, or one of this
+/// host's own.
+struct Taken<'a> {
+    vips: HashMap<IpAddr, &'a str>,
+    host: &'a Host,
+}
+
 /// Every VIP, and what VIPs may not share: a name, an endpoint, an address for fragments, a
 /// backend address that is a VIP's.
-fn validate_vips(raw: Vec<Spanned<RawVip>>) -> Result<Vec<Vip>, Invalid> {
+fn validate_vips(raw: Vec<Spanned<RawVip>>, host: &Host) -> Result<Vec<Vip>, Invalid> {
+    let names: Vec<(IpAddr, String)> = raw
+        .iter()
+        .map(|v| {
+            (
+                *v.get_ref().address.get_ref(),
+                v.get_ref().name.get_ref().clone(),
+            )
+        })
+        .collect();
+    let taken = Taken {
+        vips: names.iter().rev().map(|(a, n)| (*a, n.as_str())).collect(),
+        host,
+    };
     if raw.len() > MAX_VIPS as usize {
         let span = raw[MAX_VIPS as usize].span();
         return Err((span, format!("too many VIPs: at most {MAX_VIPS}")));
@@ -145,7 +166,7 @@ fn validate_vips(raw: Vec<Spanned<RawVip>>) -> Result<Vec<Vip>, Invalid> {
     let mut vips: Vec<Vip> = Vec::with_capacity(raw.len());
     for raw_vip in raw {
         let vip_span = raw_vip.span();
-        let vip = validate_vip(raw_vip.into_inner())?;
+        let vip = validate_vip(raw_vip.into_inner(), &taken)?;
         if !names.insert(vip.name.clone()) {
             return Err((vip_span, format!("duplicate VIP name \"{}\"", vip.name)));
         }
@@ -196,7 +217,7 @@ fn check_fragments(vip: &Vip, before: &[Vip]) -> Result<(), String> {
     Ok(())
 }
 
-fn validate_vip(raw: RawVip) -> Result<Vip, Invalid> {
+fn validate_vip(raw: RawVip, taken: &Taken) -> Result<Vip, Invalid> {
     let name = vip_name(&raw.name)?;
     let address = *raw.address.get_ref();
     if address.is_unspecified() || address.is_multicast() || is_broadcast(address) {
@@ -218,9 +239,9 @@ fn validate_vip(raw: RawVip) -> Result<Vip, Invalid> {
         None => None,
         Some(a) => Some(autoscale(a.get_ref(), &name)?),
     };
-    let [tunnel_source_v4, tunnel_source_v6] = tunnel_sources(&raw, &name, forwarding)?;
+    let [tunnel_source_v4, tunnel_source_v6] = tunnel_sources(&raw, &name, forwarding, taken)?;
     let table_size = table_size(&raw, &name)?;
-    let backends = backends(&raw, &name, address, forwarding)?;
+    let backends = backends(&raw, &name, address, forwarding, taken)?;
     if backends.len() > table_size as usize {
         return Err((
             raw.port.span(),
@@ -311,6 +332,7 @@ fn tunnel_sources(
     raw: &RawVip,
     name: &str,
     forwarding: Forwarding,
+    taken: &Taken,
 ) -> Result<[Option<TunnelSource>; 2], Invalid> {
     let mut sources = [None, None];
     for (i, (key, value, v6)) in [
@@ -325,10 +347,19 @@ fn tunnel_sources(
             let message = format!("VIP \"{name}\": {key} only applies to forwarding = \"tunnel\"");
             return Err((value.span(), message));
         }
-        sources[i] = Some(
-            parse_tunnel_source(value.get_ref(), v6)
-                .map_err(|e| (value.span(), format!("VIP \"{name}\": {key} {e}")))?,
-        );
+        let source = parse_tunnel_source(value.get_ref(), v6)
+            .map_err(|e| (value.span(), format!("VIP \"{name}\": {key} {e}")))?;
+        let mut vips: Vec<(&IpAddr, &&str)> = taken.vips.iter().collect();
+        vips.sort();
+        if let Some((vip, owner)) = vips.into_iter().find(|(a, _)| source.contains(**a)) {
+            let message = format!(
+                "VIP \"{name}\": {key} \"{}\" includes {vip}, the address of VIP \"{owner}\": \
+                 tunnelled packets would come from a VIP",
+                value.get_ref()
+            );
+            return Err((value.span(), message));
+        }
+        sources[i] = Some(source);
     }
     Ok(sources)
 }
@@ -355,6 +386,7 @@ fn backends(
     name: &str,
     vip_address: IpAddr,
     forwarding: Forwarding,
+    taken: &Taken,
 ) -> Result<Vec<BackendConfig>, Invalid> {
     let mut seen = HashSet::new();
     let mut backends = Vec::with_capacity(raw.backends.len());
@@ -362,6 +394,7 @@ fn backends(
         let span = raw_backend.span();
         let rb = raw_backend.get_ref();
         let address = backend_address(rb, name, vip_address, forwarding)?;
+        not_taken(address, name, taken).map_err(|m| (rb.address.span(), m))?;
         if !seen.insert(address) {
             return Err((
                 span,
@@ -421,6 +454,24 @@ fn backend_address(
         Some(message) => Err((rb.address.span(), message)),
         None => Ok(address),
     }
+}
+
+/// A backend may not be a VIP (its packets would come back to the balancer) nor this host
+/// (the balancer would send packets to itself).
+fn not_taken(address: IpAddr, name: &str, taken: &Taken) -> Result<(), String> {
+    if let Some(owner) = taken.vips.get(&address) {
+        return Err(format!(
+            "VIP \"{name}\": backend {address} is the address of VIP \"{owner}\"; a backend must be \
+             a server behind the balancer"
+        ));
+    }
+    if let Some((_, interface)) = taken.host.addresses.iter().find(|(a, _)| *a == address) {
+        return Err(format!(
+            "VIP \"{name}\": backend {address} is an address of this host ({interface}); a backend \
+             must be another machine"
+        ));
+    }
+    Ok(())
 }
 
 /// The VIP's health table with the backend's overrides laid over it.

@@ -67,9 +67,9 @@ pub struct ReadConfig {
 }
 
 impl ReadConfig {
-    /// Parses `text`, read from `path`.
-    pub fn new(path: &Path, text: String) -> ReadConfig {
-        let parsed = config::parse(path, &text);
+    /// Parses `text`, read from `path`, for `host`.
+    pub fn new(path: &Path, text: String, host: &config::Host) -> ReadConfig {
+        let parsed = config::parse_for(path, &text, host);
         ReadConfig { text, parsed }
     }
 }

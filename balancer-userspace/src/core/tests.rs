@@ -85,7 +85,11 @@ fn start_with(text: &str, adopted: Option<MapContents>, now: Instant) -> (Core, 
 fn reload(core: &mut Core, text: &str, now: Instant) -> Output {
     core.handle(
         Input::Reload {
-            read: ReadConfig::new(Path::new("core.toml"), text.to_owned()),
+            read: ReadConfig::new(
+                Path::new("core.toml"),
+                text.to_owned(),
+                &config::Host::default(),
+            ),
             next_hops: hops(),
             only_if_changed: false,
         },
@@ -224,7 +228,11 @@ fn reload_refused_for_a_restart_setting_and_unchanged_text() {
     // The same text from a file watcher: no reload at all.
     let out = core.handle(
         Input::Reload {
-            read: ReadConfig::new(Path::new("core.toml"), heavier.clone()),
+            read: ReadConfig::new(
+                Path::new("core.toml"),
+                heavier.clone(),
+                &config::Host::default(),
+            ),
             next_hops: hops(),
             only_if_changed: true,
         },
@@ -250,7 +258,11 @@ fn reload_refused_for_a_restart_setting_and_unchanged_text() {
     // explicitly, it is judged again.
     let watched = |core: &mut Core, text: &str| {
         let input = Input::Reload {
-            read: ReadConfig::new(Path::new("core.toml"), text.to_owned()),
+            read: ReadConfig::new(
+                Path::new("core.toml"),
+                text.to_owned(),
+                &config::Host::default(),
+            ),
             next_hops: hops(),
             only_if_changed: true,
         };
@@ -791,7 +803,7 @@ fn unreachable_backends_are_logged_when_they_start_and_stop() {
     );
     let mut no_hop = hops();
     no_hop.remove(&ip(4));
-    let read = ReadConfig::new(Path::new("core.toml"), added);
+    let read = ReadConfig::new(Path::new("core.toml"), added, &config::Host::default());
     let out = core.handle(
         Input::Reload {
             read,

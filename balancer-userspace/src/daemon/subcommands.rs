@@ -26,7 +26,7 @@ use crate::{
 
 /// `balancer check`: the config's summary, or its first error.
 pub fn check(path: &Path) -> anyhow::Result<Vec<String>> {
-    let c = config::load(path)?;
+    let c = config::load(path, &crate::shell::kernel::host())?;
     let backends: usize = c.vips.iter().map(|v| v.backends.len()).sum();
     let mut lines = vec![format!(
         "{}: OK, {} VIPs, {backends} backends",
@@ -161,7 +161,7 @@ pub async fn reload(target: &Target) -> anyhow::Result<(bool, Vec<String>)> {
 pub fn detach(target: &Target, interface: &str) -> anyhow::Result<Vec<String>> {
     let pin_dir = match (&target.pin_dir, &target.config) {
         (Some(dir), _) => dir.clone(),
-        (None, Some(path)) => config::load(path)?.pin_dir,
+        (None, Some(path)) => config::load(path, &config::Host::default())?.pin_dir,
         (None, None) => PathBuf::from(config::DEFAULT_PIN_DIR),
     };
     require_root()?;
