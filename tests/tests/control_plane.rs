@@ -379,10 +379,10 @@ fn a_config_written_in_place_in_two_halves_is_applied_once_whole() {
         .find("\n[[vip]]\nname = \"v2\"")
         .expect("the second VIP");
     let mut file = std::fs::File::create(lab.path()).unwrap();
-    file.write_all(new[..cut].as_bytes()).unwrap();
+    file.write_all(&new.as_bytes()[..cut]).unwrap();
     file.flush().unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    file.write_all(new[cut..].as_bytes()).unwrap();
+    file.write_all(&new.as_bytes()[cut..]).unwrap();
     drop(file);
     lab.wait_for("the new file applied", Duration::from_secs(5), |s| {
         s["config_generation"] == 2

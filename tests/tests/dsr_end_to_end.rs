@@ -86,7 +86,8 @@ fn dsr_forwards_every_connection_whole_to_the_predicted_backend() {
     topology.pin_arp();
 
     let config_path = workspace_root().join("config/demo.toml");
-    let config = config::load(&config_path).expect("config/demo.toml is valid");
+    let config =
+        config::load(&config_path, &config::Host::default()).expect("config/demo.toml is valid");
     let api = config.metrics_listen;
     let scratch = Scratch::new("lbt-", "dsr");
     let mut balancer = BalancerProcess::run(

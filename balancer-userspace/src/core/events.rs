@@ -255,6 +255,16 @@ impl fmt::Display for Event {
                 "backend {address} of VIP {vip} is reached through gateway {gateway}: direct server return needs it on \
                  a directly connected network; it gets no traffic (use forwarding = \"tunnel\" for routed backends)"
             ),
+            _ => self.fmt_more(f),
+        }
+    }
+}
+
+impl Event {
+    /// The lines of map plans, reachability, probes that did not run, reloads applied and
+    /// the log limiter's summaries.
+    fn fmt_more(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
             Event::PlanFailed { error } => write!(
                 f,
                 "writing the maps: {error}; they are written again, whole, within a second"
@@ -276,8 +286,15 @@ impl fmt::Display for Event {
                 millis,
                 changes,
             } => {
-                write!(f, "config generation {generation} applied in {millis:.1} ms: ")?;
-                let named: Vec<&str> = changes.iter().take(CHANGES_NAMED).map(String::as_str).collect();
+                write!(
+                    f,
+                    "config generation {generation} applied in {millis:.1} ms: "
+                )?;
+                let named: Vec<&str> = changes
+                    .iter()
+                    .take(CHANGES_NAMED)
+                    .map(String::as_str)
+                    .collect();
                 f.write_str(&named.join("; "))?;
                 if changes.len() > CHANGES_NAMED {
                     let more = (changes.len() - CHANGES_NAMED) as u64;
@@ -285,7 +302,7 @@ impl fmt::Display for Event {
                 }
                 Ok(())
             }
-            Event::LeftOut(left_out) => left_out.fmt(f),
+            Event::LeftOut(left_out) => fmt::Display::fmt(left_out, f),
             Event::Conditions(vips) => {
                 f.write_str("still: ")?;
                 let named: Vec<String> = vips
@@ -307,6 +324,7 @@ impl fmt::Display for Event {
                 }
                 Ok(())
             }
+            _ => Ok(()),
         }
     }
 }

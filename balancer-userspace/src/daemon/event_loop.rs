@@ -346,7 +346,7 @@ impl<'a> EventLoop<'a> {
             // Written again with what was read last (accepted or not): nothing to say.
             return self.answer(request, None);
         }
-        let read = ReadConfig::new(&path, text, &crate::shell::kernel::host());
+        let read = ReadConfig::new(&path, text, &crate::shell::host::host());
         let waiting: HashSet<IpAddr> = self.core.unresolved(&read).into_iter().collect();
         if !waiting.is_empty() {
             self.resolve(waiting.iter().copied().collect(), None);

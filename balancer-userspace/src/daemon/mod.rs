@@ -50,7 +50,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     } = start(options).await?;
 
     let (probe_results, probes_inbox) = mpsc::channel(PROBE_QUEUE);
-    let nofile = crate::shell::kernel::nofile_limit();
+    let nofile = crate::shell::host::nofile_limit();
     let budget = probes::probe_budget(nofile);
     info!("health probes: at most {budget} at once (open files limit {nofile})");
     let mut probes = ProbeTasks::new(probe_results, budget);

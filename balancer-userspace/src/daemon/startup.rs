@@ -152,7 +152,7 @@ pub async fn start(options: RunOptions) -> anyhow::Result<Daemon> {
 fn setting(options: &RunOptions) -> anyhow::Result<Setting> {
     let text = std::fs::read_to_string(&options.config)
         .with_context(|| format!("{}: cannot read the config file", options.config.display()))?;
-    let config = config::parse_for(&options.config, &text, &crate::shell::kernel::host())?;
+    let config = config::parse_for(&options.config, &text, &crate::shell::host::host())?;
     let interface = options
         .interface
         .clone()

@@ -26,7 +26,7 @@ use crate::{
 
 /// `balancer check`: the config's summary, or its first error.
 pub fn check(path: &Path) -> anyhow::Result<Vec<String>> {
-    let c = config::load(path, &crate::shell::kernel::host())?;
+    let c = config::load(path, &crate::shell::host::host())?;
     let backends: usize = c.vips.iter().map(|v| v.backends.len()).sum();
     let mut lines = vec![format!(
         "{}: OK, {} VIPs, {backends} backends",

@@ -111,30 +111,7 @@ impl Resolver {
         addresses: impl IntoIterator<Item = IpAddr>,
         mut sink: impl FnMut(Vec<(IpAddr, Result<NextHop, NextHopError>)>),
     ) {
-        let mut links: HashMap<u32, (String, [u8; 6], u32)> = HashMap::new();
-        let mut waiting: Vec<(IpAddr, Route)> = Vec::new();
-        let mut failed = Vec::new();
-        for address in addresses {
-            let route = match self.route(address).await {
-                Ok(route) => route,
-                Err(e) => {
-                    failed.push((address, Err(e)));
-                    continue;
-                }
-            };
-            if !links.contains_key(&route.ifindex) {
-                match self.link(route.ifindex).await {
-                    Ok(link) => {
-                        links.insert(route.ifindex, link);
-                    }
-                    Err(e) => {
-                        failed.push((address, Err(e)));
-                        continue;
-                    }
-                }
-            }
-            waiting.push((address, route));
-        }
+        let (mut waiting, links, failed) = self.routes(addresses).await;
         if !failed.is_empty() {
             sink(failed);
         }
@@ -204,6 +181,44 @@ impl Resolver {
             }
             tokio::time::sleep(POLL_INTERVAL).await;
         }
+    }
+
+    /// The route and link of every address: those to wait for a neighbour answer for, the
+    /// links by index, and the addresses that failed.
+    #[allow(clippy::type_complexity, reason = "a private step of resolve_batch")]
+    async fn routes(
+        &self,
+        addresses: impl IntoIterator<Item = IpAddr>,
+    ) -> (
+        Vec<(IpAddr, Route)>,
+        HashMap<u32, (String, [u8; 6], u32)>,
+        Vec<(IpAddr, Result<NextHop, NextHopError>)>,
+    ) {
+        let mut links = HashMap::new();
+        let mut waiting = Vec::new();
+        let mut failed = Vec::new();
+        for address in addresses {
+            let route = match self.route(address).await {
+                Ok(route) => route,
+                Err(e) => {
+                    failed.push((address, Err(e)));
+                    continue;
+                }
+            };
+            if let std::collections::hash_map::Entry::Vacant(entry) = links.entry(route.ifindex) {
+                match self.link(route.ifindex).await {
+                    Ok(link) => {
+                        entry.insert(link);
+                    }
+                    Err(e) => {
+                        failed.push((address, Err(e)));
+                        continue;
+                    }
+                }
+            }
+            waiting.push((address, route));
+        }
+        (waiting, links, failed)
     }
 
     pub async fn resolve(&self, address: IpAddr) -> Result<NextHop, NextHopError> {
