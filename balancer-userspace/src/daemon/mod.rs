@@ -45,6 +45,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         control,
         interface,
         pin_dir,
+        // Logged at start; the health probes' share of descriptors will be sized from it.
+        nofile: _,
         first,
         lock,
     } = start(options).await?;
