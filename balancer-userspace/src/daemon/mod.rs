@@ -22,7 +22,10 @@ use tokio::sync::{mpsc, watch as latest};
 use tracing::{info, warn};
 
 use crate::{
-    api::http::{serve, ApiState},
+    api::{
+        connections::Limits,
+        http::{serve, ApiState},
+    },
     daemon::{
         event_loop::{EventLoop, Inputs},
         probes::ProbeTasks,
@@ -76,8 +79,15 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         snapshots: snapshot_rx,
         attachment: Arc::new(attachment),
         refresh,
+        connections: Arc::default(),
     };
-    let api = tokio::spawn(serve(listener, state, until_stopped(stopped.clone())));
+    let limits = Limits::of(core.config());
+    let api = tokio::spawn(serve(
+        listener,
+        state,
+        limits,
+        until_stopped(stopped.clone()),
+    ));
     let control = tokio::spawn(control.serve(commands, until_stopped(stopped)));
 
     let mut event_loop = EventLoop::new(
@@ -99,10 +109,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     info!("{which}: shutting down");
     probes.stop();
     let _ = stop.send(true);
-    match api.await {
-        Ok(Err(e)) => warn!("status API: {e}"),
-        Err(e) => warn!("status API task: {e}"),
-        Ok(Ok(())) => {}
+    if let Err(e) = api.await {
+        warn!("status API task: {e}");
     }
     let _ = control.await;
     let keep = core.keep_datapath();
