@@ -158,6 +158,7 @@ pub fn run(no_vm: bool) -> Result<()> {
             "tunnel_end_to_end",
             "observability",
             "restarts",
+            "api_limits",
         ],
     ));
 
