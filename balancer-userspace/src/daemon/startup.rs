@@ -13,6 +13,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     api::{
+        connections::LOOPBACK_RESERVE,
         control::{default_socket, ControlServer},
         status::{Attachment, DatapathStatus},
     },
@@ -128,14 +129,7 @@ pub async fn start(options: RunOptions) -> anyhow::Result<Daemon> {
         log_adoption(&dataplane, &loaded.layout_dir, summary);
     }
     log_summary(&core, &interface, mode.as_str());
-    info!(
-        "status API on http://{}/api/v1/status",
-        listener.local_addr()?
-    );
-    info!(
-        "control socket {} (balancer reload)",
-        control.path().display()
-    );
+    log_endpoints(core.config(), &listener, &control)?;
     let attachment = attachment(&dataplane, &interface, mode);
     Ok(Daemon {
         core,
@@ -308,6 +302,26 @@ fn first_plan(start: Start, mut dataplane: Dataplane) -> anyhow::Result<(Core, O
         dataplane.execute(&plan).context("writing the maps")?;
     }
     Ok((core, first, dataplane))
+}
+
+/// Where the status API and the control socket are, and the API's limits.
+fn log_endpoints(
+    config: &Config,
+    listener: &tokio::net::TcpListener,
+    control: &ControlServer,
+) -> anyhow::Result<()> {
+    info!(
+        "status API on http://{}/api/v1/status: at most {} connections ({LOOPBACK_RESERVE} more \
+         from loopback), idle timeout {:?}",
+        listener.local_addr()?,
+        config.api_max_connections,
+        config.api_idle_timeout
+    );
+    info!(
+        "control socket {} (balancer reload)",
+        control.path().display()
+    );
+    Ok(())
 }
 
 fn log_adoption(dataplane: &Dataplane, layout_dir: &Path, summary: &str) {
