@@ -251,6 +251,65 @@ impl Stream {
     }
 }
 
+/// Long-lived connections, each exchanging a line every 50 ms, from a thread, until
+/// stopped (or until one fails).
+pub struct LongLived {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<(Vec<u64>, Vec<String>)>>,
+}
+
+impl LongLived {
+    /// `count` connections from `ns` to `to`'s stream endpoint, from source ports
+    /// `first_port`, `first_port + 1`...
+    pub fn open(ns: &Netns, to: SocketAddr, first_port: u16, count: u16) -> LongLived {
+        let mut streams: Vec<Stream> = (0..count)
+            .map(|i| Stream::open(ns, to, first_port + i).expect("long-lived connection"))
+            .collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut errors = Vec::new();
+            let mut n = 0u64;
+            while !flag.load(Ordering::Relaxed) && errors.is_empty() {
+                for (i, s) in streams.iter_mut().enumerate() {
+                    match s.exchange(&format!("line {n}")) {
+                        Ok(by) if by == s.backend => {}
+                        Ok(by) => errors.push(format!(
+                            "stream {i}: echoed by {by}, opened on {}",
+                            s.backend
+                        )),
+                        Err(e) => {
+                            errors.push(format!("stream {i} after {} exchanges: {e}", s.exchanges))
+                        }
+                    }
+                }
+                n += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (streams.iter().map(|s| s.exchanges).collect(), errors)
+        });
+        LongLived {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops; returns the exchanges of each connection and every error (a reset, a timeout).
+    pub fn stop(mut self) -> (Vec<u64>, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.thread.take().expect("running").join() {
+            Ok(result) => result,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+}
+
+impl Drop for LongLived {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
 /// One connection of a [`LoadGenerator`].
 #[derive(Clone, Debug)]
 pub struct Attempt {

@@ -57,6 +57,19 @@ impl BalancerProcess {
         extra: &[&str],
         log: &str,
     ) -> BalancerProcess {
+        Self::run_wrapped(ns, &[], config, scratch, extra, log)
+    }
+
+    /// Like [`run`](Self::run), through `wrapper` (see [`start_wrapped`](Self::start_wrapped)),
+    /// such as `prlimit --nofile=1024:1024`.
+    pub fn run_wrapped(
+        ns: &Netns,
+        wrapper: &[&str],
+        config: &Path,
+        scratch: &Scratch,
+        extra: &[&str],
+        log: &str,
+    ) -> BalancerProcess {
         let pin_dir = scratch.pin_dir_arg();
         let mut args = vec![
             "run",
@@ -66,7 +79,7 @@ impl BalancerProcess {
             &pin_dir,
         ];
         args.extend_from_slice(extra);
-        Self::start(ns, &args, &scratch.path(log))
+        Self::start_wrapped(ns, wrapper, &args, &scratch.path(log))
     }
 
     /// Like [`start`](Self::start), through `wrapper` (a program and its arguments that runs

@@ -13,18 +13,15 @@
 use std::{
     net::{SocketAddr, SocketAddrV4},
     path::PathBuf,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use balancer_common::{ConnEntry, FlowKey, FAMILY_IPV4, PROTO_TCP};
 use balancer_tests::{
-    http::{get_json, status_backend, wait_for_status, Attempt, HttpServer, LoadGenerator, Stream},
+    http::{
+        get_json, status_backend, wait_for_status, Attempt, HttpServer, LoadGenerator, LongLived,
+    },
     netns::{remove_stale, require_root},
     process::{balancer_binary, BalancerProcess},
     scratch::Scratch,
@@ -210,62 +207,6 @@ impl Lab {
     }
 }
 
-/// Long-lived connections exchanging a line every 50 ms each, from a thread, until stopped.
-struct LongLived {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<(Vec<u64>, Vec<String>)>>,
-}
-
-impl LongLived {
-    fn open(lab: &Lab) -> LongLived {
-        let mut streams: Vec<Stream> = (0..STREAMS)
-            .map(|i| {
-                Stream::open(&lab.topology.client, vip(), STREAM_PORTS + i)
-                    .expect("long-lived connection")
-            })
-            .collect();
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let mut errors = Vec::new();
-            let mut n = 0u64;
-            while !flag.load(Ordering::Relaxed) && errors.is_empty() {
-                for (i, s) in streams.iter_mut().enumerate() {
-                    match s.exchange(&format!("line {n}")) {
-                        Ok(by) if by == s.backend => {}
-                        Ok(by) => errors.push(format!(
-                            "stream {i}: echoed by {by}, opened on {}",
-                            s.backend
-                        )),
-                        Err(e) => {
-                            errors.push(format!("stream {i} after {} exchanges: {e}", s.exchanges))
-                        }
-                    }
-                }
-                n += 1;
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            (streams.iter().map(|s| s.exchanges).collect(), errors)
-        });
-        LongLived {
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    /// Stops; returns the exchanges of each connection and every error (a reset, a timeout).
-    fn stop(mut self) -> (Vec<u64>, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.take().unwrap().join().unwrap()
-    }
-}
-
-impl Drop for LongLived {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
 fn failures(attempts: &[Attempt]) -> Vec<String> {
     attempts
         .iter()
@@ -291,7 +232,7 @@ fn a_killed_daemon_leaves_forwarding_running_and_the_next_one_adopts_it() {
     let mut lab = Lab::new("sigkill", 65536);
     lab.start(&[]);
     lab.wait_all_up();
-    let long = LongLived::open(&lab);
+    let long = LongLived::open(&lab.topology.client, vip(), STREAM_PORTS, STREAMS);
     let load = LoadGenerator::start(&lab.topology.client, vip(), LOAD_PORTS, LOAD_PAUSE);
     std::thread::sleep(Duration::from_millis(500));
     let program = lab.status()["datapath"]["program_id"].as_u64().unwrap() as u32;
@@ -351,7 +292,7 @@ fn twenty_restarts_with_keep_datapath_lose_no_connection_and_no_flow() {
     let mut lab = Lab::new("keep", 65536);
     lab.start(&["--keep-datapath"]);
     lab.wait_all_up();
-    let long = LongLived::open(&lab);
+    let long = LongLived::open(&lab.topology.client, vip(), STREAM_PORTS, STREAMS);
     let load = LoadGenerator::start(&lab.topology.client, vip(), LOAD_PORTS, LOAD_PAUSE);
     std::thread::sleep(Duration::from_millis(300));
     let (first_ids, _) = lab.conn_table();
@@ -444,7 +385,7 @@ fn an_upgraded_program_is_swapped_in_under_load() {
     let mut lab = Lab::new("upgrade", 65536);
     let before = lab.start(&["--keep-datapath"]);
     lab.wait_all_up();
-    let long = LongLived::open(&lab);
+    let long = LongLived::open(&lab.topology.client, vip(), STREAM_PORTS, STREAMS);
     let load = LoadGenerator::start(&lab.topology.client, vip(), LOAD_PORTS, LOAD_PAUSE);
     std::thread::sleep(Duration::from_millis(500));
 

@@ -159,6 +159,7 @@ pub fn run(no_vm: bool) -> Result<()> {
             "observability",
             "restarts",
             "control_plane",
+            "api_limits",
         ],
     ));
 

@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::{
     api::{
+        connections::{self, ConnectionCounters, Limits},
         metrics,
         status::{Attachment, StatusDocument},
     },
@@ -37,6 +38,8 @@ pub struct ApiState {
     pub attachment: Arc<Attachment>,
     /// Asks the event loop for a new snapshot with fresh counters (coalesced: capacity 1).
     pub refresh: mpsc::Sender<()>,
+    /// The API's own connections, counted by its accept loop.
+    pub connections: Arc<ConnectionCounters>,
 }
 
 impl ApiState {
@@ -70,15 +73,15 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-/// Serves the API until `shutdown` resolves.
+/// Serves the API within `limits` until `shutdown` resolves (see [`connections::serve`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: ApiState,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    limits: Limits,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let counters = state.connections.clone();
+    connections::serve(listener, router(state), limits, counters, shutdown).await;
 }
 
 async fn get_status(State(api): State<ApiState>) -> Json<StatusDocument> {
@@ -88,7 +91,7 @@ async fn get_status(State(api): State<ApiState>) -> Json<StatusDocument> {
 
 async fn get_metrics(State(api): State<ApiState>) -> Response {
     let snapshot = api.snapshot().await;
-    let text = metrics::render(snapshot);
+    let text = metrics::render(snapshot, api.connections.stats());
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()
 }
 
@@ -109,3 +112,6 @@ async fn refuse(method: Method) -> Response {
     )
         .into_response()
 }
+
+#[cfg(test)]
+mod tests;

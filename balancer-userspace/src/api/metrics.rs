@@ -1,7 +1,7 @@
 //! `GET /metrics`: the snapshot in the OpenMetrics text format, encoded by the Prometheus
 //! organisation's own client library (`prometheus-client`) as constant metrics: the counters
-//! are the data plane's per-CPU counters summed when the snapshot was taken, so nothing here
-//! counts anything itself.
+//! are the data plane's per-CPU counters summed when the snapshot was taken, and the API's
+//! own connection counters read with it, so nothing here counts anything itself.
 
 use std::{collections::HashMap, fmt};
 
@@ -13,25 +13,28 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::core::{
-    health::{Histogram, PROBE_BUCKETS},
-    snapshot::{BackendView, Snapshot, VipView},
+use crate::{
+    api::connections::ConnectionStats,
+    core::{
+        health::{Histogram, PROBE_BUCKETS},
+        snapshot::{BackendView, Snapshot, VipView},
+    },
 };
 
 /// The content type of the exposition.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// The whole exposition of a snapshot.
-pub fn render(snapshot: std::sync::Arc<Snapshot>) -> String {
+/// The whole exposition of a snapshot and of the API's connections.
+pub fn render(snapshot: std::sync::Arc<Snapshot>, api: ConnectionStats) -> String {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(Exposition(snapshot)));
+    registry.register_collector(Box::new(Exposition(snapshot, api)));
     let mut out = String::with_capacity(16 * 1024);
     encode(&mut out, &registry).expect("writing to a String cannot fail");
     out
 }
 
 #[derive(Debug)]
-struct Exposition(std::sync::Arc<Snapshot>);
+struct Exposition(std::sync::Arc<Snapshot>, ConnectionStats);
 
 /// Label sets, as the encoder takes them.
 type Labels<'a> = Vec<(&'static str, &'a str)>;
@@ -80,9 +83,14 @@ impl Family<'_> {
         }
     }
 
-    /// The one sample of a family without labels.
+    /// The one sample of a gauge family without labels.
     fn single(self, value: i64) -> fmt::Result {
         ConstGauge::new(value).encode(self.encoder)
+    }
+
+    /// The one sample of a counter family without labels.
+    fn single_counter(self, value: u64) -> fmt::Result {
+        ConstCounter::new(value).encode(self.encoder)
     }
 
     fn histogram(&mut self, labels: &Labels, h: &Histogram) -> fmt::Result {
@@ -107,7 +115,8 @@ impl Collector for Exposition {
         backends(&mut e, s)?;
         probes(&mut e, s)?;
         vips(&mut e, s)?;
-        global(&mut e, s)
+        global(&mut e, s)?;
+        api(&mut e, &self.1)
     }
 }
 
@@ -337,6 +346,32 @@ fn global(e: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
         &vec![("version", env!("CARGO_PKG_VERSION")), ("layout", &layout)],
         1,
     )
+}
+
+/// The status API's own connections.
+fn api(e: &mut DescriptorEncoder, c: &ConnectionStats) -> fmt::Result {
+    family(
+        e,
+        "balancer_api_connections",
+        "Connections open to the status API (metrics_listen).",
+        MetricType::Gauge,
+    )?
+    .single(c.open as i64)?;
+    family(
+        e,
+        "balancer_api_connections_refused",
+        "Connections to the status API answered 503 and closed at once: api_max_connections were open (loopback peers have a reserve above it).",
+        MetricType::Counter,
+    )?
+    .single_counter(c.refused)?;
+    let mut f = family(
+        e,
+        "balancer_api_connections_timed_out",
+        "Connections to the status API closed by a timeout: header (no complete request header within api_idle_timeout of connecting or of the last answer), lifetime (a request still unfinished at the end of the connection's lifetime).",
+        MetricType::Counter,
+    )?;
+    f.counter(&vec![("reason", "header")], c.header_timeouts)?;
+    f.counter(&vec![("reason", "lifetime")], c.lifetime_timeouts)
 }
 
 #[cfg(test)]

@@ -92,6 +92,13 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.pin_dir != new.pin_dir {
         keys.push("pin_dir");
     }
+    // The status API's accept loop takes its limits once, when it starts.
+    if old.api_max_connections != new.api_max_connections {
+        keys.push("api_max_connections");
+    }
+    if old.api_idle_timeout != new.api_idle_timeout {
+        keys.push("api_idle_timeout");
+    }
     keys
 }
 
@@ -276,7 +283,7 @@ backends = [{ address = "10.0.0.9" }]
         let new = BASE.replace(
             "interface = \"eth0\"",
             "interface = \"eth1\"\nxdp_mode = \"generic\"\nhash_seed = 9\nconn_table_size = 2048\nmetrics_listen = \"127.0.0.1:1\"\n\
-             pin_dir = \"/run/bpf\"\nkeep_datapath = true",
+             pin_dir = \"/run/bpf\"\nkeep_datapath = true\napi_max_connections = 8\napi_idle_timeout = \"1s\"",
         );
         assert_eq!(
             needs_restart(&config(BASE), &config(&new)),
@@ -286,7 +293,9 @@ backends = [{ address = "10.0.0.9" }]
                 "hash_seed",
                 "conn_table_size",
                 "metrics_listen",
-                "pin_dir"
+                "pin_dir",
+                "api_max_connections",
+                "api_idle_timeout"
             ]
         );
     }

@@ -32,6 +32,20 @@ pub const MAX_RELOAD_SETTLE: Duration = Duration::from_secs(60);
 /// The largest config file read (16,384 backends take about 1.5 MB).
 pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
 
+/// Default cap on connections to the status API: far more than the scrapers, `balancer
+/// status` and liveness probes of a node use at once, and a small share of the descriptors
+/// the health probes need.
+pub const DEFAULT_API_MAX_CONNECTIONS: u32 = 128;
+/// Largest accepted `api_max_connections`.
+pub const MAX_API_CONNECTIONS: u32 = 65_536;
+/// Default time a connection to the status API gets to send a complete request header, and
+/// may stay idle between requests: clients of this API send their request as soon as they
+/// are connected, so a few seconds is generous even on a loaded machine.
+pub const DEFAULT_API_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Range of `api_idle_timeout`.
+pub const API_IDLE_TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(100)..=Duration::from_secs(600);
+
 /// A validated configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -54,6 +68,11 @@ pub struct Config {
     /// The control socket (reloads and other write actions); `None`: the default path,
     /// beside the lock file (`/run/balancer/<pin_dir and interface>.sock`).
     pub control_socket: Option<PathBuf>,
+    /// Connections the status API serves at once (loopback peers get a few more).
+    pub api_max_connections: u32,
+    /// A connection to the status API that has not sent a complete request header for this
+    /// long (after connecting, or since its last answer) is closed.
+    pub api_idle_timeout: Duration,
     pub vips: Vec<Vip>,
 }
 

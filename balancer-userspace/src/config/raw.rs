@@ -37,6 +37,8 @@ pub(super) struct RawBalancer {
     #[serde(default)]
     pub keep_datapath: bool,
     pub control_socket: Option<Spanned<String>>,
+    pub api_max_connections: Option<Spanned<u32>>,
+    pub api_idle_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -292,14 +292,107 @@ fn defaults() {
     assert_eq!(c.hash_seed, 0);
     assert_eq!(c.conn_table_size, DEFAULT_CONN_TABLE_SIZE);
     assert_eq!(c.metrics_listen.to_string(), DEFAULT_METRICS_LISTEN);
+    assert_eq!(c.api_max_connections, DEFAULT_API_MAX_CONNECTIONS);
+    assert_eq!(c.api_idle_timeout, DEFAULT_API_IDLE_TIMEOUT);
     assert!(c.vips.is_empty());
+}
+
+/// The status API's limits.
+const API: &str = "[balancer]\napi_max_connections = 64\napi_idle_timeout = \"2s\"\n";
+
+#[test]
+fn the_status_api_limits_and_their_bounds() {
+    let c = parse(Path::new("api.toml"), API).unwrap();
+    assert_eq!(c.api_max_connections, 64);
+    assert_eq!(c.api_idle_timeout, Duration::from_secs(2));
+    // (replace in API, with, the value it gives)
+    let bounds: &[(&str, &str, u32, Duration)] = &[
+        ("= 64", "= 1", 1, Duration::from_secs(2)),
+        ("= 64", "= 65536", 65_536, Duration::from_secs(2)),
+        ("\"2s\"", "\"100ms\"", 64, Duration::from_millis(100)),
+        ("\"2s\"", "\"10m\"", 64, Duration::from_secs(600)),
+    ];
+    for (from, to, max, timeout) in bounds {
+        let c = parse(Path::new("api.toml"), &API.replacen(from, to, 1)).expect(to);
+        assert_eq!(
+            (c.api_max_connections, c.api_idle_timeout),
+            (*max, *timeout)
+        );
+    }
+}
+
+/// (replace in API, with, line, column, part of the message)
+const API_ERRORS: &[Case] = &[
+    (
+        "= 64",
+        "= 0",
+        2,
+        23,
+        "api_max_connections 0 is out of range: use 1 to 65536",
+    ),
+    (
+        "= 64",
+        "= 65537",
+        2,
+        23,
+        "api_max_connections 65537 is out of range",
+    ),
+    ("= 64", "= -1", 2, 23, "invalid value: integer `-1`"),
+    ("= 64", "= \"many\"", 2, 23, "invalid type: string \"many\""),
+    (
+        "\"2s\"",
+        "\"50ms\"",
+        3,
+        20,
+        "api_idle_timeout \"50ms\" is out of range: use 100ms to 10m",
+    ),
+    (
+        "\"2s\"",
+        "\"11m\"",
+        3,
+        20,
+        "api_idle_timeout \"11m\" is out of range",
+    ),
+    (
+        "\"2s\"",
+        "\"2 s\"",
+        3,
+        20,
+        "api_idle_timeout \"2 s\" is not a duration",
+    ),
+    (
+        "\"2s\"",
+        "5",
+        3,
+        20,
+        "invalid type: integer `5`, expected a string",
+    ),
+    (
+        "api_idle_timeout",
+        "api_idle_timout",
+        3,
+        1,
+        "unknown field `api_idle_timout`",
+    ),
+];
+
+#[test]
+fn status_api_limit_errors_name_the_position() {
+    for (from, to, line, column, message) in API_ERRORS {
+        rejects_in(API, from, to, *line, *column, message);
+    }
 }
 
 /// Replaces the first occurrence of `from` in the good config and expects an error at
 /// `line:column` whose message contains `message`.
 fn rejects(from: &str, to: &str, line: usize, column: usize, message: &str) {
-    assert!(GOOD.contains(from), "fixture does not contain {from:?}");
-    let text = GOOD.replacen(from, to, 1);
+    rejects_in(GOOD, from, to, line, column, message);
+}
+
+/// [`rejects`], in the config `base`.
+fn rejects_in(base: &str, from: &str, to: &str, line: usize, column: usize, message: &str) {
+    assert!(base.contains(from), "fixture does not contain {from:?}");
+    let text = base.replacen(from, to, 1);
     let err = parse(Path::new("bad.toml"), &text).expect_err(to);
     assert!(
         err.message.contains(message),

@@ -17,8 +17,10 @@ use crate::config::{
     health::{self, Scope},
     model::{
         Autoscale, BackendConfig, Config, Forwarding, Protocol, TunnelSource, Vip,
+        API_IDLE_TIMEOUT_RANGE, DEFAULT_API_IDLE_TIMEOUT, DEFAULT_API_MAX_CONNECTIONS,
         DEFAULT_METRICS_LISTEN, DEFAULT_PIN_DIR, DEFAULT_RELOAD_SETTLE, DEFAULT_REMOVAL_GRACE,
-        DEFAULT_WEIGHT, MAX_CONN_TABLE_SIZE, MAX_RELOAD_SETTLE, MAX_WEIGHT, MIN_CONN_TABLE_SIZE,
+        DEFAULT_WEIGHT, MAX_API_CONNECTIONS, MAX_CONN_TABLE_SIZE, MAX_RELOAD_SETTLE, MAX_WEIGHT,
+        MIN_CONN_TABLE_SIZE,
     },
     raw::{Invalid, PortSpec, RawAutoscale, RawBackend, RawBalancer, RawConfig, RawVip},
     Host,
@@ -31,6 +33,7 @@ pub(super) fn validate(raw: RawConfig, host: &Host) -> Result<Config, Invalid> {
     }
     let conn_table_size = conn_table_size(&b)?;
     let metrics_listen = metrics_listen(&b)?;
+    let (api_max_connections, api_idle_timeout) = (api_max_connections(&b)?, api_idle_timeout(&b)?);
     let removal_grace = match &b.removal_grace {
         None => DEFAULT_REMOVAL_GRACE,
         Some(grace) => health::parse_duration(grace.get_ref())
@@ -64,6 +67,8 @@ pub(super) fn validate(raw: RawConfig, host: &Host) -> Result<Config, Invalid> {
         pin_dir,
         keep_datapath: b.keep_datapath,
         control_socket,
+        api_max_connections,
+        api_idle_timeout,
         vips: validate_vips(raw.vip, host)?,
     })
 }
@@ -116,6 +121,35 @@ fn metrics_listen(b: &RawBalancer) -> Result<SocketAddr, Invalid> {
             ),
         )
     })
+}
+
+fn api_max_connections(b: &RawBalancer) -> Result<u32, Invalid> {
+    let Some(max) = &b.api_max_connections else {
+        return Ok(DEFAULT_API_MAX_CONNECTIONS);
+    };
+    let v = *max.get_ref();
+    if !(1..=MAX_API_CONNECTIONS).contains(&v) {
+        return Err((
+            max.span(),
+            format!("api_max_connections {v} is out of range: use 1 to {MAX_API_CONNECTIONS}"),
+        ));
+    }
+    Ok(v)
+}
+
+fn api_idle_timeout(b: &RawBalancer) -> Result<Duration, Invalid> {
+    let Some(timeout) = &b.api_idle_timeout else {
+        return Ok(DEFAULT_API_IDLE_TIMEOUT);
+    };
+    let invalid = |message: String| (timeout.span(), format!("api_idle_timeout {message}"));
+    let v = health::parse_duration(timeout.get_ref()).map_err(invalid)?;
+    if !API_IDLE_TIMEOUT_RANGE.contains(&v) {
+        return Err(invalid(format!(
+            "\"{}\" is out of range: use 100ms to 10m",
+            timeout.get_ref()
+        )));
+    }
+    Ok(v)
 }
 
 /// An absolute path without `..`.

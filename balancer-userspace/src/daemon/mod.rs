@@ -22,7 +22,10 @@ use tokio::sync::{mpsc, watch as latest};
 use tracing::{info, warn};
 
 use crate::{
-    api::http::{serve, ApiState},
+    api::{
+        connections::{Limits, LOOPBACK_RESERVE},
+        http::{serve, ApiState},
+    },
     daemon::{
         event_loop::{EventLoop, Inputs},
         probes::ProbeTasks,
@@ -33,6 +36,9 @@ use crate::{
 
 /// Results from probes waiting to be handled: enough for a burst from every backend.
 const PROBE_QUEUE: usize = 4096;
+/// Descriptors the daemon holds besides probes and API clients: maps, programs, links,
+/// netlink, inotify, the control socket and its clients, the listeners (about 40), with room.
+const DAEMON_DESCRIPTORS: u64 = 128;
 
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let config_path = options.config.clone();
@@ -45,14 +51,13 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         control,
         interface,
         pin_dir,
+        nofile,
         first,
         lock,
     } = start(options).await?;
 
     let (probe_results, probes_inbox) = mpsc::channel(PROBE_QUEUE);
-    let nofile = crate::shell::host::nofile_limit();
-    let budget = probes::probe_budget(nofile);
-    info!("health probes: at most {budget} at once (open files limit {nofile})");
+    let budget = probe_budget(core.config(), nofile);
     let mut probes = ProbeTasks::new(probe_results, budget);
     if let Some(checks) = &first.checks {
         probes.sync(checks);
@@ -77,8 +82,15 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         snapshots: snapshot_rx,
         attachment: Arc::new(attachment),
         refresh,
+        connections: Arc::default(),
     };
-    let api = tokio::spawn(serve(listener, state, until_stopped(stopped.clone())));
+    let limits = Limits::of(core.config());
+    let api = tokio::spawn(serve(
+        listener,
+        state,
+        limits,
+        until_stopped(stopped.clone()),
+    ));
     let control = tokio::spawn(control.serve(commands, until_stopped(stopped)));
 
     let mut event_loop =
@@ -95,10 +107,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     info!("{which}: shutting down");
     probes.stop();
     let _ = stop.send(true);
-    match api.await {
-        Ok(Err(e)) => warn!("status API: {e}"),
-        Err(e) => warn!("status API task: {e}"),
-        Ok(Ok(())) => {}
+    if let Err(e) = api.await {
+        warn!("status API task: {e}");
     }
     let _ = control.await;
     let keep = core.keep_datapath();
@@ -106,6 +116,24 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     finish(dataplane, keep, &pin_dir, &interface)?;
     drop(lock);
     Ok(())
+}
+
+/// The health probes' share of descriptors, from the open-files limit, logged; warns when
+/// the API's cap leaves them too little.
+fn probe_budget(config: &crate::config::Config, nofile: u64) -> usize {
+    let budget = probes::probe_budget(nofile);
+    info!("health probes: at most {budget} at once (open files limit {nofile})");
+    let api = u64::from(config.api_max_connections + LOOPBACK_RESERVE);
+    if api + budget as u64 + DAEMON_DESCRIPTORS > nofile {
+        warn!(
+            "api_max_connections {} (+{LOOPBACK_RESERVE} for loopback), {budget} health probes and the \
+             daemon's own {DAEMON_DESCRIPTORS} descriptors exceed the open-files limit {nofile}: API \
+             clients could take descriptors the probes need (their probes would not run); lower \
+             api_max_connections or raise the limit",
+            config.api_max_connections
+        );
+    }
+    budget
 }
 
 /// Leaves the data plane forwarding (pinned, for the next daemon), or removes it.

@@ -13,6 +13,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     api::{
+        connections::LOOPBACK_RESERVE,
         control::{default_socket, ControlServer},
         status::{Attachment, DatapathStatus},
     },
@@ -21,7 +22,7 @@ use crate::{
     plan::inputs::{format_mac, NextHops},
     shell::{
         dataplane::{AttachedMode, Dataplane, DataplaneError, LoadOptions},
-        kernel,
+        kernel::{self, NofileError, OpenFiles},
         nexthop::Resolver,
         pins::{self, Lock, PinError},
     },
@@ -51,6 +52,9 @@ pub struct Daemon {
     pub control: ControlServer,
     pub interface: String,
     pub pin_dir: PathBuf,
+    /// The soft limit on open files in force (raised to the hard limit at start): what the
+    /// status API's connections, the health probes and everything else share.
+    pub nofile: u64,
     /// The first effects: the health checks to start (the plan is executed already).
     pub first: Output,
     /// One daemon per interface and pin directory, until dropped.
@@ -75,6 +79,7 @@ pub async fn start(options: RunOptions) -> anyhow::Result<Daemon> {
         pin_dir,
         object,
     } = setting;
+    let nofile = open_files_limit()?;
     // Before touching the data plane: the lock (one daemon per interface), and the listeners
     // (a taken port must not cost a restart of forwarding).
     let lock = Lock::take(&pin_dir, &interface)?;
@@ -126,14 +131,7 @@ pub async fn start(options: RunOptions) -> anyhow::Result<Daemon> {
         log_adoption(&dataplane, &loaded.layout_dir, summary);
     }
     log_summary(&core, &interface, mode.as_str());
-    info!(
-        "status API on http://{}/api/v1/status",
-        listener.local_addr()?
-    );
-    info!(
-        "control socket {} (balancer reload)",
-        control.path().display()
-    );
+    log_endpoints(core.config(), &listener, &control)?;
     let attachment = attachment(&dataplane, &interface, mode);
     Ok(Daemon {
         core,
@@ -144,9 +142,34 @@ pub async fn start(options: RunOptions) -> anyhow::Result<Daemon> {
         control,
         interface,
         pin_dir,
+        nofile,
         first,
         lock,
     })
+}
+
+/// Raises the soft limit on open files to the hard limit and logs the figure; a limit that
+/// cannot be raised is logged and kept.
+fn open_files_limit() -> anyhow::Result<u64> {
+    match kernel::raise_nofile() {
+        Ok(OpenFiles { before, now }) if now > before => {
+            info!("open files: soft limit raised from {before} to {now}");
+            Ok(now)
+        }
+        Ok(OpenFiles { now, .. }) => {
+            info!("open files: limit {now} (hard limit)");
+            Ok(now)
+        }
+        Err(e @ NofileError::Raise { soft, .. }) => {
+            warn!(
+                "open files: limit {soft}: {:#}; raise the hard limit (LimitNOFILE= of a systemd \
+                 unit, ulimit -n) if the status API or the health probes run out",
+                anyhow::Error::new(e)
+            );
+            Ok(soft)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn setting(options: &RunOptions) -> anyhow::Result<Setting> {
@@ -281,6 +304,26 @@ fn first_plan(start: Start, mut dataplane: Dataplane) -> anyhow::Result<(Core, O
         dataplane.execute(&plan).context("writing the maps")?;
     }
     Ok((core, first, dataplane))
+}
+
+/// Where the status API and the control socket are, and the API's limits.
+fn log_endpoints(
+    config: &Config,
+    listener: &tokio::net::TcpListener,
+    control: &ControlServer,
+) -> anyhow::Result<()> {
+    info!(
+        "status API on http://{}/api/v1/status: at most {} connections ({LOOPBACK_RESERVE} more \
+         from loopback), idle timeout {:?}",
+        listener.local_addr()?,
+        config.api_max_connections,
+        config.api_idle_timeout
+    );
+    info!(
+        "control socket {} (balancer reload)",
+        control.path().display()
+    );
+    Ok(())
 }
 
 fn log_adoption(dataplane: &Dataplane, layout_dir: &Path, summary: &str) {

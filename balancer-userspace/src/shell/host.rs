@@ -1,17 +1,4 @@
-//! What the daemon needs to know of its host: its open-files limit and its own addresses.
-
-/// The soft limit of open files this process has now (1024 if it cannot be read).
-pub fn nofile_limit() -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes the struct it is given and nothing else.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return 1024;
-    }
-    limit.rlim_cur
-}
+//! What config validation needs to know of its host: its own addresses.
 
 /// This host's addresses (in this network namespace), with their interfaces' names, for
 /// config validation: a backend may not be one of them. Empty if they cannot be listed.

@@ -176,6 +176,67 @@ pub fn check() -> Result<(), KernelError> {
     Ok(())
 }
 
+/// The soft limit on open files (`RLIMIT_NOFILE`) before and after [`raise_nofile`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpenFiles {
+    pub before: u64,
+    /// The soft limit now in force: the hard limit, unless raising failed.
+    pub now: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NofileError {
+    #[error("reading the open-files limit (RLIMIT_NOFILE)")]
+    Read(#[source] std::io::Error),
+    #[error("raising the open-files soft limit from {soft} to the hard limit {hard}")]
+    Raise {
+        /// The soft limit left in force.
+        soft: u64,
+        hard: u64,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Raises the soft limit on open files to the hard limit. The soft limit of a login or a
+/// service manager is often 1024, which a few hundred clients of the status API and the
+/// health probes' sockets exhaust together; the hard limit is what the administrator
+/// allows. Raising the soft limit up to the hard one needs no privilege, and nothing in the
+/// daemon uses select(2), the one interface that breaks on descriptors above 1023.
+pub fn raise_nofile() -> Result<OpenFiles, NofileError> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a struct rlimit to fill, alive for the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(NofileError::Read(std::io::Error::last_os_error()));
+    }
+    let (soft, hard) = (limit.rlim_cur, limit.rlim_max);
+    if soft >= hard {
+        return Ok(OpenFiles {
+            before: soft,
+            now: soft,
+        });
+    }
+    let raised = libc::rlimit {
+        rlim_cur: hard,
+        rlim_max: hard,
+    };
+    // SAFETY: a valid struct rlimit, alive for the call.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        return Err(NofileError::Raise {
+            soft,
+            hard,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(OpenFiles {
+        before: soft,
+        now: hard,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,5 +283,36 @@ mod tests {
         assert_eq!(missing.len(), 2, "{missing:?}");
         assert!(missing[0].starts_with("BTF"), "{missing:?}");
         assert!(missing[1].contains("map-in-map"), "{missing:?}");
+    }
+
+    fn nofile() -> libc::rlimit {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: a struct rlimit to fill, alive for the call.
+        let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+        assert_eq!(rc, 0, "getrlimit: {}", std::io::Error::last_os_error());
+        limit
+    }
+
+    #[test]
+    fn the_open_files_soft_limit_is_raised_to_the_hard_limit() {
+        // One below the hard limit first (lowering needs no privilege and takes nothing from
+        // the other tests of this process), so that there is something to raise.
+        let hard = nofile().rlim_max;
+        let lowered = libc::rlimit {
+            rlim_cur: hard - 1,
+            rlim_max: hard,
+        };
+        // SAFETY: a valid struct rlimit, alive for the call.
+        let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lowered) };
+        assert_eq!(rc, 0, "setrlimit: {}", std::io::Error::last_os_error());
+        let raised = raise_nofile().expect("raising up to the hard limit needs no privilege");
+        assert_eq!((raised.before, raised.now), (hard - 1, hard));
+        assert_eq!(nofile().rlim_cur, hard);
+        // Once at the hard limit there is nothing to raise.
+        let again = raise_nofile().unwrap();
+        assert_eq!((again.before, again.now), (hard, hard));
     }
 }

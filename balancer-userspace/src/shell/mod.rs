@@ -4,7 +4,7 @@
 //! - [`pins`]: pin directories, the layout check, the lock, the state map;
 //! - [`nexthop`]: next hops from the kernel's routing and neighbour tables;
 //! - [`kernel`]: what the running kernel supports;
-//! - [`host`]: the open-files limit and the host's own addresses;
+//! - [`host`]: the host's own addresses;
 //! - [`probe`]: health probes (TCP connect, HTTP GET).
 
 pub mod dataplane;
