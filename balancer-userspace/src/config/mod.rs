@@ -56,14 +56,6 @@ fn unreadable(path: &Path, e: &std::io::Error) -> ConfigError {
     }
 }
 
-/// What validation knows of the host the config is for: its own addresses (a backend may not
-/// be one of them).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Host {
-    /// Every address of this host, with its interface's name.
-    pub addresses: Vec<(std::net::IpAddr, String)>,
-}
-
 /// Reads and validates a config file for `host`.
 pub fn load(path: &Path, host: &Host) -> Result<Config, ConfigError> {
     use std::io::Read as _;

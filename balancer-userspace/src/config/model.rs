@@ -46,6 +46,14 @@ pub const DEFAULT_API_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const API_IDLE_TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
     Duration::from_millis(100)..=Duration::from_secs(600);
 
+/// What validation knows of the host the config is for: its own addresses (a backend may not
+/// be one of them).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Host {
+    /// Every address of this host, with its interface's name.
+    pub addresses: Vec<(std::net::IpAddr, String)>,
+}
+
 /// A validated configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {

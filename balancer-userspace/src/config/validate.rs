@@ -16,14 +16,13 @@ use toml::Spanned;
 use crate::config::{
     health::{self, Scope},
     model::{
-        Autoscale, BackendConfig, Config, Forwarding, Protocol, TunnelSource, Vip,
+        Autoscale, BackendConfig, Config, Forwarding, Host, Protocol, TunnelSource, Vip,
         API_IDLE_TIMEOUT_RANGE, DEFAULT_API_IDLE_TIMEOUT, DEFAULT_API_MAX_CONNECTIONS,
         DEFAULT_METRICS_LISTEN, DEFAULT_PIN_DIR, DEFAULT_RELOAD_SETTLE, DEFAULT_REMOVAL_GRACE,
         DEFAULT_WEIGHT, MAX_API_CONNECTIONS, MAX_CONN_TABLE_SIZE, MAX_RELOAD_SETTLE, MAX_WEIGHT,
         MIN_CONN_TABLE_SIZE,
     },
     raw::{Invalid, PortSpec, RawAutoscale, RawBackend, RawBalancer, RawConfig, RawVip},
-    Host,
 };
 
 pub(super) fn validate(raw: RawConfig, host: &Host) -> Result<Config, Invalid> {
