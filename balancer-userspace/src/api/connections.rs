@@ -155,7 +155,7 @@ pub async fn serve(
     let mut shutdown = pin!(shutdown);
     let mut tasks = JoinSet::new();
     let (stop, stopping) = watch::channel(false);
-    let mut errors = AcceptErrors::default();
+    let mut errors = AcceptErrors::new("status API");
     loop {
         let accepted = tokio::select! {
             () = &mut shutdown => break,
@@ -283,34 +283,46 @@ fn ended_by(result: Result<(), hyper::Error>) -> Ended {
     }
 }
 
-/// Accepts failing in a row: one message when they start, one when they end.
-#[derive(Debug, Default)]
-struct AcceptErrors {
+/// Accepts failing in a row: one message when they start, one when they end (the status
+/// API's listener and the control socket's).
+#[derive(Debug)]
+pub(crate) struct AcceptErrors {
+    /// Whose accepts, for the messages.
+    what: &'static str,
     failed: u64,
     since: Option<Instant>,
 }
 
 impl AcceptErrors {
+    pub(crate) fn new(what: &'static str) -> AcceptErrors {
+        AcceptErrors {
+            what,
+            failed: 0,
+            since: None,
+        }
+    }
+
     /// Counts a failed accept; the message to log if it starts an episode.
-    fn failed(&mut self, e: &io::Error, now: Instant) -> Option<String> {
+    pub(crate) fn failed(&mut self, e: &io::Error, now: Instant) -> Option<String> {
         self.failed += 1;
         if self.since.is_some() {
             return None;
         }
         self.since = Some(now);
         Some(format!(
-            "status API: cannot accept connections: {e}; retrying every {ACCEPT_BACKOFF:?} \
-             (one message when it recovers)"
+            "{}: cannot accept connections: {e}; retrying every {ACCEPT_BACKOFF:?} \
+             (one message when it recovers)",
+            self.what
         ))
     }
 
     /// An accept succeeded; the message to log if it ends an episode.
-    fn succeeded(&mut self, now: Instant) -> Option<String> {
+    pub(crate) fn succeeded(&mut self, now: Instant) -> Option<String> {
         let since = self.since.take()?;
         let failed = std::mem::take(&mut self.failed);
         Some(format!(
-            "status API: accepting connections again, after {failed} failed attempts over \
-             {:.1} s",
+            "{}: accepting connections again, after {failed} failed attempts over {:.1} s",
+            self.what,
             now.duration_since(since).as_secs_f64()
         ))
     }

@@ -10,7 +10,7 @@ use std::{
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use serde::{Deserialize, Serialize};
@@ -20,7 +20,10 @@ use tokio::{
     sync::{mpsc, oneshot, Semaphore},
 };
 
-use crate::shell::pins;
+use crate::{
+    api::connections::{AcceptErrors, ACCEPT_BACKOFF},
+    shell::pins,
+};
 
 /// Connections served at once.
 pub const MAX_CLIENTS: usize = 16;
@@ -28,8 +31,9 @@ pub const MAX_CLIENTS: usize = 16;
 pub const MAX_REQUEST: u64 = 4096;
 /// How long a client may take to send its request.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long the daemon may take to answer (a reload resolves new backends' next hops).
-pub const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the daemon may take to answer: a reload is answered within a second (new
+/// backends' next hops are waited for at most 500 ms), or a few with a very large file.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case")]
@@ -135,15 +139,24 @@ impl ControlServer {
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+        let mut errors = AcceptErrors::new("control socket");
         tokio::pin!(shutdown);
         loop {
             let stream = tokio::select! {
                 _ = &mut shutdown => return,
                 accepted = self.listener.accept() => match accepted {
-                    Ok((stream, _)) => stream,
+                    Ok((stream, _)) => {
+                        if let Some(message) = errors.succeeded(Instant::now()) {
+                            tracing::info!("{message}");
+                        }
+                        stream
+                    }
                     Err(e) => {
-                        tracing::warn!("control socket: accepting: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        // Logged when it starts and when it ends, not at every retry.
+                        if let Some(message) = errors.failed(&e, Instant::now()) {
+                            tracing::warn!("{message}");
+                        }
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
                         continue;
                     }
                 },

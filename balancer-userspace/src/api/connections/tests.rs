@@ -44,7 +44,7 @@ fn loopback_peers_have_a_reserve_over_the_cap() {
 
 #[test]
 fn failing_accepts_are_logged_when_they_start_and_when_they_end() {
-    let mut errors = AcceptErrors::default();
+    let mut errors = AcceptErrors::new("status API");
     let start = Instant::now();
     let emfile = io::Error::from_raw_os_error(libc::EMFILE);
     assert_eq!(errors.succeeded(start), None);
