@@ -574,6 +574,11 @@ impl Core {
                 .push(Event::RemovalGraceOver { key: key.clone() });
         }
         let rebuild = self.rebuild_due.is_some_and(|due| due <= now);
+        if rebuild {
+            // Taken even if planning fails: a due time in the past would wake the daemon
+            // again at once, forever.
+            self.rebuild_due = None;
+        }
         if !expired.is_empty() || self.held_unknown || rebuild {
             self.reconcile(out);
         }

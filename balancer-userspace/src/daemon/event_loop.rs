@@ -47,6 +47,10 @@ pub const RELOAD_RESOLVE_WAIT: Duration = Duration::from_millis(500);
 /// How long a change waits before the snapshot the API serves shows it: bursts of changes
 /// are published once.
 const PUBLISH_DELAY: Duration = Duration::from_millis(50);
+/// The shortest time between two readings of the counters asked for by API requests: a
+/// flood of scrapes costs at most ten readings a second (each reads every backend's per-CPU
+/// counters), however many requests come.
+const MIN_SAMPLE_GAP: Duration = Duration::from_millis(100);
 
 /// The channels that feed the loop.
 pub struct Inputs {
@@ -109,6 +113,9 @@ pub struct EventLoop<'a> {
     queued: Option<Request>,
     publish_due: Option<Instant>,
     settle: Settle,
+    last_sample: Option<Instant>,
+    /// An API request asked for counters too soon after the last reading: read then.
+    sample_due: Option<Instant>,
 }
 
 /// Sleeps until `at`, or forever.
@@ -141,6 +148,8 @@ impl<'a> EventLoop<'a> {
             queued: None,
             publish_due: None,
             settle,
+            last_sample: None,
+            sample_due: None,
         }
     }
 
@@ -180,7 +189,8 @@ impl<'a> EventLoop<'a> {
                 _ = ticks.tick() => { self.handle(Input::Tick); }
                 () = until(self.publish_due) => self.publish(),
                 _ = sampling.tick() => self.sample(),
-                Some(()) = inputs.refresh.recv() => self.sample(),
+                () = until(self.sample_due) => self.sample(),
+                Some(()) = inputs.refresh.recv() => self.sample_soon(),
             }
         }
     }
@@ -222,9 +232,22 @@ impl<'a> EventLoop<'a> {
         out.reload
     }
 
+    /// Reads the counters for an API request: now, or `MIN_SAMPLE_GAP` after the last
+    /// reading (requests that come meanwhile share it).
+    fn sample_soon(&mut self) {
+        match self.last_sample {
+            Some(last) if last.elapsed() < MIN_SAMPLE_GAP => {
+                self.sample_due.get_or_insert(last + MIN_SAMPLE_GAP);
+            }
+            _ => self.sample(),
+        }
+    }
+
     /// Reads the counters (and walks the connection table when due) and publishes.
     pub fn sample(&mut self) {
         let now = Instant::now();
+        self.last_sample = Some(now);
+        self.sample_due = None;
         let (backends, vips) = self.core.counter_ids();
         let counters = match self.dataplane.counters(&backends, &vips) {
             Ok(counters) => counters,
