@@ -245,7 +245,7 @@ impl Core {
                 result,
                 seconds,
             } => self.probe(&key, &result, seconds, now, &mut out),
-            Input::Resolved(results) => self.resolved(results, &mut out),
+            Input::Resolved(results) => self.resolved(results, now, &mut out),
             Input::Sampled { counters, walk } => {
                 if let Some(walk) = walk {
                     self.traffic.walked(walk, now);
@@ -517,7 +517,12 @@ impl Core {
     /// Takes next hops resolved for some addresses (or why they do not resolve); changes the
     /// maps if any changed. Each address is logged when it stops resolving and when it
     /// resolves again, not at every attempt.
-    fn resolved(&mut self, results: Vec<(IpAddr, Result<NextHop, String>)>, out: &mut Output) {
+    fn resolved(
+        &mut self,
+        results: Vec<(IpAddr, Result<NextHop, String>)>,
+        now: Instant,
+        out: &mut Output,
+    ) {
         let known = self.addresses();
         let mut changed = false;
         let mut results = results;
@@ -529,16 +534,22 @@ impl Core {
             }
             match result {
                 Ok(hop) => {
-                    self.unreachable.remove(&address);
-                    if self.next_hops.get(&address) != Some(&hop) {
+                    let was_unreachable = self.unreachable.remove(&address).is_some();
+                    let known = self.next_hops.get(&address);
+                    if known == Some(&hop) {
+                        continue;
+                    }
+                    // A new backend resolving for the first time is no news; a next hop that
+                    // moved, or one that resolves again, is.
+                    if known.is_some() || was_unreachable {
                         out.events.push(Event::NextHopChanged {
                             address,
                             mac: format_mac(&hop.dst_mac),
                             interface: hop.interface.clone(),
                         });
-                        self.next_hops.insert(address, hop);
-                        changed = true;
                     }
+                    self.next_hops.insert(address, hop);
+                    changed = true;
                 }
                 Err(error) => {
                     if self.next_hops.remove(&address).is_some() {
@@ -555,7 +566,8 @@ impl Core {
             }
         }
         if changed {
-            self.reconcile(out);
+            // Answers come in batches (one per round of a resolution): planned together.
+            self.rebuild_due.get_or_insert(now + COALESCE);
         }
     }
 

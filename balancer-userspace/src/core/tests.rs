@@ -563,7 +563,9 @@ fn next_hop_changes_are_logged_and_planned() {
         (ip(1), Ok(moved[&ip(1)].clone())),
         (ip(3), Err("no route to 10.0.0.3".to_owned())),
     ];
-    let out = core.handle(Input::Resolved(results), now);
+    let mut out = core.handle(Input::Resolved(results), now);
+    assert!(out.plan.is_none(), "planned with the next tick");
+    out.plan = core.handle(Input::Tick, now + COALESCE).plan;
     assert_eq!(
         out.events,
         [
@@ -781,12 +783,14 @@ fn unreachable_backends_are_logged_when_they_start_and_stop() {
         );
         assert!(out.events.is_empty(), "{:?}", out.events);
     }
+    core.handle(Input::Tick, t0 + COALESCE);
     assert_eq!(state_of(&core, 2), BackendState::Unreachable);
     let out = core.handle(
         Input::Resolved(vec![(ip(2), Ok(hops()[&ip(2)].clone()))]),
         t0,
     );
     assert!(matches!(&out.events[..], [Event::NextHopChanged { .. }]));
+    core.handle(Input::Tick, t0 + COALESCE);
     assert_eq!(state_of(&core, 2), BackendState::Active);
     // Answers for addresses the config no longer names are ignored.
     let stray = IpAddr::from([10, 9, 9, 9]);
@@ -833,6 +837,33 @@ fn unreachable_backends_are_logged_when_they_start_and_stop() {
             .collect::<Vec<_>>(),
         ["still: VIP web: 0 of 4 backends down, 1 unreachable"]
     );
+}
+
+#[test]
+fn a_new_backend_resolving_after_its_reload_joins_silently() {
+    let t0 = Instant::now();
+    let (mut core, _) = start_with(WEB, None, t0);
+    let five = WEB.replace(
+        "\"10.0.0.3\" }]",
+        "\"10.0.0.3\" }, { address = \"10.0.0.4\" }, { address = \"10.0.0.5\" }]",
+    );
+    let mut no_hop = hops();
+    no_hop.remove(&ip(5));
+    let read = ReadConfig::new(Path::new("core.toml"), five, &config::Host::default());
+    let input = Input::Reload {
+        read,
+        next_hops: no_hop,
+        only_if_changed: false,
+    };
+    core.handle(input, t0);
+    assert_eq!(state_of(&core, 5), BackendState::Unreachable);
+    let out = core.handle(
+        Input::Resolved(vec![(ip(5), Ok(hops()[&ip(5)].clone()))]),
+        t0,
+    );
+    assert!(out.events.is_empty(), "{:?}", out.events);
+    core.handle(Input::Tick, t0 + COALESCE);
+    assert_eq!(state_of(&core, 5), BackendState::Active);
 }
 
 #[test]
