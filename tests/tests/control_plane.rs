@@ -414,3 +414,48 @@ fn a_config_written_in_place_in_two_halves_is_applied_once_whole() {
         lab.balancer.log()
     );
 }
+
+#[test]
+fn a_reload_naming_a_silent_backend_is_answered_at_once() {
+    let lab = Lab::start("silent", &config(1, ""));
+    // 10.99.0.50 is on the segment, and nobody answers ARP for it (the neighbour wait is 3 s).
+    let silent = config(1, "").replace(
+        &format!("{{ address = \"{}\" }}]", backend_addr(1)),
+        &format!(
+            "{{ address = \"{}\" }}, {{ address = \"10.99.0.50\" }}]",
+            backend_addr(1)
+        ),
+    );
+    std::fs::write(lab.path(), silent).unwrap();
+    let (output, took) = lab.reload_command();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    eprintln!("answered in {took:?}: {stdout}");
+    assert!(output.status.success(), "{stdout}");
+    assert!(took < Duration::from_secs(1), "answered after {took:?}");
+    assert!(
+        stdout.contains("reload accepted (generation 2)")
+            && stdout.contains("1 new backends have no next hop yet"),
+        "{stdout}"
+    );
+    let status = lab.status();
+    let state = |s: &Value| {
+        s["vips"][0]["backends"]
+            .as_array()
+            .and_then(|b| b.iter().find(|b| b["address"] == "10.99.0.50"))
+            .map(|b| b["state"].clone())
+    };
+    assert_eq!(
+        state(&status),
+        Some(Value::from("unreachable")),
+        "{status:#}"
+    );
+    // When its neighbour wait ends: logged once, and again never, refresh after refresh.
+    std::thread::sleep(Duration::from_secs(14));
+    assert_eq!(
+        lab.log_lines("backend 10.99.0.50 is unreachable"),
+        1,
+        "{}",
+        lab.balancer.log()
+    );
+    assert_eq!(state(&lab.status()), Some(Value::from("unreachable")));
+}

@@ -49,11 +49,19 @@ pub enum ControlReply {
     Reloaded {
         generation: u64,
         changes: Vec<String>,
+        /// New backends whose next hops were not resolved when the config was applied: they
+        /// take traffic once they are.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        resolving: u64,
     },
     /// The config was refused; the running one stays in force.
     Rejected { error: String },
     /// The request could not be carried out.
     Failed { error: String },
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A request as the event loop receives it, with the way back.
@@ -289,6 +297,7 @@ mod tests {
                 let _ = command.reply.send(ControlReply::Reloaded {
                     generation: 7,
                     changes: vec!["VIP web: +10.0.0.9".into()],
+                    resolving: 1,
                 });
             }
         });
@@ -297,7 +306,19 @@ mod tests {
             reply,
             ControlReply::Reloaded {
                 generation: 7,
-                changes: vec!["VIP web: +10.0.0.9".into()]
+                changes: vec!["VIP web: +10.0.0.9".into()],
+                resolving: 1,
+            }
+        );
+        // A reply of an older daemon, without `resolving`, still reads.
+        let old: ControlReply =
+            serde_json::from_str(r#"{"result":"reloaded","generation":3,"changes":[]}"#).unwrap();
+        assert_eq!(
+            old,
+            ControlReply::Reloaded {
+                generation: 3,
+                changes: Vec::new(),
+                resolving: 0
             }
         );
         for garbage in [&b"{\"command\":\"format_disk\"}\n"[..], &[b'x'; 5000][..]] {

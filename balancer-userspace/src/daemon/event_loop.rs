@@ -90,6 +90,9 @@ struct Pending {
     request: Request,
     read: ReadConfig,
     started: Instant,
+    /// New addresses whose next hops are asked for...
+    asked: usize,
+    /// ...those not answered yet, and the answers that resolved.
     waiting: HashSet<IpAddr>,
     resolved: Vec<(IpAddr, NextHop)>,
     deadline: Instant,
@@ -362,12 +365,12 @@ impl<'a> EventLoop<'a> {
             Ok(text) => text,
             Err(error) => {
                 let outcome = self.handle(Input::ReloadUnreadable { error });
-                return self.answer(request, outcome);
+                return self.answer(request, outcome, 0);
             }
         };
         if request.only_if_changed && self.core.read_last(&text) {
             // Written again with what was read last (accepted or not): nothing to say.
-            return self.answer(request, None);
+            return self.answer(request, None, 0);
         }
         let read = ReadConfig::new(&path, text, &crate::shell::host::host());
         let waiting: HashSet<IpAddr> = self.core.unresolved(&read).into_iter().collect();
@@ -378,6 +381,7 @@ impl<'a> EventLoop<'a> {
             request,
             read,
             started,
+            asked: waiting.len(),
             waiting,
             resolved: Vec::new(),
             deadline: started + RELOAD_RESOLVE_WAIT,
@@ -393,6 +397,8 @@ impl<'a> EventLoop<'a> {
         let Some(pending) = self.pending.take() else {
             return;
         };
+        // New backends that will have no next hop when the config is applied.
+        let unresolved = (pending.asked - pending.resolved.len()) as u64;
         let mut next_hops = self.core.next_hops().clone();
         next_hops.extend(pending.resolved);
         let input = Input::Reload {
@@ -415,14 +421,19 @@ impl<'a> EventLoop<'a> {
         }
         self.settle.set_settle(self.core.config().reload_settle);
         self.publish();
-        self.answer(pending.request, outcome);
+        let resolving = match outcome {
+            Some(ReloadOutcome::Accepted { .. }) => unresolved,
+            _ => 0,
+        };
+        self.answer(pending.request, outcome, resolving);
         if let Some(queued) = self.queued.take() {
             self.reload(queued);
         }
     }
 
     /// Answers the control socket clients waiting for a reload.
-    fn answer(&self, request: Request, outcome: Option<ReloadOutcome>) {
+    /// `resolving`: new backends whose next hops were not resolved yet.
+    fn answer(&self, request: Request, outcome: Option<ReloadOutcome>, resolving: u64) {
         if request.replies.is_empty() {
             return;
         }
@@ -445,15 +456,18 @@ impl<'a> EventLoop<'a> {
             }) => ControlReply::Reloaded {
                 generation,
                 changes,
+                resolving,
             },
             Some(ReloadOutcome::Rejected { error }) => ControlReply::Rejected { error },
             Some(ReloadOutcome::Unchanged { generation }) => ControlReply::Reloaded {
                 generation,
                 changes: Vec::new(),
+                resolving: 0,
             },
             None => ControlReply::Reloaded {
                 generation: running,
                 changes: Vec::new(),
+                resolving: 0,
             },
         };
         for reply_to in request.replies {

@@ -137,6 +137,7 @@ pub async fn reload(target: &Target) -> anyhow::Result<(bool, Vec<String>)> {
         ControlReply::Reloaded {
             generation,
             changes,
+            ..
         } if changes.is_empty() => (
             true,
             vec![format!(
@@ -146,9 +147,17 @@ pub async fn reload(target: &Target) -> anyhow::Result<(bool, Vec<String>)> {
         ControlReply::Reloaded {
             generation,
             changes,
+            resolving,
         } => {
             let mut lines = vec![format!("reload accepted (generation {generation}):")];
             lines.extend(changes.iter().map(|c| format!("  {c}")));
+            if resolving > 0 {
+                lines.push(format!(
+                    "  {resolving} new backends have no next hop yet (no ARP or neighbour answer, or \
+                     no route, so far): they take traffic once they resolve; `balancer status` \
+                     shows them as unreachable"
+                ));
+            }
             (true, lines)
         }
         ControlReply::Rejected { error } => (false, vec![format!("reload rejected: {error}")]),
