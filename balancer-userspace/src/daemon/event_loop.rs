@@ -95,6 +95,8 @@ struct Pending {
     /// ...those not answered yet, and the answers that resolved.
     waiting: HashSet<IpAddr>,
     resolved: Vec<(IpAddr, NextHop)>,
+    /// ...and those that will not (told to the core once the config names them).
+    failed: Vec<(IpAddr, Result<NextHop, String>)>,
     deadline: Instant,
 }
 
@@ -327,8 +329,9 @@ impl<'a> EventLoop<'a> {
         if let Some(pending) = &mut self.pending {
             for (address, result) in &results {
                 if pending.waiting.remove(address) {
-                    if let Ok(hop) = result {
-                        pending.resolved.push((*address, hop.clone()));
+                    match result {
+                        Ok(hop) => pending.resolved.push((*address, hop.clone())),
+                        Err(e) => pending.failed.push((*address, Err(e.clone()))),
                     }
                 }
             }
@@ -384,6 +387,7 @@ impl<'a> EventLoop<'a> {
             asked: waiting.len(),
             waiting,
             resolved: Vec::new(),
+            failed: Vec::new(),
             deadline: started + RELOAD_RESOLVE_WAIT,
         });
         if self.pending.as_ref().is_some_and(|p| p.waiting.is_empty()) {
@@ -426,6 +430,10 @@ impl<'a> EventLoop<'a> {
             _ => 0,
         };
         self.answer(pending.request, outcome, resolving);
+        if !pending.failed.is_empty() {
+            // Now that the config names them, the core can say they do not resolve.
+            self.handle(Input::Resolved(pending.failed));
+        }
         if let Some(queued) = self.queued.take() {
             self.reload(queued);
         }
