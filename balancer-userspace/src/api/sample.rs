@@ -130,7 +130,7 @@ pub fn sample_snapshot() -> Snapshot {
         },
         start,
     );
-    core.applied(Duration::from_millis(12), Vec::new(), start);
+    core.applied(Duration::from_millis(12), "SIGHUP", Vec::new(), start);
     for (n, ms) in [(1u64, 0u64), (3, 1000), (5, 2000)] {
         let walk = (n == 5).then_some(ConnWalk {
             entries: 42,

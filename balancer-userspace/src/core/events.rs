@@ -88,6 +88,8 @@ pub enum Event {
     ReloadApplied {
         generation: u64,
         millis: f64,
+        /// What asked for it: "SIGHUP", "config file change", "control socket".
+        trigger: &'static str,
         changes: Vec<String>,
     },
     /// What the log limiter left out.
@@ -284,11 +286,12 @@ impl Event {
             Event::ReloadApplied {
                 generation,
                 millis,
+                trigger,
                 changes,
             } => {
                 write!(
                     f,
-                    "config generation {generation} applied in {millis:.1} ms: "
+                    "config generation {generation} applied in {millis:.1} ms ({trigger}): "
                 )?;
                 let named: Vec<&str> = changes
                     .iter()

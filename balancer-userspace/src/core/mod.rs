@@ -285,11 +285,18 @@ impl Core {
 
     /// Records that an accepted reload took `took`, from reading the file to the maps
     /// written (measured by the daemon, which does both); the events to log.
-    pub fn applied(&mut self, took: Duration, changes: Vec<String>, now: Instant) -> Vec<Event> {
+    pub fn applied(
+        &mut self,
+        took: Duration,
+        trigger: &'static str,
+        changes: Vec<String>,
+        now: Instant,
+    ) -> Vec<Event> {
         self.reloads.last_apply = Some(took);
         let mut events = vec![Event::ReloadApplied {
             generation: self.generation,
             millis: took.as_secs_f64() * 1e3,
+            trigger,
             changes,
         }];
         self.limit(&mut events, now);

@@ -418,9 +418,9 @@ impl<'a> EventLoop<'a> {
                 Some(ReloadOutcome::Accepted { changes, .. }) => changes.clone(),
                 _ => Vec::new(),
             };
-            let mut events = self
-                .core
-                .applied(pending.started.elapsed(), changes, Instant::now());
+            let took = pending.started.elapsed();
+            let trigger = pending.request.trigger;
+            let mut events = self.core.applied(took, trigger, changes, Instant::now());
             log_events(&mut events);
         }
         self.settle.set_settle(self.core.config().reload_settle);
