@@ -70,7 +70,8 @@ backends = [{{ address = "{}", weight = {weight} }}, {{ address = "{}" }}]
 }
 
 /// VIP "big": `STORM` backends in 10.200.0.0/16, routed through backend 2, which does not
-/// forward: every probe times out and every backend goes down.
+/// forward: every probe times out and every backend goes down (at its first failure, so that
+/// the storm comes even where a low open-files limit leaves the probes a small budget).
 fn storm_vip() -> String {
     let backends: Vec<String> = (0..STORM)
         .map(|i| format!("{{ address = \"10.200.{}.{}\" }}", i / 250, i % 250 + 1))
@@ -83,7 +84,7 @@ address = "10.99.101.1"
 port = 80
 protocol = "tcp"
 forwarding = "tunnel"
-health = {{ kind = "tcp", interval = "1s", timeout = "300ms", rise = 2, fall = 2 }}
+health = {{ kind = "tcp", interval = "1s", timeout = "300ms", rise = 2, fall = 1 }}
 backends = [{}]
 "#,
         backends.join(", ")
