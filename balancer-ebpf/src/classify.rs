@@ -2,9 +2,23 @@
 //! address's port-0 entry: an any-port VIP, or the entry that takes a VIP's non-first
 //! fragments (which carry no port).
 
-use balancer_common::{Outcome, VipKey, VipMeta, FAMILY_IPV4, PROTO_ICMP, PROTO_ICMPV6};
+use balancer_common::{
+    hash::vip_filter_bit, Outcome, VipKey, VipMeta, FAMILY_IPV4, PROTO_ICMP, PROTO_ICMPV6,
+};
 
-use crate::{maps::VIPS, parse::Packet};
+use crate::{
+    maps::{VIPS, VIP_FILTER},
+    parse::Packet,
+};
+
+/// Whether `VIPS` may have a key for this destination address: false means it has none.
+#[inline(always)]
+fn may_be_vip(addr: &[u8; 16], family: u8) -> bool {
+    let bit = vip_filter_bit(addr, family);
+    VIP_FILTER
+        .get(bit >> 6)
+        .is_some_and(|word| *word & (1u64 << (bit & 63)) != 0)
+}
 
 #[inline(always)]
 fn lookup(key: &VipKey) -> Option<&'static VipMeta> {
@@ -18,6 +32,14 @@ fn lookup(key: &VipKey) -> Option<&'static VipMeta> {
 #[inline(always)]
 pub fn vip(packet: &mut Packet) -> Result<&'static VipMeta, Outcome> {
     let flow = &packet.flow;
+    let not_ours = if packet.fragment {
+        Outcome::Fragment
+    } else {
+        Outcome::NotVip
+    };
+    if !may_be_vip(&flow.dst, flow.family) {
+        return Err(not_ours);
+    }
     let mut key = VipKey {
         addr: flow.dst,
         port: flow.dst_port,
@@ -29,11 +51,6 @@ pub fn vip(packet: &mut Packet) -> Result<&'static VipMeta, Outcome> {
         key.port = 0;
         meta = lookup(&key);
     }
-    let not_ours = if packet.fragment {
-        Outcome::Fragment
-    } else {
-        Outcome::NotVip
-    };
     let meta = meta.ok_or(not_ours)?;
     if packet.fragment {
         if !meta.balances_fragments() {
@@ -51,6 +68,9 @@ pub fn vip(packet: &mut Packet) -> Result<&'static VipMeta, Outcome> {
 #[inline(always)]
 pub fn is_vip_address(packet: &Packet) -> bool {
     let flow = &packet.flow;
+    if !may_be_vip(&flow.dst, flow.family) {
+        return false;
+    }
     let proto = if flow.family == FAMILY_IPV4 {
         PROTO_ICMP
     } else {

@@ -8,7 +8,8 @@ use aya_ebpf::{
 use balancer_common::{
     Backend, ConnEntry, DecapAddress, FlowKey, TrafficStats, VipKey, VipMeta, DECAP_OUTCOME_COUNT,
     DEFAULT_CONN_TABLE_SIZE, MAGLEV_CAPACITY, MAGLEV_TABLE_MAP_FLAGS, MAX_BACKENDS,
-    MAX_DECAP_ADDRESSES, MAX_EGRESS_INTERFACES, MAX_VIPS, OUTCOME_COUNT, VIP_KEYS_CAPACITY,
+    MAX_DECAP_ADDRESSES, MAX_EGRESS_INTERFACES, MAX_VIPS, OUTCOME_COUNT, VIP_FILTER_WORDS,
+    VIP_KEYS_CAPACITY,
 };
 
 const VIPS_N: usize = MAX_VIPS as usize;
@@ -29,6 +30,12 @@ pub fn hash_seed() -> u32 {
 /// address entry (ICMP) per VIP address.
 #[btf_map]
 pub static VIPS: HashMap<VipKey, VipMeta, { VIP_KEYS_CAPACITY as usize }> = HashMap::new();
+
+/// The prefilter: a bit per bucket of destination addresses, set for every address `VIPS`
+/// has a key of (the daemon sets a bit before the key and clears it after). A clear bit: no
+/// VIP, without a hash lookup (an array lookup is a pointer computation once verified).
+#[btf_map]
+pub static VIP_FILTER: Array<u64, { VIP_FILTER_WORDS as usize }> = Array::new();
 
 /// One Maglev table per VIP, indexed by `VipMeta::vip_id`; each slot holds a backend id.
 /// The daemon builds a new inner table and swaps it in with one update, so a packet sees

@@ -148,7 +148,10 @@ impl Lab {
 
     /// The layout directory of the pins.
     fn layout_dir(&self) -> PathBuf {
-        self.scratch.pin_dir().join(HOST_IF).join("v1")
+        self.scratch
+            .pin_dir()
+            .join(HOST_IF)
+            .join(format!("v{}", balancer_common::LAYOUT_VERSION))
     }
 
     /// `ip link show eth0` in the balancer's namespace.
@@ -457,13 +460,15 @@ fn incompatible_pins_are_refused_with_the_way_out_and_replace_takes_over() {
     // Another map layout (as a build with another LAYOUT_VERSION would find it).
     lab.scratch.write_atomically("config.toml", &config(65536));
     let pins = lab.scratch.pin_dir().join(HOST_IF);
-    std::fs::rename(pins.join("v1"), pins.join("v0")).unwrap();
+    let layout = balancer_common::LAYOUT_VERSION;
+    std::fs::rename(pins.join(format!("v{layout}")), pins.join("v0")).unwrap();
     let mut refused = lab.spawn(&[]);
     assert!(!refused.wait_exit(Duration::from_secs(30)).success());
     let log = refused.log();
     assert!(
-        log.contains("holds a data plane of map layout v0 and this build uses layout v1")
-            && log.contains("--replace"),
+        log.contains(&format!(
+            "holds a data plane of map layout v0 and this build uses layout v{layout}"
+        )) && log.contains("--replace"),
         "{log}"
     );
     assert_eq!(xdp_program(&lab.link()), Some(program));

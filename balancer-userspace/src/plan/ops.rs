@@ -7,6 +7,8 @@
 //! - keys that go away are removed before tables change under them;
 //! - a VIP's Maglev table is swapped in whole (a fresh inner map, one update of the outer
 //!   map), after its backends and before the key that leads to it;
+//! - the prefilter bit of a key's address is set before the key is written and cleared only
+//!   after it is removed (a packet never finds a key behind a clear bit);
 //! - tables, backends and devices that nothing leads to any more are cleared last.
 //!
 //! A table whose size changes is padded, cyclically, to the larger of the old and the new
@@ -16,9 +18,9 @@
 //! Precondition (kept by [`crate::plan::ids::Ids`]): an id present in both states names the
 //! same VIP, and a backend id the same VIP's backend.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use balancer_common::{Backend, VipKey, VipMeta};
+use balancer_common::{hash::vip_filter_bit, Backend, VipKey, VipMeta};
 
 use crate::plan::contents::{MapContents, Table};
 
@@ -35,6 +37,8 @@ pub enum MapOp {
     SetBackend(u32, Backend),
     /// Remove a key from the VIPS map.
     RemoveVipKey(VipKey),
+    /// Write a word of the VIP address prefilter.
+    SetFilterWord(u32, u64),
     /// Swap in a new Maglev table: `slots`, repeated cyclically to fill `fill` slots.
     SwapTable {
         vip_id: u32,
@@ -65,7 +69,22 @@ impl MapPlan {
 
 /// The plan from `held` (what the maps hold) to `desired`.
 pub fn plan(held: &MapContents, desired: &MapContents) -> MapPlan {
-    plan_over(held, &key_map(held), desired)
+    plan_over(
+        held,
+        &key_map(held),
+        desired,
+        Some(&filter_words(&held.keys)),
+    )
+}
+
+/// The prefilter's words (the non-zero ones) for `keys`: the bit of every key's address.
+pub fn filter_words(keys: &[(VipKey, VipMeta)]) -> BTreeMap<u32, u64> {
+    let mut words = BTreeMap::new();
+    for (key, _) in keys {
+        let bit = vip_filter_bit(&key.addr, key.family);
+        *words.entry(bit >> 6).or_insert(0u64) |= 1 << (bit & 63);
+    }
+    words
 }
 
 /// The plan after a plan failed half-way, when what the maps hold is not known: every
@@ -91,7 +110,8 @@ pub fn rewrite_all(held: &MapContents, desired: &MapContents) -> MapPlan {
             .collect(),
         egress: held.egress.difference(&desired.egress).copied().collect(),
     };
-    plan_over(&unknown, &key_map(held), desired)
+    // What the prefilter holds is not known either: every word either side names is written.
+    plan_over(&unknown, &key_map(held), desired, None)
 }
 
 fn key_map(contents: &MapContents) -> HashMap<VipKey, VipMeta> {
@@ -100,10 +120,12 @@ fn key_map(contents: &MapContents) -> HashMap<VipKey, VipMeta> {
 
 /// The plan from `base` to `desired`; `live_keys` are the keys packets can match while the
 /// plan runs (for padding tables).
+/// `base_filter`: the prefilter's words as the maps hold them, `None` if not known.
 fn plan_over(
     base: &MapContents,
     live_keys: &HashMap<VipKey, VipMeta>,
     desired: &MapContents,
+    base_filter: Option<&BTreeMap<u32, u64>>,
 ) -> MapPlan {
     let mut ops = Vec::new();
     let base_keys = key_map(base);
@@ -144,13 +166,74 @@ fn plan_over(
             });
         }
     }
+    // The prefilter: a new key's bit is set before the key, an old key's bit cleared only
+    // after the key is gone, so that no key is ever behind a clear bit (the bit of a key
+    // that stays is set in both words, and every word is written whole).
+    let filter = FilterPlan::new(base, base_filter, desired);
+    filter.before_keys(&mut ops);
     for (key, meta) in &desired.keys {
         if base_keys.get(key) != Some(meta) {
             ops.push(MapOp::SetVipKey(*key, *meta));
         }
     }
+    filter.after_keys(&mut ops);
     clear_unreachable(base, desired, &mut ops);
     MapPlan { ops }
+}
+
+/// The prefilter words to write around the key changes.
+struct FilterPlan {
+    /// Words as the maps hold them (`None`: not known, every word is written).
+    base: Option<BTreeMap<u32, u64>>,
+    desired: BTreeMap<u32, u64>,
+    /// Every word either side has bits in.
+    words: BTreeSet<u32>,
+}
+
+impl FilterPlan {
+    fn new(
+        base: &MapContents,
+        base_filter: Option<&BTreeMap<u32, u64>>,
+        desired: &MapContents,
+    ) -> FilterPlan {
+        let desired = filter_words(&desired.keys);
+        let known = filter_words(&base.keys);
+        let words = known.keys().chain(desired.keys()).copied().collect();
+        FilterPlan {
+            base: base_filter.cloned(),
+            desired,
+            words,
+        }
+    }
+
+    fn held(&self, word: u32) -> Option<u64> {
+        self.base
+            .as_ref()
+            .map(|b| b.get(&word).copied().unwrap_or(0))
+    }
+
+    fn union(&self, word: u32) -> u64 {
+        self.held(word).unwrap_or(0) | self.desired.get(&word).copied().unwrap_or(0)
+    }
+
+    /// The bits of both sides, where the maps lack some.
+    fn before_keys(&self, ops: &mut Vec<MapOp>) {
+        for &word in &self.words {
+            if self.held(word) != Some(self.union(word)) {
+                ops.push(MapOp::SetFilterWord(word, self.union(word)));
+            }
+        }
+    }
+
+    /// The desired bits, where the union has more.
+    fn after_keys(&self, ops: &mut Vec<MapOp>) {
+        for &word in &self.words {
+            let desired = self.desired.get(&word).copied().unwrap_or(0);
+            if desired != self.union(word) {
+                ops.push(MapOp::SetFilterWord(word, desired));
+            }
+        }
+    }
 }
 
 /// What nothing leads to any more: tables of VIP ids gone, backends gone, devices unused.

@@ -25,7 +25,7 @@ use balancer::{
     },
     shell::dataplane::{Dataplane, LoadOptions},
 };
-use balancer_common::{hash::vip_flow_hash, FlowKey, Outcome, TrafficStats, VipMeta};
+use balancer_common::{hash::vip_flow_hash, map_names, FlowKey, Outcome, TrafficStats, VipMeta};
 
 use super::{LB4, LB6, LB_MAC, ROUTER4, ROUTER6, ROUTER_MAC};
 
@@ -57,8 +57,8 @@ pub struct WorldOptions {
     /// Also load the object's trivial programs (`program_names::{DROP, TX, REFLECT}`), for
     /// measurements. `program_names::PASS` is always loaded.
     pub trivial_programs: bool,
-    /// The XDP object to load: the daemon's built-in one, or another build of the same map
-    /// layout (the benchmark's baseline revision).
+    /// The XDP object to load: the daemon's built-in one, or another revision's build (the
+    /// benchmark's baseline) of the same map layout or of the layout before the prefilter.
     pub object: Option<&'static [u8]>,
 }
 
@@ -203,7 +203,12 @@ impl World {
         }
         let desired = desired_state(&self.config, &[], &self.hops, &self.health, &mut self.ids)
             .expect("the planner accepts the config");
-        let plan = plan::ops::plan(&self.held, &desired.maps);
+        let mut plan = plan::ops::plan(&self.held, &desired.maps);
+        if !self.dataplane.has_map(map_names::VIP_FILTER) {
+            // An object of the layout before the prefilter (the benchmark's baseline).
+            plan.ops
+                .retain(|op| !matches!(op, plan::ops::MapOp::SetFilterWord(..)));
+        }
         self.dataplane.execute(&plan).expect("maps written");
         self.held = desired.maps.clone();
         self.desired = desired;

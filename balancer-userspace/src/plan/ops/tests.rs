@@ -33,6 +33,8 @@ struct Kernel {
     tables: BTreeMap<u32, (Table, Vec<u32>)>,
     egress: BTreeSet<u32>,
     zeroed_backends: BTreeSet<u32>,
+    /// The prefilter's words.
+    filter: BTreeMap<u32, u64>,
 }
 
 impl Kernel {
@@ -47,6 +49,7 @@ impl Kernel {
                 .collect(),
             egress: contents.egress.clone(),
             zeroed_backends: BTreeSet::new(),
+            filter: filter_words(&contents.keys),
         }
     }
 
@@ -64,6 +67,9 @@ impl Kernel {
             }
             MapOp::RemoveVipKey(key) => {
                 self.keys.remove(key);
+            }
+            MapOp::SetFilterWord(word, bits) => {
+                self.filter.insert(*word, *bits);
             }
             MapOp::SwapTable {
                 vip_id,
@@ -92,6 +98,14 @@ impl Kernel {
 
     /// What a packet can meet now is either the old state or the new one, never a mix.
     fn check(&self, held: &MapContents, desired: &MapContents, step: &str) {
+        for key in self.keys.keys() {
+            let bit = vip_filter_bit(&key.addr, key.family);
+            let word = self.filter.get(&(bit >> 6)).copied().unwrap_or(0);
+            assert!(
+                word & (1 << (bit & 63)) != 0,
+                "{step}: key {key:?} is behind a clear prefilter bit"
+            );
+        }
         for (key, meta) in &self.keys {
             assert!(
                 held.meta(key) == Some(meta) || desired.meta(key) == Some(meta),
@@ -164,6 +178,13 @@ impl Kernel {
             .collect();
         assert_eq!(tables, desired.tables, "{case}: tables");
         assert_eq!(self.egress, desired.egress, "{case}: egress");
+        let filter: BTreeMap<u32, u64> = self
+            .filter
+            .iter()
+            .filter(|(_, bits)| **bits != 0)
+            .map(|(w, b)| (*w, *b))
+            .collect();
+        assert_eq!(filter, filter_words(&desired.keys), "{case}: prefilter");
     }
 }
 

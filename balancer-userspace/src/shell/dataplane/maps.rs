@@ -59,6 +59,10 @@ impl Dataplane {
         )
     }
 
+    fn filter_map(&mut self) -> Result<Array<&mut MapData, u64>> {
+        typed(self.map_mut(map_names::VIP_FILTER)?, map_names::VIP_FILTER)
+    }
+
     fn stats_map(&mut self, name: &'static str) -> Result<PerCpuArray<&mut MapData, TrafficStats>> {
         typed(self.map_mut(name)?, name)
     }
@@ -87,6 +91,10 @@ impl Dataplane {
             MapOp::RemoveVipKey(key) => {
                 ignore_missing(self.vips_map()?.remove(key)).map_err(map_err(VIPS))
             }
+            MapOp::SetFilterWord(word, bits) => self
+                .filter_map()?
+                .set(*word, bits, 0)
+                .map_err(map_err(VIP_FILTER)),
             MapOp::SwapTable {
                 vip_id,
                 slots,

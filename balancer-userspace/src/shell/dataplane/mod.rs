@@ -312,6 +312,12 @@ impl Dataplane {
         self.pinned.as_ref().map(|p| p.dir.as_path())
     }
 
+    /// Whether the loaded object has a map of that name (another revision's object, in the
+    /// benchmark, may lack a newer one).
+    pub fn has_map(&self, name: &str) -> bool {
+        self.ebpf.map(name).is_some()
+    }
+
     fn map(&self, name: &'static str) -> Result<&aya::maps::Map> {
         self.ebpf
             .map(name)
