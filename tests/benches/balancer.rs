@@ -1194,15 +1194,8 @@ fn markdown(r: &Value) -> String {
                 row["baseline_above_trivial_ns"].as_f64().unwrap(),
             );
             md.push_str(&format!(
-                "| {} | {} | {} | {} | {this:.1} ns | {base:.1} ns | {:.2} |\n",
-                row["mode"].as_str().unwrap(),
-                row["backends"],
-                if row["full_conn_table"] == true {
-                    "full"
-                } else {
-                    "-"
-                },
-                row["class"].as_str().unwrap(),
+                "| {} | {this:.1} ns | {base:.1} ns | {:.2} |\n",
+                row_label(row),
                 this / base
             ));
         }
@@ -1218,15 +1211,8 @@ fn markdown(r: &Value) -> String {
     md.push_str("| mode | backends | conn table | packet | above trivial (median) | range over rounds | trivial | method |\n|---|---:|---|---|---:|---|---:|---|\n");
     for row in r["datapath"].as_array().unwrap() {
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {:.1} ns | {:.1} to {:.1} ns | {:.1} ns | {} |\n",
-            row["mode"].as_str().unwrap(),
-            row["backends"],
-            if row["full_conn_table"] == true {
-                "full"
-            } else {
-                "-"
-            },
-            row["class"].as_str().unwrap(),
+            "| {} | {:.1} ns | {:.1} to {:.1} ns | {:.1} ns | {} |\n",
+            row_label(row),
             row["above_trivial_ns"].as_f64().unwrap(),
             row["spread_ns"][0].as_f64().unwrap(),
             row["spread_ns"][1].as_f64().unwrap(),
@@ -1293,4 +1279,19 @@ fn markdown(r: &Value) -> String {
         md.push_str(&format!("- {}\n", c.as_str().unwrap()));
     }
     md
+}
+
+/// The first four cells of a data-plane row: mode, backends, conn table, packet class.
+fn row_label(row: &Value) -> String {
+    format!(
+        "{} | {} | {} | {}",
+        row["mode"].as_str().unwrap(),
+        row["backends"],
+        if row["full_conn_table"] == true {
+            "full"
+        } else {
+            "-"
+        },
+        row["class"].as_str().unwrap()
+    )
 }

@@ -2,7 +2,7 @@
 //! backends may not share. Every error points at the value to blame.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     path::{Component, PathBuf},
     time::Duration,
@@ -169,26 +169,21 @@ fn absolute_path(value: &Spanned<String>, key: &str, example: &str) -> Result<Pa
 /// What a backend or tunnel source address may not be: any VIP's address, or one of this
 /// host's own.
 struct Taken<'a> {
-    vips: HashMap<IpAddr, &'a str>,
+    vips: BTreeMap<IpAddr, String>,
     host: &'a Host,
 }
 
 /// Every VIP, and what VIPs may not share: a name, an endpoint, an address for fragments, a
 /// backend address that is a VIP's.
 fn validate_vips(raw: Vec<Spanned<RawVip>>, host: &Host) -> Result<Vec<Vip>, Invalid> {
-    let names: Vec<(IpAddr, String)> = raw
-        .iter()
-        .map(|v| {
-            (
-                *v.get_ref().address.get_ref(),
-                v.get_ref().name.get_ref().clone(),
-            )
-        })
-        .collect();
-    let taken = Taken {
-        vips: names.iter().rev().map(|(a, n)| (*a, n.as_str())).collect(),
-        host,
-    };
+    // By address, in address order; the first VIP of an address names it.
+    let mut vips = BTreeMap::new();
+    for v in &raw {
+        let v = v.get_ref();
+        vips.entry(*v.address.get_ref())
+            .or_insert_with(|| v.name.get_ref().clone());
+    }
+    let taken = Taken { vips, host };
     if raw.len() > MAX_VIPS as usize {
         let span = raw[MAX_VIPS as usize].span();
         return Err((span, format!("too many VIPs: at most {MAX_VIPS}")));
@@ -382,9 +377,7 @@ fn tunnel_sources(
         }
         let source = parse_tunnel_source(value.get_ref(), v6)
             .map_err(|e| (value.span(), format!("VIP \"{name}\": {key} {e}")))?;
-        let mut vips: Vec<(&IpAddr, &&str)> = taken.vips.iter().collect();
-        vips.sort();
-        if let Some((vip, owner)) = vips.into_iter().find(|(a, _)| source.contains(**a)) {
+        if let Some((vip, owner)) = taken.vips.iter().find(|(a, _)| source.contains(**a)) {
             let message = format!(
                 "VIP \"{name}\": {key} \"{}\" includes {vip}, the address of VIP \"{owner}\": \
                  tunnelled packets would come from a VIP",

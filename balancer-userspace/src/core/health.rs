@@ -150,11 +150,9 @@ impl Tracker {
         }
         None
     }
-}
 
-impl Tracker {
     /// A probe that could not run: counted, and nothing else (neither streak moves).
-    pub fn not_run(&mut self) {
+    fn not_run(&mut self) {
         *self.failures_by_kind.entry("local").or_default() += 1;
     }
 }

@@ -395,7 +395,7 @@ impl Core {
         out: &mut Output,
     ) {
         let ReadConfig { text, parsed } = read;
-        let seen = text == self.last_read || text == self.config_text;
+        let seen = self.read_last(&text);
         self.last_read.clone_from(&text);
         if only_if_changed && seen {
             out.reload = Some(ReloadOutcome::Unchanged {
@@ -495,15 +495,16 @@ impl Core {
         let Some(tracker) = self.trackers.get_mut(key) else {
             return;
         };
+        // A probe that could not run is said, and counted by the tracker; it took no time
+        // worth observing, and moves no verdict.
         if let Err(ProbeFailure::Local(error)) = result {
-            tracker.not_run();
             out.events.push(Event::ProbeNotRun {
                 key: key.clone(),
                 error: error.clone(),
             });
-            return;
+        } else {
+            tracker.durations.observe(seconds);
         }
-        tracker.durations.observe(seconds);
         let Some(transition) = tracker.record(result, check.rise, check.fall) else {
             return;
         };

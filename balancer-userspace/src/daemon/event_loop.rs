@@ -90,10 +90,9 @@ struct Pending {
     request: Request,
     read: ReadConfig,
     started: Instant,
-    /// New addresses whose next hops are asked for...
-    asked: usize,
-    /// ...those not answered yet, and the answers that resolved.
+    /// New addresses whose next hops are not answered yet...
     waiting: HashSet<IpAddr>,
+    /// ...the answers that resolved...
     resolved: Vec<(IpAddr, NextHop)>,
     /// ...and those that will not (told to the core once the config names them).
     failed: Vec<(IpAddr, Result<NextHop, String>)>,
@@ -384,7 +383,6 @@ impl<'a> EventLoop<'a> {
             request,
             read,
             started,
-            asked: waiting.len(),
             waiting,
             resolved: Vec::new(),
             failed: Vec::new(),
@@ -402,7 +400,7 @@ impl<'a> EventLoop<'a> {
             return;
         };
         // New backends that will have no next hop when the config is applied.
-        let unresolved = (pending.asked - pending.resolved.len()) as u64;
+        let unresolved = (pending.waiting.len() + pending.failed.len()) as u64;
         let mut next_hops = self.core.next_hops().clone();
         next_hops.extend(pending.resolved);
         let input = Input::Reload {

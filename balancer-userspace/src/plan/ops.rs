@@ -69,12 +69,7 @@ impl MapPlan {
 
 /// The plan from `held` (what the maps hold) to `desired`.
 pub fn plan(held: &MapContents, desired: &MapContents) -> MapPlan {
-    plan_over(
-        held,
-        &key_map(held),
-        desired,
-        Some(&filter_words(&held.keys)),
-    )
+    plan_over(held, &key_map(held), desired, true)
 }
 
 /// The prefilter's words (the non-zero ones) for `keys`: the bit of every key's address.
@@ -111,7 +106,7 @@ pub fn rewrite_all(held: &MapContents, desired: &MapContents) -> MapPlan {
         egress: held.egress.difference(&desired.egress).copied().collect(),
     };
     // What the prefilter holds is not known either: every word either side names is written.
-    plan_over(&unknown, &key_map(held), desired, None)
+    plan_over(&unknown, &key_map(held), desired, false)
 }
 
 fn key_map(contents: &MapContents) -> HashMap<VipKey, VipMeta> {
@@ -120,12 +115,12 @@ fn key_map(contents: &MapContents) -> HashMap<VipKey, VipMeta> {
 
 /// The plan from `base` to `desired`; `live_keys` are the keys packets can match while the
 /// plan runs (for padding tables).
-/// `base_filter`: the prefilter's words as the maps hold them, `None` if not known.
+/// `filter_known`: the prefilter holds the bits of `base`'s keys (false after a failed plan).
 fn plan_over(
     base: &MapContents,
     live_keys: &HashMap<VipKey, VipMeta>,
     desired: &MapContents,
-    base_filter: Option<&BTreeMap<u32, u64>>,
+    filter_known: bool,
 ) -> MapPlan {
     let mut ops = Vec::new();
     let base_keys = key_map(base);
@@ -169,7 +164,7 @@ fn plan_over(
     // The prefilter: a new key's bit is set before the key, an old key's bit cleared only
     // after the key is gone, so that no key is ever behind a clear bit (the bit of a key
     // that stays is set in both words, and every word is written whole).
-    let filter = FilterPlan::new(base, base_filter, desired);
+    let filter = FilterPlan::new(base, filter_known, desired);
     filter.before_keys(&mut ops);
     for (key, meta) in &desired.keys {
         if base_keys.get(key) != Some(meta) {
@@ -191,16 +186,12 @@ struct FilterPlan {
 }
 
 impl FilterPlan {
-    fn new(
-        base: &MapContents,
-        base_filter: Option<&BTreeMap<u32, u64>>,
-        desired: &MapContents,
-    ) -> FilterPlan {
+    fn new(base: &MapContents, filter_known: bool, desired: &MapContents) -> FilterPlan {
+        let held = filter_words(&base.keys);
         let desired = filter_words(&desired.keys);
-        let known = filter_words(&base.keys);
-        let words = known.keys().chain(desired.keys()).copied().collect();
+        let words = held.keys().chain(desired.keys()).copied().collect();
         FilterPlan {
-            base: base_filter.cloned(),
+            base: filter_known.then_some(held),
             desired,
             words,
         }

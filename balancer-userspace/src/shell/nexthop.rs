@@ -221,15 +221,6 @@ impl Resolver {
         (waiting, links, failed)
     }
 
-    pub async fn resolve(&self, address: IpAddr) -> Result<NextHop, NextHopError> {
-        let mut answer = None;
-        self.resolve_batch([address], |mut results| {
-            answer = results.pop().map(|(_, r)| r)
-        })
-        .await;
-        answer.unwrap_or(Err(NextHopError::NoRoute(address)))
-    }
-
     /// `ip route get ADDRESS`: the output interface, the gateway if any, and the preferred
     /// source address.
     async fn route(&self, address: IpAddr) -> Result<Route, NextHopError> {
