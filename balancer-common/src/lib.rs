@@ -16,7 +16,9 @@ pub mod tunnel;
 
 /// Bumped whenever a map's key or value layout, or the meaning of a field, changes.
 /// 2: the `VIP_FILTER` prefilter.
-pub const LAYOUT_VERSION: u32 = 2;
+/// 3: `VIP_SLOTS` (each VIP's key and meta by id) and the flow hash in `ConnEntry`: an
+///    established flow is found by one hash lookup, the connection table's.
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// How many VIPs the maps hold.
 pub const MAX_VIPS: u32 = 512;
@@ -53,6 +55,9 @@ pub mod map_names {
     /// `word -> u64` (array): the bits of every VIP address (`hash::vip_filter_bit`); a
     /// packet whose destination's bit is clear is for no VIP.
     pub const VIP_FILTER: &str = "VIP_FILTER";
+    /// `vip_id -> VipSlot` (array): each VIP's own key and meta, by id, for the flows the
+    /// connection table finds before any VIP lookup.
+    pub const VIP_SLOTS: &str = "VIP_SLOTS";
     /// `vip_id -> Maglev table` (array of arrays of backend ids).
     pub const MAGLEV_TABLES: &str = "MAGLEV_TABLES";
     /// `backend_id -> Backend` (array).
@@ -109,7 +114,9 @@ pub const PROTO_IPIP: u8 = 4;
 pub const PROTO_IPV6: u8 = 41;
 
 /// A VIP key: the destination a packet is classified by. `port == 0` is the any-port entry.
-#[repr(C)]
+/// Aligned to 4 bytes (its size is unchanged) so that copies and comparisons go a word at a
+/// time.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct VipKey {
     pub addr: [u8; 16],
@@ -236,8 +243,9 @@ impl Backend {
     }
 }
 
-/// A flow, as the connection table and the Maglev hash see it.
-#[repr(C)]
+/// A flow, as the connection table and the Maglev hash see it. Aligned to 8 bytes (its size
+/// is unchanged) so that the program copies and compares it a double word at a time.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
     pub src: [u8; 16],
@@ -251,12 +259,50 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
-/// What the connection table remembers about a flow.
+/// What the connection table remembers about a flow: everything its packets need, so that
+/// an established flow costs one hash lookup. The VIP is the backend's (`Backend::vip_id`),
+/// read with its key from `VIP_SLOTS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ConnEntry {
     pub backend_id: u32,
-    pub _reserved: u32,
+    /// The flow's hash as its VIP placed it (`hash::vip_flow_hash`): a tunnel's outer header
+    /// varies with it, and it is not computed again.
+    pub flow_hash: u32,
+}
+
+/// A VIP's own key and meta, by VIP id (`VIP_SLOTS`). A flow the connection table knows is
+/// forwarded only while its backend's VIP id holds a key that the packet's destination
+/// matches (`serves`): a VIP removed, or an id given to another VIP, sends its old flows back
+/// through the VIP lookup. An empty slot (family 0) matches nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipSlot {
+    pub key: VipKey,
+    pub meta: VipMeta,
+}
+
+impl VipSlot {
+    /// Whether the packet of `flow` (not a fragment) is addressed to this slot's VIP: the
+    /// same address, family and protocol, and the VIP's port or any port.
+    #[inline(always)]
+    pub fn serves(&self, flow: &FlowKey) -> bool {
+        let key = &self.key;
+        // SAFETY: both addresses are 4-byte aligned (`VipKey` is align(4) with `addr` at
+        // offset 0, `FlowKey` align(8) with `dst` at offset 16: asserted below) and
+        // [u32; 4] has the size of [u8; 16] and no invalid values. Compared a word at a
+        // time: the program has no `memcmp`.
+        let (a, b) = unsafe {
+            (
+                &*(key.addr.as_ptr() as *const [u32; 4]),
+                &*(flow.dst.as_ptr() as *const [u32; 4]),
+            )
+        };
+        key.family == flow.family
+            && key.proto == flow.proto
+            && (key.port == flow.dst_port || key.port == 0)
+            && (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) == 0
+    }
 }
 
 /// Traffic counters of a backend or a VIP (one copy per CPU, summed by the daemon).
@@ -426,6 +472,7 @@ mod pod {
         super::Backend,
         super::FlowKey,
         super::ConnEntry,
+        super::VipSlot,
         super::TrafficStats,
         super::DecapAddress
     );
@@ -440,6 +487,10 @@ const _: () = {
     assert!(core::mem::size_of::<Backend>() == 60);
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<ConnEntry>() == 8);
+    assert!(core::mem::size_of::<VipSlot>() == 32);
+    // `VipSlot::serves` reads both addresses as words.
+    assert!(core::mem::offset_of!(VipKey, addr) == 0 && core::mem::align_of::<VipKey>() == 4);
+    assert!(core::mem::offset_of!(FlowKey, dst) == 16 && core::mem::align_of::<FlowKey>() == 8);
     assert!(core::mem::size_of::<TrafficStats>() == 24);
     assert!(Outcome::ALL.len() == OUTCOME_COUNT as usize);
     assert!(DecapOutcome::ALL.len() == DECAP_OUTCOME_COUNT as usize);

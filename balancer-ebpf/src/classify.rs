@@ -1,6 +1,8 @@
-//! Classify: is the packet addressed to a VIP? Exact (address, port, protocol) first, then the
-//! address's port-0 entry: an any-port VIP, or the entry that takes a VIP's non-first
-//! fragments (which carry no port).
+//! Classify: is the packet addressed to a VIP? First the prefilter (one bit per bucket of
+//! destination addresses): a clear bit means no VIP, and the packet leaves without a hash
+//! lookup. Then, for packets the connection table did not settle (see `select::established`),
+//! the VIPS map: exact (address, port, protocol) first, then the address's port-0 entry: an
+//! any-port VIP, or the entry that takes a VIP's non-first fragments (which carry no port).
 
 use balancer_common::{
     hash::vip_filter_bit, Outcome, VipKey, VipMeta, FAMILY_IPV4, PROTO_ICMP, PROTO_ICMPV6,
@@ -26,20 +28,35 @@ fn lookup(key: &VipKey) -> Option<&'static VipMeta> {
     VIPS.get_ptr(*key).map(|meta| unsafe { &*meta })
 }
 
-/// The VIP of a TCP or UDP packet (or of the flow an ICMP error is about). Fragments: see
-/// `VIP_F_FRAGMENTS` (`VipMeta::balances_fragments`); their ports are cleared here, so that
-/// every fragment of a datagram hashes alike.
+/// What a packet that is not for a VIP counts as.
 #[inline(always)]
-pub fn vip(packet: &mut Packet) -> Result<&'static VipMeta, Outcome> {
-    let flow = &packet.flow;
-    let not_ours = if packet.fragment {
+fn not_ours(packet: &Packet) -> Outcome {
+    if packet.fragment {
         Outcome::Fragment
     } else {
         Outcome::NotVip
-    };
-    if !may_be_vip(&flow.dst, flow.family) {
-        return Err(not_ours);
     }
+}
+
+/// The prefilter, for TCP, UDP and ICMP errors (by the flow's destination): `Err` when no VIP
+/// has the destination's address.
+#[inline(always)]
+pub fn prefilter(packet: &Packet) -> Result<(), Outcome> {
+    let flow = &packet.flow;
+    if may_be_vip(&flow.dst, flow.family) {
+        Ok(())
+    } else {
+        Err(not_ours(packet))
+    }
+}
+
+/// The VIP of a TCP or UDP packet (or of the flow an ICMP error is about) that passed the
+/// prefilter. Fragments: see `VIP_F_FRAGMENTS` (`VipMeta::balances_fragments`); their ports
+/// are cleared here, so that every fragment of a datagram hashes alike.
+#[inline(always)]
+pub fn vip(packet: &mut Packet) -> Result<&'static VipMeta, Outcome> {
+    let flow = &packet.flow;
+    let not_ours = not_ours(packet);
     let mut key = VipKey {
         addr: flow.dst,
         port: flow.dst_port,

@@ -25,10 +25,10 @@ pub fn decap(outcome: DecapOutcome) {
 }
 
 #[inline(always)]
-pub fn forwarded(vip_id: u32, selected: &Selected, len: u64) {
+pub fn forwarded(selected: &Selected, len: u64) {
     let new_flows = selected.new_flows as u64;
     add(BACKEND_STATS.get_ptr_mut(selected.id), len, new_flows);
-    add(VIP_STATS.get_ptr_mut(vip_id), len, new_flows);
+    add(VIP_STATS.get_ptr_mut(selected.vip_id), len, new_flows);
 }
 
 #[inline(always)]

@@ -67,23 +67,34 @@ mod programs {
             }
             return icmp::echo_reply(ctx, &packet);
         }
-        let vip = match classify::vip(&mut packet) {
-            Err(_) if packet.kind == Kind::IcmpError => return Err(Outcome::IcmpOther),
-            other => other?,
+        classify::prefilter(&packet).or_else(|outcome| match packet.kind {
+            Kind::IcmpError => Err(Outcome::IcmpOther),
+            _ => Err(outcome),
+        })?;
+        // An established flow: one connection-table lookup, no VIP lookup.
+        let fast = packet.kind == Kind::Flow && !packet.syn && !packet.fragment;
+        let selected = match if fast {
+            select::established(&packet)
+        } else {
+            None
+        } {
+            Some(selected) => selected,
+            None => {
+                let vip = match classify::vip(&mut packet) {
+                    Err(_) if packet.kind == Kind::IcmpError => return Err(Outcome::IcmpOther),
+                    other => other?,
+                };
+                // The connection table was asked already on the fast path; a SYN never asks.
+                select::backend(vip, &packet, !fast && !packet.syn)?
+            }
         };
-        let selected = select::backend(vip, &packet)?;
-        let outcome = if vip.tunnels() {
-            rewrite::tunnel(
-                ctx,
-                &packet,
-                &selected,
-                selected.flow_hash(vip, &packet.flow),
-            )?
+        let outcome = if selected.tunnels {
+            rewrite::tunnel(ctx, &packet, &selected)?
         } else {
             rewrite::direct_server_return(ctx, &selected)?
         };
         if matches!(outcome, Outcome::ForwardedTx | Outcome::ForwardedRedirect) {
-            count::forwarded(vip.vip_id, &selected, packet.len);
+            count::forwarded(&selected, packet.len);
         }
         Ok(outcome)
     }

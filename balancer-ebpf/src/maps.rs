@@ -6,10 +6,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use balancer_common::{
-    Backend, ConnEntry, DecapAddress, FlowKey, TrafficStats, VipKey, VipMeta, DECAP_OUTCOME_COUNT,
-    DEFAULT_CONN_TABLE_SIZE, MAGLEV_CAPACITY, MAGLEV_TABLE_MAP_FLAGS, MAX_BACKENDS,
-    MAX_DECAP_ADDRESSES, MAX_EGRESS_INTERFACES, MAX_VIPS, OUTCOME_COUNT, VIP_FILTER_WORDS,
-    VIP_KEYS_CAPACITY,
+    Backend, ConnEntry, DecapAddress, FlowKey, TrafficStats, VipKey, VipMeta, VipSlot,
+    DECAP_OUTCOME_COUNT, DEFAULT_CONN_TABLE_SIZE, MAGLEV_CAPACITY, MAGLEV_TABLE_MAP_FLAGS,
+    MAX_BACKENDS, MAX_DECAP_ADDRESSES, MAX_EGRESS_INTERFACES, MAX_VIPS, OUTCOME_COUNT,
+    VIP_FILTER_WORDS, VIP_KEYS_CAPACITY,
 };
 
 const VIPS_N: usize = MAX_VIPS as usize;
@@ -36,6 +36,12 @@ pub static VIPS: HashMap<VipKey, VipMeta, { VIP_KEYS_CAPACITY as usize }> = Hash
 /// VIP, without a hash lookup (an array lookup is a pointer computation once verified).
 #[btf_map]
 pub static VIP_FILTER: Array<u64, { VIP_FILTER_WORDS as usize }> = Array::new();
+
+/// Each VIP's own key and meta, by VIP id: what an established flow's packets are checked
+/// against and forwarded with, without a VIPS lookup (the connection table comes first).
+/// The daemon writes a slot before the VIP's key and clears it after the key is gone.
+#[btf_map]
+pub static VIP_SLOTS: Array<VipSlot, VIPS_N> = Array::new();
 
 /// One Maglev table per VIP, indexed by `VipMeta::vip_id`; each slot holds a backend id.
 /// The daemon builds a new inner table and swaps it in with one update, so a packet sees

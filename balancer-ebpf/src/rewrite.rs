@@ -41,15 +41,11 @@ fn transmit(ctx: &XdpContext, to: &Selected) -> Result<Outcome, Outcome> {
 }
 
 /// Encapsulates the packet for the backend and transmits it, or answers "too big" if the
-/// encapsulated packet would not fit the egress MTU. `hash` is the flow's hash: the outer
-/// source address and flow label vary with it (see `balancer_common::tunnel`).
+/// encapsulated packet would not fit the egress MTU. The outer source address and flow label
+/// vary with the flow's hash (see `balancer_common::tunnel`).
 #[inline(always)]
-pub fn tunnel(
-    ctx: &XdpContext,
-    packet: &Packet,
-    to: &Selected,
-    hash: u32,
-) -> Result<Outcome, Outcome> {
+pub fn tunnel(ctx: &XdpContext, packet: &Packet, to: &Selected) -> Result<Outcome, Outcome> {
+    let hash = to.hash;
     let outer_v6 = to.family == FAMILY_IPV6;
     let overhead = if outer_v6 { IPV6_HLEN } else { IPV4_HLEN };
     if packet.ip_len + overhead > to.mtu as usize {

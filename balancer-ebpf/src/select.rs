@@ -1,31 +1,35 @@
 //! Select: which backend gets this packet.
 //!
-//! 1. The connection table, if it remembers the flow and its backend is still a live, healthy
-//!    backend of this VIP. Draining backends keep their flows here. A TCP SYN skips this
-//!    step: it starts a new connection, even when its 5-tuple was used before (a client
-//!    reusing a source port must not land on a backend that is draining).
+//! 1. The connection table, if it remembers the flow and its backend is still a live
+//!    backend of a VIP that the packet is addressed to. For an established flow this comes
+//!    first, before any VIP lookup (`established`): the entry names the backend, the backend
+//!    its VIP, and `VIP_SLOTS` that VIP's key, which the packet's destination must match.
+//!    Draining backends keep their flows here. A TCP SYN skips this step: it starts a new
+//!    connection, even when its 5-tuple was used before (a client reusing a source port must
+//!    not land on a backend that is draining).
 //! 2. Otherwise the VIP's Maglev table at `hash(flow) % table_size`, and the choice is
-//!    remembered. Down and draining backends are not in the table (the daemon leaves them
-//!    out), so re-selection moves a flow off a down backend.
+//!    remembered with the hash. Down and draining backends are not in the table (the daemon
+//!    leaves them out), so re-selection moves a flow off a down backend.
 
-use balancer_common::{hash::vip_flow_hash, Backend, ConnEntry, FlowKey, Outcome, VipMeta};
+use balancer_common::{hash::vip_flow_hash, Backend, ConnEntry, Outcome, VipMeta};
 
 use crate::{
-    maps::{hash_seed, BACKENDS, CONN_TABLE, MAGLEV_TABLES},
+    maps::{hash_seed, BACKENDS, CONN_TABLE, MAGLEV_TABLES, VIP_SLOTS},
     parse::Packet,
 };
 
-/// The chosen backend, copied out of its map slot. Plain scalars on purpose: a pointer in
-/// here would share stack space with the error of `Result<Selected, _>`, and LLVM may then
-/// read half of a spilled pointer, which the verifier rejects ("invalid size of register
-/// fill").
+/// The chosen backend and what forwarding needs of its VIP, copied out of the map slots.
+/// Plain scalars on purpose: a pointer in here would share stack space with the error of
+/// `Result<Selected, _>`, and LLVM may then read half of a spilled pointer, which the
+/// verifier rejects ("invalid size of register fill").
 pub struct Selected {
     pub id: u32,
+    pub vip_id: u32,
     /// 1 if the flow missed the connection table, else 0.
     pub new_flows: u32,
-    /// The flow's hash, when the Maglev table placed it (`new_flows == 1`); else 0, not
-    /// computed: a connection-table hit needs no hash (see `flow_hash`).
-    hash: u32,
+    /// The flow's hash as its VIP places it: computed by the Maglev step, or remembered in
+    /// the connection table (computed once per flow, not per packet).
+    pub hash: u32,
     pub addr: [u8; 16],
     pub tunnel_src: [u8; 16],
     pub dst_mac: [u8; 6],
@@ -34,13 +38,16 @@ pub struct Selected {
     pub mtu: u16,
     pub family: u8,
     pub tunnel_src_bits: u8,
+    /// The VIP encapsulates (`VipMeta::tunnels`).
+    pub tunnels: bool,
 }
 
 impl Selected {
     #[inline(always)]
-    fn new(id: u32, backend: &Backend, new_flows: u32, hash: u32) -> Self {
+    fn new(id: u32, backend: &Backend, vip: &VipMeta, new_flows: u32, hash: u32) -> Self {
         Selected {
             id,
+            vip_id: vip.vip_id,
             new_flows,
             hash,
             addr: backend.addr,
@@ -51,47 +58,54 @@ impl Selected {
             mtu: backend.mtu,
             family: backend.family,
             tunnel_src_bits: backend.tunnel_src_bits,
-        }
-    }
-
-    /// The flow's hash as the VIP sees it: the one selection computed, or, for a flow the
-    /// connection table knew, computed now (a tunnel's outer header needs it; direct server
-    /// return never asks).
-    #[inline(always)]
-    pub fn flow_hash(&self, vip: &VipMeta, flow: &FlowKey) -> u32 {
-        if self.new_flows == 1 {
-            self.hash
-        } else {
-            hash(vip, flow)
+            tunnels: vip.tunnels(),
         }
     }
 }
 
-/// The flow's hash as the VIP sees it, with the seed the daemon set.
+/// An established flow, found by its connection-table entry alone: one hash lookup, then
+/// two arrays read by id. `None` (the VIP lookup decides) when the table does not know the
+/// flow, its backend is free or down, or the backend's VIP is not the packet's destination
+/// any more (removed, or its id reused). Only for packets that are neither SYNs, fragments
+/// nor ICMP, whose flow key is the same before and after classification.
 #[inline(always)]
-fn hash(vip: &VipMeta, flow: &FlowKey) -> u32 {
-    vip_flow_hash(vip, flow, hash_seed())
-}
-
-#[inline(always)]
-pub fn backend(vip: &VipMeta, packet: &Packet) -> Result<Selected, Outcome> {
+pub fn established(packet: &Packet) -> Option<Selected> {
     let flow = &packet.flow;
-    if let Some(entry) = if packet.syn {
-        None
-    } else {
+    let entry = CONN_TABLE.get_ptr(flow)?;
+    // SAFETY: the value stays valid for this run of the program (RCU); a concurrent eviction
+    // can at worst give a stale id, which is checked below like any other.
+    let (id, hash) = unsafe { ((*entry).backend_id, (*entry).flow_hash) };
+    let backend = BACKENDS.get(id)?;
+    if !backend.is_live() {
+        return None;
+    }
+    let slot = VIP_SLOTS.get(backend.vip_id)?;
+    if !slot.serves(flow) {
+        return None;
+    }
+    Some(Selected::new(id, backend, &slot.meta, 0, hash))
+}
+
+/// The backend for a packet of `vip`: the connection table's (if `remembered` allows asking
+/// it), else the Maglev table's, remembered.
+#[inline(always)]
+pub fn backend(vip: &VipMeta, packet: &Packet, remembered: bool) -> Result<Selected, Outcome> {
+    let flow = &packet.flow;
+    if let Some(entry) = if remembered {
         CONN_TABLE.get_ptr(flow)
+    } else {
+        None
     } {
-        // SAFETY: the value stays valid for this run of the program (RCU); a concurrent
-        // eviction can at worst give a stale id, which is checked below like any other.
-        let id = unsafe { (*entry).backend_id };
+        // SAFETY: as in `established`.
+        let (id, hash) = unsafe { ((*entry).backend_id, (*entry).flow_hash) };
         if let Some(backend) = BACKENDS.get(id) {
             if backend.is_live() && backend.vip_id == vip.vip_id {
-                return Ok(Selected::new(id, backend, 0, 0));
+                return Ok(Selected::new(id, backend, vip, 0, hash));
             }
         }
     }
 
-    let hash = hash(vip, flow);
+    let hash = vip_flow_hash(vip, flow, hash_seed());
     let slot = hash % vip.table_size;
     let id = *MAGLEV_TABLES
         .get_value(vip.vip_id, &slot)
@@ -106,9 +120,9 @@ pub fn backend(vip: &VipMeta, packet: &Packet) -> Result<Selected, Outcome> {
         flow,
         ConnEntry {
             backend_id: id,
-            _reserved: 0,
+            flow_hash: hash,
         },
         0,
     );
-    Ok(Selected::new(id, backend, 1, hash))
+    Ok(Selected::new(id, backend, vip, 1, hash))
 }

@@ -5,6 +5,10 @@
 //! - counters of newly used ids are zeroed before anything can count into them;
 //! - egress devices and backend entries are written before a table can name them;
 //! - keys that go away are removed before tables change under them;
+//! - a VIP id's slot (`VIP_SLOTS`: its key and meta, which established flows are checked
+//!   against before any key lookup) is written before its key and cleared after its key is
+//!   gone; a slot whose key changes is cleared before it is written again, so that a packet
+//!   reading it while it changes sees the old key, the new key or none, never a mix of both;
 //! - a VIP's Maglev table is swapped in whole (a fresh inner map, one update of the outer
 //!   map), after its backends and before the key that leads to it;
 //! - the prefilter bit of a key's address is set before the key is written and cleared only
@@ -20,7 +24,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use balancer_common::{hash::vip_filter_bit, Backend, VipKey, VipMeta};
+use balancer_common::{hash::vip_filter_bit, Backend, VipKey, VipMeta, VipSlot};
 
 use crate::plan::contents::{MapContents, Table};
 
@@ -45,6 +49,10 @@ pub enum MapOp {
         slots: Table,
         fill: u32,
     },
+    /// Write a VIP id's slot (its own key and meta).
+    SetVipSlot(u32, VipSlot),
+    /// Empty a VIP id's slot.
+    ClearVipSlot(u32),
     /// Write a key of the VIPS map.
     SetVipKey(VipKey, VipMeta),
     /// Replace a VIP id's table with an empty one (an array of maps cannot delete).
@@ -82,6 +90,24 @@ pub fn filter_words(keys: &[(VipKey, VipMeta)]) -> BTreeMap<u32, u64> {
     words
 }
 
+/// Each VIP id's slot: its own key (not the fragments-only or address entries) and meta.
+pub fn vip_slots<'a>(
+    keys: impl IntoIterator<Item = (&'a VipKey, &'a VipMeta)>,
+) -> BTreeMap<u32, VipSlot> {
+    keys.into_iter()
+        .filter(|(_, meta)| !meta.is_address() && !meta.is_fragments_only())
+        .map(|(key, meta)| {
+            (
+                meta.vip_id,
+                VipSlot {
+                    key: *key,
+                    meta: *meta,
+                },
+            )
+        })
+        .collect()
+}
+
 /// The plan after a plan failed half-way, when what the maps hold is not known: every
 /// desired entry is written again, and every entry `held` recorded and `desired` does not
 /// want is cleared.
@@ -115,12 +141,13 @@ fn key_map(contents: &MapContents) -> HashMap<VipKey, VipMeta> {
 
 /// The plan from `base` to `desired`; `live_keys` are the keys packets can match while the
 /// plan runs (for padding tables).
-/// `filter_known`: the prefilter holds the bits of `base`'s keys (false after a failed plan).
+/// `known`: the prefilter and the slots hold what `live_keys` imply (false after a failed
+/// plan).
 fn plan_over(
     base: &MapContents,
     live_keys: &HashMap<VipKey, VipMeta>,
     desired: &MapContents,
-    filter_known: bool,
+    known: bool,
 ) -> MapPlan {
     let mut ops = Vec::new();
     let base_keys = key_map(base);
@@ -144,12 +171,15 @@ fn plan_over(
             ops.push(MapOp::SetBackend(id, *entry));
         }
     }
-    // Keys that go away, then tables, then the keys that lead to them.
+    // Keys that go away (and slots that lose or change their key), then tables, then the
+    // keys that lead to them.
     for (key, _) in &base.keys {
         if !desired_keys.contains_key(key) {
             ops.push(MapOp::RemoveVipKey(*key));
         }
     }
+    let slots = SlotPlan::new(live_keys, known, desired);
+    slots.clear(&mut ops);
     for (&vip_id, slots) in &desired.tables {
         if base.tables.get(&vip_id) != Some(slots) {
             let fill = padded_size(vip_id, slots, live_keys, &desired_keys);
@@ -164,8 +194,9 @@ fn plan_over(
     // The prefilter: a new key's bit is set before the key, an old key's bit cleared only
     // after the key is gone, so that no key is ever behind a clear bit (the bit of a key
     // that stays is set in both words, and every word is written whole).
-    let filter = FilterPlan::new(base, filter_known, desired);
+    let filter = FilterPlan::new(base, known, desired);
     filter.before_keys(&mut ops);
+    slots.set(&mut ops);
     for (key, meta) in &desired.keys {
         if base_keys.get(key) != Some(meta) {
             ops.push(MapOp::SetVipKey(*key, *meta));
@@ -174,6 +205,43 @@ fn plan_over(
     filter.after_keys(&mut ops);
     clear_unreachable(base, desired, &mut ops);
     MapPlan { ops }
+}
+
+/// The slots to clear and write around the key changes.
+struct SlotPlan {
+    /// Slots as the maps hold them.
+    held: BTreeMap<u32, VipSlot>,
+    desired: BTreeMap<u32, VipSlot>,
+    /// Whether `held` is what the maps hold (else every desired slot is written).
+    known: bool,
+}
+
+impl SlotPlan {
+    fn new(live_keys: &HashMap<VipKey, VipMeta>, known: bool, desired: &MapContents) -> SlotPlan {
+        SlotPlan {
+            held: vip_slots(live_keys),
+            desired: vip_slots(desired.keys.iter().map(|(k, m)| (k, m))),
+            known,
+        }
+    }
+
+    /// Slots whose key goes away or changes: emptied once their keys are removed.
+    fn clear(&self, ops: &mut Vec<MapOp>) {
+        for (&id, held) in &self.held {
+            if self.desired.get(&id).map(|d| d.key) != Some(held.key) {
+                ops.push(MapOp::ClearVipSlot(id));
+            }
+        }
+    }
+
+    /// Slots the maps lack (or may lack), written before the keys.
+    fn set(&self, ops: &mut Vec<MapOp>) {
+        for (&id, desired) in &self.desired {
+            if !self.known || self.held.get(&id) != Some(desired) {
+                ops.push(MapOp::SetVipSlot(id, *desired));
+            }
+        }
+    }
 }
 
 /// The prefilter words to write around the key changes.

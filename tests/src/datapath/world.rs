@@ -25,7 +25,9 @@ use balancer::{
     },
     shell::dataplane::{Dataplane, LoadOptions},
 };
-use balancer_common::{hash::vip_flow_hash, map_names, FlowKey, Outcome, TrafficStats, VipMeta};
+use balancer_common::{
+    hash::vip_flow_hash, map_names, ConnEntry, FlowKey, Outcome, TrafficStats, VipMeta,
+};
 
 use super::{LB4, LB6, LB_MAC, ROUTER4, ROUTER6, ROUTER_MAC};
 
@@ -204,11 +206,17 @@ impl World {
         let desired = desired_state(&self.config, &[], &self.hops, &self.health, &mut self.ids)
             .expect("the planner accepts the config");
         let mut plan = plan::ops::plan(&self.held, &desired.maps);
-        if !self.dataplane.has_map(map_names::VIP_FILTER) {
-            // An object of the layout before the prefilter (the benchmark's baseline).
-            plan.ops
-                .retain(|op| !matches!(op, plan::ops::MapOp::SetFilterWord(..)));
-        }
+        // An object of an earlier layout (the benchmark's baseline): without the prefilter
+        // (1) or the VIP slots (1 and 2). Its connection entries ignore the flow hash.
+        let (filter, slots) = (
+            self.dataplane.has_map(map_names::VIP_FILTER),
+            self.dataplane.has_map(map_names::VIP_SLOTS),
+        );
+        plan.ops.retain(|op| match op {
+            plan::ops::MapOp::SetFilterWord(..) => filter,
+            plan::ops::MapOp::SetVipSlot(..) | plan::ops::MapOp::ClearVipSlot(..) => slots,
+            _ => true,
+        });
         self.dataplane.execute(&plan).expect("maps written");
         self.held = desired.maps.clone();
         self.desired = desired;
@@ -275,9 +283,12 @@ impl World {
     /// Remembers `flow` on `backend` of `vip` in the connection table, as if an earlier packet
     /// of the flow had been placed there.
     pub fn remember(&mut self, vip: &str, flow: &FlowKey, backend: IpAddr) {
-        let id = self.backend_id(vip, backend);
+        let entry = ConnEntry {
+            backend_id: self.backend_id(vip, backend),
+            flow_hash: vip_flow_hash(&self.vip_meta(vip), flow, self.hash_seed()),
+        };
         self.dataplane
-            .conn_insert(flow, id)
+            .conn_insert(flow, entry)
             .expect("connection table written");
     }
 

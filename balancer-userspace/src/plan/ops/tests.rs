@@ -9,8 +9,8 @@ use std::{
 };
 
 use balancer_common::{
-    Backend, VipKey, VipMeta, BACKEND_F_DOWN, BACKEND_F_DRAINING, BACKEND_F_VALID, NO_BACKEND,
-    VIP_F_ADDRESS, VIP_F_FRAGMENTS_ONLY,
+    Backend, VipKey, VipMeta, VipSlot, BACKEND_F_DOWN, BACKEND_F_DRAINING, BACKEND_F_VALID,
+    NO_BACKEND, VIP_F_ADDRESS, VIP_F_FRAGMENTS_ONLY,
 };
 
 use super::*;
@@ -35,6 +35,8 @@ struct Kernel {
     zeroed_backends: BTreeSet<u32>,
     /// The prefilter's words.
     filter: BTreeMap<u32, u64>,
+    /// The VIP slots.
+    slots: BTreeMap<u32, VipSlot>,
 }
 
 impl Kernel {
@@ -50,6 +52,7 @@ impl Kernel {
             egress: contents.egress.clone(),
             zeroed_backends: BTreeSet::new(),
             filter: filter_words(&contents.keys),
+            slots: vip_slots(contents.keys.iter().map(|(k, m)| (k, m))),
         }
     }
 
@@ -80,6 +83,18 @@ impl Kernel {
                     .map(|i| slots[i % slots.len()])
                     .collect();
                 self.tables.insert(*vip_id, (slots.clone(), filled));
+            }
+            MapOp::SetVipSlot(id, slot) => {
+                if let Some(held) = self.slots.get(id) {
+                    assert_eq!(
+                        held.key, slot.key,
+                        "slot {id}'s key overwritten in place (a reader could see a mix)"
+                    );
+                }
+                self.slots.insert(*id, *slot);
+            }
+            MapOp::ClearVipSlot(id) => {
+                self.slots.remove(id);
             }
             MapOp::SetVipKey(key, meta) => {
                 self.keys.insert(*key, *meta);
@@ -151,6 +166,13 @@ impl Kernel {
                 );
             }
         }
+        let slots_of = |c: &MapContents| vip_slots(c.keys.iter().map(|(k, m)| (k, m)));
+        for (id, slot) in &self.slots {
+            assert!(
+                slots_of(held).get(id) == Some(slot) || slots_of(desired).get(id) == Some(slot),
+                "{step}: VIP {id}'s slot {slot:?} is neither the old nor the new one"
+            );
+        }
         for (id, (slots, _)) in &self.tables {
             assert!(
                 held.tables.get(id) == Some(slots) || desired.tables.get(id) == Some(slots),
@@ -185,6 +207,11 @@ impl Kernel {
             .map(|(w, b)| (*w, *b))
             .collect();
         assert_eq!(filter, filter_words(&desired.keys), "{case}: prefilter");
+        assert_eq!(
+            self.slots,
+            vip_slots(desired.keys.iter().map(|(k, m)| (k, m))),
+            "{case}: slots"
+        );
     }
 }
 
@@ -379,6 +406,7 @@ fn a_table_that_shrinks_is_padded_while_the_old_key_can_see_it() {
                 slots: small.tables[&1].clone(),
                 fill: 11
             },
+            MapOp::SetVipSlot(1, VipSlot { key, meta: meta(5) }),
             MapOp::SetVipKey(key, meta(5)),
         ]
     );
@@ -386,6 +414,39 @@ fn a_table_that_shrinks_is_padded_while_the_old_key_can_see_it() {
     run_plan(&mut kernel, &shrink, &big, &small, "shrink");
     let grow = plan(&small, &big);
     assert!(matches!(grow.ops[0], MapOp::SwapTable { fill: 11, .. }));
+}
+
+#[test]
+fn a_slot_whose_key_changes_is_emptied_after_the_old_key_and_written_before_the_new() {
+    let key = |port: u16| VipKey {
+        addr: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        port: port.to_be(),
+        proto: 6,
+        family: 4,
+    };
+    let meta = VipMeta {
+        vip_id: 2,
+        table_size: 5,
+        ..VipMeta::default()
+    };
+    let state = |port| MapContents {
+        keys: vec![(key(port), meta)],
+        tables: BTreeMap::from([(2, Table::from(vec![NO_BACKEND; 5]))]),
+        ..MapContents::default()
+    };
+    let ops = plan(&state(80), &state(8080)).ops;
+    let at = |wanted: &MapOp| ops.iter().position(|op| op == wanted).unwrap();
+    let slot = VipSlot {
+        key: key(8080),
+        meta,
+    };
+    assert!(at(&MapOp::RemoveVipKey(key(80))) < at(&MapOp::ClearVipSlot(2)));
+    assert!(at(&MapOp::ClearVipSlot(2)) < at(&MapOp::SetVipSlot(2, slot)));
+    assert!(at(&MapOp::SetVipSlot(2, slot)) < at(&MapOp::SetVipKey(key(8080), meta)));
+    // A VIP removed: its slot emptied after its key.
+    let ops = plan(&state(80), &MapContents::default()).ops;
+    let at = |wanted: &MapOp| ops.iter().position(|op| op == wanted).unwrap();
+    assert!(at(&MapOp::RemoveVipKey(key(80))) < at(&MapOp::ClearVipSlot(2)));
 }
 
 // ------------------------------------------------------------------------------------------

@@ -72,16 +72,12 @@ impl Dataplane {
         }
     }
 
-    /// Remembers `flow` on backend `backend_id`, as the program does for a new flow (tests
-    /// and tools; the packet path fills the table itself).
-    pub fn conn_insert(&mut self, flow: &FlowKey, backend_id: u32) -> Result<()> {
+    /// Remembers `flow` as `entry`, as the program does for a new flow (tests and tools; the
+    /// packet path fills the table itself).
+    pub fn conn_insert(&mut self, flow: &FlowKey, entry: ConnEntry) -> Result<()> {
         let name = map_names::CONN_TABLE;
         let mut table: BpfHashMap<&mut MapData, FlowKey, ConnEntry> =
             self.map_mut(name)?.try_into().map_err(map_err(name))?;
-        let entry = ConnEntry {
-            backend_id,
-            _reserved: 0,
-        };
         table.insert(flow, entry, 0).map_err(map_err(name))
     }
 

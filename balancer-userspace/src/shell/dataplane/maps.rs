@@ -13,7 +13,7 @@ use aya::maps::{
     PerCpuValues,
 };
 use balancer_common::{
-    map_names, Backend, DecapAddress, TrafficStats, VipKey, VipMeta, MAGLEV_CAPACITY,
+    map_names, Backend, DecapAddress, TrafficStats, VipKey, VipMeta, VipSlot, MAGLEV_CAPACITY,
     MAGLEV_TABLE_MAP_FLAGS, MAX_BACKENDS,
 };
 
@@ -63,6 +63,10 @@ impl Dataplane {
         typed(self.map_mut(map_names::VIP_FILTER)?, map_names::VIP_FILTER)
     }
 
+    fn slots_map(&mut self) -> Result<Array<&mut MapData, VipSlot>> {
+        typed(self.map_mut(map_names::VIP_SLOTS)?, map_names::VIP_SLOTS)
+    }
+
     fn stats_map(&mut self, name: &'static str) -> Result<PerCpuArray<&mut MapData, TrafficStats>> {
         typed(self.map_mut(name)?, name)
     }
@@ -100,6 +104,14 @@ impl Dataplane {
                 slots,
                 fill,
             } => self.swap_table(*vip_id, slots, *fill),
+            MapOp::SetVipSlot(id, slot) => self
+                .slots_map()?
+                .set(*id, slot, 0)
+                .map_err(map_err(VIP_SLOTS)),
+            MapOp::ClearVipSlot(id) => self
+                .slots_map()?
+                .set(*id, VipSlot::default(), 0)
+                .map_err(map_err(VIP_SLOTS)),
             MapOp::SetVipKey(key, meta) => {
                 self.vips_map()?.insert(key, meta, 0).map_err(map_err(VIPS))
             }
