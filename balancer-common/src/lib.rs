@@ -17,7 +17,8 @@ pub mod tunnel;
 /// Bumped whenever a map's key or value layout, or the meaning of a field, changes.
 /// 2: the `VIP_FILTER` prefilter.
 /// 3: `VIP_SLOTS` (each VIP's key and meta by id) and the flow hash in `ConnEntry`: an
-///    established flow is found by one hash lookup, the connection table's.
+///    established flow is found by one hash lookup, the connection table's; one connection
+///    table per address family (`CONN_TABLE_V4` with 16-byte keys, `CONN_TABLE_V6`).
 pub const LAYOUT_VERSION: u32 = 3;
 
 /// How many VIPs the maps hold.
@@ -41,7 +42,7 @@ pub const MAGLEV_CAPACITY: u32 = 65_537;
 pub const MAGLEV_TABLE_MAP_FLAGS: u32 = 1 << 10;
 /// Default Maglev table size, the largest prime the capacity allows.
 pub const DEFAULT_MAGLEV_SIZE: u32 = 65_537;
-/// Default number of flows the connection table remembers (LRU).
+/// Default number of flows each connection table (one per address family) remembers (LRU).
 pub const DEFAULT_CONN_TABLE_SIZE: u32 = 262_144;
 /// How many egress interfaces the redirect device map holds.
 pub const MAX_EGRESS_INTERFACES: u32 = 64;
@@ -62,8 +63,12 @@ pub mod map_names {
     pub const MAGLEV_TABLES: &str = "MAGLEV_TABLES";
     /// `backend_id -> Backend` (array).
     pub const BACKENDS: &str = "BACKENDS";
-    /// `FlowKey -> ConnEntry` (LRU hash).
-    pub const CONN_TABLE: &str = "CONN_TABLE";
+    /// `FlowKeyV4 -> ConnEntry` (LRU hash): IPv4 flows.
+    pub const CONN_TABLE_V4: &str = "CONN_TABLE_V4";
+    /// `FlowKeyV6 -> ConnEntry` (LRU hash): IPv6 flows.
+    pub const CONN_TABLE_V6: &str = "CONN_TABLE_V6";
+    /// The connection tables, each sized by `conn_table_size`.
+    pub const CONN_TABLES: [&str; 2] = [CONN_TABLE_V4, CONN_TABLE_V6];
     /// `ifindex -> ifindex` (device hash map for XDP_REDIRECT).
     pub const EGRESS_DEVICES: &str = "EGRESS_DEVICES";
     /// `backend_id -> TrafficStats` (per-CPU array).
@@ -124,6 +129,26 @@ pub struct VipKey {
     pub port: u16,
     pub proto: u8,
     pub family: u8,
+}
+
+impl VipKey {
+    /// The key of `addr`, `port`, `proto` and `family`, written as five whole words: the
+    /// kernel hashes keys a word at a time, and a word the program wrote byte by byte stalls
+    /// the CPU when read (no store forwarding).
+    #[inline(always)]
+    pub fn new(addr: &[u8; 16], port: u16, proto: u8, family: u8) -> VipKey {
+        let port = port.to_ne_bytes();
+        let words: [u32; 5] = [
+            address_word(addr, 0),
+            address_word(addr, 1),
+            address_word(addr, 2),
+            address_word(addr, 3),
+            u32::from_ne_bytes([port[0], port[1], proto, family]),
+        ];
+        // SAFETY: `VipKey` is five words' size and alignment (asserted below), `repr(C)`
+        // without padding, and every bit pattern is a valid `VipKey`.
+        unsafe { core::mem::transmute::<[u32; 5], VipKey>(words) }
+    }
 }
 
 /// Forwarding mode: L2 direct server return.
@@ -243,9 +268,10 @@ impl Backend {
     }
 }
 
-/// A flow, as the connection table and the Maglev hash see it. Aligned to 8 bytes (its size
-/// is unchanged) so that the program copies and compares it a double word at a time.
-#[repr(C, align(8))]
+/// A flow, as the connection table and the Maglev hash see it. (Aligning it to 8 bytes made
+/// a packet for no VIP 11 ns dearer, measured: the program then builds it on the stack with
+/// more spills.)
+#[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
     pub src: [u8; 16],
@@ -257,6 +283,82 @@ pub struct FlowKey {
     pub proto: u8,
     pub family: u8,
     pub _pad: [u8; 2],
+}
+
+/// An IPv4 flow as its connection table (`CONN_TABLE_V4`) keys it: 16 bytes instead of
+/// `FlowKey`'s 40. Made of 32-bit words, written whole: the kernel hashes and compares keys a
+/// word at a time, and a word it reads that the program wrote byte by byte stalls the CPU
+/// (no store forwarding). Both measured: 16 bytes instead of 40 and whole words made an
+/// established IPv4 packet about 25 ns cheaper.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKeyV4 {
+    /// The address's bytes in wire order, read as a native word.
+    pub src: u32,
+    pub dst: u32,
+    /// `src_port << 16 | dst_port`, each in network byte order.
+    pub ports: u32,
+    pub proto: u32,
+}
+
+/// An IPv6 flow as its connection table (`CONN_TABLE_V6`) keys it: `FlowKey`'s fields as
+/// whole 32-bit words (see `FlowKeyV4`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKeyV6 {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    /// `src_port << 16 | dst_port`, each in network byte order.
+    pub ports: u32,
+    pub proto: u32,
+}
+
+/// The `i`th 32-bit word of an address, its bytes in wire order.
+#[inline(always)]
+fn address_word(bytes: &[u8; 16], i: usize) -> u32 {
+    u32::from_ne_bytes([
+        bytes[i * 4],
+        bytes[i * 4 + 1],
+        bytes[i * 4 + 2],
+        bytes[i * 4 + 3],
+    ])
+}
+
+impl FlowKey {
+    #[inline(always)]
+    fn ports_word(&self) -> u32 {
+        (self.src_port as u32) << 16 | self.dst_port as u32
+    }
+
+    /// The IPv4 connection table's key of this flow (meaningful for an IPv4 flow).
+    #[inline(always)]
+    pub fn v4(&self) -> FlowKeyV4 {
+        FlowKeyV4 {
+            src: address_word(&self.src, 0),
+            dst: address_word(&self.dst, 0),
+            ports: self.ports_word(),
+            proto: self.proto as u32,
+        }
+    }
+
+    /// The IPv6 connection table's key of this flow (meaningful for an IPv6 flow).
+    #[inline(always)]
+    pub fn v6(&self) -> FlowKeyV6 {
+        let words = |a: &[u8; 16]| {
+            [
+                address_word(a, 0),
+                address_word(a, 1),
+                address_word(a, 2),
+                address_word(a, 3),
+            ]
+        };
+        FlowKeyV6 {
+            src: words(&self.src),
+            dst: words(&self.dst),
+            ports: self.ports_word(),
+            proto: self.proto as u32,
+        }
+    }
 }
 
 /// What the connection table remembers about a flow: everything its packets need, so that
@@ -288,14 +390,14 @@ impl VipSlot {
     #[inline(always)]
     pub fn serves(&self, flow: &FlowKey) -> bool {
         let key = &self.key;
-        // SAFETY: both addresses are 4-byte aligned (`VipKey` is align(4) with `addr` at
-        // offset 0, `FlowKey` align(8) with `dst` at offset 16: asserted below) and
-        // [u32; 4] has the size of [u8; 16] and no invalid values. Compared a word at a
-        // time: the program has no `memcmp`.
+        // SAFETY: [u32; 4] has the size of [u8; 16] and no invalid values; the slot's address
+        // is 4-byte aligned (`VipKey` is align(4) with `addr` at offset 0: asserted below),
+        // the flow's is read unaligned. Compared a word at a time: the program has no
+        // `memcmp`.
         let (a, b) = unsafe {
             (
                 &*(key.addr.as_ptr() as *const [u32; 4]),
-                &*(flow.dst.as_ptr() as *const [u32; 4]),
+                &core::ptr::read_unaligned(flow.dst.as_ptr() as *const [u32; 4]),
             )
         };
         key.family == flow.family
@@ -471,6 +573,8 @@ mod pod {
         super::VipMeta,
         super::Backend,
         super::FlowKey,
+        super::FlowKeyV4,
+        super::FlowKeyV6,
         super::ConnEntry,
         super::VipSlot,
         super::TrafficStats,
@@ -483,14 +587,16 @@ const _: () = {
     // `hash::vip_filter_bit` yields 16 bits.
     assert!(VIP_FILTER_WORDS * 64 == 1 << 16);
     assert!(core::mem::size_of::<VipKey>() == 20);
+    assert!(core::mem::align_of::<VipKey>() == core::mem::align_of::<[u32; 5]>());
     assert!(core::mem::size_of::<VipMeta>() == 12);
     assert!(core::mem::size_of::<Backend>() == 60);
     assert!(core::mem::size_of::<FlowKey>() == 40);
+    assert!(core::mem::size_of::<FlowKeyV4>() == 16);
+    assert!(core::mem::size_of::<FlowKeyV6>() == 40);
     assert!(core::mem::size_of::<ConnEntry>() == 8);
     assert!(core::mem::size_of::<VipSlot>() == 32);
-    // `VipSlot::serves` reads both addresses as words.
+    // `VipSlot::serves` reads the slot's address as words.
     assert!(core::mem::offset_of!(VipKey, addr) == 0 && core::mem::align_of::<VipKey>() == 4);
-    assert!(core::mem::offset_of!(FlowKey, dst) == 16 && core::mem::align_of::<FlowKey>() == 8);
     assert!(core::mem::size_of::<TrafficStats>() == 24);
     assert!(Outcome::ALL.len() == OUTCOME_COUNT as usize);
     assert!(DecapOutcome::ALL.len() == DECAP_OUTCOME_COUNT as usize);
@@ -502,3 +608,86 @@ const _: () = {
         i += 1;
     }
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_vip_key_built_from_words_equals_the_one_built_from_fields() {
+        let addr = [
+            0x20, 0x01, 0x0d, 0xb8, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+        ];
+        for (port, proto, family) in [(80u16.to_be(), PROTO_TCP, FAMILY_IPV6), (0, PROTO_ICMP, 4)] {
+            let fields = VipKey {
+                addr,
+                port,
+                proto,
+                family,
+            };
+            assert_eq!(VipKey::new(&addr, port, proto, family), fields);
+        }
+    }
+
+    #[test]
+    fn connection_keys_keep_every_field_of_the_flow() {
+        let mut flow = FlowKey {
+            src_port: 40_000u16.to_be(),
+            dst_port: 80u16.to_be(),
+            proto: PROTO_TCP,
+            family: FAMILY_IPV4,
+            ..FlowKey::default()
+        };
+        flow.src[..4].copy_from_slice(&[192, 0, 2, 1]);
+        flow.dst[..4].copy_from_slice(&[10, 0, 0, 1]);
+        let key = flow.v4();
+        assert_eq!(key.src.to_ne_bytes(), [192, 0, 2, 1]);
+        assert_eq!(key.dst.to_ne_bytes(), [10, 0, 0, 1]);
+        assert_eq!(key.proto, u32::from(PROTO_TCP));
+        // Every field that tells two flows apart changes the key.
+        let changed = [
+            FlowKey {
+                src_port: 1,
+                ..flow
+            },
+            FlowKey {
+                dst_port: 1,
+                ..flow
+            },
+            FlowKey {
+                proto: PROTO_UDP,
+                ..flow
+            },
+        ];
+        for other in changed {
+            assert_ne!(other.v4(), key);
+        }
+        assert_ne!(
+            FlowKey {
+                src_port: flow.dst_port,
+                dst_port: flow.src_port,
+                ..flow
+            }
+            .v4(),
+            key
+        );
+        let mut v6 = FlowKey {
+            family: FAMILY_IPV6,
+            ..flow
+        };
+        v6.src = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        v6.dst = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        let key = v6.v6();
+        for (i, a) in [v6.src, v6.dst].iter().enumerate() {
+            let words = if i == 0 { key.src } else { key.dst };
+            let mut bytes = [0u8; 16];
+            for (j, w) in words.iter().enumerate() {
+                bytes[j * 4..j * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+            }
+            assert_eq!(&bytes, a);
+        }
+        let mut other = v6;
+        other.src[15] = 9;
+        assert_ne!(other.v6(), key);
+    }
+}

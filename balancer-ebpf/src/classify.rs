@@ -57,16 +57,14 @@ pub fn prefilter(packet: &Packet) -> Result<(), Outcome> {
 pub fn vip(packet: &mut Packet) -> Result<&'static VipMeta, Outcome> {
     let flow = &packet.flow;
     let not_ours = not_ours(packet);
-    let mut key = VipKey {
-        addr: flow.dst,
-        port: flow.dst_port,
-        proto: flow.proto,
-        family: flow.family,
-    };
-    let mut meta = lookup(&key);
-    if meta.is_none() && key.port != 0 {
-        key.port = 0;
-        meta = lookup(&key);
+    let mut meta = lookup(&VipKey::new(
+        &flow.dst,
+        flow.dst_port,
+        flow.proto,
+        flow.family,
+    ));
+    if meta.is_none() && flow.dst_port != 0 {
+        meta = lookup(&VipKey::new(&flow.dst, 0, flow.proto, flow.family));
     }
     let meta = meta.ok_or(not_ours)?;
     if packet.fragment {
@@ -93,11 +91,5 @@ pub fn is_vip_address(packet: &Packet) -> bool {
     } else {
         PROTO_ICMPV6
     };
-    let key = VipKey {
-        addr: flow.dst,
-        port: 0,
-        proto,
-        family: flow.family,
-    };
-    lookup(&key).is_some_and(VipMeta::is_address)
+    lookup(&VipKey::new(&flow.dst, 0, proto, flow.family)).is_some_and(VipMeta::is_address)
 }

@@ -1,12 +1,12 @@
 //! The maps the program reads and the daemon writes. Names, sizes and layouts come from
-//! balancer-common; the daemon resizes `CONN_TABLE` at load time from the config.
+//! balancer-common; the daemon sizes the connection tables at load time from the config.
 
 use aya_ebpf::{
     btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use balancer_common::{
-    Backend, ConnEntry, DecapAddress, FlowKey, TrafficStats, VipKey, VipMeta, VipSlot,
+    Backend, ConnEntry, DecapAddress, FlowKeyV4, FlowKeyV6, TrafficStats, VipKey, VipMeta, VipSlot,
     DECAP_OUTCOME_COUNT, DEFAULT_CONN_TABLE_SIZE, MAGLEV_CAPACITY, MAGLEV_TABLE_MAP_FLAGS,
     MAX_BACKENDS, MAX_DECAP_ADDRESSES, MAX_EGRESS_INTERFACES, MAX_VIPS, OUTCOME_COUNT,
     VIP_FILTER_WORDS, VIP_KEYS_CAPACITY,
@@ -55,12 +55,32 @@ pub static MAGLEV_TABLES: ArrayOfMaps<
 #[btf_map]
 pub static BACKENDS: Array<Backend, BACKENDS_N> = Array::new();
 
-/// Flow -> backend, so that a flow stays on its backend when the tables change.
-/// One LRU shared by all CPUs: with per-CPU LRU lists a single receive queue could use only
-/// a fraction of the capacity.
+/// Flow -> backend, so that a flow stays on its backend when the tables change: IPv4 flows
+/// here, with 16-byte keys (the kernel hashes and compares whole keys), IPv6 flows in
+/// `CONN_TABLE_V6`. One LRU shared by all CPUs: with per-CPU LRU lists a single receive
+/// queue could use only a fraction of the capacity (the benchmarks measure both: feature
+/// `conn-lru-per-cpu`).
 #[btf_map]
-pub static CONN_TABLE: LruHashMap<FlowKey, ConnEntry, { DEFAULT_CONN_TABLE_SIZE as usize }> =
-    LruHashMap::new();
+pub static CONN_TABLE_V4: LruHashMap<
+    FlowKeyV4,
+    ConnEntry,
+    { DEFAULT_CONN_TABLE_SIZE as usize },
+    CONN_TABLE_FLAGS,
+> = LruHashMap::new();
+
+#[btf_map]
+pub static CONN_TABLE_V6: LruHashMap<
+    FlowKeyV6,
+    ConnEntry,
+    { DEFAULT_CONN_TABLE_SIZE as usize },
+    CONN_TABLE_FLAGS,
+> = LruHashMap::new();
+
+#[cfg(not(feature = "conn-lru-per-cpu"))]
+const CONN_TABLE_FLAGS: usize = 0;
+/// BPF_F_NO_COMMON_LRU.
+#[cfg(feature = "conn-lru-per-cpu")]
+const CONN_TABLE_FLAGS: usize = 1 << 1;
 
 /// Egress interfaces other than the ingress one, for XDP_REDIRECT (key: ifindex).
 #[btf_map]

@@ -11,12 +11,35 @@
 //!    remembered with the hash. Down and draining backends are not in the table (the daemon
 //!    leaves them out), so re-selection moves a flow off a down backend.
 
-use balancer_common::{hash::vip_flow_hash, Backend, ConnEntry, Outcome, VipMeta};
+use balancer_common::{
+    hash::vip_flow_hash, Backend, ConnEntry, FlowKey, Outcome, VipMeta, FAMILY_IPV4,
+};
 
 use crate::{
-    maps::{hash_seed, BACKENDS, CONN_TABLE, MAGLEV_TABLES, VIP_SLOTS},
+    maps::{hash_seed, BACKENDS, CONN_TABLE_V4, CONN_TABLE_V6, MAGLEV_TABLES, VIP_SLOTS},
     parse::Packet,
 };
+
+/// The flow's connection-table entry, from its family's table.
+#[inline(always)]
+fn remembered(flow: &FlowKey) -> Option<*const ConnEntry> {
+    if flow.family == FAMILY_IPV4 {
+        CONN_TABLE_V4.get_ptr(flow.v4())
+    } else {
+        CONN_TABLE_V6.get_ptr(flow.v6())
+    }
+}
+
+/// Remembers the flow. An insert can only fail if the kernel cannot allocate; the packet is
+/// forwarded anyway and the flow is placed by the table again next time.
+#[inline(always)]
+fn remember(flow: &FlowKey, entry: ConnEntry) {
+    let _ = if flow.family == FAMILY_IPV4 {
+        CONN_TABLE_V4.insert(flow.v4(), entry, 0)
+    } else {
+        CONN_TABLE_V6.insert(flow.v6(), entry, 0)
+    };
+}
 
 /// The chosen backend and what forwarding needs of its VIP, copied out of the map slots.
 /// Plain scalars on purpose: a pointer in here would share stack space with the error of
@@ -71,7 +94,7 @@ impl Selected {
 #[inline(always)]
 pub fn established(packet: &Packet) -> Option<Selected> {
     let flow = &packet.flow;
-    let entry = CONN_TABLE.get_ptr(flow)?;
+    let entry = remembered(flow)?;
     // SAFETY: the value stays valid for this run of the program (RCU); a concurrent eviction
     // can at worst give a stale id, which is checked below like any other.
     let (id, hash) = unsafe { ((*entry).backend_id, (*entry).flow_hash) };
@@ -86,16 +109,12 @@ pub fn established(packet: &Packet) -> Option<Selected> {
     Some(Selected::new(id, backend, &slot.meta, 0, hash))
 }
 
-/// The backend for a packet of `vip`: the connection table's (if `remembered` allows asking
-/// it), else the Maglev table's, remembered.
+/// The backend for a packet of `vip`: the connection table's (if `ask_table`), else the
+/// Maglev table's, remembered.
 #[inline(always)]
-pub fn backend(vip: &VipMeta, packet: &Packet, remembered: bool) -> Result<Selected, Outcome> {
+pub fn backend(vip: &VipMeta, packet: &Packet, ask_table: bool) -> Result<Selected, Outcome> {
     let flow = &packet.flow;
-    if let Some(entry) = if remembered {
-        CONN_TABLE.get_ptr(flow)
-    } else {
-        None
-    } {
+    if let Some(entry) = if ask_table { remembered(flow) } else { None } {
         // SAFETY: as in `established`.
         let (id, hash) = unsafe { ((*entry).backend_id, (*entry).flow_hash) };
         if let Some(backend) = BACKENDS.get(id) {
@@ -114,15 +133,12 @@ pub fn backend(vip: &VipMeta, packet: &Packet, remembered: bool) -> Result<Selec
     if !backend.is_valid() {
         return Err(Outcome::NoBackend);
     }
-    // An insert can only fail if the kernel cannot allocate; the packet is forwarded anyway
-    // and the flow is placed by the table again next time.
-    let _ = CONN_TABLE.insert(
+    remember(
         flow,
         ConnEntry {
             backend_id: id,
             flow_hash: hash,
         },
-        0,
     );
     Ok(Selected::new(id, backend, vip, 1, hash))
 }

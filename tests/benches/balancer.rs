@@ -2,9 +2,10 @@
 //! Not a test: it prints ratios and figures and writes them as JSON and Markdown; nothing here
 //! fails on speed. Needs root (BPF_PROG_TEST_RUN, XDP, network namespaces).
 //!
-//! Arguments: `[--quick] [--out DIR] [--baseline-name REV --baseline-object FILE
+//! Arguments: `[--quick] [--only PART] [--out DIR] [--baseline-name REV --baseline-object FILE
 //! --baseline-bin FILE]`. `--quick` shrinks every measurement to a smoke run (the harness must
-//! not rot; its figures mean little). With a baseline (another revision's XDP object and
+//! not rot; its figures mean little). `--only` measures one part: `datapath`, `control` or
+//! `e2e`; `--class TEXT`, only the data-plane classes whose mode and label contain TEXT. With a baseline (another revision's XDP object and
 //! `balancer` binary, which `cargo xtask bench --baseline REV` builds), the per-packet costs
 //! and the reload latency are measured for both, interleaved round by round in this one run,
 //! and reported side by side with their ratio.
@@ -30,7 +31,7 @@ use std::{
 };
 
 use aya::programs::{TestRun as _, TestRunAttrs, TestRunOptions};
-use balancer_common::{program_names, DEFAULT_CONN_TABLE_SIZE};
+use balancer_common::{map_names, program_names, DEFAULT_CONN_TABLE_SIZE};
 use balancer_tests::{
     datapath::{
         packet::{frame, tcp, udp},
@@ -46,6 +47,12 @@ use serde_json::{json, Value};
 
 struct Args {
     quick: bool,
+    /// The one part to measure (`PARTS`), or every part.
+    only: Option<String>,
+    /// Only the data-plane classes whose label contains this.
+    class: Option<String>,
+    /// This build's program with the connection tables as an LRU per CPU.
+    lru_per_cpu: Option<&'static [u8]>,
     out: PathBuf,
     baseline: Option<Baseline>,
 }
@@ -62,6 +69,9 @@ struct Baseline {
 fn args() -> Args {
     let mut args = Args {
         quick: false,
+        only: None,
+        class: None,
+        lru_per_cpu: None,
         out: PathBuf::from("target/bench"),
         baseline: None,
     };
@@ -71,6 +81,22 @@ fn args() -> Args {
         let mut value = || it.next().unwrap_or_else(|| panic!("{a} needs a value"));
         match a.as_str() {
             "--quick" => args.quick = true,
+            "--class" => args.class = Some(value()),
+            "--lru-per-cpu-object" => {
+                let path = value();
+                let bytes = std::fs::read(&path)
+                    .unwrap_or_else(|e| panic!("the per-CPU LRU object {path}: {e}"));
+                args.lru_per_cpu = Some(Box::leak(bytes.into_boxed_slice()));
+            }
+            "--only" => {
+                let part = value();
+                assert!(
+                    PARTS.contains(&part.as_str()),
+                    "--only {part:?}: the parts are {}",
+                    PARTS.join(", ")
+                );
+                args.only = Some(part);
+            }
             "--out" => args.out = PathBuf::from(value()),
             "--baseline-name" => name = Some(value()),
             "--baseline-object" => object = Some(PathBuf::from(value())),
@@ -78,8 +104,8 @@ fn args() -> Args {
             // cargo bench passes --bench to harness=false targets.
             "--bench" => {}
             other => panic!(
-                "unknown argument {other:?}: use [--quick] [--out DIR] [--baseline-name REV \
-                 --baseline-object FILE --baseline-bin FILE]"
+                "unknown argument {other:?}: use [--quick] [--only PART] [--class TEXT] [--out DIR] [--lru-per-cpu-object FILE] \
+                 [--baseline-name REV --baseline-object FILE --baseline-bin FILE]"
             ),
         }
     }
@@ -100,6 +126,9 @@ fn args() -> Args {
     };
     args
 }
+
+/// The parts of a run, each measured unless `--only` names another.
+const PARTS: [&str; 3] = ["datapath", "control", "e2e"];
 
 /// Sizes of every measurement, full or quick.
 struct Sizes {
@@ -182,18 +211,36 @@ fn main() {
             b.object.len()
         );
     }
-    let datapath = datapath(&sizes, baseline, &mut commands);
-    let control = control_plane(&sizes, baseline, &mut commands);
-    let e2e = end_to_end(&sizes, &mut commands);
+    let wanted = |part: &str| args.only.as_deref().is_none_or(|only| only == part);
+    let (datapath, new_flows) = if wanted("datapath") {
+        (
+            datapath(&sizes, baseline, args.class.as_deref(), &mut commands),
+            new_flows(&sizes, baseline, args.lru_per_cpu, &mut commands),
+        )
+    } else {
+        (Value::Null, Value::Null)
+    };
+    let control = if wanted("control") {
+        control_plane(&sizes, baseline, &mut commands)
+    } else {
+        Value::Null
+    };
+    let e2e = if wanted("e2e") {
+        end_to_end(&sizes, &mut commands)
+    } else {
+        Value::Null
+    };
 
     let report = json!({
         "quick": args.quick,
+        "only": args.only,
         "baseline": baseline.map(|b| b.name.clone()),
         "machine": machine(),
         "date": chrono_like_now(),
         "seconds": started.elapsed().as_secs(),
         "commands": commands,
         "datapath": datapath,
+        "new_flows": new_flows,
         "control_plane": control,
         "end_to_end": e2e,
     });
@@ -425,7 +472,12 @@ fn compare(worlds: &Worlds, frame: &[u8], sizes: &Sizes, single: bool) -> Value 
     out
 }
 
-fn datapath(sizes: &Sizes, baseline: Option<&Baseline>, commands: &mut Vec<String>) -> Value {
+fn datapath(
+    sizes: &Sizes,
+    baseline: Option<&Baseline>,
+    class: Option<&str>,
+    commands: &mut Vec<String>,
+) -> Value {
     println!(
         "\n== data plane cost per packet (BPF_PROG_TEST_RUN, {} rounds)",
         sizes.rounds
@@ -449,6 +501,9 @@ fn datapath(sizes: &Sizes, baseline: Option<&Baseline>, commands: &mut Vec<Strin
                        worlds: &Worlds,
                        frame: &[u8],
                        single: bool| {
+        if class.is_some_and(|c| !format!("{mode} {label}").contains(c)) {
+            return;
+        }
         let r = compare(worlds, frame, sizes, single);
         let against = match (baseline, r["baseline_above_trivial_ns"].as_f64()) {
             (Some(b), Some(base)) => format!(
@@ -571,6 +626,194 @@ fn datapath(sizes: &Sizes, baseline: Option<&Baseline>, commands: &mut Vec<Strin
 }
 
 // -------------------------------------------------------------------------------------------
+// 2. New flows on one CPU and on two at once
+
+/// BPF_PROG_TEST_RUN by program descriptor (aya's handles stay on the thread that loaded
+/// them): the average nanoseconds per run of `repeat` runs on the calling CPU.
+fn test_run_fd(fd: i32, frame: &[u8], repeat: u32) -> f64 {
+    /// The `test` member of `union bpf_attr`.
+    #[repr(C)]
+    #[derive(Default)]
+    struct TestAttr {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+        ctx_size_in: u32,
+        ctx_size_out: u32,
+        ctx_in: u64,
+        ctx_out: u64,
+        flags: u32,
+        cpu: u32,
+        batch_size: u32,
+        _pad: u32,
+    }
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    let mut out = vec![0u8; frame.len() + 256];
+    let mut attr = TestAttr {
+        prog_fd: fd as u32,
+        data_size_in: frame.len() as u32,
+        data_size_out: out.len() as u32,
+        data_in: frame.as_ptr() as u64,
+        data_out: out.as_mut_ptr() as u64,
+        repeat,
+        ..TestAttr::default()
+    };
+    // SAFETY: `attr` is a valid `bpf_attr` prefix of the size passed; the buffers it points
+    // to outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &mut attr as *mut TestAttr,
+            std::mem::size_of::<TestAttr>(),
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "BPF_PROG_TEST_RUN: {}",
+        std::io::Error::last_os_error()
+    );
+    f64::from(attr.duration)
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_to(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET and sched_setaffinity only touch it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(
+            rc,
+            0,
+            "pinning to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// The program descriptors of a world: the trivial program's and the balancer's.
+fn fds(world: &World) -> (i32, i32) {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let fd = |name| {
+        world
+            .program(name)
+            .fd()
+            .expect("a loaded program")
+            .as_fd()
+            .as_raw_fd()
+    };
+    (fd(program_names::PASS), fd(program_names::BALANCER))
+}
+
+/// One round on `cpus` CPUs at once, each sending its own SYN (another source port): the
+/// balancer's nanoseconds per SYN above the trivial program's, averaged over the CPUs.
+fn syn_round(world: &World, cpus: usize, repeat: u32) -> f64 {
+    let (pass, balancer) = fds(world);
+    let vip: IpAddr = "10.200.0.1".parse().unwrap();
+    let start = std::sync::Barrier::new(cpus);
+    let costs: Vec<f64> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..cpus)
+            .map(|cpu| {
+                let start = &start;
+                scope.spawn(move || {
+                    pin_to(cpu);
+                    let syn = tcp(vip, 41_000 + cpu as u16, 80).bytes();
+                    start.wait();
+                    let trivial = test_run_fd(pass, &syn, repeat);
+                    start.wait();
+                    let total = test_run_fd(balancer, &syn, repeat);
+                    total - trivial
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    costs.iter().sum::<f64>() / cpus as f64
+}
+
+/// The cost of a SYN (a new flow: VIP lookup, Maglev, connection-table insert) with one CPU
+/// sending and with two CPUs sending at once (each thread pinned, on the same program and
+/// maps), for the connection tables as one shared LRU (this build, and the baseline's) and as
+/// an LRU per CPU; interleaved round by round.
+fn new_flows(
+    sizes: &Sizes,
+    baseline: Option<&Baseline>,
+    per_cpu: Option<&'static [u8]>,
+    commands: &mut Vec<String>,
+) -> Value {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpu_counts: Vec<usize> = if cores >= 2 { vec![1, 2] } else { vec![1] };
+    println!(
+        "\n== new flows: a SYN on {} CPU(s) at once, shared LRU against an LRU per CPU ({} rounds)",
+        cpu_counts
+            .iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(" and "),
+        sizes.rounds
+    );
+    if cores < 2 {
+        println!("  (one CPU on this machine: the two-CPU case is not measured)");
+    }
+    let mut variants: Vec<(String, World)> = vec![(
+        "this build, shared LRU".into(),
+        bench_world(None, "dsr", "tcp", false, 100, 65_536).0,
+    )];
+    if let Some(object) = per_cpu {
+        variants.push((
+            "this build, LRU per CPU".into(),
+            bench_world(Some(object), "dsr", "tcp", false, 100, 65_536).0,
+        ));
+    }
+    if let Some(b) = baseline {
+        variants.push((
+            format!("{}, shared LRU", b.name),
+            bench_world(Some(b.object), "dsr", "tcp", false, 100, 65_536).0,
+        ));
+    }
+    let repeat = sizes.repeats / 4;
+    let mut costs: BTreeMap<(usize, usize), Vec<f64>> = BTreeMap::new();
+    for (v, (_, world)) in variants.iter().enumerate() {
+        for &cpus in &cpu_counts {
+            syn_round(world, cpus, repeat / 10); // warm
+            costs.insert((v, cpus), Vec::new());
+        }
+    }
+    for round in 0..sizes.rounds {
+        for i in 0..variants.len() {
+            // Each variant takes its turn at going first.
+            let v = (i + round) % variants.len();
+            for &cpus in &cpu_counts {
+                let cost = syn_round(&variants[v].1, cpus, repeat);
+                costs.get_mut(&(v, cpus)).unwrap().push(cost);
+            }
+        }
+    }
+    commands.push(format!(
+        "new flows: BPF_PROG_TEST_RUN of a TCP SYN (repeat={repeat}) on CPU 0, and on CPUs 0 and 1 at once \
+         (one pinned thread each, its own 5-tuple), minus xdp_pass on the same CPUs, {} rounds, variants interleaved",
+        sizes.rounds
+    ));
+    let mut rows = Vec::new();
+    for (v, (name, _)) in variants.iter().enumerate() {
+        for &cpus in &cpu_counts {
+            let mut c = costs[&(v, cpus)].clone();
+            let med = median(&mut c);
+            println!("  {name:<32} {cpus} CPU(s): {med:>6.1} ns per SYN above trivial");
+            rows.push(json!({ "variant": name, "cpus": cpus, "above_trivial_ns": med }));
+        }
+    }
+    json!(rows)
+}
+
+// -------------------------------------------------------------------------------------------
 // 3. Control plane
 
 fn control_plane(sizes: &Sizes, baseline: Option<&Baseline>, commands: &mut Vec<String>) -> Value {
@@ -626,13 +869,13 @@ fn control_plane(sizes: &Sizes, baseline: Option<&Baseline>, commands: &mut Vec<
             .find(|(n, _)| n == "maglev tables")
             .map(|(_, b)| *b)
             .unwrap_or(0);
-        let conn = memory
+        let conn: u64 = memory
             .iter()
-            .find(|(n, _)| n == "CONN_TABLE")
+            .filter(|(n, _)| map_names::CONN_TABLES.contains(&n.as_str()))
             .map(|(_, b)| *b)
-            .unwrap_or(0);
+            .sum();
         println!(
-            "  maps for {vips:>3} VIPs: {:.1} MiB in all ({:.1} MiB Maglev tables, {:.1} MiB connection table of {} flows)",
+            "  maps for {vips:>3} VIPs: {:.1} MiB in all ({:.1} MiB Maglev tables, {:.1} MiB connection tables of {} flows per family)",
             total as f64 / 1048576.0,
             tables as f64 / 1048576.0,
             conn as f64 / 1048576.0,
@@ -1180,6 +1423,27 @@ fn markdown(r: &Value) -> String {
         m["cores"],
         m["kernel"].as_str().unwrap_or("?")
     ));
+    if !r["datapath"].is_null() {
+        datapath_markdown(r, &mut md);
+    }
+    if let Some(rows) = r["new_flows"].as_array() {
+        new_flows_markdown(rows, &mut md);
+    }
+    if !r["end_to_end"].is_null() {
+        end_to_end_markdown(&r["end_to_end"], &mut md);
+    }
+    if !r["control_plane"].is_null() {
+        control_markdown(r, &mut md);
+    }
+    md.push_str("\nCommands:\n\n");
+    for c in r["commands"].as_array().unwrap() {
+        md.push_str(&format!("- {}\n", c.as_str().unwrap()));
+    }
+    md
+}
+
+/// The data-plane section of the report.
+fn datapath_markdown(r: &Value, md: &mut String) {
     md.push_str(
         "### Data plane: cost per packet above the trivial XDP program (BPF_PROG_TEST_RUN)\n\n",
     );
@@ -1199,14 +1463,7 @@ fn markdown(r: &Value) -> String {
                 this / base
             ));
         }
-        let rl = &r["control_plane"]["reload"];
-        md.push_str(&format!(
-            "\nReload, config written to visible: this build median {:.1} ms, {name} {:.1} ms; the daemon's apply: this build {:.1} ms, {name} {:.1} ms.\n\n",
-            rl["median_ms"].as_f64().unwrap(),
-            rl["baseline"]["median_ms"].as_f64().unwrap(),
-            rl["apply_median_ms"].as_f64().unwrap(),
-            rl["baseline"]["apply_median_ms"].as_f64().unwrap()
-        ));
+        md.push('\n');
     }
     md.push_str("| mode | backends | conn table | packet | above trivial (median) | range over rounds | trivial | method |\n|---|---:|---|---|---:|---|---:|---|\n");
     for row in r["datapath"].as_array().unwrap() {
@@ -1220,7 +1477,29 @@ fn markdown(r: &Value) -> String {
             row["method"].as_str().unwrap()
         ));
     }
-    let e = &r["end_to_end"];
+}
+
+/// The new-flow section of the report: a row per variant, a column per CPU count.
+fn new_flows_markdown(rows: &[Value], md: &mut String) {
+    md.push_str(
+        "\n### New flows: a SYN on one CPU and on two at once (ns above the trivial program)\n\n",
+    );
+    md.push_str("| variant | 1 CPU | 2 CPUs at once |\n|---|---:|---:|\n");
+    let mut variants: Vec<&str> = rows.iter().filter_map(|r| r["variant"].as_str()).collect();
+    variants.dedup();
+    for variant in variants {
+        let cell = |cpus: u64| {
+            rows.iter()
+                .find(|r| r["variant"] == variant && r["cpus"] == cpus)
+                .and_then(|r| r["above_trivial_ns"].as_f64())
+                .map_or("-".to_owned(), |ns| format!("{ns:.1} ns"))
+        };
+        md.push_str(&format!("| {variant} | {} | {} |\n", cell(1), cell(2)));
+    }
+}
+
+/// The end-to-end section of the report.
+fn end_to_end_markdown(e: &Value, md: &mut String) {
     md.push_str("\n### End to end (network namespaces)\n\n");
     md.push_str(&format!(
         "Packets per second forwarded: balancer {:.0}, trivial reflector {:.0}: **{:.0}%** of the reflector.\n\n",
@@ -1244,10 +1523,23 @@ fn markdown(r: &Value) -> String {
         ra["bulk_balancer_vs_haproxy"].as_f64().unwrap(),
         ra["bulk_balancer_vs_direct"].as_f64().unwrap() * 100.0
     ));
+}
+
+/// The control-plane section of the report.
+fn control_markdown(r: &Value, md: &mut String) {
     let c = &r["control_plane"];
-    md.push_str(
-        "\n### Control plane\n\n| Maglev table, 65537 slots | median | worst |\n|---|---:|---:|\n",
-    );
+    md.push_str("\n### Control plane\n");
+    if let Some(name) = r["baseline"].as_str() {
+        let rl = &r["control_plane"]["reload"];
+        md.push_str(&format!(
+            "\nReload, config written to visible: this build median {:.1} ms, {name} {:.1} ms; the daemon's apply: this build {:.1} ms, {name} {:.1} ms.\n\n",
+            rl["median_ms"].as_f64().unwrap(),
+            rl["baseline"]["median_ms"].as_f64().unwrap(),
+            rl["apply_median_ms"].as_f64().unwrap(),
+            rl["baseline"]["apply_median_ms"].as_f64().unwrap()
+        ));
+    }
+    md.push_str("\n| Maglev table, 65537 slots | median | worst |\n|---|---:|---:|\n");
     for row in c["maglev"].as_array().unwrap() {
         md.push_str(&format!(
             "| {} backends | {:.2} ms | {:.2} ms |\n",
@@ -1256,7 +1548,7 @@ fn markdown(r: &Value) -> String {
             row["worst_ms"].as_f64().unwrap()
         ));
     }
-    md.push_str("\n| VIPs | kernel memory of all maps | of which Maglev tables | of which connection table |\n|---:|---:|---:|---:|\n");
+    md.push_str("\n| VIPs | kernel memory of all maps | of which Maglev tables | of which connection tables (IPv4 and IPv6) |\n|---:|---:|---:|---:|\n");
     for row in c["memory"].as_array().unwrap() {
         let mib = |k: &str| row[k].as_f64().unwrap() / 1048576.0;
         md.push_str(&format!(
@@ -1274,11 +1566,6 @@ fn markdown(r: &Value) -> String {
         rl["changes"], rl["median_ms"].as_f64().unwrap(), rl["worst_ms"].as_f64().unwrap(), rl["debounce_ms"],
         rl["apply_median_ms"].as_f64().unwrap(), rl["apply_worst_ms"].as_f64().unwrap()
     ));
-    md.push_str("\nCommands:\n\n");
-    for c in r["commands"].as_array().unwrap() {
-        md.push_str(&format!("- {}\n", c.as_str().unwrap()));
-    }
-    md
 }
 
 /// The first four cells of a data-plane row: mode, backends, conn table, packet class.

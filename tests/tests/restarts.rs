@@ -17,7 +17,7 @@ use std::{
 };
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-use balancer_common::{ConnEntry, FlowKey, FAMILY_IPV4, PROTO_TCP};
+use balancer_common::{map_names, ConnEntry, FlowKey, FlowKeyV4, FAMILY_IPV4, PROTO_TCP};
 use balancer_tests::{
     http::{
         get_json, status_backend, wait_for_status, Attempt, HttpServer, LoadGenerator, LongLived,
@@ -163,9 +163,9 @@ impl Lab {
     /// The pinned connection table, read directly: the backend id of each long-lived flow,
     /// and the number of flows.
     fn conn_table(&self) -> (Vec<Option<u32>>, usize) {
-        let data =
-            MapData::from_pin(self.layout_dir().join("CONN_TABLE")).expect("pinned CONN_TABLE");
-        let table: BpfHashMap<MapData, FlowKey, ConnEntry> =
+        let data = MapData::from_pin(self.layout_dir().join(map_names::CONN_TABLE_V4))
+            .expect("pinned CONN_TABLE_V4");
+        let table: BpfHashMap<MapData, FlowKeyV4, ConnEntry> =
             BpfHashMap::try_from(Map::LruHashMap(data)).expect("an LRU hash map");
         let ids = (0..STREAMS)
             .map(|i| {
@@ -178,7 +178,7 @@ impl Lab {
                 };
                 flow.src[..4].copy_from_slice(&CLIENT_ADDR.octets());
                 flow.dst[..4].copy_from_slice(&VIP_ADDR.octets());
-                table.get(&flow, 0).ok().map(|e| e.backend_id)
+                table.get(&flow.v4(), 0).ok().map(|e| e.backend_id)
             })
             .collect();
         (ids, table.keys().filter(|k| k.is_ok()).count())

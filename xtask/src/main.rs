@@ -78,6 +78,13 @@ enum Task {
         /// reported side by side (docs/benchmarks.md is left alone).
         #[arg(long, value_name = "REV")]
         baseline: Option<String>,
+        /// Measure one part only (docs/benchmarks.md is left alone).
+        #[arg(long, value_name = "PART", value_parser = ["datapath", "control", "e2e"])]
+        only: Option<String>,
+        /// Only the data-plane classes whose mode and packet contain this, e.g. "dsr IPv6"
+        /// (docs/benchmarks.md is left alone).
+        #[arg(long, value_name = "TEXT")]
+        class: Option<String>,
     },
 }
 
@@ -89,7 +96,12 @@ fn main() -> ExitCode {
         Task::Demo { requests } => demo::run(requests),
         Task::Test { no_vm } => test::run(no_vm),
         Task::Vm { kernels, filter } => vm::run(&kernels, &filter),
-        Task::Bench { quick, baseline } => bench(quick, baseline),
+        Task::Bench {
+            quick,
+            baseline,
+            only,
+            class,
+        } => bench(quick, baseline, only.as_deref(), class.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -164,6 +176,20 @@ pub fn build_upgrade_variant(toolchain: &str) -> Result<PathBuf> {
     )
 }
 
+/// Builds the benchmark's variant of the XDP program: the connection tables as an LRU per
+/// CPU (balancer-ebpf with the `conn-lru-per-cpu` feature), measured beside the shared LRU.
+pub fn build_lru_per_cpu_variant(toolchain: &str) -> Result<PathBuf> {
+    println!(
+        "[build] XDP program variant for the benchmarks (balancer-ebpf, feature conn-lru-per-cpu)"
+    );
+    build_xdp_object(
+        toolchain,
+        &workspace_root(),
+        &["--features", "conn-lru-per-cpu"],
+        &workspace_root().join("target/ebpf-lru-per-cpu"),
+    )
+}
+
 /// Builds the XDP object of the workspace at `root` the way aya-build builds the embedded one
 /// (release, BTF), into `target_dir`; returns the object's path.
 pub fn build_xdp_object(
@@ -204,8 +230,14 @@ pub fn build_xdp_object(
 
 /// Builds the release binary and runs the benchmark harness (tests/benches/balancer.rs),
 /// beside `baseline` if given.
-pub fn bench_run(quick: bool, baseline: Option<&baseline::Build>) -> Result<std::path::PathBuf> {
+pub fn bench_run(
+    quick: bool,
+    baseline: Option<&baseline::Build>,
+    only: Option<&str>,
+    class: Option<&str>,
+) -> Result<std::path::PathBuf> {
     let binary = build_balancer(true)?;
+    let per_cpu = build_lru_per_cpu_variant(&setup::pinned_toolchain()?)?;
     let out = workspace_root().join("target/bench");
     let mut command = cargo();
     command.env("BALANCER_BIN", &binary).args([
@@ -219,6 +251,13 @@ pub fn bench_run(quick: bool, baseline: Option<&baseline::Build>) -> Result<std:
     if quick {
         command.arg("--quick");
     }
+    if let Some(part) = only {
+        command.args(["--only", part]);
+    }
+    if let Some(class) = class {
+        command.args(["--class", class]);
+    }
+    command.arg("--lru-per-cpu-object").arg(&per_cpu);
     if let Some(b) = baseline {
         command
             .args(["--baseline-name", &b.name, "--baseline-object"])
@@ -231,7 +270,12 @@ pub fn bench_run(quick: bool, baseline: Option<&baseline::Build>) -> Result<std:
     Ok(out)
 }
 
-fn bench(quick: bool, baseline: Option<String>) -> Result<()> {
+fn bench(
+    quick: bool,
+    baseline: Option<String>,
+    only: Option<&str>,
+    class: Option<&str>,
+) -> Result<()> {
     setup::run()?;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -241,11 +285,17 @@ fn bench(quick: bool, baseline: Option<String>) -> Result<()> {
         Some(rev) => Some(baseline::build(&rev)?),
         None => None,
     };
-    let out = bench_run(quick, baseline.as_ref())?;
-    if quick || baseline.is_some() {
+    let out = bench_run(quick, baseline.as_ref(), only, class)?;
+    if quick || baseline.is_some() || only.is_some() || class.is_some() {
         println!(
             "[bench] {} run: docs/benchmarks.md left alone; the figures are in {}",
-            if quick { "quick" } else { "comparison" },
+            if quick {
+                "quick"
+            } else if baseline.is_some() {
+                "comparison"
+            } else {
+                "partial"
+            },
             out.join("latest.md").display()
         );
         return Ok(());

@@ -165,7 +165,9 @@ pub fn run(no_vm: bool) -> Result<()> {
 
     let bench_name = "benchmark smoke run (cargo xtask bench --quick; figures not judged)";
     tiers.push(if root {
-        tier(bench_name, || crate::bench_run(true, None).map(drop))
+        tier(bench_name, || {
+            crate::bench_run(true, None, None, None).map(drop)
+        })
     } else {
         not_run(
             bench_name,

@@ -344,7 +344,7 @@ pub fn check_compatible(
             Ok(pinned) => match pinned.info() {
                 Err(e) => problems.push(format!("map {name}: {e}")),
                 Ok(info) => {
-                    let capacity = if name == map_names::CONN_TABLE {
+                    let capacity = if map_names::CONN_TABLES.contains(&name.as_str()) {
                         conn_table_size
                     } else {
                         obj.maps[name].max_entries()
@@ -401,9 +401,10 @@ fn compare_map(
         ));
     }
     if info.max_entries() != capacity {
-        problems.push(if name == map_names::CONN_TABLE {
+        problems.push(if map_names::CONN_TABLES.contains(&name) {
             format!(
-                "the pinned connection table holds {} flows, conn_table_size asks for {capacity}",
+                "the pinned connection table {name} holds {} flows, conn_table_size asks for \
+                 {capacity}",
                 info.max_entries()
             )
         } else {

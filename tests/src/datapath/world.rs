@@ -287,6 +287,19 @@ impl World {
             backend_id: self.backend_id(vip, backend),
             flow_hash: vip_flow_hash(&self.vip_meta(vip), flow, self.hash_seed()),
         };
+        if !self.dataplane.has_map(map_names::CONN_TABLE_V4) {
+            // An object of layout 1 or 2 (the benchmark's baseline): one table of FlowKeys.
+            let map = self
+                .dataplane
+                .raw_map_mut("CONN_TABLE")
+                .expect("CONN_TABLE");
+            let mut table: aya::maps::HashMap<_, FlowKey, ConnEntry> =
+                map.try_into().expect("an LRU hash map");
+            table
+                .insert(flow, entry, 0)
+                .expect("connection table written");
+            return;
+        }
         self.dataplane
             .conn_insert(flow, entry)
             .expect("connection table written");

@@ -7,7 +7,8 @@ use std::{
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray};
 use balancer_common::{
-    map_names, ConnEntry, FlowKey, TrafficStats, DECAP_OUTCOME_COUNT, OUTCOME_COUNT,
+    map_names, ConnEntry, FlowKey, FlowKeyV4, FlowKeyV6, TrafficStats, DECAP_OUTCOME_COUNT,
+    FAMILY_IPV4, OUTCOME_COUNT,
 };
 
 use crate::{
@@ -59,31 +60,59 @@ impl Dataplane {
         Ok(out)
     }
 
-    fn conn_table(&self) -> Result<BpfHashMap<&MapData, FlowKey, ConnEntry>> {
-        typed(self.map(map_names::CONN_TABLE)?, map_names::CONN_TABLE)
+    fn conn_table_v4(&self) -> Result<BpfHashMap<&MapData, FlowKeyV4, ConnEntry>> {
+        typed(
+            self.map(map_names::CONN_TABLE_V4)?,
+            map_names::CONN_TABLE_V4,
+        )
+    }
+
+    fn conn_table_v6(&self) -> Result<BpfHashMap<&MapData, FlowKeyV6, ConnEntry>> {
+        typed(
+            self.map(map_names::CONN_TABLE_V6)?,
+            map_names::CONN_TABLE_V6,
+        )
     }
 
     /// The backend the connection table holds for a flow.
     pub fn conn_lookup(&self, flow: &FlowKey) -> Result<Option<u32>> {
-        match self.conn_table()?.get(flow, 0) {
+        let (found, name) = if flow.family == FAMILY_IPV4 {
+            let found = self.conn_table_v4()?.get(&flow.v4(), 0);
+            (found, map_names::CONN_TABLE_V4)
+        } else {
+            (
+                self.conn_table_v6()?.get(&flow.v6(), 0),
+                map_names::CONN_TABLE_V6,
+            )
+        };
+        match found {
             Ok(entry) => Ok(Some(entry.backend_id)),
             Err(MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(map_err(map_names::CONN_TABLE)(e)),
+            Err(e) => Err(map_err(name)(e)),
         }
     }
 
     /// Remembers `flow` as `entry`, as the program does for a new flow (tests and tools; the
     /// packet path fills the table itself).
     pub fn conn_insert(&mut self, flow: &FlowKey, entry: ConnEntry) -> Result<()> {
-        let name = map_names::CONN_TABLE;
-        let mut table: BpfHashMap<&mut MapData, FlowKey, ConnEntry> =
-            self.map_mut(name)?.try_into().map_err(map_err(name))?;
-        table.insert(flow, entry, 0).map_err(map_err(name))
+        if flow.family == FAMILY_IPV4 {
+            let name = map_names::CONN_TABLE_V4;
+            let mut table: BpfHashMap<&mut MapData, FlowKeyV4, ConnEntry> =
+                self.map_mut(name)?.try_into().map_err(map_err(name))?;
+            table.insert(flow.v4(), entry, 0).map_err(map_err(name))
+        } else {
+            let name = map_names::CONN_TABLE_V6;
+            let mut table: BpfHashMap<&mut MapData, FlowKeyV6, ConnEntry> =
+                self.map_mut(name)?.try_into().map_err(map_err(name))?;
+            table.insert(flow.v6(), entry, 0).map_err(map_err(name))
+        }
     }
 
-    /// Number of flows in the connection table (walks the table: one syscall per flow).
+    /// Number of flows in the connection tables (walks them: one syscall per flow).
     pub fn conn_count(&self) -> Result<usize> {
-        Ok(self.conn_table()?.keys().filter(|k| k.is_ok()).count())
+        let v4 = self.conn_table_v4()?.keys().filter(|k| k.is_ok()).count();
+        let v6 = self.conn_table_v6()?.keys().filter(|k| k.is_ok()).count();
+        Ok(v4 + v6)
     }
 
     /// The decapsulating program's counters, indexed by `DecapOutcome`.

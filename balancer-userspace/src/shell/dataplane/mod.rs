@@ -244,9 +244,10 @@ impl Dataplane {
         pins: Option<(&Path, &[String])>,
     ) -> Result<Self> {
         let mut loader = EbpfLoader::new();
-        loader
-            .override_global("HASH_SEED", &options.hash_seed, true)
-            .map_max_entries(map_names::CONN_TABLE, options.conn_table_size);
+        loader.override_global("HASH_SEED", &options.hash_seed, true);
+        for name in map_names::CONN_TABLES {
+            loader.map_max_entries(name, options.conn_table_size);
+        }
         if let Some((dir, names)) = pins {
             for name in names {
                 loader.map_pin_path(name.as_str(), dir.join(name));
@@ -316,6 +317,12 @@ impl Dataplane {
     /// benchmark, may lack a newer one).
     pub fn has_map(&self, name: &str) -> bool {
         self.ebpf.map(name).is_some()
+    }
+
+    /// A map of the loaded object by name, untyped: for the benchmark, which fills the maps
+    /// of another revision's object (another layout) beside this one's.
+    pub fn raw_map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {
+        self.map_mut(name)
     }
 
     fn map(&self, name: &'static str) -> Result<&aya::maps::Map> {
