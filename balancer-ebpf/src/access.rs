@@ -33,17 +33,22 @@ pub fn write<T: Copy>(ctx: &XdpContext, offset: usize, value: T) -> Option<()> {
     Some(())
 }
 
-/// Copies `N` bytes within the packet, from offset `from` to offset `to`, byte by byte.
+/// Copies `N` bytes (an even number) within the packet, from offset `from` to offset `to`
+/// (both even), 16 bits at a time: the L2 header moves in 7 copies instead of 14.
 ///
 /// Volatile reads on purpose: LLVM turns an ordinary packet-to-packet copy at a variable
-/// distance into a call to memmove, whose packet accesses the verifier cannot follow.
+/// distance into a call to memmove, whose packet accesses the verifier cannot follow. 16-bit
+/// words because the packet's start is 2-byte aligned, as every header struct here assumes
+/// (their 16-bit fields); wider words would need more than the program can know.
 #[inline(always)]
 pub fn copy_within<const N: usize>(ctx: &XdpContext, from: usize, to: usize) -> Option<()> {
-    let src = ptr_at::<[u8; N]>(ctx, from)? as *const u8;
-    let dst = ptr_at_mut::<[u8; N]>(ctx, to)? as *mut u8;
+    const { assert!(N % 2 == 0) };
+    let src = ptr_at::<[u8; N]>(ctx, from)? as *const u16;
+    let dst = ptr_at_mut::<[u8; N]>(ctx, to)? as *mut u16;
     let mut i = 0;
-    while i < N {
-        // SAFETY: both ranges were checked against the packet's end above.
+    while i < N / 2 {
+        // SAFETY: both ranges of N bytes were checked against the packet's end above; the
+        // offsets are even.
         unsafe { *dst.add(i) = core::ptr::read_volatile(src.add(i)) };
         i += 1;
     }
