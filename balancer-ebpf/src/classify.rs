@@ -57,14 +57,19 @@ pub fn prefilter(packet: &Packet) -> Result<(), Outcome> {
 pub fn vip(packet: &mut Packet) -> Result<&'static VipMeta, Outcome> {
     let flow = &packet.flow;
     let not_ours = not_ours(packet);
-    let mut meta = lookup(&VipKey::new(
-        &flow.dst,
+    let mut meta = lookup(&VipKey::from_words(
+        flow.dst_words(),
         flow.dst_port,
         flow.proto,
         flow.family,
     ));
     if meta.is_none() && flow.dst_port != 0 {
-        meta = lookup(&VipKey::new(&flow.dst, 0, flow.proto, flow.family));
+        meta = lookup(&VipKey::from_words(
+            flow.dst_words(),
+            0,
+            flow.proto,
+            flow.family,
+        ));
     }
     let meta = meta.ok_or(not_ours)?;
     if packet.fragment {
@@ -91,5 +96,6 @@ pub fn is_vip_address(packet: &Packet) -> bool {
     } else {
         PROTO_ICMPV6
     };
-    lookup(&VipKey::new(&flow.dst, 0, proto, flow.family)).is_some_and(VipMeta::is_address)
+    lookup(&VipKey::from_words(flow.dst_words(), 0, proto, flow.family))
+        .is_some_and(VipMeta::is_address)
 }

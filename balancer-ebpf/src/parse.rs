@@ -15,8 +15,8 @@ use balancer_common::{
 use crate::{
     access::ptr_at,
     wire::{
-        EthHdr, IcmpHdr, Ipv4Hdr, Ipv6ExtHdr, Ipv6FragHdr, Ipv6Hdr, Ports, VlanHdr, ETH_HLEN,
-        ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, ICMPV6_ECHO_REQUEST,
+        address_words, EthHdr, IcmpHdr, Ipv4Hdr, Ipv6ExtHdr, Ipv6FragHdr, Ipv6Hdr, Ports, VlanHdr,
+        ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, ICMPV6_ECHO_REQUEST,
         ICMPV6_PACKET_TOO_BIG, ICMP_DEST_UNREACH, ICMP_ECHO_REQUEST, ICMP_FRAG_NEEDED, ICMP_HLEN,
         IPV4_HLEN, IPV6_DEST_OPTIONS, IPV6_FRAGMENT, IPV6_FRAG_HLEN, IPV6_FRAG_OFFSET, IPV6_HLEN,
         IPV6_HOP_BY_HOP, IPV6_ROUTING, IP_DF, IP_MF, IP_OFFSET, TCP_ACK, TCP_FLAGS_OFFSET,
@@ -127,8 +127,7 @@ fn ipv4(ctx: &XdpContext, l3: usize) -> Result<Packet, Outcome> {
         family: FAMILY_IPV4,
         ..FlowKey::default()
     };
-    flow.src[..4].copy_from_slice(&ip.src);
-    flow.dst[..4].copy_from_slice(&ip.dst);
+    flow.set_addresses(address_words(&ip.src), address_words(&ip.dst));
     let mut packet = new_packet(flow, l3, l4, u16::from_be(ip.total_len) as usize, ip.tos);
     packet.dont_fragment = ip.frag_off & IP_DF != 0;
     packet.fragment = ip.frag_off & (IP_MF | IP_OFFSET) != 0;
@@ -145,12 +144,11 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Result<Packet, Outcome> {
         return Err(Outcome::TruncatedIpv6);
     }
     let tos = ip.traffic_class();
-    let flow = FlowKey {
-        src: ip.src,
-        dst: ip.dst,
+    let mut flow = FlowKey {
         family: FAMILY_IPV6,
         ..FlowKey::default()
     };
+    flow.set_addresses(address_words(&ip.src), address_words(&ip.dst));
     let ip_len = IPV6_HLEN + u16::from_be(ip.payload_len) as usize;
     let mut packet = new_packet(flow, l3, l3 + IPV6_HLEN, ip_len, tos);
 
@@ -280,8 +278,7 @@ fn embedded_ipv4(ctx: &XdpContext, offset: usize) -> Result<FlowKey, Outcome> {
         family: FAMILY_IPV4,
         ..FlowKey::default()
     };
-    flow.src[..4].copy_from_slice(&ip.dst);
-    flow.dst[..4].copy_from_slice(&ip.src);
+    flow.set_addresses(address_words(&ip.dst), address_words(&ip.src));
     Ok(flow)
 }
 
@@ -298,13 +295,13 @@ fn embedded_ipv6(ctx: &XdpContext, offset: usize) -> Result<FlowKey, Outcome> {
     let ports = ptr_at::<Ports>(ctx, offset + IPV6_HLEN).ok_or(Outcome::IcmpOther)?;
     // SAFETY: ptr_at checked the bounds.
     let ports = unsafe { &*ports };
-    Ok(FlowKey {
-        src: ip.dst,
-        dst: ip.src,
+    let mut flow = FlowKey {
         src_port: ports.dst,
         dst_port: ports.src,
         proto: ip.next_header,
         family: FAMILY_IPV6,
         ..FlowKey::default()
-    })
+    };
+    flow.set_addresses(address_words(&ip.dst), address_words(&ip.src));
+    Ok(flow)
 }

@@ -190,3 +190,22 @@ pub struct IcmpHdr {
 pub fn ipv4_address(addr: &[u8; 16]) -> [u8; 4] {
     [addr[0], addr[1], addr[2], addr[3]]
 }
+
+/// The 32-bit words of an address field of a header (wire byte order, read natively), read
+/// 16 bits at a time: header structs are 2-byte aligned. `N` is 4 (IPv4) or 16 (IPv6); an
+/// IPv4 address leaves the last three words 0.
+#[inline(always)]
+pub fn address_words<const N: usize>(bytes: &[u8; N]) -> [u32; 4] {
+    let halves = bytes.as_ptr() as *const u16;
+    let word = |i: usize| {
+        if 4 * i >= N {
+            return 0;
+        }
+        // SAFETY: the field lies in a 2-byte aligned header at an even offset, and word `i`
+        // lies within its N bytes.
+        let (a, b) = unsafe { (*halves.add(2 * i), *halves.add(2 * i + 1)) };
+        let (a, b) = (a.to_ne_bytes(), b.to_ne_bytes());
+        u32::from_ne_bytes([a[0], a[1], b[0], b[1]])
+    };
+    [word(0), word(1), word(2), word(3)]
+}

@@ -5,7 +5,8 @@
 //! Arguments: `[--quick] [--only PART] [--out DIR] [--baseline-name REV --baseline-object FILE
 //! --baseline-bin FILE]`. `--quick` shrinks every measurement to a smoke run (the harness must
 //! not rot; its figures mean little). `--only` measures one part: `datapath`, `control` or
-//! `e2e`; `--class TEXT`, only the data-plane classes whose mode and label contain TEXT. With a baseline (another revision's XDP object and
+//! `e2e`; `--class TEXT`, only the data-plane classes whose mode and label contain TEXT (the
+//! new-flow section is the class "new flows"). With a baseline (another revision's XDP object and
 //! `balancer` binary, which `cargo xtask bench --baseline REV` builds), the per-packet costs
 //! and the reload latency are measured for both, interleaved round by round in this one run,
 //! and reported side by side with their ratio.
@@ -215,7 +216,15 @@ fn main() {
     let (datapath, new_flows) = if wanted("datapath") {
         (
             datapath(&sizes, baseline, args.class.as_deref(), &mut commands),
-            new_flows(&sizes, baseline, args.lru_per_cpu, &mut commands),
+            if args
+                .class
+                .as_deref()
+                .is_none_or(|c| "new flows".contains(c))
+            {
+                new_flows(&sizes, baseline, args.lru_per_cpu, &mut commands)
+            } else {
+                Value::Null
+            },
         )
     } else {
         (Value::Null, Value::Null)
@@ -1532,7 +1541,7 @@ fn control_markdown(r: &Value, md: &mut String) {
     if let Some(name) = r["baseline"].as_str() {
         let rl = &r["control_plane"]["reload"];
         md.push_str(&format!(
-            "\nReload, config written to visible: this build median {:.1} ms, {name} {:.1} ms; the daemon's apply: this build {:.1} ms, {name} {:.1} ms.\n\n",
+            "\nReload, config written to visible: this build median {:.1} ms, {name} {:.1} ms; the daemon's apply: this build {:.1} ms, {name} {:.1} ms.\n",
             rl["median_ms"].as_f64().unwrap(),
             rl["baseline"]["median_ms"].as_f64().unwrap(),
             rl["apply_median_ms"].as_f64().unwrap(),

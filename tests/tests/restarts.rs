@@ -1,6 +1,12 @@
 //! The daemon restarting, being upgraded, crashing and being replaced while traffic flows, in
 //! network namespaces with the real binary: the data plane (pinned maps, pinned XDP link) must
 //! go on forwarding, and the next daemon must adopt it without losing a connection.
+//!
+//! An upgrade within one map layout (a changed program, the same maps) is adopted with every
+//! connection kept. An upgrade across layouts (layout 3 added the VIP slots and split the
+//! connection table per family; 2 the prefilter) cannot adopt the pins: the daemon refuses
+//! and names `--replace`, which swaps a fresh data plane into the same link; established
+//! flows are then placed again by the Maglev tables (the layout test below).
 #![allow(
     clippy::too_many_lines,
     reason = "end-to-end scenarios and fixture tables read top to bottom; the 80-line rule is the daemon's"
@@ -457,7 +463,8 @@ fn incompatible_pins_are_refused_with_the_way_out_and_replace_takes_over() {
         balancer_tests::http::run_requests(&lab.topology.client, vip(), 20, 40_000, |_| true);
     assert!(served.failures.is_empty(), "{:?}", served.failures);
 
-    // Another map layout (as a build with another LAYOUT_VERSION would find it).
+    // Another map layout (as a build with another LAYOUT_VERSION would find it, e.g. layout
+    // 2's pins under a build of layout 3).
     lab.scratch.write_atomically("config.toml", &config(65536));
     let pins = lab.scratch.pin_dir().join(HOST_IF);
     let layout = balancer_common::LAYOUT_VERSION;

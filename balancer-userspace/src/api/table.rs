@@ -32,7 +32,7 @@ pub fn render(status: &StatusDocument) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "balancer on {} ({} XDP), config generation {}, {} flows in the connection table (of {})",
+        "balancer on {} ({} XDP), config generation {}, {} flows in the connection tables (of {} per address family)",
         or_unknown(status.interface.as_deref()),
         or_unknown(status.xdp_mode.as_deref()),
         status.config_generation,
@@ -326,7 +326,7 @@ mod tests {
     }
 
     fn check_table(text: &str, read: &StatusDocument) {
-        let expected_head = "balancer on eth0 (native XDP), config generation 2, 42 flows in the connection table (of 262144)\n\
+        let expected_head = "balancer on eth0 (native XDP), config generation 2, 42 flows in the connection tables (of 262144 per address family)\n\
             data plane pinned in /sys/fs/bpf/balancer/eth0/v1: program 41 through link 7, created at start; at exit: removed\n";
         assert!(text.starts_with(expected_head), "{text}");
         let web = &read.vips[0];
