@@ -132,16 +132,10 @@ pub struct VipKey {
 }
 
 impl VipKey {
-    /// The key of `addr`, `port`, `proto` and `family`, written as five whole words: the
-    /// kernel hashes keys a word at a time, and a word the program wrote byte by byte stalls
-    /// the CPU when read (no store forwarding).
-    #[inline(always)]
-    pub fn new(addr: &[u8; 16], port: u16, proto: u8, family: u8) -> VipKey {
-        let words = [0, 1, 2, 3].map(|i| address_word(addr, i));
-        VipKey::from_words(words, port, proto, family)
-    }
-
-    /// `new`, from the address's 32-bit words (`FlowKey::dst_words`).
+    /// The key of an address (its 32-bit words, as `FlowKey::dst_words` gives them), a port,
+    /// a protocol and a family, written as five whole words: the kernel hashes keys a word at
+    /// a time, and a word the program wrote byte by byte stalls the CPU when read (no store
+    /// forwarding).
     #[inline(always)]
     pub fn from_words(addr: [u32; 4], port: u16, proto: u8, family: u8) -> VipKey {
         let port = port.to_ne_bytes();
@@ -319,17 +313,6 @@ pub struct FlowKeyV6 {
     /// `src_port << 16 | dst_port`, each in network byte order.
     pub ports: u32,
     pub proto: u32,
-}
-
-/// The `i`th 32-bit word of an address, its bytes in wire order.
-#[inline(always)]
-fn address_word(bytes: &[u8; 16], i: usize) -> u32 {
-    u32::from_ne_bytes([
-        bytes[i * 4],
-        bytes[i * 4 + 1],
-        bytes[i * 4 + 2],
-        bytes[i * 4 + 3],
-    ])
 }
 
 impl FlowKey {
@@ -649,7 +632,9 @@ mod tests {
                 proto,
                 family,
             };
-            assert_eq!(VipKey::new(&addr, port, proto, family), fields);
+            let words = [0, 4, 8, 12]
+                .map(|i| u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]));
+            assert_eq!(VipKey::from_words(words, port, proto, family), fields);
         }
     }
 

@@ -42,7 +42,7 @@ pub fn write<T: Copy>(ctx: &XdpContext, offset: usize, value: T) -> Option<()> {
 /// (their 16-bit fields); wider words would need more than the program can know.
 #[inline(always)]
 pub fn copy_within<const N: usize>(ctx: &XdpContext, from: usize, to: usize) -> Option<()> {
-    const { assert!(N % 2 == 0) };
+    const { assert!(N.is_multiple_of(2)) };
     let src = ptr_at::<[u8; N]>(ctx, from)? as *const u16;
     let dst = ptr_at_mut::<[u8; N]>(ctx, to)? as *mut u16;
     let mut i = 0;

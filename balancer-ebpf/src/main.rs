@@ -67,9 +67,9 @@ mod programs {
             }
             return icmp::echo_reply(ctx, &packet);
         }
-        classify::prefilter(&packet).or_else(|outcome| match packet.kind {
-            Kind::IcmpError => Err(Outcome::IcmpOther),
-            _ => Err(outcome),
+        classify::prefilter(&packet).map_err(|outcome| match packet.kind {
+            Kind::IcmpError => Outcome::IcmpOther,
+            _ => outcome,
         })?;
         // An established flow: one connection-table lookup, no VIP lookup.
         let fast = packet.kind == Kind::Flow && !packet.syn && !packet.fragment;

@@ -453,7 +453,8 @@ fn incompatible_pins_are_refused_with_the_way_out_and_replace_takes_over() {
     let log = refused.log();
     assert!(
         log.contains(
-            "the pinned connection table holds 65536 flows, conn_table_size asks for 131072"
+            "the pinned connection table CONN_TABLE_V4 holds 65536 flows, conn_table_size asks \
+             for 131072"
         ) && log.contains("--replace"),
         "{log}"
     );
