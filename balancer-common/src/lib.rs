@@ -12,6 +12,7 @@
 
 pub mod csum;
 pub mod hash;
+pub mod nat;
 pub mod tunnel;
 
 /// Bumped whenever a map's key or value layout, or the meaning of a field, changes.
