@@ -591,8 +591,10 @@ mod pod {
 const _: () = {
     // `hash::vip_filter_bit` yields 16 bits.
     assert!(VIP_FILTER_WORDS * 64 == 1 << 16);
+    // `VipKey::from_words` builds it from five words; `VipSlot::serves` reads its address
+    // as words.
     assert!(core::mem::size_of::<VipKey>() == 20);
-    assert!(core::mem::align_of::<VipKey>() == core::mem::align_of::<[u32; 5]>());
+    assert!(core::mem::offset_of!(VipKey, addr) == 0 && core::mem::align_of::<VipKey>() == 4);
     assert!(core::mem::size_of::<VipMeta>() == 12);
     assert!(core::mem::size_of::<Backend>() == 60);
     assert!(core::mem::size_of::<FlowKey>() == 40);
@@ -603,8 +605,6 @@ const _: () = {
     assert!(core::mem::size_of::<FlowKeyV6>() == 40);
     assert!(core::mem::size_of::<ConnEntry>() == 8);
     assert!(core::mem::size_of::<VipSlot>() == 32);
-    // `VipSlot::serves` reads the slot's address as words.
-    assert!(core::mem::offset_of!(VipKey, addr) == 0 && core::mem::align_of::<VipKey>() == 4);
     assert!(core::mem::size_of::<TrafficStats>() == 24);
     assert!(Outcome::ALL.len() == OUTCOME_COUNT as usize);
     assert!(DecapOutcome::ALL.len() == DECAP_OUTCOME_COUNT as usize);

@@ -73,11 +73,12 @@ mod programs {
         })?;
         // An established flow: one connection-table lookup, no VIP lookup.
         let fast = packet.kind == Kind::Flow && !packet.syn && !packet.fragment;
-        let selected = match if fast {
+        let found = if fast {
             select::established(&packet)
         } else {
             None
-        } {
+        };
+        let selected = match found {
             Some(selected) => selected,
             None => {
                 let vip = match classify::vip(&mut packet) {

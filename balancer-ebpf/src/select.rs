@@ -94,14 +94,7 @@ impl Selected {
 #[inline(always)]
 pub fn established(packet: &Packet) -> Option<Selected> {
     let flow = &packet.flow;
-    let entry = remembered(flow)?;
-    // SAFETY: the value stays valid for this run of the program (RCU); a concurrent eviction
-    // can at worst give a stale id, which is checked below like any other.
-    let (id, hash) = unsafe { ((*entry).backend_id, (*entry).flow_hash) };
-    let backend = BACKENDS.get(id)?;
-    if !backend.is_live() {
-        return None;
-    }
+    let (id, backend, hash) = remembered_live(flow)?;
     let slot = VIP_SLOTS.get(backend.vip_id)?;
     if !slot.serves(flow) {
         return None;
@@ -109,16 +102,26 @@ pub fn established(packet: &Packet) -> Option<Selected> {
     Some(Selected::new(id, backend, &slot.meta, 0, hash))
 }
 
+/// The live backend the connection table remembers for `flow` (its id and entry), with the
+/// flow's hash. Which VIP the backend belongs to is the caller's to check.
+#[inline(always)]
+fn remembered_live(flow: &FlowKey) -> Option<(u32, &'static Backend, u32)> {
+    let entry = remembered(flow)?;
+    // SAFETY: the value stays valid for this run of the program (RCU); a concurrent eviction
+    // can at worst give a stale id, which is checked like any other.
+    let (id, hash) = unsafe { ((*entry).backend_id, (*entry).flow_hash) };
+    let backend = BACKENDS.get(id)?;
+    backend.is_live().then_some((id, backend, hash))
+}
+
 /// The backend for a packet of `vip`: the connection table's (if `ask_table`), else the
 /// Maglev table's, remembered.
 #[inline(always)]
 pub fn backend(vip: &VipMeta, packet: &Packet, ask_table: bool) -> Result<Selected, Outcome> {
     let flow = &packet.flow;
-    if let Some(entry) = if ask_table { remembered(flow) } else { None } {
-        // SAFETY: as in `established`.
-        let (id, hash) = unsafe { ((*entry).backend_id, (*entry).flow_hash) };
-        if let Some(backend) = BACKENDS.get(id) {
-            if backend.is_live() && backend.vip_id == vip.vip_id {
+    if ask_table {
+        if let Some((id, backend, hash)) = remembered_live(flow) {
+            if backend.vip_id == vip.vip_id {
                 return Ok(Selected::new(id, backend, vip, 0, hash));
             }
         }

@@ -637,60 +637,6 @@ fn datapath(
 // -------------------------------------------------------------------------------------------
 // 2. New flows on one CPU and on two at once
 
-/// BPF_PROG_TEST_RUN by program descriptor (aya's handles stay on the thread that loaded
-/// them): the average nanoseconds per run of `repeat` runs on the calling CPU.
-fn test_run_fd(fd: i32, frame: &[u8], repeat: u32) -> f64 {
-    /// The `test` member of `union bpf_attr`.
-    #[repr(C)]
-    #[derive(Default)]
-    struct TestAttr {
-        prog_fd: u32,
-        retval: u32,
-        data_size_in: u32,
-        data_size_out: u32,
-        data_in: u64,
-        data_out: u64,
-        repeat: u32,
-        duration: u32,
-        ctx_size_in: u32,
-        ctx_size_out: u32,
-        ctx_in: u64,
-        ctx_out: u64,
-        flags: u32,
-        cpu: u32,
-        batch_size: u32,
-        _pad: u32,
-    }
-    const BPF_PROG_TEST_RUN: libc::c_long = 10;
-    let mut out = vec![0u8; frame.len() + 256];
-    let mut attr = TestAttr {
-        prog_fd: fd as u32,
-        data_size_in: frame.len() as u32,
-        data_size_out: out.len() as u32,
-        data_in: frame.as_ptr() as u64,
-        data_out: out.as_mut_ptr() as u64,
-        repeat,
-        ..TestAttr::default()
-    };
-    // SAFETY: `attr` is a valid `bpf_attr` prefix of the size passed; the buffers it points
-    // to outlive the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            &mut attr as *mut TestAttr,
-            std::mem::size_of::<TestAttr>(),
-        )
-    };
-    assert_eq!(
-        rc,
-        0,
-        "BPF_PROG_TEST_RUN: {}",
-        std::io::Error::last_os_error()
-    );
-    f64::from(attr.duration)
-}
-
 /// Pins the calling thread to `cpu`.
 fn pin_to(cpu: usize) {
     // SAFETY: a zeroed cpu_set_t is empty; CPU_SET and sched_setaffinity only touch it.
@@ -707,24 +653,9 @@ fn pin_to(cpu: usize) {
     }
 }
 
-/// The program descriptors of a world: the trivial program's and the balancer's.
-fn fds(world: &World) -> (i32, i32) {
-    use std::os::fd::{AsFd as _, AsRawFd as _};
-    let fd = |name| {
-        world
-            .program(name)
-            .fd()
-            .expect("a loaded program")
-            .as_fd()
-            .as_raw_fd()
-    };
-    (fd(program_names::PASS), fd(program_names::BALANCER))
-}
-
 /// One round on `cpus` CPUs at once, each sending its own SYN (another source port): the
 /// balancer's nanoseconds per SYN above the trivial program's, averaged over the CPUs.
 fn syn_round(world: &World, cpus: usize, repeat: u32) -> f64 {
-    let (pass, balancer) = fds(world);
     let vip: IpAddr = "10.200.0.1".parse().unwrap();
     let start = std::sync::Barrier::new(cpus);
     let costs: Vec<f64> = std::thread::scope(|scope| {
@@ -735,9 +666,9 @@ fn syn_round(world: &World, cpus: usize, repeat: u32) -> f64 {
                     pin_to(cpu);
                     let syn = tcp(vip, 41_000 + cpu as u16, 80).bytes();
                     start.wait();
-                    let trivial = test_run_fd(pass, &syn, repeat);
+                    let trivial = run_ns(world, program_names::PASS, &syn, repeat, None);
                     start.wait();
-                    let total = test_run_fd(balancer, &syn, repeat);
+                    let total = run_ns(world, program_names::BALANCER, &syn, repeat, None);
                     total - trivial
                 })
             })

@@ -83,6 +83,11 @@ fn start_with(text: &str, adopted: Option<MapContents>, now: Instant) -> (Core, 
 }
 
 fn reload(core: &mut Core, text: &str, now: Instant) -> Output {
+    reload_with(core, text, hops(), now)
+}
+
+/// `reload`, with these next hops known.
+fn reload_with(core: &mut Core, text: &str, next_hops: NextHops, now: Instant) -> Output {
     core.handle(
         Input::Reload {
             read: ReadConfig::new(
@@ -90,7 +95,7 @@ fn reload(core: &mut Core, text: &str, now: Instant) -> Output {
                 text.to_owned(),
                 &config::Host::default(),
             ),
-            next_hops: hops(),
+            next_hops,
             only_if_changed: false,
         },
         now,
@@ -807,15 +812,7 @@ fn unreachable_backends_are_logged_when_they_start_and_stop() {
     );
     let mut no_hop = hops();
     no_hop.remove(&ip(4));
-    let read = ReadConfig::new(Path::new("core.toml"), added, &config::Host::default());
-    let out = core.handle(
-        Input::Reload {
-            read,
-            next_hops: no_hop,
-            only_if_changed: false,
-        },
-        t0,
-    );
+    let out = reload_with(&mut core, &added, no_hop, t0);
     assert!(
         matches!(out.reload, Some(ReloadOutcome::Accepted { .. })),
         "{:?}",
@@ -849,13 +846,7 @@ fn a_new_backend_resolving_after_its_reload_joins_silently() {
     );
     let mut no_hop = hops();
     no_hop.remove(&ip(5));
-    let read = ReadConfig::new(Path::new("core.toml"), five, &config::Host::default());
-    let input = Input::Reload {
-        read,
-        next_hops: no_hop,
-        only_if_changed: false,
-    };
-    core.handle(input, t0);
+    reload_with(&mut core, &five, no_hop, t0);
     assert_eq!(state_of(&core, 5), BackendState::Unreachable);
     let out = core.handle(
         Input::Resolved(vec![(ip(5), Ok(hops()[&ip(5)].clone()))]),

@@ -423,11 +423,7 @@ impl<'a> EventLoop<'a> {
         }
         self.settle.set_settle(self.core.config().reload_settle);
         self.publish();
-        let resolving = match outcome {
-            Some(ReloadOutcome::Accepted { .. }) => unresolved,
-            _ => 0,
-        };
-        self.answer(pending.request, outcome, resolving);
+        self.answer(pending.request, outcome, unresolved);
         if !pending.failed.is_empty() {
             // Now that the config names them, the core can say they do not resolve.
             self.handle(Input::Resolved(pending.failed));
@@ -437,8 +433,8 @@ impl<'a> EventLoop<'a> {
         }
     }
 
-    /// Answers the control socket clients waiting for a reload.
-    /// `resolving`: new backends whose next hops were not resolved yet.
+    /// Answers the control socket clients waiting for a reload. `resolving`: new backends
+    /// whose next hops were not resolved yet (said only of an accepted change).
     fn answer(&self, request: Request, outcome: Option<ReloadOutcome>, resolving: u64) {
         if request.replies.is_empty() {
             return;

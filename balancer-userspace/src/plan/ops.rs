@@ -77,7 +77,7 @@ impl MapPlan {
 
 /// The plan from `held` (what the maps hold) to `desired`.
 pub fn plan(held: &MapContents, desired: &MapContents) -> MapPlan {
-    plan_over(held, &key_map(held), desired, true)
+    plan_over(held, &held.keys, desired, true)
 }
 
 /// The prefilter's words (the non-zero ones) for `keys`: the bit of every key's address.
@@ -91,20 +91,10 @@ pub fn filter_words(keys: &[(VipKey, VipMeta)]) -> BTreeMap<u32, u64> {
 }
 
 /// Each VIP id's slot: its own key (not the fragments-only or address entries) and meta.
-pub fn vip_slots<'a>(
-    keys: impl IntoIterator<Item = (&'a VipKey, &'a VipMeta)>,
-) -> BTreeMap<u32, VipSlot> {
-    keys.into_iter()
+pub fn vip_slots(keys: &[(VipKey, VipMeta)]) -> BTreeMap<u32, VipSlot> {
+    keys.iter()
         .filter(|(_, meta)| !meta.is_address() && !meta.is_fragments_only())
-        .map(|(key, meta)| {
-            (
-                meta.vip_id,
-                VipSlot {
-                    key: *key,
-                    meta: *meta,
-                },
-            )
-        })
+        .map(|&(key, meta)| (meta.vip_id, VipSlot { key, meta }))
         .collect()
 }
 
@@ -131,25 +121,27 @@ pub fn rewrite_all(held: &MapContents, desired: &MapContents) -> MapPlan {
             .collect(),
         egress: held.egress.difference(&desired.egress).copied().collect(),
     };
-    // What the prefilter holds is not known either: every word either side names is written.
-    plan_over(&unknown, &key_map(held), desired, false)
+    // What the prefilter and the slots hold is not known either: every word either side
+    // names, and every desired slot, is written.
+    plan_over(&unknown, &held.keys, desired, false)
 }
 
 fn key_map(contents: &MapContents) -> HashMap<VipKey, VipMeta> {
     contents.keys.iter().copied().collect()
 }
 
-/// The plan from `base` to `desired`; `live_keys` are the keys packets can match while the
-/// plan runs (for padding tables).
-/// `known`: the prefilter and the slots hold what `live_keys` imply (false after a failed
-/// plan).
+/// The plan from `base` to `desired`; `held_keys` are the keys the maps hold, which packets
+/// can match while the plan runs (for padding tables), and from which the prefilter's words
+/// and the slots follow. `known`: the prefilter and the slots hold what `held_keys` imply
+/// (false after a failed plan).
 fn plan_over(
     base: &MapContents,
-    live_keys: &HashMap<VipKey, VipMeta>,
+    held_keys: &[(VipKey, VipMeta)],
     desired: &MapContents,
     known: bool,
 ) -> MapPlan {
     let mut ops = Vec::new();
+    let live_keys: HashMap<VipKey, VipMeta> = held_keys.iter().copied().collect();
     let base_keys = key_map(base);
     let desired_keys = key_map(desired);
     // Counters of ids the maps do not hold yet; devices and entries tables will name.
@@ -178,11 +170,11 @@ fn plan_over(
             ops.push(MapOp::RemoveVipKey(*key));
         }
     }
-    let slots = SlotPlan::new(live_keys, known, desired);
+    let slots = SlotPlan::new(held_keys, known, desired);
     slots.clear(&mut ops);
     for (&vip_id, slots) in &desired.tables {
         if base.tables.get(&vip_id) != Some(slots) {
-            let fill = padded_size(vip_id, slots, live_keys, &desired_keys);
+            let fill = padded_size(vip_id, slots, &live_keys, &desired_keys);
             let slots = slots.clone();
             ops.push(MapOp::SwapTable {
                 vip_id,
@@ -194,7 +186,7 @@ fn plan_over(
     // The prefilter: a new key's bit is set before the key, an old key's bit cleared only
     // after the key is gone, so that no key is ever behind a clear bit (the bit of a key
     // that stays is set in both words, and every word is written whole).
-    let filter = FilterPlan::new(base, known, desired);
+    let filter = FilterPlan::new(held_keys, known, desired);
     filter.before_keys(&mut ops);
     slots.set(&mut ops);
     for (key, meta) in &desired.keys {
@@ -217,10 +209,10 @@ struct SlotPlan {
 }
 
 impl SlotPlan {
-    fn new(live_keys: &HashMap<VipKey, VipMeta>, known: bool, desired: &MapContents) -> SlotPlan {
+    fn new(held_keys: &[(VipKey, VipMeta)], known: bool, desired: &MapContents) -> SlotPlan {
         SlotPlan {
-            held: vip_slots(live_keys),
-            desired: vip_slots(desired.keys.iter().map(|(k, m)| (k, m))),
+            held: vip_slots(held_keys),
+            desired: vip_slots(&desired.keys),
             known,
         }
     }
@@ -254,12 +246,12 @@ struct FilterPlan {
 }
 
 impl FilterPlan {
-    fn new(base: &MapContents, filter_known: bool, desired: &MapContents) -> FilterPlan {
-        let held = filter_words(&base.keys);
+    fn new(held_keys: &[(VipKey, VipMeta)], known: bool, desired: &MapContents) -> FilterPlan {
+        let held = filter_words(held_keys);
         let desired = filter_words(&desired.keys);
         let words = held.keys().chain(desired.keys()).copied().collect();
         FilterPlan {
-            base: filter_known.then_some(held),
+            base: known.then_some(held),
             desired,
             words,
         }

@@ -60,7 +60,8 @@ pub struct WorldOptions {
     /// measurements. `program_names::PASS` is always loaded.
     pub trivial_programs: bool,
     /// The XDP object to load: the daemon's built-in one, or another revision's build (the
-    /// benchmark's baseline) of the same map layout or of the layout before the prefilter.
+    /// benchmark's baseline) of the same map layout or of layout 1 or 2 (see `apply` and
+    /// `remember`).
     pub object: Option<&'static [u8]>,
 }
 

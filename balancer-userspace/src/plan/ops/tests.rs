@@ -52,7 +52,7 @@ impl Kernel {
             egress: contents.egress.clone(),
             zeroed_backends: BTreeSet::new(),
             filter: filter_words(&contents.keys),
-            slots: vip_slots(contents.keys.iter().map(|(k, m)| (k, m))),
+            slots: vip_slots(&contents.keys),
         }
     }
 
@@ -166,7 +166,7 @@ impl Kernel {
                 );
             }
         }
-        let slots_of = |c: &MapContents| vip_slots(c.keys.iter().map(|(k, m)| (k, m)));
+        let slots_of = |c: &MapContents| vip_slots(&c.keys);
         for (id, slot) in &self.slots {
             assert!(
                 slots_of(held).get(id) == Some(slot) || slots_of(desired).get(id) == Some(slot),
@@ -207,11 +207,7 @@ impl Kernel {
             .map(|(w, b)| (*w, *b))
             .collect();
         assert_eq!(filter, filter_words(&desired.keys), "{case}: prefilter");
-        assert_eq!(
-            self.slots,
-            vip_slots(desired.keys.iter().map(|(k, m)| (k, m))),
-            "{case}: slots"
-        );
+        assert_eq!(self.slots, vip_slots(&desired.keys), "{case}: slots");
     }
 }
 

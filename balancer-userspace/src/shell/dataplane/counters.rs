@@ -5,7 +5,10 @@ use std::{
     os::fd::{AsFd as _, AsRawFd as _},
 };
 
-use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray};
+use aya::{
+    maps::{HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray},
+    Pod,
+};
 use balancer_common::{
     map_names, ConnEntry, FlowKey, FlowKeyV4, FlowKeyV6, TrafficStats, DECAP_OUTCOME_COUNT,
     FAMILY_IPV4, OUTCOME_COUNT,
@@ -60,35 +63,31 @@ impl Dataplane {
         Ok(out)
     }
 
-    fn conn_table_v4(&self) -> Result<BpfHashMap<&MapData, FlowKeyV4, ConnEntry>> {
-        typed(
-            self.map(map_names::CONN_TABLE_V4)?,
-            map_names::CONN_TABLE_V4,
-        )
+    /// The connection table `name`, keyed by `K`.
+    fn conn_table<K: Pod>(&self, name: &'static str) -> Result<BpfHashMap<&MapData, K, ConnEntry>> {
+        typed(self.map(name)?, name)
     }
 
-    fn conn_table_v6(&self) -> Result<BpfHashMap<&MapData, FlowKeyV6, ConnEntry>> {
-        typed(
-            self.map(map_names::CONN_TABLE_V6)?,
-            map_names::CONN_TABLE_V6,
-        )
+    fn conn_get<K: Pod>(&self, name: &'static str, key: &K) -> Result<Option<u32>> {
+        match self.conn_table::<K>(name)?.get(key, 0) {
+            Ok(entry) => Ok(Some(entry.backend_id)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(name)(e)),
+        }
+    }
+
+    fn conn_put<K: Pod>(&mut self, name: &'static str, key: &K, entry: ConnEntry) -> Result<()> {
+        let mut table: BpfHashMap<&mut MapData, K, ConnEntry> =
+            self.map_mut(name)?.try_into().map_err(map_err(name))?;
+        table.insert(key, entry, 0).map_err(map_err(name))
     }
 
     /// The backend the connection table holds for a flow.
     pub fn conn_lookup(&self, flow: &FlowKey) -> Result<Option<u32>> {
-        let (found, name) = if flow.family == FAMILY_IPV4 {
-            let found = self.conn_table_v4()?.get(&flow.v4(), 0);
-            (found, map_names::CONN_TABLE_V4)
+        if flow.family == FAMILY_IPV4 {
+            self.conn_get(map_names::CONN_TABLE_V4, &flow.v4())
         } else {
-            (
-                self.conn_table_v6()?.get(&flow.v6(), 0),
-                map_names::CONN_TABLE_V6,
-            )
-        };
-        match found {
-            Ok(entry) => Ok(Some(entry.backend_id)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(map_err(name)(e)),
+            self.conn_get(map_names::CONN_TABLE_V6, &flow.v6())
         }
     }
 
@@ -96,23 +95,17 @@ impl Dataplane {
     /// packet path fills the table itself).
     pub fn conn_insert(&mut self, flow: &FlowKey, entry: ConnEntry) -> Result<()> {
         if flow.family == FAMILY_IPV4 {
-            let name = map_names::CONN_TABLE_V4;
-            let mut table: BpfHashMap<&mut MapData, FlowKeyV4, ConnEntry> =
-                self.map_mut(name)?.try_into().map_err(map_err(name))?;
-            table.insert(flow.v4(), entry, 0).map_err(map_err(name))
+            self.conn_put(map_names::CONN_TABLE_V4, &flow.v4(), entry)
         } else {
-            let name = map_names::CONN_TABLE_V6;
-            let mut table: BpfHashMap<&mut MapData, FlowKeyV6, ConnEntry> =
-                self.map_mut(name)?.try_into().map_err(map_err(name))?;
-            table.insert(flow.v6(), entry, 0).map_err(map_err(name))
+            self.conn_put(map_names::CONN_TABLE_V6, &flow.v6(), entry)
         }
     }
 
     /// Number of flows in the connection tables (walks them: one syscall per flow).
     pub fn conn_count(&self) -> Result<usize> {
-        let v4 = self.conn_table_v4()?.keys().filter(|k| k.is_ok()).count();
-        let v6 = self.conn_table_v6()?.keys().filter(|k| k.is_ok()).count();
-        Ok(v4 + v6)
+        let v4 = self.conn_table::<FlowKeyV4>(map_names::CONN_TABLE_V4)?;
+        let v6 = self.conn_table::<FlowKeyV6>(map_names::CONN_TABLE_V6)?;
+        Ok(v4.keys().filter(Result::is_ok).count() + v6.keys().filter(Result::is_ok).count())
     }
 
     /// The decapsulating program's counters, indexed by `DecapOutcome`.
