@@ -20,7 +20,9 @@ pub mod tunnel;
 /// 3: `VIP_SLOTS` (each VIP's key and meta by id) and the flow hash in `ConnEntry`: an
 ///    established flow is found by one hash lookup, the connection table's; one connection
 ///    table per address family (`CONN_TABLE_V4` with 16-byte keys, `CONN_TABLE_V6`).
-pub const LAYOUT_VERSION: u32 = 3;
+/// 4: NAT: the backend's port in `Backend`, the NAT tables and their settings, `NAT_FILTER`,
+///    `NAT_STATS`, the NAT outcomes.
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// How many VIPs the maps hold.
 pub const MAX_VIPS: u32 = 512;
@@ -45,6 +47,16 @@ pub const MAGLEV_TABLE_MAP_FLAGS: u32 = 1 << 10;
 pub const DEFAULT_MAGLEV_SIZE: u32 = 65_537;
 /// Default number of flows each connection table (one per address family) remembers (LRU).
 pub const DEFAULT_CONN_TABLE_SIZE: u32 = 262_144;
+/// Default number of NAT connections each NAT table (one per address family) holds: two
+/// entries each, one per direction.
+pub const DEFAULT_NAT_TABLE_SIZE: u32 = 65_536;
+/// `NAT_PROGRAMS` slots.
+pub const NAT_PROGRAM_FORWARD: u32 = 0;
+pub const NAT_PROGRAM_REPLY: u32 = 1;
+pub const NAT_PROGRAM_COUNT: u32 = 2;
+/// Words of the NAT reply filter: like `VIP_FILTER`, one bit per bucket of source addresses,
+/// set for the backends of NAT VIPs.
+pub const NAT_FILTER_WORDS: u32 = VIP_FILTER_WORDS;
 /// How many egress interfaces the redirect device map holds.
 pub const MAX_EGRESS_INTERFACES: u32 = 64;
 /// A backend id that never names a backend: an empty Maglev slot.
@@ -82,6 +94,27 @@ pub mod map_names {
     pub const DECAP_STATS: &str = "DECAP_STATS";
     /// `DecapAddress -> 1`: the addresses the decapsulating program accepts tunnels to.
     pub const DECAP_ADDRESSES: &str = "DECAP_ADDRESSES";
+    /// `FlowKeyV4 -> NatEntry` (LRU hash): both directions of IPv4 NAT connections (a reply
+    /// key has `nat::NAT_KEY_REPLY` in its protocol word).
+    pub const NAT_V4: &str = "NAT_V4";
+    /// `FlowKeyV6 -> NatEntry` (LRU hash): IPv6 NAT connections.
+    pub const NAT_V6: &str = "NAT_V6";
+    /// The NAT tables, each sized twice `nat_table_size` (two entries per connection).
+    pub const NAT_TABLES: [&str; 2] = [NAT_V4, NAT_V6];
+    /// `0 -> NatSettings` (array of one): the timeouts.
+    pub const NAT_SETTINGS: &str = "NAT_SETTINGS";
+    /// `vip_id -> NatVip` (array): each NAT VIP's SNAT addresses and ports.
+    pub const NAT_VIPS: &str = "NAT_VIPS";
+    /// `word -> u64` (array): the bits of the backends of NAT VIPs (`hash::vip_filter_bit`
+    /// of the address); a packet whose source's bit is clear is no NAT reply.
+    pub const NAT_FILTER: &str = "NAT_FILTER";
+    /// `NatCounter -> count` (per-CPU array).
+    pub const NAT_STATS: &str = "NAT_STATS";
+    /// `NAT_PROGRAM_* -> program` (program array): the NAT programs the balancer tail-calls.
+    pub const NAT_PROGRAMS: &str = "NAT_PROGRAMS";
+    /// `0 -> VipMeta` (per-CPU array): the VIP of the packet handed to the NAT forward
+    /// program.
+    pub const NAT_HANDOFF: &str = "NAT_HANDOFF";
 }
 
 /// Program names in the object file.
@@ -93,6 +126,10 @@ pub mod program_names {
     pub const PASS: &str = "xdp_pass";
     /// Backend side of tunnel mode: strips the outer header of tunnels to local addresses.
     pub const DECAP: &str = "balancer_decap";
+    /// NAT: a client's packet to a NAT VIP, handed over by the balancer (`NAT_PROGRAMS`).
+    pub const NAT_FORWARD: &str = "balancer_nat_forward";
+    /// NAT: a packet for no VIP from a NAT VIP's backend, handed over by the balancer.
+    pub const NAT_REPLY: &str = "balancer_nat_reply";
     /// Benchmark helpers: drop everything; send every frame back unchanged (a packet
     /// generator with BPF_PROG_TEST_RUN's live frames); swap the MACs and send back (the
     /// trivial reflector the balancer is compared with).
@@ -157,6 +194,8 @@ impl VipKey {
 pub const FORWARD_DSR: u8 = 0;
 /// Forwarding mode: IP-in-IP encapsulation (IPIP, IP6IP6, IPv4-in-IPv6) to the backend.
 pub const FORWARD_TUNNEL: u8 = 1;
+/// Forwarding mode: address and port translation (see `nat`).
+pub const FORWARD_NAT: u8 = 2;
 
 /// The VIP's Maglev hash uses the destination port only (all flows to a port of the VIP go
 /// to the same backend).
@@ -218,6 +257,12 @@ impl VipMeta {
     pub const fn tunnels(&self) -> bool {
         self.forwarding == FORWARD_TUNNEL
     }
+
+    /// The VIP translates addresses (`FORWARD_NAT`).
+    #[inline(always)]
+    pub const fn translates(&self) -> bool {
+        self.forwarding == FORWARD_NAT
+    }
 }
 
 /// The backend entry holds a live backend. An id without it is free.
@@ -254,6 +299,10 @@ pub struct Backend {
     pub family: u8,
     /// Tunnel mode: how many low bits of `tunnel_src` vary per flow (0: a fixed address).
     pub tunnel_src_bits: u8,
+    /// NAT: the port the backend listens on, network byte order (0: the packet's own
+    /// destination port).
+    pub port: u16,
+    pub _pad: [u8; 2],
 }
 
 impl Backend {
@@ -508,10 +557,63 @@ outcomes! {
     TooBig = 18, "too_big", DROP;
     /// The driver left no room in front of the packet for the tunnel header.
     NoHeadroom = 19, "no_headroom", DROP;
+    /// A backend's reply on a NAT connection, translated back and sent to the client out of
+    /// the interface it came in on.
+    NatReplyTx = 20, "nat_reply_tx", TX;
+    /// A backend's reply on a NAT connection, translated back and sent to the client out of
+    /// another interface.
+    NatReplyRedirect = 21, "nat_reply_redirect", REDIRECT;
+    /// A new NAT connection found no free SNAT port (`NatCounter` says why).
+    NatNoPort = 22, "nat_no_port", DROP;
+    /// A backend's reply on a NAT connection that timed out: dropped, never passed to the
+    /// local stack (which would answer it with a reset).
+    NatReplyExpired = 23, "nat_reply_expired", DROP;
+    /// A packet for a NAT VIP that the NAT program could not take (`NAT_PROGRAMS` empty).
+    NatUnavailable = 24, "nat_unavailable", DROP;
 }
 
 /// Size of `OUTCOME_STATS`.
-pub const OUTCOME_COUNT: u32 = 20;
+pub const OUTCOME_COUNT: u32 = 25;
+
+macro_rules! nat_counters {
+    ($($(#[$doc:meta])* $variant:ident = $value:literal, $name:literal;)+) => {
+        /// Events of NAT connections, beyond the packets' outcomes: the index of `NAT_STATS`.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum NatCounter {
+            $($(#[$doc])* $variant = $value,)+
+        }
+
+        impl NatCounter {
+            pub const ALL: &'static [NatCounter] = &[$(NatCounter::$variant,)+];
+            pub const fn name(self) -> &'static str {
+                match self { $(NatCounter::$variant => $name,)+ }
+            }
+        }
+    };
+}
+
+nat_counters! {
+    /// A connection created (both entries inserted).
+    Created = 0, "created";
+    /// Created with the client's own port as the SNAT port.
+    PortKept = 1, "port_kept";
+    /// Created with another port than the client's (taken or outside the range).
+    PortProbed = 2, "port_probed";
+    /// No free port among the ones tried (the range is exhausted, or nearly).
+    NoPortExhausted = 3, "no_port_exhausted";
+    /// The table refused the insert (out of memory).
+    NoPortInsertFailed = 4, "no_port_insert_failed";
+    /// A client's packet found its connection timed out, and started a new one.
+    ExpiredOnLookup = 5, "expired_on_lookup";
+    /// An ICMP error from the client's side about a connection, translated to the backend.
+    IcmpForward = 6, "icmp_forward";
+    /// An ICMP error from the backend's side about a connection, translated to the client.
+    IcmpReply = 7, "icmp_reply";
+}
+
+/// Size of `NAT_STATS`.
+pub const NAT_COUNTER_COUNT: u32 = 8;
 
 /// How many IPv6 extension headers the program walks before giving up on a packet.
 pub const IPV6_EXTENSION_LIMIT: usize = 4;
@@ -583,7 +685,10 @@ mod pod {
         super::ConnEntry,
         super::VipSlot,
         super::TrafficStats,
-        super::DecapAddress
+        super::DecapAddress,
+        super::nat::NatEntry,
+        super::nat::NatSettings,
+        super::nat::NatVip
     );
 }
 
@@ -596,7 +701,13 @@ const _: () = {
     assert!(core::mem::size_of::<VipKey>() == 20);
     assert!(core::mem::offset_of!(VipKey, addr) == 0 && core::mem::align_of::<VipKey>() == 4);
     assert!(core::mem::size_of::<VipMeta>() == 12);
-    assert!(core::mem::size_of::<Backend>() == 60);
+    assert!(core::mem::size_of::<Backend>() == 64);
+    assert!(core::mem::size_of::<nat::NatEntry>() == 72);
+    assert!(core::mem::offset_of!(nat::NatEntry, last_seen) == 64);
+    assert!(core::mem::size_of::<nat::NatSettings>() == 32);
+    assert!(core::mem::size_of::<nat::NatVip>() == 8 + 16 * nat::MAX_SNAT_ADDRESSES);
+    assert!(nat::MAX_SNAT_ADDRESSES.is_power_of_two());
+    assert!(NatCounter::ALL.len() == NAT_COUNTER_COUNT as usize);
     assert!(core::mem::size_of::<FlowKey>() == 40);
     // `FlowKey::set_addresses` and the word readers.
     assert!(core::mem::align_of::<FlowKey>() == 4);

@@ -1,6 +1,25 @@
-//! The checksum arithmetic of address and port translation (NAT), shared by the packet path
-//! and its host tests: when a packet's address and port change, its checksums are updated
-//! from the old and new values alone (RFC 1624), never recomputed over the payload.
+//! NAT: the state the packet path keeps per translated connection, and the checksum
+//! arithmetic of address and port translation.
+//!
+//! # State
+//! A connection through a NAT VIP has two entries in its family's NAT table (`NAT_V4`,
+//! `NAT_V6`), one per direction, each keyed by the 5-tuple its packets arrive with:
+//! - the forward entry, keyed by the client's packet (client -> VIP), says what the packet
+//!   becomes: from the SNAT address and port (full NAT) or still from the client
+//!   (destination-only NAT), to the backend's address and port;
+//! - the reply entry, keyed by the backend's reply (backend -> SNAT address and port, or
+//!   backend -> client), says what the reply becomes (VIP -> client) and where it leaves:
+//!   towards the next hop the client's packet came from, learned from that packet.
+//!
+//! Each entry's key is the reverse of the other entry's translation, so either entry finds
+//! its twin without storing its key. The reply key is inserted first, with no-overwrite
+//! semantics: it holds the SNAT port, and two CPUs can never take the same one. Both entries
+//! carry the connection's TCP state and the time of its last packet, written in place; the
+//! twin is looked up only when the state changes or the time is `NAT_REFRESH_NS` old.
+//!
+//! # Checksums
+//! When a packet's address and port change, its checksums are updated from the old and new
+//! values alone (RFC 1624), never recomputed over the payload.
 //!
 //! - The IPv4 header checksum covers the addresses; IPv6 has no header checksum.
 //! - TCP and UDP checksums cover a pseudo-header with both addresses, so an address change
@@ -11,7 +30,145 @@
 //!
 //! Addresses and ports are taken in memory order, as they sit in the packet (see `csum`).
 
-use crate::{csum, PROTO_UDP};
+use crate::{csum, PROTO_TCP, PROTO_UDP};
+
+/// The key flag of a reply-direction entry, in the key's `proto` word above the protocol:
+/// the two directions share one table and can never share a key.
+pub const NAT_KEY_REPLY: u32 = 1 << 8;
+
+/// The entry translates replies (backend -> client); without it, the client's packets.
+pub const NAT_F_REPLY: u8 = 1 << 0;
+/// The connection's source is translated too (full NAT); without it only the destination
+/// (destination-only NAT).
+pub const NAT_F_SNAT: u8 = 1 << 1;
+
+/// TCP state bits of a connection, the same in both its entries: the client's SYN, the
+/// backend's SYN-ACK, a FIN from either side, a reset from either side. A reset is not
+/// trusted at once (it may be spoofed): it shortens the timeout, and any later packet
+/// without one clears it.
+pub const NAT_S_SYN: u8 = 1 << 0;
+pub const NAT_S_SYN_ACK: u8 = 1 << 1;
+pub const NAT_S_FIN_CLIENT: u8 = 1 << 2;
+pub const NAT_S_FIN_BACKEND: u8 = 1 << 3;
+pub const NAT_S_RST: u8 = 1 << 4;
+
+/// How often, at most, a connection's time of last packet is written (in both entries):
+/// an established connection's packets read their entry and write nothing in between.
+pub const NAT_REFRESH_NS: u64 = 1_000_000_000;
+
+/// How many SNAT addresses a VIP may have (a power of two: the index is masked).
+pub const MAX_SNAT_ADDRESSES: usize = 16;
+/// How many ports the packet path tries for a new connection before it gives up (the
+/// client's own first, then consecutive ports from a hash of the flow).
+pub const NAT_PORT_TRIES: u32 = 64;
+
+/// One direction of a NAT connection (see the module's documentation).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatEntry {
+    /// The source address written into the packet (32-bit words as in `FlowKey`; IPv4: the
+    /// first word).
+    pub src: [u32; 4],
+    /// The destination address written into the packet.
+    pub dst: [u32; 4],
+    /// Ports written into the packet, network byte order.
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// Reply direction: the Ethernet addresses and interface towards the client (the source
+    /// MAC, destination MAC and ingress interface of the client's first packet). The forward
+    /// direction reads its next hop from the backend's entry instead.
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    pub ifindex: u32,
+    /// The backend the connection was placed on.
+    pub backend_id: u32,
+    /// `NAT_F_*`.
+    pub flags: u8,
+    /// `NAT_S_*`, the connection's (the same in both entries).
+    pub state: u8,
+    /// The transport protocol.
+    pub proto: u8,
+    pub _pad: [u8; 5],
+    /// When the connection last saw a packet, within `NAT_REFRESH_NS` (the kernel's coarse
+    /// monotonic clock, CLOCK_MONOTONIC, in nanoseconds).
+    pub last_seen: u64,
+}
+
+/// The timeouts of NAT connections by state, in nanoseconds (`NAT_SETTINGS`, one entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatSettings {
+    /// TCP before the backend's SYN-ACK.
+    pub syn_ns: u64,
+    /// TCP after the handshake.
+    pub established_ns: u64,
+    /// TCP after a reset, or a FIN from both sides.
+    pub closing_ns: u64,
+    /// UDP since the last datagram either way.
+    pub udp_ns: u64,
+}
+
+/// A NAT VIP's translation (`NAT_VIPS`, by VIP id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatVip {
+    /// SNAT addresses in use (the first `snat_count` of `snat`); 0: destination-only NAT.
+    pub snat_count: u32,
+    /// SNAT ports, host byte order, inclusive.
+    pub port_min: u16,
+    pub port_max: u16,
+    pub snat: [[u32; 4]; MAX_SNAT_ADDRESSES],
+}
+
+impl NatEntry {
+    /// The connection's timeout in its state.
+    #[inline(always)]
+    pub fn timeout(&self, settings: &NatSettings) -> u64 {
+        if self.proto != PROTO_TCP {
+            settings.udp_ns
+        } else if self.state & NAT_S_RST != 0
+            || self.state & (NAT_S_FIN_CLIENT | NAT_S_FIN_BACKEND)
+                == NAT_S_FIN_CLIENT | NAT_S_FIN_BACKEND
+        {
+            settings.closing_ns
+        } else if self.state & NAT_S_SYN_ACK == 0 {
+            settings.syn_ns
+        } else {
+            settings.established_ns
+        }
+    }
+
+    /// Whether the connection has timed out at `now`.
+    #[inline(always)]
+    pub fn expired(&self, settings: &NatSettings, now: u64) -> bool {
+        now.saturating_sub(self.last_seen) > self.timeout(settings)
+    }
+
+    /// The state after a TCP packet with `flags` (the TCP flags byte) in this entry's
+    /// direction (`reply`).
+    #[inline(always)]
+    pub fn next_state(state: u8, flags: u8, reply: bool) -> u8 {
+        const FIN: u8 = 0x01;
+        const SYN: u8 = 0x02;
+        const RST: u8 = 0x04;
+        let mut next = if flags & RST != 0 {
+            state | NAT_S_RST
+        } else {
+            state & !NAT_S_RST
+        };
+        if flags & SYN != 0 {
+            next |= if reply { NAT_S_SYN_ACK } else { NAT_S_SYN };
+        }
+        if flags & FIN != 0 {
+            next |= if reply {
+                NAT_S_FIN_BACKEND
+            } else {
+                NAT_S_FIN_CLIENT
+            };
+        }
+        next
+    }
+}
 
 /// One end of a flow rewritten: an address (4 or 16 bytes) and a port (network byte order, as
 /// in the packet), old and new.
@@ -23,23 +180,83 @@ pub struct Rewrite<const N: usize> {
     pub new_port: u16,
 }
 
-/// The running sum that turns a checksum over the old bytes into one over the new: the
-/// complement of every old word plus every new word (RFC 1624, equation 3, for many words).
-#[inline(always)]
-fn delta<const N: usize>(mut sum: u32, old: &[u8; N], new: &[u8; N]) -> u32 {
-    let mut i = 0;
-    while i + 1 < N {
-        sum += (!u16::from_ne_bytes([old[i], old[i + 1]])) as u32;
-        sum += u16::from_ne_bytes([new[i], new[i + 1]]) as u32;
-        i += 2;
+/// What a checksum must take in when 16-bit words it covers change: the sum of the complement
+/// of every old word and every new word (RFC 1624, equation 3), gathered while the words are
+/// rewritten and applied to each checksum that covers them. The packet path rewrites fields
+/// in place and feeds the old and new words here: nothing is copied to the stack.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Delta(u32);
+
+impl Delta {
+    /// A word changed from `old` to `new` (memory order, as in `csum`).
+    #[inline(always)]
+    pub fn replace(&mut self, old: u16, new: u16) {
+        self.0 += (!old) as u32 + new as u32;
     }
-    sum
+
+    /// Every word of `old` changed to the same word of `new` (`N` even).
+    #[inline(always)]
+    pub fn replace_bytes<const N: usize>(&mut self, old: &[u8; N], new: &[u8; N]) {
+        let mut i = 0;
+        while i + 1 < N {
+            self.replace(
+                u16::from_ne_bytes([old[i], old[i + 1]]),
+                u16::from_ne_bytes([new[i], new[i + 1]]),
+            );
+            i += 2;
+        }
+    }
+
+    /// Both changes.
+    #[inline(always)]
+    pub fn plus(self, other: Delta) -> Delta {
+        Delta(fold(self.0) + fold(other.0))
+    }
+
+    /// `check` (a checksum field: IPv4 header, ICMP) over the new words.
+    #[inline(always)]
+    pub fn apply(self, check: u16) -> u16 {
+        csum::finish((!check) as u32 + fold(self.0))
+    }
+
+    /// A TCP or UDP checksum (`proto`) over the new words: a UDP checksum of 0 stays 0, and
+    /// one that comes out as 0 is written 0xffff.
+    #[inline(always)]
+    pub fn apply_l4(self, check: u16, proto: u8) -> u16 {
+        if proto == PROTO_UDP && check == 0 {
+            return 0;
+        }
+        let updated = self.apply(check);
+        if proto == PROTO_UDP && updated == 0 {
+            0xffff
+        } else {
+            updated
+        }
+    }
+}
+
+#[inline(always)]
+fn fold(sum: u32) -> u32 {
+    (sum & 0xFFFF) + (sum >> 16)
+}
+
+impl<const N: usize> Rewrite<N> {
+    /// The change of this end: its address and its port.
+    #[inline(always)]
+    pub fn delta(&self) -> Delta {
+        let mut d = Delta::default();
+        d.replace_bytes(&self.old_addr, &self.new_addr);
+        d.replace(self.old_port, self.new_port);
+        d
+    }
 }
 
 /// The IPv4 header checksum after one of its addresses changed from `old` to `new`.
 #[inline(always)]
 pub fn ipv4_header_check(check: u16, old: &[u8; 4], new: &[u8; 4]) -> u16 {
-    csum::finish(delta((!check) as u32, old, new))
+    let mut d = Delta::default();
+    d.replace_bytes(old, new);
+    d.apply(check)
 }
 
 /// A TCP or UDP checksum after `rewrite` (one address of the pseudo-header and the port of
@@ -47,18 +264,19 @@ pub fn ipv4_header_check(check: u16, old: &[u8; 4], new: &[u8; 4]) -> u16 {
 /// that comes out as 0 is written 0xffff.
 #[inline(always)]
 pub fn l4_check<const N: usize>(check: u16, proto: u8, rewrite: &Rewrite<N>) -> u16 {
-    if proto == PROTO_UDP && check == 0 {
-        return 0;
-    }
-    let mut sum = delta((!check) as u32, &rewrite.old_addr, &rewrite.new_addr);
-    sum += (!rewrite.old_port) as u32;
-    sum += rewrite.new_port as u32;
-    let updated = csum::finish(sum);
-    if proto == PROTO_UDP && updated == 0 {
-        0xffff
-    } else {
-        updated
-    }
+    rewrite.delta().apply_l4(check, proto)
+}
+
+/// A TCP or UDP checksum after both ends of the flow were rewritten, as the packet path
+/// does it: one sum of both changes, applied once.
+#[inline(always)]
+pub fn l4_check_both<const N: usize>(
+    check: u16,
+    proto: u8,
+    src: &Rewrite<N>,
+    dst: &Rewrite<N>,
+) -> u16 {
+    src.delta().plus(dst.delta()).apply_l4(check, proto)
 }
 
 #[cfg(test)]
@@ -215,6 +433,73 @@ mod tests {
         );
     }
 
+    /// Both ends at once (`l4_check_both`), as the packet path rewrites them.
+    fn check_both_at_once<const N: usize>(rng: &mut Rng, case: usize) {
+        let mut segment = random_segment(rng, N == 16);
+        let original = segment.check();
+        let dst = translate(&mut segment, true, rng.bytes::<N>(), rng.next() as u16);
+        let src = translate(&mut segment, false, rng.bytes::<N>(), rng.next() as u16);
+        let both = l4_check_both(original, segment.proto, &src, &dst);
+        let full = segment.full_check();
+        // 0 and 0xffff are one sum in one's complement; UDP sends 0xffff.
+        assert!(
+            both == full || (segment.proto == PROTO_TCP && both == 0xffff && full == 0),
+            "case {case}: both ends at once: {both:#06x}, from scratch {full:#06x}"
+        );
+    }
+
+    #[test]
+    fn both_ends_rewritten_at_once_equal_full_checksums() {
+        let mut rng = Rng(0x5eed_1234_abcd_0002);
+        for case in 0..10_000usize {
+            if case.is_multiple_of(2) {
+                check_both_at_once::<4>(&mut rng, case);
+            } else {
+                check_both_at_once::<16>(&mut rng, case);
+            }
+        }
+    }
+
+    #[test]
+    fn connection_state_and_timeouts() {
+        let settings = NatSettings {
+            syn_ns: 60,
+            established_ns: 7200,
+            closing_ns: 10,
+            udp_ns: 30,
+        };
+        let (syn, ack, fin, rst) = (0x02u8, 0x10u8, 0x01u8, 0x04u8);
+        let mut e = NatEntry {
+            proto: PROTO_TCP,
+            ..NatEntry::default()
+        };
+        e.state = NatEntry::next_state(0, syn, false);
+        assert_eq!(e.timeout(&settings), 60, "SYN sent, no answer yet");
+        e.state = NatEntry::next_state(e.state, syn | ack, true);
+        assert_eq!(e.timeout(&settings), 7200, "handshake answered");
+        e.state = NatEntry::next_state(e.state, rst, true);
+        assert_eq!(e.timeout(&settings), 10, "a reset shortens the timeout");
+        e.state = NatEntry::next_state(e.state, ack, false);
+        assert_eq!(
+            e.timeout(&settings),
+            7200,
+            "a packet after a reset (a spoofed one) restores it"
+        );
+        e.state = NatEntry::next_state(e.state, fin | ack, false);
+        assert_eq!(e.timeout(&settings), 7200, "half closed");
+        e.state = NatEntry::next_state(e.state, fin | ack, true);
+        assert_eq!(e.timeout(&settings), 10, "closed both ways");
+        e.last_seen = 100;
+        assert!(!e.expired(&settings, 110));
+        assert!(e.expired(&settings, 111));
+        assert!(!e.expired(&settings, 50), "a clock behind the entry never expires it");
+        let udp = NatEntry {
+            proto: PROTO_UDP,
+            ..NatEntry::default()
+        };
+        assert_eq!(udp.timeout(&settings), 30);
+    }
+
     /// At least 10,000 random segments, IPv4 and IPv6, TCP and UDP, odd and even lengths:
     /// every incrementally updated checksum equals the one computed from scratch.
     #[test]
@@ -262,10 +547,7 @@ mod tests {
         // cancels, found by search.
         let zero_after = (1..=u16::MAX)
             .find(|&c| {
-                let sum = delta((!c) as u32, &rewrite.old_addr, &rewrite.new_addr)
-                    + (!rewrite.old_port) as u32
-                    + rewrite.new_port as u32;
-                csum::finish(sum) == 0
+                rewrite.delta().apply(c) == 0
             })
             .expect("some checksum updates to 0");
         assert_eq!(l4_check(zero_after, PROTO_UDP, &rewrite), 0xffff);

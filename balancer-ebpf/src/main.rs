@@ -25,6 +25,8 @@ mod icmp;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
+mod nat;
+#[cfg(target_arch = "bpf")]
 mod parse;
 #[cfg(target_arch = "bpf")]
 mod rewrite;
@@ -36,11 +38,13 @@ mod wire;
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::{macros::xdp, programs::XdpContext};
-    use balancer_common::{xdp_action, Outcome};
+    use balancer_common::{xdp_action, Outcome, NAT_PROGRAM_FORWARD, NAT_PROGRAM_REPLY};
 
     use crate::{
         classify, count, decap, frame, icmp,
-        parse::{self, Kind},
+        maps::{NAT_HANDOFF, NAT_PROGRAMS},
+        nat,
+        parse::{self, Kind, Packet},
         rewrite, select,
     };
 
@@ -67,10 +71,9 @@ mod programs {
             }
             return icmp::echo_reply(ctx, &packet);
         }
-        classify::prefilter(&packet).map_err(|outcome| match packet.kind {
-            Kind::IcmpError => Outcome::IcmpOther,
-            _ => outcome,
-        })?;
+        if let Err(outcome) = classify::prefilter(&packet) {
+            return not_for_a_vip(ctx, &packet, outcome);
+        }
         // An established flow: one connection-table lookup, no VIP lookup.
         let fast = packet.kind == Kind::Flow && !packet.syn && !packet.fragment;
         let found = if fast {
@@ -82,9 +85,17 @@ mod programs {
             Some(selected) => selected,
             None => {
                 let vip = match classify::vip(&mut packet) {
-                    Err(_) if packet.kind == Kind::IcmpError => return Err(Outcome::IcmpOther),
-                    other => other?,
+                    Ok(vip) => vip,
+                    Err(outcome) => return not_for_a_vip(ctx, &packet, outcome),
                 };
+                if vip.translates() {
+                    return hand_to_nat(ctx, *vip);
+                }
+                if packet.kind == Kind::IcmpError && !packet.too_big {
+                    // Only NAT VIPs take the other errors: their backends cannot get them
+                    // from anyone else.
+                    return Err(Outcome::IcmpOther);
+                }
                 // The connection table was asked already on the fast path; a SYN never asks.
                 select::backend(vip, &packet, !fast && !packet.syn)?
             }
@@ -98,6 +109,75 @@ mod programs {
             count::forwarded(&selected, packet.len);
         }
         Ok(outcome)
+    }
+
+    /// A packet for the NAT VIP `vip`: handed to the NAT forward program, which does not
+    /// return here. If it cannot be (no NAT program loaded), dropped.
+    #[inline(always)]
+    fn hand_to_nat(ctx: &XdpContext, vip: balancer_common::VipMeta) -> Result<Outcome, Outcome> {
+        if let Some(slot) = NAT_HANDOFF.get_ptr_mut(0) {
+            // SAFETY: this CPU's slot, valid for this program run.
+            unsafe { *slot = vip };
+            // SAFETY: on success the NAT program runs instead and this one ends here.
+            unsafe { NAT_PROGRAMS.tail_call(ctx, NAT_PROGRAM_FORWARD) };
+        }
+        Err(Outcome::NatUnavailable)
+    }
+
+    /// A packet that is not addressed to a VIP (`outcome` says why): one that may be a
+    /// backend's reply on a NAT connection is handed to the NAT reply program; anything else
+    /// leaves untouched.
+    #[inline(always)]
+    fn not_for_a_vip(ctx: &XdpContext, packet: &Packet, outcome: Outcome) -> Result<Outcome, Outcome> {
+        if !packet.fragment && nat::may_be_backend(&packet.flow) {
+            // SAFETY: on success the NAT program runs instead and this one ends here.
+            unsafe { NAT_PROGRAMS.tail_call(ctx, NAT_PROGRAM_REPLY) };
+        }
+        Err(match packet.kind {
+            Kind::IcmpError => Outcome::IcmpOther,
+            _ => outcome,
+        })
+    }
+
+    /// NAT, a client's packet to a NAT VIP (see `nat::forward`), handed over by the balancer
+    /// with the VIP in `NAT_HANDOFF`.
+    #[xdp]
+    pub fn balancer_nat_forward(ctx: XdpContext) -> u32 {
+        let outcome = match nat_forward(&ctx) {
+            Ok(outcome) => outcome,
+            Err(outcome) => outcome,
+        };
+        count::outcome(outcome);
+        outcome.verdict()
+    }
+
+    #[inline(always)]
+    fn nat_forward(ctx: &XdpContext) -> Result<Outcome, Outcome> {
+        let packet = parse::packet(ctx)?;
+        let vip = *NAT_HANDOFF.get(0).ok_or(Outcome::NatUnavailable)?;
+        nat::forward(ctx, &packet, &vip)
+    }
+
+    /// NAT, a packet for no VIP from a NAT VIP's backend (see `nat::reply`), handed over by
+    /// the balancer.
+    #[xdp]
+    pub fn balancer_nat_reply(ctx: XdpContext) -> u32 {
+        let outcome = match nat_reply(&ctx) {
+            Ok(outcome) => outcome,
+            Err(outcome) => outcome,
+        };
+        count::outcome(outcome);
+        outcome.verdict()
+    }
+
+    #[inline(always)]
+    fn nat_reply(ctx: &XdpContext) -> Result<Outcome, Outcome> {
+        let packet = parse::packet(ctx)?;
+        match nat::reply(ctx, &packet) {
+            Some(replied) => replied,
+            None if packet.kind == Kind::IcmpError => Err(Outcome::IcmpOther),
+            None => Err(Outcome::NotVip),
+        }
     }
 
     /// Backend side of tunnel mode: see `decap`. Always XDP_PASS.

@@ -2,14 +2,15 @@
 //! balancer-common; the daemon sizes the connection tables at load time from the config.
 
 use aya_ebpf::{
-    btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray},
     macros::btf_map,
 };
 use balancer_common::{
+    nat::{NatEntry, NatSettings, NatVip},
     Backend, ConnEntry, DecapAddress, FlowKeyV4, FlowKeyV6, TrafficStats, VipKey, VipMeta, VipSlot,
-    DECAP_OUTCOME_COUNT, DEFAULT_CONN_TABLE_SIZE, MAGLEV_CAPACITY, MAGLEV_TABLE_MAP_FLAGS,
-    MAX_BACKENDS, MAX_DECAP_ADDRESSES, MAX_EGRESS_INTERFACES, MAX_VIPS, OUTCOME_COUNT,
-    VIP_FILTER_WORDS, VIP_KEYS_CAPACITY,
+    DECAP_OUTCOME_COUNT, DEFAULT_CONN_TABLE_SIZE, DEFAULT_NAT_TABLE_SIZE, MAGLEV_CAPACITY,
+    MAGLEV_TABLE_MAP_FLAGS, MAX_BACKENDS, MAX_DECAP_ADDRESSES, MAX_EGRESS_INTERFACES, MAX_VIPS,
+    NAT_COUNTER_COUNT, NAT_FILTER_WORDS, NAT_PROGRAM_COUNT, OUTCOME_COUNT, VIP_FILTER_WORDS, VIP_KEYS_CAPACITY,
 };
 
 const VIPS_N: usize = MAX_VIPS as usize;
@@ -102,3 +103,46 @@ pub static DECAP_ADDRESSES: HashMap<DecapAddress, u8, { MAX_DECAP_ADDRESSES as u
 
 #[btf_map]
 pub static DECAP_STATS: PerCpuArray<u64, { DECAP_OUTCOME_COUNT as usize }> = PerCpuArray::new();
+
+/// NAT connections, both directions (see `balancer_common::nat`): IPv4 here, IPv6 in `NAT_V6`.
+/// Sized by the daemon at load time, two entries per connection. One LRU shared by all CPUs,
+/// like the connection tables: a connection's two entries are written on whichever CPUs its
+/// two directions arrive on.
+#[btf_map]
+pub static NAT_V4: LruHashMap<FlowKeyV4, NatEntry, { 2 * DEFAULT_NAT_TABLE_SIZE as usize }> =
+    LruHashMap::new();
+
+#[btf_map]
+pub static NAT_V6: LruHashMap<FlowKeyV6, NatEntry, { 2 * DEFAULT_NAT_TABLE_SIZE as usize }> =
+    LruHashMap::new();
+
+/// The NAT timeouts (one entry), written by the daemon.
+#[btf_map]
+pub static NAT_SETTINGS: Array<NatSettings, 1> = Array::new();
+
+/// Each NAT VIP's SNAT addresses and ports, by VIP id, written before the VIP's key.
+#[btf_map]
+pub static NAT_VIPS: Array<NatVip, VIPS_N> = Array::new();
+
+/// The reply filter: a bit per bucket of source addresses, set for every backend of a NAT
+/// VIP. A clear bit: the packet is no reply of a NAT connection, without a hash lookup.
+#[btf_map]
+pub static NAT_FILTER: Array<u64, { NAT_FILTER_WORDS as usize }> = Array::new();
+
+#[btf_map]
+pub static NAT_STATS: PerCpuArray<u64, { NAT_COUNTER_COUNT as usize }> = PerCpuArray::new();
+
+/// The NAT programs (`NAT_PROGRAM_FORWARD`, `NAT_PROGRAM_REPLY`), which the balancer hands
+/// NAT packets to with a tail call: each has a stack of its own (the NAT paths would not
+/// fit the balancer's 512 bytes beside the rest). The daemon fills it when it loads them.
+#[btf_map]
+pub static NAT_PROGRAMS: ProgramArray<{ NAT_PROGRAM_COUNT as usize }> = ProgramArray::new();
+
+/// The VIP of the packet handed to the NAT forward program, written just before the tail
+/// call (per CPU: the packet is this CPU's until the program returns).
+#[btf_map]
+pub static NAT_HANDOFF: PerCpuArray<VipMeta, 1> = PerCpuArray::new();
+
+/// Where the NAT programs build keys and entries (see `nat::Scratch`).
+#[btf_map]
+pub static NAT_SCRATCH: PerCpuArray<crate::nat::Scratch, 1> = PerCpuArray::new();

@@ -1,7 +1,8 @@
 //! Parse: Ethernet (with at most one 802.1Q tag); IPv4 (options skipped) or IPv6 (extension
-//! headers walked up to `IPV6_EXTENSION_LIMIT`); TCP and UDP ports; ICMP and ICMPv6 echo
-//! requests and the errors the balancer handles (IPv4 "fragmentation needed", ICMPv6 "packet
-//! too big"), whose embedded packet names the flow they concern.
+//! headers walked up to `IPV6_EXTENSION_LIMIT`); TCP and UDP ports and flags; ICMP and ICMPv6
+//! echo requests and the errors the balancer handles ("destination unreachable", of which
+//! "fragmentation needed", ICMPv6 "packet too big", "time exceeded"), whose embedded packet
+//! names the flow they concern.
 //!
 //! Anything this step cannot make sense of is returned as an `Outcome` whose verdict is
 //! XDP_PASS: the kernel's stack deals with it as if the balancer were not there.
@@ -17,7 +18,8 @@ use crate::{
     wire::{
         address_words, EthHdr, IcmpHdr, Ipv4Hdr, Ipv6ExtHdr, Ipv6FragHdr, Ipv6Hdr, Ports, VlanHdr,
         ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, ICMPV6_ECHO_REQUEST,
-        ICMPV6_PACKET_TOO_BIG, ICMP_DEST_UNREACH, ICMP_ECHO_REQUEST, ICMP_FRAG_NEEDED, ICMP_HLEN,
+        ICMPV6_DEST_UNREACH, ICMPV6_PACKET_TOO_BIG, ICMPV6_TIME_EXCEEDED, ICMP_DEST_UNREACH,
+        ICMP_ECHO_REQUEST, ICMP_FRAG_NEEDED, ICMP_HLEN, ICMP_TIME_EXCEEDED,
         IPV4_HLEN, IPV6_DEST_OPTIONS, IPV6_FRAGMENT, IPV6_FRAG_HLEN, IPV6_FRAG_OFFSET, IPV6_HLEN,
         IPV6_HOP_BY_HOP, IPV6_ROUTING, IP_DF, IP_MF, IP_OFFSET, TCP_ACK, TCP_FLAGS_OFFSET,
         TCP_HLEN, TCP_SYN, UDP_HLEN, VLAN_HLEN,
@@ -31,8 +33,10 @@ pub enum Kind {
     Flow,
     /// An ICMP or ICMPv6 echo request to `flow.dst`.
     EchoRequest,
-    /// An ICMP error about a packet a backend sent: `flow` is that packet's flow seen from
-    /// the client's side (client -> VIP), so it finds the backend that owns it.
+    /// An ICMP error about a packet the balancer sent: `flow` is that packet's flow turned
+    /// around (the quoted packet went VIP -> client: `flow` is client -> VIP, and finds the
+    /// backend that owns it; on a NAT connection's backend side the quoted packet went SNAT
+    /// address -> backend: `flow` is the backend's reply direction).
     IcmpError,
 }
 
@@ -54,6 +58,14 @@ pub struct Packet {
     pub dont_fragment: bool,
     /// A TCP SYN without ACK: the first packet of a new connection.
     pub syn: bool,
+    /// TCP: the flags byte (0 for UDP).
+    pub tcp_flags: u8,
+    /// ICMP errors: "fragmentation needed" or "packet too big" (the only errors forwarded to
+    /// the backends of VIPs that do not translate addresses).
+    pub too_big: bool,
+    /// ICMP errors: where the quoted IP header and its transport header start.
+    pub inner_l3: usize,
+    pub inner_l4: usize,
     /// Part of a fragmented datagram.
     pub fragment: bool,
     /// A fragment other than the first: it carries no transport header (ports are 0).
@@ -100,6 +112,10 @@ fn new_packet(flow: FlowKey, l3: usize, l4: usize, ip_len: usize, tos: u8) -> Pa
         tos,
         dont_fragment: true,
         syn: false,
+        tcp_flags: 0,
+        too_big: false,
+        inner_l3: 0,
+        inner_l4: 0,
         fragment: false,
         later_fragment: false,
     }
@@ -220,7 +236,9 @@ fn transport(ctx: &XdpContext, mut packet: Packet) -> Result<Packet, Outcome> {
     if proto == PROTO_TCP {
         let flags = ptr_at::<u8>(ctx, l4 + TCP_FLAGS_OFFSET).ok_or(Outcome::TruncatedL4)?;
         // SAFETY: ptr_at checked the bounds.
-        packet.syn = unsafe { *flags & (TCP_SYN | TCP_ACK) == TCP_SYN };
+        let flags = unsafe { *flags };
+        packet.tcp_flags = flags;
+        packet.syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     }
     Ok(packet)
 }
@@ -233,21 +251,27 @@ fn icmp(ctx: &XdpContext, mut packet: Packet) -> Result<Packet, Outcome> {
     // SAFETY: ptr_at checked the bounds.
     let (kind, code) = unsafe { ((*header).kind, (*header).code) };
     let embedded = packet.l4 + ICMP_HLEN;
+    packet.inner_l3 = embedded;
     if packet.flow.family == FAMILY_IPV4 {
         match (kind, code) {
             (ICMP_ECHO_REQUEST, 0) => packet.kind = Kind::EchoRequest,
-            (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED) => {
-                packet.flow = embedded_ipv4(ctx, embedded)?;
+            (ICMP_DEST_UNREACH, _) | (ICMP_TIME_EXCEEDED, _) => {
+                let (flow, inner_l4) = embedded_ipv4(ctx, embedded)?;
+                packet.flow = flow;
+                packet.inner_l4 = inner_l4;
                 packet.kind = Kind::IcmpError;
+                packet.too_big = kind == ICMP_DEST_UNREACH && code == ICMP_FRAG_NEEDED;
             }
             _ => return Err(Outcome::IcmpOther),
         }
     } else {
         match (kind, code) {
             (ICMPV6_ECHO_REQUEST, 0) => packet.kind = Kind::EchoRequest,
-            (ICMPV6_PACKET_TOO_BIG, 0) => {
+            (ICMPV6_DEST_UNREACH, _) | (ICMPV6_PACKET_TOO_BIG, 0) | (ICMPV6_TIME_EXCEEDED, _) => {
                 packet.flow = embedded_ipv6(ctx, embedded)?;
+                packet.inner_l4 = embedded + IPV6_HLEN;
                 packet.kind = Kind::IcmpError;
+                packet.too_big = kind == ICMPV6_PACKET_TOO_BIG;
             }
             _ => return Err(Outcome::IcmpOther),
         }
@@ -255,9 +279,10 @@ fn icmp(ctx: &XdpContext, mut packet: Packet) -> Result<Packet, Outcome> {
     Ok(packet)
 }
 
-/// The client -> VIP flow of an IPv4 packet embedded in an ICMP error (VIP -> client).
+/// The flow of an IPv4 packet embedded in an ICMP error, turned around (see
+/// `Kind::IcmpError`), and where its transport header starts.
 #[inline(always)]
-fn embedded_ipv4(ctx: &XdpContext, offset: usize) -> Result<FlowKey, Outcome> {
+fn embedded_ipv4(ctx: &XdpContext, offset: usize) -> Result<(FlowKey, usize), Outcome> {
     let ip = ptr_at::<Ipv4Hdr>(ctx, offset).ok_or(Outcome::IcmpOther)?;
     // SAFETY: ptr_at checked the bounds.
     let ip = unsafe { &*ip };
@@ -279,10 +304,10 @@ fn embedded_ipv4(ctx: &XdpContext, offset: usize) -> Result<FlowKey, Outcome> {
         ..FlowKey::default()
     };
     flow.set_addresses(address_words(&ip.dst), address_words(&ip.src));
-    Ok(flow)
+    Ok((flow, offset + header_len))
 }
 
-/// The client -> VIP flow of an IPv6 packet embedded in an ICMPv6 error. Only a transport
+/// The flow of an IPv6 packet embedded in an ICMPv6 error, turned around. Only a transport
 /// header right after the fixed header is looked at.
 #[inline(always)]
 fn embedded_ipv6(ctx: &XdpContext, offset: usize) -> Result<FlowKey, Outcome> {

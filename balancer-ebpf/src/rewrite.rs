@@ -29,12 +29,25 @@ pub fn direct_server_return(ctx: &XdpContext, to: &Selected) -> Result<Outcome, 
 /// Sets the Ethernet addresses towards the backend's next hop and picks the verdict.
 #[inline(always)]
 fn transmit(ctx: &XdpContext, to: &Selected) -> Result<Outcome, Outcome> {
-    frame::set_addresses(ctx, to.dst_mac, to.src_mac).ok_or(Outcome::TruncatedEthernet)?;
-    if to.ifindex as usize == ctx.ingress_ifindex() {
+    send(ctx, to.dst_mac, to.src_mac, to.ifindex)
+}
+
+/// Addresses the frame to `dst_mac` from `src_mac` and sends it out of `ifindex`: XDP_TX if
+/// that is the ingress interface (`Outcome::ForwardedTx`), else XDP_REDIRECT through the
+/// device map (`Outcome::ForwardedRedirect`).
+#[inline(always)]
+pub fn send(
+    ctx: &XdpContext,
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    ifindex: u32,
+) -> Result<Outcome, Outcome> {
+    frame::set_addresses(ctx, dst_mac, src_mac).ok_or(Outcome::TruncatedEthernet)?;
+    if ifindex as usize == ctx.ingress_ifindex() {
         return Ok(Outcome::ForwardedTx);
     }
     // On a miss bpf_redirect_map returns the low bits of the flags: XDP_DROP here, counted.
-    match EGRESS_DEVICES.redirect(to.ifindex, xdp_action::DROP as u64) {
+    match EGRESS_DEVICES.redirect(ifindex, xdp_action::DROP as u64) {
         Ok(_) => Ok(Outcome::ForwardedRedirect),
         Err(_) => Err(Outcome::NoEgress),
     }

@@ -96,7 +96,9 @@ pub fn established(packet: &Packet) -> Option<Selected> {
     let flow = &packet.flow;
     let (id, backend, hash) = remembered_live(flow)?;
     let slot = VIP_SLOTS.get(backend.vip_id)?;
-    if !slot.serves(flow) {
+    // A NAT VIP's flows are in the NAT tables; an entry here is from before the VIP changed
+    // its mode.
+    if !slot.serves(flow) || slot.meta.translates() {
         return None;
     }
     Some(Selected::new(id, backend, &slot.meta, 0, hash))
@@ -114,6 +116,25 @@ fn remembered_live(flow: &FlowKey) -> Option<(u32, &'static Backend, u32)> {
     backend.is_live().then_some((id, backend, hash))
 }
 
+/// The backend the VIP's Maglev table names for `flow` (its id and entry), and the flow's
+/// hash. Not remembered here.
+#[inline(always)]
+pub fn table_choice(
+    vip: &VipMeta,
+    flow: &FlowKey,
+) -> Result<(u32, &'static Backend, u32), Outcome> {
+    let hash = vip_flow_hash(vip, flow, hash_seed());
+    let slot = hash % vip.table_size;
+    let id = *MAGLEV_TABLES
+        .get_value(vip.vip_id, &slot)
+        .ok_or(Outcome::NoBackend)?;
+    let backend = BACKENDS.get(id).ok_or(Outcome::NoBackend)?;
+    if !backend.is_valid() {
+        return Err(Outcome::NoBackend);
+    }
+    Ok((id, backend, hash))
+}
+
 /// The backend for a packet of `vip`: the connection table's (if `ask_table`), else the
 /// Maglev table's, remembered.
 #[inline(always)]
@@ -127,15 +148,7 @@ pub fn backend(vip: &VipMeta, packet: &Packet, ask_table: bool) -> Result<Select
         }
     }
 
-    let hash = vip_flow_hash(vip, flow, hash_seed());
-    let slot = hash % vip.table_size;
-    let id = *MAGLEV_TABLES
-        .get_value(vip.vip_id, &slot)
-        .ok_or(Outcome::NoBackend)?;
-    let backend = BACKENDS.get(id).ok_or(Outcome::NoBackend)?;
-    if !backend.is_valid() {
-        return Err(Outcome::NoBackend);
-    }
+    let (id, backend, hash) = table_choice(vip, flow)?;
     remember(
         flow,
         ConnEntry {

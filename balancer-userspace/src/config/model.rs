@@ -48,11 +48,80 @@ pub const API_IDLE_TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
     Duration::from_millis(100)..=Duration::from_secs(600);
 
 /// What validation knows of the host the config is for: its own addresses (a backend may not
-/// be one of them).
+/// be one of them), and the ports its own connections take (a SNAT port range on one of its
+/// addresses may not overlap them).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Host {
     /// Every address of this host, with its interface's name.
     pub addresses: Vec<(std::net::IpAddr, String)>,
+    /// `net.ipv4.ip_local_port_range` (also IPv6's), if known.
+    pub local_port_range: Option<(u16, u16)>,
+}
+
+/// Smallest accepted NAT table (connections).
+pub const MIN_NAT_TABLE_SIZE: u32 = 1_024;
+/// Largest accepted NAT table (connections; two entries each).
+pub const MAX_NAT_TABLE_SIZE: u32 = 1 << 24;
+/// Default NAT timeouts, in the spirit of the kernel's connection tracking: a connection
+/// that never got its SYN-ACK, an established one (longer than TCP's default keepalive of
+/// two hours, so that a kept-alive idle connection survives), one closed or reset, a UDP
+/// flow; and the time a closed connection's SNAT port waits before reuse (Linux's TIME_WAIT).
+pub const DEFAULT_NAT_SYN_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_NAT_ESTABLISHED_TIMEOUT: Duration = Duration::from_secs(3 * 3600);
+pub const DEFAULT_NAT_CLOSING_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_NAT_UDP_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_NAT_QUARANTINE: Duration = Duration::from_secs(60);
+/// Default SNAT ports on an address that is not this host's.
+pub const DEFAULT_SNAT_PORTS: (u16, u16) = (1024, 65535);
+/// Default SNAT ports on one of this host's addresses: below Linux's default local port
+/// range (32768-60999), which the host's own connections (health checks among them) take.
+pub const DEFAULT_HOST_SNAT_PORTS: (u16, u16) = (1024, 32767);
+
+/// The NAT settings shared by every NAT VIP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NatGlobal {
+    /// Connections each NAT table (one per address family) holds.
+    pub table_size: u32,
+    pub syn_timeout: Duration,
+    pub established_timeout: Duration,
+    pub closing_timeout: Duration,
+    pub udp_timeout: Duration,
+    /// How long a timed-out connection's SNAT port stays taken.
+    pub quarantine: Duration,
+}
+
+impl Default for NatGlobal {
+    fn default() -> Self {
+        NatGlobal {
+            table_size: balancer_common::DEFAULT_NAT_TABLE_SIZE,
+            syn_timeout: DEFAULT_NAT_SYN_TIMEOUT,
+            established_timeout: DEFAULT_NAT_ESTABLISHED_TIMEOUT,
+            closing_timeout: DEFAULT_NAT_CLOSING_TIMEOUT,
+            udp_timeout: DEFAULT_NAT_UDP_TIMEOUT,
+            quarantine: DEFAULT_NAT_QUARANTINE,
+        }
+    }
+}
+
+/// Where a NAT VIP's translated packets come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Snat {
+    /// Destination-only NAT: the client's address and port are kept (the balancer must be
+    /// the backends' gateway).
+    None,
+    /// Full NAT from the address of the interface the backends are reached through.
+    Interface,
+    /// Full NAT from these addresses (at most `balancer_common::nat::MAX_SNAT_ADDRESSES`),
+    /// the VIP's family.
+    Addresses(Vec<IpAddr>),
+}
+
+/// A NAT VIP's translation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatVipConfig {
+    pub snat: Snat,
+    /// SNAT ports, inclusive (unused with `Snat::None`).
+    pub ports: (u16, u16),
 }
 
 /// A validated configuration.
@@ -82,6 +151,8 @@ pub struct Config {
     /// A connection to the status API that has not sent a complete request header for this
     /// long (after connecting, or since its last answer) is closed.
     pub api_idle_timeout: Duration,
+    /// NAT tables and timeouts (used by NAT VIPs).
+    pub nat: NatGlobal,
     pub vips: Vec<Vip>,
 }
 
@@ -130,7 +201,7 @@ pub enum Forwarding {
     Dsr,
     /// IP-in-IP encapsulation (IPIP, IP6IP6, IPv4-in-IPv6) to the backend.
     Tunnel,
-    /// Full NAT (not implemented yet; rejected by validation).
+    /// Address (and port) translation: full NAT or destination-only NAT (`Vip::nat`).
     Nat,
 }
 
@@ -254,6 +325,8 @@ pub struct Vip {
     pub tunnel_source_v6: Option<TunnelSource>,
     /// The autoscaling signal: how many backends this VIP wants for its load.
     pub autoscale: Option<Autoscale>,
+    /// NAT mode: the translation (`Some` exactly when `forwarding` is `Nat`).
+    pub nat: Option<NatVipConfig>,
     pub backends: Vec<BackendConfig>,
 }
 
@@ -271,6 +344,9 @@ impl Vip {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendConfig {
     pub address: IpAddr,
+    /// NAT: the port the backend listens on (its own `port`, else the VIP's `backend_port`);
+    /// `None`: the packet's destination port, unchanged. Always `None` in other modes.
+    pub port: Option<u16>,
     pub weight: u32,
     pub drain: bool,
     /// The VIP's health check with this backend's overrides.

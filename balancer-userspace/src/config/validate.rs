@@ -68,6 +68,7 @@ pub(super) fn validate(raw: RawConfig, host: &Host) -> Result<Config, Invalid> {
         control_socket,
         api_max_connections,
         api_idle_timeout,
+        nat: crate::config::model::NatGlobal::default(),
         vips: validate_vips(raw.vip, host)?,
     })
 }
@@ -293,6 +294,7 @@ fn validate_vip(raw: RawVip, taken: &Taken) -> Result<Vip, Invalid> {
         tunnel_source_v4,
         tunnel_source_v6,
         autoscale,
+        nat: None,
         backends,
     })
 }
@@ -440,6 +442,7 @@ fn backends(
         };
         backends.push(BackendConfig {
             address,
+            port: None,
             weight,
             drain: rb.drain,
             health: backend_health(raw, rb, name, span)?,

@@ -43,5 +43,8 @@ pub fn host() -> crate::config::Host {
     }
     // SAFETY: `list` came from getifaddrs and is freed once.
     unsafe { libc::freeifaddrs(list) };
-    crate::config::Host { addresses }
+    crate::config::Host {
+        addresses,
+        local_port_range: None,
+    }
 }

@@ -267,6 +267,9 @@ impl Dataplane {
                 .load()
                 .map_err(|source| program_error(name, source))?;
         }
+        if programs.contains(&program_names::BALANCER) {
+            load_nat_programs(&mut ebpf)?;
+        }
         let cpus = aya::util::nr_cpus().map_err(|(_, source)| DataplaneError::Io {
             map: "per-CPU maps",
             source,
@@ -336,6 +339,52 @@ impl Dataplane {
             .map_mut(name)
             .ok_or(DataplaneError::Missing { what: "map", name })
     }
+}
+
+/// Loads the NAT programs and puts them in `NAT_PROGRAMS`, where the balancer tail-calls
+/// them. An object without them (an earlier layout's, in the benchmark) is left as it is.
+fn load_nat_programs(ebpf: &mut Ebpf) -> Result<()> {
+    use program_names::{NAT_FORWARD, NAT_REPLY};
+    if ebpf.program(NAT_FORWARD).is_none() {
+        return Ok(());
+    }
+    for (slot, name) in [
+        (balancer_common::NAT_PROGRAM_FORWARD, NAT_FORWARD),
+        (balancer_common::NAT_PROGRAM_REPLY, NAT_REPLY),
+    ] {
+        let program: &mut Xdp = ebpf
+            .program_mut(name)
+            .ok_or(DataplaneError::Missing {
+                what: "program",
+                name,
+            })?
+            .try_into()
+            .map_err(|source| program_error(name, source))?;
+        program
+            .load()
+            .map_err(|source| program_error(name, source))?;
+        let fd = program
+            .fd()
+            .map_err(|source| program_error(name, source))?
+            .try_clone()
+            .map_err(|source| DataplaneError::Io {
+                map: map_names::NAT_PROGRAMS,
+                source,
+            })?;
+        let map = ebpf
+            .map_mut(map_names::NAT_PROGRAMS)
+            .ok_or(DataplaneError::Missing {
+                what: "map",
+                name: map_names::NAT_PROGRAMS,
+            })?;
+        let mut programs: aya::maps::ProgramArray<&mut aya::maps::MapData> = map
+            .try_into()
+            .map_err(map_err(map_names::NAT_PROGRAMS))?;
+        programs
+            .set(slot, &fd, 0)
+            .map_err(map_err(map_names::NAT_PROGRAMS))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,0 +1,541 @@
+//! NAT: address and port translation for VIPs with `forwarding = "nat"`, both ways.
+//!
+//! - A client's packet to a NAT VIP (`forward`): its connection's forward entry says what it
+//!   becomes (to the backend's address and port, from the SNAT address and port or still from
+//!   the client). A packet without one starts a connection: the VIP's Maglev table picks the
+//!   backend, a SNAT port is taken by inserting the reply entry without overwriting (the
+//!   client's own port first, then consecutive ports from a hash of the flow, at most
+//!   `NAT_PORT_TRIES`), then the forward entry is written.
+//! - A packet for no VIP whose source is a NAT VIP's backend (`reply`): if its reply entry
+//!   exists, it is turned back into the VIP's packet to the client and sent towards the next
+//!   hop the client's packets came from. Never passed to the local stack, which would answer
+//!   it with a reset: a timed-out connection's replies are dropped.
+//! - ICMP errors about a connection, from either side, are translated like a packet of the
+//!   connection in that direction: the outer header, and the quoted packet the other way.
+//!
+//! The state and its layout are `balancer_common::nat`'s. An established connection's packet
+//! costs one lookup of its entry, read in place; the twin entry is looked up only when the
+//! TCP state changes or once per `NAT_REFRESH_NS`.
+
+use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
+use balancer_common::{
+    hash::{flow_hash, vip_filter_bit},
+    nat::{
+        self, Delta, NatEntry, NatVip, MAX_SNAT_ADDRESSES, NAT_F_REPLY, NAT_F_SNAT,
+        NAT_KEY_REPLY, NAT_PORT_TRIES, NAT_REFRESH_NS, NAT_S_SYN_ACK,
+    },
+    Backend, FlowKey, FlowKeyV4, FlowKeyV6, NatCounter, Outcome, VipMeta, FAMILY_IPV4, PROTO_TCP,
+};
+
+use crate::{
+    access::{ptr_at, ptr_at_mut},
+    count,
+    maps::{hash_seed, BACKENDS, NAT_FILTER, NAT_SCRATCH, NAT_SETTINGS, NAT_V4, NAT_V6, NAT_VIPS},
+    parse::{Kind, Packet},
+    rewrite, select,
+    wire::{EthHdr, IcmpHdr, Ipv4Hdr, Ipv6Hdr, Ports, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET},
+};
+
+const BPF_ANY: u64 = 0;
+const BPF_NOEXIST: u64 = 1;
+const EEXIST: i32 = 17;
+/// Mixed into the hash seed for the SNAT address and the first port probed, so that they do
+/// not follow the Maglev slot.
+const PORT_SEED: u32 = 0x6e61_7470;
+
+/// A NAT table key of either family, laid out as `FlowKeyV6` (an IPv4 key uses the first
+/// word of each address).
+type Key = FlowKeyV6;
+
+/// Where the keys and the new entry are built: the per-CPU `NAT_SCRATCH`, not the stack (the
+/// program's 512 bytes do not hold them beside the packet's state; map helpers take keys and
+/// values from map memory as well).
+pub struct Scratch {
+    pub key: Key,
+    pub key4: FlowKeyV4,
+    pub entry: NatEntry,
+}
+
+#[inline(always)]
+fn scratch() -> Result<&'static mut Scratch, Outcome> {
+    // SAFETY: this CPU's slot, valid for this program run and used by nothing else.
+    NAT_SCRATCH
+        .get_ptr_mut(0)
+        .map(|s| unsafe { &mut *s })
+        .ok_or(Outcome::NatUnavailable)
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: a helper without arguments.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// Sets `key` to `flow`'s key in its direction.
+#[inline(always)]
+fn set_key(key: &mut Key, flow: &FlowKey, reply: bool) {
+    key.src = flow.src_words();
+    key.dst = flow.dst_words();
+    key.ports = (flow.src_port as u32) << 16 | flow.dst_port as u32;
+    key.proto = flow.proto as u32 | if reply { NAT_KEY_REPLY } else { 0 };
+}
+
+/// Sets `key` to the key of the entry's twin (the other direction): the reverse of its
+/// translation.
+#[inline(always)]
+fn set_twin_key(key: &mut Key, entry: &NatEntry) {
+    let reply = if entry.flags & NAT_F_REPLY != 0 {
+        0
+    } else {
+        NAT_KEY_REPLY
+    };
+    key.src = entry.dst;
+    key.dst = entry.src;
+    key.ports = (entry.dst_port as u32) << 16 | entry.src_port as u32;
+    key.proto = entry.proto as u32 | reply;
+}
+
+/// The entry at `s.key`.
+#[inline(always)]
+fn lookup(v6: bool, s: &mut Scratch) -> Option<*mut NatEntry> {
+    if v6 {
+        NAT_V6.get_ptr_mut(&s.key)
+    } else {
+        s.key4 = FlowKeyV4 {
+            src: s.key.src[0],
+            dst: s.key.dst[0],
+            ports: s.key.ports,
+            proto: s.key.proto,
+        };
+        NAT_V4.get_ptr_mut(&s.key4)
+    }
+}
+
+/// Writes `s.entry` at `s.key`.
+#[inline(always)]
+fn insert(v6: bool, s: &mut Scratch, flags: u64) -> Result<(), i32> {
+    if v6 {
+        NAT_V6.insert(&s.key, &s.entry, flags)
+    } else {
+        s.key4 = FlowKeyV4 {
+            src: s.key.src[0],
+            dst: s.key.dst[0],
+            ports: s.key.ports,
+            proto: s.key.proto,
+        };
+        NAT_V4.insert(&s.key4, &s.entry, flags)
+    }
+}
+
+/// The address field of a map entry as 32-bit words.
+#[inline(always)]
+fn words(addr: &[u8; 16]) -> [u32; 4] {
+    let w = |i: usize| u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
+    [w(0), w(4), w(8), w(12)]
+}
+
+/// Records a packet of the connection in `entry` (its direction: `reply`): the TCP state and
+/// the time, in place, and in the twin when either changed (the time: once per
+/// `NAT_REFRESH_NS`).
+#[inline(always)]
+fn touch(v6: bool, s: &mut Scratch, entry: *mut NatEntry, packet: &Packet, reply: bool, now: u64) {
+    // SAFETY: a hash map value, valid for this run of the program (RCU). Plain writes: a
+    // concurrent writer of the same entry writes the same kind of values.
+    unsafe {
+        let state = (*entry).state;
+        let next = if packet.flow.proto == PROTO_TCP {
+            NatEntry::next_state(state, packet.tcp_flags, reply)
+        } else {
+            state
+        };
+        if next == state && now.saturating_sub((*entry).last_seen) < NAT_REFRESH_NS {
+            return;
+        }
+        let mut merged = next;
+        set_twin_key(&mut s.key, &*entry);
+        if let Some(twin) = lookup(v6, s) {
+            // Bits the other direction set since the last exchange (a reset is this
+            // packet's to set or clear).
+            merged |= (*twin).state & !nat::NAT_S_RST;
+            (*twin).state = merged;
+            (*twin).last_seen = now;
+        }
+        (*entry).state = merged;
+        (*entry).last_seen = now;
+    }
+}
+
+/// Whether `NAT_FILTER` may hold the source address (false: no NAT VIP has it as backend).
+#[inline(always)]
+pub fn may_be_backend(flow: &FlowKey) -> bool {
+    let bit = vip_filter_bit(&flow.src, flow.family);
+    NAT_FILTER
+        .get(bit >> 6)
+        .is_some_and(|word| *word & (1u64 << (bit & 63)) != 0)
+}
+
+/// A packet (TCP, UDP or an ICMP error about a flow) addressed to the NAT VIP `vip`.
+#[inline(always)]
+pub fn forward(ctx: &XdpContext, packet: &Packet, vip: &VipMeta) -> Result<Outcome, Outcome> {
+    let s = scratch()?;
+    let v6 = packet.flow.family != FAMILY_IPV4;
+    set_key(&mut s.key, &packet.flow, false);
+    let found = lookup(v6, s);
+    if packet.kind == Kind::IcmpError {
+        let entry = found.ok_or(Outcome::IcmpOther)?;
+        // SAFETY: a hash map value, valid for this run of the program.
+        let entry = unsafe { &*entry };
+        let backend = BACKENDS.get(entry.backend_id).ok_or(Outcome::IcmpOther)?;
+        translate_icmp(ctx, packet, entry, entry.flags & NAT_F_SNAT != 0)?;
+        count::nat(NatCounter::IcmpForward);
+        return rewrite::send(ctx, backend.dst_mac, backend.src_mac, backend.ifindex);
+    }
+    let settings = NAT_SETTINGS.get(0).ok_or(Outcome::NatUnavailable)?;
+    let now = now();
+    if let Some(e) = found {
+        // SAFETY: as above.
+        let entry = unsafe { &*e };
+        // A SYN on a connection past its handshake starts a new one (the client reused its
+        // port); a retransmitted SYN keeps its translation.
+        let restarted = packet.syn && entry.state & NAT_S_SYN_ACK != 0;
+        if let Some(backend) = BACKENDS.get(entry.backend_id) {
+            if backend.is_live() && backend.vip_id == vip.vip_id && !restarted {
+                if !entry.expired(settings, now) {
+                    touch(v6, s, e, packet, false, now);
+                    return send_forward(ctx, packet, entry, backend, vip, 0);
+                }
+                count::nat(NatCounter::ExpiredOnLookup);
+            }
+        }
+    }
+    create(ctx, packet, vip, s, now)
+}
+
+/// Translates a client's packet by its forward entry and sends it to the backend.
+#[inline(always)]
+fn send_forward(
+    ctx: &XdpContext,
+    packet: &Packet,
+    entry: &NatEntry,
+    backend: &Backend,
+    vip: &VipMeta,
+    new_flows: u32,
+) -> Result<Outcome, Outcome> {
+    translate(ctx, packet, entry)?;
+    let outcome = rewrite::send(ctx, backend.dst_mac, backend.src_mac, backend.ifindex)?;
+    count::forwarded_to(entry.backend_id, vip.vip_id, new_flows, packet.len);
+    Ok(outcome)
+}
+
+/// A new connection: the backend from the Maglev table, the reply entry (which takes the SNAT
+/// port), then the forward entry; then the packet is translated and sent.
+#[inline(always)]
+fn create(
+    ctx: &XdpContext,
+    packet: &Packet,
+    vip: &VipMeta,
+    s: &mut Scratch,
+    now: u64,
+) -> Result<Outcome, Outcome> {
+    let flow = &packet.flow;
+    let v6 = flow.family != FAMILY_IPV4;
+    let (id, backend, _) = select::table_choice(vip, flow)?;
+    let nat_vip = NAT_VIPS.get(vip.vip_id).ok_or(Outcome::NatUnavailable)?;
+    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(Outcome::TruncatedEthernet)?;
+    let dst_port = if backend.port != 0 {
+        backend.port
+    } else {
+        flow.dst_port
+    };
+    // The reply entry: replies become the VIP's packets to the client, sent back towards
+    // the next hop this packet came from.
+    let e = &mut s.entry;
+    e.src = flow.dst_words();
+    e.dst = flow.src_words();
+    e.src_port = flow.dst_port;
+    e.dst_port = flow.src_port;
+    // SAFETY: ptr_at checked the bounds.
+    unsafe {
+        e.dst_mac = (*eth).src;
+        e.src_mac = (*eth).dst;
+    }
+    e.ifindex = ctx.ingress_ifindex() as u32;
+    e.backend_id = id;
+    e.flags = NAT_F_REPLY;
+    e.state = if flow.proto == PROTO_TCP {
+        NatEntry::next_state(0, packet.tcp_flags, false)
+    } else {
+        0
+    };
+    e.proto = flow.proto;
+    e._pad = [0; 5];
+    e.last_seen = now;
+    // Its key: from the backend's address and port, to the SNAT address and port (taken
+    // here) or the client's.
+    s.key.src = words(&backend.addr);
+    s.key.proto = flow.proto as u32 | NAT_KEY_REPLY;
+    if nat_vip.snat_count > 0 {
+        s.entry.flags |= NAT_F_SNAT;
+        let hash = flow_hash(flow, hash_seed() ^ PORT_SEED);
+        let index = (hash % nat_vip.snat_count) as usize & (MAX_SNAT_ADDRESSES - 1);
+        s.key.dst = nat_vip.snat[index];
+        allocate(v6, s, dst_port, flow.src_port, nat_vip, hash)?;
+    } else {
+        s.key.dst = flow.src_words();
+        s.key.ports = (dst_port as u32) << 16 | flow.src_port as u32;
+        if insert(v6, s, BPF_NOEXIST).is_err() {
+            count::nat(NatCounter::NoPortExhausted);
+            return Err(Outcome::NatNoPort);
+        }
+    }
+    // The forward entry: the same, turned around, at the client's key.
+    let e = &mut s.entry;
+    e.src = s.key.dst;
+    e.dst = s.key.src;
+    e.src_port = s.key.ports as u16;
+    e.dst_port = dst_port;
+    e.dst_mac = [0; 6];
+    e.src_mac = [0; 6];
+    e.ifindex = 0;
+    e.flags &= !NAT_F_REPLY;
+    set_key(&mut s.key, flow, false);
+    // Overwrites an expired or restarted connection's entry; can only fail if the kernel
+    // cannot allocate, and then the next packet starts over.
+    let _ = insert(v6, s, BPF_ANY);
+    count::nat(NatCounter::Created);
+    send_forward(ctx, packet, &s.entry, backend, vip, 1)
+}
+
+/// Takes a SNAT port for a new connection: inserts the reply entry (`s.entry`) at `s.key`
+/// (its addresses set) without overwriting, at the client's own port (`client_port`) if the
+/// range has it, else at consecutive ports from `hash`. Leaves the port taken in `s.key`.
+#[inline(always)]
+fn allocate(
+    v6: bool,
+    s: &mut Scratch,
+    dst_port: u16,
+    client_port: u16,
+    nat_vip: &NatVip,
+    hash: u32,
+) -> Result<(), Outcome> {
+    let min = nat_vip.port_min as u32;
+    let range = (nat_vip.port_max as u32).saturating_sub(min) + 1;
+    let client = u16::from_be(client_port) as u32;
+    let start = hash % range;
+    for i in 0..NAT_PORT_TRIES {
+        let port = if i == 0 {
+            if client < min || client - min >= range {
+                continue;
+            }
+            client
+        } else {
+            if i > range {
+                break;
+            }
+            min + (start + i - 1) % range
+        };
+        s.key.ports = (dst_port as u32) << 16 | (port as u16).to_be() as u32;
+        match insert(v6, s, BPF_NOEXIST) {
+            Ok(()) => {
+                count::nat(if i == 0 {
+                    NatCounter::PortKept
+                } else {
+                    NatCounter::PortProbed
+                });
+                return Ok(());
+            }
+            Err(e) if e == -EEXIST => {}
+            Err(_) => {
+                count::nat(NatCounter::NoPortInsertFailed);
+                return Err(Outcome::NatNoPort);
+            }
+        }
+    }
+    count::nat(NatCounter::NoPortExhausted);
+    Err(Outcome::NatNoPort)
+}
+
+/// A packet for no VIP: if it is a backend's reply on a NAT connection (or an ICMP error
+/// about one from the backend's side), translated back and sent to the client. `None`: it
+/// is not, and goes its way.
+#[inline(always)]
+pub fn reply(ctx: &XdpContext, packet: &Packet) -> Option<Result<Outcome, Outcome>> {
+    if packet.fragment || packet.kind == Kind::EchoRequest || !may_be_backend(&packet.flow) {
+        return None;
+    }
+    let s = match scratch() {
+        Ok(s) => s,
+        Err(outcome) => return Some(Err(outcome)),
+    };
+    let v6 = packet.flow.family != FAMILY_IPV4;
+    set_key(&mut s.key, &packet.flow, true);
+    let entry = lookup(v6, s)?;
+    Some(send_reply(ctx, packet, v6, s, entry))
+}
+
+#[inline(always)]
+fn send_reply(
+    ctx: &XdpContext,
+    packet: &Packet,
+    v6: bool,
+    s: &mut Scratch,
+    e: *mut NatEntry,
+) -> Result<Outcome, Outcome> {
+    // SAFETY: a hash map value, valid for this run of the program.
+    let entry = unsafe { &*e };
+    if packet.kind == Kind::IcmpError {
+        translate_icmp(ctx, packet, entry, true)?;
+        count::nat(NatCounter::IcmpReply);
+    } else {
+        let settings = NAT_SETTINGS.get(0).ok_or(Outcome::NatUnavailable)?;
+        let now = now();
+        if entry.expired(settings, now) {
+            return Err(Outcome::NatReplyExpired);
+        }
+        touch(v6, s, e, packet, true, now);
+        translate(ctx, packet, entry)?;
+    }
+    match rewrite::send(ctx, entry.dst_mac, entry.src_mac, entry.ifindex)? {
+        Outcome::ForwardedTx => Ok(Outcome::NatReplyTx),
+        _ => Ok(Outcome::NatReplyRedirect),
+    }
+}
+
+/// Where a transport header's checksum is.
+#[inline(always)]
+fn check_offset(proto: u8) -> usize {
+    if proto == PROTO_TCP {
+        TCP_CHECK_OFFSET
+    } else {
+        UDP_CHECK_OFFSET
+    }
+}
+
+/// Writes `new` (an address's 32-bit words; `N` is 4 or 16) over the address field at
+/// `field`, 16 bits at a time (headers are 2-byte aligned), and adds the change to `delta`.
+///
+/// # Safety
+/// `field` points to `N` bytes inside the packet, at an even offset.
+#[inline(always)]
+unsafe fn rewrite_address<const N: usize>(field: *mut [u8; N], new: &[u32; 4], delta: &mut Delta) {
+    let halves = field as *mut u16;
+    let mut i = 0;
+    while i < N / 2 {
+        let word = new[i / 2].to_ne_bytes();
+        let half = if i % 2 == 0 {
+            u16::from_ne_bytes([word[0], word[1]])
+        } else {
+            u16::from_ne_bytes([word[2], word[3]])
+        };
+        // SAFETY: the caller's: half `i` lies within the field.
+        let old = unsafe { *halves.add(i) };
+        delta.replace(old, half);
+        // SAFETY: as above.
+        unsafe { *halves.add(i) = half };
+        i += 1;
+    }
+}
+
+/// Rewrites the packet's addresses and ports as `entry` says and updates its
+/// checksums: the IPv4 header's, and TCP's or UDP's with the pseudo-header.
+#[inline(always)]
+fn translate(ctx: &XdpContext, packet: &Packet, entry: &NatEntry) -> Result<(), Outcome> {
+    let (src, dst) = (&entry.src, &entry.dst);
+    let (src_port, dst_port) = (entry.src_port, entry.dst_port);
+    let proto = packet.flow.proto;
+    let ports = ptr_at_mut::<Ports>(ctx, packet.l4).ok_or(Outcome::TruncatedL4)?;
+    let check =
+        ptr_at_mut::<u16>(ctx, packet.l4 + check_offset(proto)).ok_or(Outcome::TruncatedL4)?;
+    let mut addresses = Delta::default();
+    // SAFETY: ptr_at_mut checked the bounds of every header touched; headers sit at even
+    // offsets.
+    unsafe {
+        if packet.flow.family == FAMILY_IPV4 {
+            let ip = ptr_at_mut::<Ipv4Hdr>(ctx, packet.l3).ok_or(Outcome::TruncatedIpv4)?;
+            rewrite_address(&mut (*ip).src, src, &mut addresses);
+            rewrite_address(&mut (*ip).dst, dst, &mut addresses);
+            (*ip).check = addresses.apply((*ip).check);
+        } else {
+            let ip = ptr_at_mut::<Ipv6Hdr>(ctx, packet.l3).ok_or(Outcome::TruncatedIpv6)?;
+            rewrite_address(&mut (*ip).src, src, &mut addresses);
+            rewrite_address(&mut (*ip).dst, dst, &mut addresses);
+        }
+        let mut l4 = addresses;
+        l4.replace((*ports).src, src_port);
+        l4.replace((*ports).dst, dst_port);
+        (*ports).src = src_port;
+        (*ports).dst = dst_port;
+        *check = l4.apply_l4(*check, proto);
+    }
+    Ok(())
+}
+
+/// Translates an ICMP error about a connection, as a packet of the connection in `entry`'s
+/// direction: the outer destination becomes `entry.dst` (and the outer source `entry.src`
+/// if `outer_src`), and the quoted packet, which went the other way, becomes the one the
+/// other side sent: from `entry.dst` and its port to `entry.src` and its port. Every checksum
+/// follows: the outer IPv4 header's, ICMP's (ICMPv6's with its pseudo-header), the quoted
+/// IPv4 header's, and the quoted TCP or UDP checksum where the quote holds it.
+#[inline(always)]
+fn translate_icmp(
+    ctx: &XdpContext,
+    packet: &Packet,
+    entry: &NatEntry,
+    outer_src: bool,
+) -> Result<(), Outcome> {
+    let icmp = ptr_at_mut::<IcmpHdr>(ctx, packet.l4).ok_or(Outcome::IcmpOther)?;
+    let ports = ptr_at_mut::<Ports>(ctx, packet.inner_l4).ok_or(Outcome::IcmpOther)?;
+    let proto = packet.flow.proto;
+    // The quoted transport checksum, if the quote reaches it.
+    let inner_check = ptr_at_mut::<u16>(ctx, packet.inner_l4 + check_offset(proto));
+    // What the ICMP checksum covers: the quoted packet, and for ICMPv6 the outer addresses.
+    let mut icmp_delta = Delta::default();
+    let mut inner = Delta::default();
+    let mut outer = Delta::default();
+    // SAFETY: ptr_at_mut checked the bounds of every header touched; headers sit at even
+    // offsets.
+    unsafe {
+        if packet.flow.family == FAMILY_IPV4 {
+            let outer_ip = ptr_at_mut::<Ipv4Hdr>(ctx, packet.l3).ok_or(Outcome::IcmpOther)?;
+            let inner_ip =
+                ptr_at_mut::<Ipv4Hdr>(ctx, packet.inner_l3).ok_or(Outcome::IcmpOther)?;
+            rewrite_address(&mut (*inner_ip).src, &entry.dst, &mut inner);
+            rewrite_address(&mut (*inner_ip).dst, &entry.src, &mut inner);
+            let old = (*inner_ip).check;
+            let new = inner.apply(old);
+            (*inner_ip).check = new;
+            icmp_delta.replace(old, new);
+            rewrite_address(&mut (*outer_ip).dst, &entry.dst, &mut outer);
+            if outer_src {
+                rewrite_address(&mut (*outer_ip).src, &entry.src, &mut outer);
+            }
+            (*outer_ip).check = outer.apply((*outer_ip).check);
+        } else {
+            let outer_ip = ptr_at_mut::<Ipv6Hdr>(ctx, packet.l3).ok_or(Outcome::IcmpOther)?;
+            let inner_ip =
+                ptr_at_mut::<Ipv6Hdr>(ctx, packet.inner_l3).ok_or(Outcome::IcmpOther)?;
+            rewrite_address(&mut (*inner_ip).src, &entry.dst, &mut inner);
+            rewrite_address(&mut (*inner_ip).dst, &entry.src, &mut inner);
+            rewrite_address(&mut (*outer_ip).dst, &entry.dst, &mut outer);
+            if outer_src {
+                rewrite_address(&mut (*outer_ip).src, &entry.src, &mut outer);
+            }
+            // ICMPv6's pseudo-header holds the outer addresses.
+            icmp_delta = icmp_delta.plus(outer);
+        }
+        let mut inner_l4 = inner;
+        inner_l4.replace((*ports).src, entry.dst_port);
+        inner_l4.replace((*ports).dst, entry.src_port);
+        icmp_delta = icmp_delta.plus(inner_l4);
+        (*ports).src = entry.dst_port;
+        (*ports).dst = entry.src_port;
+        if let Some(c) = inner_check {
+            let old = *c;
+            let new = inner_l4.apply_l4(old, proto);
+            *c = new;
+            icmp_delta.replace(old, new);
+        }
+        (*icmp).check = icmp_delta.apply((*icmp).check);
+    }
+    Ok(())
+}
