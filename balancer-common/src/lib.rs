@@ -604,6 +604,8 @@ nat_counters! {
     NoPortExhausted = 3, "no_port_exhausted";
     /// The table refused the insert (out of memory).
     NoPortInsertFailed = 4, "no_port_insert_failed";
+    /// A full-NAT VIP without a SNAT address (none configured could be resolved).
+    NoSnatAddress = 8, "no_snat_address";
     /// A client's packet found its connection timed out, and started a new one.
     ExpiredOnLookup = 5, "expired_on_lookup";
     /// An ICMP error from the client's side about a connection, translated to the backend.
@@ -613,7 +615,7 @@ nat_counters! {
 }
 
 /// Size of `NAT_STATS`.
-pub const NAT_COUNTER_COUNT: u32 = 8;
+pub const NAT_COUNTER_COUNT: u32 = 9;
 
 /// How many IPv6 extension headers the program walks before giving up on a packet.
 pub const IPV6_EXTENSION_LIMIT: usize = 4;

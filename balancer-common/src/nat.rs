@@ -62,6 +62,9 @@ pub const MAX_SNAT_ADDRESSES: usize = 16;
 /// client's own first, then consecutive ports from a hash of the flow).
 pub const NAT_PORT_TRIES: u32 = 64;
 
+/// The VIP translates sources too (full NAT); without it, destinations only.
+pub const NAT_VIP_F_SNAT: u16 = 1 << 0;
+
 /// One direction of a NAT connection (see the module's documentation).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -112,8 +115,10 @@ pub struct NatSettings {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct NatVip {
-    /// SNAT addresses in use (the first `snat_count` of `snat`); 0: destination-only NAT.
-    pub snat_count: u32,
+    /// `NAT_VIP_F_*`.
+    pub flags: u16,
+    /// SNAT addresses in use: the first `snat_count` of `snat` (full NAT only).
+    pub snat_count: u16,
     /// SNAT ports, host byte order, inclusive.
     pub port_min: u16,
     pub port_max: u16,

@@ -22,7 +22,7 @@ use balancer_common::{
     hash::{flow_hash, vip_filter_bit},
     nat::{
         self, Delta, NatEntry, NatVip, MAX_SNAT_ADDRESSES, NAT_F_REPLY, NAT_F_SNAT,
-        NAT_KEY_REPLY, NAT_PORT_TRIES, NAT_REFRESH_NS, NAT_S_SYN_ACK,
+        NAT_KEY_REPLY, NAT_PORT_TRIES, NAT_REFRESH_NS, NAT_S_SYN_ACK, NAT_VIP_F_SNAT,
     },
     Backend, FlowKey, FlowKeyV4, FlowKeyV6, NatCounter, Outcome, VipMeta, FAMILY_IPV4, PROTO_TCP,
 };
@@ -274,10 +274,14 @@ fn create(
     // here) or the client's.
     s.key.src = words(&backend.addr);
     s.key.proto = flow.proto as u32 | NAT_KEY_REPLY;
-    if nat_vip.snat_count > 0 {
+    if nat_vip.flags & NAT_VIP_F_SNAT != 0 {
+        if nat_vip.snat_count == 0 {
+            count::nat(NatCounter::NoSnatAddress);
+            return Err(Outcome::NatNoPort);
+        }
         s.entry.flags |= NAT_F_SNAT;
         let hash = flow_hash(flow, hash_seed() ^ PORT_SEED);
-        let index = (hash % nat_vip.snat_count) as usize & (MAX_SNAT_ADDRESSES - 1);
+        let index = (hash % nat_vip.snat_count as u32) as usize & (MAX_SNAT_ADDRESSES - 1);
         s.key.dst = nat_vip.snat[index];
         allocate(v6, s, dst_port, flow.src_port, nat_vip, hash)?;
     } else {

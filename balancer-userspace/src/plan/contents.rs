@@ -6,7 +6,10 @@ use std::{
     sync::Arc,
 };
 
-use balancer_common::{xdp_action, Backend, Outcome, TrafficStats, VipKey, VipMeta};
+use balancer_common::{
+    nat::{NatSettings, NatVip},
+    xdp_action, Backend, Outcome, TrafficStats, VipKey, VipMeta,
+};
 
 /// A VIP's Maglev table: `table_size` slots of backend ids (`NO_BACKEND` where none takes
 /// new flows). Shared, not copied, between the desired state, the plan and the record of
@@ -26,6 +29,17 @@ pub struct MapContents {
     pub tables: BTreeMap<u32, Table>,
     /// Every egress interface (ifindex) a backend is reached through.
     pub egress: BTreeSet<u32>,
+    /// NAT: the timeouts, and each NAT VIP's translation.
+    pub nat: NatContents,
+}
+
+/// What the NAT maps hold besides connections.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NatContents {
+    /// `NAT_SETTINGS` (all zero until written).
+    pub settings: NatSettings,
+    /// `NAT_VIPS`, by VIP id: an entry for every NAT VIP. Entries of other ids are never read.
+    pub vips: BTreeMap<u32, NatVip>,
 }
 
 impl MapContents {

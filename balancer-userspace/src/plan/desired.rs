@@ -7,13 +7,17 @@ use std::{collections::HashMap, net::IpAddr, sync::Arc};
 use serde::{Deserialize, Serialize};
 
 use balancer_common::{
+    nat::{NatSettings, NatVip, MAX_SNAT_ADDRESSES, NAT_VIP_F_SNAT},
     Backend, VipKey, VipMeta, BACKEND_F_DOWN, BACKEND_F_DRAINING, BACKEND_F_VALID, FORWARD_DSR,
-    FORWARD_TUNNEL, NO_BACKEND, PROTO_ICMP, PROTO_ICMPV6, VIP_F_ADDRESS, VIP_F_FRAGMENTS,
+    FORWARD_NAT, FORWARD_TUNNEL, NO_BACKEND, PROTO_ICMP, PROTO_ICMPV6, VIP_F_ADDRESS, VIP_F_FRAGMENTS,
     VIP_F_FRAGMENTS_ONLY, VIP_F_HASH_DST_PORT_ONLY,
 };
 
 use crate::{
-    config::{BackendConfig, Config, Forwarding, HashMode, TunnelSource, Vip, WhenAllDown},
+    config::{
+        BackendConfig, Config, Forwarding, HashMode, NatGlobal, Snat, TunnelSource, Vip,
+        WhenAllDown,
+    },
     maglev::{self, MaglevBackend},
     plan::{
         contents::{MapContents, Table},
@@ -151,6 +155,7 @@ pub fn desired_state_after(
     ids.assign(&vip_names, &backend_keys)?;
 
     let mut state = DesiredState::default();
+    state.maps.nat.settings = nat_settings(&config.nat);
     for (vip, list) in members {
         let planned = VipPlan {
             vip,
@@ -162,6 +167,17 @@ pub fn desired_state_after(
         state.vips.push(desired);
     }
     Ok(state)
+}
+
+/// The NAT timeouts as the program reads them.
+pub fn nat_settings(nat: &NatGlobal) -> NatSettings {
+    let ns = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    NatSettings {
+        syn_ns: ns(nat.syn_timeout),
+        established_ns: ns(nat.established_timeout),
+        closing_ns: ns(nat.closing_timeout),
+        udp_ns: ns(nat.udp_timeout),
+    }
 }
 
 /// The configured backends of `vip`, then its retiring ones.
@@ -210,12 +226,14 @@ impl VipPlan<'_> {
             // Direct server return cannot reach a backend behind a router.
             let next_hop = next_hops
                 .get(&address)
-                .filter(|hop| vip.forwarding == Forwarding::Tunnel || hop.gateway.is_none());
+                .filter(|hop| vip.forwarding != Forwarding::Dsr || hop.gateway.is_none());
             let healthy = health.get(&key).copied().unwrap_or_default() == Health::Up;
             if let Some(hop) = next_hop {
                 maps.egress.insert(hop.ifindex);
             }
-            entries.push((self.entry(address, next_hop), healthy));
+            let mut entry = self.entry(address, next_hop);
+            entry.port = configured.and_then(|b| b.port).unwrap_or(0).to_be();
+            entries.push((entry, healthy));
             backends.push(DesiredBackend {
                 id,
                 address,
@@ -231,6 +249,9 @@ impl VipPlan<'_> {
         }
         let (table, table_input) = self.table(&mut backends, &takes, fail_open);
         let meta = self.meta();
+        if let Some(nat) = self.nat_vip(members, next_hops) {
+            maps.nat.vips.insert(self.vip_id, nat);
+        }
         self.keys(meta, &mut maps.keys);
         maps.tables.insert(self.vip_id, table.clone());
         DesiredVip {
@@ -373,12 +394,51 @@ impl VipPlan<'_> {
             vip_id: self.vip_id,
             table_size: vip.table_size,
             forwarding: match vip.forwarding {
+                Forwarding::Dsr => FORWARD_DSR,
                 Forwarding::Tunnel => FORWARD_TUNNEL,
-                _ => FORWARD_DSR,
+                Forwarding::Nat => FORWARD_NAT,
             },
             flags,
             _pad: [0; 2],
         }
+    }
+
+    /// A NAT VIP's translation: its SNAT addresses (configured, or the addresses of the
+    /// interfaces its backends are reached through) and ports. `None` for other modes.
+    fn nat_vip(&self, members: &[Member], next_hops: &NextHops) -> Option<NatVip> {
+        let nat = self.vip.nat.as_ref()?;
+        let addresses: Vec<IpAddr> = match &nat.snat {
+            Snat::None => Vec::new(),
+            Snat::Addresses(list) => list.clone(),
+            Snat::Interface => {
+                let mut found: Vec<IpAddr> = members
+                    .iter()
+                    .filter_map(|(address, _)| next_hops.get(address)?.source)
+                    .filter(|source| source.is_ipv4() == self.vip.address.is_ipv4())
+                    .collect();
+                found.sort();
+                found.dedup();
+                found
+            }
+        };
+        let mut vip = NatVip {
+            flags: if nat.snat == Snat::None {
+                0
+            } else {
+                NAT_VIP_F_SNAT
+            },
+            snat_count: addresses.len().min(MAX_SNAT_ADDRESSES) as u16,
+            port_min: nat.ports.0,
+            port_max: nat.ports.1,
+            ..NatVip::default()
+        };
+        for (slot, address) in vip.snat.iter_mut().zip(&addresses) {
+            let bytes = address_bytes(*address).0;
+            *slot = std::array::from_fn(|i| {
+                u32::from_ne_bytes([bytes[4 * i], bytes[4 * i + 1], bytes[4 * i + 2], bytes[4 * i + 3]])
+            });
+        }
+        Some(vip)
     }
 
     /// The VIP's key, its fragments-only port-0 key, and its address's entry (unless another

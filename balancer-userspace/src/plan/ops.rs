@@ -13,6 +13,9 @@
 //!   map), after its backends and before the key that leads to it;
 //! - the prefilter bit of a key's address is set before the key is written and cleared only
 //!   after it is removed (a packet never finds a key behind a clear bit);
+//! - NAT: the timeouts and a NAT VIP's translation (`NAT_VIPS`) are written before its key;
+//!   the reply filter's bit of a NAT VIP's backend is set before the key too, and cleared
+//!   only after (like the prefilter's);
 //! - tables, backends and devices that nothing leads to any more are cleared last.
 //!
 //! A table whose size changes is padded, cyclically, to the larger of the old and the new
@@ -24,7 +27,11 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use balancer_common::{hash::vip_filter_bit, Backend, VipKey, VipMeta, VipSlot};
+use balancer_common::{
+    hash::vip_filter_bit,
+    nat::{NatSettings, NatVip},
+    Backend, VipKey, VipMeta, VipSlot,
+};
 
 use crate::plan::contents::{MapContents, Table};
 
@@ -61,6 +68,12 @@ pub enum MapOp {
     ClearBackend(u32),
     /// Remove an interface from the redirect device map.
     RemoveEgress(u32),
+    /// Write the NAT timeouts.
+    SetNatSettings(NatSettings),
+    /// Write a NAT VIP's translation, by VIP id.
+    SetNatVip(u32, NatVip),
+    /// Write a word of the NAT reply filter.
+    SetNatFilterWord(u32, u64),
 }
 
 /// The operations, in the order they must be executed.
@@ -86,6 +99,19 @@ pub fn filter_words(keys: &[(VipKey, VipMeta)]) -> BTreeMap<u32, u64> {
     for (key, _) in keys {
         let bit = vip_filter_bit(&key.addr, key.family);
         *words.entry(bit >> 6).or_insert(0u64) |= 1 << (bit & 63);
+    }
+    words
+}
+
+/// The NAT reply filter's words (the non-zero ones) for `contents`: the bit of every backend
+/// of a NAT VIP (a VIP with a `NAT_VIPS` entry).
+pub fn nat_filter_words(contents: &MapContents) -> BTreeMap<u32, u64> {
+    let mut words = BTreeMap::new();
+    for backend in contents.backends.values() {
+        if contents.nat.vips.contains_key(&backend.vip_id) {
+            let bit = vip_filter_bit(&backend.addr, backend.family);
+            *words.entry(bit >> 6).or_insert(0u64) |= 1 << (bit & 63);
+        }
     }
     words
 }
@@ -120,6 +146,25 @@ pub fn rewrite_all(held: &MapContents, desired: &MapContents) -> MapPlan {
             .map(|&id| (id, Table::from(Vec::new())))
             .collect(),
         egress: held.egress.difference(&desired.egress).copied().collect(),
+        // Not known either: everything desired is written.
+        nat: crate::plan::contents::NatContents {
+            settings: NatSettings {
+                syn_ns: u64::MAX,
+                ..NatSettings::default()
+            },
+            vips: held
+                .nat
+                .vips
+                .keys()
+                .map(|&id| {
+                    let unknown = NatVip {
+                        snat_count: u16::MAX,
+                        ..NatVip::default()
+                    };
+                    (id, unknown)
+                })
+                .collect(),
+        },
     };
     // What the prefilter and the slots hold is not known either: every word either side
     // names, and every desired slot, is written.
@@ -186,15 +231,28 @@ fn plan_over(
     // The prefilter: a new key's bit is set before the key, an old key's bit cleared only
     // after the key is gone, so that no key is ever behind a clear bit (the bit of a key
     // that stays is set in both words, and every word is written whole).
-    let filter = FilterPlan::new(held_keys, known, desired);
-    filter.before_keys(&mut ops);
+    let filter = FilterPlan::new(filter_words(held_keys), known, filter_words(&desired.keys));
+    filter.before_keys(&mut ops, MapOp::SetFilterWord);
+    // NAT: the timeouts and each NAT VIP's translation, and its backends' reply filter bits,
+    // before the keys that lead to them.
+    if base.nat.settings != desired.nat.settings {
+        ops.push(MapOp::SetNatSettings(desired.nat.settings));
+    }
+    for (&id, vip) in &desired.nat.vips {
+        if base.nat.vips.get(&id) != Some(vip) {
+            ops.push(MapOp::SetNatVip(id, *vip));
+        }
+    }
+    let nat_filter = FilterPlan::new(nat_filter_words(base), known, nat_filter_words(desired));
+    nat_filter.before_keys(&mut ops, MapOp::SetNatFilterWord);
     slots.set(&mut ops);
     for (key, meta) in &desired.keys {
         if base_keys.get(key) != Some(meta) {
             ops.push(MapOp::SetVipKey(*key, *meta));
         }
     }
-    filter.after_keys(&mut ops);
+    filter.after_keys(&mut ops, MapOp::SetFilterWord);
+    nat_filter.after_keys(&mut ops, MapOp::SetNatFilterWord);
     clear_unreachable(base, desired, &mut ops);
     MapPlan { ops }
 }
@@ -236,7 +294,8 @@ impl SlotPlan {
     }
 }
 
-/// The prefilter words to write around the key changes.
+/// The words of a filter (the prefilter, the NAT reply filter) to write around the key
+/// changes.
 struct FilterPlan {
     /// Words as the maps hold them (`None`: not known, every word is written).
     base: Option<BTreeMap<u32, u64>>,
@@ -246,9 +305,7 @@ struct FilterPlan {
 }
 
 impl FilterPlan {
-    fn new(held_keys: &[(VipKey, VipMeta)], known: bool, desired: &MapContents) -> FilterPlan {
-        let held = filter_words(held_keys);
-        let desired = filter_words(&desired.keys);
+    fn new(held: BTreeMap<u32, u64>, known: bool, desired: BTreeMap<u32, u64>) -> FilterPlan {
         let words = held.keys().chain(desired.keys()).copied().collect();
         FilterPlan {
             base: known.then_some(held),
@@ -268,20 +325,20 @@ impl FilterPlan {
     }
 
     /// The bits of both sides, where the maps lack some.
-    fn before_keys(&self, ops: &mut Vec<MapOp>) {
+    fn before_keys(&self, ops: &mut Vec<MapOp>, op: fn(u32, u64) -> MapOp) {
         for &word in &self.words {
             if self.held(word) != Some(self.union(word)) {
-                ops.push(MapOp::SetFilterWord(word, self.union(word)));
+                ops.push(op(word, self.union(word)));
             }
         }
     }
 
     /// The desired bits, where the union has more.
-    fn after_keys(&self, ops: &mut Vec<MapOp>) {
+    fn after_keys(&self, ops: &mut Vec<MapOp>, op: fn(u32, u64) -> MapOp) {
         for &word in &self.words {
             let desired = self.desired.get(&word).copied().unwrap_or(0);
             if desired != self.union(word) {
-                ops.push(MapOp::SetFilterWord(word, desired));
+                ops.push(op(word, desired));
             }
         }
     }

@@ -329,11 +329,11 @@ pub fn pinnable_maps(obj: &aya_obj::Object) -> Vec<String> {
 }
 
 /// Compares the maps pinned in `dir` with the maps `obj` declares (type, key and value sizes,
-/// capacity, flags), and looks for pins the object does not know. `conn_table_size` is the
-/// capacity the connection table is loaded with.
+/// capacity, flags), and looks for pins the object does not know. `options` give the
+/// capacities the connection and NAT tables are loaded with.
 pub fn check_compatible(
     obj: &aya_obj::Object,
-    conn_table_size: u32,
+    options: crate::shell::dataplane::LoadOptions,
     dir: &Path,
     names: &[String],
 ) -> Result<()> {
@@ -345,7 +345,9 @@ pub fn check_compatible(
                 Err(e) => problems.push(format!("map {name}: {e}")),
                 Ok(info) => {
                     let capacity = if map_names::CONN_TABLES.contains(&name.as_str()) {
-                        conn_table_size
+                        options.conn_table_size
+                    } else if map_names::NAT_TABLES.contains(&name.as_str()) {
+                        2 * options.nat_table_size
                     } else {
                         obj.maps[name].max_entries()
                     };
@@ -406,6 +408,12 @@ fn compare_map(
                 "the pinned connection table {name} holds {} flows, conn_table_size asks for \
                  {capacity}",
                 info.max_entries()
+            )
+        } else if map_names::NAT_TABLES.contains(&name) {
+            format!(
+                "the pinned NAT table {name} holds {} connections, nat_table_size asks for {}",
+                info.max_entries() / 2,
+                capacity / 2
             )
         } else {
             format!(

@@ -22,6 +22,12 @@ pub enum L4 {
     TcpSyn,
     /// A TCP segment of an established connection (ACK and PSH, with a payload).
     TcpAck,
+    /// A server's SYN-ACK.
+    TcpSynAck,
+    /// A FIN (with ACK).
+    TcpFin,
+    /// A reset.
+    TcpRst,
     Udp,
 }
 
@@ -136,7 +142,7 @@ impl Pkt {
     fn payload(&self) -> Vec<u8> {
         match (self.size, self.l4) {
             (Some(n), _) => (0..n).map(|i| (i % 251) as u8).collect(),
-            (None, L4::TcpSyn) => Vec::new(),
+            (None, L4::TcpSyn | L4::TcpSynAck | L4::TcpRst) => Vec::new(),
             (None, _) => b"hello, backend".to_vec(),
         }
     }
@@ -186,6 +192,20 @@ impl Pkt {
                 .tcp(self.sport, self.dport, 1000, 64240)
                 .ack(1)
                 .psh()
+                .write(&mut out, &payload),
+            L4::TcpSynAck => step
+                .tcp(self.sport, self.dport, 5000, 64240)
+                .syn()
+                .ack(1001)
+                .write(&mut out, &payload),
+            L4::TcpFin => step
+                .tcp(self.sport, self.dport, 1000, 64240)
+                .fin()
+                .ack(1)
+                .write(&mut out, &payload),
+            L4::TcpRst => step
+                .tcp(self.sport, self.dport, 1000, 0)
+                .rst()
                 .write(&mut out, &payload),
         }
         .unwrap();

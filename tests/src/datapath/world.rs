@@ -26,7 +26,8 @@ use balancer::{
     shell::dataplane::{Dataplane, LoadOptions},
 };
 use balancer_common::{
-    hash::vip_flow_hash, map_names, ConnEntry, FlowKey, Outcome, TrafficStats, VipMeta,
+    hash::vip_flow_hash, map_names, nat::NatEntry, ConnEntry, FlowKey, Outcome, TrafficStats,
+    VipMeta,
 };
 
 use super::{LB4, LB6, LB_MAC, ROUTER4, ROUTER6, ROUTER_MAC};
@@ -139,6 +140,7 @@ pub fn load_every_program() -> Result<(), String> {
     let options = LoadOptions {
         hash_seed: 0,
         conn_table_size: balancer::config::MIN_CONN_TABLE_SIZE,
+        nat_table_size: balancer::config::MIN_NAT_TABLE_SIZE,
     };
     let error = |e: balancer::shell::dataplane::DataplaneError| {
         let mut text = e.to_string();
@@ -168,6 +170,7 @@ impl World {
         let load = LoadOptions {
             hash_seed: config.hash_seed,
             conn_table_size: config.conn_table_size,
+            nat_table_size: config.nat.table_size,
         };
         let object = options.object.unwrap_or(balancer::PROGRAM);
         let dataplane = if options.trivial_programs {
@@ -209,14 +212,20 @@ impl World {
         let mut plan = plan::ops::plan(&self.held, &desired.maps);
         // An object of an earlier layout (the benchmark's baseline): without the prefilter
         // (1) or the VIP slots (1 and 2). Its connection entries ignore the flow hash.
-        let (filter, slots) = (
+        // Nor the NAT maps (1 to 3).
+        let (filter, slots, nat) = (
             self.dataplane.has_map(map_names::VIP_FILTER),
             self.dataplane.has_map(map_names::VIP_SLOTS),
+            self.dataplane.has_map(map_names::NAT_VIPS),
         );
-        plan.ops.retain(|op| match op {
-            plan::ops::MapOp::SetFilterWord(..) => filter,
-            plan::ops::MapOp::SetVipSlot(..) | plan::ops::MapOp::ClearVipSlot(..) => slots,
-            _ => true,
+        plan.ops.retain(|op| {
+            use plan::ops::MapOp::*;
+            match op {
+                SetFilterWord(..) => filter,
+                SetVipSlot(..) | ClearVipSlot(..) => slots,
+                SetNatSettings(..) | SetNatVip(..) | SetNatFilterWord(..) => nat,
+                _ => true,
+            }
         });
         self.dataplane.execute(&plan).expect("maps written");
         self.held = desired.maps.clone();
@@ -272,6 +281,24 @@ impl World {
             vips: c.vips,
             outcomes: c.outcomes,
         }
+    }
+
+    /// The NAT counters, indexed by `balancer_common::NatCounter`.
+    pub fn nat_counters(&self) -> Vec<u64> {
+        self.dataplane.nat_counters().expect("NAT counters read")
+    }
+
+    /// The NAT entry that packets of `flow` find as they arrive: a client's (`reply` false)
+    /// or a backend's reply.
+    pub fn nat_entry(&self, flow: &FlowKey, reply: bool) -> Option<NatEntry> {
+        self.dataplane
+            .nat_lookup(flow, reply)
+            .expect("NAT table read")
+    }
+
+    /// Every entry of the NAT tables.
+    pub fn nat_entries(&self) -> usize {
+        self.dataplane.nat_entries().expect("NAT tables read").len()
     }
 
     /// The backend id the connection table holds for `flow`.

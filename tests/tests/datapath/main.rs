@@ -17,6 +17,7 @@
 )]
 
 mod fixtures;
+mod nat;
 
 use std::net::IpAddr;
 

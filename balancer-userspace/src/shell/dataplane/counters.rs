@@ -10,8 +10,10 @@ use aya::{
     Pod,
 };
 use balancer_common::{
-    map_names, ConnEntry, FlowKey, FlowKeyV4, FlowKeyV6, TrafficStats, DECAP_OUTCOME_COUNT,
-    FAMILY_IPV4, OUTCOME_COUNT,
+    map_names,
+    nat::{NatEntry, NAT_KEY_REPLY},
+    ConnEntry, FlowKey, FlowKeyV4, FlowKeyV6, TrafficStats, DECAP_OUTCOME_COUNT, FAMILY_IPV4,
+    NAT_COUNTER_COUNT, OUTCOME_COUNT,
 };
 
 use crate::{
@@ -106,6 +108,64 @@ impl Dataplane {
         let v4 = self.conn_table::<FlowKeyV4>(map_names::CONN_TABLE_V4)?;
         let v6 = self.conn_table::<FlowKeyV6>(map_names::CONN_TABLE_V6)?;
         Ok(v4.keys().filter(Result::is_ok).count() + v6.keys().filter(Result::is_ok).count())
+    }
+
+    /// The NAT counters, indexed by `NatCounter`, summed over CPUs.
+    pub fn nat_counters(&self) -> Result<Vec<u64>> {
+        let name = map_names::NAT_STATS;
+        let stats: PerCpuArray<&MapData, u64> = typed(self.map(name)?, name)?;
+        (0..NAT_COUNTER_COUNT)
+            .map(|i| stats.get(&i, 0).map(|v| v.iter().sum()))
+            .collect::<Result<Vec<u64>, _>>()
+            .map_err(map_err(name))
+    }
+
+    fn nat_get<K: Pod>(&self, name: &'static str, key: &K) -> Result<Option<NatEntry>> {
+        let table: BpfHashMap<&MapData, K, NatEntry> = typed(self.map(name)?, name)?;
+        match table.get(key, 0) {
+            Ok(entry) => Ok(Some(entry)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(name)(e)),
+        }
+    }
+
+    /// The NAT entry of packets of `flow` as they arrive (`reply`: a backend's reply).
+    pub fn nat_lookup(&self, flow: &FlowKey, reply: bool) -> Result<Option<NatEntry>> {
+        let flag = if reply { NAT_KEY_REPLY } else { 0 };
+        if flow.family == FAMILY_IPV4 {
+            let mut key = flow.v4();
+            key.proto |= flag;
+            self.nat_get(map_names::NAT_V4, &key)
+        } else {
+            let mut key = flow.v6();
+            key.proto |= flag;
+            self.nat_get(map_names::NAT_V6, &key)
+        }
+    }
+
+    /// Every NAT entry of both tables (walks them: one syscall per entry), each with its
+    /// family and its key as an IPv6 table key (an IPv4 key in the first words).
+    pub fn nat_entries(&self) -> Result<Vec<(u8, FlowKeyV6, NatEntry)>> {
+        let mut out = Vec::new();
+        let v4: BpfHashMap<&MapData, FlowKeyV4, NatEntry> =
+            typed(self.map(map_names::NAT_V4)?, map_names::NAT_V4)?;
+        for (key, entry) in v4.iter().filter_map(Result::ok) {
+            let wide = FlowKeyV6 {
+                src: [key.src, 0, 0, 0],
+                dst: [key.dst, 0, 0, 0],
+                ports: key.ports,
+                proto: key.proto,
+            };
+            out.push((FAMILY_IPV4, wide, entry));
+        }
+        let v6: BpfHashMap<&MapData, FlowKeyV6, NatEntry> =
+            typed(self.map(map_names::NAT_V6)?, map_names::NAT_V6)?;
+        out.extend(
+            v6.iter()
+                .filter_map(Result::ok)
+                .map(|(k, e)| (balancer_common::FAMILY_IPV6, k, e)),
+        );
+        Ok(out)
     }
 
     /// The decapsulating program's counters, indexed by `DecapOutcome`.

@@ -13,13 +13,15 @@ use aya::maps::{
     PerCpuValues,
 };
 use balancer_common::{
-    map_names, Backend, DecapAddress, TrafficStats, VipKey, VipMeta, VipSlot, MAGLEV_CAPACITY,
+    map_names,
+    nat::{NatSettings, NatVip},
+    Backend, DecapAddress, TrafficStats, VipKey, VipMeta, VipSlot, MAGLEV_CAPACITY,
     MAGLEV_TABLE_MAP_FLAGS, MAX_BACKENDS,
 };
 
 use crate::{
     plan::{
-        contents::MapContents,
+        contents::{MapContents, NatContents},
         inputs::address_bytes,
         ops::{MapOp, MapPlan},
     },
@@ -61,6 +63,10 @@ impl Dataplane {
 
     fn filter_map(&mut self) -> Result<Array<&mut MapData, u64>> {
         typed(self.map_mut(map_names::VIP_FILTER)?, map_names::VIP_FILTER)
+    }
+
+    fn array<T: aya::Pod>(&mut self, name: &'static str) -> Result<Array<&mut MapData, T>> {
+        typed(self.map_mut(name)?, name)
     }
 
     fn slots_map(&mut self) -> Result<Array<&mut MapData, VipSlot>> {
@@ -129,6 +135,18 @@ impl Dataplane {
             MapOp::RemoveEgress(ifindex) => {
                 ignore_missing(self.egress_map()?.remove(*ifindex)).map_err(map_err(EGRESS_DEVICES))
             }
+            MapOp::SetNatSettings(settings) => self
+                .array::<NatSettings>(NAT_SETTINGS)?
+                .set(0, settings, 0)
+                .map_err(map_err(NAT_SETTINGS)),
+            MapOp::SetNatVip(id, vip) => self
+                .array::<NatVip>(NAT_VIPS)?
+                .set(*id, vip, 0)
+                .map_err(map_err(NAT_VIPS)),
+            MapOp::SetNatFilterWord(word, bits) => self
+                .array::<u64>(NAT_FILTER)?
+                .set(*word, bits, 0)
+                .map_err(map_err(NAT_FILTER)),
         }
     }
 
@@ -176,11 +194,24 @@ impl Dataplane {
             }
         }
         let egress = self.egress_map()?.keys().filter_map(|k| k.ok()).collect();
+        let settings = self
+            .array::<NatSettings>(map_names::NAT_SETTINGS)?
+            .get(&0, 0)
+            .map_err(map_err(map_names::NAT_SETTINGS))?;
+        let nat_vips = self.array::<NatVip>(map_names::NAT_VIPS)?;
+        let mut vips = BTreeMap::new();
+        for (_, meta) in keys.iter().filter(|(_, m)| m.translates()) {
+            let vip = nat_vips
+                .get(&meta.vip_id, 0)
+                .map_err(map_err(map_names::NAT_VIPS))?;
+            vips.insert(meta.vip_id, vip);
+        }
         Ok(MapContents {
             keys,
             backends,
             tables: BTreeMap::new(),
             egress,
+            nat: NatContents { settings, vips },
         })
     }
 

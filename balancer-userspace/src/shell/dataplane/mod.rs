@@ -145,6 +145,8 @@ impl AttachedMode {
 pub struct LoadOptions {
     pub hash_seed: u32,
     pub conn_table_size: u32,
+    /// NAT connections per family (each NAT table holds twice as many entries).
+    pub nat_table_size: u32,
 }
 
 /// The loaded program and its maps. Dropping it detaches the program and frees the maps,
@@ -203,7 +205,7 @@ impl Dataplane {
         let names = pins::pinnable_maps(&obj);
         let adopting = names.iter().any(|n| dir.join(n).exists());
         if adopting {
-            pins::check_compatible(&obj, options.conn_table_size, dir, &names)?;
+            pins::check_compatible(&obj, options, dir, &names)?;
         }
         use program_names::*;
         let mut dataplane =
@@ -233,6 +235,7 @@ impl Dataplane {
         let options = LoadOptions {
             hash_seed: 0,
             conn_table_size: crate::config::MIN_CONN_TABLE_SIZE,
+            nat_table_size: crate::config::MIN_NAT_TABLE_SIZE,
         };
         Self::load_programs(crate::PROGRAM, options, &[program_names::DECAP], None)
     }
@@ -247,6 +250,9 @@ impl Dataplane {
         loader.override_global("HASH_SEED", &options.hash_seed, true);
         for name in map_names::CONN_TABLES {
             loader.map_max_entries(name, options.conn_table_size);
+        }
+        for name in map_names::NAT_TABLES {
+            loader.map_max_entries(name, 2 * options.nat_table_size);
         }
         if let Some((dir, names)) = pins {
             for name in names {
