@@ -706,7 +706,7 @@ const _: () = {
     assert!(core::mem::size_of::<Backend>() == 64);
     assert!(core::mem::size_of::<nat::NatEntry>() == 72);
     assert!(core::mem::offset_of!(nat::NatEntry, last_seen) == 64);
-    assert!(core::mem::size_of::<nat::NatSettings>() == 32);
+    assert!(core::mem::size_of::<nat::NatSettings>() == 40);
     assert!(core::mem::size_of::<nat::NatVip>() == 8 + 16 * nat::MAX_SNAT_ADDRESSES);
     assert!(nat::MAX_SNAT_ADDRESSES.is_power_of_two());
     assert!(NatCounter::ALL.len() == NAT_COUNTER_COUNT as usize);

@@ -109,6 +109,9 @@ pub struct NatSettings {
     pub closing_ns: u64,
     /// UDP since the last datagram either way.
     pub udp_ns: u64,
+    /// How much longer a timed-out connection's reply entry, which holds its SNAT port, is
+    /// kept (by the daemon's sweeps; the packet path does not read it).
+    pub quarantine_ns: u64,
 }
 
 /// A NAT VIP's translation (`NAT_VIPS`, by VIP id).
@@ -141,6 +144,18 @@ impl NatEntry {
         } else {
             settings.established_ns
         }
+    }
+
+    /// Whether the daemon removes this entry at `now`: its connection timed out, and for a
+    /// reply entry (which holds the SNAT port) the quarantine passed too.
+    #[inline(always)]
+    pub fn sweepable(&self, settings: &NatSettings, now: u64) -> bool {
+        let quarantine = if self.flags & NAT_F_REPLY != 0 {
+            settings.quarantine_ns
+        } else {
+            0
+        };
+        now.saturating_sub(self.last_seen) > self.timeout(settings).saturating_add(quarantine)
     }
 
     /// Whether the connection has timed out at `now`.
@@ -472,6 +487,7 @@ mod tests {
             established_ns: 7200,
             closing_ns: 10,
             udp_ns: 30,
+            quarantine_ns: 5,
         };
         let (syn, ack, fin, rst) = (0x02u8, 0x10u8, 0x01u8, 0x04u8);
         let mut e = NatEntry {
@@ -498,6 +514,13 @@ mod tests {
         assert!(!e.expired(&settings, 110));
         assert!(e.expired(&settings, 111));
         assert!(!e.expired(&settings, 50), "a clock behind the entry never expires it");
+        assert!(e.sweepable(&settings, 111), "a forward entry goes when it times out");
+        let reply = NatEntry {
+            flags: NAT_F_REPLY,
+            ..e
+        };
+        assert!(!reply.sweepable(&settings, 115), "its port waits the quarantine");
+        assert!(reply.sweepable(&settings, 116));
         let udp = NatEntry {
             proto: PROTO_UDP,
             ..NatEntry::default()

@@ -5,7 +5,7 @@
 
 use std::{collections::HashMap, fmt};
 
-use balancer_common::{xdp_action, Outcome, LAYOUT_VERSION};
+use balancer_common::{xdp_action, NatCounter, Outcome, LAYOUT_VERSION};
 use prometheus_client::{
     collector::Collector,
     encoding::{text::encode, DescriptorEncoder, EncodeMetric, MetricEncoder},
@@ -116,6 +116,7 @@ impl Collector for Exposition {
         probes(&mut e, s)?;
         vips(&mut e, s)?;
         global(&mut e, s)?;
+        nat(&mut e, s)?;
         api(&mut e, &self.1)
     }
 }
@@ -346,6 +347,106 @@ fn global(e: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
         &vec![("version", env!("CARGO_PKG_VERSION")), ("layout", &layout)],
         1,
     )
+}
+
+/// NAT: the tables as of the last sweep, translations, allocation failures, expiries.
+fn nat(e: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
+    let n = &s.nat;
+    let counter = |c: NatCounter| n.counters.get(c as usize).copied().unwrap_or(0);
+    let sweep = n.sweep.clone().unwrap_or_default();
+    let mut f = family(
+        e,
+        "balancer_nat_entries",
+        "Entries of the NAT tables (two per connection, one per direction; a closed connection's reply entry stays through its quarantine), by family, as of the last sweep.",
+        MetricType::Gauge,
+    )?;
+    f.gauge(&vec![("family", "ipv4")], sweep.entries_v4 as i64)?;
+    f.gauge(&vec![("family", "ipv6")], sweep.entries_v6 as i64)?;
+    family(
+        e,
+        "balancer_nat_connections",
+        "NAT connections (forward entries) in the tables, as of the last sweep.",
+        MetricType::Gauge,
+    )?
+    .single(sweep.connections as i64)?;
+    family(
+        e,
+        "balancer_nat_table_capacity",
+        "NAT connections each NAT table (one per family) holds at most (nat_table_size).",
+        MetricType::Gauge,
+    )?
+    .single(n.capacity.into())?;
+    let mut f = family(
+        e,
+        "balancer_nat_snat_ports_in_use",
+        "SNAT ports taken (by live and quarantined connections), by SNAT address, as of the last sweep.",
+        MetricType::Gauge,
+    )?;
+    for (address, ports) in &sweep.ports {
+        f.gauge(&vec![("address", &address.to_string())], *ports as i64)?;
+    }
+    let mut f = family(
+        e,
+        "balancer_nat_translations",
+        "Packets translated by NAT: client packets to backends (forward), backends' replies to clients (reply).",
+        MetricType::Counter,
+    )?;
+    f.counter(&vec![("direction", "forward")], n.forwarded)?;
+    f.counter(&vec![("direction", "reply")], n.replies)?;
+    let mut f = family(
+        e,
+        "balancer_nat_icmp_translations",
+        "ICMP errors about NAT connections translated, by the direction they went.",
+        MetricType::Counter,
+    )?;
+    f.counter(&vec![("direction", "forward")], counter(NatCounter::IcmpForward))?;
+    f.counter(&vec![("direction", "reply")], counter(NatCounter::IcmpReply))?;
+    let mut f = family(
+        e,
+        "balancer_nat_connections_created",
+        "NAT connections created, by how the SNAT port was found (the client's own kept, or another probed; destination-only NAT keeps the client's).",
+        MetricType::Counter,
+    )?;
+    f.counter(&vec![("port", "kept")], counter(NatCounter::PortKept))?;
+    f.counter(&vec![("port", "probed")], counter(NatCounter::PortProbed))?;
+    f.counter(
+        &vec![("port", "client")],
+        counter(NatCounter::Created)
+            .saturating_sub(counter(NatCounter::PortKept) + counter(NatCounter::PortProbed)),
+    )?;
+    let mut f = family(
+        e,
+        "balancer_nat_allocation_failures",
+        "New NAT connections refused (dropped), by reason.",
+        MetricType::Counter,
+    )?;
+    f.counter(
+        &vec![("reason", "ports_exhausted")],
+        counter(NatCounter::NoPortExhausted),
+    )?;
+    f.counter(
+        &vec![("reason", "insert_failed")],
+        counter(NatCounter::NoPortInsertFailed),
+    )?;
+    f.counter(
+        &vec![("reason", "no_snat_address")],
+        counter(NatCounter::NoSnatAddress),
+    )?;
+    let mut f = family(
+        e,
+        "balancer_nat_expired",
+        "NAT entries that timed out: found late by a client's packet (lookup), or removed by a sweep (sweep).",
+        MetricType::Counter,
+    )?;
+    f.counter(&vec![("by", "lookup")], counter(NatCounter::ExpiredOnLookup))?;
+    f.counter(&vec![("by", "sweep")], n.swept)?;
+    family(
+        e,
+        "balancer_nat_last_sweep_milliseconds",
+        "How long the last sweep of the NAT tables took (it pauses between batches).",
+        MetricType::Gauge,
+    )?
+    .single(sweep.took.as_millis().min(i64::MAX as u128) as i64)
 }
 
 /// The status API's own connections.

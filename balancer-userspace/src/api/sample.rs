@@ -144,6 +144,19 @@ pub fn sample_snapshot() -> Snapshot {
             at(ms),
         );
     }
+    // Two sweeps of the NAT tables: their removals add up, the last one's picture stays.
+    for removed in [3, 4] {
+        let sweep = crate::plan::contents::NatSweep {
+            entries_v4: 6,
+            entries_v6: 2,
+            connections: 3,
+            removed,
+            ports: [("10.0.0.250".parse().unwrap(), 4), ("2001:db8::250".parse().unwrap(), 1)]
+                .into(),
+            took: Duration::from_millis(7),
+        };
+        core.handle(Input::NatSwept(Ok(sweep)), at(9_000));
+    }
     core.snapshot()
 }
 
@@ -159,6 +172,9 @@ fn counters(n: u64) -> Counters {
         vips: (0..2).map(|id| (id as u32, stats(100 + id))).collect(),
         outcomes: (0..Outcome::ALL.len() as u64)
             .map(|o| n * (o + 1))
+            .collect(),
+        nat: (0..balancer_common::NAT_COUNTER_COUNT as u64)
+            .map(|c| n * (c + 2))
             .collect(),
     }
 }

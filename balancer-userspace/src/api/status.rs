@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use balancer_common::{xdp_action, Outcome, TrafficStats};
+use balancer_common::{xdp_action, NatCounter, Outcome, TrafficStats};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -31,6 +31,30 @@ pub struct StatusDocument {
     pub outcomes: BTreeMap<String, u64>,
     /// Packets by XDP verdict name.
     pub verdicts: BTreeMap<String, u64>,
+    /// The NAT tables (absent from the documents of daemons before NAT).
+    #[serde(default)]
+    pub nat: NatStatus,
+}
+
+/// The NAT tables, as of the last sweep, and what happened in them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatStatus {
+    /// Connections each table (one per family) holds at most.
+    pub capacity: u32,
+    /// As of the last sweep (`None`: not swept yet).
+    pub entries_ipv4: Option<u64>,
+    pub entries_ipv6: Option<u64>,
+    pub connections: Option<u64>,
+    /// SNAT ports taken, by SNAT address.
+    pub snat_ports_in_use: BTreeMap<String, u64>,
+    /// Events by `NatCounter` name (connections created, ports kept or probed, allocation
+    /// failures by reason, expiries found on lookup, ICMP errors translated).
+    pub events: BTreeMap<String, u64>,
+    /// Entries removed by sweeps.
+    pub swept: u64,
+    /// Packets translated, by direction.
+    pub forwarded: u64,
+    pub replies: u64,
 }
 
 /// The data plane as the daemon set it up: fixed at start, but for `keep_on_exit`.
@@ -53,6 +77,29 @@ pub struct Attachment {
     pub xdp_mode: Option<String>,
     /// `adopted` and `keep_on_exit` come from the snapshot.
     pub datapath: DatapathStatus,
+}
+
+fn nat_status(n: &crate::core::snapshot::NatView) -> NatStatus {
+    let sweep = n.sweep.as_ref();
+    NatStatus {
+        capacity: n.capacity,
+        entries_ipv4: sweep.map(|s| s.entries_v4),
+        entries_ipv6: sweep.map(|s| s.entries_v6),
+        connections: sweep.map(|s| s.connections),
+        snat_ports_in_use: sweep
+            .map(|s| s.ports.iter().map(|(a, n)| (a.to_string(), *n)).collect())
+            .unwrap_or_default(),
+        events: NatCounter::ALL
+            .iter()
+            .map(|c| {
+                let v = n.counters.get(*c as usize).copied().unwrap_or(0);
+                (c.name().to_owned(), v)
+            })
+            .collect(),
+        swept: n.swept,
+        forwarded: n.forwarded,
+        replies: n.replies,
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -212,6 +259,7 @@ impl StatusDocument {
                     )
                 })
                 .collect(),
+            nat: nat_status(&snapshot.nat),
         }
     }
 }

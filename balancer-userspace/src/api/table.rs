@@ -64,7 +64,10 @@ pub fn render(status: &StatusDocument) -> String {
     let dropped: Vec<String> = status
         .outcomes
         .iter()
-        .filter(|(name, n)| !name.starts_with("forwarded") && **n > 0)
+        .filter(|(name, n)| {
+            let forwarded = name.starts_with("forwarded") || name.starts_with("nat_reply_");
+            (!forwarded || name.as_str() == "nat_reply_expired") && **n > 0
+        })
         .map(|(name, n)| format!("{name} {n}"))
         .collect();
     let verdict = |name: &str| status.verdicts.get(name).copied().unwrap_or(0);
@@ -367,7 +370,7 @@ mod tests {
         let reasons = text.lines().last().unwrap();
         assert!(
             reasons.starts_with(
-                "packets: tx 40, redirect 10, pass 630, drop 370; not forwarded by reason: "
+                "packets: tx 145, redirect 120, pass 630, drop 730; not forwarded by reason: "
             ),
             "{reasons}"
         );

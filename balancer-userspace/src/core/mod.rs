@@ -34,7 +34,7 @@ use crate::{
         traffic::{ConnWalk, Traffic},
     },
     plan::{
-        contents::{Counters, MapContents},
+        contents::{Counters, MapContents, NatSweep},
         desired::BackendState,
         desired::{desired_state_after, DesiredState},
         ids::{IdError, Ids},
@@ -102,6 +102,8 @@ pub enum Input {
     },
     /// The counters could not be read.
     SampleFailed { error: String },
+    /// The NAT tables were swept, or could not be.
+    NatSwept(Result<NatSweep, String>),
     /// Time passes (removal grace periods end, coalesced health changes reach the maps, a
     /// failed plan is retried, log summaries fall due).
     Tick,
@@ -255,6 +257,8 @@ impl Core {
                     .record(counters, &self.desired, &self.config, now);
             }
             Input::SampleFailed { error } => out.events.push(Event::CountersUnreadable { error }),
+            Input::NatSwept(Ok(sweep)) => self.traffic.swept(sweep),
+            Input::NatSwept(Err(error)) => out.events.push(Event::CountersUnreadable { error }),
             Input::Tick => self.tick(now, &mut out),
             Input::PlanFailed { error } => {
                 self.held_unknown = true;

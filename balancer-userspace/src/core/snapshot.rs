@@ -62,6 +62,24 @@ pub struct Snapshot {
     pub outcomes: Vec<u64>,
     /// Packets per XDP verdict (indexed like `xdp_action::NAMES`).
     pub verdicts: Vec<u64>,
+    pub nat: NatView,
+}
+
+/// The NAT tables and what happened in them.
+#[derive(Clone, Debug, Default)]
+pub struct NatView {
+    /// Connections each NAT table (one per family) holds at most.
+    pub capacity: u32,
+    /// Indexed by `balancer_common::NatCounter`.
+    pub counters: Vec<u64>,
+    /// The tables as of the last sweep (`None`: not swept yet).
+    pub sweep: Option<crate::plan::contents::NatSweep>,
+    /// Entries sweeps removed in all (timed out, quarantine passed).
+    pub swept: u64,
+    /// Replies translated back to clients (packets), summed from the outcomes.
+    pub replies: u64,
+    /// Client packets translated to backends: the NAT VIPs' forwarded packets.
+    pub forwarded: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -136,6 +154,29 @@ pub fn build(s: &Sources) -> Snapshot {
             .collect(),
         outcomes: counters.outcomes.clone(),
         verdicts: counters.verdicts(),
+        nat: nat_view(s),
+    }
+}
+
+fn nat_view(s: &Sources) -> NatView {
+    use balancer_common::Outcome;
+    let counters = &s.traffic.counters;
+    let outcome = |o: Outcome| counters.outcomes.get(o as usize).copied().unwrap_or(0);
+    let forwarded = s
+        .desired
+        .vips
+        .iter()
+        .filter(|v| v.meta.translates())
+        .filter_map(|v| counters.vips.get(&v.meta.vip_id))
+        .map(|stats| stats.packets)
+        .sum();
+    NatView {
+        capacity: s.config.nat.table_size,
+        counters: counters.nat.clone(),
+        sweep: s.traffic.nat_sweep.clone(),
+        swept: s.traffic.nat_swept,
+        replies: outcome(Outcome::NatReplyTx) + outcome(Outcome::NatReplyRedirect),
+        forwarded,
     }
 }
 

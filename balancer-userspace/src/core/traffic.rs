@@ -10,7 +10,11 @@ use crate::{
     autoscale::{desired_backends, Sample, Samples, TrafficRates, SAMPLE_INTERVAL, STATUS_WINDOW},
     config::Config,
     core::events::Event,
-    plan::{contents::Counters, desired::DesiredState, inputs::BackendKey},
+    plan::{
+        contents::{Counters, NatSweep},
+        desired::DesiredState,
+        inputs::BackendKey,
+    },
 };
 
 /// The connection table is walked to count its flows (one syscall per flow) no more often than
@@ -47,12 +51,21 @@ pub struct Traffic {
     /// Flows in the connection table at the last walk.
     pub conn_entries: Option<u64>,
     next_walk: Option<Instant>,
+    /// The NAT tables as of the last sweep, and the entries sweeps removed in all.
+    pub nat_sweep: Option<NatSweep>,
+    pub nat_swept: u64,
 }
 
 impl Traffic {
     /// Whether the connection table should be walked with the next reading.
     pub fn walk_due(&self, now: Instant) -> bool {
         self.next_walk.is_none_or(|at| now >= at)
+    }
+
+    /// A sweep of the NAT tables.
+    pub fn swept(&mut self, sweep: NatSweep) {
+        self.nat_swept += sweep.removed;
+        self.nat_sweep = Some(sweep);
     }
 
     pub fn walked(&mut self, walk: ConnWalk, now: Instant) {

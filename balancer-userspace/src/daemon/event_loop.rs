@@ -33,7 +33,7 @@ use crate::{
         startup::log_events,
         watch::{Change, Settle},
     },
-    plan::inputs::NextHop,
+    plan::{contents::NatSweep, inputs::NextHop},
     shell::{dataplane::Dataplane, nexthop::Resolver},
 };
 
@@ -58,6 +58,8 @@ pub struct Inputs {
     pub file_changed: mpsc::Receiver<Change>,
     pub commands: mpsc::Receiver<Command>,
     pub refresh: mpsc::Receiver<()>,
+    /// The NAT sweeper's reports.
+    pub nat_sweeps: mpsc::Receiver<Result<NatSweep, String>>,
 }
 
 /// Next hops resolved by a task, or a refresh that ended.
@@ -195,6 +197,7 @@ impl<'a> EventLoop<'a> {
                 _ = sampling.tick() => self.sample(),
                 () = until(self.sample_due) => self.sample(),
                 Some(()) = inputs.refresh.recv() => self.sample_soon(),
+                Some(sweep) = inputs.nat_sweeps.recv() => { self.handle(Input::NatSwept(sweep)); }
             }
         }
     }

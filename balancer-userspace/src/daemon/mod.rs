@@ -95,6 +95,15 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     ));
     let control = tokio::spawn(control.serve(commands, until_stopped(stopped)));
 
+    let (sweeps, sweeps_inbox) = mpsc::channel(4);
+    let sweeper_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sweeper = crate::shell::nat_sweep::NatTables::open(&dataplane)
+        .context("opening the NAT tables for the sweeper")?;
+    crate::shell::nat_sweep::spawn(sweeper, sweeper_stop.clone(), move |report| {
+        // A report the loop has no room for is superseded by the next one.
+        let _ = sweeps.try_send(report);
+    })
+    .context("starting the NAT sweeper's thread")?;
     let mut event_loop =
         EventLoop::new(&mut core, &mut dataplane, resolver, &mut probes, &snapshots);
     // Counters before the first snapshot is served.
@@ -104,9 +113,11 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         file_changed: file_inbox,
         commands: commands_inbox,
         refresh: refresh_inbox,
+        nat_sweeps: sweeps_inbox,
     };
     let which = event_loop.run(inputs).await.context("the event loop")?;
     info!("{which}: shutting down");
+    sweeper_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     probes.stop();
     let _ = stop.send(true);
     if let Err(e) = api.await {

@@ -49,6 +49,22 @@ impl MapContents {
     }
 }
 
+/// What a sweep of the NAT tables found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NatSweep {
+    /// Entries left in each table (IPv4, IPv6), both directions.
+    pub entries_v4: u64,
+    pub entries_v6: u64,
+    /// Connections left (their forward entries).
+    pub connections: u64,
+    /// Entries removed by this sweep.
+    pub removed: u64,
+    /// SNAT ports in use (reply entries of full-NAT connections, quarantined ones included),
+    /// by SNAT address.
+    pub ports: BTreeMap<std::net::IpAddr, u64>,
+    pub took: std::time::Duration,
+}
+
 /// Counters summed over CPUs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -56,6 +72,8 @@ pub struct Counters {
     pub vips: BTreeMap<u32, TrafficStats>,
     /// Indexed by `balancer_common::Outcome`.
     pub outcomes: Vec<u64>,
+    /// Indexed by `balancer_common::NatCounter` (empty for an object without NAT).
+    pub nat: Vec<u64>,
 }
 
 impl Counters {

@@ -177,6 +177,7 @@ pub fn nat_settings(nat: &NatGlobal) -> NatSettings {
         established_ns: ns(nat.established_timeout),
         closing_ns: ns(nat.closing_timeout),
         udp_ns: ns(nat.udp_timeout),
+        quarantine_ns: ns(nat.quarantine),
     }
 }
 

@@ -90,7 +90,7 @@ impl MapPlan {
 
 /// The plan from `held` (what the maps hold) to `desired`.
 pub fn plan(held: &MapContents, desired: &MapContents) -> MapPlan {
-    plan_over(held, &held.keys, desired, true)
+    plan_over(held, &held.keys, &nat_filter_words(held), desired, true)
 }
 
 /// The prefilter's words (the non-zero ones) for `keys`: the bit of every key's address.
@@ -106,12 +106,22 @@ pub fn filter_words(keys: &[(VipKey, VipMeta)]) -> BTreeMap<u32, u64> {
 /// The NAT reply filter's words (the non-zero ones) for `contents`: the bit of every backend
 /// of a NAT VIP (a VIP with a `NAT_VIPS` entry).
 pub fn nat_filter_words(contents: &MapContents) -> BTreeMap<u32, u64> {
+    backend_words(contents, |id| contents.nat.vips.contains_key(&id))
+}
+
+/// The reply filter's words while a plan runs: the bit of every backend `desired` holds of a
+/// VIP that is a NAT VIP on either side (a key of the old side can lead to the new tables).
+fn nat_transition_words(held: &MapContents, desired: &MapContents) -> BTreeMap<u32, u64> {
+    backend_words(desired, |id| {
+        held.nat.vips.contains_key(&id) || desired.nat.vips.contains_key(&id)
+    })
+}
+
+fn backend_words(contents: &MapContents, nat: impl Fn(u32) -> bool) -> BTreeMap<u32, u64> {
     let mut words = BTreeMap::new();
-    for backend in contents.backends.values() {
-        if contents.nat.vips.contains_key(&backend.vip_id) {
-            let bit = vip_filter_bit(&backend.addr, backend.family);
-            *words.entry(bit >> 6).or_insert(0u64) |= 1 << (bit & 63);
-        }
+    for backend in contents.backends.values().filter(|b| nat(b.vip_id)) {
+        let bit = vip_filter_bit(&backend.addr, backend.family);
+        *words.entry(bit >> 6).or_insert(0u64) |= 1 << (bit & 63);
     }
     words
 }
@@ -168,7 +178,7 @@ pub fn rewrite_all(held: &MapContents, desired: &MapContents) -> MapPlan {
     };
     // What the prefilter and the slots hold is not known either: every word either side
     // names, and every desired slot, is written.
-    plan_over(&unknown, &held.keys, desired, false)
+    plan_over(&unknown, &held.keys, &nat_filter_words(held), desired, false)
 }
 
 fn key_map(contents: &MapContents) -> HashMap<VipKey, VipMeta> {
@@ -182,6 +192,7 @@ fn key_map(contents: &MapContents) -> HashMap<VipKey, VipMeta> {
 fn plan_over(
     base: &MapContents,
     held_keys: &[(VipKey, VipMeta)],
+    held_nat: &BTreeMap<u32, u64>,
     desired: &MapContents,
     known: bool,
 ) -> MapPlan {
@@ -208,6 +219,28 @@ fn plan_over(
             ops.push(MapOp::SetBackend(id, *entry));
         }
     }
+    // NAT: the timeouts and each NAT VIP's translation, and its backends' reply filter bits,
+    // before a table or key can lead to them.
+    if base.nat.settings != desired.nat.settings {
+        ops.push(MapOp::SetNatSettings(desired.nat.settings));
+    }
+    for (&id, vip) in &desired.nat.vips {
+        if base.nat.vips.get(&id) != Some(vip) {
+            ops.push(MapOp::SetNatVip(id, *vip));
+        }
+    }
+    // The old bits stay until the old keys and tables are gone, whether the maps are known to
+    // hold them or not.
+    let mut during = held_nat.clone();
+    for (word, bits) in nat_transition_words(base, desired) {
+        *during.entry(word).or_insert(0) |= bits;
+    }
+    for (&word, &bits) in &during {
+        if !known || held_nat.get(&word).copied().unwrap_or(0) != bits {
+            ops.push(MapOp::SetNatFilterWord(word, bits));
+        }
+    }
+    let nat_filter = FilterPlan::new(during, true, nat_filter_words(desired));
     // Keys that go away (and slots that lose or change their key), then tables, then the
     // keys that lead to them.
     for (key, _) in &base.keys {
@@ -233,18 +266,6 @@ fn plan_over(
     // that stays is set in both words, and every word is written whole).
     let filter = FilterPlan::new(filter_words(held_keys), known, filter_words(&desired.keys));
     filter.before_keys(&mut ops, MapOp::SetFilterWord);
-    // NAT: the timeouts and each NAT VIP's translation, and its backends' reply filter bits,
-    // before the keys that lead to them.
-    if base.nat.settings != desired.nat.settings {
-        ops.push(MapOp::SetNatSettings(desired.nat.settings));
-    }
-    for (&id, vip) in &desired.nat.vips {
-        if base.nat.vips.get(&id) != Some(vip) {
-            ops.push(MapOp::SetNatVip(id, *vip));
-        }
-    }
-    let nat_filter = FilterPlan::new(nat_filter_words(base), known, nat_filter_words(desired));
-    nat_filter.before_keys(&mut ops, MapOp::SetNatFilterWord);
     slots.set(&mut ops);
     for (key, meta) in &desired.keys {
         if base_keys.get(key) != Some(meta) {

@@ -5,11 +5,13 @@
 //! - [`nexthop`]: next hops from the kernel's routing and neighbour tables;
 //! - [`kernel`]: what the running kernel supports;
 //! - [`host`]: the host's own addresses;
-//! - [`probe`]: health probes (TCP connect, HTTP GET).
+//! - [`probe`]: health probes (TCP connect, HTTP GET);
+//! - [`nat_sweep`]: the NAT sweeper's thread.
 
 pub mod dataplane;
 pub mod host;
 pub mod kernel;
+pub mod nat_sweep;
 pub mod nexthop;
 pub mod pins;
 pub mod probe;

@@ -12,8 +12,9 @@ use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 use crate::api::{connections::ConnectionStats, metrics::render, sample::sample_snapshot};
 
-/// Prefixes of the families added after the legacy renderer: the status API's connections.
-const ADDED_SINCE_LEGACY: &[&str] = &["balancer_api_"];
+/// Prefixes of the families added after the legacy renderer: the status API's connections,
+/// NAT.
+const ADDED_SINCE_LEGACY: &[&str] = &["balancer_api_", "balancer_nat_"];
 
 fn legacy_name(name: &str) -> bool {
     !ADDED_SINCE_LEGACY.iter().any(|p| name.starts_with(p))

@@ -9,8 +9,10 @@ use std::{
 };
 
 use balancer_common::{
+    hash::vip_filter_bit,
+    nat::{NatSettings, NatVip},
     Backend, VipKey, VipMeta, VipSlot, BACKEND_F_DOWN, BACKEND_F_DRAINING, BACKEND_F_VALID,
-    NO_BACKEND, VIP_F_ADDRESS, VIP_F_FRAGMENTS_ONLY,
+    FORWARD_NAT, NO_BACKEND, VIP_F_ADDRESS, VIP_F_FRAGMENTS_ONLY,
 };
 
 use super::*;
@@ -37,6 +39,10 @@ struct Kernel {
     filter: BTreeMap<u32, u64>,
     /// The VIP slots.
     slots: BTreeMap<u32, VipSlot>,
+    /// NAT: the timeouts, the VIPs' translations, the reply filter.
+    nat_settings: NatSettings,
+    nat_vips: BTreeMap<u32, NatVip>,
+    nat_filter: BTreeMap<u32, u64>,
 }
 
 impl Kernel {
@@ -53,6 +59,9 @@ impl Kernel {
             zeroed_backends: BTreeSet::new(),
             filter: filter_words(&contents.keys),
             slots: vip_slots(&contents.keys),
+            nat_settings: contents.nat.settings,
+            nat_vips: contents.nat.vips.clone(),
+            nat_filter: nat_filter_words(contents),
         }
     }
 
@@ -108,11 +117,47 @@ impl Kernel {
             MapOp::RemoveEgress(i) => {
                 self.egress.remove(i);
             }
+            MapOp::SetNatSettings(settings) => self.nat_settings = *settings,
+            MapOp::SetNatVip(id, vip) => {
+                self.nat_vips.insert(*id, *vip);
+            }
+            MapOp::SetNatFilterWord(word, bits) => {
+                self.nat_filter.insert(*word, *bits);
+            }
+        }
+    }
+
+    /// NAT: a key of a NAT VIP leads to the VIP's translation (the old or the new one) and
+    /// to timeouts, and every backend its table names has its reply filter bit set.
+    fn check_nat(&self, held: &MapContents, desired: &MapContents, step: &str) {
+        for meta in self.keys.values().filter(|m| m.translates() && !m.is_address()) {
+            let id = meta.vip_id;
+            let vip = self.nat_vips.get(&id);
+            assert!(
+                vip.is_some()
+                    && (held.nat.vips.get(&id) == vip || desired.nat.vips.get(&id) == vip),
+                "{step}: NAT VIP {id}'s key without its translation"
+            );
+            assert_ne!(
+                self.nat_settings,
+                NatSettings::default(),
+                "{step}: NAT VIP {id}'s key before the timeouts"
+            );
+            let Some((_, filled)) = self.tables.get(&id) else { continue };
+            for backend in filled.iter().filter_map(|b| self.backends.get(b)) {
+                let bit = vip_filter_bit(&backend.addr, backend.family);
+                let word = self.nat_filter.get(&(bit >> 6)).copied().unwrap_or(0);
+                assert!(
+                    word & (1 << (bit & 63)) != 0,
+                    "{step}: a backend of NAT VIP {id} is behind a clear reply filter bit"
+                );
+            }
         }
     }
 
     /// What a packet can meet now is either the old state or the new one, never a mix.
     fn check(&self, held: &MapContents, desired: &MapContents, step: &str) {
+        self.check_nat(held, desired, step);
         for key in self.keys.keys() {
             let bit = vip_filter_bit(&key.addr, key.family);
             let word = self.filter.get(&(bit >> 6)).copied().unwrap_or(0);
@@ -208,6 +253,17 @@ impl Kernel {
             .collect();
         assert_eq!(filter, filter_words(&desired.keys), "{case}: prefilter");
         assert_eq!(self.slots, vip_slots(&desired.keys), "{case}: slots");
+        assert_eq!(self.nat_settings, desired.nat.settings, "{case}: NAT settings");
+        for (id, vip) in &desired.nat.vips {
+            assert_eq!(self.nat_vips.get(id), Some(vip), "{case}: NAT VIP {id}");
+        }
+        let nat_filter: BTreeMap<u32, u64> = self
+            .nat_filter
+            .iter()
+            .filter(|(_, bits)| **bits != 0)
+            .map(|(w, b)| (*w, *b))
+            .collect();
+        assert_eq!(nat_filter, nat_filter_words(desired), "{case}: NAT filter");
     }
 }
 
@@ -245,16 +301,35 @@ fn random_state(rng: &mut fastrand::Rng, owners: &[u32]) -> MapContents {
         .collect();
     rng.shuffle(&mut pool);
     let mut state = MapContents::default();
+    // The planner always writes the timeouts (from the config or its defaults).
+    state.nat.settings = NatSettings {
+        syn_ns: 60,
+        established_ns: [3600, 7200][rng.usize(..2)],
+        closing_ns: 10,
+        udp_ns: 60,
+        quarantine_ns: 60,
+    };
     for vip_id in 0..VIP_IDS {
         if !rng.bool() {
             continue;
         }
         let size = [5u32, 7, 11][rng.usize(..3)];
+        let nat = rng.u8(..10) < 3;
         let meta = VipMeta {
             vip_id,
             table_size: size,
+            forwarding: if nat { FORWARD_NAT } else { 0 },
             ..VipMeta::default()
         };
+        if nat {
+            let vip = NatVip {
+                snat_count: 1,
+                port_min: 1024,
+                port_max: [2000, 3000][rng.usize(..2)],
+                ..NatVip::default()
+            };
+            state.nat.vips.insert(vip_id, vip);
+        }
         let Some(key) = pool.pop() else { break };
         state.keys.push((key, meta));
         if rng.u8(..10) < 3 {
@@ -280,7 +355,7 @@ fn random_state(rng: &mut fastrand::Rng, owners: &[u32]) -> MapContents {
             if owners[id as usize] != vip_id || rng.u8(..10) >= 6 {
                 continue;
             }
-            let entry = random_backend(rng, vip_id);
+            let entry = random_backend(rng, vip_id, id);
             if entry.flags == BACKEND_F_VALID {
                 live.push(id);
             }
@@ -302,7 +377,9 @@ fn random_state(rng: &mut fastrand::Rng, owners: &[u32]) -> MapContents {
     state
 }
 
-fn random_backend(rng: &mut fastrand::Rng, vip_id: u32) -> Backend {
+/// A backend entry of id `id`: its address follows from the id (a backend id names the same
+/// backend in both states of a pair), the rest is random.
+fn random_backend(rng: &mut fastrand::Rng, vip_id: u32, id: u32) -> Backend {
     let ifindex = rng.u32(0..4);
     let mut flags = BACKEND_F_VALID;
     match rng.u8(..10) {
@@ -311,11 +388,15 @@ fn random_backend(rng: &mut fastrand::Rng, vip_id: u32) -> Backend {
         2 => flags |= BACKEND_F_DRAINING,
         _ => {}
     }
+    let mut addr = [0u8; 16];
+    addr[..4].copy_from_slice(&[10, 1, 0, id as u8]);
     Backend {
         vip_id,
         ifindex,
         flags,
         dst_mac: [2, 0, 0, 0, 0, rng.u8(..3)],
+        addr,
+        family: 4,
         ..Backend::default()
     }
 }
@@ -391,6 +472,7 @@ fn a_table_that_shrinks_is_padded_while_the_old_key_can_see_it() {
         backends: BTreeMap::from([(3, backend)]),
         tables: BTreeMap::from([(1, Table::from(vec![3; size as usize]))]),
         egress: BTreeSet::new(),
+        nat: Default::default(),
     };
     let (big, small) = (state(11), state(5));
     let shrink = plan(&big, &small);

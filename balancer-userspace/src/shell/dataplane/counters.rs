@@ -41,10 +41,16 @@ impl Dataplane {
             .map(|i| outcome_map.get(&i, 0).map(|v| v.iter().sum()))
             .collect::<Result<Vec<u64>, _>>()
             .map_err(map_err(map_names::OUTCOME_STATS))?;
+        let nat = if self.has_map(map_names::NAT_STATS) {
+            self.nat_counters()?
+        } else {
+            Vec::new()
+        };
         Ok(Counters {
             backends: self.traffic(map_names::BACKEND_STATS, backend_ids)?,
             vips: self.traffic(map_names::VIP_STATS, vip_ids)?,
             outcomes,
+            nat,
         })
     }
 

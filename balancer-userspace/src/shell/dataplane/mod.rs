@@ -89,7 +89,7 @@ pub enum DataplaneError {
 
 type Result<T, E = DataplaneError> = std::result::Result<T, E>;
 
-fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+pub(crate) fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { map, source }
 }
 
@@ -332,6 +332,23 @@ impl Dataplane {
     /// of another revision's object (another layout) beside this one's.
     pub fn raw_map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {
         self.map_mut(name)
+    }
+
+    /// The descriptor of a map of the object (for a handle of one's own, on another thread).
+    pub(crate) fn map_fd(&self, name: &'static str) -> Result<&aya::maps::MapFd> {
+        use aya::maps::Map;
+        match self.map(name)? {
+            Map::Array(d)
+            | Map::HashMap(d)
+            | Map::LruHashMap(d)
+            | Map::PerCpuArray(d)
+            | Map::PerCpuHashMap(d)
+            | Map::PerCpuLruHashMap(d) => Ok(d.fd()),
+            _ => Err(DataplaneError::Missing {
+                what: "array or hash map",
+                name,
+            }),
+        }
     }
 
     fn map(&self, name: &'static str) -> Result<&aya::maps::Map> {
