@@ -513,13 +513,22 @@ mod tests {
         e.last_seen = 100;
         assert!(!e.expired(&settings, 110));
         assert!(e.expired(&settings, 111));
-        assert!(!e.expired(&settings, 50), "a clock behind the entry never expires it");
-        assert!(e.sweepable(&settings, 111), "a forward entry goes when it times out");
+        assert!(
+            !e.expired(&settings, 50),
+            "a clock behind the entry never expires it"
+        );
+        assert!(
+            e.sweepable(&settings, 111),
+            "a forward entry goes when it times out"
+        );
         let reply = NatEntry {
             flags: NAT_F_REPLY,
             ..e
         };
-        assert!(!reply.sweepable(&settings, 115), "its port waits the quarantine");
+        assert!(
+            !reply.sweepable(&settings, 115),
+            "its port waits the quarantine"
+        );
         assert!(reply.sweepable(&settings, 116));
         let udp = NatEntry {
             proto: PROTO_UDP,
@@ -574,9 +583,7 @@ mod tests {
         // A checksum that the rewrite turns into 0: the one whose complement the change
         // cancels, found by search.
         let zero_after = (1..=u16::MAX)
-            .find(|&c| {
-                rewrite.delta().apply(c) == 0
-            })
+            .find(|&c| rewrite.delta().apply(c) == 0)
             .expect("some checksum updates to 0");
         assert_eq!(l4_check(zero_after, PROTO_UDP, &rewrite), 0xffff);
         assert_eq!(

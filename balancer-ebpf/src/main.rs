@@ -128,7 +128,11 @@ mod programs {
     /// backend's reply on a NAT connection is handed to the NAT reply program; anything else
     /// leaves untouched.
     #[inline(always)]
-    fn not_for_a_vip(ctx: &XdpContext, packet: &Packet, outcome: Outcome) -> Result<Outcome, Outcome> {
+    fn not_for_a_vip(
+        ctx: &XdpContext,
+        packet: &Packet,
+        outcome: Outcome,
+    ) -> Result<Outcome, Outcome> {
         if !packet.fragment && nat::may_be_backend(&packet.flow) {
             // SAFETY: on success the NAT program runs instead and this one ends here.
             unsafe { NAT_PROGRAMS.tail_call(ctx, NAT_PROGRAM_REPLY) };

@@ -21,8 +21,8 @@ use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use balancer_common::{
     hash::{flow_hash, vip_filter_bit},
     nat::{
-        self, Delta, NatEntry, NatVip, MAX_SNAT_ADDRESSES, NAT_F_REPLY, NAT_F_SNAT,
-        NAT_KEY_REPLY, NAT_PORT_TRIES, NAT_REFRESH_NS, NAT_S_SYN_ACK, NAT_VIP_F_SNAT,
+        self, Delta, NatEntry, NatVip, MAX_SNAT_ADDRESSES, NAT_F_REPLY, NAT_F_SNAT, NAT_KEY_REPLY,
+        NAT_PORT_TRIES, NAT_REFRESH_NS, NAT_S_SYN_ACK, NAT_VIP_F_SNAT,
     },
     Backend, FlowKey, FlowKeyV4, FlowKeyV6, NatCounter, Outcome, VipMeta, FAMILY_IPV4, PROTO_TCP,
 };
@@ -501,8 +501,7 @@ fn translate_icmp(
     unsafe {
         if packet.flow.family == FAMILY_IPV4 {
             let outer_ip = ptr_at_mut::<Ipv4Hdr>(ctx, packet.l3).ok_or(Outcome::IcmpOther)?;
-            let inner_ip =
-                ptr_at_mut::<Ipv4Hdr>(ctx, packet.inner_l3).ok_or(Outcome::IcmpOther)?;
+            let inner_ip = ptr_at_mut::<Ipv4Hdr>(ctx, packet.inner_l3).ok_or(Outcome::IcmpOther)?;
             rewrite_address(&mut (*inner_ip).src, &entry.dst, &mut inner);
             rewrite_address(&mut (*inner_ip).dst, &entry.src, &mut inner);
             let old = (*inner_ip).check;
@@ -516,8 +515,7 @@ fn translate_icmp(
             (*outer_ip).check = outer.apply((*outer_ip).check);
         } else {
             let outer_ip = ptr_at_mut::<Ipv6Hdr>(ctx, packet.l3).ok_or(Outcome::IcmpOther)?;
-            let inner_ip =
-                ptr_at_mut::<Ipv6Hdr>(ctx, packet.inner_l3).ok_or(Outcome::IcmpOther)?;
+            let inner_ip = ptr_at_mut::<Ipv6Hdr>(ctx, packet.inner_l3).ok_or(Outcome::IcmpOther)?;
             rewrite_address(&mut (*inner_ip).src, &entry.dst, &mut inner);
             rewrite_address(&mut (*inner_ip).dst, &entry.src, &mut inner);
             rewrite_address(&mut (*outer_ip).dst, &entry.dst, &mut outer);

@@ -27,6 +27,8 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct HttpServer {
     stop: Arc<AtomicBool>,
     served: Arc<AtomicU64>,
+    /// Every address a connection came from (its log of clients).
+    peers: Arc<std::sync::Mutex<std::collections::BTreeSet<std::net::IpAddr>>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -35,8 +37,10 @@ impl HttpServer {
     pub fn start(ns: &Netns, name: &str, listen: SocketAddr) -> HttpServer {
         let stop = Arc::new(AtomicBool::new(false));
         let served = Arc::new(AtomicU64::new(0));
+        let peers = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop2, served2, name) = (stop.clone(), served.clone(), name.to_owned());
+        let peers2 = peers.clone();
         let thread = ns.spawn(move || {
             let listener = match TcpListener::bind(listen) {
                 Ok(l) => l,
@@ -51,7 +55,8 @@ impl HttpServer {
             let _ = ready_tx.send(Ok(()));
             while !stop2.load(Ordering::Relaxed) {
                 match listener.accept() {
-                    Ok((stream, _)) => {
+                    Ok((stream, peer)) => {
+                        peers2.lock().unwrap().insert(peer.ip());
                         let (name, served) = (name.clone(), served2.clone());
                         std::thread::spawn(move || {
                             if serve(stream, &name).is_ok() {
@@ -74,8 +79,14 @@ impl HttpServer {
         HttpServer {
             stop,
             served,
+            peers,
             thread: Some(thread),
         }
+    }
+
+    /// Every address a connection to this server came from so far.
+    pub fn peers(&self) -> std::collections::BTreeSet<std::net::IpAddr> {
+        self.peers.lock().unwrap().clone()
     }
 
     /// Responses written in full so far.

@@ -367,3 +367,155 @@ fn start_peer_pass(switch: &Netns, port: &str, log: &std::path::Path) -> Balance
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The NAT topology: unmodified backends (no VIP on a loopback, no ARP settings, no route to
+/// the client's network at all) on a subnet of their own, and the client on another; the
+/// balancer has an address on both, on its one interface.
+///
+/// ```text
+///  client 10.96.0.1 ─┐
+///  balancer 10.96.0.2, 10.95.0.1 ┼── br0 (switch namespace)
+///  backend i 10.95.0.(11+i) ─┘      HTTP on :8080, only a route to 10.95.0.0/24
+/// ```
+/// The client routes the VIP via the balancer. With full NAT the backends answer the SNAT
+/// address (the balancer's 10.95.0.1), which the balancer's XDP program translates back to
+/// the VIP and sends to the client.
+pub struct NatTopology {
+    pub peer_pass: BalancerProcess,
+    pub files: Scratch,
+    pub client: Netns,
+    pub balancer: Netns,
+    pub backends: Vec<Netns>,
+    pub switch: Netns,
+}
+
+pub const NAT_CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
+pub const NAT_BALANCER_ADDR: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 2);
+/// The balancer's address on the backends' subnet (the default SNAT address).
+pub const NAT_SNAT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 95, 0, 1);
+pub const NAT_VIP_ADDR: Ipv4Addr = Ipv4Addr::new(10, 96, 100, 1);
+/// Where NAT backends' HTTP servers listen.
+pub const NAT_BACKEND_PORT: u16 = 8080;
+
+pub fn nat_backend_addr(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 95, 0, 11 + i as u8)
+}
+
+impl NatTopology {
+    /// Creates the namespaces `<prefix>sw`, `<prefix>client`, `<prefix>lb`, `<prefix>be1`...
+    pub fn create(prefix: &str, backends: usize) -> NatTopology {
+        let switch = Netns::create(&format!("{prefix}sw"));
+        switch.ip(&["link", "add", "br0", "type", "bridge"]);
+        switch.ip(&["link", "set", "br0", "up"]);
+        let client = Netns::create(&format!("{prefix}client"));
+        let balancer = Netns::create(&format!("{prefix}lb"));
+        let backend_ns: Vec<Netns> = (0..backends)
+            .map(|i| Netns::create(&format!("{prefix}be{}", i + 1)))
+            .collect();
+        let plug = |host: &Netns, port: &str, addresses: &[Ipv4Addr]| {
+            switch.ip(&[
+                "link",
+                "add",
+                port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                HOST_IF,
+                "netns",
+                host.name(),
+            ]);
+            switch.ip(&["link", "set", port, "master", "br0", "up"]);
+            for address in addresses {
+                host.ip(&[
+                    "addr",
+                    "add",
+                    &format!("{address}/{SUBNET_PREFIX}"),
+                    "dev",
+                    HOST_IF,
+                ]);
+            }
+            host.ip(&["link", "set", HOST_IF, "up"]);
+            // Local TCP stacks hand veth partial checksums; translated frames must carry
+            // full ones (see the README).
+            host.exec("ethtool", &["-K", HOST_IF, "tx", "off"]);
+        };
+        plug(&client, "p-client", &[NAT_CLIENT_ADDR]);
+        plug(&balancer, "p-lb", &[NAT_BALANCER_ADDR, NAT_SNAT_ADDR]);
+        for (i, ns) in backend_ns.iter().enumerate() {
+            plug(ns, &format!("p-be{}", i + 1), &[nat_backend_addr(i)]);
+        }
+        let files = Scratch::named(&format!("{prefix}files"));
+        let peer_pass = start_peer_pass(&switch, "p-lb", &files.path("xdp-pass.log"));
+        client.ip(&[
+            "route",
+            "add",
+            &format!("{NAT_VIP_ADDR}/32"),
+            "via",
+            &NAT_BALANCER_ADDR.to_string(),
+        ]);
+        NatTopology {
+            peer_pass,
+            files,
+            client,
+            balancer,
+            backends: backend_ns,
+            switch,
+        }
+    }
+
+    /// Destination-only NAT: the backends reach the client's network through the balancer,
+    /// their gateway.
+    pub fn route_backends_via_balancer(&self) {
+        for ns in &self.backends {
+            ns.ip(&[
+                "route",
+                "add",
+                &format!("{NAT_CLIENT_ADDR}/{SUBNET_PREFIX}"),
+                "via",
+                &NAT_SNAT_ADDR.to_string(),
+            ]);
+        }
+    }
+
+    /// An HTTP server on every backend's own address, port 8080; `name(i)` is what backend
+    /// `i` puts in its responses.
+    pub fn start_http_servers(&self, name: impl Fn(usize) -> String) -> Vec<HttpServer> {
+        self.backends
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| {
+                let listen = std::net::SocketAddrV4::new(nat_backend_addr(i), NAT_BACKEND_PORT);
+                HttpServer::start(ns, &name(i), listen.into())
+            })
+            .collect()
+    }
+
+    /// Every namespace of the topology, with a name for messages.
+    pub fn hosts(&self) -> Vec<(&str, &Netns)> {
+        let mut hosts = vec![("client", &self.client), ("balancer", &self.balancer)];
+        hosts.extend(self.backends.iter().map(|b| ("backend", b)));
+        hosts
+    }
+}
+
+/// `InCsumErrors` of IPv4 (`Ip:` is not it: the TCP and UDP lines) in /proc/net/snmp of `ns`:
+/// segments and datagrams the stack dropped for a bad checksum.
+pub fn checksum_errors(ns: &Netns) -> u64 {
+    let out = ns.exec("cat", &["/proc/net/snmp"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = text.lines().collect();
+    let mut total = 0;
+    for pair in lines.chunks(2) {
+        let [names, values] = pair else { continue };
+        let names: Vec<&str> = names.split_whitespace().collect();
+        let values: Vec<&str> = values.split_whitespace().collect();
+        if let Some(i) = names.iter().position(|n| *n == "InCsumErrors") {
+            total += values
+                .get(i)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    total
+}

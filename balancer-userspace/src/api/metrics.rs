@@ -351,8 +351,13 @@ fn global(e: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
 
 /// NAT: the tables as of the last sweep, translations, allocation failures, expiries.
 fn nat(e: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
+    nat_tables(e, s)?;
+    nat_events(e, s)
+}
+
+/// The NAT tables as of the last sweep.
+fn nat_tables(e: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
     let n = &s.nat;
-    let counter = |c: NatCounter| n.counters.get(c as usize).copied().unwrap_or(0);
     let sweep = n.sweep.clone().unwrap_or_default();
     let mut f = family(
         e,
@@ -385,6 +390,19 @@ fn nat(e: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
     for (address, ports) in &sweep.ports {
         f.gauge(&vec![("address", &address.to_string())], *ports as i64)?;
     }
+    family(
+        e,
+        "balancer_nat_last_sweep_milliseconds",
+        "How long the last sweep of the NAT tables took (it pauses between batches).",
+        MetricType::Gauge,
+    )?
+    .single(sweep.took.as_millis().min(i64::MAX as u128) as i64)
+}
+
+/// What happened to NAT packets and connections.
+fn nat_events(e: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
+    let n = &s.nat;
+    let counter = |c: NatCounter| n.counters.get(c as usize).copied().unwrap_or(0);
     let mut f = family(
         e,
         "balancer_nat_translations",
@@ -399,8 +417,14 @@ fn nat(e: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
         "ICMP errors about NAT connections translated, by the direction they went.",
         MetricType::Counter,
     )?;
-    f.counter(&vec![("direction", "forward")], counter(NatCounter::IcmpForward))?;
-    f.counter(&vec![("direction", "reply")], counter(NatCounter::IcmpReply))?;
+    f.counter(
+        &vec![("direction", "forward")],
+        counter(NatCounter::IcmpForward),
+    )?;
+    f.counter(
+        &vec![("direction", "reply")],
+        counter(NatCounter::IcmpReply),
+    )?;
     let mut f = family(
         e,
         "balancer_nat_connections_created",
@@ -438,15 +462,11 @@ fn nat(e: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
         "NAT entries that timed out: found late by a client's packet (lookup), or removed by a sweep (sweep).",
         MetricType::Counter,
     )?;
-    f.counter(&vec![("by", "lookup")], counter(NatCounter::ExpiredOnLookup))?;
-    f.counter(&vec![("by", "sweep")], n.swept)?;
-    family(
-        e,
-        "balancer_nat_last_sweep_milliseconds",
-        "How long the last sweep of the NAT tables took (it pauses between batches).",
-        MetricType::Gauge,
-    )?
-    .single(sweep.took.as_millis().min(i64::MAX as u128) as i64)
+    f.counter(
+        &vec![("by", "lookup")],
+        counter(NatCounter::ExpiredOnLookup),
+    )?;
+    f.counter(&vec![("by", "sweep")], n.swept)
 }
 
 /// The status API's own connections.

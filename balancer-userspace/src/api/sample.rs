@@ -112,7 +112,11 @@ pub fn sample_snapshot() -> Snapshot {
     let reloaded = CONFIG.replace(", { address = \"2001:db8::2\" }", "");
     core.handle(
         Input::Reload {
-            read: ReadConfig::new(Path::new("golden.toml"), reloaded, &config::Host::default()),
+            read: Box::new(ReadConfig::new(
+                Path::new("golden.toml"),
+                reloaded,
+                &config::Host::default(),
+            )),
             next_hops: hops(),
             only_if_changed: false,
         },
@@ -120,11 +124,11 @@ pub fn sample_snapshot() -> Snapshot {
     );
     core.handle(
         Input::Reload {
-            read: ReadConfig::new(
+            read: Box::new(ReadConfig::new(
                 Path::new("golden.toml"),
                 "[balancer\n".into(),
                 &config::Host::default(),
-            ),
+            )),
             next_hops: hops(),
             only_if_changed: false,
         },
@@ -144,20 +148,27 @@ pub fn sample_snapshot() -> Snapshot {
             at(ms),
         );
     }
-    // Two sweeps of the NAT tables: their removals add up, the last one's picture stays.
+    swept(&mut core, at(9_000));
+    core.snapshot()
+}
+
+/// Two sweeps of the NAT tables: their removals add up, the last one's picture stays.
+fn swept(core: &mut Core, now: std::time::Instant) {
     for removed in [3, 4] {
         let sweep = crate::plan::contents::NatSweep {
             entries_v4: 6,
             entries_v6: 2,
             connections: 3,
             removed,
-            ports: [("10.0.0.250".parse().unwrap(), 4), ("2001:db8::250".parse().unwrap(), 1)]
-                .into(),
+            ports: [
+                ("10.0.0.250".parse().unwrap(), 4),
+                ("2001:db8::250".parse().unwrap(), 1),
+            ]
+            .into(),
             took: Duration::from_millis(7),
         };
-        core.handle(Input::NatSwept(Ok(sweep)), at(9_000));
+        core.handle(Input::NatSwept(Ok(sweep)), now);
     }
-    core.snapshot()
 }
 
 /// Counters that grow with `n`, different for every id and outcome.

@@ -42,6 +42,7 @@ pub enum Change {
     },
     RemovalGrace,
     ReloadSettle,
+    NatTimeouts,
 }
 
 impl fmt::Display for Change {
@@ -67,6 +68,7 @@ impl fmt::Display for Change {
             }
             Change::RemovalGrace => f.write_str("removal_grace changed"),
             Change::ReloadSettle => f.write_str("reload_settle changed"),
+            Change::NatTimeouts => f.write_str("nat_timeouts changed"),
         }
     }
 }
@@ -85,6 +87,9 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     }
     if old.conn_table_size != new.conn_table_size {
         keys.push("conn_table_size");
+    }
+    if old.nat.table_size != new.nat.table_size {
+        keys.push("nat_table_size");
     }
     if old.metrics_listen != new.metrics_listen {
         keys.push("metrics_listen");
@@ -118,6 +123,8 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
             ("protocol", before.protocol != vip.protocol),
             ("table_size", before.table_size != vip.table_size),
             ("when_all_down", before.when_all_down != vip.when_all_down),
+            ("forwarding", before.forwarding != vip.forwarding),
+            ("snat", before.nat != vip.nat),
         ] {
             if differs {
                 changes.push(Change::VipChanged { vip: name(), what });
@@ -153,6 +160,12 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
                 }),
                 _ => {}
             }
+            if was.port != b.port {
+                changes.push(Change::VipChanged {
+                    vip: name(),
+                    what: "backend port",
+                });
+            }
             if was.health != b.health {
                 changes.push(Change::HealthCheckChanged {
                     vip: name(),
@@ -179,6 +192,13 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
     }
     if old.reload_settle != new.reload_settle {
         changes.push(Change::ReloadSettle);
+    }
+    let timeouts = |c: &Config| crate::config::model::NatGlobal {
+        table_size: 0,
+        ..c.nat
+    };
+    if timeouts(old) != timeouts(new) {
+        changes.push(Change::NatTimeouts);
     }
     changes
 }
@@ -279,10 +299,49 @@ backends = [{ address = "10.0.0.9" }]
     }
 
     #[test]
+    fn nat_changes_are_reported() {
+        let nat = BASE.replacen(
+            "forwarding = \"dsr\"",
+            "forwarding = \"nat\"\nsnat = \"10.0.0.250\"",
+            1,
+        );
+        let changes = |from: &str, to: &str| -> Vec<String> {
+            diff(&config(from), &config(to))
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        };
+        assert_eq!(
+            changes(BASE, &nat),
+            ["VIP web: forwarding changed", "VIP web: snat changed"]
+        );
+        let other_snat = nat.replace("10.0.0.250", "10.0.0.251");
+        assert_eq!(changes(&nat, &other_snat), ["VIP web: snat changed"]);
+        let ported = nat.replace(
+            "{ address = \"10.0.0.2\" }",
+            "{ address = \"10.0.0.2\", port = 8080 }",
+        );
+        // The health check follows the backend's port.
+        assert_eq!(
+            changes(&nat, &ported),
+            [
+                "VIP web: backend port changed",
+                "VIP web: 10.0.0.2 health check changed"
+            ]
+        );
+        let timeouts = nat.replace(
+            "[balancer]\n",
+            "[balancer]\nnat_timeouts = { udp = \"5s\" }\n",
+        );
+        assert_eq!(changes(&nat, &timeouts), ["nat_timeouts changed"]);
+        assert!(needs_restart(&config(&nat), &config(&timeouts)).is_empty());
+    }
+
+    #[test]
     fn settings_that_need_a_restart() {
         let new = BASE.replace(
             "interface = \"eth0\"",
-            "interface = \"eth1\"\nxdp_mode = \"generic\"\nhash_seed = 9\nconn_table_size = 2048\nmetrics_listen = \"127.0.0.1:1\"\n\
+            "interface = \"eth1\"\nxdp_mode = \"generic\"\nhash_seed = 9\nconn_table_size = 2048\nnat_table_size = 2048\nmetrics_listen = \"127.0.0.1:1\"\n\
              pin_dir = \"/run/bpf\"\nkeep_datapath = true\napi_max_connections = 8\napi_idle_timeout = \"1s\"",
         );
         assert_eq!(
@@ -292,6 +351,7 @@ backends = [{ address = "10.0.0.9" }]
                 "xdp_mode",
                 "hash_seed",
                 "conn_table_size",
+                "nat_table_size",
                 "metrics_listen",
                 "pin_dir",
                 "api_max_connections",

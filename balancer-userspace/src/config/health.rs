@@ -19,14 +19,16 @@ pub(super) struct Scope<'a> {
     /// `VIP "web", backend 10.0.0.1`.
     pub name: &'a str,
     pub protocol: Protocol,
-    /// The VIP's port (`None`: any port).
-    pub vip_port: Option<u16>,
+    /// The port a check probes when its table names none: the backend's own under NAT
+    /// (`BackendConfig::port`), else the VIP's (`None`: any port, nothing to lend).
+    pub default_port: Option<u16>,
     /// Where to point at when no value of the table is to blame.
     pub span: Range<usize>,
 }
 
 /// Resolves a (merged) `health` table. `present` says whether any table was written at all:
-/// without one, TCP VIPs with a port get a TCP check of that port and the others none.
+/// without one, TCP VIPs with a port (or NAT VIPs whose backends have one) get a TCP check of
+/// that port and the others none.
 pub(super) fn resolve(
     raw: &RawHealth,
     present: bool,
@@ -34,7 +36,7 @@ pub(super) fn resolve(
 ) -> Result<HealthCheck, Invalid> {
     let kind = match &raw.kind {
         Some(k) => *k.get_ref(),
-        None if present || (scope.protocol == Protocol::Tcp && scope.vip_port.is_some()) => {
+        None if present || (scope.protocol == Protocol::Tcp && scope.default_port.is_some()) => {
             RawKind::Tcp
         }
         None => RawKind::None,
@@ -110,7 +112,8 @@ fn count(
     }
 }
 
-/// The port probed: the check's own, else the VIP's (a UDP or any-port VIP has none to lend).
+/// The port probed: the check's own, else the backend's (NAT) or the VIP's (a UDP or any-port
+/// VIP has none to lend).
 fn port(raw: &RawHealth, kind: RawKind, scope: &Scope) -> Result<u16, Invalid> {
     let kind_span = raw.kind.as_ref().map_or(scope.span.clone(), |k| k.span());
     match (kind, &raw.port) {
@@ -128,7 +131,7 @@ fn port(raw: &RawHealth, kind: RawKind, scope: &Scope) -> Result<u16, Invalid> {
                 kind_name(kind)
             ),
         )),
-        (_, None) => scope.vip_port.ok_or_else(|| {
+        (_, None) => scope.default_port.ok_or_else(|| {
             (
                 kind_span,
                 format!(

@@ -39,6 +39,19 @@ pub(super) struct RawBalancer {
     pub control_socket: Option<Spanned<String>>,
     pub api_max_connections: Option<Spanned<u32>>,
     pub api_idle_timeout: Option<Spanned<String>>,
+    pub nat_table_size: Option<Spanned<u32>>,
+    pub nat_timeouts: Option<Spanned<RawNatTimeouts>>,
+}
+
+/// `nat_timeouts = { syn = "60s", ... }`: every key optional.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawNatTimeouts {
+    pub syn: Option<Spanned<String>>,
+    pub established: Option<Spanned<String>>,
+    pub closing: Option<Spanned<String>>,
+    pub udp: Option<Spanned<String>>,
+    pub quarantine: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -55,11 +68,16 @@ pub(super) struct RawVip {
     pub when_all_down: WhenAllDown,
     #[serde(default)]
     pub hash: HashMode,
-    #[serde(default)]
-    pub fragments: bool,
+    pub fragments: Option<Spanned<bool>>,
     pub tunnel_source_v4: Option<Spanned<String>>,
     pub tunnel_source_v6: Option<Spanned<String>>,
     pub autoscale: Option<Spanned<RawAutoscale>>,
+    /// NAT: where translated packets come from (absent: the interface's address).
+    pub snat: Option<Spanned<RawSnat>>,
+    /// NAT: `"1024-65535"` or `"5000"`.
+    pub snat_ports: Option<Spanned<String>>,
+    /// NAT: the port the backends listen on.
+    pub backend_port: Option<Spanned<u16>>,
     #[serde(default)]
     pub backends: Vec<Spanned<RawBackend>>,
 }
@@ -68,6 +86,8 @@ pub(super) struct RawVip {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawBackend {
     pub address: Spanned<IpAddr>,
+    /// NAT: this backend's port, instead of the VIP's `backend_port`.
+    pub port: Option<Spanned<u16>>,
     pub weight: Option<Spanned<u32>>,
     #[serde(default)]
     pub drain: bool,
@@ -109,6 +129,38 @@ impl<'de> Deserialize<'de> for HashSeed {
                         "hash_seed \"{v}\" is not a 32-bit number (decimal or 0x-prefixed hex)"
                     ))
                 })
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// `snat`: one string (`"none"`, an address or a prefix), or a list of them.
+pub(super) enum RawSnat {
+    One(String),
+    List(Vec<Spanned<String>>),
+}
+
+impl<'de> Deserialize<'de> for RawSnat {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> de::Visitor<'de> for Visitor {
+            type Value = RawSnat;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(
+                    "\"none\", an address, a prefix such as \"192.0.2.16/28\", or a list of \
+                     addresses",
+                )
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawSnat, E> {
+                Ok(RawSnat::One(v.to_owned()))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<RawSnat, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element::<Spanned<String>>()? {
+                    items.push(item);
+                }
+                Ok(RawSnat::List(items))
             }
         }
         d.deserialize_any(Visitor)

@@ -294,7 +294,24 @@ fn defaults() {
     assert_eq!(c.metrics_listen.to_string(), DEFAULT_METRICS_LISTEN);
     assert_eq!(c.api_max_connections, DEFAULT_API_MAX_CONNECTIONS);
     assert_eq!(c.api_idle_timeout, DEFAULT_API_IDLE_TIMEOUT);
+    assert_eq!(
+        c.nat,
+        NatGlobal {
+            table_size: balancer_common::DEFAULT_NAT_TABLE_SIZE,
+            syn_timeout: Duration::from_secs(60),
+            established_timeout: Duration::from_secs(3 * 3600),
+            closing_timeout: Duration::from_secs(10),
+            udp_timeout: Duration::from_secs(60),
+            quarantine: Duration::from_secs(60),
+        }
+    );
     assert!(c.vips.is_empty());
+    // Other modes have no translation and no backend port.
+    let c = parse(Path::new("good.toml"), GOOD).unwrap();
+    for vip in &c.vips {
+        assert_eq!(vip.nat, None);
+        assert!(vip.backends.iter().all(|b| b.port.is_none()));
+    }
 }
 
 /// The status API's limits.
@@ -510,10 +527,31 @@ const ERRORS: &[Case] = &[
     ),
     (
         "forwarding = \"dsr\"",
-        "forwarding = \"nat\"",
+        "forwarding = \"dsr\"\nsnat = \"none\"",
+        15,
+        8,
+        "VIP \"web\": snat only applies to forwarding = \"nat\" (this VIP's is \"dsr\")",
+    ),
+    (
+        "forwarding = \"dsr\"",
+        "forwarding = \"dsr\"\nsnat_ports = \"1024-2047\"",
+        15,
         14,
-        14,
-        "forwarding = \"nat\" is not supported yet",
+        "VIP \"web\": snat_ports only applies to forwarding = \"nat\"",
+    ),
+    (
+        "forwarding = \"dsr\"",
+        "forwarding = \"tunnel\"\nbackend_port = 8080",
+        15,
+        16,
+        "VIP \"web\": backend_port only applies to forwarding = \"nat\" (this VIP's is \"tunnel\")",
+    ),
+    (
+        "weight = 100 }",
+        "weight = 100, port = 8080 }",
+        17,
+        49,
+        "VIP \"web\": backend 10.0.0.11 port only applies to forwarding = \"nat\"",
     ),
     (
         "forwarding = \"dsr\"",
@@ -779,6 +817,7 @@ fn backends_and_tunnel_sources_may_be_neither_a_vip_nor_this_host() {
             ("127.0.0.1".parse().unwrap(), "lo".into()),
             ("10.0.0.12".parse().unwrap(), "eth1".into()),
         ],
+        local_port_range: None,
     };
     let err = parse_for(Path::new("h.toml"), GOOD, &host).unwrap_err();
     assert_eq!(
@@ -789,6 +828,7 @@ fn backends_and_tunnel_sources_may_be_neither_a_vip_nor_this_host() {
     // Without that address, the same file is valid; `parse` knows no host.
     let elsewhere = Host {
         addresses: vec![("192.0.2.99".parse().unwrap(), "eth0".into())],
+        local_port_range: None,
     };
     parse_for(Path::new("h.toml"), GOOD, &elsewhere).unwrap();
     parse(Path::new("h.toml"), GOOD).unwrap();
@@ -818,4 +858,734 @@ fn backends_and_tunnel_sources_may_be_neither_a_vip_nor_this_host() {
     // A prefix next to the VIPs is fine.
     parse(Path::new("t.toml"), &tunnel("198.51.101.0/24")).unwrap();
     parse(Path::new("t.toml"), &tunnel("192.0.2.2")).unwrap();
+}
+
+/// NAT VIPs: a list of SNAT addresses with ports and backend ports, a prefix, destination-only
+/// NAT, and the defaults (the interface's address).
+const NAT: &str = r#"
+[balancer]
+nat_table_size = 131072
+nat_timeouts = { syn = "30s", established = "1h", closing = "5s", udp = "2m", quarantine = "0s" }
+
+[[vip]]
+name = "web"
+address = "203.0.113.10"
+port = 80
+protocol = "tcp"
+forwarding = "nat"
+snat = ["192.0.2.10", "192.0.2.11"]
+snat_ports = "2000-60000"
+backend_port = 8080
+backends = [
+  { address = "10.0.0.11" },
+  { address = "10.0.0.12", port = 8081 },
+]
+
+[[vip]]
+name = "dns"
+address = "2001:db8::53"
+port = 53
+protocol = "udp"
+forwarding = "nat"
+snat = "2001:db8:1::/124"
+backends = [{ address = "2001:db8:2::1" }]
+
+[[vip]]
+name = "direct"
+address = "203.0.113.11"
+port = "any"
+protocol = "tcp"
+forwarding = "nat"
+snat = "none"
+backends = [{ address = "10.0.0.21" }]
+
+[[vip]]
+name = "plain"
+address = "203.0.113.12"
+port = 443
+protocol = "tcp"
+forwarding = "nat"
+backends = [{ address = "10.0.0.31" }]
+"#;
+
+fn ips(list: &[&str]) -> Vec<IpAddr> {
+    list.iter().map(|a| a.parse().unwrap()).collect()
+}
+
+#[test]
+fn nat_keys_and_their_defaults() {
+    let c = parse(Path::new("nat.toml"), NAT).unwrap();
+    assert_eq!(
+        c.nat,
+        NatGlobal {
+            table_size: 131_072,
+            syn_timeout: Duration::from_secs(30),
+            established_timeout: Duration::from_secs(3600),
+            closing_timeout: Duration::from_secs(5),
+            udp_timeout: Duration::from_secs(120),
+            quarantine: Duration::ZERO,
+        }
+    );
+    let [web, dns, direct, plain] = &c.vips[..] else {
+        panic!("{:?}", c.vips)
+    };
+    assert!(c.vips.iter().all(|v| v.forwarding == Forwarding::Nat));
+
+    // A list of addresses, explicit ports; backend_port, and a backend's own port over it.
+    assert_eq!(
+        web.nat,
+        Some(NatVipConfig {
+            snat: Snat::Addresses(ips(&["192.0.2.10", "192.0.2.11"])),
+            ports: (2000, 60000),
+        })
+    );
+    let ports: Vec<Option<u16>> = web.backends.iter().map(|b| b.port).collect();
+    assert_eq!(ports, [Some(8080), Some(8081)]);
+
+    // A prefix: every address in it, in order; an address that is not this host's gets
+    // every port by default. Without backend_port the destination port is kept.
+    let expanded: Vec<String> = (0..16).map(|i| format!("2001:db8:1::{i:x}")).collect();
+    let expanded: Vec<&str> = expanded.iter().map(String::as_str).collect();
+    assert_eq!(
+        dns.nat,
+        Some(NatVipConfig {
+            snat: Snat::Addresses(ips(&expanded)),
+            ports: DEFAULT_SNAT_PORTS,
+        })
+    );
+    assert_eq!(dns.backends[0].port, None);
+
+    // Destination-only NAT allocates no ports.
+    assert_eq!(direct.nat.as_ref().map(|n| &n.snat), Some(&Snat::None));
+    // No snat: the interface's address, a host address, so below the local port range.
+    assert_eq!(
+        plain.nat,
+        Some(NatVipConfig {
+            snat: Snat::Interface,
+            ports: DEFAULT_HOST_SNAT_PORTS,
+        })
+    );
+    assert_eq!(
+        (plain.backends[0].port, plain.backends[0].health.port),
+        (None, 443)
+    );
+}
+
+#[test]
+fn nat_ranges_accept_their_edges() {
+    let bounds: &[(&str, &str)] = &[
+        ("nat_table_size = 131072", "nat_table_size = 1024"),
+        ("nat_table_size = 131072", "nat_table_size = 16777216"),
+        ("syn = \"30s\"", "syn = \"1s\""),
+        ("established = \"1h\"", "established = \"168h\""),
+        ("quarantine = \"0s\"", "quarantine = \"10m\""),
+        ("snat_ports = \"2000-60000\"", "snat_ports = \"1-65535\""),
+        ("snat_ports = \"2000-60000\"", "snat_ports = \"5000\""),
+        (
+            "snat_ports = \"2000-60000\"",
+            "snat_ports = \" 5000 - 5001 \"",
+        ),
+        ("backend_port = 8080", "backend_port = 65535"),
+        (
+            "snat = \"2001:db8:1::/124\"",
+            "snat = \"2001:db8:1::7/128\"",
+        ),
+        (
+            "snat = \"2001:db8:1::/124\"",
+            "snat = [\"2001:db8:1::/125\", \"2001:db8:3::1\"]",
+        ),
+    ];
+    for (from, to) in bounds {
+        assert!(NAT.contains(from), "{from}");
+        parse(Path::new("nat.toml"), &NAT.replacen(from, to, 1)).expect(to);
+    }
+    let c = parse(
+        Path::new("nat.toml"),
+        &NAT.replacen("snat_ports = \"2000-60000\"", "snat_ports = \"5000\"", 1),
+    )
+    .unwrap();
+    assert_eq!(c.vips[0].nat.as_ref().unwrap().ports, (5000, 5000));
+    // A timeout table with some keys keeps the defaults of the others.
+    let c = parse(
+        Path::new("nat.toml"),
+        "[balancer]\nnat_timeouts = { udp = \"5m\" }\n",
+    )
+    .unwrap();
+    assert_eq!(
+        c.nat,
+        NatGlobal {
+            udp_timeout: Duration::from_secs(300),
+            ..NatGlobal::default()
+        }
+    );
+}
+
+#[test]
+fn a_vip_turned_to_nat_translates_from_the_interface() {
+    // Full NAT from the interface's address, to the VIP's port, checked there.
+    let c = parse(
+        Path::new("good.toml"),
+        &GOOD.replacen("forwarding = \"dsr\"", "forwarding = \"nat\"", 1),
+    )
+    .unwrap();
+    let web = &c.vips[0];
+    assert_eq!(web.nat.as_ref().unwrap().snat, Snat::Interface);
+    assert_eq!(
+        (web.backends[0].port, web.backends[0].health.port),
+        (None, 80)
+    );
+}
+
+/// (replace in NAT, with, line, column, part of the message)
+const NAT_ERRORS: &[Case] = &[
+    (
+        "nat_table_size = 131072",
+        "nat_table_size = 1023",
+        3,
+        18,
+        "nat_table_size 1023 is out of range: use 1024 to 16777216 connections",
+    ),
+    (
+        "nat_table_size = 131072",
+        "nat_table_size = 16777217",
+        3,
+        18,
+        "nat_table_size 16777217 is out of range",
+    ),
+    (
+        "nat_table_size = 131072",
+        "nat_table_size = -1",
+        3,
+        18,
+        "invalid value: integer `-1`",
+    ),
+    (
+        "syn = \"30s\"",
+        "syn = \"0s\"",
+        4,
+        24,
+        "nat_timeouts.syn \"0s\" is out of range: use 1s to 168h (7 days)",
+    ),
+    (
+        "established = \"1h\"",
+        "established = \"169h\"",
+        4,
+        45,
+        "nat_timeouts.established \"169h\" is out of range: use 1s to 168h",
+    ),
+    (
+        "closing = \"5s\"",
+        "closing = \"500ms\"",
+        4,
+        61,
+        "nat_timeouts.closing \"500ms\" is out of range",
+    ),
+    (
+        "udp = \"2m\"",
+        "udp = \"soon\"",
+        4,
+        73,
+        "nat_timeouts.udp \"soon\" is not a duration",
+    ),
+    (
+        "quarantine = \"0s\"",
+        "quarantine = \"11m\"",
+        4,
+        92,
+        "nat_timeouts.quarantine \"11m\" is out of range: use 0s to 10m",
+    ),
+    (
+        "quarantine = \"0s\"",
+        "quarantine = \"0s\", fin_wait = \"1s\"",
+        4,
+        98,
+        "unknown field `fin_wait`",
+    ),
+    (
+        "nat_timeouts = {",
+        "nat_timeout = {",
+        4,
+        1,
+        "unknown field `nat_timeout`",
+    ),
+    (
+        "snat = [\"192.0.2.10\", \"192.0.2.11\"]",
+        "snat = [\"192.0.2.10\", \"192.0.2.10\"]",
+        12,
+        23,
+        "VIP \"web\": snat address 192.0.2.10 is listed twice",
+    ),
+    (
+        "snat = [\"192.0.2.10\", \"192.0.2.11\"]",
+        "snat = []",
+        12,
+        8,
+        "VIP \"web\": snat = [] lists no address",
+    ),
+    (
+        "snat = [\"192.0.2.10\", \"192.0.2.11\"]",
+        "snat = [\"192.0.2.0/28\", \"192.0.2.100\"]",
+        12,
+        25,
+        "VIP \"web\": snat has more than 16 addresses",
+    ),
+    (
+        "snat = [\"192.0.2.10\", \"192.0.2.11\"]",
+        "snat = [\"192.0.2.10\", \"none\"]",
+        12,
+        23,
+        "VIP \"web\": snat \"none\" is not an address or prefix",
+    ),
+    (
+        "snat = [\"192.0.2.10\", \"192.0.2.11\"]",
+        "snat = [\"192.0.2.10\", 7]",
+        12,
+        23,
+        "invalid type: integer `7`, expected a string",
+    ),
+    (
+        "snat = [\"192.0.2.10\", \"192.0.2.11\"]",
+        "snat = 7",
+        12,
+        8,
+        "invalid type: integer `7`, expected \"none\", an address, a prefix",
+    ),
+    (
+        "snat = [\"192.0.2.10\", \"192.0.2.11\"]",
+        "snat = \"192.0.2.300\"",
+        12,
+        8,
+        "VIP \"web\": snat \"192.0.2.300\" is not an address or prefix: write \"none\", an address",
+    ),
+    (
+        "snat = [\"192.0.2.10\", \"192.0.2.11\"]",
+        "snat = \"192.0.2.0/24\"",
+        12,
+        8,
+        "VIP \"web\": snat \"192.0.2.0/24\" holds more than 16 addresses: use a /28 or longer prefix",
+    ),
+    (
+        "snat = [\"192.0.2.10\", \"192.0.2.11\"]",
+        "snat = \"192.0.2.17/28\"",
+        12,
+        8,
+        "VIP \"web\": snat \"192.0.2.17/28\" has host bits set: write its network, \"192.0.2.16/28\"",
+    ),
+    (
+        "snat = [\"192.0.2.10\", \"192.0.2.11\"]",
+        "snat = \"192.0.2.16/33\"",
+        12,
+        8,
+        "VIP \"web\": snat \"192.0.2.16/33\": bad prefix length",
+    ),
+    (
+        "snat = [\"192.0.2.10\", \"192.0.2.11\"]",
+        "snat = [\"192.0.2.10\", \"2001:db8::1\"]",
+        12,
+        23,
+        "VIP \"web\": snat \"2001:db8::1\" is not of the VIP's address family (IPv4)",
+    ),
+    (
+        "snat = [\"192.0.2.10\", \"192.0.2.11\"]",
+        "snat = \"203.0.113.11\"",
+        12,
+        8,
+        "VIP \"web\": snat address 203.0.113.11 is the address of VIP \"direct\"",
+    ),
+    (
+        "snat = [\"192.0.2.10\", \"192.0.2.11\"]",
+        "snat = \"203.0.113.8/29\"",
+        12,
+        8,
+        "VIP \"web\": snat \"203.0.113.8/29\" includes 203.0.113.10, which is the address of VIP \"web\"",
+    ),
+    (
+        "snat = [\"192.0.2.10\", \"192.0.2.11\"]",
+        "snat = \"10.0.0.12\"",
+        12,
+        8,
+        "VIP \"web\": snat address 10.0.0.12 is a backend of VIP \"web\"",
+    ),
+    (
+        "snat = [\"192.0.2.10\", \"192.0.2.11\"]",
+        "snat = [\"192.0.2.10\", \"10.0.0.21\"]",
+        12,
+        23,
+        "VIP \"web\": snat address 10.0.0.21 is a backend of VIP \"direct\"",
+    ),
+    (
+        "snat = [\"192.0.2.10\", \"192.0.2.11\"]",
+        "snat = \"127.0.0.1\"",
+        12,
+        8,
+        "VIP \"web\": snat address 127.0.0.1 cannot be a source address",
+    ),
+    (
+        "snat = [\"192.0.2.10\", \"192.0.2.11\"]",
+        "snat = \"0.0.0.0\"",
+        12,
+        8,
+        "cannot be a source address",
+    ),
+    (
+        "snat = [\"192.0.2.10\", \"192.0.2.11\"]",
+        "snat = \"224.0.0.5\"",
+        12,
+        8,
+        "cannot be a source address",
+    ),
+    (
+        "snat = [\"192.0.2.10\", \"192.0.2.11\"]",
+        "snat = \"255.255.255.255\"",
+        12,
+        8,
+        "cannot be a source address",
+    ),
+    (
+        "snat = \"2001:db8:1::/124\"",
+        "snat = \"2001:db8:1::/120\"",
+        26,
+        8,
+        "VIP \"dns\": snat \"2001:db8:1::/120\" holds more than 16 addresses: use a /124 or longer",
+    ),
+    (
+        "snat = \"2001:db8:1::/124\"",
+        "snat = \"2001:db8:1::8/124\"",
+        26,
+        8,
+        "has host bits set: write its network, \"2001:db8:1::/124\"",
+    ),
+    (
+        "snat = \"2001:db8:1::/124\"",
+        "snat = \"192.0.2.10\"",
+        26,
+        8,
+        "VIP \"dns\": snat \"192.0.2.10\" is not of the VIP's address family (IPv6)",
+    ),
+    (
+        "snat = \"2001:db8:1::/124\"",
+        "snat = \"::1\"",
+        26,
+        8,
+        "VIP \"dns\": snat address ::1 cannot be a source address",
+    ),
+    (
+        "snat_ports = \"2000-60000\"",
+        "snat_ports = \"0-100\"",
+        13,
+        14,
+        "VIP \"web\": snat_ports \"0-100\" is not a port range such as \"1024-65535\"",
+    ),
+    (
+        "snat_ports = \"2000-60000\"",
+        "snat_ports = \"60000-2000\"",
+        13,
+        14,
+        "snat_ports \"60000-2000\" is not a port range",
+    ),
+    (
+        "snat_ports = \"2000-60000\"",
+        "snat_ports = \"1024-65536\"",
+        13,
+        14,
+        "snat_ports \"1024-65536\" is not a port range",
+    ),
+    (
+        "snat_ports = \"2000-60000\"",
+        "snat_ports = \"high\"",
+        13,
+        14,
+        "snat_ports \"high\" is not a port range",
+    ),
+    (
+        "snat_ports = \"2000-60000\"",
+        "snat_ports = 5000",
+        13,
+        14,
+        "invalid type: integer `5000`, expected a string",
+    ),
+    (
+        "snat = \"none\"",
+        "snat = \"none\"\nsnat_ports = \"1024-2047\"",
+        36,
+        14,
+        "VIP \"direct\": snat_ports does not apply with snat = \"none\" (destination-only NAT \
+         allocates no ports)",
+    ),
+    (
+        "snat = \"none\"",
+        "snat = \"none\"\nfragments = true",
+        36,
+        13,
+        "VIP \"direct\": fragments = true does not apply to forwarding = \"nat\": fragments after \
+         the first carry no port to translate",
+    ),
+    (
+        "backend_port = 8080",
+        "backend_port = 0",
+        14,
+        16,
+        "VIP \"web\": backend_port 0 is out of range: use 1 to 65535",
+    ),
+    (
+        "backend_port = 8080",
+        "backend_port = 65536",
+        14,
+        16,
+        "invalid value: integer `65536`",
+    ),
+    (
+        "port = 8081",
+        "port = 0",
+        17,
+        35,
+        "VIP \"web\": backend 10.0.0.12 port 0 is out of range: use 1 to 65535",
+    ),
+    (
+        "port = 8081",
+        "prot = 8081",
+        17,
+        28,
+        "unknown field `prot`",
+    ),
+    (
+        "{ address = \"10.0.0.11\" }",
+        "{ address = \"2001:db8::11\" }",
+        16,
+        15,
+        "VIP \"web\": backend 2001:db8::11 is not of the VIP's address family; NAT here translates \
+         within one family",
+    ),
+    (
+        "{ address = \"2001:db8:2::1\" }",
+        "{ address = \"10.0.2.1\" }",
+        27,
+        25,
+        "VIP \"dns\": backend 10.0.2.1 is not of the VIP's address family",
+    ),
+    (
+        "backend_port = 8080",
+        "backend_prot = 8080",
+        14,
+        1,
+        "unknown field `backend_prot`",
+    ),
+];
+
+#[test]
+fn nat_errors_name_the_position() {
+    for (from, to, line, column, message) in NAT_ERRORS {
+        rejects_in(NAT, from, to, *line, *column, message);
+    }
+}
+
+#[test]
+fn nat_health_checks_default_to_the_backends_port() {
+    let c = parse(Path::new("nat.toml"), NAT).unwrap();
+    // A TCP VIP on port 80 with backend_port = 8080 checks 8080, and a backend's own port
+    // over that.
+    let checked: Vec<(CheckKind, u16)> = c.vips[0]
+        .backends
+        .iter()
+        .map(|b| (b.health.kind.clone(), b.health.port))
+        .collect();
+    assert_eq!(checked, [(CheckKind::Tcp, 8080), (CheckKind::Tcp, 8081)]);
+
+    // A health table without a port: the same; with one: that port.
+    let with_health = NAT.replacen(
+        "backend_port = 8080\n",
+        "backend_port = 8080\nhealth = { kind = \"http\", path = \"/ready\" }\n",
+        1,
+    );
+    let c = parse(Path::new("nat.toml"), &with_health).unwrap();
+    let ports: Vec<u16> = c.vips[0].backends.iter().map(|b| b.health.port).collect();
+    assert_eq!(ports, [8080, 8081]);
+    let c = parse(
+        Path::new("nat.toml"),
+        &with_health.replacen(
+            "port = 8081 }",
+            "port = 8081, health = { port = 9000 } }",
+            1,
+        ),
+    )
+    .unwrap();
+    let ports: Vec<u16> = c.vips[0].backends.iter().map(|b| b.health.port).collect();
+    assert_eq!(ports, [8080, 9000]);
+
+    // An any-port TCP VIP has no port to lend, unless its backends have one.
+    let direct = c.vips.iter().find(|v| v.name == "direct").unwrap();
+    assert_eq!(direct.backends[0].health.kind, CheckKind::None);
+    let c = parse(
+        Path::new("nat.toml"),
+        &NAT.replacen("snat = \"none\"", "snat = \"none\"\nbackend_port = 8443", 1),
+    )
+    .unwrap();
+    let direct = c.vips.iter().find(|v| v.name == "direct").unwrap();
+    assert_eq!(direct.backends[0].port, Some(8443));
+    assert_eq!(
+        (
+            direct.backends[0].health.kind.clone(),
+            direct.backends[0].health.port
+        ),
+        (CheckKind::Tcp, 8443)
+    );
+    let any = NAT.replacen(
+        "snat = \"none\"",
+        "snat = \"none\"\nhealth = { kind = \"tcp\" }",
+        1,
+    );
+    let err = parse(Path::new("nat.toml"), &any).unwrap_err();
+    assert!(err.message.contains("the VIP has no port"), "{err}");
+
+    // A UDP VIP's backend port is no TCP port to check.
+    let udp = NAT.replacen(
+        "snat = \"2001:db8:1::/124\"",
+        "snat = \"2001:db8:1::/124\"\nbackend_port = 5353\nhealth = { kind = \"tcp\" }",
+        1,
+    );
+    let err = parse(Path::new("nat.toml"), &udp).unwrap_err();
+    assert!(
+        err.message
+            .contains("a tcp check of a UDP VIP needs an explicit TCP `port`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn snat_ports_keep_clear_of_the_hosts_local_port_range() {
+    // 192.0.2.10, the web VIP's first SNAT address, is this host's.
+    let host = Host {
+        addresses: vec![
+            ("127.0.0.1".parse().unwrap(), "lo".into()),
+            ("192.0.2.10".parse().unwrap(), "eth0".into()),
+        ],
+        local_port_range: Some((32768, 60999)),
+    };
+    let err = parse_for(Path::new("nat.toml"), NAT, &host).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "nat.toml:13:14: VIP \"web\": snat_ports 2000-60000 overlap the host's local port range \
+         32768-60999 (net.ipv4.ip_local_port_range), which its own connections take on the SNAT \
+         address: choose snat_ports outside the host's local port range, such as \"1024-32767\""
+    );
+    // Below or above it is fine; so is the default, below it.
+    for ports in [
+        "snat_ports = \"2000-32767\"",
+        "snat_ports = \"61000-65535\"",
+    ] {
+        let text = NAT.replacen("snat_ports = \"2000-60000\"", ports, 1);
+        parse_for(Path::new("nat.toml"), &text, &host).expect(ports);
+    }
+    let text = NAT.replacen("snat_ports = \"2000-60000\"\n", "", 1);
+    let c = parse_for(Path::new("nat.toml"), &text, &host).unwrap();
+    assert_eq!(
+        c.vips[0].nat.as_ref().unwrap().ports,
+        DEFAULT_HOST_SNAT_PORTS
+    );
+    // Addresses that are not the host's get every port by default, and may overlap its range.
+    let text = text.replacen("\"192.0.2.10\", ", "", 1);
+    let c = parse_for(Path::new("nat.toml"), &text, &host).unwrap();
+    assert_eq!(c.vips[0].nat.as_ref().unwrap().ports, DEFAULT_SNAT_PORTS);
+    let text = NAT.replacen("\"192.0.2.10\", ", "", 1);
+    parse_for(Path::new("nat.toml"), &text, &host).unwrap();
+    // Without a known range only the metrics port is checked.
+    parse_for(
+        Path::new("nat.toml"),
+        NAT,
+        &Host {
+            local_port_range: None,
+            ..host.clone()
+        },
+    )
+    .unwrap();
+
+    // The interface's address is the host's: the default ports must clear the host's range
+    // too, and the error points at what chose them (the VIP's forwarding).
+    let wide = Host {
+        local_port_range: Some((10000, 65535)),
+        ..Host::default()
+    };
+    let text = NAT.replacen(
+        "snat_ports = \"2000-60000\"",
+        "snat_ports = \"2000-9999\"",
+        1,
+    );
+    let err = parse_for(Path::new("nat.toml"), &text, &wide).unwrap_err();
+    assert_eq!((err.line, err.column), (43, 14), "{err}");
+    assert!(
+        err.message.contains(
+            "VIP \"plain\": the default snat_ports 1024-32767 overlap the host's local port \
+             range 10000-65535 (net.ipv4.ip_local_port_range)"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.message.ends_with(
+            "choose snat_ports outside the host's local port range, such as \"1024-9999\""
+        ),
+        "{err}"
+    );
+    // ...or at snat, when it names the host's address.
+    let on_host = Host {
+        addresses: vec![("192.0.2.10".parse().unwrap(), "eth0".into())],
+        ..wide.clone()
+    };
+    let text = text.replacen("snat_ports = \"2000-9999\"\n", "", 1);
+    let err = parse_for(Path::new("nat.toml"), &text, &on_host).unwrap_err();
+    assert_eq!((err.line, err.column), (12, 8), "{err}");
+    assert!(
+        err.message
+            .contains("VIP \"web\": the default snat_ports 1024-32767 overlap"),
+        "{err}"
+    );
+}
+
+#[test]
+fn snat_ports_keep_clear_of_the_metrics_port() {
+    // The metrics endpoint on every address, or on a SNAT address, holds its port there.
+    let metrics = |listen: &str| {
+        NAT.replacen(
+            "[balancer]\n",
+            &format!("[balancer]\nmetrics_listen = \"{listen}\"\n"),
+            1,
+        )
+    };
+    let err = parse(Path::new("nat.toml"), &metrics("0.0.0.0:9100")).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "nat.toml:44:14: VIP \"plain\": the default snat_ports 1024-32767 include 9100, the port \
+         of metrics_listen \"0.0.0.0:9100\" on every address, the SNAT address among them: choose \
+         snat_ports without it, or another metrics_listen port"
+    );
+    let err = parse(Path::new("nat.toml"), &metrics("192.0.2.11:3000")).unwrap_err();
+    assert_eq!((err.line, err.column), (14, 14), "{err}");
+    assert!(
+        err.message.contains(
+            "VIP \"web\": snat_ports 2000-60000 include 3000, the port of metrics_listen"
+        ),
+        "{err}"
+    );
+    for fine in [
+        "127.0.0.1:9100",
+        "0.0.0.0:40000",
+        "192.0.2.11:1999",
+        "192.0.2.99:3000",
+    ] {
+        parse(Path::new("nat.toml"), &metrics(fine)).expect(fine);
+    }
+    // An IPv4 wildcard takes no IPv6 ports, the IPv6 one takes both.
+    let v6 = |listen: &str| {
+        format!(
+            "[balancer]\nmetrics_listen = \"{listen}\"\n[[vip]]\nname = \"v6\"\naddress = \"2001:db8::80\"\n\
+             port = 80\nprotocol = \"tcp\"\nforwarding = \"nat\"\nbackends = [{{ address = \"2001:db8:2::1\" }}]\n"
+        )
+    };
+    parse(Path::new("v6.toml"), &v6("0.0.0.0:9100")).unwrap();
+    let err = parse(Path::new("v6.toml"), &v6("[::]:9100")).unwrap_err();
+    assert_eq!((err.line, err.column), (8, 14), "{err}");
+    assert!(
+        err.message
+            .contains("include 9100, the port of metrics_listen \"[::]:9100\""),
+        "{err}"
+    );
 }

@@ -3,26 +3,29 @@
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    ops::{Range, RangeInclusive},
     path::{Component, PathBuf},
     time::Duration,
 };
 
 use balancer_common::{
-    DEFAULT_CONN_TABLE_SIZE, DEFAULT_MAGLEV_SIZE, MAGLEV_CAPACITY, MAX_BACKENDS, MAX_VIPS,
+    nat::MAX_SNAT_ADDRESSES, DEFAULT_CONN_TABLE_SIZE, DEFAULT_MAGLEV_SIZE, MAGLEV_CAPACITY,
+    MAX_BACKENDS, MAX_VIPS,
 };
 use toml::Spanned;
 
 use crate::config::{
     health::{self, Scope},
     model::{
-        Autoscale, BackendConfig, Config, Forwarding, Host, Protocol, TunnelSource, Vip,
-        API_IDLE_TIMEOUT_RANGE, DEFAULT_API_IDLE_TIMEOUT, DEFAULT_API_MAX_CONNECTIONS,
-        DEFAULT_METRICS_LISTEN, DEFAULT_PIN_DIR, DEFAULT_RELOAD_SETTLE, DEFAULT_REMOVAL_GRACE,
-        DEFAULT_WEIGHT, MAX_API_CONNECTIONS, MAX_CONN_TABLE_SIZE, MAX_RELOAD_SETTLE, MAX_WEIGHT,
-        MIN_CONN_TABLE_SIZE,
+        Autoscale, BackendConfig, Config, Forwarding, Host, NatGlobal, NatVipConfig, Protocol,
+        Snat, TunnelSource, Vip, API_IDLE_TIMEOUT_RANGE, DEFAULT_API_IDLE_TIMEOUT,
+        DEFAULT_API_MAX_CONNECTIONS, DEFAULT_HOST_SNAT_PORTS, DEFAULT_METRICS_LISTEN,
+        DEFAULT_PIN_DIR, DEFAULT_RELOAD_SETTLE, DEFAULT_REMOVAL_GRACE, DEFAULT_SNAT_PORTS,
+        DEFAULT_WEIGHT, MAX_API_CONNECTIONS, MAX_CONN_TABLE_SIZE, MAX_NAT_TABLE_SIZE,
+        MAX_RELOAD_SETTLE, MAX_WEIGHT, MIN_CONN_TABLE_SIZE, MIN_NAT_TABLE_SIZE,
     },
-    raw::{Invalid, PortSpec, RawAutoscale, RawBackend, RawBalancer, RawConfig, RawVip},
+    raw::{Invalid, PortSpec, RawAutoscale, RawBackend, RawBalancer, RawConfig, RawSnat, RawVip},
 };
 
 pub(super) fn validate(raw: RawConfig, host: &Host) -> Result<Config, Invalid> {
@@ -39,6 +42,7 @@ pub(super) fn validate(raw: RawConfig, host: &Host) -> Result<Config, Invalid> {
             .map_err(|e| (grace.span(), format!("removal_grace {e}")))?,
     };
     let reload_settle = reload_settle(&b)?;
+    let nat = nat_global(&b)?;
     let pin_dir = match &b.pin_dir {
         None => PathBuf::from(DEFAULT_PIN_DIR),
         Some(dir) => absolute_path(
@@ -68,8 +72,8 @@ pub(super) fn validate(raw: RawConfig, host: &Host) -> Result<Config, Invalid> {
         control_socket,
         api_max_connections,
         api_idle_timeout,
-        nat: crate::config::model::NatGlobal::default(),
-        vips: validate_vips(raw.vip, host)?,
+        nat,
+        vips: validate_vips(raw.vip, host, metrics_listen)?,
     })
 }
 
@@ -152,6 +156,57 @@ fn api_idle_timeout(b: &RawBalancer) -> Result<Duration, Invalid> {
     Ok(v)
 }
 
+/// `nat_table_size` and `nat_timeouts`, with the defaults of the keys not written.
+fn nat_global(b: &RawBalancer) -> Result<NatGlobal, Invalid> {
+    let mut nat = NatGlobal::default();
+    if let Some(size) = &b.nat_table_size {
+        let v = *size.get_ref();
+        if !(MIN_NAT_TABLE_SIZE..=MAX_NAT_TABLE_SIZE).contains(&v) {
+            return Err((
+                size.span(),
+                format!(
+                    "nat_table_size {v} is out of range: use {MIN_NAT_TABLE_SIZE} to \
+                     {MAX_NAT_TABLE_SIZE} connections"
+                ),
+            ));
+        }
+        nat.table_size = v;
+    }
+    let Some(timeouts) = &b.nat_timeouts else {
+        return Ok(nat);
+    };
+    let t = timeouts.get_ref();
+    for (key, value, field) in [
+        ("syn", &t.syn, &mut nat.syn_timeout),
+        ("established", &t.established, &mut nat.established_timeout),
+        ("closing", &t.closing, &mut nat.closing_timeout),
+        ("udp", &t.udp, &mut nat.udp_timeout),
+        ("quarantine", &t.quarantine, &mut nat.quarantine),
+    ] {
+        let Some(value) = value else { continue };
+        let invalid = |message: String| (value.span(), format!("nat_timeouts.{key} {message}"));
+        let d = health::parse_duration(value.get_ref()).map_err(invalid)?;
+        let (range, range_text) = match key {
+            "quarantine" => (NAT_QUARANTINE_RANGE, "0s to 10m"),
+            _ => (NAT_TIMEOUT_RANGE, "1s to 168h (7 days)"),
+        };
+        if !range.contains(&d) {
+            return Err(invalid(format!(
+                "\"{}\" is out of range: use {range_text}",
+                value.get_ref()
+            )));
+        }
+        *field = d;
+    }
+    Ok(nat)
+}
+
+/// Range of a NAT timeout (of a state): a second to a week.
+const NAT_TIMEOUT_RANGE: RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(7 * 24 * 3600);
+/// Range of the NAT port quarantine: none to ten minutes.
+const NAT_QUARANTINE_RANGE: RangeInclusive<Duration> = Duration::ZERO..=Duration::from_secs(600);
+
 /// An absolute path without `..`.
 fn absolute_path(value: &Spanned<String>, key: &str, example: &str) -> Result<PathBuf, Invalid> {
     let path = PathBuf::from(value.get_ref());
@@ -167,24 +222,43 @@ fn absolute_path(value: &Spanned<String>, key: &str, example: &str) -> Result<Pa
     ))
 }
 
-/// What a backend or tunnel source address may not be: any VIP's address, or one of this
-/// host's own.
+/// What a backend, tunnel source or SNAT address may not be: any VIP's address, one of this
+/// host's own (backends), any backend's (SNAT addresses); and the ports SNAT may not take
+/// on this host's addresses.
 struct Taken<'a> {
     vips: BTreeMap<IpAddr, String>,
+    /// Every backend's address, with the first VIP that lists it.
+    backends: BTreeMap<IpAddr, String>,
     host: &'a Host,
+    metrics_listen: SocketAddr,
 }
 
 /// Every VIP, and what VIPs may not share: a name, an endpoint, an address for fragments, a
 /// backend address that is a VIP's.
-fn validate_vips(raw: Vec<Spanned<RawVip>>, host: &Host) -> Result<Vec<Vip>, Invalid> {
+fn validate_vips(
+    raw: Vec<Spanned<RawVip>>,
+    host: &Host,
+    metrics_listen: SocketAddr,
+) -> Result<Vec<Vip>, Invalid> {
     // By address, in address order; the first VIP of an address names it.
     let mut vips = BTreeMap::new();
+    let mut backends = BTreeMap::new();
     for v in &raw {
         let v = v.get_ref();
         vips.entry(*v.address.get_ref())
             .or_insert_with(|| v.name.get_ref().clone());
+        for b in &v.backends {
+            backends
+                .entry(*b.get_ref().address.get_ref())
+                .or_insert_with(|| v.name.get_ref().clone());
+        }
     }
-    let taken = Taken { vips, host };
+    let taken = Taken {
+        vips,
+        backends,
+        host,
+        metrics_listen,
+    };
     if raw.len() > MAX_VIPS as usize {
         let span = raw[MAX_VIPS as usize].span();
         return Err((span, format!("too many VIPs: at most {MAX_VIPS}")));
@@ -258,19 +332,26 @@ fn validate_vip(raw: RawVip, taken: &Taken) -> Result<Vip, Invalid> {
         ));
     }
     let forwarding = *raw.forwarding.get_ref();
-    if forwarding == Forwarding::Nat {
-        return Err((
-            raw.forwarding.span(),
-            format!("VIP \"{name}\": forwarding = \"nat\" is not supported yet (use \"dsr\" or \"tunnel\")"),
-        ));
+    nat_keys(&raw, &name, forwarding)?;
+    let fragments = raw.fragments.as_ref().is_some_and(|f| *f.get_ref());
+    if let (true, Some(f)) = (forwarding == Forwarding::Nat && fragments, &raw.fragments) {
+        let message = format!(
+            "VIP \"{name}\": fragments = true does not apply to forwarding = \"nat\": fragments \
+             after the first carry no port to translate; remove it"
+        );
+        return Err((f.span(), message));
     }
+    let backend_port = match &raw.backend_port {
+        None => None,
+        Some(p) => Some(nonzero_port(p, &format!("VIP \"{name}\": backend_port"))?),
+    };
     let autoscale = match &raw.autoscale {
         None => None,
         Some(a) => Some(autoscale(a.get_ref(), &name)?),
     };
     let [tunnel_source_v4, tunnel_source_v6] = tunnel_sources(&raw, &name, forwarding, taken)?;
     let table_size = table_size(&raw, &name)?;
-    let backends = backends(&raw, &name, address, forwarding, taken)?;
+    let backends = backends(&raw, &name, address, forwarding, backend_port, taken)?;
     if backends.len() > table_size as usize {
         return Err((
             raw.port.span(),
@@ -281,6 +362,10 @@ fn validate_vip(raw: RawVip, taken: &Taken) -> Result<Vip, Invalid> {
             ),
         ));
     }
+    let nat = match forwarding {
+        Forwarding::Nat => Some(nat_vip(&raw, &name, address, taken)?),
+        Forwarding::Dsr | Forwarding::Tunnel => None,
+    };
     Ok(Vip {
         name,
         address,
@@ -290,13 +375,316 @@ fn validate_vip(raw: RawVip, taken: &Taken) -> Result<Vip, Invalid> {
         table_size,
         when_all_down: raw.when_all_down,
         hash: raw.hash,
-        fragments: raw.fragments,
+        fragments,
         tunnel_source_v4,
         tunnel_source_v6,
         autoscale,
-        nat: None,
+        nat,
         backends,
     })
+}
+
+/// The keys of NAT (`snat`, `snat_ports`, `backend_port`, a backend's `port`) on a VIP of
+/// another forwarding mode.
+fn nat_keys(raw: &RawVip, name: &str, forwarding: Forwarding) -> Result<(), Invalid> {
+    if forwarding == Forwarding::Nat {
+        return Ok(());
+    }
+    for (key, span) in [
+        ("snat", raw.snat.as_ref().map(Spanned::span)),
+        ("snat_ports", raw.snat_ports.as_ref().map(Spanned::span)),
+        ("backend_port", raw.backend_port.as_ref().map(Spanned::span)),
+    ] {
+        if let Some(span) = span {
+            let message = format!(
+                "VIP \"{name}\": {key} only applies to forwarding = \"nat\" (this VIP's is \"{}\")",
+                forwarding.name()
+            );
+            return Err((span, message));
+        }
+    }
+    for rb in &raw.backends {
+        let rb = rb.get_ref();
+        if let Some(port) = &rb.port {
+            let message = format!(
+                "VIP \"{name}\": backend {} port only applies to forwarding = \"nat\" (other modes \
+                 keep the packet's destination port); a health check's port is written \
+                 health = {{ port = {} }}",
+                rb.address.get_ref(),
+                port.get_ref()
+            );
+            return Err((port.span(), message));
+        }
+    }
+    Ok(())
+}
+
+/// A port key that must not be 0 (its type already bounds it to 65535); `what` names it.
+fn nonzero_port(port: &Spanned<u16>, what: &str) -> Result<u16, Invalid> {
+    match *port.get_ref() {
+        0 => Err((
+            port.span(),
+            format!("{what} 0 is out of range: use 1 to 65535"),
+        )),
+        p => Ok(p),
+    }
+}
+
+/// A NAT VIP's translation: its SNAT addresses and ports.
+fn nat_vip(
+    raw: &RawVip,
+    name: &str,
+    vip_address: IpAddr,
+    taken: &Taken,
+) -> Result<NatVipConfig, Invalid> {
+    let snat = snat(raw, name, vip_address, taken)?;
+    let ports = snat_ports(raw, name, vip_address, &snat, taken)?;
+    Ok(NatVipConfig { snat, ports })
+}
+
+/// `snat`: absent (the interface's address), `"none"`, an address, a prefix, or a list of
+/// addresses and prefixes; 1 to `MAX_SNAT_ADDRESSES` addresses in all.
+fn snat(raw: &RawVip, name: &str, vip_address: IpAddr, taken: &Taken) -> Result<Snat, Invalid> {
+    let Some(value) = &raw.snat else {
+        return Ok(Snat::Interface);
+    };
+    let items: Vec<(&str, Range<usize>)> = match value.get_ref() {
+        RawSnat::One(text) if text == "none" => return Ok(Snat::None),
+        RawSnat::One(text) => vec![(text.as_str(), value.span())],
+        RawSnat::List(list) if list.is_empty() => {
+            let message = format!(
+                "VIP \"{name}\": snat = [] lists no address: list 1 to {MAX_SNAT_ADDRESSES}, write \
+                 \"none\" for destination-only NAT, or leave snat out for the interface's address"
+            );
+            return Err((value.span(), message));
+        }
+        RawSnat::List(list) => list
+            .iter()
+            .map(|item| (item.get_ref().as_str(), item.span()))
+            .collect(),
+    };
+    let mut addresses = Vec::new();
+    for (text, span) in items {
+        let invalid = |message: String| (span.clone(), format!("VIP \"{name}\": snat {message}"));
+        for address in parse_snat(text, vip_address.is_ipv6()).map_err(invalid)? {
+            let what = if text.contains('/') {
+                format!("\"{text}\" includes {address}, which")
+            } else {
+                format!("address {address}")
+            };
+            snat_address_allowed(address, taken).map_err(|e| invalid(format!("{what} {e}")))?;
+            if addresses.contains(&address) {
+                return Err(invalid(format!("{what} is listed twice")));
+            }
+            addresses.push(address);
+            if addresses.len() > MAX_SNAT_ADDRESSES {
+                return Err(invalid(format!(
+                    "has more than {MAX_SNAT_ADDRESSES} addresses: list at most \
+                     {MAX_SNAT_ADDRESSES}"
+                )));
+            }
+        }
+    }
+    Ok(Snat::Addresses(addresses))
+}
+
+/// What a SNAT address may not be: an address no packet can come from, a VIP (replies to it
+/// would be taken for the VIP's traffic), a backend (the balancer would talk to itself).
+fn snat_address_allowed(address: IpAddr, taken: &Taken) -> Result<(), String> {
+    if address.is_unspecified()
+        || address.is_multicast()
+        || address.is_loopback()
+        || is_broadcast(address)
+    {
+        return Err(
+            "cannot be a source address (unspecified, loopback, multicast or broadcast)".to_owned(),
+        );
+    }
+    if let Some(owner) = taken.vips.get(&address) {
+        return Err(format!(
+            "is the address of VIP \"{owner}\": use an address of the balancer that is no VIP's"
+        ));
+    }
+    if let Some(owner) = taken.backends.get(&address) {
+        return Err(format!(
+            "is a backend of VIP \"{owner}\": use an address of the balancer that is no backend's"
+        ));
+    }
+    Ok(())
+}
+
+/// `"192.0.2.10"`, or a prefix of at most `MAX_SNAT_ADDRESSES` addresses (`"192.0.2.16/28"`,
+/// `"2001:db8::/124"`) expanded to every address in it; of the VIP's family.
+fn parse_snat(text: &str, v6: bool) -> Result<Vec<IpAddr>, String> {
+    let (address, len) = match text.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (text, None),
+    };
+    let address: IpAddr = address.parse().map_err(|_| {
+        format!(
+            "\"{text}\" is not an address or prefix: write \"none\", an address such as \
+             \"192.0.2.10\", a prefix such as \"192.0.2.16/28\", or a list of addresses"
+        )
+    })?;
+    if address.is_ipv6() != v6 {
+        return Err(format!(
+            "\"{text}\" is not of the VIP's address family (IPv{}): NAT here translates within \
+             one family",
+            if v6 { 6 } else { 4 }
+        ));
+    }
+    let Some(len) = len else {
+        return Ok(vec![address]);
+    };
+    let bits = if v6 { 128u32 } else { 32 };
+    let len: u32 = match len.parse() {
+        Ok(l) if l <= bits => l,
+        _ => return Err(format!("\"{text}\": bad prefix length")),
+    };
+    let most_host_bits = MAX_SNAT_ADDRESSES.ilog2();
+    if bits - len > most_host_bits {
+        return Err(format!(
+            "\"{text}\" holds more than {MAX_SNAT_ADDRESSES} addresses: use a /{} or longer \
+             prefix, or list the addresses",
+            bits - most_host_bits
+        ));
+    }
+    let value = match address {
+        IpAddr::V4(a) => u128::from(u32::from(a)),
+        IpAddr::V6(a) => u128::from(a),
+    };
+    let host_mask = (1u128 << (bits - len)) - 1;
+    let from_bits = |v: u128| -> IpAddr {
+        if v6 {
+            IpAddr::V6(Ipv6Addr::from(v))
+        } else {
+            // The value came from an IPv4 address and varies in its low bits only.
+            IpAddr::V4(Ipv4Addr::from(v as u32))
+        }
+    };
+    if value & host_mask != 0 {
+        return Err(format!(
+            "\"{text}\" has host bits set: write its network, \"{}/{len}\"",
+            from_bits(value & !host_mask)
+        ));
+    }
+    Ok((0..=host_mask).map(|i| from_bits(value | i)).collect())
+}
+
+/// `snat_ports` (default: below the host's local port range when the SNAT addresses are
+/// the host's own), and what else takes ports on those addresses: the host's own
+/// connections and the metrics endpoint.
+fn snat_ports(
+    raw: &RawVip,
+    name: &str,
+    vip_address: IpAddr,
+    snat: &Snat,
+    taken: &Taken,
+) -> Result<(u16, u16), Invalid> {
+    let addresses: &[IpAddr] = match snat {
+        Snat::None => {
+            if let Some(ports) = &raw.snat_ports {
+                let message = format!(
+                    "VIP \"{name}\": snat_ports does not apply with snat = \"none\" \
+                     (destination-only NAT allocates no ports): remove it, or set snat"
+                );
+                return Err((ports.span(), message));
+            }
+            return Ok(DEFAULT_SNAT_PORTS);
+        }
+        Snat::Interface => &[],
+        Snat::Addresses(addresses) => addresses,
+    };
+    let host = taken.host;
+    let is_host_address = |a: &IpAddr| host.addresses.iter().any(|(h, _)| h == a);
+    let interface = *snat == Snat::Interface;
+    let on_host = interface || addresses.iter().any(is_host_address);
+    let (lo, hi) = match &raw.snat_ports {
+        None if on_host => DEFAULT_HOST_SNAT_PORTS,
+        None => DEFAULT_SNAT_PORTS,
+        Some(p) => parse_port_range(p.get_ref())
+            .map_err(|e| (p.span(), format!("VIP \"{name}\": snat_ports {e}")))?,
+    };
+    // Where to point when the default ports are to blame: what chose them.
+    let span = match (&raw.snat_ports, &raw.snat) {
+        (Some(p), _) => p.span(),
+        (None, Some(s)) => s.span(),
+        (None, None) => raw.forwarding.span(),
+    };
+    let ports = match &raw.snat_ports {
+        Some(_) => format!("snat_ports {lo}-{hi}"),
+        None => format!("the default snat_ports {lo}-{hi}"),
+    };
+    if let Some((local_lo, local_hi)) = host.local_port_range.filter(|_| on_host) {
+        if lo <= local_hi && local_lo <= hi {
+            let instead = if local_lo > 1024 {
+                format!(", such as \"1024-{}\"", local_lo - 1)
+            } else if local_hi < 65535 {
+                format!(", such as \"{}-65535\"", local_hi + 1)
+            } else {
+                String::new()
+            };
+            let message = format!(
+                "VIP \"{name}\": {ports} overlap the host's local port range \
+                 {local_lo}-{local_hi} (net.ipv4.ip_local_port_range), which its own connections \
+                 take on the SNAT address: choose snat_ports outside the host's local port \
+                 range{instead}"
+            );
+            return Err((span, message));
+        }
+    }
+    let metrics = taken.metrics_listen;
+    let ip = metrics.ip();
+    let metrics_on_snat = addresses.contains(&ip)
+        // `0.0.0.0` takes the port on every IPv4 address, `::` on every address.
+        || (on_host && ip.is_unspecified() && (ip.is_ipv6() || vip_address.is_ipv4()))
+        // The interface's address is one of the host's.
+        || (interface
+            && !ip.is_loopback()
+            && ip.is_ipv6() == vip_address.is_ipv6()
+            && is_host_address(&ip));
+    if metrics_on_snat && (lo..=hi).contains(&metrics.port()) {
+        let on = if ip.is_unspecified() {
+            "every address, the SNAT address among them"
+        } else {
+            "the SNAT address"
+        };
+        let message = format!(
+            "VIP \"{name}\": {ports} include {}, the port of metrics_listen \"{metrics}\" on \
+             {on}: choose snat_ports without it, or another metrics_listen port",
+            metrics.port()
+        );
+        return Err((span, message));
+    }
+    Ok((lo, hi))
+}
+
+/// `"1024-65535"` (inclusive) or `"5000"` (one port).
+fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
+    let bad = || {
+        format!(
+            "\"{text}\" is not a port range such as \"1024-65535\" (ports 1 to 65535, the \
+             first no larger than the last)"
+        )
+    };
+    let port = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(bad)
+    };
+    let (lo, hi) = match text.split_once('-') {
+        Some((lo, hi)) => (port(lo)?, port(hi)?),
+        None => {
+            let p = port(text)?;
+            (p, p)
+        }
+    };
+    if lo > hi {
+        return Err(bad());
+    }
+    Ok((lo, hi))
 }
 
 fn port_of(port: &PortSpec) -> Option<u16> {
@@ -414,6 +802,7 @@ fn backends(
     name: &str,
     vip_address: IpAddr,
     forwarding: Forwarding,
+    backend_port: Option<u16>,
     taken: &Taken,
 ) -> Result<Vec<BackendConfig>, Invalid> {
     let mut seen = HashSet::new();
@@ -440,12 +829,23 @@ fn backends(
                 return Err((w.span(), message));
             }
         };
+        // NAT: the backend's own port, else the VIP's backend_port (other modes have
+        // neither: `nat_keys`).
+        let port = match &rb.port {
+            Some(p) => Some(nonzero_port(
+                p,
+                &format!("VIP \"{name}\": backend {address} port"),
+            )?),
+            None => backend_port,
+        };
+        // A check probes the port the backend serves on unless it names one.
+        let default_port = port.or(port_of(raw.port.get_ref()));
         backends.push(BackendConfig {
             address,
-            port: None,
+            port,
             weight,
             drain: rb.drain,
-            health: backend_health(raw, rb, name, span)?,
+            health: backend_health(raw, rb, name, default_port, span)?,
         });
     }
     Ok(backends)
@@ -462,6 +862,11 @@ fn backend_address(
         Some(format!(
             "VIP \"{name}\": backend {address} is not of the VIP's address family; direct server \
              return forwards the packet unchanged (tunnel mode can carry IPv4 VIPs to IPv6 backends)"
+        ))
+    } else if forwarding == Forwarding::Nat && address.is_ipv4() != vip_address.is_ipv4() {
+        Some(format!(
+            "VIP \"{name}\": backend {address} is not of the VIP's address family; NAT here \
+             translates within one family (tunnel mode can carry IPv4 VIPs to IPv6 backends)"
         ))
     } else if forwarding == Forwarding::Tunnel && vip_address.is_ipv6() && address.is_ipv4() {
         Some(format!(
@@ -508,6 +913,7 @@ fn backend_health(
     raw: &RawVip,
     rb: &RawBackend,
     name: &str,
+    default_port: Option<u16>,
     span: std::ops::Range<usize>,
 ) -> Result<crate::config::model::HealthCheck, Invalid> {
     let vip_health = raw
@@ -522,7 +928,7 @@ fn backend_health(
     let scope = Scope {
         name: &format!("VIP \"{name}\", backend {}", rb.address.get_ref()),
         protocol: raw.protocol,
-        vip_port: port_of(raw.port.get_ref()),
+        default_port,
         span: health_span,
     };
     let present = raw.health.is_some() || rb.health.is_some();

@@ -81,7 +81,8 @@ pub enum Input {
     /// new ones that could be resolved. With `only_if_changed`, text equal to the running
     /// config's is no reload at all (a file watcher sees every write).
     Reload {
-        read: ReadConfig,
+        /// Boxed: a parsed config is far larger than any other input.
+        read: Box<ReadConfig>,
         next_hops: NextHops,
         only_if_changed: bool,
     },
@@ -237,7 +238,7 @@ impl Core {
                 read,
                 next_hops,
                 only_if_changed,
-            } => self.reload(read, next_hops, only_if_changed, now, &mut out),
+            } => self.reload(*read, next_hops, only_if_changed, now, &mut out),
             Input::ReloadUnreadable { error } => {
                 self.last_read.clear();
                 self.reject(error, &mut out)

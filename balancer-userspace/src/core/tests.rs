@@ -90,11 +90,11 @@ fn reload(core: &mut Core, text: &str, now: Instant) -> Output {
 fn reload_with(core: &mut Core, text: &str, next_hops: NextHops, now: Instant) -> Output {
     core.handle(
         Input::Reload {
-            read: ReadConfig::new(
+            read: Box::new(ReadConfig::new(
                 Path::new("core.toml"),
                 text.to_owned(),
                 &config::Host::default(),
-            ),
+            )),
             next_hops,
             only_if_changed: false,
         },
@@ -233,11 +233,11 @@ fn reload_refused_for_a_restart_setting_and_unchanged_text() {
     // The same text from a file watcher: no reload at all.
     let out = core.handle(
         Input::Reload {
-            read: ReadConfig::new(
+            read: Box::new(ReadConfig::new(
                 Path::new("core.toml"),
                 heavier.clone(),
                 &config::Host::default(),
-            ),
+            )),
             next_hops: hops(),
             only_if_changed: true,
         },
@@ -263,11 +263,11 @@ fn reload_refused_for_a_restart_setting_and_unchanged_text() {
     // explicitly, it is judged again.
     let watched = |core: &mut Core, text: &str| {
         let input = Input::Reload {
-            read: ReadConfig::new(
+            read: Box::new(ReadConfig::new(
                 Path::new("core.toml"),
                 text.to_owned(),
                 &config::Host::default(),
-            ),
+            )),
             next_hops: hops(),
             only_if_changed: true,
         };

@@ -407,7 +407,7 @@ impl<'a> EventLoop<'a> {
         let mut next_hops = self.core.next_hops().clone();
         next_hops.extend(pending.resolved);
         let input = Input::Reload {
-            read: pending.read,
+            read: Box::new(pending.read),
             next_hops,
             only_if_changed: pending.request.only_if_changed,
         };

@@ -95,15 +95,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     ));
     let control = tokio::spawn(control.serve(commands, until_stopped(stopped)));
 
-    let (sweeps, sweeps_inbox) = mpsc::channel(4);
-    let sweeper_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sweeper = crate::shell::nat_sweep::NatTables::open(&dataplane)
-        .context("opening the NAT tables for the sweeper")?;
-    crate::shell::nat_sweep::spawn(sweeper, sweeper_stop.clone(), move |report| {
-        // A report the loop has no room for is superseded by the next one.
-        let _ = sweeps.try_send(report);
-    })
-    .context("starting the NAT sweeper's thread")?;
+    let (sweeps_inbox, sweeper_stop) = start_sweeper(&dataplane)?;
     let mut event_loop =
         EventLoop::new(&mut core, &mut dataplane, resolver, &mut probes, &snapshots);
     // Counters before the first snapshot is served.
@@ -129,6 +121,25 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     finish(dataplane, keep, &pin_dir, &interface)?;
     drop(lock);
     Ok(())
+}
+
+/// The NAT sweeper's reports.
+type Sweeps = mpsc::Receiver<Result<crate::plan::contents::NatSweep, String>>;
+
+/// The NAT sweeper's thread: its reports, and the flag that stops it.
+fn start_sweeper(
+    dataplane: &crate::shell::dataplane::Dataplane,
+) -> anyhow::Result<(Sweeps, Arc<std::sync::atomic::AtomicBool>)> {
+    let (sweeps, inbox) = mpsc::channel(4);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let tables = crate::shell::nat_sweep::NatTables::open(dataplane)
+        .context("opening the NAT tables for the sweeper")?;
+    crate::shell::nat_sweep::spawn(tables, stop.clone(), move |report| {
+        // A report the loop has no room for is superseded by the next one.
+        let _ = sweeps.try_send(report);
+    })
+    .context("starting the NAT sweeper's thread")?;
+    Ok((inbox, stop))
 }
 
 /// The health probes' share of descriptors, from the open-files limit, logged; warns when

@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 use balancer_common::{
     nat::{NatSettings, NatVip, MAX_SNAT_ADDRESSES, NAT_VIP_F_SNAT},
     Backend, VipKey, VipMeta, BACKEND_F_DOWN, BACKEND_F_DRAINING, BACKEND_F_VALID, FORWARD_DSR,
-    FORWARD_NAT, FORWARD_TUNNEL, NO_BACKEND, PROTO_ICMP, PROTO_ICMPV6, VIP_F_ADDRESS, VIP_F_FRAGMENTS,
-    VIP_F_FRAGMENTS_ONLY, VIP_F_HASH_DST_PORT_ONLY,
+    FORWARD_NAT, FORWARD_TUNNEL, NO_BACKEND, PROTO_ICMP, PROTO_ICMPV6, VIP_F_ADDRESS,
+    VIP_F_FRAGMENTS, VIP_F_FRAGMENTS_ONLY, VIP_F_HASH_DST_PORT_ONLY,
 };
 
 use crate::{
@@ -436,7 +436,12 @@ impl VipPlan<'_> {
         for (slot, address) in vip.snat.iter_mut().zip(&addresses) {
             let bytes = address_bytes(*address).0;
             *slot = std::array::from_fn(|i| {
-                u32::from_ne_bytes([bytes[4 * i], bytes[4 * i + 1], bytes[4 * i + 2], bytes[4 * i + 3]])
+                u32::from_ne_bytes([
+                    bytes[4 * i],
+                    bytes[4 * i + 1],
+                    bytes[4 * i + 2],
+                    bytes[4 * i + 3],
+                ])
             });
         }
         Some(vip)

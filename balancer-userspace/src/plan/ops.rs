@@ -178,7 +178,13 @@ pub fn rewrite_all(held: &MapContents, desired: &MapContents) -> MapPlan {
     };
     // What the prefilter and the slots hold is not known either: every word either side
     // names, and every desired slot, is written.
-    plan_over(&unknown, &held.keys, &nat_filter_words(held), desired, false)
+    plan_over(
+        &unknown,
+        &held.keys,
+        &nat_filter_words(held),
+        desired,
+        false,
+    )
 }
 
 fn key_map(contents: &MapContents) -> HashMap<VipKey, VipMeta> {

@@ -67,7 +67,12 @@ impl NatTables {
 
     /// One sweep at `now` (CLOCK_MONOTONIC nanoseconds, the clock the packet path stamps
     /// entries with), pausing `pause` every `batch` entries.
-    pub fn sweep(&mut self, now: u64, batch: usize, pause: Duration) -> Result<SweepReport, MapError> {
+    pub fn sweep(
+        &mut self,
+        now: u64,
+        batch: usize,
+        pause: Duration,
+    ) -> Result<SweepReport, MapError> {
         let started = Instant::now();
         let settings = self.settings()?;
         let mut report = SweepReport::default();
@@ -76,7 +81,7 @@ impl NatTables {
             return Ok(report);
         }
         let mut seen = 0usize;
-        let mut tick = |seen: &mut usize| {
+        let tick = |seen: &mut usize| {
             *seen += 1;
             if (*seen).is_multiple_of(batch) {
                 std::thread::sleep(pause);

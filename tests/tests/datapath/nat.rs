@@ -147,12 +147,24 @@ fn to_backend(w: &World, p: &Pkt, src: IpAddr, sport: u16, backend: IpAddr, dpor
         dport,
         ..*p
     };
-    frame(LB_MAC, w.neighbour_mac(backend), p.vlan, &translated.ip_bytes())
+    frame(
+        LB_MAC,
+        w.neighbour_mac(backend),
+        p.vlan,
+        &translated.ip_bytes(),
+    )
 }
 
 /// What `backend` sends back on the connection `p` became: from `backend`:`bport` to
 /// `to`:`port`, framed from the backend to the balancer.
-fn backend_reply(w: &World, l4: L4, backend: IpAddr, bport: u16, to: IpAddr, port: u16) -> (Pkt, Vec<u8>) {
+fn backend_reply(
+    w: &World,
+    l4: L4,
+    backend: IpAddr,
+    bport: u16,
+    to: IpAddr,
+    port: u16,
+) -> (Pkt, Vec<u8>) {
     let reply = Pkt {
         src: backend,
         dst: to,
@@ -211,27 +223,59 @@ fn tcp_through_full_nat(vip: IpAddr, snat: IpAddr, vip_name: &str) {
     let syn = tcp(vip, 40_000, 80);
     let backend = w.table_choice(vip_name, &syn.flow());
     let expected = to_backend(&w, &syn, snat, 40_000, backend, 8080);
-    assert_sent(&w, &syn.bytes(), xdp_action::TX, &expected, &format!("{case}: SYN"));
+    assert_sent(
+        &w,
+        &syn.bytes(),
+        xdp_action::TX,
+        &expected,
+        &format!("{case}: SYN"),
+    );
     let entry = forward_entry(&w, &syn);
     assert_eq!(entry.flags, NAT_F_SNAT, "{case}: forward entry flags");
     assert_eq!(entry.state, NAT_S_SYN, "{case}: state after the SYN");
     assert_eq!(address_of(&entry.src, vip.is_ipv6()), snat);
     let nat = w.nat_counters();
     assert_eq!(nat[NatCounter::Created as usize], 1, "{case}: created");
-    assert_eq!(nat[NatCounter::PortKept as usize], 1, "{case}: the client's port kept");
+    assert_eq!(
+        nat[NatCounter::PortKept as usize],
+        1,
+        "{case}: the client's port kept"
+    );
 
     let (synack, bytes) = backend_reply(&w, L4::TcpSynAck, backend, 8080, snat, 40_000);
     let expected = to_client(&synack, vip, 80, 40_000);
-    assert_sent(&w, &bytes, xdp_action::TX, &expected, &format!("{case}: SYN-ACK"));
+    assert_sent(
+        &w,
+        &bytes,
+        xdp_action::TX,
+        &expected,
+        &format!("{case}: SYN-ACK"),
+    );
     let state = forward_entry(&w, &syn).state;
-    assert_eq!(state, NAT_S_SYN | NAT_S_SYN_ACK, "{case}: state in the forward entry");
+    assert_eq!(
+        state,
+        NAT_S_SYN | NAT_S_SYN_ACK,
+        "{case}: state in the forward entry"
+    );
 
     let data = tcp(vip, 40_000, 80).ack();
     let expected = to_backend(&w, &data, snat, 40_000, backend, 8080);
-    assert_sent(&w, &data.bytes(), xdp_action::TX, &expected, &format!("{case}: data"));
+    assert_sent(
+        &w,
+        &data.bytes(),
+        xdp_action::TX,
+        &expected,
+        &format!("{case}: data"),
+    );
     let (answer, bytes) = backend_reply(&w, L4::TcpAck, backend, 8080, snat, 40_000);
     let expected = to_client(&answer, vip, 80, 40_000);
-    assert_sent(&w, &bytes, xdp_action::TX, &expected, &format!("{case}: answer"));
+    assert_sent(
+        &w,
+        &bytes,
+        xdp_action::TX,
+        &expected,
+        &format!("{case}: answer"),
+    );
 
     let c = w.counters();
     assert_eq!(c.outcome(Outcome::ForwardedTx), 2, "{case}: forwarded");
@@ -264,7 +308,13 @@ fn udp_through_full_nat(vip: IpAddr, snat: IpAddr, vip_name: &str) {
     assert_sent(&w, &query.bytes(), xdp_action::TX, &expected, &case);
     let (answer, bytes) = backend_reply(&w, L4::Udp, backend, 53, snat, 40_001);
     let expected = to_client(&answer, vip, 53, 40_001);
-    assert_sent(&w, &bytes, xdp_action::TX, &expected, &format!("{case}: answer"));
+    assert_sent(
+        &w,
+        &bytes,
+        xdp_action::TX,
+        &expected,
+        &format!("{case}: answer"),
+    );
     if vip.is_ipv4() {
         // No checksum (0) on IPv4 UDP: sent on without one.
         let mut zero = udp(vip, 40_001, 53).bytes();
@@ -305,7 +355,13 @@ fn destination_only_nat_keeps_the_client() {
     assert_eq!(forward_entry(&w, &syn).flags & NAT_F_SNAT, 0);
     let (synack, bytes) = backend_reply(&w, L4::TcpSynAck, backend, 8080, client(KEEP), 40_002);
     let expected = to_client(&synack, KEEP, 80, 40_002);
-    assert_sent(&w, &bytes, xdp_action::TX, &expected, &format!("{case}: reply"));
+    assert_sent(
+        &w,
+        &bytes,
+        xdp_action::TX,
+        &expected,
+        &format!("{case}: reply"),
+    );
 }
 
 #[test]
@@ -324,7 +380,13 @@ fn a_client_port_taken_on_the_same_backend_gets_another_one() {
     assert_ne!(port, 40_003, "the colliding port is not taken twice");
     assert_eq!(run.output, to_backend(&w, &other, SNAT4, port, backend, 53));
     let nat = w.nat_counters();
-    assert_eq!((nat[NatCounter::PortKept as usize], nat[NatCounter::PortProbed as usize]), (1, 1));
+    assert_eq!(
+        (
+            nat[NatCounter::PortKept as usize],
+            nat[NatCounter::PortProbed as usize]
+        ),
+        (1, 1)
+    );
     // Each reply finds its own client.
     let (answer, bytes) = backend_reply(&w, L4::Udp, backend, 53, SNAT4, port);
     let translated = Pkt {
@@ -335,7 +397,13 @@ fn a_client_port_taken_on_the_same_backend_gets_another_one() {
         ..answer
     };
     let expected = frame(LB_MAC, CLIENT_MAC, None, &translated.ip_bytes());
-    assert_sent(&w, &bytes, xdp_action::TX, &expected, "the second client's reply");
+    assert_sent(
+        &w,
+        &bytes,
+        xdp_action::TX,
+        &expected,
+        "the second client's reply",
+    );
 }
 
 #[test]
@@ -346,11 +414,19 @@ fn an_exhausted_port_range_drops_new_connections_and_counts_them() {
     let mut ports = Vec::new();
     for i in 0..4u16 {
         let syn = tcp(TINY, 41_000 + i, 80);
-        assert_eq!(w.run(&syn.bytes()).verdict, xdp_action::TX, "connection {i}");
+        assert_eq!(
+            w.run(&syn.bytes()).verdict,
+            xdp_action::TX,
+            "connection {i}"
+        );
         ports.push(u16::from_be(forward_entry(&w, &syn).src_port));
     }
     ports.sort_unstable();
-    assert_eq!(ports, [2000, 2001, 2002, 2003], "every port of the range, once");
+    assert_eq!(
+        ports,
+        [2000, 2001, 2002, 2003],
+        "every port of the range, once"
+    );
     let fifth = tcp(TINY, 41_004, 80);
     let run = w.run(&fifth.bytes());
     assert_eq!(run.verdict, xdp_action::DROP, "the fifth connection");
@@ -359,7 +435,11 @@ fn an_exhausted_port_range_drops_new_connections_and_counts_them() {
     assert!(w.nat_entry(&fifth.flow(), false).is_none());
     // A retransmitted SYN of a connection keeps its port.
     let again = tcp(TINY, 41_000, 80);
-    assert_eq!(w.run(&again.bytes()).verdict, xdp_action::TX, "retransmitted SYN");
+    assert_eq!(
+        w.run(&again.bytes()).verdict,
+        xdp_action::TX,
+        "retransmitted SYN"
+    );
     assert_eq!(w.nat_counters()[NatCounter::Created as usize], 4);
 }
 
@@ -382,7 +462,11 @@ fn icmp_errors_are_translated_both_ways() {
         };
         let error = router_too_big(&sent.ip_bytes());
         let run = w.run(&error);
-        assert_eq!(run.verdict, xdp_action::TX, "{name}: ICMP error to the client");
+        assert_eq!(
+            run.verdict,
+            xdp_action::TX,
+            "{name}: ICMP error to the client"
+        );
         assert_checksums_valid(&run.output, name);
         let expected = {
             let original = router_too_big(&syn.ip_bytes());
@@ -392,7 +476,10 @@ fn icmp_errors_are_translated_both_ways() {
             set_outer_source(&mut translated, vip);
             translated
         };
-        assert_eq!(run.output, expected, "{name}: the client's ICMP error, byte for byte");
+        assert_eq!(
+            run.output, expected,
+            "{name}: the client's ICMP error, byte for byte"
+        );
         // From the client's side: a router says the VIP's answer was too big; the backend
         // must hear it about its own packet, from the SNAT address.
         let answer = Pkt {
@@ -405,7 +492,11 @@ fn icmp_errors_are_translated_both_ways() {
         };
         let error = router_too_big(&answer.ip_bytes());
         let run = w.run(&error);
-        assert_eq!(run.verdict, xdp_action::TX, "{name}: ICMP error to the backend");
+        assert_eq!(
+            run.verdict,
+            xdp_action::TX,
+            "{name}: ICMP error to the backend"
+        );
         assert_checksums_valid(&run.output, name);
         let from_backend = Pkt {
             src: backend,
@@ -417,7 +508,10 @@ fn icmp_errors_are_translated_both_ways() {
         let original = router_too_big(&from_backend.ip_bytes());
         let mut expected = frame(LB_MAC, w.neighbour_mac(backend), None, &original[14..]);
         set_outer_source(&mut expected, snat);
-        assert_eq!(run.output, expected, "{name}: the backend's ICMP error, byte for byte");
+        assert_eq!(
+            run.output, expected,
+            "{name}: the backend's ICMP error, byte for byte"
+        );
         let nat = w.nat_counters();
         assert_eq!(nat[NatCounter::IcmpReply as usize], 1);
         assert_eq!(nat[NatCounter::IcmpForward as usize], 1);
@@ -476,7 +570,12 @@ fn a_reset_does_not_end_the_connection_at_once() {
     assert_eq!(w.run(&data.bytes()).verdict, xdp_action::TX);
     assert_eq!(forward_entry(&w, &syn).state & NAT_S_RST, 0);
     let reply = w
-        .nat_entry(&backend_reply(&w, L4::TcpAck, backend, 8080, SNAT4, 40_005).0.flow(), true)
+        .nat_entry(
+            &backend_reply(&w, L4::TcpAck, backend, 8080, SNAT4, 40_005)
+                .0
+                .flow(),
+            true,
+        )
         .expect("the reply entry stays");
     assert_eq!(reply.flags, NAT_F_REPLY | NAT_F_SNAT);
 }
@@ -514,7 +613,14 @@ fn traffic_that_is_no_nat_reply_leaves_untouched() {
     assert_eq!(run.output, bytes);
     assert_eq!(w.counters().outcome(Outcome::NotVip), 1);
     // From a DSR backend to anywhere: not even looked up.
-    let (_, bytes) = backend_reply(&w, L4::TcpAck, v4([10, 0, 0, 51]), 80, v4([192, 0, 2, 9]), 1234);
+    let (_, bytes) = backend_reply(
+        &w,
+        L4::TcpAck,
+        v4([10, 0, 0, 51]),
+        80,
+        v4([192, 0, 2, 9]),
+        1234,
+    );
     let run = w.run(&bytes);
     assert_eq!((run.verdict, run.output), (xdp_action::PASS, bytes));
 }

@@ -130,7 +130,11 @@ impl Kernel {
     /// NAT: a key of a NAT VIP leads to the VIP's translation (the old or the new one) and
     /// to timeouts, and every backend its table names has its reply filter bit set.
     fn check_nat(&self, held: &MapContents, desired: &MapContents, step: &str) {
-        for meta in self.keys.values().filter(|m| m.translates() && !m.is_address()) {
+        for meta in self
+            .keys
+            .values()
+            .filter(|m| m.translates() && !m.is_address())
+        {
             let id = meta.vip_id;
             let vip = self.nat_vips.get(&id);
             assert!(
@@ -143,7 +147,9 @@ impl Kernel {
                 NatSettings::default(),
                 "{step}: NAT VIP {id}'s key before the timeouts"
             );
-            let Some((_, filled)) = self.tables.get(&id) else { continue };
+            let Some((_, filled)) = self.tables.get(&id) else {
+                continue;
+            };
             for backend in filled.iter().filter_map(|b| self.backends.get(b)) {
                 let bit = vip_filter_bit(&backend.addr, backend.family);
                 let word = self.nat_filter.get(&(bit >> 6)).copied().unwrap_or(0);
@@ -253,7 +259,10 @@ impl Kernel {
             .collect();
         assert_eq!(filter, filter_words(&desired.keys), "{case}: prefilter");
         assert_eq!(self.slots, vip_slots(&desired.keys), "{case}: slots");
-        assert_eq!(self.nat_settings, desired.nat.settings, "{case}: NAT settings");
+        assert_eq!(
+            self.nat_settings, desired.nat.settings,
+            "{case}: NAT settings"
+        );
         for (id, vip) in &desired.nat.vips {
             assert_eq!(self.nat_vips.get(id), Some(vip), "{case}: NAT VIP {id}");
         }
@@ -322,13 +331,7 @@ fn random_state(rng: &mut fastrand::Rng, owners: &[u32]) -> MapContents {
             ..VipMeta::default()
         };
         if nat {
-            let vip = NatVip {
-                snat_count: 1,
-                port_min: 1024,
-                port_max: [2000, 3000][rng.usize(..2)],
-                ..NatVip::default()
-            };
-            state.nat.vips.insert(vip_id, vip);
+            state.nat.vips.insert(vip_id, random_nat_vip(rng));
         }
         let Some(key) = pool.pop() else { break };
         state.keys.push((key, meta));
@@ -375,6 +378,15 @@ fn random_state(rng: &mut fastrand::Rng, owners: &[u32]) -> MapContents {
         state.tables.insert(vip_id, Table::from(table));
     }
     state
+}
+
+fn random_nat_vip(rng: &mut fastrand::Rng) -> NatVip {
+    NatVip {
+        snat_count: 1,
+        port_min: 1024,
+        port_max: [2000, 3000][rng.usize(..2)],
+        ..NatVip::default()
+    }
 }
 
 /// A backend entry of id `id`: its address follows from the id (a backend id names the same

@@ -400,9 +400,8 @@ fn load_nat_programs(ebpf: &mut Ebpf) -> Result<()> {
                 what: "map",
                 name: map_names::NAT_PROGRAMS,
             })?;
-        let mut programs: aya::maps::ProgramArray<&mut aya::maps::MapData> = map
-            .try_into()
-            .map_err(map_err(map_names::NAT_PROGRAMS))?;
+        let mut programs: aya::maps::ProgramArray<&mut aya::maps::MapData> =
+            map.try_into().map_err(map_err(map_names::NAT_PROGRAMS))?;
         programs
             .set(slot, &fd, 0)
             .map_err(map_err(map_names::NAT_PROGRAMS))?;
