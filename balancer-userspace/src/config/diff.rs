@@ -130,57 +130,7 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
                 changes.push(Change::VipChanged { vip: name(), what });
             }
         }
-        let old_backends: BTreeMap<IpAddr, &BackendConfig> =
-            before.backends.iter().map(|b| (b.address, b)).collect();
-        for b in &vip.backends {
-            let address = b.address;
-            let Some(was) = old_backends.get(&address) else {
-                changes.push(Change::BackendAdded {
-                    vip: name(),
-                    address,
-                });
-                continue;
-            };
-            if was.weight != b.weight {
-                changes.push(Change::Reweighted {
-                    vip: name(),
-                    address,
-                    from: was.weight,
-                    to: b.weight,
-                });
-            }
-            match (was.drain, b.drain) {
-                (false, true) => changes.push(Change::Drained {
-                    vip: name(),
-                    address,
-                }),
-                (true, false) => changes.push(Change::Undrained {
-                    vip: name(),
-                    address,
-                }),
-                _ => {}
-            }
-            if was.port != b.port {
-                changes.push(Change::VipChanged {
-                    vip: name(),
-                    what: "backend port",
-                });
-            }
-            if was.health != b.health {
-                changes.push(Change::HealthCheckChanged {
-                    vip: name(),
-                    address,
-                });
-            }
-        }
-        for b in &before.backends {
-            if !vip.backends.iter().any(|n| n.address == b.address) {
-                changes.push(Change::BackendRemoved {
-                    vip: name(),
-                    address: b.address,
-                });
-            }
-        }
+        backend_changes(before, vip, &mut changes);
     }
     for vip in &old.vips {
         if !new.vips.iter().any(|n| n.name == vip.name) {
@@ -201,6 +151,62 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
         changes.push(Change::NatTimeouts);
     }
     changes
+}
+
+/// The changes of a VIP's backends.
+fn backend_changes(before: &Vip, vip: &Vip, changes: &mut Vec<Change>) {
+    let name = || vip.name.clone();
+    let old_backends: BTreeMap<IpAddr, &BackendConfig> =
+        before.backends.iter().map(|b| (b.address, b)).collect();
+    for b in &vip.backends {
+        let address = b.address;
+        let Some(was) = old_backends.get(&address) else {
+            changes.push(Change::BackendAdded {
+                vip: name(),
+                address,
+            });
+            continue;
+        };
+        if was.weight != b.weight {
+            changes.push(Change::Reweighted {
+                vip: name(),
+                address,
+                from: was.weight,
+                to: b.weight,
+            });
+        }
+        match (was.drain, b.drain) {
+            (false, true) => changes.push(Change::Drained {
+                vip: name(),
+                address,
+            }),
+            (true, false) => changes.push(Change::Undrained {
+                vip: name(),
+                address,
+            }),
+            _ => {}
+        }
+        if was.port != b.port {
+            changes.push(Change::VipChanged {
+                vip: name(),
+                what: "backend port",
+            });
+        }
+        if was.health != b.health {
+            changes.push(Change::HealthCheckChanged {
+                vip: name(),
+                address,
+            });
+        }
+    }
+    for b in &before.backends {
+        if !vip.backends.iter().any(|n| n.address == b.address) {
+            changes.push(Change::BackendRemoved {
+                vip: name(),
+                address: b.address,
+            });
+        }
+    }
 }
 
 #[cfg(test)]
