@@ -97,6 +97,10 @@ fn set_twin_key(key: &mut Key, entry: &NatEntry) {
 
 /// The entry at `s.key`.
 #[inline(always)]
+#[allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "by reference on purpose: a key or entry passed by value is copied to the stack"
+)]
 fn lookup(v6: bool, s: &mut Scratch) -> Option<*mut NatEntry> {
     if v6 {
         NAT_V6.get_ptr_mut(&s.key)
@@ -113,6 +117,10 @@ fn lookup(v6: bool, s: &mut Scratch) -> Option<*mut NatEntry> {
 
 /// Writes `s.entry` at `s.key`.
 #[inline(always)]
+#[allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "by reference on purpose: a key or entry passed by value is copied to the stack"
+)]
 fn insert(v6: bool, s: &mut Scratch, flags: u64) -> Result<(), i32> {
     if v6 {
         NAT_V6.insert(&s.key, &s.entry, flags)

@@ -471,7 +471,10 @@ impl NatTopology {
             ns.ip(&[
                 "route",
                 "add",
-                &format!("{NAT_CLIENT_ADDR}/{SUBNET_PREFIX}"),
+                &format!(
+                    "{}/{SUBNET_PREFIX}",
+                    Ipv4Addr::from(u32::from(NAT_CLIENT_ADDR) & !0xff)
+                ),
                 "via",
                 &NAT_SNAT_ADDR.to_string(),
             ]);

@@ -156,6 +156,7 @@ pub fn run(no_vm: bool) -> Result<()> {
             "attach_modes",
             "dynamic_backends",
             "tunnel_end_to_end",
+            "nat_end_to_end",
             "observability",
             "restarts",
             "control_plane",

@@ -1,0 +1,226 @@
+//! NAT end to end, in network namespaces: the real `balancer` binary in front of unmodified
+//! backends (plain HTTP servers on their own address and port 8080, no VIP on a loopback, no
+//! ARP settings), a real client making connections to the VIP on port 80.
+//!
+//! - Full NAT: the backends have no route to the client's network at all; they see the SNAT
+//!   address only, and their answers come back through the balancer's XDP program. Closed
+//!   connections leave no NAT entry once their timeout and one sweep have passed.
+//! - Destination-only NAT: the balancer is the backends' gateway; they see the client.
+#![allow(
+    clippy::too_many_lines,
+    reason = "end-to-end scenarios read top to bottom; the 80-line rule is the daemon's"
+)]
+#![allow(
+    unused_crate_dependencies,
+    reason = "every test target of the crate gets all its dev-dependencies and uses some"
+)]
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr, SocketAddrV4},
+    time::Duration,
+};
+
+use balancer_tests::{
+    http::{get_json, run_requests, wait_for_status, HttpServer, LoadReport},
+    netns::{remove_stale, require_root, Netns},
+    process::BalancerProcess,
+    scratch::Scratch,
+    topology::{
+        checksum_errors, nat_backend_addr, NatTopology, NAT_BACKEND_PORT, NAT_CLIENT_ADDR,
+        NAT_SNAT_ADDR, NAT_VIP_ADDR,
+    },
+};
+
+const API: &str = "127.0.0.1:9100";
+
+/// The config of one NAT VIP on port 80 in front of `backends` backends on port 8080;
+/// `snat` is the VIP's `snat` line (empty: the default, the interface's address).
+fn config(backends: usize, snat: &str) -> String {
+    let list: Vec<String> = (0..backends)
+        .map(|i| format!("{{ address = \"{}\" }}", nat_backend_addr(i)))
+        .collect();
+    format!(
+        r#"
+[balancer]
+interface = "eth0"
+metrics_listen = "{API}"
+nat_timeouts = {{ closing = "2s", quarantine = "1s" }}
+
+[[vip]]
+name = "web"
+address = "{NAT_VIP_ADDR}"
+port = 80
+protocol = "tcp"
+forwarding = "nat"
+{snat}
+backend_port = {NAT_BACKEND_PORT}
+health = {{ kind = "tcp", interval = "500ms", timeout = "250ms", rise = 1 }}
+backends = [{}]
+"#,
+        list.join(", ")
+    )
+}
+
+/// Starts the balancer in `topology` with `text`, and waits for it to serve.
+fn start(topology: &NatTopology, scratch: &Scratch, text: &str) -> BalancerProcess {
+    let path = scratch.write_atomically("nat.toml", text);
+    let mut balancer =
+        BalancerProcess::run(&topology.balancer, &path, scratch, &[], "balancer.log");
+    balancer.wait_ready(
+        &topology.balancer,
+        API.parse().unwrap(),
+        Duration::from_secs(30),
+    );
+    balancer
+}
+
+/// `requests` HTTP requests to the VIP from `threads` threads at once, each on a new
+/// connection from a source port of its own range.
+fn concurrent_requests(client: &Netns, requests: u64, threads: u64) -> LoadReport {
+    let to: SocketAddr = SocketAddrV4::new(NAT_VIP_ADDR, 80).into();
+    let per_thread = requests / threads;
+    let reports: Vec<LoadReport> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let first = 20_000 + (t * per_thread) as u16;
+                scope.spawn(move || run_requests(client, to, per_thread, first, |_| true))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut total = LoadReport::default();
+    for r in reports {
+        for (backend, n) in r.per_backend {
+            *total.per_backend.entry(backend).or_default() += n;
+        }
+        total.flows.extend(r.flows);
+        total.failures.extend(r.failures);
+    }
+    total
+}
+
+fn assert_no_checksum_errors(topology: &NatTopology) {
+    for (name, ns) in topology.hosts() {
+        assert_eq!(
+            checksum_errors(ns),
+            0,
+            "InCsumErrors in the {name}'s /proc/net/snmp"
+        );
+    }
+}
+
+fn peers(servers: &[HttpServer]) -> BTreeSet<IpAddr> {
+    servers.iter().flat_map(HttpServer::peers).collect()
+}
+
+#[test]
+fn full_nat_serves_unmodified_backends_that_cannot_reach_the_client() {
+    require_root("the NAT end-to-end test");
+    remove_stale("lbt-");
+    let prefix = format!("lbt-{}-nat-", std::process::id());
+    let topology = NatTopology::create(&prefix, 4);
+    for backend in &topology.backends {
+        let route = backend
+            .command("ip")
+            .args(["route", "get", &NAT_CLIENT_ADDR.to_string()])
+            .output()
+            .expect("ip runs");
+        assert!(
+            !route.status.success(),
+            "a backend must have no route to the client: {}",
+            String::from_utf8_lossy(&route.stdout)
+        );
+    }
+    let servers = topology.start_http_servers(|i| format!("be{}", i + 1));
+    let scratch = Scratch::new("lbt-", "nat");
+    let balancer = start(&topology, &scratch, &config(4, ""));
+
+    let report = concurrent_requests(&topology.client, 1_000, 20);
+    assert!(
+        report.failures.is_empty(),
+        "{} failed requests, the first: {:#?}\n{}",
+        report.failures.len(),
+        &report.failures[..report.failures.len().min(5)],
+        balancer.log()
+    );
+    assert_eq!(report.succeeded(), 1_000);
+    // Equal weights: 250 each. A share is a binomial draw over 1,000 flows (standard
+    // deviation 1.4 points); 6 points is more than 4 standard deviations.
+    for i in 0..4 {
+        let share = report
+            .per_backend
+            .get(&format!("be{}", i + 1))
+            .copied()
+            .unwrap_or(0) as f64
+            / 1_000.0;
+        assert!(
+            (share - 0.25).abs() <= 0.06,
+            "be{}: share {share:.3}",
+            i + 1
+        );
+    }
+    let served: BTreeMap<String, u64> = servers
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (format!("be{}", i + 1), s.served()))
+        .collect();
+    assert_eq!(served, report.per_backend, "servers' own counts");
+    assert_eq!(
+        peers(&servers),
+        BTreeSet::from([IpAddr::V4(NAT_SNAT_ADDR)]),
+        "every backend saw the SNAT address only"
+    );
+    assert_no_checksum_errors(&topology);
+
+    let api: SocketAddr = API.parse().unwrap();
+    let status = get_json(&topology.balancer, api, "/api/v1/status").expect("status API");
+    let nat = &status["nat"];
+    assert_eq!(nat["events"]["created"], 1_000, "{nat:#}");
+    assert!(nat["replies"].as_u64().unwrap() >= 2_000, "{nat:#}");
+    assert_eq!(status["verdicts"]["drop"], 0, "{status:#}");
+    // Every connection closed: after the closing timeout (2 s), the quarantine of the
+    // ports (1 s) and a sweep, no entry is left: sweeps removed both entries of each.
+    let (status, _) = wait_for_status(
+        &topology.balancer,
+        api,
+        "the NAT tables empty after the closing timeout and a sweep",
+        Duration::from_secs(15),
+        |s| s["nat"]["swept"].as_u64() >= Some(2_000) && s["nat"]["entries_ipv4"] == 0,
+        || balancer.log(),
+    );
+    assert_eq!(status["nat"]["swept"], 2_000, "{:#}", status["nat"]);
+    assert_eq!(status["nat"]["connections"], 0);
+    drop(balancer);
+}
+
+#[test]
+fn destination_only_nat_shows_backends_the_client() {
+    require_root("the NAT end-to-end test");
+    remove_stale("lbt-");
+    let prefix = format!("lbt-{}-dnat-", std::process::id());
+    let topology = NatTopology::create(&prefix, 2);
+    topology.route_backends_via_balancer();
+    let servers = topology.start_http_servers(|i| format!("be{}", i + 1));
+    let scratch = Scratch::new("lbt-", "dnat");
+    let balancer = start(&topology, &scratch, &config(2, "snat = \"none\""));
+
+    let report = concurrent_requests(&topology.client, 200, 4);
+    assert!(
+        report.failures.is_empty(),
+        "failed requests: {:#?}\n{}",
+        &report.failures[..report.failures.len().min(5)],
+        balancer.log()
+    );
+    assert_eq!(report.succeeded(), 200);
+    // The client, as the backends see it; besides, only the balancer's own health checks,
+    // from its address on their network.
+    let seen = peers(&servers);
+    let expected = BTreeSet::from([IpAddr::V4(NAT_CLIENT_ADDR), IpAddr::V4(NAT_SNAT_ADDR)]);
+    assert!(
+        seen.contains(&IpAddr::V4(NAT_CLIENT_ADDR)) && seen.is_subset(&expected),
+        "backends saw {seen:?}"
+    );
+    assert_no_checksum_errors(&topology);
+    drop(balancer);
+}
