@@ -11,10 +11,14 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use balancer_tests::{
     http::{get_json, run_requests, HttpServer},
-    netns::remove_stale,
+    netns::{remove_stale, Netns},
     process::BalancerProcess,
     scratch::Scratch,
-    topology::{backend_addr, DsrTopology, BALANCER_ADDR, CLIENT_ADDR, VIP_ADDR},
+    topology::{
+        backend_addr, nat_backend_addr, DsrTopology, NatTopology, BALANCER_ADDR, CLIENT_ADDR,
+        NAT_BACKEND_PORT, NAT_BALANCER_ADDR, NAT_CLIENT_ADDR, NAT_SNAT_ADDR, NAT_VIP_ADDR,
+        VIP_ADDR,
+    },
 };
 use serde_json::Value;
 
@@ -40,7 +44,78 @@ fn say(message: &str) {
     println!("[demo] {message}");
 }
 
-pub fn run(requests: u64) -> Result<()> {
+/// How the demo's balancer reaches its backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Forwarding {
+    Dsr,
+    Nat,
+}
+
+/// The namespaces of either demo.
+enum Topology {
+    Dsr(DsrTopology),
+    Nat(NatTopology),
+}
+
+impl Topology {
+    fn client(&self) -> &Netns {
+        match self {
+            Topology::Dsr(t) => &t.client,
+            Topology::Nat(t) => &t.client,
+        }
+    }
+    fn balancer(&self) -> &Netns {
+        match self {
+            Topology::Dsr(t) => &t.balancer,
+            Topology::Nat(t) => &t.balancer,
+        }
+    }
+}
+
+/// Creates the topology of `forwarding` and starts its HTTP servers, saying what it does.
+fn create(prefix: &str, forwarding: Forwarding) -> (Topology, Vec<HttpServer>) {
+    match forwarding {
+        Forwarding::Dsr => {
+            say(&format!(
+                "creating namespaces {prefix}*: client {CLIENT_ADDR}, balancer {BALANCER_ADDR}, backends {}..{}, \
+                 one bridge; VIP {VIP_ADDR} on every backend's loopback (arp_ignore=1, arp_announce=2)",
+                backend_addr(0),
+                backend_addr(BACKENDS - 1)
+            ));
+            let topology = DsrTopology::create(prefix, BACKENDS);
+            let servers = topology.start_http_servers(|i| backend_addr(i).to_string());
+            say(&format!(
+                "HTTP servers listening on {VIP_ADDR}:80 in each of the {BACKENDS} backends"
+            ));
+            topology.pin_arp();
+            (Topology::Dsr(topology), servers)
+        }
+        Forwarding::Nat => {
+            say(&format!(
+                "creating namespaces {prefix}*: client {NAT_CLIENT_ADDR}, balancer {NAT_BALANCER_ADDR} and \
+                 {NAT_SNAT_ADDR}, backends {}..{} with nothing changed: no VIP, no ARP settings, \
+                 and no route to the client's network",
+                nat_backend_addr(0),
+                nat_backend_addr(BACKENDS - 1)
+            ));
+            let topology = NatTopology::create(prefix, BACKENDS);
+            let servers = topology.start_http_servers(|i| nat_backend_addr(i).to_string());
+            let route = topology.backends[0]
+                .command("ip")
+                .args(["route", "get", &NAT_CLIENT_ADDR.to_string()])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_owned())
+                .unwrap_or_default();
+            say(&format!(
+                "HTTP servers listening on each backend's own address, port {NAT_BACKEND_PORT}; \
+                 `ip route get {NAT_CLIENT_ADDR}` in a backend: {route}"
+            ));
+            (Topology::Nat(topology), servers)
+        }
+    }
+}
+
+pub fn run(requests: u64, forwarding: Forwarding) -> Result<()> {
     if requests == 0 || requests > 30_000 {
         bail!("--requests must be between 1 and 30000");
     }
@@ -62,21 +137,13 @@ pub fn run(requests: u64) -> Result<()> {
     let prefix = "lbdemo-";
     remove_stale(prefix);
     let prefix = format!("{prefix}{}-", std::process::id());
-    say(&format!(
-        "creating namespaces {prefix}*: client {CLIENT_ADDR}, balancer {BALANCER_ADDR}, backends {}..{}, \
-         one bridge; VIP {VIP_ADDR} on every backend's loopback (arp_ignore=1, arp_announce=2)",
-        backend_addr(0),
-        backend_addr(BACKENDS - 1)
-    ));
-    let topology = DsrTopology::create(&prefix, BACKENDS);
+    let (topology, servers) = create(&prefix, forwarding);
     interrupted()?;
-    let servers = topology.start_http_servers(|i| backend_addr(i).to_string());
-    say(&format!(
-        "HTTP servers listening on {VIP_ADDR}:80 in each of the {BACKENDS} backends"
-    ));
-    topology.pin_arp();
-
-    let config = workspace_root().join("config/demo.toml");
+    let (config, vip) = match forwarding {
+        Forwarding::Dsr => ("config/demo.toml", VIP_ADDR),
+        Forwarding::Nat => ("config/demo-nat.toml", NAT_VIP_ADDR),
+    };
+    let config = workspace_root().join(config);
     let mut files = Scratch::new("lbdemo-", "files");
     let log = files.path("balancer.log");
     // Under `ip netns exec` /sys is a fresh sysfs without the bpffs mount: pins go to a bpffs
@@ -88,20 +155,22 @@ pub fn run(requests: u64) -> Result<()> {
         log.display()
     ));
     let mut balancer =
-        BalancerProcess::run(&topology.balancer, &config, &files, &[], "balancer.log");
+        BalancerProcess::run(topology.balancer(), &config, &files, &[], "balancer.log");
     let api = "127.0.0.1:9100".parse().unwrap();
-    balancer.wait_ready(&topology.balancer, api, Duration::from_secs(30));
+    balancer.wait_ready(topology.balancer(), api, Duration::from_secs(30));
     for line in balancer.log().lines() {
         println!("    | {line}");
     }
     interrupted()?;
 
-    say(&format!("sending {requests} HTTP requests to {VIP_ADDR}:80 from the client, one TCP connection each"));
+    say(&format!(
+        "sending {requests} HTTP requests to {vip}:80 from the client, one TCP connection each"
+    ));
     let started = Instant::now();
     let step = (requests / 6).max(1);
     let report = run_requests(
-        &topology.client,
-        SocketAddrV4::new(VIP_ADDR, 80).into(),
+        topology.client(),
+        SocketAddrV4::new(vip, 80).into(),
         requests,
         FIRST_PORT,
         move |done| {
@@ -114,7 +183,7 @@ pub fn run(requests: u64) -> Result<()> {
     let elapsed = started.elapsed();
     interrupted()?;
     std::thread::sleep(Duration::from_millis(200));
-    let status = get_json(&topology.balancer, api, "/api/v1/status")
+    let status = get_json(topology.balancer(), api, "/api/v1/status")
         .map_err(anyhow::Error::msg)
         .context("status API")?;
 
@@ -125,6 +194,9 @@ pub fn run(requests: u64) -> Result<()> {
         elapsed.as_secs_f64()
     ));
     print_table(&status, &report.per_backend, &servers);
+    if forwarding == Forwarding::Nat {
+        print_nat(&status, &servers);
+    }
     for failure in report.failures.iter().take(10) {
         println!("    failed: {failure}");
     }
@@ -155,6 +227,25 @@ pub fn run(requests: u64) -> Result<()> {
         bail!("the balancer exited with {exit}");
     }
     Ok(())
+}
+
+/// What NAT did, and whom the backends saw.
+fn print_nat(status: &Value, servers: &[HttpServer]) {
+    let nat = &status["nat"];
+    println!(
+        "  NAT: {} connections created ({} kept the client's port), {} packets translated to \
+         backends, {} replies translated back to the client",
+        nat["events"]["created"], nat["events"]["port_kept"], nat["forwarded"], nat["replies"]
+    );
+    let seen: std::collections::BTreeSet<String> = servers
+        .iter()
+        .flat_map(HttpServer::peers)
+        .map(|a| a.to_string())
+        .collect();
+    println!(
+        "  the backends saw connections from: {} (the balancer's SNAT address; the client is {NAT_CLIENT_ADDR})\n",
+        seen.into_iter().collect::<Vec<_>>().join(", ")
+    );
 }
 
 fn print_table(
@@ -229,7 +320,12 @@ fn print_table(
         .as_object()
         .into_iter()
         .flatten()
-        .filter(|(name, v)| !name.starts_with("forwarded") && v.as_u64().unwrap_or(0) > 0)
+        .filter(|(name, v)| {
+            let forwarded = name.starts_with("forwarded")
+                || name.as_str() == "nat_reply_tx"
+                || name.as_str() == "nat_reply_redirect";
+            !forwarded && v.as_u64().unwrap_or(0) > 0
+        })
         .map(|(name, v)| format!("{name} {v}"))
         .collect();
     if !passed.is_empty() {

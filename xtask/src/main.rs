@@ -43,11 +43,16 @@ enum Task {
         args: Vec<String>,
     },
     /// Build, create a client/balancer/backends namespace topology, run the real balancer
-    /// with config/demo.toml, send HTTP requests through it and print what happened.
+    /// with config/demo.toml (config/demo-nat.toml with `--forwarding nat`), send HTTP
+    /// requests through it and print what happened.
     Demo {
         /// Number of HTTP requests (one TCP connection each).
         #[arg(long, default_value_t = 300)]
         requests: u64,
+        /// `dsr`: backends hold the VIP on a loopback and answer clients directly; `nat`:
+        /// unmodified backends behind full NAT.
+        #[arg(long, value_enum, default_value_t = demo::Forwarding::Dsr)]
+        forwarding: demo::Forwarding,
     },
     /// Run every test tier: lint, unit, datapath fixtures (root), network namespaces (root),
     /// a quick benchmark smoke run, and the VM tier on Debian 12's kernel.
@@ -93,7 +98,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Task::Setup { build_only } => setup::run_with(build_only),
         Task::Run { args } => run(&args),
-        Task::Demo { requests } => demo::run(requests),
+        Task::Demo {
+            requests,
+            forwarding,
+        } => demo::run(requests, forwarding),
         Task::Test { no_vm } => test::run(no_vm),
         Task::Vm { kernels, filter } => vm::run(&kernels, &filter),
         Task::Bench {

@@ -393,6 +393,48 @@ pub async fn resolve(
 
 /// The one-screen summary at start-up: attach mode, each VIP with its health check, each
 /// backend with its weight, state, slots and next hop.
+/// A NAT VIP's translation, as the maps hold it: the SNAT addresses (resolved from the
+/// interfaces when not configured) and ports, and where the replies are translated back.
+fn nat_summary(
+    nat: &config::NatVipConfig,
+    planned: &crate::plan::desired::DesiredVip,
+    core: &Core,
+) -> String {
+    let interfaces: std::collections::BTreeSet<&str> = planned
+        .backends
+        .iter()
+        .filter_map(|b| core.next_hops().get(&b.address))
+        .map(|h| h.interface.as_str())
+        .collect();
+    let replies = format!(
+        "replies translated back by this program on {}",
+        interfaces.into_iter().collect::<Vec<_>>().join(", ")
+    );
+    let ports = format!("ports {}-{}", nat.ports.0, nat.ports.1);
+    match &nat.snat {
+        config::Snat::None => format!(
+            "destination-only NAT: backends see the client (this balancer must be their \
+             gateway); {replies}"
+        ),
+        config::Snat::Interface => {
+            let sources: std::collections::BTreeSet<String> = planned
+                .backends
+                .iter()
+                .filter_map(|b| core.next_hops().get(&b.address)?.source)
+                .map(|a| a.to_string())
+                .collect();
+            format!(
+                "full NAT from {} (the interface's), {ports}; {replies}",
+                sources.into_iter().collect::<Vec<_>>().join(", ")
+            )
+        }
+        config::Snat::Addresses(list) => {
+            let list: Vec<String> = list.iter().map(ToString::to_string).collect();
+            format!("full NAT from {}, {ports}; {replies}", list.join(", "))
+        }
+    }
+}
+
 fn log_summary(core: &Core, interface: &str, mode: &str) {
     let config = core.config();
     info!(
@@ -422,6 +464,9 @@ fn log_summary(core: &Core, interface: &str, mode: &str) {
             vip.table_size,
             vip.backends.len()
         );
+        if let Some(nat) = &vip.nat {
+            info!("  {}", nat_summary(nat, planned, core));
+        }
         if planned.backends.is_empty() {
             warn!(
                 "VIP {} has no backends: its packets are dropped (no_backend)",
