@@ -27,8 +27,8 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct HttpServer {
     stop: Arc<AtomicBool>,
     served: Arc<AtomicU64>,
-    /// Every address a connection came from (its log of clients).
-    peers: Arc<std::sync::Mutex<std::collections::BTreeSet<std::net::IpAddr>>>,
+    /// Every address and port a connection came from (its log of clients).
+    peers: Arc<std::sync::Mutex<std::collections::BTreeSet<SocketAddr>>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -56,7 +56,7 @@ impl HttpServer {
             while !stop2.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((stream, peer)) => {
-                        peers2.lock().unwrap().insert(peer.ip());
+                        peers2.lock().unwrap().insert(peer);
                         let (name, served) = (name.clone(), served2.clone());
                         std::thread::spawn(move || {
                             if serve(stream, &name).is_ok() {
@@ -86,6 +86,16 @@ impl HttpServer {
 
     /// Every address a connection to this server came from so far.
     pub fn peers(&self) -> std::collections::BTreeSet<std::net::IpAddr> {
+        self.peers
+            .lock()
+            .unwrap()
+            .iter()
+            .map(SocketAddr::ip)
+            .collect()
+    }
+
+    /// Every address and port a connection to this server came from so far.
+    pub fn peer_sockets(&self) -> std::collections::BTreeSet<SocketAddr> {
         self.peers.lock().unwrap().clone()
     }
 
@@ -201,7 +211,16 @@ impl Stream {
     /// Opens the connection from a thread in `ns`; the socket stays in that namespace and can
     /// be used from any thread afterwards.
     pub fn open(ns: &Netns, to: SocketAddr, source_port: u16) -> Result<Stream, String> {
-        let socket = ns.run(move || connect_from(to, source_port))?;
+        let local: SocketAddr = match to {
+            SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], source_port)),
+            SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], source_port)),
+        };
+        Self::open_from(ns, to, local)
+    }
+
+    /// Like [`open`](Self::open), from `local` (an address of the namespace, and a port).
+    pub fn open_from(ns: &Netns, to: SocketAddr, local: SocketAddr) -> Result<Stream, String> {
+        let socket = ns.run(move || connect_bound(to, local))?;
         socket.set_nodelay(true).map_err(|e| e.to_string())?;
         let mut stream = Stream {
             stream: socket,
@@ -425,21 +444,26 @@ impl Drop for LoadGenerator {
 
 /// A TCP connection to `to` from `source_port` (0: any), in the calling thread's namespace.
 fn connect_from(to: SocketAddr, source_port: u16) -> Result<TcpStream, String> {
+    let local: SocketAddr = match to {
+        SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], source_port)),
+        SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], source_port)),
+    };
+    connect_bound(to, local)
+}
+
+/// A TCP connection to `to` from `local` (port 0: any; an unspecified address: any).
+fn connect_bound(to: SocketAddr, local: SocketAddr) -> Result<TcpStream, String> {
     let socket = Socket::new(Domain::for_address(to), Type::STREAM, Some(Protocol::TCP))
         .map_err(|e| e.to_string())?;
-    if source_port != 0 {
+    if local.port() != 0 || !local.ip().is_unspecified() {
         socket.set_reuse_address(true).map_err(|e| e.to_string())?;
-        let local: SocketAddr = match to {
-            SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], source_port)),
-            SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], source_port)),
-        };
         socket
             .bind(&local.into())
-            .map_err(|e| format!("bind port {source_port}: {e}"))?;
+            .map_err(|e| format!("bind {local}: {e}"))?;
     }
     socket
         .connect_timeout(&to.into(), IO_TIMEOUT)
-        .map_err(|e| format!("connect to {to} from port {source_port}: {e}"))?;
+        .map_err(|e| format!("connect to {to} from {local}: {e}"))?;
     Ok(socket.into())
 }
 

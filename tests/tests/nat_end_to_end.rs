@@ -22,9 +22,9 @@ use std::{
 };
 
 use balancer_tests::{
-    http::{get_json, run_requests, wait_for_status, HttpServer, LoadReport},
+    http::{get_json, run_requests, wait_for_status, HttpServer, LoadReport, LongLived, Stream},
     netns::{remove_stale, require_root, Netns},
-    process::BalancerProcess,
+    process::{balancer_binary, BalancerProcess},
     scratch::Scratch,
     topology::{
         checksum_errors, nat_backend_addr, NatTopology, NAT_BACKEND_PORT, NAT_CLIENT_ADDR,
@@ -35,8 +35,13 @@ use balancer_tests::{
 const API: &str = "127.0.0.1:9100";
 
 /// The config of one NAT VIP on port 80 in front of `backends` backends on port 8080;
-/// `snat` is the VIP's `snat` line (empty: the default, the interface's address).
+/// `snat` is the VIP's extra lines (`snat`...; empty: the default, the interface's address).
 fn config(backends: usize, snat: &str) -> String {
+    config_with(backends, snat, "")
+}
+
+/// [`config`], with `balancer` lines added to `[balancer]`.
+fn config_with(backends: usize, snat: &str, balancer: &str) -> String {
     let list: Vec<String> = (0..backends)
         .map(|i| format!("{{ address = \"{}\" }}", nat_backend_addr(i)))
         .collect();
@@ -46,6 +51,7 @@ fn config(backends: usize, snat: &str) -> String {
 interface = "eth0"
 metrics_listen = "{API}"
 nat_timeouts = {{ closing = "2s", quarantine = "1s" }}
+{balancer}
 
 [[vip]]
 name = "web"
@@ -223,4 +229,163 @@ fn destination_only_nat_shows_backends_the_client() {
     );
     assert_no_checksum_errors(&topology);
     drop(balancer);
+}
+
+fn vip() -> SocketAddr {
+    SocketAddrV4::new(NAT_VIP_ADDR, 80).into()
+}
+
+fn api() -> SocketAddr {
+    API.parse().unwrap()
+}
+
+#[test]
+fn two_clients_on_the_same_source_port_get_distinct_ports_at_the_backend() {
+    require_root("the NAT end-to-end test");
+    remove_stale("lbt-");
+    let prefix = format!("lbt-{}-natport-", std::process::id());
+    let topology = NatTopology::create(&prefix, 1);
+    let second: std::net::Ipv4Addr = "10.96.0.3".parse().unwrap();
+    topology
+        .client
+        .ip(&["addr", "add", &format!("{second}/24"), "dev", "eth0"]);
+    let servers = topology.start_http_servers(|i| format!("be{}", i + 1));
+    let scratch = Scratch::new("lbt-", "natport");
+    let balancer = start(&topology, &scratch, &config(1, ""));
+    // Both at once, from the same port (inside the SNAT range: the first keeps it).
+    let from = |a: std::net::Ipv4Addr| SocketAddr::from(SocketAddrV4::new(a, 30_000));
+    let mut a = Stream::open_from(&topology.client, vip(), from(NAT_CLIENT_ADDR))
+        .unwrap_or_else(|e| panic!("first client: {e}\n{}", balancer.log()));
+    let mut b = Stream::open_from(&topology.client, vip(), from(second))
+        .unwrap_or_else(|e| panic!("second client: {e}\n{}", balancer.log()));
+    for i in 0..20 {
+        a.exchange(&format!("a {i}"))
+            .expect("first client's exchange");
+        b.exchange(&format!("b {i}"))
+            .expect("second client's exchange");
+    }
+    let ports: BTreeSet<u16> = servers[0]
+        .peer_sockets()
+        .into_iter()
+        .filter(|p| p.ip() == IpAddr::V4(NAT_SNAT_ADDR) && p.port() < 32_768)
+        .map(|p| p.port())
+        .collect();
+    assert_eq!(ports.len(), 2, "two SNAT ports at the backend: {ports:?}");
+    assert!(
+        ports.contains(&30_000),
+        "the first client kept its port: {ports:?}"
+    );
+    let status = get_json(&topology.balancer, api(), "/api/v1/status").expect("status API");
+    let events = &status["nat"]["events"];
+    assert_eq!(
+        (events["port_kept"].as_u64(), events["port_probed"].as_u64()),
+        (Some(1), Some(1))
+    );
+    drop((a, b));
+    assert_no_checksum_errors(&topology);
+}
+
+#[test]
+fn a_small_port_range_refuses_the_connection_too_many_and_frees_its_ports() {
+    require_root("the NAT end-to-end test");
+    remove_stale("lbt-");
+    let prefix = format!("lbt-{}-natfull-", std::process::id());
+    let topology = NatTopology::create(&prefix, 1);
+    let _servers = topology.start_http_servers(|i| format!("be{}", i + 1));
+    let scratch = Scratch::new("lbt-", "natfull");
+    let snat = format!("snat = \"{NAT_SNAT_ADDR}\"\nsnat_ports = \"5000-5015\"");
+    let balancer = start(&topology, &scratch, &config(1, &snat));
+    let open = |first: u16| -> Vec<Stream> {
+        (0..16)
+            .map(|i| {
+                Stream::open(&topology.client, vip(), first + i)
+                    .unwrap_or_else(|e| panic!("connection {i}: {e}\n{}", balancer.log()))
+            })
+            .collect()
+    };
+    let streams = open(41_000);
+    // The 17th: its SYN is dropped (no port left), counted, and the connect times out.
+    let refused = Stream::open(&topology.client, vip(), 41_016);
+    assert!(refused.is_err(), "a 17th connection on 16 ports");
+    let status = get_json(&topology.balancer, api(), "/api/v1/status").expect("status API");
+    assert!(
+        status["nat"]["events"]["no_port_exhausted"].as_u64() >= Some(1),
+        "{:#}",
+        status["nat"]
+    );
+    assert!(status["outcomes"]["nat_no_port"].as_u64() >= Some(1));
+    // Closed: after the closing timeout, the quarantine and a sweep, the ports are free.
+    drop(streams);
+    wait_for_status(
+        &topology.balancer,
+        api(),
+        "the 16 connections swept",
+        Duration::from_secs(15),
+        |s| s["nat"]["swept"].as_u64() >= Some(32) && s["nat"]["entries_ipv4"] == 0,
+        || balancer.log(),
+    );
+    let again = open(42_000);
+    assert_eq!(again.len(), 16);
+    assert_no_checksum_errors(&topology);
+}
+
+#[test]
+fn reloads_and_restarts_lose_no_nat_connection() {
+    require_root("the NAT end-to-end test");
+    remove_stale("lbt-");
+    let prefix = format!("lbt-{}-natrestart-", std::process::id());
+    let topology = NatTopology::create(&prefix, 2);
+    let _servers = topology.start_http_servers(|i| format!("be{}", i + 1));
+    let scratch = Scratch::new("lbt-", "natrestart");
+    let text = config_with(2, "", "keep_datapath = true");
+    let mut first = start(&topology, &scratch, &text);
+    let long = LongLived::open(&topology.client, vip(), 43_000, 8);
+    std::thread::sleep(Duration::from_millis(500));
+    // A reload: one backend reweighted (the file replaced, as an editor or a deploy does).
+    let reweighted = text.replacen(
+        &format!("{{ address = \"{}\" }}", nat_backend_addr(0)),
+        &format!("{{ address = \"{}\", weight = 3 }}", nat_backend_addr(0)),
+        1,
+    );
+    assert_ne!(reweighted, text);
+    scratch.write_atomically("nat.toml", &reweighted);
+    wait_for_status(
+        &topology.balancer,
+        api(),
+        "the reload applied",
+        Duration::from_secs(10),
+        |s| s["config_generation"] == 2,
+        || first.log(),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    // A restart: the data plane (and its NAT state) kept, adopted by the next daemon.
+    let exit = first.stop();
+    assert!(exit.success(), "{}", first.log());
+    std::thread::sleep(Duration::from_millis(500));
+    let second = start(&topology, &scratch, &reweighted);
+    std::thread::sleep(Duration::from_secs(1));
+    let (exchanges, errors) = long.stop();
+    assert_eq!(errors, Vec::<String>::new(), "{}", second.log());
+    assert!(exchanges.iter().all(|&n| n > 20), "{exchanges:?}");
+    let mut second = second;
+    assert!(second.stop().success(), "{}", second.log());
+    // Kept at exit: removed here.
+    let out = topology
+        .balancer
+        .command(balancer_binary().to_str().unwrap())
+        .args([
+            "detach",
+            "--interface",
+            "eth0",
+            "--pin-dir",
+            &scratch.pin_dir_arg(),
+        ])
+        .output()
+        .expect("balancer detach");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_no_checksum_errors(&topology);
 }
