@@ -27,8 +27,8 @@ use balancer_tests::{
     process::{balancer_binary, BalancerProcess},
     scratch::Scratch,
     topology::{
-        checksum_errors, nat_backend_addr, NatTopology, NAT_BACKEND_PORT, NAT_CLIENT_ADDR,
-        NAT_SNAT_ADDR, NAT_VIP_ADDR,
+        checksum_errors, nat_backend_addr, tunnel_backend_addrs, NatTopology, TunnelTopology,
+        NAT_BACKEND_PORT, NAT_CLIENT_ADDR, NAT_SNAT_ADDR, NAT_VIP_ADDR, TUNNEL_VIP4, TUNNEL_VIP6,
     },
 };
 
@@ -388,4 +388,98 @@ fn reloads_and_restarts_lose_no_nat_connection() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_no_checksum_errors(&topology);
+}
+
+#[test]
+fn a_smaller_mtu_towards_the_backends_is_learned_through_translated_icmp() {
+    require_root("the NAT end-to-end test");
+    remove_stale("lbt-");
+    let prefix = format!("lbt-{}-natmtu-", std::process::id());
+    // Client and balancer on one network, the backends behind a router whose link towards
+    // them takes packets of 1,400 bytes at most: it answers bigger ones with ICMP
+    // "fragmentation needed" / "packet too big", addressed to the SNAT address.
+    let topology = TunnelTopology::create(&prefix, 2);
+    topology.router.ip(&["link", "set", "eth1", "mtu", "1400"]);
+    let _servers = topology.start_http_servers(|i| format!("be{}", i + 1));
+    let backends = |v6: bool| -> String {
+        (0..2)
+            .map(|i| {
+                let (a4, a6) = tunnel_backend_addrs(i);
+                let a: IpAddr = if v6 { a6.into() } else { a4.into() };
+                format!("{{ address = \"{a}\" }}")
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let text = format!(
+        r#"
+[balancer]
+interface = "eth0"
+metrics_listen = "{API}"
+
+[[vip]]
+name = "web4"
+address = "{TUNNEL_VIP4}"
+port = 80
+protocol = "tcp"
+forwarding = "nat"
+backends = [{}]
+
+[[vip]]
+name = "web6"
+address = "{TUNNEL_VIP6}"
+port = 80
+protocol = "tcp"
+forwarding = "nat"
+backends = [{}]
+"#,
+        backends(false),
+        backends(true)
+    );
+    let scratch = Scratch::new("lbt-", "natmtu");
+    let path = scratch.write_atomically("nat.toml", &text);
+    let mut balancer =
+        BalancerProcess::run(&topology.balancer, &path, &scratch, &[], "balancer.log");
+    balancer.wait_ready(&topology.balancer, api(), Duration::from_secs(30));
+    for (name, vip) in [
+        ("IPv4", SocketAddr::from((TUNNEL_VIP4, 80))),
+        ("IPv6", SocketAddr::from((TUNNEL_VIP6, 80))),
+    ] {
+        let before = get_json(&topology.balancer, api(), "/api/v1/status").unwrap()["nat"]
+            ["events"]["icmp_reply"]
+            .as_u64()
+            .unwrap();
+        let uploads: Vec<Result<String, String>> = topology.client.run(move || {
+            (0..3)
+                .map(|i| {
+                    balancer_tests::http::request(vip, 0, i, 1 << 20).map(|served| served.backend)
+                })
+                .collect()
+        });
+        for (i, u) in uploads.iter().enumerate() {
+            assert!(
+                u.is_ok(),
+                "{name}: 1 MiB upload {i}: {u:?}\n{}",
+                balancer.log()
+            );
+        }
+        let status = get_json(&topology.balancer, api(), "/api/v1/status").unwrap();
+        let after = status["nat"]["events"]["icmp_reply"].as_u64().unwrap();
+        assert!(
+            after > before,
+            "{name}: the router's ICMP errors reached the client translated\n{:#}",
+            status["nat"]
+        );
+    }
+    let hosts = [
+        ("client", &topology.client),
+        ("balancer", &topology.balancer),
+    ];
+    for (name, ns) in hosts
+        .into_iter()
+        .chain(topology.backends.iter().map(|b| ("backend", b)))
+    {
+        assert_eq!(checksum_errors(ns), 0, "InCsumErrors in the {name}");
+    }
+    assert!(balancer.stop().success(), "{}", balancer.log());
 }
