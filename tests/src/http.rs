@@ -138,6 +138,17 @@ fn serve(mut stream: TcpStream, name: &str) -> std::io::Result<()> {
         request.extend_from_slice(&buf[..n]);
     }
     let head = String::from_utf8_lossy(&request).into_owned();
+    let body_start = head.find("\r\n\r\n").map_or(request.len(), |i| i + 4);
+    if let Some(n) = head
+        .strip_prefix("GET /bytes?n=")
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse::<u64>().ok())
+    {
+        return send_pattern(stream, n);
+    }
+    if head.starts_with("POST /digest ") {
+        return digest_upload(stream, &head, &request[body_start..]);
+    }
     if head.starts_with("GET /stream ") {
         let body_start = head.find("\r\n\r\n").map_or(request.len(), |i| i + 4);
         return echo_stream(stream, name, &request[body_start..]);
@@ -170,6 +181,170 @@ fn serve(mut stream: TcpStream, name: &str) -> std::io::Result<()> {
     );
     stream.write_all(response.as_bytes())?;
     stream.flush()
+}
+
+/// The bytes `/bytes?n=N` sends, and `upload_digest` uploads: a deterministic stream that
+/// no compression or coincidence makes look right when it is not.
+pub struct Pattern(u64);
+
+impl Pattern {
+    pub fn new() -> Pattern {
+        Pattern(0x9e37_79b9_7f4a_7c15)
+    }
+    /// Fills `buf` with the next bytes.
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            let bytes = self.0.to_le_bytes();
+            chunk.copy_from_slice(&bytes[..chunk.len()]);
+        }
+    }
+    /// The SHA-256 of the first `n` bytes.
+    pub fn digest(n: u64) -> String {
+        use sha2::Digest as _;
+        let mut pattern = Pattern::new();
+        let mut hasher = sha2::Sha256::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut left = n;
+        while left > 0 {
+            let take = left.min(buf.len() as u64) as usize;
+            pattern.fill(&mut buf[..take]);
+            hasher.update(&buf[..take]);
+            left -= take as u64;
+        }
+        hex(&hasher.finalize())
+    }
+}
+
+impl Default for Pattern {
+    fn default() -> Self {
+        Pattern::new()
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `GET /bytes?n=N`: N bytes of the pattern.
+fn send_pattern(mut stream: TcpStream, n: u64) -> std::io::Result<()> {
+    stream.write_all(
+        format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )?;
+    let mut pattern = Pattern::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = n;
+    while left > 0 {
+        let take = left.min(buf.len() as u64) as usize;
+        pattern.fill(&mut buf[..take]);
+        stream.write_all(&buf[..take])?;
+        left -= take as u64;
+    }
+    stream.flush()
+}
+
+/// `POST /digest`: the SHA-256 of the body, as received.
+fn digest_upload(mut stream: TcpStream, head: &str, already: &[u8]) -> std::io::Result<()> {
+    use sha2::Digest as _;
+    let expected: u64 = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(already);
+    let mut received = already.len() as u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    while received < expected {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        hasher.update(&buf[..n]);
+        received += n as u64;
+    }
+    let body = format!("received={received} sha256={}\n", hex(&hasher.finalize()));
+    stream.write_all(
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )?;
+    stream.flush()
+}
+
+/// Downloads `/bytes?n=N` from `to`; returns the SHA-256 of the body received (which must be
+/// N bytes).
+pub fn download_digest(to: SocketAddr, n: u64) -> Result<String, String> {
+    use sha2::Digest as _;
+    let mut stream = connect_from(to, 0)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    write!(stream, "GET /bytes?n={n} HTTP/1.1\r\nHost: {to}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            Ok(_) => return Err("closed before the response head".into()),
+            Err(e) => return Err(format!("receive: {e}")),
+        }
+    }
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut received = 0u64;
+    loop {
+        let got = stream
+            .read(&mut buf)
+            .map_err(|e| format!("after {received} bytes: {e}"))?;
+        if got == 0 {
+            break;
+        }
+        hasher.update(&buf[..got]);
+        received += got as u64;
+    }
+    if received != n {
+        return Err(format!("{received} bytes of {n}"));
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+/// Uploads N bytes of the pattern to `/digest` on `to`; returns the SHA-256 the server
+/// computed of what it received.
+pub fn upload_digest(to: SocketAddr, n: u64) -> Result<String, String> {
+    let mut stream = connect_from(to, 0)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        stream,
+        "POST /digest HTTP/1.1\r\nHost: {to}\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut pattern = Pattern::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = n;
+    while left > 0 {
+        let take = left.min(buf.len() as u64) as usize;
+        pattern.fill(&mut buf[..take]);
+        stream
+            .write_all(&buf[..take])
+            .map_err(|e| format!("send, {left} bytes to go: {e}"))?;
+        left -= take as u64;
+    }
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .map_err(|e| format!("receive: {e}"))?;
+    response
+        .split("sha256=")
+        .nth(1)
+        .map(|h| h.trim().to_owned())
+        .ok_or_else(|| format!("no digest in {response:?}"))
 }
 
 /// A long-lived exchange: after the response head and `backend=NAME`, every line the client

@@ -483,3 +483,35 @@ backends = [{}]
     }
     assert!(balancer.stop().success(), "{}", balancer.log());
 }
+
+#[test]
+fn large_transfers_through_full_nat_arrive_intact() {
+    require_root("the NAT end-to-end test");
+    remove_stale("lbt-");
+    let prefix = format!("lbt-{}-natbig-", std::process::id());
+    let topology = NatTopology::create(&prefix, 1);
+    let _servers = topology.start_http_servers(|i| format!("be{}", i + 1));
+    let scratch = Scratch::new("lbt-", "natbig");
+    let mut balancer = start(&topology, &scratch, &config(1, ""));
+    const DOWNLOAD: u64 = 64 << 20;
+    const UPLOAD: u64 = 16 << 20;
+    let (down, up) = topology.client.run(|| {
+        (
+            balancer_tests::http::download_digest(vip(), DOWNLOAD),
+            balancer_tests::http::upload_digest(vip(), UPLOAD),
+        )
+    });
+    let log = balancer.log();
+    assert_eq!(
+        down.unwrap_or_else(|e| panic!("64 MiB download: {e}\n{log}")),
+        balancer_tests::http::Pattern::digest(DOWNLOAD),
+        "the 64 MiB download's SHA-256"
+    );
+    assert_eq!(
+        up.unwrap_or_else(|e| panic!("16 MiB upload: {e}\n{log}")),
+        balancer_tests::http::Pattern::digest(UPLOAD),
+        "the 16 MiB upload's SHA-256, as the backend received it"
+    );
+    assert_no_checksum_errors(&topology);
+    assert!(balancer.stop().success(), "{}", balancer.log());
+}
