@@ -92,8 +92,8 @@ pub struct NatEntry {
     /// The transport protocol.
     pub proto: u8,
     pub _pad: [u8; 5],
-    /// When the connection last saw a packet, within `NAT_REFRESH_NS` (the kernel's coarse
-    /// monotonic clock, CLOCK_MONOTONIC, in nanoseconds).
+    /// When the connection last saw a packet, within `NAT_REFRESH_NS` (CLOCK_MONOTONIC, in
+    /// nanoseconds).
     pub last_seen: u64,
 }
 

@@ -17,7 +17,7 @@
 //! costs one lookup of its entry, read in place; the twin entry is looked up only when the
 //! TCP state changes or once per `NAT_REFRESH_NS`.
 
-use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
+use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::XdpContext};
 use balancer_common::{
     hash::{flow_hash, vip_filter_bit},
     nat::{
@@ -65,10 +65,12 @@ fn scratch() -> Result<&'static mut Scratch, Outcome> {
         .ok_or(Outcome::NatUnavailable)
 }
 
+/// CLOCK_MONOTONIC, in nanoseconds. (The coarse clock would be cheaper, but its helper
+/// arrived in Linux 5.11, and 5.10 is supported.)
 #[inline(always)]
 fn now() -> u64 {
     // SAFETY: a helper without arguments.
-    unsafe { bpf_ktime_get_coarse_ns() }
+    unsafe { bpf_ktime_get_ns() }
 }
 
 /// Sets `key` to `flow`'s key in its direction.

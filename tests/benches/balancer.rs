@@ -37,6 +37,7 @@ use balancer_tests::{
     datapath::{
         packet::{frame, tcp, udp},
         world::{MaglevBackends, Reach, World, WorldOptions},
+        LB_MAC,
     },
     http::{get, get_json},
     netns::{remove_stale, require_root, Netns},
@@ -360,8 +361,14 @@ fn bench_world(
         .iter()
         .map(|a| format!("{{ address = \"{a}\" }}"))
         .collect();
+    // NAT: room for every new connection the benchmark makes (see `nat_new_connections`).
+    let nat = if mode == "nat" {
+        "nat_table_size = 262144\n"
+    } else {
+        ""
+    };
     let text = format!(
-        "[balancer]\nhash_seed = 7\nconn_table_size = {conn_table}\n[[vip]]\nname = \"v\"\naddress = \"{vip}\"\nport = {port}\n\
+        "[balancer]\nhash_seed = 7\nconn_table_size = {conn_table}\n{nat}[[vip]]\nname = \"v\"\naddress = \"{vip}\"\nport = {port}\n\
          protocol = \"{protocol}\"\nforwarding = \"{mode}\"\nhealth = {{ kind = \"none\" }}\nbackends = [{}]\n",
         listed.join(", ")
     );
@@ -631,7 +638,109 @@ fn datapath(
             single,
         );
     }
+    // NAT: this build only (a baseline may predate it); one packet per call, since the
+    // program rewrites the packet it is given.
+    if class.is_none_or(|c| "nat IPv4 TCP established / reply / SYN".contains(c)) {
+        let (world, _) = bench_world(None, "nat", "tcp", false, 100, 65_536);
+        let syn = tcp(vip4, 40_005, 80);
+        assert_eq!(
+            world.run(&syn.bytes()).verdict,
+            balancer_common::xdp_action::TX,
+            "the NAT connection starts"
+        );
+        let entry = world
+            .nat_entry(&syn.flow(), false)
+            .expect("the connection's forward entry");
+        let backend = address_of(&entry.dst);
+        let snat = address_of(&entry.src);
+        let reply = balancer_tests::datapath::packet::Pkt {
+            src: backend,
+            dst: snat,
+            sport: 80,
+            dport: u16::from_be(entry.src_port),
+            ..syn.ack().size(64)
+        };
+        let reply = frame(
+            world.neighbour_mac(backend),
+            LB_MAC,
+            None,
+            &reply.ip_bytes(),
+        );
+        let worlds = Worlds {
+            current: world,
+            baseline: None,
+        };
+        let est = syn.ack().size(64).bytes();
+        measure(
+            "IPv4 TCP established".into(),
+            "nat",
+            100,
+            false,
+            &worlds,
+            &est,
+            true,
+        );
+        measure(
+            "IPv4 TCP reply (backend to client)".into(),
+            "nat",
+            100,
+            false,
+            &worlds,
+            &reply,
+            true,
+        );
+        let r = nat_new_connections(&worlds.current, vip4, sizes);
+        println!(
+            "  nat       100 backends  IPv4 TCP SYN (new connection)       {:>6.1} ns above trivial (range {:.1} to {:.1}; trivial {:.1} ns)",
+            r["above_trivial_ns"].as_f64().unwrap(),
+            r["spread_ns"][0].as_f64().unwrap(),
+            r["spread_ns"][1].as_f64().unwrap(),
+            r["trivial_ns"].as_f64().unwrap()
+        );
+        rows.push(r);
+    }
     json!(rows)
+}
+
+/// An IPv4 address of a NAT entry's words.
+fn address_of(words: &[u32; 4]) -> IpAddr {
+    IpAddr::from(words[0].to_ne_bytes())
+}
+
+/// NAT SYNs that each start a connection (a SNAT port taken, two entries written): every
+/// call a frame of its own, from another client port (and another client address each
+/// round), the trivial program on the same frames; per round the difference of the means.
+fn nat_new_connections(world: &World, vip: IpAddr, sizes: &Sizes) -> Value {
+    let calls = sizes.single_calls.min(20_000);
+    let mut diffs = Vec::new();
+    let mut trivial = Vec::new();
+    for round in 0..sizes.rounds {
+        let client: IpAddr = Ipv4Addr::new(198, 18, 1 + round as u8, 1).into();
+        let frames: Vec<Vec<u8>> = (0..calls)
+            .map(|i| tcp(vip, 1_024 + i as u16, 80).from(client).bytes())
+            .collect();
+        let (mut t, mut b) = (0.0, 0.0);
+        for f in &frames {
+            t += run_ns(world, program_names::PASS, f, 1, Some(1));
+            b += run_ns(world, program_names::BALANCER, f, 1, Some(1));
+        }
+        trivial.push(t / calls as f64);
+        diffs.push((b - t) / calls as f64);
+    }
+    let range = [
+        diffs.iter().cloned().fold(f64::INFINITY, f64::min),
+        diffs.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
+    ];
+    json!({
+        "class": "IPv4 TCP SYN (new connection)",
+        "mode": "nat",
+        "backends": 100,
+        "full_conn_table": false,
+        "above_trivial_ns": median(&mut diffs),
+        "spread_ns": range,
+        "trivial_ns": median(&mut trivial),
+        "method": format!("{calls} distinct SYNs per round, one run per call"),
+    })
 }
 
 // -------------------------------------------------------------------------------------------
@@ -984,7 +1093,8 @@ fn end_to_end(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
     println!("\n== end to end in network namespaces");
     let pps = packets_per_second(sizes, commands);
     let tcp = tcp_comparison(sizes, commands);
-    json!({ "packets_per_second": pps, "tcp": tcp })
+    let nat = nat_comparison(sizes, commands);
+    json!({ "packets_per_second": pps, "tcp": tcp, "nat": nat })
 }
 
 /// The object with no VIP, for its trivial programs (a generator, a sink, a reflector).
@@ -1276,6 +1386,127 @@ fn tcp_comparison(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
     Value::Object(out)
 }
 
+/// TCP connections per second through full NAT (the balancer in front of unmodified backends
+/// on port 8080), against the client reaching a backend directly and against HAProxy (mode
+/// tcp) in the balancer's namespace, in the NAT topology.
+fn nat_comparison(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
+    use balancer_tests::topology::{
+        nat_backend_addr, NatTopology, NAT_BACKEND_PORT, NAT_BALANCER_ADDR, NAT_VIP_ADDR,
+    };
+    remove_stale("lbt-");
+    let prefix = format!("lbt-{}-nattcp-", std::process::id());
+    let topology = NatTopology::create(&prefix, 3);
+    let _servers = topology.start_http_servers(|i| format!("be{}", i + 1));
+    // Direct: the client and the backends reach each other on the segment (a route each).
+    topology
+        .client
+        .ip(&["route", "add", "10.95.0.0/24", "dev", "eth0"]);
+    for b in &topology.backends {
+        b.ip(&["route", "add", "10.96.0.0/24", "dev", "eth0"]);
+    }
+    let scratch = Scratch::new("lbt-", "bench-nat");
+    let backends: Vec<String> = (0..3)
+        .map(|i| format!("{{ address = \"{}\" }}", nat_backend_addr(i)))
+        .collect();
+    // Short closing and quarantine times: the runs open tens of thousands of connections,
+    // and each port waits its quarantine before reuse.
+    let text = format!(
+        "[balancer]\ninterface = \"eth0\"\nmetrics_listen = \"127.0.0.1:9100\"\n\
+         nat_timeouts = {{ closing = \"2s\", quarantine = \"2s\" }}\n\
+         [[vip]]\nname = \"web\"\naddress = \"{NAT_VIP_ADDR}\"\nport = 80\nprotocol = \"tcp\"\nforwarding = \"nat\"\n\
+         backend_port = {NAT_BACKEND_PORT}\nhealth = {{ kind = \"none\" }}\nbackends = [{}]\n",
+        backends.join(", ")
+    );
+    let path = scratch.write_atomically("config.toml", &text);
+    let mut balancer =
+        BalancerProcess::run(&topology.balancer, &path, &scratch, &[], "balancer.log");
+    balancer.wait_ready(
+        &topology.balancer,
+        "127.0.0.1:9100".parse().unwrap(),
+        Duration::from_secs(30),
+    );
+    let haproxy_cfg = scratch.path("haproxy.cfg");
+    let servers: String = (0..3)
+        .map(|i| {
+            format!(
+                "  server be{i} {}:{NAT_BACKEND_PORT}\n",
+                nat_backend_addr(i)
+            )
+        })
+        .collect();
+    std::fs::write(
+        &haproxy_cfg,
+        format!(
+            "global\n  maxconn 4096\n  nbthread 2\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+             frontend web\n  bind {NAT_BALANCER_ADDR}:8080\n  default_backend web\nbackend web\n  balance roundrobin\n{servers}"
+        ),
+    )
+    .unwrap();
+    let _haproxy = Supervised(
+        topology
+            .balancer
+            .command("haproxy")
+            .args(["-f", haproxy_cfg.to_str().unwrap(), "-db"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("haproxy"),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let targets: [(&str, SocketAddr); 3] = [
+        ("balancer (NAT)", SocketAddr::new(NAT_VIP_ADDR.into(), 80)),
+        (
+            "direct",
+            SocketAddr::new(nat_backend_addr(0).into(), NAT_BACKEND_PORT),
+        ),
+        ("haproxy", SocketAddr::new(NAT_BALANCER_ADDR.into(), 8080)),
+    ];
+    let mut cps: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for _ in 0..sizes.e2e_rounds {
+        for (name, to) in targets {
+            cps.entry(name).or_default().push(connections_per_second(
+                &topology.client,
+                to,
+                sizes.e2e_seconds,
+            ));
+        }
+    }
+    let status = get_json(
+        &topology.balancer,
+        "127.0.0.1:9100".parse().unwrap(),
+        "/api/v1/status",
+    )
+    .unwrap_or_default();
+    assert!(balancer.stop().success(), "{}", balancer.log());
+    let mut out = serde_json::Map::new();
+    for (name, _) in targets {
+        let c = median(cps.get_mut(name).unwrap());
+        println!("  {name:<15} {c:>8.0} connections/s");
+        out.insert(name.to_owned(), json!({ "connections_per_second": c }));
+    }
+    let cps_of = |name: &str| out[name]["connections_per_second"].as_f64().unwrap();
+    let ratios = json!({
+        "cps_nat_vs_haproxy": cps_of("balancer (NAT)") / cps_of("haproxy"),
+        "cps_nat_vs_direct": cps_of("balancer (NAT)") / cps_of("direct"),
+    });
+    println!(
+        "  ratios: {ratios}; NAT allocation failures: {}",
+        status["nat"]["events"]["no_port_exhausted"]
+    );
+    commands.push(format!(
+        "NAT connections/s: {CLIENT_THREADS} client threads making HTTP/1.1 GETs on new connections for {} s, against the \
+         NAT VIP (full NAT to 3 backends on port 8080, closing and quarantine 2 s), backend 1 directly, and haproxy (mode \
+         tcp, nbthread 2, roundrobin) in the balancer's namespace; {} rounds",
+        sizes.e2e_seconds, sizes.e2e_rounds
+    ));
+    out.insert("ratios".into(), ratios);
+    out.insert(
+        "allocation_failures".into(),
+        status["nat"]["events"]["no_port_exhausted"].clone(),
+    );
+    Value::Object(out)
+}
+
 const CLIENT_THREADS: usize = 4;
 
 /// Kills a child process when dropped.
@@ -1392,11 +1623,14 @@ fn datapath_markdown(r: &Value, md: &mut String) {
             "Beside revision {name} (its program in a world of the same contents, interleaved in every round):\n\n\
              | mode | backends | conn table | packet | this build | {name} | ratio |\n|---|---:|---|---|---:|---:|---:|\n"
         ));
+        // Rows the baseline has no counterpart of (NAT) are in the table below only.
         for row in r["datapath"].as_array().unwrap() {
-            let (this, base) = (
+            let (this, Some(base)) = (
                 row["above_trivial_ns"].as_f64().unwrap(),
-                row["baseline_above_trivial_ns"].as_f64().unwrap(),
-            );
+                row["baseline_above_trivial_ns"].as_f64(),
+            ) else {
+                continue;
+            };
             md.push_str(&format!(
                 "| {} | {this:.1} ns | {base:.1} ns | {:.2} |\n",
                 row_label(row),
@@ -1463,6 +1697,22 @@ fn end_to_end_markdown(e: &Value, md: &mut String) {
         ra["bulk_balancer_vs_haproxy"].as_f64().unwrap(),
         ra["bulk_balancer_vs_direct"].as_f64().unwrap() * 100.0
     ));
+    if let Some(nat) = e["nat"].as_object() {
+        md.push_str(
+            "\n| path (NAT topology, backends on 8080) | TCP connections/s |\n|---|---:|\n",
+        );
+        for name in ["balancer (NAT)", "direct", "haproxy"] {
+            md.push_str(&format!(
+                "| {name} | {:.0} |\n",
+                nat[name]["connections_per_second"].as_f64().unwrap_or(0.0)
+            ));
+        }
+        md.push_str(&format!(
+            "\nThrough full NAT: **{:.2}x** HAProxy, **{:.0}%** of direct.\n",
+            nat["ratios"]["cps_nat_vs_haproxy"].as_f64().unwrap_or(0.0),
+            nat["ratios"]["cps_nat_vs_direct"].as_f64().unwrap_or(0.0) * 100.0
+        ));
+    }
 }
 
 /// The control-plane section of the report.

@@ -147,8 +147,7 @@ fn address(words: &[u32; 4], v6: bool) -> IpAddr {
     }
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock of the program's `bpf_ktime_get_coarse_ns`
-/// (which lags it by at most a tick).
+/// CLOCK_MONOTONIC in nanoseconds: the clock of the program's `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,

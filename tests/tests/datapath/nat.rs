@@ -587,7 +587,7 @@ fn a_reply_on_a_timed_out_connection_is_dropped_not_passed() {
     let query = udp(DNS, 40_006, 53);
     let backend = v4([10, 0, 0, 21]);
     assert_eq!(w.run(&query.bytes()).verdict, xdp_action::TX);
-    // The world's UDP timeout is 1 s; the coarse clock ticks every few ms.
+    // The world's UDP timeout is 1 s.
     std::thread::sleep(std::time::Duration::from_millis(1_500));
     let (_, bytes) = backend_reply(&w, L4::Udp, backend, 53, SNAT4, 40_006);
     let run = w.run(&bytes);
