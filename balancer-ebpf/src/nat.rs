@@ -409,10 +409,7 @@ fn send_reply(
         touch(v6, s, e, packet, true, now);
         translate(ctx, packet, entry)?;
     }
-    match rewrite::send(ctx, entry.dst_mac, entry.src_mac, entry.ifindex)? {
-        Outcome::ForwardedTx => Ok(Outcome::NatReplyTx),
-        _ => Ok(Outcome::NatReplyRedirect),
-    }
+    rewrite::send_back(ctx, entry.dst_mac, entry.src_mac, entry.ifindex)
 }
 
 /// Where a transport header's checksum is.

@@ -7,7 +7,7 @@
 //! The frame leaves through the backend's egress interface: XDP_TX when that is the ingress
 //! interface, XDP_REDIRECT through the device map otherwise.
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{helpers::bpf_redirect, programs::XdpContext};
 use balancer_common::{
     tunnel, xdp_action, Outcome, FAMILY_IPV4, FAMILY_IPV6, PROTO_IPIP, PROTO_IPV6,
 };
@@ -50,6 +50,29 @@ pub fn send(
     match EGRESS_DEVICES.redirect(ifindex, xdp_action::DROP as u64) {
         Ok(_) => Ok(Outcome::ForwardedRedirect),
         Err(_) => Err(Outcome::NoEgress),
+    }
+}
+
+/// Sends a NAT reply towards the client: out of the interface it came in on (XDP_TX), or out
+/// of `ifindex`, where the client's packets came from, with a plain redirect (the daemon
+/// attaches the program to every interface NAT replies arrive on, and those need not be in
+/// the device map).
+#[inline(always)]
+pub fn send_back(
+    ctx: &XdpContext,
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    ifindex: u32,
+) -> Result<Outcome, Outcome> {
+    frame::set_addresses(ctx, dst_mac, src_mac).ok_or(Outcome::TruncatedEthernet)?;
+    if ifindex as usize == ctx.ingress_ifindex() {
+        return Ok(Outcome::NatReplyTx);
+    }
+    // SAFETY: a helper taking plain values.
+    if unsafe { bpf_redirect(ifindex, 0) } == xdp_action::REDIRECT as i64 {
+        Ok(Outcome::NatReplyRedirect)
+    } else {
+        Err(Outcome::NoEgress)
     }
 }
 

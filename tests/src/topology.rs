@@ -382,6 +382,8 @@ fn start_peer_pass(switch: &Netns, port: &str, log: &std::path::Path) -> Balance
 /// the VIP and sends to the client.
 pub struct NatTopology {
     pub peer_pass: BalancerProcess,
+    /// With two legs: `balancer xdp-pass` on the peer of the balancer's second interface.
+    pub second_pass: Option<BalancerProcess>,
     pub files: Scratch,
     pub client: Netns,
     pub balancer: Netns,
@@ -404,49 +406,84 @@ pub fn nat_backend_addr(i: usize) -> Ipv4Addr {
 impl NatTopology {
     /// Creates the namespaces `<prefix>sw`, `<prefix>client`, `<prefix>lb`, `<prefix>be1`...
     pub fn create(prefix: &str, backends: usize) -> NatTopology {
+        Self::build(prefix, backends, false)
+    }
+
+    /// Like [`create`](Self::create), with the backends on a bridge of their own (`br1`),
+    /// which the balancer reaches through a second interface, `eth1` (10.95.0.1): replies
+    /// arrive there, not on the interface the balancer is configured with.
+    pub fn create_two_legs(prefix: &str, backends: usize) -> NatTopology {
+        Self::build(prefix, backends, true)
+    }
+
+    fn build(prefix: &str, backends: usize, two_legs: bool) -> NatTopology {
         let switch = Netns::create(&format!("{prefix}sw"));
-        switch.ip(&["link", "add", "br0", "type", "bridge"]);
-        switch.ip(&["link", "set", "br0", "up"]);
+        for br in ["br0", "br1"] {
+            switch.ip(&["link", "add", br, "type", "bridge"]);
+            switch.ip(&["link", "set", br, "up"]);
+        }
         let client = Netns::create(&format!("{prefix}client"));
         let balancer = Netns::create(&format!("{prefix}lb"));
         let backend_ns: Vec<Netns> = (0..backends)
             .map(|i| Netns::create(&format!("{prefix}be{}", i + 1)))
             .collect();
-        let plug = |host: &Netns, port: &str, addresses: &[Ipv4Addr]| {
-            switch.ip(&[
-                "link",
-                "add",
-                port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                HOST_IF,
-                "netns",
-                host.name(),
-            ]);
-            switch.ip(&["link", "set", port, "master", "br0", "up"]);
-            for address in addresses {
-                host.ip(&[
-                    "addr",
+        let plug =
+            |host: &Netns, port: &str, bridge: &str, inside: &str, addresses: &[Ipv4Addr]| {
+                switch.ip(&[
+                    "link",
                     "add",
-                    &format!("{address}/{SUBNET_PREFIX}"),
-                    "dev",
-                    HOST_IF,
+                    port,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    inside,
+                    "netns",
+                    host.name(),
                 ]);
-            }
-            host.ip(&["link", "set", HOST_IF, "up"]);
-            // Local TCP stacks hand veth partial checksums; translated frames must carry
-            // full ones (see the README).
-            host.exec("ethtool", &["-K", HOST_IF, "tx", "off"]);
+                switch.ip(&["link", "set", port, "master", bridge, "up"]);
+                for address in addresses {
+                    host.ip(&[
+                        "addr",
+                        "add",
+                        &format!("{address}/{SUBNET_PREFIX}"),
+                        "dev",
+                        inside,
+                    ]);
+                }
+                host.ip(&["link", "set", inside, "up"]);
+                // Local TCP stacks hand veth partial checksums; translated frames must carry
+                // full ones (see the README).
+                host.exec("ethtool", &["-K", inside, "tx", "off"]);
+            };
+        plug(&client, "p-client", "br0", HOST_IF, &[NAT_CLIENT_ADDR]);
+        let backend_bridge = if two_legs {
+            plug(&balancer, "p-lb", "br0", HOST_IF, &[NAT_BALANCER_ADDR]);
+            plug(&balancer, "p-lb1", "br1", "eth1", &[NAT_SNAT_ADDR]);
+            "br1"
+        } else {
+            plug(
+                &balancer,
+                "p-lb",
+                "br0",
+                HOST_IF,
+                &[NAT_BALANCER_ADDR, NAT_SNAT_ADDR],
+            );
+            "br0"
         };
-        plug(&client, "p-client", &[NAT_CLIENT_ADDR]);
-        plug(&balancer, "p-lb", &[NAT_BALANCER_ADDR, NAT_SNAT_ADDR]);
         for (i, ns) in backend_ns.iter().enumerate() {
-            plug(ns, &format!("p-be{}", i + 1), &[nat_backend_addr(i)]);
+            plug(
+                ns,
+                &format!("p-be{}", i + 1),
+                backend_bridge,
+                HOST_IF,
+                &[nat_backend_addr(i)],
+            );
         }
         let files = Scratch::named(&format!("{prefix}files"));
         let peer_pass = start_peer_pass(&switch, "p-lb", &files.path("xdp-pass.log"));
+        let second_pass =
+            two_legs.then(|| start_peer_pass(&switch, "p-lb1", &files.path("xdp-pass-1.log")));
         client.ip(&[
             "route",
             "add",
@@ -456,6 +493,7 @@ impl NatTopology {
         ]);
         NatTopology {
             peer_pass,
+            second_pass,
             files,
             client,
             balancer,

@@ -515,3 +515,56 @@ fn large_transfers_through_full_nat_arrive_intact() {
     assert_no_checksum_errors(&topology);
     assert!(balancer.stop().success(), "{}", balancer.log());
 }
+
+#[test]
+fn replies_arriving_on_another_interface_are_translated_there() {
+    require_root("the NAT end-to-end test");
+    remove_stale("lbt-");
+    let prefix = format!("lbt-{}-nat2-", std::process::id());
+    let topology = NatTopology::create_two_legs(&prefix, 2);
+    let servers = topology.start_http_servers(|i| format!("be{}", i + 1));
+    let scratch = Scratch::new("lbt-", "nat2");
+    let balancer = start(&topology, &scratch, &config(2, ""));
+    assert!(
+        balancer
+            .log()
+            .contains("NAT replies from backends on eth1 are translated there"),
+        "the daemon says where it attached:\n{}",
+        balancer.log()
+    );
+    let link = topology.balancer.ip(&["link", "show", "eth1"]);
+    assert!(
+        String::from_utf8_lossy(&link.stdout).contains("prog/xdp"),
+        "the program on eth1: {}",
+        String::from_utf8_lossy(&link.stdout)
+    );
+    let report = concurrent_requests(&topology.client, 200, 4);
+    assert!(
+        report.failures.is_empty(),
+        "failed requests: {:#?}\n{}",
+        &report.failures[..report.failures.len().min(5)],
+        balancer.log()
+    );
+    assert_eq!(report.succeeded(), 200);
+    assert_eq!(
+        peers(&servers),
+        BTreeSet::from([IpAddr::V4(NAT_SNAT_ADDR)]),
+        "every backend saw the SNAT address only"
+    );
+    let status = get_json(&topology.balancer, api(), "/api/v1/status").expect("status API");
+    assert!(
+        status["outcomes"]["nat_reply_redirect"].as_u64() >= Some(400),
+        "replies came in on eth1 and left through eth0: {:#}",
+        status["outcomes"]
+    );
+    assert_no_checksum_errors(&topology);
+    let mut balancer = balancer;
+    assert!(balancer.stop().success(), "{}", balancer.log());
+    // A plain stop removes the second link too.
+    let link = topology.balancer.ip(&["link", "show", "eth1"]);
+    assert!(
+        !String::from_utf8_lossy(&link.stdout).contains("prog/xdp"),
+        "left on eth1: {}",
+        String::from_utf8_lossy(&link.stdout)
+    );
+}

@@ -716,6 +716,20 @@ impl Core {
     }
 
     /// The picture the API renders.
+    /// The interfaces NAT replies arrive on: those the backends of NAT VIPs are reached
+    /// through (the program must run there to translate them back).
+    pub fn reply_interfaces(&self) -> std::collections::BTreeSet<String> {
+        self.config
+            .vips
+            .iter()
+            .zip(&self.desired.vips)
+            .filter(|(vip, _)| vip.forwarding == config::Forwarding::Nat)
+            .flat_map(|(_, planned)| &planned.backends)
+            .filter_map(|b| self.next_hops.get(&b.address))
+            .map(|hop| hop.interface.clone())
+            .collect()
+    }
+
     pub fn snapshot(&self) -> Snapshot {
         snapshot::build(&Sources {
             config_path: &self.config_path,

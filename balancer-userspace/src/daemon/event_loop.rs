@@ -236,7 +236,38 @@ impl<'a> EventLoop<'a> {
         if let Some(checks) = &out.checks {
             self.probes.sync(checks);
         }
+        if out.plan.is_some() {
+            self.attach_reply_interfaces();
+        }
         out.reload
+    }
+
+    /// Attaches the program to every interface NAT replies arrive on (backends of NAT VIPs
+    /// reached through another interface than the main one), and says so.
+    pub fn attach_reply_interfaces(&mut self) {
+        let Some(main) = self.dataplane.attached().map(|(i, _)| i.to_owned()) else {
+            return;
+        };
+        let setting = self.core.config().xdp_mode;
+        for interface in self.core.reply_interfaces() {
+            if interface == main {
+                continue;
+            }
+            match self.dataplane.attach_reply_interface(&interface, setting) {
+                Ok(Some((mode, adopted))) => tracing::info!(
+                    "NAT replies from backends on {interface} are translated there: the program is {} \
+                     {interface} too ({} mode)",
+                    if adopted { "still attached to" } else { "attached to" },
+                    mode.as_str()
+                ),
+                Ok(None) => {}
+                Err(e) => tracing::error!(
+                    "attaching to {interface}, where NAT replies arrive: {:#}; replies arriving \
+                     there go to the local stack untranslated",
+                    anyhow::Error::new(e)
+                ),
+            }
+        }
     }
 
     /// Reads the counters for an API request: now, or `MIN_SAMPLE_GAP` after the last

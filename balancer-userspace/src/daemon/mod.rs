@@ -98,6 +98,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let (sweeps_inbox, sweeper_stop) = start_sweeper(&dataplane)?;
     let mut event_loop =
         EventLoop::new(&mut core, &mut dataplane, resolver, &mut probes, &snapshots);
+    event_loop.attach_reply_interfaces();
     // Counters before the first snapshot is served.
     event_loop.sample();
     let inputs = Inputs {

@@ -22,6 +22,13 @@ use balancer_common::{map_names, LAYOUT_VERSION};
 
 /// The file name of the pinned XDP link inside a layout directory.
 pub const LINK: &str = "link";
+/// The pins of the links on the interfaces NAT replies arrive on: `link-<interface>`.
+pub const REPLY_LINK_PREFIX: &str = "link-";
+
+/// Whether a pinned file is the link of an interface NAT replies arrive on.
+pub fn is_reply_link(file: &str) -> bool {
+    file.starts_with(REPLY_LINK_PREFIX)
+}
 /// The file name of the pinned state map inside a layout directory.
 pub const STATE: &str = "state";
 /// Where lock files and control sockets live.
@@ -274,11 +281,21 @@ pub fn remove_all(pin_dir: &Path, interface: &str) -> std::io::Result<Vec<PathBu
             removed.push(layout);
             continue;
         }
-        // The link first, so that the program stops before its maps go.
+        // The links first, so that the program stops before its maps go.
         let link = layout.join(LINK);
         if link.exists() {
             fs::remove_file(&link)?;
             removed.push(link);
+        }
+        for entry in fs::read_dir(&layout)? {
+            let path = entry?.path();
+            if path
+                .file_name()
+                .is_some_and(|n| is_reply_link(&n.to_string_lossy()))
+            {
+                fs::remove_file(&path)?;
+                removed.push(path);
+            }
         }
         let mut entries: Vec<PathBuf> = fs::read_dir(&layout)?
             .map(|e| e.map(|e| e.path()))
@@ -358,7 +375,7 @@ pub fn check_compatible(
     }
     for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
         let file = entry.file_name().to_string_lossy().into_owned();
-        if file != LINK && file != STATE && !names.contains(&file) {
+        if file != LINK && file != STATE && !is_reply_link(&file) && !names.contains(&file) {
             problems.push(format!("{file} is pinned but this build has no such map"));
         }
     }

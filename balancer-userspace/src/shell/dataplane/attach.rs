@@ -158,6 +158,73 @@ impl Dataplane {
         Ok((mode, fallback))
     }
 
+    /// Attaches the balancer to `interface`, where NAT replies arrive, beside the interface it
+    /// runs on: through the link pinned as `link-<interface>` (an earlier daemon's, this
+    /// program swapped in) or a new one, pinned. Returns the mode, and whether the link was
+    /// adopted. Does nothing (`None`) when already attached there by this daemon.
+    pub fn attach_reply_interface(
+        &mut self,
+        interface: &str,
+        setting: XdpModeSetting,
+    ) -> Result<Option<(AttachedMode, bool)>> {
+        let Some(pinned) = self.pinned.as_ref() else {
+            return Ok(None);
+        };
+        if pinned.reply_links.contains_key(interface) {
+            return Ok(None);
+        }
+        let dir = pinned.dir.clone();
+        let link_path = dir.join(format!("{}{interface}", pins::REPLY_LINK_PREFIX));
+        if link_path.exists() {
+            let opened = PinnedLink::from_pin(&link_path).map(FdLink::from);
+            match opened.map_err(|e| link_error("opening the pinned link", &dir)(e.into())) {
+                Ok(fd_link) => match self.swap_into_link(fd_link) {
+                    Ok((link, _)) => {
+                        let mode = match setting {
+                            XdpModeSetting::Generic => AttachedMode::Generic,
+                            _ => AttachedMode::Native,
+                        };
+                        self.keep_reply_link(interface, link);
+                        return Ok(Some((mode, true)));
+                    }
+                    Err(e) => tracing::warn!(
+                        "the pinned link on {interface} cannot take the program ({:#}); attaching anew",
+                        anyhow::Error::new(e)
+                    ),
+                },
+                Err(e) => tracing::warn!("{:#}; attaching anew", anyhow::Error::new(e)),
+            }
+            remove_stale_link(&link_path, &dir)?;
+        }
+        let main = self.attached.clone();
+        let attached = self.attach_link(program_names::BALANCER, interface, setting);
+        // The interface the program runs on stays the main one.
+        self.attached = main;
+        let (mode, _, id) = attached?;
+        let link = self
+            .program_mut(program_names::BALANCER)?
+            .take_link(id)
+            .map_err(|e| link_error("taking the link", &dir)(e.into()))?;
+        let link = FdLink::try_from(link).map_err(DataplaneError::NoLink)?;
+        let link = pin_link(link, &link_path, &dir)?;
+        self.keep_reply_link(interface, link);
+        Ok(Some((mode, false)))
+    }
+
+    fn keep_reply_link(&mut self, interface: &str, link: FdLink) {
+        if let Some(pinned) = self.pinned.as_mut() {
+            pinned.reply_links.insert(interface.to_owned(), link);
+        }
+    }
+
+    /// The interfaces NAT replies are translated on besides the main one.
+    pub fn reply_interfaces(&self) -> Vec<String> {
+        self.pinned
+            .as_ref()
+            .map(|p| p.reply_links.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Swaps the balancer into `link`; returns the link (now the balancer's) and the program
     /// it replaced.
     fn swap_into_link(&mut self, link: FdLink) -> Result<(FdLink, Option<u32>)> {

@@ -166,6 +166,8 @@ pub struct Dataplane {
 struct Pinned {
     dir: std::path::PathBuf,
     link: Option<FdLink>,
+    /// The links on the interfaces NAT replies arrive on, by interface.
+    reply_links: BTreeMap<String, FdLink>,
     /// The program the pinned link ran before this one was swapped in, if adopted.
     replaced_program: Option<u32>,
 }
@@ -213,6 +215,7 @@ impl Dataplane {
         dataplane.pinned = Some(Pinned {
             dir: dir.to_owned(),
             link: None,
+            reply_links: BTreeMap::new(),
             replaced_program: None,
         });
         let contents = if adopting {
