@@ -151,7 +151,9 @@ pub fn load_every_program() -> Result<(), String> {
         }
         text
     };
-    Dataplane::load_with_trivial_programs(balancer::PROGRAM, options).map_err(error)?;
+    Dataplane::load_with_trivial_programs(balancer::PROGRAM, options)
+        .and_then(|mut d| d.load_nat())
+        .map_err(error)?;
     Dataplane::load_decap().map_err(error)?;
     Ok(())
 }

@@ -625,6 +625,53 @@ fn traffic_that_is_no_nat_reply_leaves_untouched() {
     assert_eq!((run.verdict, run.output), (xdp_action::PASS, bytes));
 }
 
+#[test]
+fn draining_and_down_backends_of_a_nat_vip() {
+    require();
+    let mut w = world();
+    let syn = tcp(WEB, 40_008, 80);
+    let placed = w.table_choice("web", &syn.flow());
+    let other = if placed == v4([10, 0, 0, 11]) {
+        v4([10, 0, 0, 12])
+    } else {
+        v4([10, 0, 0, 11])
+    };
+    assert_eq!(w.run(&syn.bytes()).verdict, xdp_action::TX);
+    // Draining: the connection stays, new ones go to the other backend.
+    let drained = CONFIG.replace(
+        &format!("{{ address = \"{placed}\" }}"),
+        &format!("{{ address = \"{placed}\", drain = true }}"),
+    );
+    assert_ne!(drained, CONFIG);
+    w.set_config(&drained);
+    let data = syn.ack();
+    let run = w.run(&data.bytes());
+    assert_eq!(
+        run.output,
+        to_backend(&w, &data, SNAT4, 40_008, placed, 8080),
+        "drained: kept"
+    );
+    let fresh = tcp(WEB, 40_009, 80);
+    assert_eq!(
+        w.run(&fresh.bytes()).output,
+        to_backend(&w, &fresh, SNAT4, 40_009, other, 8080)
+    );
+    // Down: the connection is placed anew (another backend, its own translation).
+    w.set_config(CONFIG);
+    w.set_health("web", placed, balancer_tests::datapath::world::Health::Down);
+    let run = w.run(&data.bytes());
+    let entry = forward_entry(&w, &data);
+    assert_eq!(
+        address_of(&entry.dst, false),
+        other,
+        "re-placed off the down backend"
+    );
+    assert_eq!(
+        run.output,
+        to_backend(&w, &data, SNAT4, u16::from_be(entry.src_port), other, 8080)
+    );
+}
+
 fn require() {
     balancer_tests::netns::require_root("the NAT datapath fixtures (BPF_PROG_TEST_RUN)");
 }

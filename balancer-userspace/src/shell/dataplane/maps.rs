@@ -77,8 +77,12 @@ impl Dataplane {
         typed(self.map_mut(name)?, name)
     }
 
-    /// Executes `plan`, in order. Stops at the first operation the kernel refuses.
+    /// Executes `plan`, in order. Stops at the first operation the kernel refuses. A plan
+    /// that writes a NAT VIP loads the NAT programs first (once).
     pub fn execute(&mut self, plan: &MapPlan) -> Result<()> {
+        if plan.ops.iter().any(|op| matches!(op, MapOp::SetNatVip(..))) {
+            self.load_nat()?;
+        }
         plan.ops.iter().try_for_each(|op| self.execute_op(op))
     }
 

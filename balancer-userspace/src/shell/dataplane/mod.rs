@@ -161,6 +161,8 @@ pub struct Dataplane {
     pinned: Option<Pinned>,
     /// CPUs the per-CPU maps have a slot for.
     cpus: usize,
+    /// The NAT programs are loaded and in `NAT_PROGRAMS` (see `load_nat`).
+    nat_loaded: bool,
 }
 
 struct Pinned {
@@ -223,6 +225,10 @@ impl Dataplane {
         } else {
             None
         };
+        // Adopted NAT VIPs: this build's NAT programs take over from the last daemon's.
+        if contents.as_ref().is_some_and(|c| !c.nat.vips.is_empty()) {
+            dataplane.load_nat()?;
+        }
         Ok((dataplane, contents))
     }
 
@@ -276,9 +282,6 @@ impl Dataplane {
                 .load()
                 .map_err(|source| program_error(name, source))?;
         }
-        if programs.contains(&program_names::BALANCER) {
-            load_nat_programs(&mut ebpf)?;
-        }
         let cpus = aya::util::nr_cpus().map_err(|(_, source)| DataplaneError::Io {
             map: "per-CPU maps",
             source,
@@ -289,7 +292,19 @@ impl Dataplane {
             tables: BTreeMap::new(),
             pinned: None,
             cpus,
+            nat_loaded: false,
         })
+    }
+
+    /// Loads the NAT programs (through the verifier) and puts them in `NAT_PROGRAMS`, once:
+    /// when the first NAT VIP is written (see `execute`) or adopted. Until then the balancer's
+    /// tail calls to them find nothing, which no packet needs without a NAT VIP.
+    pub fn load_nat(&mut self) -> Result<()> {
+        if !self.nat_loaded {
+            load_nat_programs(&mut self.ebpf)?;
+            self.nat_loaded = true;
+        }
+        Ok(())
     }
 
     /// The balancer program, e.g. for BPF_PROG_TEST_RUN.
