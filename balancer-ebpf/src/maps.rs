@@ -144,6 +144,14 @@ pub static NAT_PROGRAMS: ProgramArray<{ NAT_PROGRAM_COUNT as usize }> = ProgramA
 #[btf_map]
 pub static NAT_HANDOFF: PerCpuArray<VipMeta, 1> = PerCpuArray::new();
 
-/// Where the NAT programs build keys and entries (see `nat::Scratch`).
+/// Where the NAT programs build a connection's keys and entry: map memory, not the stack (the
+/// program's 512 bytes do not hold them beside the packet's state; map helpers take keys and
+/// values from map memory as well). An IPv4 key is built wide, then narrowed into `key4`.
+pub struct NatScratch {
+    pub key: FlowKeyV6,
+    pub key4: FlowKeyV4,
+    pub entry: NatEntry,
+}
+
 #[btf_map]
-pub static NAT_SCRATCH: PerCpuArray<crate::nat::Scratch, 1> = PerCpuArray::new();
+pub static NAT_SCRATCH: PerCpuArray<NatScratch, 1> = PerCpuArray::new();

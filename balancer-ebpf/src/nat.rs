@@ -30,7 +30,10 @@ use balancer_common::{
 use crate::{
     access::{ptr_at, ptr_at_mut},
     count,
-    maps::{hash_seed, BACKENDS, NAT_FILTER, NAT_SCRATCH, NAT_SETTINGS, NAT_V4, NAT_V6, NAT_VIPS},
+    maps::{
+        hash_seed, NatScratch as Scratch, BACKENDS, NAT_FILTER, NAT_SCRATCH, NAT_SETTINGS, NAT_V4,
+        NAT_V6, NAT_VIPS,
+    },
     parse::{Kind, Packet},
     rewrite, select,
     wire::{EthHdr, IcmpHdr, Ipv4Hdr, Ipv6Hdr, Ports, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET},
@@ -46,15 +49,6 @@ const PORT_SEED: u32 = 0x6e61_7470;
 /// A NAT table key of either family, laid out as `FlowKeyV6` (an IPv4 key uses the first
 /// word of each address).
 type Key = FlowKeyV6;
-
-/// Where the keys and the new entry are built: the per-CPU `NAT_SCRATCH`, not the stack (the
-/// program's 512 bytes do not hold them beside the packet's state; map helpers take keys and
-/// values from map memory as well).
-pub struct Scratch {
-    pub key: Key,
-    pub key4: FlowKeyV4,
-    pub entry: NatEntry,
-}
 
 #[inline(always)]
 fn scratch() -> Result<&'static mut Scratch, Outcome> {

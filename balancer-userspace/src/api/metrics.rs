@@ -88,6 +88,11 @@ impl Family<'_> {
         ConstGauge::new(value).encode(self.encoder)
     }
 
+    /// The one sample of a gauge family without labels, a fraction.
+    fn single_f64(self, value: f64) -> fmt::Result {
+        ConstGauge::new(value).encode(self.encoder)
+    }
+
     /// The one sample of a counter family without labels.
     fn single_counter(self, value: u64) -> fmt::Result {
         ConstCounter::new(value).encode(self.encoder)
@@ -392,11 +397,11 @@ fn nat_tables(e: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
     }
     family(
         e,
-        "balancer_nat_last_sweep_milliseconds",
+        "balancer_nat_last_sweep_seconds",
         "How long the last sweep of the NAT tables took (it pauses between batches).",
         MetricType::Gauge,
     )?
-    .single(sweep.took.as_millis().min(i64::MAX as u128) as i64)
+    .single_f64(sweep.took.as_secs_f64())
 }
 
 /// What happened to NAT packets and connections.

@@ -346,11 +346,11 @@ pub fn pinnable_maps(obj: &aya_obj::Object) -> Vec<String> {
 }
 
 /// Compares the maps pinned in `dir` with the maps `obj` declares (type, key and value sizes,
-/// capacity, flags), and looks for pins the object does not know. `options` give the
-/// capacities the connection and NAT tables are loaded with.
+/// capacity, flags), and looks for pins the object does not know. `conn_table_size` and
+/// `nat_table_size` are the capacities the connection and NAT tables are loaded with.
 pub fn check_compatible(
     obj: &aya_obj::Object,
-    options: crate::shell::dataplane::LoadOptions,
+    (conn_table_size, nat_table_size): (u32, u32),
     dir: &Path,
     names: &[String],
 ) -> Result<()> {
@@ -362,9 +362,9 @@ pub fn check_compatible(
                 Err(e) => problems.push(format!("map {name}: {e}")),
                 Ok(info) => {
                     let capacity = if map_names::CONN_TABLES.contains(&name.as_str()) {
-                        options.conn_table_size
+                        conn_table_size
                     } else if map_names::NAT_TABLES.contains(&name.as_str()) {
-                        2 * options.nat_table_size
+                        2 * nat_table_size
                     } else {
                         obj.maps[name].max_entries()
                     };

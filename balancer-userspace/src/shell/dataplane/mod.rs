@@ -209,7 +209,8 @@ impl Dataplane {
         let names = pins::pinnable_maps(&obj);
         let adopting = names.iter().any(|n| dir.join(n).exists());
         if adopting {
-            pins::check_compatible(&obj, options, dir, &names)?;
+            let sizes = (options.conn_table_size, options.nat_table_size);
+            pins::check_compatible(&obj, sizes, dir, &names)?;
         }
         use program_names::*;
         let mut dataplane =
