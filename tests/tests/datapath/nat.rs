@@ -672,6 +672,95 @@ fn draining_and_down_backends_of_a_nat_vip() {
     );
 }
 
+/// An ICMP error from `from` (framed from `mac`) about the IP packet `about`, addressed to
+/// that packet's source, quoting as much of it as the protocols ask for.
+fn icmp_error(from: IpAddr, mac: [u8; 6], about: &Pkt, v6_hop_limit: bool) -> Vec<u8> {
+    use etherparse::{
+        icmpv4::DestUnreachableHeader, icmpv6::TimeExceededCode, Icmpv4Type, Icmpv6Type,
+        PacketBuilder,
+    };
+    let ip = about.ip_bytes();
+    let mut out = Vec::new();
+    match (from, about.src) {
+        (IpAddr::V4(f), IpAddr::V4(to)) => PacketBuilder::ethernet2(mac, LB_MAC)
+            .ipv4(f.octets(), to.octets(), 64)
+            .icmpv4(Icmpv4Type::DestinationUnreachable(
+                DestUnreachableHeader::Port,
+            ))
+            .write(&mut out, &ip[..28])
+            .unwrap(),
+        (IpAddr::V6(f), IpAddr::V6(to)) => {
+            assert!(v6_hop_limit);
+            PacketBuilder::ethernet2(mac, LB_MAC)
+                .ipv6(f.octets(), to.octets(), 64)
+                .icmpv6(Icmpv6Type::TimeExceeded(TimeExceededCode::HopLimitExceeded))
+                .write(&mut out, &ip)
+                .unwrap()
+        }
+        _ => unreachable!("mixed families"),
+    }
+    out
+}
+
+#[test]
+fn port_unreachable_and_time_exceeded_are_translated_too() {
+    require();
+    // IPv4: the backend itself says its UDP port is closed; the client hears it from the VIP,
+    // about its own datagram.
+    let w = world();
+    let backend = v4([10, 0, 0, 21]);
+    let query = udp(DNS, 40_010, 53);
+    assert_eq!(w.run(&query.bytes()).verdict, xdp_action::TX);
+    let sent = Pkt {
+        src: SNAT4,
+        dst: backend,
+        ..query
+    };
+    let run = w.run(&icmp_error(backend, w.neighbour_mac(backend), &sent, false));
+    assert_eq!(
+        run.verdict,
+        xdp_action::TX,
+        "port unreachable, to the client"
+    );
+    assert_checksums_valid(&run.output, "port unreachable");
+    let mut expected = icmp_error(DNS, LB_MAC, &query, false);
+    expected[..12].copy_from_slice(&[CLIENT_MAC, LB_MAC].concat());
+    assert_eq!(
+        run.output, expected,
+        "the client's port unreachable, byte for byte"
+    );
+    // IPv6: a router on the client's side says the VIP's answer ran out of hops; the backend
+    // hears it from the SNAT address, about its own answer.
+    let w = world();
+    let backend = v6([0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x21]);
+    let query = udp(DNS6, 40_011, 53);
+    assert_eq!(w.run(&query.bytes()).verdict, xdp_action::TX);
+    let answer = Pkt {
+        src: DNS6,
+        dst: client(DNS6),
+        sport: 53,
+        dport: 40_011,
+        ..query
+    };
+    let router: IpAddr = "2001:db8:ffff::1".parse().unwrap();
+    let run = w.run(&icmp_error(router, CLIENT_MAC, &answer, true));
+    assert_eq!(run.verdict, xdp_action::TX, "time exceeded, to the backend");
+    assert_checksums_valid(&run.output, "time exceeded");
+    let from_backend = Pkt {
+        src: backend,
+        dst: SNAT6,
+        sport: 53,
+        dport: 40_011,
+        ..query
+    };
+    let mut expected = icmp_error(SNAT6, LB_MAC, &from_backend, true);
+    expected[..12].copy_from_slice(&[w.neighbour_mac(backend), LB_MAC].concat());
+    assert_eq!(
+        run.output, expected,
+        "the backend's time exceeded, byte for byte"
+    );
+}
+
 fn require() {
     balancer_tests::netns::require_root("the NAT datapath fixtures (BPF_PROG_TEST_RUN)");
 }
