@@ -318,6 +318,10 @@ fn create(
 /// (its addresses set) without overwriting, at the client's own port (`client_port`) if the
 /// range has it, else at consecutive ports from `hash`. Leaves the port taken in `s.key`.
 #[inline(always)]
+#[allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "by reference on purpose: a key or entry passed by value is copied to the stack"
+)]
 fn allocate(
     v6: bool,
     s: &mut Scratch,
@@ -329,38 +333,79 @@ fn allocate(
     let min = nat_vip.port_min as u32;
     let range = (nat_vip.port_max as u32).saturating_sub(min) + 1;
     let client = u16::from_be(client_port) as u32;
-    let start = hash % range;
-    for i in 0..NAT_PORT_TRIES {
-        let port = if i == 0 {
-            if client < min || client - min >= range {
-                continue;
-            }
-            client
-        } else {
-            if i > range {
-                break;
-            }
-            min + (start + i - 1) % range
-        };
-        s.key.ports = (dst_port as u32) << 16 | (port as u16).to_be() as u32;
-        match insert(v6, s, BPF_NOEXIST) {
-            Ok(()) => {
-                count::nat(if i == 0 {
-                    NatCounter::PortKept
-                } else {
-                    NatCounter::PortProbed
-                });
-                return Ok(());
-            }
-            Err(e) if e == -EEXIST => {}
-            Err(_) => {
-                count::nat(NatCounter::NoPortInsertFailed);
-                return Err(Outcome::NatNoPort);
-            }
+    let probe = Probe {
+        min,
+        range,
+        start: hash % range,
+        // The client's port, if the range has it (else the first try is skipped).
+        client: (client >= min && client - min < range).then_some(client),
+        dst_port,
+    };
+    // One loop per family, each with one insert: the verifier walks every iteration.
+    let found = if v6 {
+        probe.run(s, |s| NAT_V6.insert(&s.key, &s.entry, BPF_NOEXIST))
+    } else {
+        probe.run(s, |s| {
+            s.key4 = FlowKeyV4 {
+                src: s.key.src[0],
+                dst: s.key.dst[0],
+                ports: s.key.ports,
+                proto: s.key.proto,
+            };
+            NAT_V4.insert(&s.key4, &s.entry, BPF_NOEXIST)
+        })
+    };
+    match found {
+        Ok(kept) => {
+            count::nat(if kept {
+                NatCounter::PortKept
+            } else {
+                NatCounter::PortProbed
+            });
+            Ok(())
+        }
+        Err(counter) => {
+            count::nat(counter);
+            Err(Outcome::NatNoPort)
         }
     }
-    count::nat(NatCounter::NoPortExhausted);
-    Err(Outcome::NatNoPort)
+}
+
+/// The ports a new connection tries.
+struct Probe {
+    min: u32,
+    range: u32,
+    start: u32,
+    client: Option<u32>,
+    dst_port: u16,
+}
+
+impl Probe {
+    /// Tries the client's port, then consecutive ports from `start`, at most
+    /// `NAT_PORT_TRIES` in all and each port of the range at most once, with `insert` (which
+    /// inserts at `s.key`). `Ok(kept)`: a port was taken (the client's own if `kept`).
+    #[inline(always)]
+    fn run(
+        &self,
+        s: &mut Scratch,
+        insert: impl Fn(&mut Scratch) -> Result<(), i32>,
+    ) -> Result<bool, NatCounter> {
+        for i in 0..NAT_PORT_TRIES {
+            let port = match (i, self.client) {
+                (0, Some(client)) => client,
+                (0, None) => continue,
+                _ if i > self.range => break,
+                _ => self.min + (self.start + i - 1) % self.range,
+            };
+            s.key.ports = (self.dst_port as u32) << 16 | (port as u16).to_be() as u32;
+            match insert(s) {
+                Ok(()) => return Ok(i == 0),
+                Err(e) if e == -EEXIST => {}
+                Err(_) => return Err(NatCounter::NoPortInsertFailed),
+            }
+        }
+        Err(NatCounter::NoPortExhausted)
+    }
 }
 
 /// A packet for no VIP: if it is a backend's reply on a NAT connection (or an ICMP error

@@ -178,7 +178,7 @@ pub fn run(no_vm: bool) -> Result<()> {
     });
 
     let vm_name =
-        "VM (Debian 12's 6.1 kernel under qemu: datapath fixtures, DSR and tunnel end to end)";
+        "VM (Debian 12's 6.1 kernel under qemu: datapath fixtures, DSR, tunnel and NAT end to end)";
     tiers.push(if no_vm {
         not_run(
             vm_name,
