@@ -381,9 +381,12 @@ struct Probe {
 }
 
 impl Probe {
-    /// Tries the client's port, then consecutive ports from `start`, at most
-    /// `NAT_PORT_TRIES` in all and each port of the range at most once, with `insert` (which
-    /// inserts at `s.key`). `Ok(kept)`: a port was taken (the client's own if `kept`).
+    /// Tries the client's port, then other ports of the range, at most `NAT_PORT_TRIES` in
+    /// all, with `insert` (which inserts at `s.key`): in a range no larger than the tries,
+    /// consecutive ports from `start` (every port once); in a larger one, ports spread by a
+    /// hash of `start` and the try (consecutive tries would pile up behind the ports taken
+    /// before them, as in any linear probing, and fail long before the range is full).
+    /// `Ok(kept)`: a port was taken (the client's own if `kept`).
     #[inline(always)]
     fn run(
         &self,
@@ -395,7 +398,8 @@ impl Probe {
                 (0, Some(client)) => client,
                 (0, None) => continue,
                 _ if i > self.range => break,
-                _ => self.min + (self.start + i - 1) % self.range,
+                _ if self.range < NAT_PORT_TRIES => self.min + (self.start + i - 1) % self.range,
+                _ => self.min + spread(self.start, i) % self.range,
             };
             s.key.ports = (self.dst_port as u32) << 16 | (port as u16).to_be() as u32;
             match insert(s) {
@@ -406,6 +410,13 @@ impl Probe {
         }
         Err(NatCounter::NoPortExhausted)
     }
+}
+
+/// A hash of a probe's start and try: a multiply and a shift, so that tries land far apart.
+#[inline(always)]
+fn spread(start: u32, i: u32) -> u32 {
+    let x = (start ^ i.wrapping_mul(0x9e37_79b9)).wrapping_mul(0x85eb_ca6b);
+    x ^ (x >> 15)
 }
 
 /// A packet for no VIP: if it is a backend's reply on a NAT connection (or an ICMP error

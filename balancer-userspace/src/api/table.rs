@@ -27,6 +27,33 @@ fn or_unknown<T: ToString>(value: Option<T>) -> String {
     value.map_or_else(|| "?".to_owned(), |v| v.to_string())
 }
 
+/// The NAT tables in one line: connections and entries as of the last sweep, SNAT ports in
+/// use, connections created and refused.
+fn nat_line(out: &mut String, status: &StatusDocument) {
+    let n = &status.nat;
+    let event = |name: &str| n.events.get(name).copied().unwrap_or(0);
+    let ports: Vec<String> = n
+        .snat_ports_in_use
+        .iter()
+        .map(|(address, ports)| format!("{address} {ports}"))
+        .collect();
+    let refused = event("no_port_exhausted") + event("no_port_insert_failed") + event("no_snat_address");
+    let _ = writeln!(
+        out,
+        "NAT: {} connections ({} IPv4 and {} IPv6 entries, of {} connections per family), SNAT ports in use: {}; {} created, {refused} refused",
+        or_unknown(n.connections),
+        or_unknown(n.entries_ipv4),
+        or_unknown(n.entries_ipv6),
+        n.capacity,
+        if ports.is_empty() {
+            "none".to_owned()
+        } else {
+            ports.join(", ")
+        },
+        event("created"),
+    );
+}
+
 /// The table for one status document.
 pub fn render(status: &StatusDocument) -> String {
     let mut out = String::new();
@@ -57,6 +84,13 @@ pub fn render(status: &StatusDocument) -> String {
                 "removed"
             }
         );
+    }
+    if status
+        .vips
+        .iter()
+        .any(|v| v.forwarding == crate::config::Forwarding::Nat)
+    {
+        nat_line(&mut out, status);
     }
     for vip in &status.vips {
         vip_table(&mut out, vip);
@@ -326,6 +360,27 @@ mod tests {
         let text = render(&read);
         check_table(&text, &read);
         check_json(&json);
+    }
+
+    #[test]
+    fn a_nat_vip_brings_the_nat_line() {
+        let mut document = StatusDocument::new(&sample_snapshot(), &Attachment::default());
+        assert!(!render(&document).contains("\nNAT: "), "no NAT VIP, no NAT line");
+        document.vips[0].forwarding = crate::config::Forwarding::Nat;
+        let text = render(&document);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("NAT: "))
+            .unwrap_or_else(|| panic!("{text}"));
+        assert!(
+            line.starts_with(
+                "NAT: 3 connections (6 IPv4 and 2 IPv6 entries, of 65536 connections per family), \
+                 SNAT ports in use: 10.0.0.250 4, 2001:db8::250 1; "
+            ),
+            "{line}"
+        );
+        let created = document.nat.events["created"];
+        assert!(line.contains(&format!("; {created} created, ")), "{line}");
     }
 
     fn check_table(text: &str, read: &StatusDocument) {
