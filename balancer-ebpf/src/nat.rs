@@ -287,7 +287,11 @@ fn create(
         let hash = flow_hash(flow, hash_seed() ^ PORT_SEED);
         let index = (hash % nat_vip.snat_count as u32) as usize & (MAX_SNAT_ADDRESSES - 1);
         s.key.dst = nat_vip.snat[index];
-        allocate(v6, s, dst_port, flow.src_port, nat_vip, hash)?;
+        // The ports tried vary with the time too: a client that reuses its port for the same
+        // VIP many times within a quarantine would otherwise find the same ports taken by
+        // its own earlier connections, try after try.
+        let probe = hash ^ ((now >> 10) as u32).wrapping_mul(0x9e37_79b9);
+        allocate(v6, s, dst_port, flow.src_port, nat_vip, probe)?;
     } else {
         s.key.dst = flow.src_words();
         s.key.ports = (dst_port as u32) << 16 | flow.src_port as u32;

@@ -37,7 +37,8 @@ fn nat_line(out: &mut String, status: &StatusDocument) {
         .iter()
         .map(|(address, ports)| format!("{address} {ports}"))
         .collect();
-    let refused = event("no_port_exhausted") + event("no_port_insert_failed") + event("no_snat_address");
+    let refused =
+        event("no_port_exhausted") + event("no_port_insert_failed") + event("no_snat_address");
     let _ = writeln!(
         out,
         "NAT: {} connections ({} IPv4 and {} IPv6 entries, of {} connections per family), SNAT ports in use: {}; {} created, {refused} refused",
@@ -365,7 +366,10 @@ mod tests {
     #[test]
     fn a_nat_vip_brings_the_nat_line() {
         let mut document = StatusDocument::new(&sample_snapshot(), &Attachment::default());
-        assert!(!render(&document).contains("\nNAT: "), "no NAT VIP, no NAT line");
+        assert!(
+            !render(&document).contains("\nNAT: "),
+            "no NAT VIP, no NAT line"
+        );
         document.vips[0].forwarding = crate::config::Forwarding::Nat;
         let text = render(&document);
         let line = text
