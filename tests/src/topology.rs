@@ -353,7 +353,9 @@ impl TunnelTopology {
 /// `balancer xdp-pass` on a veth peer the balancer transmits into, once it is attached.
 fn start_peer_pass(switch: &Netns, port: &str, log: &std::path::Path) -> BalancerProcess {
     let mut peer_pass = BalancerProcess::start(switch, &["xdp-pass", "--interface", port], log);
-    let deadline = Instant::now() + Duration::from_secs(20);
+    // Generous: in the VM tier's emulated machine, with tests running side by side, loading
+    // the object took over 20 s once.
+    let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let link = switch.ip(&["link", "show", port]);
         if String::from_utf8_lossy(&link.stdout).contains("prog/xdp") {
