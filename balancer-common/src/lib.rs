@@ -504,6 +504,23 @@ macro_rules! outcomes {
                 match self { $(Outcome::$variant => $name,)+ }
             }
 
+            /// A packet sent on its way: to a backend, or a backend's reply to its client
+            /// (not the balancer's own answers).
+            pub const fn forwards(self) -> bool {
+                matches!(
+                    self,
+                    Outcome::ForwardedTx
+                        | Outcome::ForwardedRedirect
+                        | Outcome::NatReplyTx
+                        | Outcome::NatReplyRedirect
+                )
+            }
+
+            /// The outcome of a name (`name`'s inverse).
+            pub fn named(name: &str) -> Option<Outcome> {
+                Outcome::ALL.iter().copied().find(|o| o.name() == name)
+            }
+
             /// The XDP action returned for packets with this outcome.
             pub const fn verdict(self) -> u32 {
                 match self { $(Outcome::$variant => xdp_action::$verdict,)+ }
@@ -750,6 +767,27 @@ mod tests {
                 .map(|i| u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]));
             assert_eq!(VipKey::from_words(words, port, proto, family), fields);
         }
+    }
+
+    #[test]
+    fn outcomes_by_name_and_which_forward() {
+        for &o in Outcome::ALL {
+            assert_eq!(Outcome::named(o.name()), Some(o));
+        }
+        assert_eq!(Outcome::named("no such outcome"), None);
+        let mut forwarding = Outcome::ALL
+            .iter()
+            .filter(|o| o.forwards())
+            .map(|o| o.name());
+        for name in [
+            "forwarded_tx",
+            "forwarded_redirect",
+            "nat_reply_tx",
+            "nat_reply_redirect",
+        ] {
+            assert_eq!(forwarding.next(), Some(name));
+        }
+        assert_eq!(forwarding.next(), None);
     }
 
     #[test]

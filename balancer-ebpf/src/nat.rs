@@ -91,6 +91,17 @@ fn set_twin_key(key: &mut Key, entry: &NatEntry) {
     key.proto = entry.proto as u32 | reply;
 }
 
+/// Sets `s.key4` to `s.key`, an IPv4 key built wide.
+#[inline(always)]
+fn narrow(s: &mut Scratch) {
+    s.key4 = FlowKeyV4 {
+        src: s.key.src[0],
+        dst: s.key.dst[0],
+        ports: s.key.ports,
+        proto: s.key.proto,
+    };
+}
+
 /// The entry at `s.key`.
 #[inline(always)]
 #[allow(
@@ -101,12 +112,7 @@ fn lookup(v6: bool, s: &mut Scratch) -> Option<*mut NatEntry> {
     if v6 {
         NAT_V6.get_ptr_mut(&s.key)
     } else {
-        s.key4 = FlowKeyV4 {
-            src: s.key.src[0],
-            dst: s.key.dst[0],
-            ports: s.key.ports,
-            proto: s.key.proto,
-        };
+        narrow(s);
         NAT_V4.get_ptr_mut(&s.key4)
     }
 }
@@ -121,12 +127,7 @@ fn insert(v6: bool, s: &mut Scratch, flags: u64) -> Result<(), i32> {
     if v6 {
         NAT_V6.insert(&s.key, &s.entry, flags)
     } else {
-        s.key4 = FlowKeyV4 {
-            src: s.key.src[0],
-            dst: s.key.dst[0],
-            ports: s.key.ports,
-            proto: s.key.proto,
-        };
+        narrow(s);
         NAT_V4.insert(&s.key4, &s.entry, flags)
     }
 }
@@ -350,12 +351,7 @@ fn allocate(
         probe.run(s, |s| NAT_V6.insert(&s.key, &s.entry, BPF_NOEXIST))
     } else {
         probe.run(s, |s| {
-            s.key4 = FlowKeyV4 {
-                src: s.key.src[0],
-                dst: s.key.dst[0],
-                ports: s.key.ports,
-                proto: s.key.proto,
-            };
+            narrow(s);
             NAT_V4.insert(&s.key4, &s.entry, BPF_NOEXIST)
         })
     };

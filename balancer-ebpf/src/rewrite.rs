@@ -42,8 +42,7 @@ pub fn send(
     src_mac: [u8; 6],
     ifindex: u32,
 ) -> Result<Outcome, Outcome> {
-    frame::set_addresses(ctx, dst_mac, src_mac).ok_or(Outcome::TruncatedEthernet)?;
-    if ifindex as usize == ctx.ingress_ifindex() {
+    if address(ctx, dst_mac, src_mac, ifindex)? {
         return Ok(Outcome::ForwardedTx);
     }
     // On a miss bpf_redirect_map returns the low bits of the flags: XDP_DROP here, counted.
@@ -51,6 +50,19 @@ pub fn send(
         Ok(_) => Ok(Outcome::ForwardedRedirect),
         Err(_) => Err(Outcome::NoEgress),
     }
+}
+
+/// Addresses the frame to `dst_mac` from `src_mac`; true if `ifindex` is the ingress
+/// interface (the frame leaves with XDP_TX).
+#[inline(always)]
+fn address(
+    ctx: &XdpContext,
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    ifindex: u32,
+) -> Result<bool, Outcome> {
+    frame::set_addresses(ctx, dst_mac, src_mac).ok_or(Outcome::TruncatedEthernet)?;
+    Ok(ifindex as usize == ctx.ingress_ifindex())
 }
 
 /// Sends a NAT reply towards the client: out of the interface it came in on (XDP_TX), or out
@@ -64,8 +76,7 @@ pub fn send_back(
     src_mac: [u8; 6],
     ifindex: u32,
 ) -> Result<Outcome, Outcome> {
-    frame::set_addresses(ctx, dst_mac, src_mac).ok_or(Outcome::TruncatedEthernet)?;
-    if ifindex as usize == ctx.ingress_ifindex() {
+    if address(ctx, dst_mac, src_mac, ifindex)? {
         return Ok(Outcome::NatReplyTx);
     }
     // SAFETY: a helper taking plain values.

@@ -321,10 +321,8 @@ fn print_table(
         .into_iter()
         .flatten()
         .filter(|(name, v)| {
-            let forwarded = name.starts_with("forwarded")
-                || name.as_str() == "nat_reply_tx"
-                || name.as_str() == "nat_reply_redirect";
-            !forwarded && v.as_u64().unwrap_or(0) > 0
+            v.as_u64().unwrap_or(0) > 0
+                && !balancer_common::Outcome::named(name).is_some_and(|o| o.forwards())
         })
         .map(|(name, v)| format!("{name} {v}"))
         .collect();

@@ -100,8 +100,7 @@ pub fn render(status: &StatusDocument) -> String {
         .outcomes
         .iter()
         .filter(|(name, n)| {
-            let forwarded = name.starts_with("forwarded") || name.starts_with("nat_reply_");
-            (!forwarded || name.as_str() == "nat_reply_expired") && **n > 0
+            **n > 0 && !balancer_common::Outcome::named(name).is_some_and(|o| o.forwards())
         })
         .map(|(name, n)| format!("{name} {n}"))
         .collect();

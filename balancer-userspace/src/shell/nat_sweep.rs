@@ -80,48 +80,77 @@ impl NatTables {
             // Not written yet: nothing can be judged.
             return Ok(report);
         }
-        let mut seen = 0usize;
-        let tick = |seen: &mut usize| {
-            *seen += 1;
-            if (*seen).is_multiple_of(batch) {
-                std::thread::sleep(pause);
-            }
+        let mut pacer = Pacer {
+            seen: 0,
+            batch,
+            pause,
         };
-        {
-            let mut v4: BpfHashMap<&mut MapData, FlowKeyV4, NatEntry> =
-                BpfHashMap::try_from(&mut self.v4)?;
-            let keys: Vec<FlowKeyV4> = v4.keys().filter_map(Result::ok).collect();
-            for key in keys {
-                tick(&mut seen);
-                let Ok(entry) = v4.get(&key, 0) else { continue };
-                if entry.sweepable(&settings, now) {
-                    if v4.remove(&key).is_ok() {
-                        report.removed += 1;
-                    }
-                    continue;
-                }
-                report.entries_v4 += 1;
-                count(&entry, &[key.dst, 0, 0, 0], false, &mut report);
-            }
-        }
-        let mut v6: BpfHashMap<&mut MapData, FlowKeyV6, NatEntry> =
-            BpfHashMap::try_from(&mut self.v6)?;
-        let keys: Vec<FlowKeyV6> = v6.keys().filter_map(Result::ok).collect();
-        for key in keys {
-            tick(&mut seen);
-            let Ok(entry) = v6.get(&key, 0) else { continue };
-            if entry.sweepable(&settings, now) {
-                if v6.remove(&key).is_ok() {
-                    report.removed += 1;
-                }
-                continue;
-            }
-            report.entries_v6 += 1;
-            count(&entry, &key.dst, true, &mut report);
-        }
+        report.entries_v4 = sweep_table(
+            &mut self.v4,
+            &settings,
+            now,
+            &mut pacer,
+            &mut report,
+            |k: &FlowKeyV4| (false, [k.dst, 0, 0, 0]),
+        )?;
+        report.entries_v6 = sweep_table(
+            &mut self.v6,
+            &settings,
+            now,
+            &mut pacer,
+            &mut report,
+            |k: &FlowKeyV6| (true, k.dst),
+        )?;
         report.took = started.elapsed();
         Ok(report)
     }
+}
+
+/// Pauses every `batch` entries.
+struct Pacer {
+    seen: usize,
+    batch: usize,
+    pause: Duration,
+}
+
+impl Pacer {
+    fn tick(&mut self) {
+        self.seen += 1;
+        if self.seen.is_multiple_of(self.batch) {
+            std::thread::sleep(self.pause);
+        }
+    }
+}
+
+/// Sweeps one table (keys `K`, whose family and destination words `dst` gives): removes
+/// what is sweepable, counts the rest into `report`; returns the entries left.
+fn sweep_table<K: aya::Pod>(
+    map: &mut Map,
+    settings: &NatSettings,
+    now: u64,
+    pacer: &mut Pacer,
+    report: &mut SweepReport,
+    dst: impl Fn(&K) -> (bool, [u32; 4]),
+) -> Result<u64, MapError> {
+    let mut table: BpfHashMap<&mut MapData, K, NatEntry> = BpfHashMap::try_from(map)?;
+    let keys: Vec<K> = table.keys().filter_map(Result::ok).collect();
+    let mut left = 0;
+    for key in keys {
+        pacer.tick();
+        let Ok(entry) = table.get(&key, 0) else {
+            continue;
+        };
+        if entry.sweepable(settings, now) {
+            if table.remove(&key).is_ok() {
+                report.removed += 1;
+            }
+            continue;
+        }
+        left += 1;
+        let (v6, key_dst) = dst(&key);
+        count(&entry, &key_dst, v6, report);
+    }
+    Ok(left)
 }
 
 /// Counts a live entry: a forward entry is a connection; a full-NAT reply entry holds a

@@ -271,17 +271,7 @@ impl Dataplane {
         }
         let mut ebpf = loader.load(object).map_err(DataplaneError::Load)?;
         for &name in programs {
-            let program: &mut Xdp = ebpf
-                .program_mut(name)
-                .ok_or(DataplaneError::Missing {
-                    what: "program",
-                    name,
-                })?
-                .try_into()
-                .map_err(|source| program_error(name, source))?;
-            program
-                .load()
-                .map_err(|source| program_error(name, source))?;
+            load_program(&mut ebpf, name)?;
         }
         let cpus = aya::util::nr_cpus().map_err(|(_, source)| DataplaneError::Io {
             map: "per-CPU maps",
@@ -383,6 +373,22 @@ impl Dataplane {
     }
 }
 
+/// Loads a program of the object (through the verifier).
+fn load_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp> {
+    let program: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or(DataplaneError::Missing {
+            what: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(|source| program_error(name, source))?;
+    program
+        .load()
+        .map_err(|source| program_error(name, source))?;
+    Ok(program)
+}
+
 /// Loads the NAT programs and puts them in `NAT_PROGRAMS`, where the balancer tail-calls
 /// them. An object without them (an earlier layout's, in the benchmark) is left as it is.
 fn load_nat_programs(ebpf: &mut Ebpf) -> Result<()> {
@@ -394,18 +400,7 @@ fn load_nat_programs(ebpf: &mut Ebpf) -> Result<()> {
         (balancer_common::NAT_PROGRAM_FORWARD, NAT_FORWARD),
         (balancer_common::NAT_PROGRAM_REPLY, NAT_REPLY),
     ] {
-        let program: &mut Xdp = ebpf
-            .program_mut(name)
-            .ok_or(DataplaneError::Missing {
-                what: "program",
-                name,
-            })?
-            .try_into()
-            .map_err(|source| program_error(name, source))?;
-        program
-            .load()
-            .map_err(|source| program_error(name, source))?;
-        let fd = program
+        let fd = load_program(ebpf, name)?
             .fd()
             .map_err(|source| program_error(name, source))?
             .try_clone()
