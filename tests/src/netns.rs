@@ -72,15 +72,7 @@ impl Netns {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> JoinHandle<T> {
-        let path = Path::new("/run/netns").join(&self.name);
-        let ns = File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-        std::thread::spawn(move || {
-            // SAFETY: setns on a valid namespace fd; it changes only this thread's namespace.
-            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            drop(ns);
-            f()
-        })
+        spawn_in(&self.name, f)
     }
 
     /// Runs `f` inside this namespace and waits for it.
@@ -110,6 +102,23 @@ impl Drop for Netns {
             .args(["netns", "del", &self.name])
             .output();
     }
+}
+
+/// Runs `f` on a new thread that has entered the namespace named `name` (for holders of a
+/// namespace's name that do not own its [`Netns`], such as a server started inside it).
+pub fn spawn_in<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> JoinHandle<T> {
+    let path = Path::new("/run/netns").join(name);
+    let ns = File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    std::thread::spawn(move || {
+        // SAFETY: setns on a valid namespace fd; it changes only this thread's namespace.
+        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        drop(ns);
+        f()
+    })
 }
 
 /// Runs a command, panicking with its output if it fails.

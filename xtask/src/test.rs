@@ -161,6 +161,7 @@ pub fn run(no_vm: bool) -> Result<()> {
             "restarts",
             "control_plane",
             "api_limits",
+            "dns_server",
         ],
     ));
 
