@@ -123,8 +123,7 @@ impl Dnsmasq {
             .into_iter()
             .filter(|k| {
                 // An empty set is checked by its A records: there are none.
-                wanted.is_empty()
-                    || wanted.iter().any(|a| a.is_ipv4() == (*k == RecordType::A))
+                wanted.is_empty() || wanted.iter().any(|a| a.is_ipv4() == (*k == RecordType::A))
             })
             .collect();
         self.wait_until(&format!("{name} to answer {wanted:?}"), move |server| {
@@ -217,7 +216,10 @@ impl Dnsmasq {
             "--pid-file=".to_owned(),
             "--user=root".to_owned(),
             "--group=root".to_owned(),
-            format!("--log-facility={}", self.files.path("dnsmasq.log").display()),
+            format!(
+                "--log-facility={}",
+                self.files.path("dnsmasq.log").display()
+            ),
             "--log-queries".to_owned(),
         ];
         for (name, records) in &self.srv {

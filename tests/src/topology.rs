@@ -389,8 +389,14 @@ pub struct NatTopology {
     pub files: Scratch,
     pub client: Netns,
     pub balancer: Netns,
+    /// The backends created with the topology, then those added (`add_backend`), in order.
     pub backends: Vec<Netns>,
+    /// The DNS server's host, once added (`add_dns_host`).
+    pub dns: Option<Netns>,
     pub switch: Netns,
+    prefix: String,
+    /// The bridge the backends are plugged into.
+    backend_bridge: &'static str,
 }
 
 pub const NAT_CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
@@ -400,6 +406,8 @@ pub const NAT_SNAT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 95, 0, 1);
 pub const NAT_VIP_ADDR: Ipv4Addr = Ipv4Addr::new(10, 96, 100, 1);
 /// Where NAT backends' HTTP servers listen.
 pub const NAT_BACKEND_PORT: u16 = 8080;
+/// The DNS server's host on the backends' subnet (`add_dns_host`).
+pub const NAT_DNS_ADDR: Ipv4Addr = Ipv4Addr::new(10, 95, 0, 53);
 
 pub fn nat_backend_addr(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 95, 0, 11 + i as u8)
@@ -500,8 +508,94 @@ impl NatTopology {
             client,
             balancer,
             backends: backend_ns,
+            dns: None,
             switch,
+            prefix: prefix.to_owned(),
+            backend_bridge,
         }
+    }
+
+    /// A host on the backends' bridge: namespace `<prefix><name>`, the switch's port `port`.
+    fn plug_backend_side(&self, name: &str, port: &str, address: Ipv4Addr) -> Netns {
+        let host = Netns::create(&format!("{}{name}", self.prefix));
+        self.switch.ip(&[
+            "link",
+            "add",
+            port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            HOST_IF,
+            "netns",
+            host.name(),
+        ]);
+        self.switch
+            .ip(&["link", "set", port, "master", self.backend_bridge, "up"]);
+        host.ip(&[
+            "addr",
+            "add",
+            &format!("{address}/{SUBNET_PREFIX}"),
+            "dev",
+            HOST_IF,
+        ]);
+        host.ip(&["link", "set", HOST_IF, "up"]);
+        // As for every host (see `build`).
+        host.exec("ethtool", &["-K", HOST_IF, "tx", "off"]);
+        host
+    }
+
+    /// Adds backend `i` while the topology runs, as `build` creates the first ones:
+    /// namespace `<prefix>be{i+1}`, address [`nat_backend_addr`]`(i)`, on the backends'
+    /// bridge. Start its server with `HttpServer::start(ns, name, (nat_backend_addr(i),
+    /// NAT_BACKEND_PORT))`.
+    pub fn add_backend(&mut self, i: usize) -> &Netns {
+        assert!(
+            self.backend(i).is_none(),
+            "backend {i} ({}) exists already",
+            nat_backend_addr(i)
+        );
+        let host = self.plug_backend_side(
+            &format!("be{}", i + 1),
+            &format!("p-be{}", i + 1),
+            nat_backend_addr(i),
+        );
+        // An address used before (backend `i` removed and added again) is still known to the
+        // balancer under the old host's MAC, and connections to it would wait for that entry
+        // to go stale. Real networks correct it with a gratuitous ARP; a veth's (arp_notify)
+        // is sent before the bridge forwards on the new port, and lost.
+        self.balancer
+            .ip(&["neigh", "flush", "to", &nat_backend_addr(i).to_string()]);
+        self.backends.push(host);
+        self.backends.last().expect("just added")
+    }
+
+    /// Backend `i` (created with the topology or added), if it is there.
+    pub fn backend(&self, i: usize) -> Option<&Netns> {
+        let name = format!("{}be{}", self.prefix, i + 1);
+        self.backends.iter().find(|b| b.name() == name)
+    }
+
+    /// Removes backend `i`: unplugs it from the bridge at once (deleting the switch's end of
+    /// its veth), then deletes its namespace. Stop its server first: a thread or socket
+    /// inside keeps a namespace alive after `ip netns del`, though unplugged.
+    pub fn remove_backend(&mut self, i: usize) {
+        let name = format!("{}be{}", self.prefix, i + 1);
+        let at = self
+            .backends
+            .iter()
+            .position(|b| b.name() == name)
+            .unwrap_or_else(|| panic!("no backend {i} ({name}) to remove"));
+        self.switch.ip(&["link", "del", &format!("p-be{}", i + 1)]);
+        self.backends.remove(at);
+    }
+
+    /// Adds a host for a DNS server on the backends' bridge: namespace `<prefix>dns`,
+    /// address [`NAT_DNS_ADDR`]. The balancer reaches it from its address on that subnet.
+    pub fn add_dns_host(&mut self) -> &Netns {
+        assert!(self.dns.is_none(), "the DNS host exists already");
+        let host = self.plug_backend_side("dns", "p-dns", NAT_DNS_ADDR);
+        self.dns.insert(host)
     }
 
     /// Destination-only NAT: the backends reach the client's network through the balancer,
@@ -538,6 +632,7 @@ impl NatTopology {
     pub fn hosts(&self) -> Vec<(&str, &Netns)> {
         let mut hosts = vec![("client", &self.client), ("balancer", &self.balancer)];
         hosts.extend(self.backends.iter().map(|b| ("backend", b)));
+        hosts.extend(self.dns.iter().map(|d| ("dns", d)));
         hosts
     }
 }

@@ -1,6 +1,8 @@
 //! The tests' DNS server (`balancer_tests::dns::Dnsmasq`, real dnsmasq) asked from another
 //! namespace: records set, changed and removed while it runs, SRV records, names it must not
-//! answer, an outage and a restart, where it listens, and what it leaves behind.
+//! answer, an outage and a restart, where it listens, and what it leaves behind. And the NAT
+//! topology's runtime additions that discovery tests and the autoscale demo use: a DNS host
+//! on the backends' bridge, backends added and removed while it runs.
 #![allow(
     clippy::too_many_lines,
     reason = "end-to-end scenarios read top to bottom; the 80-line rule is the daemon's"
@@ -19,7 +21,9 @@ use std::{
 
 use balancer_tests::{
     dns::{query, Answer, Dnsmasq, RecordType, Srv, NOERROR, NXDOMAIN, REFUSED},
+    http::{get, HttpServer},
     netns::{remove_stale, require_root, Netns},
+    topology::{nat_backend_addr, NatTopology, NAT_BACKEND_PORT, NAT_DNS_ADDR},
 };
 
 const SERVER: Ipv4Addr = Ipv4Addr::new(10, 95, 0, 53);
@@ -44,7 +48,16 @@ fn dnsmasq_answers_what_the_test_sets_and_only_that() {
     let server_ns = Netns::create(&format!("{prefix}dns"));
     let asker = Netns::create(&format!("{prefix}asker"));
     server_ns.ip(&[
-        "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", asker.name(),
+        "link",
+        "add",
+        "eth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        asker.name(),
     ]);
     for (ns, address) in [(&server_ns, SERVER), (&asker, ASKER)] {
         ns.ip(&["addr", "add", &format!("{address}/24"), "dev", "eth0"]);
@@ -67,7 +80,9 @@ fn dnsmasq_answers_what_the_test_sets_and_only_that() {
     assert_eq!((answer.rcode, answer.authoritative), (NOERROR, true));
     assert_eq!(
         answer.addresses(),
-        addresses(&["10.95.0.11", "10.95.0.12"]).into_iter().collect()
+        addresses(&["10.95.0.11", "10.95.0.12"])
+            .into_iter()
+            .collect()
     );
     assert!(answer.records.iter().all(|r| r.ttl == TTL), "{answer:?}");
 
@@ -170,4 +185,93 @@ fn dnsmasq_answers_what_the_test_sets_and_only_that() {
         String::from_utf8_lossy(&out.stdout)
     );
     assert!(!Path::new(&files).exists(), "{files} left behind");
+}
+
+#[test]
+fn backends_and_a_dns_host_join_and_leave_the_nat_topology() {
+    require_root("the NAT topology's runtime additions");
+    remove_stale("lbas-");
+    let prefix = format!("lbas-{}-t-", std::process::id());
+    let mut topology = NatTopology::create(&prefix, 1);
+    let dns_ns = topology.add_dns_host();
+    let dns = Dnsmasq::start(dns_ns, NAT_DNS_ADDR.into(), "demo.test", 1);
+
+    let mut servers = Vec::new();
+    for i in [1, 2] {
+        let ns = topology.add_backend(i);
+        assert_eq!(ns.name(), format!("{prefix}be{}", i + 1));
+        let listen = SocketAddr::new(nat_backend_addr(i).into(), NAT_BACKEND_PORT);
+        servers.push(HttpServer::start(
+            ns,
+            &nat_backend_addr(i).to_string(),
+            listen,
+        ));
+    }
+    let _first = HttpServer::start(
+        &topology.backends[0],
+        "first",
+        SocketAddr::new(nat_backend_addr(0).into(), NAT_BACKEND_PORT),
+    );
+    dns.set_addresses(
+        "web.demo.test",
+        &[nat_backend_addr(1).into(), nat_backend_addr(2).into()],
+    );
+
+    // From the balancer's namespace (its address on the backends' subnet): the DNS server and
+    // every backend, the added ones included.
+    let server = dns.address();
+    let answer = topology
+        .balancer
+        .run(move || {
+            query(
+                server,
+                "web.demo.test",
+                RecordType::A,
+                Duration::from_secs(1),
+            )
+        })
+        .unwrap();
+    assert_eq!(answer.addresses().len(), 2, "{answer:?}");
+    for i in 0..3 {
+        let to = SocketAddr::new(nat_backend_addr(i).into(), NAT_BACKEND_PORT);
+        let served = topology.balancer.run(move || get(to, 0, i as u64));
+        assert!(served.is_ok(), "backend {i}: {served:?}");
+    }
+    assert!(topology.backend(1).is_some() && topology.backend(3).is_none());
+    assert_eq!(
+        topology.hosts().len(),
+        6,
+        "client, balancer, 3 backends, dns"
+    );
+
+    // Removed: unplugged and gone, while the others still answer.
+    drop(servers.remove(0));
+    topology.remove_backend(1);
+    assert!(topology.backend(1).is_none());
+    assert!(!Path::new(&format!("/run/netns/{prefix}be2")).exists());
+    let port = std::process::Command::new("ip")
+        .args(["-n", topology.switch.name(), "link", "show", "p-be2"])
+        .output()
+        .unwrap();
+    assert!(
+        !port.status.success(),
+        "the bridge port p-be2 is still there"
+    );
+    let gone = SocketAddr::new(nat_backend_addr(1).into(), NAT_BACKEND_PORT);
+    let refused = topology.balancer.run(move || get(gone, 0, 9));
+    assert!(refused.is_err(), "{refused:?}");
+    let to = SocketAddr::new(nat_backend_addr(2).into(), NAT_BACKEND_PORT);
+    assert!(topology.balancer.run(move || get(to, 0, 10)).is_ok());
+
+    // Added again under the same index.
+    let ns = topology.add_backend(1);
+    let _again = HttpServer::start(ns, "again", gone);
+    assert_eq!(
+        topology
+            .balancer
+            .run(move || get(gone, 0, 11))
+            .unwrap()
+            .backend,
+        "again"
+    );
 }
