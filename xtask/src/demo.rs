@@ -27,13 +27,13 @@ use crate::{build_balancer, setup, workspace_root};
 const BACKENDS: usize = 3;
 const FIRST_PORT: u16 = 30_000;
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+pub(crate) static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_interrupt(_: libc::c_int) {
+pub(crate) extern "C" fn on_interrupt(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
-fn interrupted() -> Result<()> {
+pub(crate) fn interrupted() -> Result<()> {
     if INTERRUPTED.load(Ordering::SeqCst) {
         bail!("interrupted (Ctrl-C); cleaning up");
     }

@@ -4,6 +4,7 @@
     reason = "setup and test steps read top to bottom; the 80-line rule is the daemon's"
 )]
 
+mod autoscale;
 mod baseline;
 mod cmd;
 mod demo;
@@ -49,10 +50,19 @@ enum Task {
         /// Number of HTTP requests (one TCP connection each).
         #[arg(long, default_value_t = 300)]
         requests: u64,
-        /// `dsr`: backends hold the VIP on a loopback and answer clients directly; `nat`:
-        /// unmodified backends behind full NAT.
-        #[arg(long, value_enum, default_value_t = demo::Forwarding::Dsr)]
-        forwarding: demo::Forwarding,
+        /// `dsr` (the default): backends hold the VIP on a loopback and answer clients
+        /// directly; `nat` (always, with --autoscale): unmodified backends behind full NAT.
+        #[arg(long, value_enum)]
+        forwarding: Option<demo::Forwarding>,
+        /// The scale-out loop instead (NAT): a load ramping up and down over two minutes, the
+        /// balancer finding its backends in DNS, and a scaler (the Kubernetes HPA's
+        /// algorithm) adding and removing backends; a live timeline and a picture in
+        /// target/autoscale-demo.svg.
+        #[arg(long, conflicts_with = "requests")]
+        autoscale: bool,
+        /// With --autoscale: a ramp of 46 s instead (what `cargo xtask test` runs).
+        #[arg(long, requires = "autoscale")]
+        short: bool,
     },
     /// Run every test tier: lint, unit, datapath fixtures (root), network namespaces (root),
     /// a quick benchmark smoke run, and the VM tier on Debian 12's kernel.
@@ -99,9 +109,22 @@ fn main() -> ExitCode {
         Task::Setup { build_only } => setup::run_with(build_only),
         Task::Run { args } => run(&args),
         Task::Demo {
+            autoscale: true,
+            forwarding: Some(demo::Forwarding::Dsr),
+            ..
+        } => Err(anyhow::anyhow!(
+            "--autoscale forwards with NAT (the backends are unmodified): drop --forwarding dsr"
+        )),
+        Task::Demo {
+            autoscale: true,
+            short,
+            ..
+        } => autoscale::run(short),
+        Task::Demo {
             requests,
             forwarding,
-        } => demo::run(requests, forwarding),
+            ..
+        } => demo::run(requests, forwarding.unwrap_or(demo::Forwarding::Dsr)),
         Task::Test { no_vm } => test::run(no_vm),
         Task::Vm { kernels, filter } => vm::run(&kernels, &filter),
         Task::Bench {

@@ -125,7 +125,11 @@ pub fn run(no_vm: bool) -> Result<()> {
             ),
         }
     }
-    let root_tier = |name: &'static str, tests: &[&'static str]| {
+    // `before` and `after` run around the tier's tests, `after` even when a test failed.
+    let root_tier = |name: &'static str,
+                     tests: &[&'static str],
+                     before: fn() -> Result<()>,
+                     after: fn() -> Result<()>| {
         if !root {
             return not_run(
                 name,
@@ -137,20 +141,26 @@ pub fn run(no_vm: bool) -> Result<()> {
             if let Err(e) = &binary {
                 bail!("the balancer binary did not build: {e:#}");
             }
+            before()?;
             let mut args = vec!["test", "--no-fail-fast", "-p", "balancer-tests"];
             for test in tests {
                 args.extend(["--test", test]);
             }
             args.extend(["--", "--nocapture"]);
-            cargo_step(&args)
+            let tests = cargo_step(&args);
+            let after = after();
+            tests.and(after)
         })
     };
+    let nothing = || Ok(());
     tiers.push(root_tier(
         "datapath fixtures (BPF_PROG_TEST_RUN on the real object)",
         &["datapath"],
+        nothing,
+        nothing,
     ));
     tiers.push(root_tier(
-        "network namespaces (real balancer, servers, clients)",
+        "network namespaces (real balancer, servers, clients; the autoscale demo, short)",
         &[
             "dsr_end_to_end",
             "attach_modes",
@@ -163,6 +173,14 @@ pub fn run(no_vm: bool) -> Result<()> {
             "api_limits",
             "dns_server",
         ],
+        // The DNS server of `dns_server` and of the autoscale demo.
+        crate::autoscale::install_dnsmasq,
+        || {
+            println!(
+                "\n---- the autoscale demo, short profile (cargo xtask demo --autoscale --short)"
+            );
+            crate::autoscale::run_profile(&crate::autoscale::SHORT)
+        },
     ));
 
     let bench_name = "benchmark smoke run (cargo xtask bench --quick; figures not judged)";
