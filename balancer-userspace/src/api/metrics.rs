@@ -83,6 +83,10 @@ impl Family<'_> {
         }
     }
 
+    fn gauge_f64(&mut self, labels: &Labels, value: f64) -> fmt::Result {
+        ConstGauge::new(value).encode(self.encoder.encode_family(labels)?)
+    }
+
     /// The one sample of a gauge family without labels.
     fn single(self, value: i64) -> fmt::Result {
         ConstGauge::new(value).encode(self.encoder)
@@ -118,8 +122,10 @@ impl Collector for Exposition {
     fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
         let s = &self.0;
         backends(&mut e, s)?;
+        drains(&mut e, s)?;
         probes(&mut e, s)?;
         vips(&mut e, s)?;
+        discovery(&mut e, s)?;
         global(&mut e, s)?;
         nat(&mut e, s)?;
         api(&mut e, &self.1)
@@ -174,6 +180,113 @@ fn backends(e: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
         for (v, b, address) in each_backend(s) {
             f.sample(kind, &backend_labels(v, &address), value(b))?;
         }
+    }
+    Ok(())
+}
+
+/// Where each backend comes from, and what says a drained one is done.
+fn drains(e: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
+    let mut f = family(
+        e,
+        "balancer_backend_info",
+        "Always 1; the source label says where the backend comes from: file, the discovery that found it (dns NAME, srv NAME), or removed (retiring through removal_grace).",
+        MetricType::Gauge,
+    )?;
+    for (v, b, address) in each_backend(s) {
+        let mut labels = backend_labels(v, &address);
+        labels.push(("source", b.source.as_str()));
+        f.gauge(&labels, 1)?;
+    }
+    let mut f = family(
+        e,
+        "balancer_backend_remembered_flows",
+        "Flows the connection table remembers for the backend (under NAT: its open connections), as of the last walk or sweep; a drained backend is done when this reaches 0.",
+        MetricType::Gauge,
+    )?;
+    for (v, b, address) in each_backend(s) {
+        if let Some(n) = b.remembered_flows {
+            f.gauge(&backend_labels(v, &address), n as i64)?;
+        }
+    }
+    let mut f = family(
+        e,
+        "balancer_backend_last_packet_age_seconds",
+        "Time since the backend last forwarded a packet (since the daemon's first reading if it has not), to the second of the readings.",
+        MetricType::Gauge,
+    )?;
+    let now = std::time::Instant::now();
+    for (v, b, address) in each_backend(s) {
+        if let Some(at) = b.last_packet {
+            let age = now.saturating_duration_since(at).as_secs_f64().round();
+            f.gauge_f64(&backend_labels(v, &address), age)?;
+        }
+    }
+    Ok(())
+}
+
+/// Every discovering VIP's lookups.
+fn discovery(e: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
+    use crate::core::discovery::Outcome;
+    let discovering = || {
+        s.vips
+            .iter()
+            .filter_map(|v| Some((v, v.discovery.as_ref()?)))
+    };
+    let mut f = family(
+        e,
+        "balancer_discovery_backends",
+        "Backends the VIP's DNS discovery found and that are in force.",
+        MetricType::Gauge,
+    )?;
+    for (v, d) in discovering() {
+        let source = d.query.to_string();
+        let labels = vec![("vip", v.name.as_str()), ("source", source.as_str())];
+        f.gauge(&labels, d.state.backends.len() as i64)?;
+    }
+    let mut f = family(
+        e,
+        "balancer_discovery_resolutions",
+        "DNS lookups of the VIP's discovery, by result: records, empty, nxdomain (both removed the set only once they lasted empty_grace), timeout, servfail, refused, error (all four kept the last set), over_cap (more backends than max_backends: refused, the last set kept).",
+        MetricType::Counter,
+    )?;
+    for (v, d) in discovering() {
+        for o in Outcome::ALL {
+            let labels = vec![("vip", v.name.as_str()), ("result", o.name())];
+            f.counter(&labels, d.state.outcomes.get(&o).copied().unwrap_or(0))?;
+        }
+    }
+    let mut f = family(
+        e,
+        "balancer_discovery_last_success_age_seconds",
+        "Time since the VIP's discovery last had an answer that gave (or confirmed) its set; grows while lookups fail.",
+        MetricType::Gauge,
+    )?;
+    let now = std::time::Instant::now();
+    for (v, d) in discovering() {
+        if let Some(at) = d.state.last_good {
+            let age = now.saturating_duration_since(at).as_secs_f64();
+            f.gauge_f64(&vec![("vip", v.name.as_str())], (age * 10.0).round() / 10.0)?;
+        }
+    }
+    let mut f = family(
+        e,
+        "balancer_discovery_backend_changes",
+        "Backends added to and removed from the VIP by its discovery's answers.",
+        MetricType::Counter,
+    )?;
+    for (v, d) in discovering() {
+        for (change, n) in [("added", d.state.added), ("removed", d.state.removed)] {
+            f.counter(&vec![("vip", v.name.as_str()), ("change", change)], n)?;
+        }
+    }
+    let mut f = family(
+        e,
+        "balancer_discovery_rejected_records",
+        "Discovered records left out because they cannot be backends (loopback, another address family, a VIP's address...).",
+        MetricType::Counter,
+    )?;
+    for (v, d) in discovering() {
+        f.counter(&vec![("vip", v.name.as_str())], d.state.rejected_records)?;
     }
     Ok(())
 }

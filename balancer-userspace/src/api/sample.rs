@@ -139,6 +139,7 @@ pub fn sample_snapshot() -> Snapshot {
         let walk = (n == 5).then_some(ConnWalk {
             entries: 42,
             took: Duration::from_millis(1),
+            by_backend: [(0, 30), (1, 12)].into(),
         });
         core.handle(
             Input::Sampled {
@@ -159,6 +160,7 @@ fn swept(core: &mut Core, now: std::time::Instant) {
             entries_v4: 6,
             entries_v6: 2,
             connections: 3,
+            open_by_backend: [(1, 2)].into(),
             removed,
             ports: [
                 ("10.0.0.250".parse().unwrap(), 4),

@@ -1,7 +1,7 @@
 //! The status document: one typed struct, serialised by the daemon (`GET /api/v1/status`) and
 //! deserialised by `balancer status`, built from a snapshot.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Instant};
 
 use balancer_common::{xdp_action, NatCounter, Outcome, TrafficStats};
 use serde::{Deserialize, Serialize};
@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     autoscale::TrafficRates,
     config::{AutoscaleMetric, Forwarding, HashMode, Protocol},
-    core::snapshot::{BackendView, Snapshot, VipView},
+    core::snapshot::{BackendView, DiscoveryView, Snapshot, VipView},
     plan::{desired::BackendState, inputs::format_mac},
 };
 
@@ -130,6 +130,35 @@ pub struct VipStatus {
     pub healthy_backends: usize,
     pub autoscale: Option<AutoscaleStatus>,
     pub backends: Vec<BackendStatus>,
+    /// The VIP's DNS discovery (absent: the file's backends only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<DiscoveryStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DiscoveryStatus {
+    /// `dns web.default.svc.cluster.local` or `srv _http._tcp...`.
+    pub source: String,
+    pub interval_seconds: f64,
+    /// Backends discovered and in force.
+    pub backends: usize,
+    /// The last answer: its result (records, empty, nxdomain, timeout, servfail, refused,
+    /// error, over_cap) and what it said.
+    pub last_result: Option<String>,
+    pub last_detail: Option<String>,
+    pub last_answer_age_seconds: Option<f64>,
+    /// Since the last answer that gave (or confirmed) the set in force.
+    pub last_good_age_seconds: Option<f64>,
+    /// Until the next lookup (0: due or under way).
+    pub next_resolution_seconds: f64,
+    pub failures_in_a_row: u32,
+    /// Since the last answer with records, answers have been empty: for this long.
+    pub empty_for_seconds: Option<f64>,
+    pub resolutions: BTreeMap<String, u64>,
+    pub changes: u64,
+    pub added: u64,
+    pub removed: u64,
+    pub rejected_records: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,6 +197,19 @@ pub struct BackendStatus {
     pub mac: Option<String>,
     pub stats: Stats,
     pub rates: Rates,
+    /// "file", the discovery that found it ("dns web.default.svc.cluster.local"), or
+    /// "removed" (retiring: it keeps its flows for removal_grace).
+    #[serde(default)]
+    pub source: String,
+    /// Flows the connection table remembers for it (under NAT: its open connections), as
+    /// of the last walk or sweep. A drained backend is done when this reaches 0 (or, with
+    /// direct server return and tunnels, whose table forgets nothing until it is full, when
+    /// no packet has come for longer than the clients' idle time).
+    #[serde(default)]
+    pub remembered_flows: Option<u64>,
+    /// Since it last forwarded a packet (since the daemon's first reading, if it has not).
+    #[serde(default)]
+    pub last_packet_age_seconds: Option<f64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -291,6 +333,42 @@ fn vip_status(v: &VipView) -> VipStatus {
             desired_backends: state.desired,
         }),
         backends: v.backends.iter().map(backend_status).collect(),
+        discovery: v.discovery.as_ref().map(discovery_status),
+    }
+}
+
+/// Seconds since `at`, to a tenth.
+fn age(at: Instant) -> f64 {
+    (at.elapsed().as_secs_f64() * 10.0).round() / 10.0
+}
+
+fn discovery_status(d: &DiscoveryView) -> DiscoveryStatus {
+    let s = &d.state;
+    let now = Instant::now();
+    DiscoveryStatus {
+        source: d.query.to_string(),
+        interval_seconds: d.interval.as_secs_f64(),
+        backends: s.backends.len(),
+        last_result: s.last.as_ref().map(|l| l.outcome.name().to_owned()),
+        last_detail: s.last.as_ref().map(|l| l.detail.clone()),
+        last_answer_age_seconds: s.last.as_ref().map(|l| age(l.at)),
+        last_good_age_seconds: s.last_good.map(age),
+        next_resolution_seconds: if s.in_flight.is_some() {
+            0.0
+        } else {
+            (s.next_due.saturating_duration_since(now).as_secs_f64() * 10.0).round() / 10.0
+        },
+        failures_in_a_row: s.failures_in_a_row,
+        empty_for_seconds: s.empty_since.map(age),
+        resolutions: s
+            .outcomes
+            .iter()
+            .map(|(o, n)| (o.name().to_owned(), *n))
+            .collect(),
+        changes: s.changes,
+        added: s.added,
+        removed: s.removed,
+        rejected_records: s.rejected_records,
     }
 }
 
@@ -320,5 +398,8 @@ fn backend_status(b: &BackendView) -> BackendStatus {
         mac: b.next_hop.as_ref().map(|(_, m)| format_mac(m)),
         stats: b.stats.into(),
         rates: b.rates.into(),
+        source: b.source.clone(),
+        remembered_flows: b.remembered_flows,
+        last_packet_age_seconds: b.last_packet.map(age),
     }
 }

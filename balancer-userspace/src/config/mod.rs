@@ -9,6 +9,7 @@
 //! - [`diff`]: what changed between two configs.
 
 pub mod diff;
+pub mod discover;
 pub mod health;
 pub mod model;
 mod raw;

@@ -327,7 +327,85 @@ pub struct Vip {
     pub autoscale: Option<Autoscale>,
     /// NAT mode: the translation (`Some` exactly when `forwarding` is `Nat`).
     pub nat: Option<NatVipConfig>,
+    /// The backends in force: the file's, then (in the running config the core holds) the
+    /// discovered ones the file does not list.
     pub backends: Vec<BackendConfig>,
+    /// Backends discovered from DNS, alongside `backends`.
+    pub discover: Option<Discover>,
+}
+
+/// Defaults and bounds of DNS discovery.
+pub const DEFAULT_DISCOVER_INTERVAL: Duration = Duration::from_secs(5);
+pub const DISCOVER_INTERVAL_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(3600);
+pub const DEFAULT_DISCOVER_TIMEOUT: Duration = Duration::from_secs(2);
+pub const DISCOVER_TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(100)..=Duration::from_secs(30);
+/// How long an empty answer (no records, or NXDOMAIN) must persist before the discovered
+/// backends are removed: a name briefly missing while a Service is recreated, or a DNS
+/// server that lost its zone for a moment, empties no VIP.
+pub const DEFAULT_DISCOVER_EMPTY_GRACE: Duration = Duration::from_secs(60);
+pub const MAX_DISCOVER_EMPTY_GRACE: Duration = Duration::from_secs(24 * 3600);
+/// Default cap on the backends one VIP discovers: far more replicas than a Deployment behind
+/// one VIP usually has, and few enough that a runaway answer cannot fill the maps.
+pub const DEFAULT_DISCOVER_MAX_BACKENDS: u32 = 256;
+pub const MAX_DISCOVER_MAX_BACKENDS: u32 = 4096;
+/// At most this many resolvers per VIP (resolv.conf's own limit is 3).
+pub const MAX_DISCOVER_RESOLVERS: usize = 8;
+
+/// What a VIP asks DNS for.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DiscoverQuery {
+    /// A and AAAA records of this name (the VIP's family is used).
+    Dns(String),
+    /// SRV records of this name: each a target, a port and a weight.
+    Srv(String),
+}
+
+impl DiscoverQuery {
+    pub fn name(&self) -> &str {
+        match self {
+            DiscoverQuery::Dns(n) | DiscoverQuery::Srv(n) => n,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DiscoverQuery::Dns(_) => "dns",
+            DiscoverQuery::Srv(_) => "srv",
+        }
+    }
+}
+
+impl fmt::Display for DiscoverQuery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.kind(), self.name())
+    }
+}
+
+/// A VIP's DNS discovery.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Discover {
+    pub query: DiscoverQuery,
+    /// A/AAAA under NAT: the port the backends listen on (else the VIP's `backend_port`, else
+    /// the packet's). SRV records carry their own.
+    pub port: Option<u16>,
+    /// A/AAAA: the weight of every discovered backend. SRV records carry their own.
+    pub weight: u32,
+    /// Resolved again this often (sooner when the records' TTL runs out first).
+    pub interval: Duration,
+    /// A resolution that takes longer failed (the last set stays).
+    pub timeout: Duration,
+    /// Where to ask; empty: the system's resolvers (/etc/resolv.conf).
+    pub resolvers: Vec<SocketAddr>,
+    /// How long an empty answer or NXDOMAIN must persist before the discovered backends go.
+    pub empty_grace: Duration,
+    /// Answers with more backends are refused (the last set stays).
+    pub max_backends: u32,
+    /// A discovered backend's health check: the VIP's, probing the discovered port unless it
+    /// names its own (`health_port_fixed`).
+    pub health: HealthCheck,
+    pub health_port_fixed: bool,
 }
 
 impl Vip {
@@ -351,6 +429,16 @@ pub struct BackendConfig {
     pub drain: bool,
     /// The VIP's health check with this backend's overrides.
     pub health: HealthCheck,
+    /// Where the backend comes from.
+    pub source: BackendSource,
+}
+
+/// Where a backend comes from: the config file, or a VIP's DNS discovery.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum BackendSource {
+    #[default]
+    File,
+    Discovered,
 }
 
 impl BackendConfig {

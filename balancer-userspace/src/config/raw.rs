@@ -80,6 +80,24 @@ pub(super) struct RawVip {
     pub backend_port: Option<Spanned<u16>>,
     #[serde(default)]
     pub backends: Vec<Spanned<RawBackend>>,
+    /// Backends discovered from DNS, alongside or instead of `backends`.
+    pub discover: Option<Spanned<RawDiscover>>,
+}
+
+/// `discover = { dns = "web.default.svc.cluster.local", port = 8080 }` or
+/// `discover = { srv = "_http._tcp.web.default.svc.cluster.local" }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDiscover {
+    pub dns: Option<Spanned<String>>,
+    pub srv: Option<Spanned<String>>,
+    pub port: Option<Spanned<u16>>,
+    pub weight: Option<Spanned<u32>>,
+    pub interval: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
+    pub resolvers: Option<Spanned<Vec<Spanned<String>>>>,
+    pub empty_grace: Option<Spanned<String>>,
+    pub max_backends: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]

@@ -1,6 +1,10 @@
 //! Config errors, defaults, overrides, and the configs shipped in config/.
 
-use std::{net::IpAddr, path::Path, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    time::Duration,
+};
 
 use balancer_common::{DEFAULT_CONN_TABLE_SIZE, DEFAULT_MAGLEV_SIZE};
 
@@ -1586,6 +1590,184 @@ fn snat_ports_keep_clear_of_the_metrics_port() {
     assert!(
         err.message
             .contains("include 9100, the port of metrics_listen \"[::]:9100\""),
+        "{err}"
+    );
+}
+
+#[test]
+#[allow(clippy::too_many_lines, reason = "a table of cases")]
+fn discover_settings_are_checked_with_positions() {
+    let vip = |forwarding: &str, discover: &str| {
+        format!(
+            "[balancer]\n[[vip]]\nname = \"web\"\naddress = \"192.0.2.1\"\nport = 80\nprotocol = \"tcp\"\n\
+             forwarding = \"{forwarding}\"\ndiscover = {discover}\n"
+        )
+    };
+    // Defaults, and a VIP with no backends of its own.
+    let c = parse(
+        Path::new("d.toml"),
+        &vip(
+            "nat",
+            "{ dns = \"web.default.svc.cluster.local\", port = 8080 }",
+        ),
+    )
+    .unwrap();
+    let d = c.vips[0].discover.as_ref().unwrap();
+    assert_eq!(
+        d.query,
+        DiscoverQuery::Dns("web.default.svc.cluster.local".into())
+    );
+    assert_eq!((d.port, d.weight, d.max_backends), (Some(8080), 1, 256));
+    assert_eq!(
+        (d.interval, d.timeout),
+        (Duration::from_secs(5), Duration::from_secs(2))
+    );
+    assert_eq!(d.empty_grace, Duration::from_secs(60));
+    assert!(d.resolvers.is_empty());
+    assert_eq!((d.health.kind.name(), d.health.port), ("tcp", 8080));
+    assert!(c.vips[0].backends.is_empty());
+    // Resolvers with and without a port; the VIP's backend_port stands in for `port`.
+    let c = parse(
+        Path::new("d.toml"),
+        &vip(
+            "nat",
+            "{ dns = \"web.test\", resolvers = [\"10.96.0.10\", \"[fd00::10]:5353\"] }",
+        )
+        .replace("discover", "backend_port = 8443\ndiscover"),
+    )
+    .unwrap();
+    let d = c.vips[0].discover.as_ref().unwrap();
+    assert_eq!(d.port, Some(8443));
+    assert_eq!(
+        d.resolvers,
+        [
+            "10.96.0.10:53".parse::<SocketAddr>().unwrap(),
+            "[fd00::10]:5353".parse().unwrap()
+        ]
+    );
+    let srv = parse(
+        Path::new("d.toml"),
+        &vip("dsr", "{ srv = \"_http._tcp.web.test\" }"),
+    )
+    .unwrap();
+    assert!(matches!(
+        srv.vips[0].discover.as_ref().unwrap().query,
+        DiscoverQuery::Srv(_)
+    ));
+
+    // (discover table, forwarding, part of the message); every error is on line 8.
+    let cases = [
+        ("{ port = 8080 }", "nat", "needs `dns = \"name\"`"),
+        (
+            "{ dns = \"a.test\", srv = \"_x._tcp.a.test\" }",
+            "nat",
+            "not both",
+        ),
+        ("{ dns = \"bad name.test\" }", "nat", "is not a DNS name"),
+        ("{ dns = \"10.0.0.1\" }", "nat", "is an address, not a name"),
+        ("{ dns = \"-a.test\" }", "nat", "is not a DNS name"),
+        ("{ srv = \"web.test\" }", "nat", "is not an SRV name"),
+        (
+            "{ dns = \"a.test\", port = 8080 }",
+            "dsr",
+            "only applies to forwarding = \"nat\"",
+        ),
+        (
+            "{ dns = \"a.test\", port = 0 }",
+            "nat",
+            "must be from 1 to 65535",
+        ),
+        (
+            "{ srv = \"_x._tcp.a.test\", port = 80 }",
+            "nat",
+            "does not apply to SRV",
+        ),
+        (
+            "{ srv = \"_x._tcp.a.test\", weight = 3 }",
+            "nat",
+            "weight does not apply to SRV",
+        ),
+        (
+            "{ dns = \"a.test\", weight = 0 }",
+            "nat",
+            "weight must be from 1",
+        ),
+        (
+            "{ dns = \"a.test\", interval = \"500ms\" }",
+            "nat",
+            "interval must be from 1s to 1h",
+        ),
+        (
+            "{ dns = \"a.test\", interval = \"soon\" }",
+            "nat",
+            "is not a duration",
+        ),
+        (
+            "{ dns = \"a.test\", timeout = \"10s\" }",
+            "nat",
+            "longer than its interval",
+        ),
+        (
+            "{ dns = \"a.test\", timeout = \"50ms\" }",
+            "nat",
+            "timeout must be from 100ms",
+        ),
+        (
+            "{ dns = \"a.test\", empty_grace = \"2d\" }",
+            "nat",
+            "is not a duration",
+        ),
+        (
+            "{ dns = \"a.test\", empty_grace = \"25h\" }",
+            "nat",
+            "empty_grace must be from 0s to 24h",
+        ),
+        (
+            "{ dns = \"a.test\", max_backends = 0 }",
+            "nat",
+            "max_backends must be from 1",
+        ),
+        (
+            "{ dns = \"a.test\", max_backends = 100000 }",
+            "nat",
+            "max_backends must be from 1",
+        ),
+        (
+            "{ dns = \"a.test\", resolvers = [] }",
+            "nat",
+            "must list 1 to 8",
+        ),
+        (
+            "{ dns = \"a.test\", resolvers = [\"dns.test\"] }",
+            "nat",
+            "is not an address",
+        ),
+        (
+            "{ dns = \"a.test\", resolvers = [\"10.0.0.1:0\"] }",
+            "nat",
+            "is not an address",
+        ),
+        (
+            "{ dns = \"a.test\", typo = 1 }",
+            "nat",
+            "unknown field `typo`",
+        ),
+    ];
+    for (discover, forwarding, message) in cases {
+        let err = parse(Path::new("d.toml"), &vip(forwarding, discover)).unwrap_err();
+        assert!(err.message.contains(message), "{discover}: {err}");
+        assert_eq!(err.line, 8, "{discover}: {err}");
+        assert!(err.column > 1, "{discover}: {err}");
+    }
+    // What the table must leave room for.
+    let err = parse(
+        Path::new("d.toml"),
+        &vip("nat", "{ dns = \"a.test\", max_backends = 300 }")
+            .replace("discover", "table_size = 251\ndiscover"),
+    )
+    .unwrap_err();
+    assert!(
+        err.message.contains("do not fit a table of 251 slots"),
         "{err}"
     );
 }

@@ -283,9 +283,13 @@ fn validate_vips(
             return Err((vip_span, message));
         }
         check_fragments(&vip, &vips).map_err(|m| (vip_span.clone(), m))?;
-        total_backends += vip.backends.len();
+        total_backends +=
+            vip.backends.len() + vip.discover.as_ref().map_or(0, |d| d.max_backends as usize);
         if total_backends > MAX_BACKENDS as usize {
-            let message = format!("too many backends: at most {MAX_BACKENDS} over all VIPs");
+            let message = format!(
+                "too many backends: at most {MAX_BACKENDS} over all VIPs (counting every VIP's \
+                 discover max_backends)"
+            );
             return Err((vip_span, message));
         }
         vips.push(vip);
@@ -352,6 +356,14 @@ fn validate_vip(raw: RawVip, taken: &Taken) -> Result<Vip, Invalid> {
     let [tunnel_source_v4, tunnel_source_v6] = tunnel_sources(&raw, &name, forwarding, taken)?;
     let table_size = table_size(&raw, &name)?;
     let backends = backends(&raw, &name, address, forwarding, backend_port, taken)?;
+    let discover = vip_discover(
+        &raw,
+        &name,
+        forwarding,
+        backend_port,
+        table_size,
+        backends.len(),
+    )?;
     if backends.len() > table_size as usize {
         return Err((
             raw.port.span(),
@@ -381,7 +393,41 @@ fn validate_vip(raw: RawVip, taken: &Taken) -> Result<Vip, Invalid> {
         autoscale,
         nat,
         backends,
+        discover,
     })
+}
+
+/// The VIP's discovery, with the default cap lowered to what a small table leaves room for
+/// beside the file's backends (`listed`), and an explicit one checked against it.
+fn vip_discover(
+    raw: &RawVip,
+    name: &str,
+    forwarding: Forwarding,
+    backend_port: Option<u16>,
+    table_size: u32,
+    listed: usize,
+) -> Result<Option<crate::config::model::Discover>, Invalid> {
+    let mut discover = super::discover::discover(raw, name, forwarding, backend_port)?;
+    let explicit_cap = raw
+        .discover
+        .as_ref()
+        .is_some_and(|d| d.get_ref().max_backends.is_some());
+    if let Some(d) = discover.as_mut().filter(|_| !explicit_cap) {
+        let room = (table_size as usize).saturating_sub(listed).max(1);
+        d.max_backends = d.max_backends.min(room as u32);
+    }
+    if let Some(d) = &discover {
+        if listed + d.max_backends as usize > table_size as usize {
+            let span = raw.discover.as_ref().map_or(raw.port.span(), Spanned::span);
+            let message = format!(
+                "VIP \"{name}\": {listed} backends and up to {} discovered (max_backends) do not \
+                 fit a table of {table_size} slots; lower max_backends or raise table_size",
+                d.max_backends
+            );
+            return Err((span, message));
+        }
+    }
+    Ok(discover)
 }
 
 /// The keys of NAT (`snat`, `snat_ports`, `backend_port`, a backend's `port`) on a VIP of
@@ -846,6 +892,7 @@ fn backends(
             weight,
             drain: rb.drain,
             health: backend_health(raw, rb, name, default_port, span)?,
+            source: crate::config::model::BackendSource::File,
         });
     }
     Ok(backends)

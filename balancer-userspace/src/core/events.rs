@@ -65,8 +65,57 @@ pub enum Event {
         mac: String,
         interface: String,
     },
-    /// A backend's next hop can no longer be resolved.
-    NoLongerResolves { address: IpAddr },
+    /// A backend's next hop can no longer be resolved (`retiring`: only retiring backends
+    /// have this address, which is what a removed replica that was then stopped looks like).
+    NoLongerResolves { address: IpAddr, retiring: bool },
+    /// Every backend of the VIP that takes new flows starts down (`initial = "down"`) and
+    /// waits for its first checks.
+    AwaitingChecks {
+        vip: String,
+        backends: usize,
+        fail_open: bool,
+    },
+    /// A discovery answer changed the VIP's discovered set.
+    DiscoveryChanged {
+        vip: String,
+        query: String,
+        added: Vec<IpAddr>,
+        removed: Vec<IpAddr>,
+        total: usize,
+    },
+    /// A discovery lookup failed; the last set stays.
+    DiscoveryFailed {
+        vip: String,
+        query: String,
+        outcome: &'static str,
+        error: String,
+        kept: usize,
+    },
+    /// Lookups answer again after failing.
+    DiscoveryRecovered {
+        vip: String,
+        query: String,
+        failures: u32,
+    },
+    /// An answer was refused whole (more backends than max_backends); the last set stays.
+    DiscoveryRefused {
+        vip: String,
+        query: String,
+        why: String,
+    },
+    /// An empty answer or NXDOMAIN; the set stays for the rest of the empty grace.
+    DiscoveryEmpty {
+        vip: String,
+        query: String,
+        kept: usize,
+        left: std::time::Duration,
+    },
+    /// A record that cannot be a backend was left out of an answer.
+    DiscoveryRecordRejected {
+        vip: String,
+        address: IpAddr,
+        why: String,
+    },
     /// A direct-server-return backend sits behind a router: it gets no traffic.
     RoutedDsrBackend {
         vip: String,
@@ -118,9 +167,16 @@ impl Event {
             | Event::DesiredBackends { .. }
             | Event::RemovalGraceOver { .. }
             | Event::NextHopChanged { .. }
+            | Event::NoLongerResolves { retiring: true, .. }
+            | Event::AwaitingChecks { .. }
+            | Event::DiscoveryChanged { .. }
+            | Event::DiscoveryRecovered { .. }
             | Event::ReloadApplied { .. } => Level::Info,
             Event::BackendDown { .. }
             | Event::NoLongerResolves { .. }
+            | Event::DiscoveryFailed { .. }
+            | Event::DiscoveryEmpty { .. }
+            | Event::DiscoveryRecordRejected { .. }
             | Event::Unreachable { .. }
             | Event::ProbeNotRun { .. }
             | Event::LeftOut(_)
@@ -128,6 +184,7 @@ impl Event {
             Event::AllDown { .. }
             | Event::ReloadRejected { .. }
             | Event::RoutedDsrBackend { .. }
+            | Event::DiscoveryRefused { .. }
             | Event::PlanFailed { .. }
             | Event::Unplannable { .. }
             | Event::CountersUnreadable { .. } => Level::Error,
@@ -146,9 +203,16 @@ impl Event {
             | Event::Unreachable { .. }
             | Event::RoutedDsrBackend { .. } => Kind::NextHops,
             Event::AllDown { .. }
+            | Event::AwaitingChecks { .. }
             | Event::Recovered { .. }
             | Event::DesiredBackends { .. }
             | Event::RemovalGraceOver { .. } => Kind::Vips,
+            Event::DiscoveryChanged { .. }
+            | Event::DiscoveryFailed { .. }
+            | Event::DiscoveryRecovered { .. }
+            | Event::DiscoveryRefused { .. }
+            | Event::DiscoveryEmpty { .. }
+            | Event::DiscoveryRecordRejected { .. } => Kind::Discovery,
             Event::ReloadRejected { .. } | Event::ReloadApplied { .. } => Kind::Reloads,
             Event::PlanFailed { .. }
             | Event::Unplannable { .. }
@@ -164,6 +228,15 @@ impl Event {
             Event::BackendDown { key, .. } => format!("VIP {}: DOWN", key.0),
             Event::ProbeNotRun { error, .. } => format!("probes not run ({error})"),
             Event::AllDown { vip, .. } => format!("VIP {vip}: all down"),
+            Event::AwaitingChecks { vip, .. } => format!("VIP {vip}: awaiting checks"),
+            Event::DiscoveryChanged { vip, .. } => format!("VIP {vip}: discovered set changed"),
+            Event::DiscoveryFailed { vip, outcome, .. } => {
+                format!("VIP {vip}: lookups failed ({outcome})")
+            }
+            Event::DiscoveryRecovered { vip, .. } => format!("VIP {vip}: lookups answer again"),
+            Event::DiscoveryRefused { vip, .. } => format!("VIP {vip}: answers refused"),
+            Event::DiscoveryEmpty { vip, .. } => format!("VIP {vip}: empty answers"),
+            Event::DiscoveryRecordRejected { vip, .. } => format!("VIP {vip}: records rejected"),
             Event::Recovered { vip } => format!("VIP {vip}: recovered"),
             Event::DesiredBackends { vip, .. } => format!("VIP {vip}: desired backends"),
             Event::RemovalGraceOver { key } => format!("VIP {}: removal grace over", key.0),
@@ -244,10 +317,6 @@ impl fmt::Display for Event {
                 mac,
                 interface,
             } => write!(f, "next hop of {address} is now {mac} via {interface}"),
-            Event::NoLongerResolves { address } => write!(
-                f,
-                "backend {address} no longer resolves; it gets no traffic until it does"
-            ),
             Event::RoutedDsrBackend {
                 vip,
                 address,
@@ -305,6 +374,21 @@ impl Event {
                 }
                 Ok(())
             }
+            Event::NoLongerResolves {
+                address,
+                retiring: false,
+            } => write!(
+                f,
+                "backend {address} no longer resolves; it gets no traffic until it does"
+            ),
+            Event::NoLongerResolves {
+                address,
+                retiring: true,
+            } => write!(
+                f,
+                "removed backend {address} no longer answers on the network (stopped); its \
+                 remaining flows move to other backends"
+            ),
             Event::LeftOut(left_out) => fmt::Display::fmt(left_out, f),
             Event::Conditions(vips) => {
                 f.write_str("still: ")?;
@@ -327,7 +411,102 @@ impl Event {
                 }
                 Ok(())
             }
+            _ => self.fmt_discovery(f),
+        }
+    }
+
+    /// The lines of discovery, of retiring backends that went away, and of VIPs waiting for
+    /// their first checks.
+    fn fmt_discovery(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Event::AwaitingChecks {
+                vip,
+                backends,
+                fail_open,
+            } => write!(
+                f,
+                "VIP {vip}: waiting for the first health checks of its {backends} backends \
+                 (initial = \"down\"); {}",
+                if *fail_open {
+                    "new flows are spread over them meanwhile (when_all_down = \"fail_open\")"
+                } else {
+                    "its packets are dropped meanwhile (when_all_down = \"drop\")"
+                }
+            ),
+            Event::DiscoveryChanged {
+                vip,
+                query,
+                added,
+                removed,
+                total,
+            } => write!(
+                f,
+                "VIP {vip}: {query} now gives {total} backends{}{}",
+                named(
+                    "; added ",
+                    added,
+                    " (they enter through their health checks)"
+                ),
+                named(
+                    "; removed ",
+                    removed,
+                    " (they keep their flows for removal_grace)"
+                )
+            ),
+            Event::DiscoveryFailed {
+                vip,
+                query,
+                outcome,
+                error,
+                kept,
+            } => write!(
+                f,
+                "VIP {vip}: resolving {query} failed ({outcome}: {error}); its {kept} discovered \
+                 backends stay"
+            ),
+            Event::DiscoveryRecovered {
+                vip,
+                query,
+                failures,
+            } => write!(
+                f,
+                "VIP {vip}: {query} answers again after {failures} failed lookups"
+            ),
+            Event::DiscoveryRefused { vip, query, why } => {
+                write!(f, "VIP {vip}: answer of {query} refused: {why}")
+            }
+            Event::DiscoveryEmpty {
+                vip,
+                query,
+                kept,
+                left,
+            } => write!(
+                f,
+                "VIP {vip}: {query} gives no records; its {kept} discovered backends stay for \
+                 {}s more of empty_grace",
+                left.as_secs()
+            ),
+            Event::DiscoveryRecordRejected { vip, address, why } => {
+                write!(f, "VIP {vip}: discovered record {address} left out: {why}")
+            }
             _ => Ok(()),
         }
     }
+}
+
+/// `before` the first `CHANGES_NAMED` addresses of `list` (and how many more) `after`;
+/// nothing for an empty list.
+fn named(before: &str, list: &[IpAddr], after: &str) -> String {
+    if list.is_empty() {
+        return String::new();
+    }
+    let mut s: Vec<String> = list
+        .iter()
+        .take(CHANGES_NAMED)
+        .map(ToString::to_string)
+        .collect();
+    if list.len() > CHANGES_NAMED {
+        s.push(format!("and {} more", list.len() - CHANGES_NAMED));
+    }
+    format!("{before}{}{after}", s.join(", "))
 }

@@ -33,14 +33,16 @@ pub enum Kind {
     Vips,
     Reloads,
     Kernel,
+    Discovery,
 }
 
-const KINDS: [Kind; 5] = [
+const KINDS: [Kind; 6] = [
     Kind::Health,
     Kind::NextHops,
     Kind::Vips,
     Kind::Reloads,
     Kind::Kernel,
+    Kind::Discovery,
 ];
 
 impl Kind {
@@ -55,6 +57,7 @@ impl Kind {
             Kind::Vips => "VIPs",
             Kind::Reloads => "reloads",
             Kind::Kernel => "kernel",
+            Kind::Discovery => "discovery",
         }
     }
 }
@@ -84,7 +87,7 @@ impl Bucket {
 /// The limiter: which lines are written, and the counts of the others.
 #[derive(Clone, Debug)]
 pub struct LogLimit {
-    buckets: [Bucket; 5],
+    buckets: [Bucket; KINDS.len()],
     /// Left out since the last summary, by kind and subject.
     left_out: BTreeMap<(Kind, String), u64>,
     /// When the first line since the last summary was left out.

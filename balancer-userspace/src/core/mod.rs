@@ -6,6 +6,7 @@
 //! happened.
 
 pub mod adopt;
+pub mod discovery;
 pub mod events;
 pub mod health;
 pub mod log_limit;
@@ -24,6 +25,7 @@ use crate::{
     config::{self, diff, Config},
     core::{
         adopt::adopt,
+        discovery::{Discovery, Lookup, Resolution},
         events::{Event, VipCondition},
         health::{ProbeFailure, ProbeResult, Tracker},
         log_limit::{LogLimit, CONDITIONS_EVERY},
@@ -105,6 +107,14 @@ pub enum Input {
     SampleFailed { error: String },
     /// The NAT tables were swept, or could not be.
     NatSwept(Result<NatSweep, String>),
+    /// A discovery lookup came back, with the next hops of the addresses in it that were not
+    /// known yet.
+    Discovered {
+        vip: String,
+        query: crate::config::DiscoverQuery,
+        resolution: Resolution,
+        next_hops: Vec<(IpAddr, Result<NextHop, String>)>,
+    },
     /// Time passes (removal grace periods end, coalesced health changes reach the maps, a
     /// failed plan is retried, log summaries fall due).
     Tick,
@@ -122,11 +132,21 @@ pub struct Output {
     pub events: Vec<Event>,
     /// The answer to a reload.
     pub reload: Option<ReloadOutcome>,
+    /// DNS lookups to perform (answers come back as `Input::Discovered`).
+    pub lookups: Vec<Lookup>,
 }
 
 pub struct Core {
     config_path: PathBuf,
+    /// The config in force: the file's, with the discovered backends added.
     config: Config,
+    /// The config as the file says it.
+    file_config: Config,
+    /// Every discovering VIP's discovery, by VIP name.
+    discovery: BTreeMap<String, Discovery>,
+    /// The health checks of retiring backends (they go on until the grace ends: a replica
+    /// stopped after its removal is seen down, and its flows move).
+    retiring_checks: BTreeMap<BackendKey, config::HealthCheck>,
     config_text: String,
     /// The text of the last config file read, accepted or not: a watcher's reload of the
     /// same text again is no reload (an invalid file left in place is rejected once).
@@ -160,6 +180,9 @@ pub struct Core {
     conditions_due: Instant,
 }
 
+/// Rejected records of one answer that are logged (the others are counted).
+const REJECTED_LOGGED: usize = 5;
+
 /// How long health verdicts are gathered before the maps are planned with them.
 pub const COALESCE: Duration = Duration::from_millis(200);
 
@@ -173,9 +196,23 @@ impl Core {
     /// The core for a starting daemon, and the effects of starting: the first plan (from
     /// empty maps, or from what adopted maps hold) and the health checks to run.
     pub fn start(start: Start, now: Instant) -> Result<(Core, Output), CoreError> {
+        let discovery = start
+            .config
+            .vips
+            .iter()
+            .filter_map(|v| {
+                Some((
+                    v.name.clone(),
+                    Discovery::new(v.discover.as_ref()?.query.clone(), now),
+                ))
+            })
+            .collect();
         let mut core = Core {
             config_path: start.config_path,
-            config: start.config,
+            config: start.config.clone(),
+            file_config: start.config,
+            discovery,
+            retiring_checks: BTreeMap::new(),
             last_read: start.text.clone(),
             config_text: start.text,
             generation: 1,
@@ -197,6 +234,7 @@ impl Core {
             conditions_due: now + CONDITIONS_EVERY,
         };
         if let Some(pinned) = &start.adopted {
+            core.seed_discovered(pinned);
             let adoption = adopt(&core.config, pinned, now);
             core.ids = adoption.ids;
             core.trackers = adoption.trackers;
@@ -220,12 +258,14 @@ impl Core {
             });
             core.unreachable.insert(address, error);
         }
+        // Known before the first commit: it tells backends waiting for their first checks.
+        core.checks = check_set(&core.config, &core.retiring_checks);
         let mut ids = std::mem::take(&mut core.ids);
         let desired = core.plan_desired(&mut ids).map_err(CoreError::Ids)?;
         core.ids = ids;
         core.commit(desired, &mut out);
-        core.checks = check_set(&core.config);
         out.checks = Some(core.checks.clone());
+        core.lookups(now, &mut out);
         core.limit(&mut out.events, now);
         Ok((core, out))
     }
@@ -260,6 +300,12 @@ impl Core {
             Input::SampleFailed { error } => out.events.push(Event::CountersUnreadable { error }),
             Input::NatSwept(Ok(sweep)) => self.traffic.swept(sweep),
             Input::NatSwept(Err(error)) => out.events.push(Event::CountersUnreadable { error }),
+            Input::Discovered {
+                vip,
+                query,
+                resolution,
+                next_hops,
+            } => self.discovered(&vip, &query, resolution, next_hops, now, &mut out),
             Input::Tick => self.tick(now, &mut out),
             Input::PlanFailed { error } => {
                 self.held_unknown = true;
@@ -282,10 +328,16 @@ impl Core {
     /// changes to plan, or a log summary to write. The daemon sends `Input::Tick` then (and
     /// every second anyway).
     pub fn next_wake(&self) -> Option<Instant> {
-        match (self.rebuild_due, self.log.summary_due()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let discovery = self
+            .config
+            .vips
+            .iter()
+            .filter_map(|v| Some(self.discovery.get(&v.name)?.wake(v.discover.as_ref()?)))
+            .min();
+        [self.rebuild_due, self.log.summary_due(), discovery]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Records that an accepted reload took `took`, from reading the file to the maps
@@ -354,12 +406,71 @@ impl Core {
         }
     }
 
+    /// Whether every down backend of `vip` that takes new flows is down only because it
+    /// starts so (`initial = "down"`) and has not had `rise` probes yet.
+    fn awaiting_first_checks(&self, vip: &crate::plan::desired::DesiredVip) -> bool {
+        vip.backends
+            .iter()
+            .filter(|b| b.state == BackendState::Down)
+            .all(|b| {
+                let key = (vip.name.clone(), b.address);
+                match (self.trackers.get(&key), self.checks.get(&key)) {
+                    // Up already: the maps are about to say so.
+                    (Some(t), Some((_, check))) => t.up || t.probes < u64::from(check.rise),
+                    _ => false,
+                }
+            })
+    }
+
+    /// VIPs that waited for their first checks and still have every backend down once the
+    /// checks have concluded: now that is an all-down episode.
+    fn awaited(&mut self, out: &mut Output) {
+        let concluded: Vec<(String, usize, bool)> = self
+            .desired
+            .vips
+            .iter()
+            .filter(|vip| {
+                self.all_down
+                    .get(&vip.name)
+                    .is_some_and(|s| s.active && s.awaiting)
+                    && !self.awaiting_first_checks(vip)
+            })
+            .map(|vip| {
+                let down = vip
+                    .backends
+                    .iter()
+                    .filter(|b| b.state == BackendState::Down)
+                    .count();
+                (vip.name.clone(), down, vip.fail_open)
+            })
+            .collect();
+        for (vip, down, fail_open) in concluded {
+            if let Some(stats) = self.all_down.get_mut(&vip) {
+                stats.awaiting = false;
+                stats.episodes += 1;
+            }
+            out.events.push(Event::AllDown {
+                vip,
+                down,
+                fail_open,
+            });
+        }
+    }
+
     /// Logs (once per episode) and counts VIPs whose backends are all down.
     fn note_all_down(&mut self, desired: &DesiredState, out: &mut Output) {
         for vip in &desired.vips {
             let all_down = vip.all_down();
+            let awaiting = all_down && self.awaiting_first_checks(vip);
             let stats = self.all_down.entry(vip.name.clone()).or_default();
-            if all_down && !stats.active {
+            if all_down && !stats.active && awaiting {
+                stats.awaiting = true;
+                out.events.push(Event::AwaitingChecks {
+                    vip: vip.name.clone(),
+                    backends: vip.backends.len(),
+                    fail_open: vip.fail_open,
+                });
+            } else if all_down && !stats.active {
                 stats.episodes += 1;
                 let down = vip
                     .backends
@@ -372,9 +483,12 @@ impl Core {
                     fail_open: vip.fail_open,
                 });
             } else if !all_down && stats.active {
-                out.events.push(Event::Recovered {
-                    vip: vip.name.clone(),
-                });
+                if !stats.awaiting {
+                    out.events.push(Event::Recovered {
+                        vip: vip.name.clone(),
+                    });
+                }
+                stats.awaiting = false;
             }
             stats.active = all_down;
         }
@@ -384,7 +498,7 @@ impl Core {
 
     /// The health checks to run, when they changed.
     fn sync_checks(&mut self, out: &mut Output) {
-        let wanted = check_set(&self.config);
+        let wanted = check_set(&self.config, &self.retiring_checks);
         if wanted != self.checks {
             self.checks = wanted.clone();
             out.checks = Some(wanted);
@@ -412,7 +526,7 @@ impl Core {
             Ok(new) => new,
             Err(e) => return self.reject(e.to_string(), out),
         };
-        let restart = diff::needs_restart(&self.config, &new);
+        let restart = diff::needs_restart(&self.file_config, &new);
         if !restart.is_empty() {
             let error = format!(
                 "{}: changing {} needs a restart of the daemon; the running config stays in force",
@@ -421,7 +535,7 @@ impl Core {
             );
             return self.reject(error, out);
         }
-        if new == self.config {
+        if new == self.file_config {
             // Nothing to do (comments or layout changed): no new generation.
             self.config_text = text;
             self.reloads.accepted += 1;
@@ -430,28 +544,69 @@ impl Core {
             });
             return;
         }
-        let changes: Vec<String> = diff::diff(&self.config, &new)
+        let changes: Vec<String> = diff::diff(&self.file_config, &new)
             .iter()
             .map(ToString::to_string)
             .collect();
+        let discovery = self.discovery_after(&new, now);
+        let effective = discovery::effective(&new, &discovery);
+        if let Err(e) = self.apply(effective, next_hops, now, out) {
+            // The running config stays in force, with everything that came with it.
+            return self.reject(format!("{}: {e}", self.config_path.display()), out);
+        }
+        self.file_config = new;
+        self.config_text = text;
+        self.discovery = discovery;
+        self.accept(changes, out);
+        self.lookups(now, out);
+    }
+
+    /// Makes `new` (a config with its discovered backends) the config in force: removed
+    /// backends start their grace, verdicts carry over, the maps and checks follow. On an
+    /// error nothing changes.
+    fn apply(
+        &mut self,
+        new: Config,
+        next_hops: NextHops,
+        now: Instant,
+        out: &mut Output,
+    ) -> Result<(), IdError> {
         let retiring = retiring_after(&self.config, &new, &self.retiring, now);
         let trackers = carry_trackers(self.trackers.clone(), &new, &retiring);
         let mut ids = self.ids.clone();
-        let desired = match desired_for(
+        let desired = desired_for(
             &new,
             &retiring,
             &trackers,
             &next_hops,
             &mut ids,
             &self.desired,
-        ) {
-            Ok(desired) => desired,
-            // The running config stays in force, with everything that came with it.
-            Err(e) => return self.reject(format!("{}: {e}", self.config_path.display()), out),
-        };
+        )?;
         out.events.extend(routed_dsr_backends(&new, &next_hops));
+        // A backend that starts its grace keeps the check it had.
+        let mut checks = std::mem::take(&mut self.retiring_checks);
+        checks.retain(|key, _| retiring.contains_key(key));
+        let new_keys: Vec<BackendKey> = retiring
+            .keys()
+            .filter(|k| !checks.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in new_keys {
+            let check = self
+                .config
+                .vips
+                .iter()
+                .filter(|v| v.name == key.0)
+                .flat_map(|v| &v.backends)
+                .find(|b| b.address == key.1)
+                .map(|b| b.health.clone())
+                .filter(|h| h.kind != config::CheckKind::None);
+            if let Some(check) = check {
+                checks.insert(key, check);
+            }
+        }
+        self.retiring_checks = checks;
         self.config = new;
-        self.config_text = text;
         self.retiring = retiring;
         self.trackers = trackers;
         self.next_hops = next_hops;
@@ -461,7 +616,7 @@ impl Core {
             .retain(|a, _| known.binary_search(a).is_ok());
         self.commit(desired, out);
         self.sync_checks(out);
-        self.accept(changes, out);
+        Ok(())
     }
 
     fn accept(&mut self, changes: Vec<String>, out: &mut Output) {
@@ -566,7 +721,10 @@ impl Core {
                 }
                 Err(error) => {
                     if self.next_hops.remove(&address).is_some() {
-                        out.events.push(Event::NoLongerResolves { address });
+                        let listed = reload::addresses(&self.config);
+                        let retiring = listed.binary_search(&address).is_err();
+                        out.events
+                            .push(Event::NoLongerResolves { address, retiring });
                         changed = true;
                     } else if !self.unreachable.contains_key(&address) {
                         out.events.push(Event::Unreachable {
@@ -584,6 +742,146 @@ impl Core {
         }
     }
 
+    /// The discoveries under a new file config: kept for VIPs that still discover (asked
+    /// again at once if their settings changed; a new name keeps the old set until its first
+    /// answer), new ones for VIPs that start, none for VIPs that stop.
+    fn discovery_after(&self, new: &Config, now: Instant) -> BTreeMap<String, Discovery> {
+        new.vips
+            .iter()
+            .filter_map(|vip| {
+                let spec = vip.discover.as_ref()?;
+                let old_spec = self
+                    .file_config
+                    .vips
+                    .iter()
+                    .find(|v| v.name == vip.name)
+                    .and_then(|v| v.discover.as_ref());
+                let state = match self.discovery.get(&vip.name) {
+                    Some(old) if old_spec == Some(spec) => old.clone(),
+                    Some(old) => {
+                        let mut state = old.clone();
+                        if state.query != spec.query {
+                            state.query = spec.query.clone();
+                            state.empty_since = None;
+                            state.in_flight = None;
+                        }
+                        state.next_due = now;
+                        state
+                    }
+                    None => Discovery::new(spec.query.clone(), now),
+                };
+                Some((vip.name.clone(), state))
+            })
+            .collect()
+    }
+
+    /// Hands out the discovery lookups that are due.
+    fn lookups(&mut self, now: Instant, out: &mut Output) {
+        for vip in &self.file_config.vips {
+            let (Some(spec), Some(state)) = (&vip.discover, self.discovery.get_mut(&vip.name))
+            else {
+                continue;
+            };
+            if let Some(lookup) = state.due(vip, spec, now) {
+                out.lookups.push(lookup);
+            }
+        }
+    }
+
+    /// A discovery lookup came back: the VIP's discovered set follows it (through the path
+    /// of a reload) or stays, as `discovery::answer` decides.
+    fn discovered(
+        &mut self,
+        vip_name: &str,
+        query: &config::DiscoverQuery,
+        resolution: Resolution,
+        hops: Vec<(IpAddr, Result<NextHop, String>)>,
+        now: Instant,
+        out: &mut Output,
+    ) {
+        let Some(vip) = self.file_config.vips.iter().find(|v| v.name == vip_name) else {
+            return;
+        };
+        let (Some(spec), Some(state)) = (&vip.discover, self.discovery.get_mut(vip_name)) else {
+            return;
+        };
+        // An answer for a name the VIP no longer asks for.
+        if state.query != *query {
+            return;
+        }
+        let before = state.clone();
+        let applied = discovery::answer(state, vip, spec, &self.file_config.vips, resolution, now);
+        let (vip_name, query_text) = (vip.name.clone(), query.to_string());
+        discovery_events(&vip_name, &query_text, before.backends.len(), &applied, out);
+        if let Some(total) = applied.backends.as_ref().map(Vec::len) {
+            let mut next_hops = self.next_hops.clone();
+            let mut failed = Vec::new();
+            for (address, result) in hops {
+                match result {
+                    Ok(hop) => {
+                        next_hops.insert(address, hop);
+                    }
+                    Err(e) => failed.push((address, Err(e))),
+                }
+            }
+            let effective = discovery::effective(&self.file_config, &self.discovery);
+            match self.apply(effective, next_hops, now, out) {
+                Ok(()) => out.events.push(Event::DiscoveryChanged {
+                    vip: vip_name,
+                    query: query_text,
+                    added: applied.added,
+                    removed: applied.removed,
+                    total,
+                }),
+                Err(e) => {
+                    // The set that could not be planned is not the set in force.
+                    self.discovery.insert(vip_name, before);
+                    out.events.push(Event::Unplannable {
+                        error: e.to_string(),
+                    });
+                }
+            }
+            if !failed.is_empty() {
+                self.resolved(failed, now, out);
+            }
+        }
+        self.lookups(now, out);
+    }
+
+    /// At the start over a kept data plane: the backends the maps hold for a discovering VIP
+    /// that its file does not list are taken as discovered (they were), until the first
+    /// answer says otherwise; its new flows are not refused meanwhile.
+    fn seed_discovered(&mut self, pinned: &MapContents) {
+        for vip in &self.file_config.vips {
+            let (Some(spec), Some(state)) = (&vip.discover, self.discovery.get_mut(&vip.name))
+            else {
+                continue;
+            };
+            let Some(meta) = pinned.meta(&crate::plan::inputs::vip_key(vip)) else {
+                continue;
+            };
+            let listed: Vec<IpAddr> = vip.backends.iter().map(|b| b.address).collect();
+            let records: Vec<config::discover::Record> = pinned
+                .backends
+                .values()
+                .filter(|b| b.vip_id == meta.vip_id)
+                .map(|b| config::discover::Record {
+                    address: crate::plan::inputs::address_of(b.addr, b.family),
+                    port: Some(u16::from_be(b.port)).filter(|p| *p != 0),
+                    weight: None,
+                })
+                .filter(|r| !listed.contains(&r.address))
+                .collect();
+            state.backends = records
+                .iter()
+                .filter_map(|r| {
+                    config::discover::discovered_backend(vip, spec, &self.file_config.vips, r).ok()
+                })
+                .collect();
+        }
+        self.config = discovery::effective(&self.file_config, &self.discovery);
+    }
+
     /// Ends the grace period of removed backends whose time is up; retries a failed plan.
     fn tick(&mut self, now: Instant, out: &mut Output) {
         let expired: Vec<BackendKey> = self
@@ -595,9 +893,14 @@ impl Core {
         for key in &expired {
             self.retiring.remove(key);
             self.trackers.remove(key);
+            self.retiring_checks.remove(key);
             out.events
                 .push(Event::RemovalGraceOver { key: key.clone() });
         }
+        if !expired.is_empty() {
+            self.sync_checks(out);
+        }
+        self.lookups(now, out);
         let rebuild = self.rebuild_due.is_some_and(|due| due <= now);
         if rebuild {
             // Taken even if planning fails: a due time in the past would wake the daemon
@@ -607,6 +910,7 @@ impl Core {
         if !expired.is_empty() || self.held_unknown || rebuild {
             self.reconcile(out);
         }
+        self.awaited(out);
         if let Some(left_out) = self.log.summary(now) {
             out.events.push(Event::LeftOut(left_out));
         }
@@ -743,7 +1047,59 @@ impl Core {
             next_hops: &self.next_hops,
             all_down: &self.all_down,
             traffic: &self.traffic,
+            discovery: &self.discovery,
         })
+    }
+}
+
+/// What a discovery answer has to say besides a change of the set: records left out, an
+/// answer refused, a failure, a recovery, an empty answer kept through the grace. `kept`: the
+/// backends the VIP had.
+fn discovery_events(
+    vip_name: &str,
+    query_text: &str,
+    kept: usize,
+    applied: &discovery::Applied,
+    out: &mut Output,
+) {
+    let (vip_name, query_text) = (vip_name.to_owned(), query_text.to_owned());
+    for (address, why) in applied.rejected.iter().take(REJECTED_LOGGED) {
+        out.events.push(Event::DiscoveryRecordRejected {
+            vip: vip_name.clone(),
+            address: *address,
+            why: why.clone(),
+        });
+    }
+    if let Some(why) = &applied.refused {
+        out.events.push(Event::DiscoveryRefused {
+            vip: vip_name.clone(),
+            query: query_text.clone(),
+            why: why.clone(),
+        });
+    }
+    if let Some((outcome, error)) = &applied.failed {
+        out.events.push(Event::DiscoveryFailed {
+            vip: vip_name.clone(),
+            query: query_text.clone(),
+            outcome: outcome.name(),
+            error: error.clone(),
+            kept,
+        });
+    }
+    if let Some(failures) = applied.recovered_after {
+        out.events.push(Event::DiscoveryRecovered {
+            vip: vip_name.clone(),
+            query: query_text.clone(),
+            failures,
+        });
+    }
+    if let Some(left) = applied.empty_kept_for {
+        out.events.push(Event::DiscoveryEmpty {
+            vip: vip_name.clone(),
+            query: query_text.clone(),
+            kept,
+            left,
+        });
     }
 }
 

@@ -28,20 +28,22 @@ pub enum ReloadOutcome {
     },
 }
 
-/// The health checks to run: every configured backend whose check is not `none`.
+/// The health checks to run: every configured backend whose check is not `none`, and every
+/// retiring one that had a check.
 pub type CheckSet = BTreeMap<BackendKey, (IpAddr, HealthCheck)>;
 
-pub fn check_set(config: &Config) -> CheckSet {
-    config
-        .vips
+pub fn check_set(config: &Config, retiring: &BTreeMap<BackendKey, HealthCheck>) -> CheckSet {
+    let mut set: CheckSet = retiring
         .iter()
-        .flat_map(|v| {
-            v.backends
-                .iter()
-                .filter(|b| b.health.kind != CheckKind::None)
-                .map(|b| ((v.name.clone(), b.address), (b.address, b.health.clone())))
-        })
-        .collect()
+        .map(|(key, check)| (key.clone(), (key.1, check.clone())))
+        .collect();
+    set.extend(config.vips.iter().flat_map(|v| {
+        v.backends
+            .iter()
+            .filter(|b| b.health.kind != CheckKind::None)
+            .map(|b| ((v.name.clone(), b.address), (b.address, b.health.clone())))
+    }));
+    set
 }
 
 /// The retiring backends under `new`: backends `old` had and `new` dropped (from a VIP that

@@ -2,7 +2,7 @@
 //! every change: the API renders it (metrics, status) and never reads the kernel.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::IpAddr,
     path::PathBuf,
     time::{Duration, Instant},
@@ -12,7 +12,7 @@ use balancer_common::TrafficStats;
 
 use crate::{
     autoscale::TrafficRates,
-    config::{Autoscale, Config, Forwarding, HashMode, Protocol},
+    config::{Autoscale, BackendSource, Config, Forwarding, HashMode, Protocol},
     core::{
         health::Tracker,
         traffic::{AutoscaleState, Traffic},
@@ -38,6 +38,8 @@ pub struct ReloadStats {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AllDownStats {
     pub active: bool,
+    /// All down only because the first checks have not concluded yet (not an episode).
+    pub awaiting: bool,
     /// Times the VIP entered the all-down state.
     pub episodes: u64,
 }
@@ -102,6 +104,16 @@ pub struct VipView {
     pub healthy: usize,
     pub autoscale: Option<(Autoscale, AutoscaleState)>,
     pub backends: Vec<BackendView>,
+    /// The VIP's DNS discovery, if it discovers.
+    pub discovery: Option<DiscoveryView>,
+}
+
+/// A VIP's discovery as the status shows it.
+#[derive(Clone, Debug)]
+pub struct DiscoveryView {
+    pub query: crate::config::DiscoverQuery,
+    pub interval: std::time::Duration,
+    pub state: crate::core::discovery::Discovery,
 }
 
 #[derive(Clone, Debug)]
@@ -116,6 +128,14 @@ pub struct BackendView {
     pub next_hop: Option<(String, [u8; 6])>,
     pub stats: TrafficStats,
     pub rates: Option<TrafficRates>,
+    /// Where it comes from: "file", the discovery ("dns web.example"), or "removed".
+    pub source: String,
+    /// Flows the connection table (and, under NAT, open connections the NAT table) holds for
+    /// it, as of the last walk or sweep (`None`: neither yet).
+    pub remembered_flows: Option<u64>,
+    /// When it last forwarded a packet (as of the readings; the first reading for a backend
+    /// that has not forwarded one since the daemon started).
+    pub last_packet: Option<Instant>,
 }
 
 /// Everything a snapshot is made of.
@@ -131,6 +151,7 @@ pub struct Sources<'a> {
     pub next_hops: &'a NextHops,
     pub all_down: &'a HashMap<String, AllDownStats>,
     pub traffic: &'a Traffic,
+    pub discovery: &'a BTreeMap<String, crate::core::discovery::Discovery>,
 }
 
 pub fn build(s: &Sources) -> Snapshot {
@@ -204,12 +225,44 @@ fn vip_view(s: &Sources, vip: &DesiredVip, config: &crate::config::Vip) -> VipVi
         autoscale: config
             .autoscale
             .zip(s.traffic.autoscale.get(&vip.name).cloned()),
+        discovery: config.discover.as_ref().and_then(|d| {
+            Some(DiscoveryView {
+                query: d.query.clone(),
+                interval: d.interval,
+                state: s.discovery.get(&vip.name)?.clone(),
+            })
+        }),
         backends: vip
             .backends
             .iter()
             .map(|b| {
                 let key = (vip.name.clone(), b.address);
+                let source = match config.backends.iter().find(|c| c.address == b.address) {
+                    None => "removed".to_owned(),
+                    Some(c) if c.source == BackendSource::File => "file".to_owned(),
+                    Some(_) => config
+                        .discover
+                        .as_ref()
+                        .map_or("discovered".to_owned(), |d| d.query.to_string()),
+                };
+                let walked = s
+                    .traffic
+                    .conn_entries
+                    .is_some()
+                    .then(|| s.traffic.conn_by_backend.get(&b.id).copied().unwrap_or(0));
+                let swept = s
+                    .traffic
+                    .nat_sweep
+                    .as_ref()
+                    .map(|sweep| sweep.open_by_backend.get(&b.id).copied().unwrap_or(0));
+                let remembered_flows = match (walked, swept) {
+                    (None, None) => None,
+                    (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
+                };
                 BackendView {
+                    source,
+                    remembered_flows,
+                    last_packet: s.traffic.last_packet.get(&b.id).map(|(_, at)| *at),
                     address: b.address,
                     weight: b.weight,
                     state: b.state,

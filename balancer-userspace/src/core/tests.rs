@@ -302,7 +302,7 @@ fn removed_backends_retire_after_removal_grace() {
     let without = WEB.replace(", { address = \"10.0.0.2\" }", "");
     let out = reload(&mut core, &without, start);
     assert!(matches!(out.reload, Some(ReloadOutcome::Accepted { .. })));
-    // Still in the maps, draining: keeps its flows, no new ones, same id, no health check.
+    // Still in the maps, draining: keeps its flows, no new ones, same id, and still checked.
     assert_eq!(state_of(&core, 2), BackendState::Removed);
     assert_eq!(slots_of(&core, 2), 0);
     assert_eq!(core.ids.backend(&key(2)), Some(id));
@@ -310,15 +310,20 @@ fn removed_backends_retire_after_removal_grace() {
         core.desired().maps.backends[&id].flags,
         BACKEND_F_VALID | BACKEND_F_DRAINING
     );
-    assert!(!out.checks.expect("one check fewer").contains_key(&key(2)));
+    assert!(
+        out.checks.is_none(),
+        "the same checks: a retiring backend is still checked"
+    );
+    assert!(core.checks.contains_key(&key(2)));
 
     // Nothing happens before the grace period ends.
     let out = core.handle(Input::Tick, start + Duration::from_secs(29));
     assert!(out.plan.is_none() && out.events.is_empty());
-    // Then the backend leaves the maps.
+    // Then the backend leaves the maps, and its check stops.
     let out = core.handle(Input::Tick, start + Duration::from_secs(30));
     assert_eq!(out.events, [Event::RemovalGraceOver { key: key(2) }]);
     assert_eq!(out.plan.expect("cleared").ops, [MapOp::ClearBackend(id)]);
+    assert!(!out.checks.expect("one check fewer").contains_key(&key(2)));
     assert!(core.desired().vips[0]
         .backends
         .iter()
@@ -579,7 +584,10 @@ fn next_hop_changes_are_logged_and_planned() {
                 mac: "02:00:00:00:00:99".into(),
                 interface: "eth0".into()
             },
-            Event::NoLongerResolves { address: ip(3) }
+            Event::NoLongerResolves {
+                address: ip(3),
+                retiring: false
+            }
         ]
     );
     assert_eq!(state_of(&core, 3), BackendState::Unreachable);
@@ -779,7 +787,13 @@ fn unreachable_backends_are_logged_when_they_start_and_stop() {
     let (mut core, _) = start_with(WEB, None, t0);
     let unreachable = || vec![(ip(2), Err("no ARP/neighbour answer".to_owned()))];
     let out = core.handle(Input::Resolved(unreachable()), t0);
-    assert_eq!(out.events, [Event::NoLongerResolves { address: ip(2) }]);
+    assert_eq!(
+        out.events,
+        [Event::NoLongerResolves {
+            address: ip(2),
+            retiring: false
+        }]
+    );
     // Every refresh fails again: nothing more is said.
     for n in 1..100 {
         let out = core.handle(
@@ -880,4 +894,197 @@ fn probes_that_could_not_run_take_no_backend_down() {
         ["40 log lines left out in the last 10 s (at most 20 a minute of each kind; the status API \
           has every backend's state): health: 40 probes not run (Too many open files (os error 24))"]
     );
+}
+
+#[test]
+fn a_retiring_backend_that_fails_its_checks_is_down_and_its_flows_move() {
+    let start = Instant::now();
+    let (mut core, _) = start_with(WEB, None, start);
+    let id = core.ids.backend(&key(2)).unwrap();
+    let without = WEB.replace(", { address = \"10.0.0.2\" }", "");
+    reload(&mut core, &without, start);
+    assert_eq!(state_of(&core, 2), BackendState::Removed);
+    // The replica is stopped after its removal: fall (3) failed probes.
+    for _ in 0..3 {
+        probe(&mut core, 2, false, start);
+    }
+    assert_eq!(state_of(&core, 2), BackendState::Down);
+    // Down, not merely draining: the data plane places its remembered flows again.
+    assert_eq!(
+        core.desired().maps.backends[&id].flags & BACKEND_F_DOWN,
+        BACKEND_F_DOWN
+    );
+    // Still in the maps until the grace ends (same id if it comes back).
+    assert_eq!(core.ids.backend(&key(2)), Some(id));
+}
+
+#[test]
+fn starting_down_is_waiting_for_the_first_checks_not_an_episode() {
+    let now = Instant::now();
+    let text = WEB.replace(
+        "rise = 2, fall = 3 }",
+        "rise = 2, fall = 3, initial = \"down\" }",
+    );
+    let (mut core, out) = start_with(&text, None, now);
+    assert!(
+        !out.events
+            .iter()
+            .any(|e| matches!(e, Event::AllDown { .. })),
+        "{:?}",
+        out.events
+    );
+    assert!(out.events.contains(&Event::AwaitingChecks {
+        vip: "web".into(),
+        backends: 3,
+        fail_open: true
+    }));
+    assert_eq!(core.snapshot().vips[0].all_down.episodes, 0);
+    // One probe each, failed: still within rise, still waiting.
+    for last in 1..=3 {
+        probe(&mut core, last, false, now);
+    }
+    let out = core.handle(Input::Tick, now);
+    assert!(!out
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::AllDown { .. })));
+    // A second failure each: the checks have concluded, and every backend is down.
+    let mut events = Vec::new();
+    for last in 1..=3 {
+        events.extend(probe(&mut core, last, false, now).events);
+    }
+    events.extend(core.handle(Input::Tick, now).events);
+    assert!(
+        events.contains(&Event::AllDown {
+            vip: "web".into(),
+            down: 3,
+            fail_open: true
+        }),
+        "{events:?}"
+    );
+    assert_eq!(core.snapshot().vips[0].all_down.episodes, 1);
+
+    // Started down and came up as the checks passed: no all-down episode, no "recovered".
+    let (mut core, _) = start_with(&text, None, now);
+    let mut events = Vec::new();
+    for last in 1..=3 {
+        events.extend(probe(&mut core, last, true, now).events);
+        events.extend(probe(&mut core, last, true, now).events);
+    }
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, Event::AllDown { .. } | Event::Recovered { .. })),
+        "{events:?}"
+    );
+    assert_eq!(core.snapshot().vips[0].all_down.episodes, 0);
+}
+
+const DISCOVERING: &str = r#"
+[balancer]
+removal_grace = "30s"
+[[vip]]
+name = "web"
+address = "192.0.2.1"
+port = 80
+protocol = "tcp"
+forwarding = "dsr"
+table_size = 251
+health = { kind = "tcp", interval = "1s", timeout = "500ms", rise = 2, fall = 3, initial = "down" }
+backends = [{ address = "10.0.0.1" }]
+discover = { dns = "web.test", interval = "5s" }
+"#;
+
+fn discovered(core: &mut Core, lasts: &[u8], now: Instant) -> Output {
+    let records = lasts
+        .iter()
+        .map(|l| crate::config::discover::Record {
+            address: ip(*l),
+            port: None,
+            weight: None,
+        })
+        .collect();
+    core.handle(
+        Input::Discovered {
+            vip: "web".into(),
+            query: crate::config::DiscoverQuery::Dns("web.test".into()),
+            resolution: crate::core::discovery::Resolution::Records {
+                records,
+                ttl: Duration::from_secs(60),
+            },
+            next_hops: Vec::new(),
+        },
+        now,
+    )
+}
+
+#[test]
+fn discovery_answers_take_the_path_of_a_reload() {
+    let t0 = Instant::now();
+    let (mut core, out) = start_with(DISCOVERING, None, t0);
+    // Asked at once; nothing else due until the answer.
+    assert_eq!(out.lookups.len(), 1);
+    assert_eq!(out.lookups[0].vip, "web");
+    assert!(
+        core.handle(Input::Tick, t0).lookups.is_empty(),
+        "one at a time"
+    );
+
+    let out = discovered(&mut core, &[3, 2], t0);
+    assert!(out.plan.is_some());
+    assert!(out.events.iter().any(|e| matches!(
+        e,
+        Event::DiscoveryChanged { added, total: 2, .. } if added == &[ip(2), ip(3)]
+    )));
+    // New backends enter through their checks (initial = "down"), as from the file.
+    assert_eq!(state_of(&core, 2), BackendState::Down);
+    let checks = out.checks.expect("checks for the new backends");
+    assert!(checks.contains_key(&key(2)) && checks.contains_key(&key(3)));
+    probe(&mut core, 2, true, t0);
+    probe(&mut core, 2, true, t0);
+    assert_eq!(state_of(&core, 2), BackendState::Active);
+    assert_eq!(core.generation(), 1, "discovery is no config generation");
+
+    // 2 vanishes: it retires through the grace, checked, keeping its flows.
+    let t1 = t0 + Duration::from_secs(5);
+    let out = discovered(&mut core, &[3], t1);
+    assert!(out.events.iter().any(|e| matches!(
+        e,
+        Event::DiscoveryChanged { removed, .. } if removed == &[ip(2)]
+    )));
+    assert_eq!(state_of(&core, 2), BackendState::Removed);
+    assert!(core.checks.contains_key(&key(2)));
+    // A reload of the file keeps what was discovered.
+    let heavier = DISCOVERING.replace(
+        "{ address = \"10.0.0.1\" }",
+        "{ address = \"10.0.0.1\", weight = 2 }",
+    );
+    let out = reload(&mut core, &heavier, t1);
+    assert!(matches!(out.reload, Some(ReloadOutcome::Accepted { .. })));
+    assert_eq!(
+        state_of(&core, 3),
+        BackendState::Down,
+        "still there, still waiting for checks"
+    );
+    assert_eq!(state_of(&core, 2), BackendState::Removed);
+    // Removing `discover` from the file retires the discovered backends.
+    let without = heavier.replace("discover = { dns = \"web.test\", interval = \"5s\" }\n", "");
+    reload(&mut core, &without, t1);
+    // (It never passed its checks: a retiring backend that is down stays down.)
+    assert_eq!(state_of(&core, 3), BackendState::Down);
+    assert!(!core.config().vips[0]
+        .backends
+        .iter()
+        .any(|b| b.address == ip(3)));
+    // An answer for a name no longer asked is ignored.
+    let out = discovered(&mut core, &[4], t1);
+    assert!(out.plan.is_none() && out.events.is_empty());
+    // The snapshot says where each backend comes from.
+    let snapshot = core.snapshot();
+    let sources: Vec<&str> = snapshot.vips[0]
+        .backends
+        .iter()
+        .map(|b| b.source.as_str())
+        .collect();
+    assert_eq!(sources, ["file", "removed", "removed"]);
 }

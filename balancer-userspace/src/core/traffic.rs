@@ -32,11 +32,13 @@ pub struct AutoscaleState {
     pub desired: u32,
 }
 
-/// A walk of the connection table: the flows counted and how long it took.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A walk of the connection table: the flows counted (in all, and by backend id) and how
+/// long it took.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConnWalk {
     pub entries: u64,
     pub took: Duration,
+    pub by_backend: BTreeMap<u32, u64>,
 }
 
 #[derive(Debug, Default)]
@@ -48,8 +50,11 @@ pub struct Traffic {
     last_sample: Option<Instant>,
     /// The autoscaling signal of every VIP that sets a target.
     pub autoscale: BTreeMap<String, AutoscaleState>,
-    /// Flows in the connection table at the last walk.
+    /// Flows in the connection table at the last walk, and by backend id.
     pub conn_entries: Option<u64>,
+    pub conn_by_backend: BTreeMap<u32, u64>,
+    /// Each backend id's packet count, and when it last changed (or was first read).
+    pub last_packet: BTreeMap<u32, (u64, Instant)>,
     next_walk: Option<Instant>,
     /// The NAT tables as of the last sweep, and the entries sweeps removed in all.
     pub nat_sweep: Option<NatSweep>,
@@ -70,6 +75,7 @@ impl Traffic {
 
     pub fn walked(&mut self, walk: ConnWalk, now: Instant) {
         self.conn_entries = Some(walk.entries);
+        self.conn_by_backend = walk.by_backend;
         let pause = (walk.took * CONN_WALK_COST_FACTOR).min(CONN_WALK_MAX_INTERVAL);
         self.next_walk = Some(now + pause);
     }
@@ -84,6 +90,16 @@ impl Traffic {
         config: &Config,
         now: Instant,
     ) -> Vec<Event> {
+        // When each backend last forwarded a packet: when its count last moved.
+        let mut last_packet = BTreeMap::new();
+        for (id, stats) in &counters.backends {
+            let seen = match self.last_packet.get(id) {
+                Some(&(packets, at)) if packets == stats.packets => (packets, at),
+                _ => (stats.packets, now),
+            };
+            last_packet.insert(*id, seen);
+        }
+        self.last_packet = last_packet;
         self.counters = counters;
         self.read_at = Some(now);
         let due = self
@@ -189,7 +205,14 @@ mod tests {
         let mut traffic = Traffic::default();
         assert!(traffic.walk_due(start));
         let took = Duration::from_millis(5);
-        traffic.walked(ConnWalk { entries: 9, took }, start);
+        traffic.walked(
+            ConnWalk {
+                entries: 9,
+                took,
+                by_backend: BTreeMap::new(),
+            },
+            start,
+        );
         assert_eq!(traffic.conn_entries, Some(9));
         assert!(!traffic.walk_due(start + Duration::from_millis(499)));
         assert!(traffic.walk_due(start + Duration::from_millis(500)));
@@ -198,6 +221,7 @@ mod tests {
             ConnWalk {
                 entries: 9,
                 took: slow,
+                by_backend: BTreeMap::new(),
             },
             start,
         );

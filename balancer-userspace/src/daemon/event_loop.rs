@@ -25,8 +25,11 @@ use crate::{
     autoscale::SAMPLE_INTERVAL,
     config::MAX_CONFIG_BYTES,
     core::{
-        reload::ReloadOutcome, snapshot::Snapshot, traffic::ConnWalk, Core, Input, Output,
-        ReadConfig,
+        discovery::{self, Lookup},
+        reload::ReloadOutcome,
+        snapshot::Snapshot,
+        traffic::ConnWalk,
+        Core, Input, Output, ReadConfig,
     },
     daemon::{
         probes::{ProbeDone, ProbeTasks},
@@ -60,6 +63,13 @@ pub struct Inputs {
     pub refresh: mpsc::Receiver<()>,
     /// The NAT sweeper's reports.
     pub nat_sweeps: mpsc::Receiver<Result<NatSweep, String>>,
+}
+
+/// A discovery lookup that came back, with the next hops of its new addresses.
+struct Discovered {
+    lookup: Lookup,
+    resolution: discovery::Resolution,
+    next_hops: Vec<(IpAddr, Result<NextHop, String>)>,
 }
 
 /// Next hops resolved by a task, or a refresh that ended.
@@ -114,6 +124,10 @@ pub struct EventLoop<'a> {
         mpsc::UnboundedReceiver<Resolution>,
     ),
     refreshing: bool,
+    discoveries: (
+        mpsc::UnboundedSender<Discovered>,
+        mpsc::UnboundedReceiver<Discovered>,
+    ),
     pending: Option<Pending>,
     /// Reloads asked for while one is pending: one more, after it.
     queued: Option<Request>,
@@ -150,6 +164,7 @@ impl<'a> EventLoop<'a> {
             plan_failure: None,
             resolutions: mpsc::unbounded_channel(),
             refreshing: false,
+            discoveries: mpsc::unbounded_channel(),
             pending: None,
             queued: None,
             publish_due: None,
@@ -189,6 +204,15 @@ impl<'a> EventLoop<'a> {
 
                 }
                 Some(resolution) = self.resolutions.1.recv() => self.resolution(resolution),
+                Some(found) = self.discoveries.1.recv() => {
+                    let input = Input::Discovered {
+                        vip: found.lookup.vip,
+                        query: found.lookup.query,
+                        resolution: found.resolution,
+                        next_hops: found.next_hops,
+                    };
+                    self.handle(input);
+                }
                 () = until(reload_due) => self.finish_reload(),
                 _ = refresh.tick() => self.refresh_next_hops(),
                 () = until(self.core.next_wake()) => { self.handle(Input::Tick); }
@@ -236,6 +260,7 @@ impl<'a> EventLoop<'a> {
         if let Some(checks) = &out.checks {
             self.probes.sync(checks);
         }
+        self.start_lookups(std::mem::take(&mut out.lookups));
         if out.plan.is_some() {
             self.attach_reply_interfaces();
         }
@@ -298,9 +323,10 @@ impl<'a> EventLoop<'a> {
         let walk = if self.core.conn_walk_due(now) {
             let started = Instant::now();
             match self.dataplane.conn_count() {
-                Ok(n) => Some(ConnWalk {
+                Ok((n, by_backend)) => Some(ConnWalk {
                     entries: n as u64,
                     took: started.elapsed(),
+                    by_backend,
                 }),
                 Err(e) => {
                     let error =
@@ -340,6 +366,43 @@ impl<'a> EventLoop<'a> {
                 let _ = answers.send(then);
             }
         });
+    }
+
+    /// Performs discovery lookups, each in a task of its own (bounded by its timeout), and
+    /// resolves the next hops of the addresses an answer brings that are not known yet: the
+    /// answer reaches the core with them, as a reload does.
+    pub fn start_lookups(&self, lookups: Vec<Lookup>) {
+        for lookup in lookups {
+            let known: HashSet<IpAddr> = self.core.next_hops().keys().copied().collect();
+            let resolver = self.resolver.clone();
+            let found = self.discoveries.0.clone();
+            tokio::spawn(async move {
+                let resolution = crate::shell::dns::resolve(&lookup).await;
+                let mut next_hops = Vec::new();
+                if let discovery::Resolution::Records { records, .. } = &resolution {
+                    let new: std::collections::BTreeSet<IpAddr> = records
+                        .iter()
+                        .map(|r| r.address)
+                        .filter(|a| !known.contains(a))
+                        .collect();
+                    // An answer over the cap is refused: its addresses are not resolved.
+                    if !new.is_empty() && new.len() <= lookup.max_records {
+                        resolver
+                            .resolve_batch(new, |results| {
+                                next_hops.extend(results.into_iter().map(|(a, r)| {
+                                    (a, r.map_err(|e| format!("{:#}", anyhow::Error::new(e))))
+                                }));
+                            })
+                            .await;
+                    }
+                }
+                let _ = found.send(Discovered {
+                    lookup,
+                    resolution,
+                    next_hops,
+                });
+            });
+        }
     }
 
     /// Every backend's next hop again, unless the last refresh is still running.

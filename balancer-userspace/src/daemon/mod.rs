@@ -54,7 +54,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         interface,
         pin_dir,
         nofile,
-        first,
+        mut first,
         lock,
     } = start(options).await?;
 
@@ -99,6 +99,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let mut event_loop =
         EventLoop::new(&mut core, &mut dataplane, resolver, &mut probes, &snapshots);
     event_loop.attach_reply_interfaces();
+    event_loop.start_lookups(std::mem::take(&mut first.lookups));
     // Counters before the first snapshot is served.
     event_loop.sample();
     let inputs = Inputs {

@@ -57,6 +57,8 @@ pub struct NatSweep {
     pub entries_v6: u64,
     /// Connections left (their forward entries).
     pub connections: u64,
+    /// Open connections (not closed nor reset, not timed out) by backend id.
+    pub open_by_backend: BTreeMap<u32, u64>,
     /// Entries removed by this sweep.
     pub removed: u64,
     /// SNAT ports in use (reply entries of full-NAT connections, quarantined ones included),

@@ -490,6 +490,9 @@ fn backend_state(
 ) -> BackendState {
     match (resolved, configured) {
         (false, _) => BackendState::Unreachable,
+        // A retiring backend goes on being checked: one that was stopped after its removal
+        // has its flows moved, not sent to a dead address for the rest of the grace.
+        (true, None) if !healthy => BackendState::Down,
         (true, None) => BackendState::Removed,
         (true, Some(_)) if !healthy => BackendState::Down,
         (true, Some(b)) if !b.takes_new_flows() => BackendState::Draining,

@@ -9,6 +9,7 @@
 //! - [`nat_sweep`]: the NAT sweeper's thread.
 
 pub mod dataplane;
+pub mod dns;
 pub mod host;
 pub mod kernel;
 pub mod nat_sweep;

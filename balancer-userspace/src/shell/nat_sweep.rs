@@ -159,6 +159,14 @@ fn sweep_table<K: aya::Pod>(
 fn count(entry: &NatEntry, key_dst: &[u32; 4], v6: bool, report: &mut SweepReport) {
     if entry.flags & NAT_F_REPLY == 0 {
         report.connections += 1;
+        let both_fins =
+            balancer_common::nat::NAT_S_FIN_CLIENT | balancer_common::nat::NAT_S_FIN_BACKEND;
+        let closed = entry.proto == balancer_common::PROTO_TCP
+            && (entry.state & balancer_common::nat::NAT_S_RST != 0
+                || entry.state & both_fins == both_fins);
+        if !closed {
+            *report.open_by_backend.entry(entry.backend_id).or_insert(0) += 1;
+        }
     } else if entry.flags & NAT_F_SNAT != 0 {
         *report.ports.entry(address(key_dst, v6)).or_insert(0) += 1;
     }

@@ -14,7 +14,14 @@ use crate::api::{connections::ConnectionStats, metrics::render, sample::sample_s
 
 /// Prefixes of the families added after the legacy renderer: the status API's connections,
 /// NAT.
-const ADDED_SINCE_LEGACY: &[&str] = &["balancer_api_", "balancer_nat_"];
+const ADDED_SINCE_LEGACY: &[&str] = &[
+    "balancer_api_",
+    "balancer_nat_",
+    "balancer_discovery_",
+    "balancer_backend_info",
+    "balancer_backend_remembered_flows",
+    "balancer_backend_last_packet_age_seconds",
+];
 
 fn legacy_name(name: &str) -> bool {
     !ADDED_SINCE_LEGACY.iter().any(|p| name.starts_with(p))

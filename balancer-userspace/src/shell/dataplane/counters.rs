@@ -109,11 +109,23 @@ impl Dataplane {
         }
     }
 
-    /// Number of flows in the connection tables (walks them: one syscall per flow).
-    pub fn conn_count(&self) -> Result<usize> {
+    /// Number of flows in the connection tables, and how many each backend id has (walks
+    /// them: two syscalls per flow).
+    pub fn conn_count(&self) -> Result<(usize, std::collections::BTreeMap<u32, u64>)> {
         let v4 = self.conn_table::<FlowKeyV4>(map_names::CONN_TABLE_V4)?;
         let v6 = self.conn_table::<FlowKeyV6>(map_names::CONN_TABLE_V6)?;
-        Ok(v4.keys().filter(Result::is_ok).count() + v6.keys().filter(Result::is_ok).count())
+        let mut by_backend = std::collections::BTreeMap::new();
+        let mut total = 0;
+        let ids = v4
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, e)| e.backend_id)
+            .chain(v6.iter().filter_map(Result::ok).map(|(_, e)| e.backend_id));
+        for id in ids {
+            total += 1;
+            *by_backend.entry(id).or_insert(0) += 1;
+        }
+        Ok((total, by_backend))
     }
 
     /// The NAT counters, indexed by `NatCounter`, summed over CPUs.
