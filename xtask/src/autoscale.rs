@@ -258,7 +258,7 @@ forwarding = "nat"
 # A new backend takes connections once a probe passed (initial = "down"), like a pod once ready.
 health = {{ kind = "http", path = "/", interval = "{HEALTH_INTERVAL_MS}ms", timeout = "400ms", rise = 1, fall = 2, initial = "down" }}
 autoscale = {{ metric = "new_flows_per_second", target_per_backend = {target:.1}, tolerance = 0.1, window = "{window}s" }}
-discover = {{ dns = "{SERVICE}", port = {NAT_BACKEND_PORT}, interval = "{DISCOVERY_INTERVAL_S}s", resolvers = ["{NAT_DNS_ADDR}"], empty_grace = "30s", max_backends = 64 }}
+discover = {{ dns = "{SERVICE}", port = {NAT_BACKEND_PORT}, interval = "{DISCOVERY_INTERVAL_S}s", timeout = "500ms", resolvers = ["{NAT_DNS_ADDR}"], empty_grace = "30s", max_backends = 64 }}
 "#,
         name = profile.name,
         target = profile.target_per_backend,
@@ -650,8 +650,11 @@ fn report(profile: &Profile, outcome: &Outcome) -> Result<Vec<String>> {
         outcome.failures.len()
     );
     std::fs::create_dir_all(target_dir()).ok();
-    std::fs::write(&picture, svg::render(samples, &title))
-        .with_context(|| format!("writing {}", picture.display()))?;
+    std::fs::write(
+        &picture,
+        svg::render(samples, &title, profile.target_per_backend),
+    )
+    .with_context(|| format!("writing {}", picture.display()))?;
     say(&format!("picture of the run: {}", picture.display()));
     if problems.is_empty() {
         say(
@@ -680,7 +683,7 @@ mod tests {
     fn the_config_discovers_the_demo_service_from_its_dns_server() {
         let text = config(&SHORT);
         for wanted in [
-            r#"discover = { dns = "web.demo.test", port = 8080, interval = "1s", resolvers = ["10.95.0.53"]"#,
+            r#"discover = { dns = "web.demo.test", port = 8080, interval = "1s", timeout = "500ms", resolvers = ["10.95.0.53"]"#,
             r#"autoscale = { metric = "new_flows_per_second", target_per_backend = 20.0, tolerance = 0.1, window = "5s" }"#,
             r#"forwarding = "nat""#,
             r#"interval = "500ms""#,

@@ -51,36 +51,28 @@ const BACKEND_SERIES: [Series; 3] = [
     ),
 ];
 
-/// A round number at or above `x` (1, 2 or 5 times a power of ten).
-fn nice_ceiling(x: f64) -> f64 {
-    if x <= 0.0 {
-        return 1.0;
-    }
-    let power = 10f64.powf(x.log10().floor());
-    [1.0, 2.0, 5.0, 10.0]
-        .into_iter()
-        .map(|m| m * power)
-        .find(|v| *v >= x)
-        .unwrap_or(10.0 * power)
-}
-
 fn escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
 }
 
-/// The SVG document of `samples`, titled `title`.
-pub fn render(samples: &[Sample], title: &str) -> String {
+/// The SVG document of `samples`, titled `title`. The two vertical axes share their grid:
+/// one backend on the right is `target_per_backend` new connections/s on the left, so
+/// wherever the load's line runs above the serving backends' steps, the backends are over
+/// their target.
+pub fn render(samples: &[Sample], title: &str, target_per_backend: f64) -> String {
     let t_max = samples.last().map_or(1.0, |s| s.t).max(1.0);
     let t_max = (t_max / 10.0).ceil() * 10.0;
-    let load_max = nice_ceiling(samples.iter().map(|s| s.offered).fold(0.0, f64::max) * 1.1);
+    let peak_load = samples.iter().map(|s| s.offered).fold(0.0, f64::max);
     let backends_max = samples
         .iter()
         .flat_map(|s| [s.serving, s.decision, s.balancer_desired.unwrap_or(0)])
+        .chain([(peak_load / target_per_backend).ceil() as u32])
         .max()
         .unwrap_or(0)
         + 1;
+    let load_max = f64::from(backends_max) * target_per_backend;
     let x = |t: f64| LEFT + (RIGHT - LEFT) * t / t_max;
     let y_load = |v: f64| BOTTOM - (BOTTOM - TOP) * v / load_max;
     let y_backends = |v: u32| BOTTOM - (BOTTOM - TOP) * f64::from(v) / f64::from(backends_max);
@@ -193,8 +185,8 @@ fn axes(
         (LEFT + RIGHT) / 2.0,
         BOTTOM + 38.0
     );
-    for i in 0..=5 {
-        let v = load_max * f64::from(i) / 5.0;
+    for i in 0..=backends_max {
+        let v = load_max * f64::from(i) / f64::from(backends_max);
         let _ = writeln!(
             svg,
             r##"<line x1="{0}" y1="{1:.1}" x2="{LEFT}" y2="{1:.1}" stroke="#333"/><line x1="{LEFT}" y1="{1:.1}" x2="{RIGHT}" y2="{1:.1}" stroke="#eee"/><text x="{2}" y="{3:.1}" text-anchor="end" fill="{LOAD_COLOUR}">{v}</text>"##,
@@ -298,7 +290,7 @@ mod tests {
                 ..Sample::default()
             })
             .collect();
-        let svg = render(&samples, "demo <short> & co");
+        let svg = render(&samples, "demo <short> & co", 20.0);
         assert!(svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""));
         assert!(svg.ends_with("</svg>\n"));
         let elements = elements(&svg);
@@ -313,6 +305,9 @@ mod tests {
             "backends serving (healthy in the balancer)",
             "time (s)",
             ">40<",
+            // 6 backends on the right (5 at most, and one more), 6 x 20/s on the left.
+            ">6<",
+            ">120<",
         ] {
             assert!(svg.contains(label), "{label} missing");
         }
@@ -326,19 +321,6 @@ mod tests {
                     "{point}"
                 );
             }
-        }
-    }
-
-    #[test]
-    fn load_axes_end_on_round_numbers() {
-        for (x, nice) in [
-            (0.0, 1.0),
-            (7.0, 10.0),
-            (13.2, 20.0),
-            (132.0, 200.0),
-            (45.0, 50.0),
-        ] {
-            assert_eq!(nice_ceiling(x), nice, "{x}");
         }
     }
 }
