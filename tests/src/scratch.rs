@@ -138,7 +138,9 @@ impl Drop for Scratch {
         if let Some(name) = self.dir.file_name() {
             let _ = std::fs::remove_dir_all(Path::new(TEST_BPFFS).join(name));
         }
-        if std::thread::panicking() {
+        if self.keep {
+            // The caller said where (`keep`).
+        } else if std::thread::panicking() {
             eprintln!(
                 "test failed: its configs and logs are kept in {}",
                 self.dir.display()

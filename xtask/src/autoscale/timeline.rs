@@ -85,6 +85,9 @@ pub fn longest_shortfall(samples: &[Sample], wanted: impl Fn(&Sample) -> Option<
     longest
 }
 
+/// A desired count of a sample (the balancer's, the scaler's).
+type DesiredCount = fn(&Sample) -> Option<u32>;
+
 /// What a run must show.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Expectations {
@@ -131,7 +134,7 @@ impl Expectations {
                 self.final_backends + 1
             ));
         }
-        let wanted: [(&str, fn(&Sample) -> Option<u32>); 2] = [
+        let wanted: [(&str, DesiredCount); 2] = [
             ("the balancer's desired count", |s| s.balancer_desired),
             ("the scaler's decision", |s| Some(s.decision)),
         ];
