@@ -346,15 +346,15 @@ struct View {
 
 impl View {
     fn read(status: Option<&Value>) -> View {
-        let vip = status.map(|s| &s["vips"][0]);
-        let field = |f: &dyn Fn(&Value) -> Option<f64>| vip.and_then(f);
+        // Indexing a missing field gives null, whose numbers are `None`.
+        let vip = status.map_or(&Value::Null, |s| &s["vips"][0]);
         View {
-            rate: field(&|v| v["autoscale"]["rate"].as_f64()),
-            desired: field(&|v| v["autoscale"]["desired_backends"].as_f64()).map(|d| d as u32),
-            serving: field(&|v| v["healthy_backends"].as_f64()).unwrap_or(0.0) as u32,
-            backends: vip
-                .and_then(|v| v["backends"].as_array().cloned())
-                .unwrap_or_default(),
+            rate: vip["autoscale"]["rate"].as_f64(),
+            desired: vip["autoscale"]["desired_backends"]
+                .as_u64()
+                .map(|d| d as u32),
+            serving: vip["healthy_backends"].as_u64().unwrap_or(0) as u32,
+            backends: vip["backends"].as_array().cloned().unwrap_or_default(),
         }
     }
 

@@ -179,7 +179,12 @@ pub fn run(no_vm: bool) -> Result<()> {
             println!(
                 "\n---- the autoscale demo, short profile (cargo xtask demo --autoscale --short)"
             );
-            crate::autoscale::run_profile(&crate::autoscale::SHORT)
+            let result = crate::autoscale::run_profile(&crate::autoscale::SHORT);
+            // Ctrl-C stopped the demo (which cleaned up after itself): stop the command too.
+            if crate::demo::INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            result
         },
     ));
 
