@@ -157,6 +157,7 @@ pub fn run(no_vm: bool) -> Result<()> {
             "dynamic_backends",
             "tunnel_end_to_end",
             "nat_end_to_end",
+            "discovery_end_to_end",
             "observability",
             "restarts",
             "control_plane",
