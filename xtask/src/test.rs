@@ -53,7 +53,7 @@ fn cargo_step(args: &[&str]) -> Result<()> {
 
 pub fn run(no_vm: bool) -> Result<()> {
     let started = Instant::now();
-    setup::run()?;
+    setup::prepare(setup::Purpose::Test)?;
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     let toolchain = setup::pinned_toolchain()?;
