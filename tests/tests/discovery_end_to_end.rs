@@ -31,7 +31,7 @@ use balancer_tests::{
         LongLived, Stream,
     },
     netns::{remove_stale, require_root, Netns},
-    process::BalancerProcess,
+    process::{balancer_binary, BalancerProcess},
     scratch::Scratch,
     topology::{nat_backend_addr, NatTopology, NAT_BACKEND_PORT, NAT_VIP_ADDR},
 };
@@ -170,6 +170,7 @@ struct Lab {
     dns: Dnsmasq,
     servers: Vec<Option<HttpServer>>,
     topology: NatTopology,
+    config: PathBuf,
     _scratch: Scratch,
 }
 
@@ -197,6 +198,7 @@ impl Lab {
             dns,
             servers,
             topology,
+            config: path,
             _scratch: scratch,
         }
     }
@@ -260,6 +262,21 @@ fn the_backend_set_follows_dns_without_losing_a_connection() {
     assert_eq!(
         status_backend(&status, 0, &nat_backend_addr(0).to_string())["source"],
         format!("dns {NAME}")
+    );
+    // `balancer check` resolves the name too, and says what the VIP would get.
+    let check = lab
+        .topology
+        .balancer
+        .command(balancer_binary().to_str().unwrap())
+        .args(["check", "--config"])
+        .arg(&lab.config)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success(), "{said}");
+    assert!(
+        said.contains("it gives 3 backends now: 10.95.0.11, 10.95.0.12, 10.95.0.13"),
+        "{said}"
     );
     let client = &lab.topology.client;
     let load = LoadGenerator::start_paced(client, vip(), 20_000..30_000, 25.0);
