@@ -1088,3 +1088,28 @@ fn discovery_answers_take_the_path_of_a_reload() {
         .collect();
     assert_eq!(sources, ["file", "removed", "removed"]);
 }
+
+#[test]
+fn a_retiring_backend_that_stops_resolving_is_no_warning() {
+    let t0 = Instant::now();
+    let (mut core, _) = start_with(WEB, None, t0);
+    let without = WEB.replace(", { address = \"10.0.0.2\" }", "");
+    reload(&mut core, &without, t0);
+    let gone = vec![(ip(2), Err("no ARP answer".to_owned()))];
+    let out = core.handle(Input::Resolved(gone), t0);
+    let event = Event::NoLongerResolves {
+        address: ip(2),
+        retiring: true,
+    };
+    assert_eq!(out.events, std::slice::from_ref(&event));
+    assert_eq!(event.level(), crate::core::events::Level::Info);
+    assert!(
+        event.to_string().contains("removed backend 10.0.0.2"),
+        "{event}"
+    );
+    // A listed backend that stops resolving is one.
+    let gone = vec![(ip(1), Err("no ARP answer".to_owned()))];
+    let out = core.handle(Input::Resolved(gone), t0);
+    let event = &out.events[0];
+    assert_eq!(event.level(), crate::core::events::Level::Warn, "{event}");
+}

@@ -106,7 +106,11 @@ fn discovery_check(
             format!("it gives no backends now ({what})")
         }
         _ => {
-            let list: Vec<String> = state.backends.iter().map(|b| b.address.to_string()).collect();
+            let list: Vec<String> = state
+                .backends
+                .iter()
+                .map(|b| b.address.to_string())
+                .collect();
             format!("it gives {} backends now: {}", list.len(), list.join(", "))
         }
     };
