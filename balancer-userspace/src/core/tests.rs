@@ -1113,3 +1113,36 @@ fn a_retiring_backend_that_stops_resolving_is_no_warning() {
     let event = &out.events[0];
     assert_eq!(event.level(), crate::core::events::Level::Warn, "{event}");
 }
+
+#[test]
+fn a_restart_over_a_kept_data_plane_keeps_the_discovered_backends_until_the_first_answer() {
+    let t0 = Instant::now();
+    let (mut before, _) = start_with(DISCOVERING, None, t0);
+    discovered(&mut before, &[2, 3], t0);
+    let pinned = before.desired().maps.clone();
+    let ids: Vec<Option<u32>> = [2, 3]
+        .iter()
+        .map(|l| before.ids.backend(&key(*l)))
+        .collect();
+
+    let (after, out) = start_with(DISCOVERING, Some(pinned), t0);
+    // Not retiring: taken as discovered, with their ids, in the first plan's table.
+    let sources: Vec<(IpAddr, crate::config::BackendSource)> = after.config().vips[0]
+        .backends
+        .iter()
+        .map(|b| (b.address, b.source.clone()))
+        .collect();
+    assert_eq!(
+        sources,
+        [
+            (ip(1), crate::config::BackendSource::File),
+            (ip(2), crate::config::BackendSource::Discovered),
+            (ip(3), crate::config::BackendSource::Discovered),
+        ]
+    );
+    assert!(after.retiring.is_empty());
+    let after_ids: Vec<Option<u32>> = [2, 3].iter().map(|l| after.ids.backend(&key(*l))).collect();
+    assert_eq!(after_ids, ids);
+    // And the name is asked at once.
+    assert_eq!(out.lookups.len(), 1);
+}
