@@ -34,7 +34,7 @@ use serde_json::Value;
 /// Backends of the storm VIP.
 const STORM: usize = 10_000;
 /// The most log lines the storm test may produce, start-up included: the daemon writes at
-/// most 110 a minute whatever fails (README, *Logs*); the test lasts well under a minute
+/// most 150 a minute whatever fails (README, *Logs*); the test lasts well under a minute
 /// after start-up.
 const STORM_LOG_LINES: usize = 200;
 

@@ -26,7 +26,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use balancer_tests::{
-    dns::{Dnsmasq, DNSMASQ},
+    dns::Dnsmasq,
     http::{get_json, HttpServer},
     netns::remove_stale,
     process::BalancerProcess,
@@ -43,7 +43,7 @@ use self::{
     load::{Completed, LoadShape, RampedLoad},
     timeline::{Expectations, Sample},
 };
-use crate::{build_balancer, cmd, demo, setup, workspace_root};
+use crate::{build_balancer, demo, setup, workspace_root};
 
 /// Every namespace, file and pin of the demo starts with this (and the process id).
 const PREFIX: &str = "lbas-";
@@ -125,6 +125,7 @@ fn say(message: &str) {
 
 /// `cargo xtask demo --autoscale [--short]`.
 pub fn run(short: bool) -> Result<()> {
+    // What `cargo xtask demo` needs, dnsmasq-base (the DNS server) included.
     setup::run()?;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -132,48 +133,9 @@ pub fn run(short: bool) -> Result<()> {
             "the demo needs root (network namespaces, XDP): run `sudo cargo xtask demo --autoscale`"
         );
     }
-    install_dnsmasq()?;
     let binary = build_balancer(false)?;
     std::env::set_var("BALANCER_BIN", &binary);
     run_profile(if short { &SHORT } else { &FULL })
-}
-
-/// Installs Debian's `dnsmasq-base` (the dnsmasq binary, without a system service) if it is
-/// missing, saying so. A step of its own, for `cargo xtask setup` to take over.
-pub fn install_dnsmasq() -> Result<()> {
-    if Path::new(DNSMASQ).is_file() {
-        println!("[setup] dnsmasq ({DNSMASQ}, for the DNS server of tests and demo): present");
-        return Ok(());
-    }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!(
-            "{DNSMASQ} is missing: run as root, or `apt-get install --no-install-recommends dnsmasq-base`"
-        );
-    }
-    println!(
-        "[setup] installing Debian package dnsmasq-base (the dnsmasq binary, no system service) \
-         for the DNS server of tests and demo"
-    );
-    cmd::run(
-        Command::new("apt-get")
-            .args(["update", "-qq"])
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
-    .context("apt-get update")?;
-    cmd::run(
-        Command::new("apt-get")
-            .args([
-                "install",
-                "-y",
-                "-qq",
-                "--no-install-recommends",
-                "--no-remove",
-                "dnsmasq-base",
-            ])
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
-    .context("apt-get install dnsmasq-base")
 }
 
 /// Ctrl-C sets a flag the demo checks every second, for as long as this lives; then the

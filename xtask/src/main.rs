@@ -29,8 +29,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what the build and tests need (Debian packages, the pinned nightly with
-    /// rust-src, bpf-linker, the Kubernetes manifest validator) and mount bpffs; idempotent.
+    /// Install what every command needs (Debian packages, the pinned nightly with rust-src,
+    /// bpf-linker, the Python tools) and mount bpffs; idempotent, never removes a package.
+    /// Each command installs its own share of this before it runs.
     Setup {
         /// Only what building the binary needs (the pinned nightly and bpf-linker), as in a
         /// container image's build stage.
@@ -106,7 +107,11 @@ enum Task {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Task::Setup { build_only } => setup::run_with(build_only),
+        Task::Setup { build_only } => setup::prepare(if build_only {
+            setup::Purpose::Build
+        } else {
+            setup::Purpose::Everything
+        }),
         Task::Run { args } => run(&args),
         Task::Demo {
             autoscale: true,
@@ -307,7 +312,7 @@ fn bench(
     only: Option<&str>,
     class: Option<&str>,
 ) -> Result<()> {
-    setup::run()?;
+    setup::prepare(setup::Purpose::Bench)?;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         anyhow::bail!("the benchmarks need root (BPF_PROG_TEST_RUN, XDP, network namespaces): run `sudo cargo xtask bench`");
@@ -346,7 +351,7 @@ fn bench(
 }
 
 fn run(args: &[String]) -> Result<()> {
-    setup::run()?;
+    setup::prepare(setup::Purpose::Run)?;
     let binary = build_balancer(true)?;
     let mut command = Command::new(&binary);
     command.arg("run").args(args);

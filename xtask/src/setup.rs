@@ -1,5 +1,11 @@
-//! `cargo xtask setup`: installs what the build and the tests need and is missing, and says
-//! what it did. Idempotent: with everything present it only checks, in a second or two.
+//! The set-up each command starts with, and `cargo xtask setup` (all of it): installs what
+//! that command needs and is missing, says what it installs and why, and never removes a
+//! package the machine has. Idempotent: with everything present it only checks, in a second
+//! or two, without calling apt.
+//!
+//! What each command needs is the tables [`DEBIAN`] and [`PYTHON_TOOLS`] (one row per
+//! package, with the commands that need it) and [`Purpose`]; how Debian packages are
+//! installed without removing any is [`apt`].
 
 use std::{
     fs,
@@ -12,19 +18,163 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::{cmd, workspace_root};
 
-/// Commands the project runs, and the Debian package that provides each.
-const TOOLS: &[(&str, &str)] = &[
-    ("ip", "iproute2"),
-    ("ethtool", "ethtool"),
-    ("sysctl", "procps"),
-    ("mount", "mount"),
-    // Benchmarks: the proxy the balancer is compared with, and bulk throughput.
-    ("haproxy", "haproxy"),
-    ("iperf3", "iperf3"),
-    // The VM tier: qemu, and what virtme-ng needs to build its initramfs.
-    ("qemu-system-x86_64", "qemu-system-x86"),
-    ("depmod", "kmod"),
-    ("busybox", "busybox-static"),
+/// The commands that set the machine up before they run, each for what it does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// `cargo xtask setup --build-only`: building the binary only, as in a container image's
+    /// build stage.
+    Build,
+    /// `cargo xtask run`: the build, and bpffs on /sys/fs/bpf for the balancer's pins.
+    Run,
+    /// `cargo xtask demo`: network namespaces, and a DNS server for discovery.
+    Demo,
+    /// `cargo xtask test`: every tier, so every row of the tables.
+    Test,
+    /// `cargo xtask bench`: network namespaces, and the programs compared with the balancer.
+    Bench,
+    /// `cargo xtask vm`: the emulator and what virtme-ng needs, and, since the VM runs
+    /// end-to-end tests on this machine's root filesystem, what those need.
+    Vm,
+    /// `cargo xtask setup`: what every command needs.
+    Everything,
+}
+
+use Purpose::{Bench, Demo, Test, Vm};
+
+impl Purpose {
+    fn command(self) -> &'static str {
+        match self {
+            Purpose::Build => "cargo xtask setup --build-only",
+            Purpose::Run => "cargo xtask run",
+            Demo => "cargo xtask demo",
+            Test => "cargo xtask test",
+            Bench => "cargo xtask bench",
+            Vm => "cargo xtask vm",
+            Purpose::Everything => "cargo xtask setup",
+        }
+    }
+
+    /// Whether a row needed by `needed_by` is this command's.
+    fn takes(self, needed_by: &[Purpose]) -> bool {
+        self == Purpose::Everything || needed_by.contains(&self)
+    }
+
+    /// Whether it needs bpffs on /sys/fs/bpf: the balancer's default `pin_dir` is there. The
+    /// demo, the tests and the benchmarks run balancers under `ip netns exec` (a /sys without
+    /// that mount), which pin on a bpffs of their own that the tests' library mounts.
+    fn mounts_bpffs(self) -> bool {
+        matches!(self, Purpose::Run | Purpose::Everything)
+    }
+}
+
+/// How setup sees that a Debian package is there.
+#[derive(Clone, Copy, Debug)]
+enum Probe {
+    /// A program it provides, on PATH or in /usr/sbin or /sbin.
+    Program(&'static str),
+    /// Python modules it provides (`import` them with python3).
+    PythonModules(&'static str),
+}
+
+use Probe::{Program, PythonModules};
+
+struct DebianPackage {
+    package: &'static str,
+    present: Probe,
+    /// The commands that need it (`cargo xtask setup` installs every row).
+    needed_by: &'static [Purpose],
+    why: &'static str,
+}
+
+/// Every Debian package a command of this project needs, and which commands.
+const DEBIAN: &[DebianPackage] = &[
+    DebianPackage {
+        package: "iproute2",
+        present: Program("ip"),
+        needed_by: &[Demo, Test, Bench, Vm],
+        why: "`ip`: namespaces, veths, addresses and routes of the topologies",
+    },
+    DebianPackage {
+        package: "ethtool",
+        present: Program("ethtool"),
+        needed_by: &[Demo, Test, Bench, Vm],
+        why: "checksum offload off on the topologies' veths, NIC counters",
+    },
+    DebianPackage {
+        package: "procps",
+        present: Program("sysctl"),
+        needed_by: &[Demo, Test, Bench, Vm],
+        why: "`sysctl`: forwarding and ARP settings inside the namespaces",
+    },
+    DebianPackage {
+        package: "mount",
+        present: Program("mount"),
+        needed_by: &[Demo, Test, Bench, Vm],
+        why: "bpffs for the pins of balancers in namespaces",
+    },
+    DebianPackage {
+        package: "dnsmasq-base",
+        present: Program("dnsmasq"),
+        needed_by: &[Demo, Test],
+        why: "`dnsmasq` (the server alone, no system service): the DNS the discovery tests \
+              and `demo --autoscale` publish backends in",
+    },
+    DebianPackage {
+        package: "haproxy",
+        present: Program("haproxy"),
+        needed_by: &[Test, Bench],
+        why: "the proxy the benchmarks compare the balancer with",
+    },
+    DebianPackage {
+        package: "iperf3",
+        present: Program("iperf3"),
+        needed_by: &[Test, Bench],
+        why: "bulk throughput in the benchmarks",
+    },
+    DebianPackage {
+        package: "qemu-system-x86",
+        present: Program("qemu-system-x86_64"),
+        needed_by: &[Test, Vm],
+        why: "the VM tier's emulator",
+    },
+    DebianPackage {
+        package: "kmod",
+        present: Program("depmod"),
+        needed_by: &[Test, Vm],
+        why: "`depmod`, for virtme-ng's initramfs (VM tier)",
+    },
+    DebianPackage {
+        package: "busybox-static",
+        present: Program("busybox"),
+        needed_by: &[Test, Vm],
+        why: "the shell of virtme-ng's initramfs (VM tier)",
+    },
+    DebianPackage {
+        package: "python3-venv",
+        present: PythonModules("venv, ensurepip"),
+        needed_by: &[Test, Vm],
+        why: "the virtual environment of the Python tools",
+    },
+];
+
+struct PythonTool {
+    requirement: &'static str,
+    needed_by: &'static [Purpose],
+    why: &'static str,
+}
+
+/// Python tools from PyPI, in a virtual environment of their own under target/tools.
+const PYTHON_TOOLS: &[PythonTool] = &[
+    PythonTool {
+        requirement: "kubernetes-validate==1.37.0",
+        needed_by: &[Test],
+        why: "checks deploy/k8s against the Kubernetes schemas (unit tier)",
+    },
+    PythonTool {
+        requirement: "virtme-ng==1.42",
+        needed_by: &[Test, Vm],
+        why: "boots the VM tier's kernels",
+    },
 ];
 
 /// The bpf-linker release built here, and the LLVM major version it is built for (it must
@@ -32,25 +182,23 @@ const TOOLS: &[(&str, &str)] = &[
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
 
-/// Everything the build, the demo and the tests need.
+/// What `cargo xtask demo` needs (the demo's own call; the same as
+/// `prepare(Purpose::Demo)`).
 pub fn run() -> Result<()> {
-    run_with(false)
+    prepare(Demo)
 }
 
-/// With `build_only`, only what building the `balancer` binary needs.
-pub fn run_with(build_only: bool) -> Result<()> {
+/// Installs what `purpose` needs and is missing, and mounts bpffs if it needs it.
+pub fn prepare(purpose: Purpose) -> Result<()> {
     let started = Instant::now();
-    if build_only {
-        say("checking what the build needs");
-    } else {
-        say("checking what the build and tests need");
-        apt_packages()?;
-    }
+    say(&format!("checking what `{}` needs", purpose.command()));
+    debian_packages(purpose)?;
+    // Every command builds the balancer.
     let toolchain = pinned_toolchain()?;
     nightly(&toolchain)?;
     bpf_linker(&toolchain)?;
-    if !build_only {
-        python_tools()?;
+    python_tools(purpose)?;
+    if purpose.mounts_bpffs() {
         bpffs()?;
     }
     say(&format!("done in {:.1}s", started.elapsed().as_secs_f64()));
@@ -74,44 +222,58 @@ fn on_path(program: &str) -> bool {
             .any(|dir| Path::new(dir).join(program).is_file())
 }
 
-fn apt_packages() -> Result<()> {
-    let missing: Vec<&str> = TOOLS
+fn system_python() -> PathBuf {
+    if Path::new("/usr/bin/python3").is_file() {
+        PathBuf::from("/usr/bin/python3")
+    } else {
+        PathBuf::from("python3")
+    }
+}
+
+fn is_present(probe: Probe) -> bool {
+    match probe {
+        Program(program) => on_path(program),
+        PythonModules(modules) => Command::new(system_python())
+            .args(["-c", &format!("import {modules}")])
+            .output()
+            .is_ok_and(|o| o.status.success()),
+    }
+}
+
+fn debian_packages(purpose: Purpose) -> Result<()> {
+    let wanted: Vec<&DebianPackage> = DEBIAN
         .iter()
-        .filter(|(tool, _)| !on_path(tool))
-        .map(|(_, pkg)| *pkg)
+        .filter(|p| purpose.takes(p.needed_by))
         .collect();
-    if missing.is_empty() {
-        say(&format!(
-            "system tools: present ({})",
-            TOOLS.iter().map(|(t, _)| *t).collect::<Vec<_>>().join(", ")
-        ));
+    if wanted.is_empty() {
         return Ok(());
     }
+    let (present, missing): (Vec<&DebianPackage>, Vec<&DebianPackage>) =
+        wanted.into_iter().partition(|p| is_present(p.present));
+    if !present.is_empty() {
+        let names: Vec<&str> = present.iter().map(|p| p.package).collect();
+        say(&format!("Debian packages: present ({})", names.join(", ")));
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<&str> = missing.iter().map(|p| p.package).collect();
     if !is_root() {
         bail!(
-            "missing Debian packages {}: run as root, or `apt-get install {}`",
-            missing.join(", "),
-            missing.join(" ")
+            "`{}` needs the Debian packages {}: run it as root, or `apt-get install --no-remove {}`",
+            purpose.command(),
+            names.join(", "),
+            names.join(" ")
         );
     }
     say(&format!(
-        "installing Debian packages: {}",
-        missing.join(" ")
+        "installing Debian packages for `{}`:",
+        purpose.command()
     ));
-    cmd::run(
-        Command::new("apt-get")
-            .args(["update", "-qq"])
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
-    .context("apt-get update")?;
-    cmd::run(
-        Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
-    .with_context(|| format!("apt-get install {}", missing.join(" ")))?;
-    Ok(())
+    for p in &missing {
+        say(&format!("  {}: {}", p.package, p.why));
+    }
+    apt::install(&names)
 }
 
 /// The `channel` of balancer-ebpf/rust-toolchain.toml.
@@ -254,75 +416,78 @@ fn bpf_linker(toolchain: &str) -> Result<()> {
     Ok(())
 }
 
-/// Python tools from PyPI, in a virtual environment of their own under target/tools:
-/// kubernetes-validate checks deploy/k8s against the Kubernetes schemas; virtme-ng boots the
-/// VM tier's kernels.
-const PYTHON_TOOLS: &[&str] = &["kubernetes-validate==1.37.0", "virtme-ng==1.42"];
-
 /// The Python tools' virtual environment.
 pub fn tools_venv() -> PathBuf {
     workspace_root().join("target/tools/venv")
 }
 
-fn python_tools() -> Result<()> {
+/// The package name of a pip requirement such as `virtme-ng==1.42`.
+fn requirement_name(requirement: &str) -> &str {
+    requirement.split("==").next().unwrap_or(requirement)
+}
+
+/// The venv's record of what is installed (requirements separated by white space) after
+/// `added` was installed: an added requirement replaces another version of its package.
+fn record_after(record: &str, added: &[&str]) -> String {
+    let names: Vec<&str> = added.iter().map(|r| requirement_name(r)).collect();
+    record
+        .split_whitespace()
+        .filter(|r| !names.contains(&requirement_name(r)))
+        .chain(added.iter().copied())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The Python tools `purpose` needs, installed into the venv with what is there already.
+fn python_tools(purpose: Purpose) -> Result<()> {
     let venv = tools_venv();
     let marker = venv.join(".installed");
-    let wanted = PYTHON_TOOLS.join(" ");
-    if venv.join("bin/python").exists()
-        && fs::read_to_string(&marker).is_ok_and(|m| m.trim() == wanted)
-    {
-        say(&format!("Python tools: present ({wanted})"));
+    let wanted: Vec<&PythonTool> = PYTHON_TOOLS
+        .iter()
+        .filter(|t| purpose.takes(t.needed_by))
+        .collect();
+    let has_venv = venv.join("bin/python").exists();
+    let record = if has_venv {
+        fs::read_to_string(&marker).unwrap_or_default()
+    } else {
+        String::new()
+    };
+    let (present, missing): (Vec<&PythonTool>, Vec<&PythonTool>) = wanted
+        .into_iter()
+        .partition(|t| record.split_whitespace().any(|r| r == t.requirement));
+    if !present.is_empty() {
+        let names: Vec<&str> = present.iter().map(|t| t.requirement).collect();
+        say(&format!(
+            "Python tools in {}: present ({})",
+            venv.display(),
+            names.join(", ")
+        ));
+    }
+    if missing.is_empty() {
         return Ok(());
     }
-    let python = if Path::new("/usr/bin/python3").is_file() {
-        PathBuf::from("/usr/bin/python3")
-    } else {
-        PathBuf::from("python3")
-    };
-    let has_venv = Command::new(&python)
-        .args(["-c", "import venv, ensurepip"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has_venv {
-        if !is_root() {
-            bail!(
-                "Python's venv module is missing: run as root, or `apt-get install python3-venv`"
-            );
-        }
-        say("installing Debian packages: python3-venv");
-        cmd::run(
-            Command::new("apt-get")
-                .args(["update", "-qq"])
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )
-        .context("apt-get update")?;
-        cmd::run(
-            Command::new("apt-get")
-                .args([
-                    "install",
-                    "-y",
-                    "-qq",
-                    "--no-install-recommends",
-                    "python3-venv",
-                ])
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )
-        .context("apt-get install python3-venv")?;
+    say(&format!("installing from PyPI into {}:", venv.display()));
+    for t in &missing {
+        say(&format!("  {}: {}", t.requirement, t.why));
     }
-    say(&format!(
-        "installing {wanted} from PyPI into {}",
-        venv.display()
-    ));
-    let _ = fs::remove_dir_all(&venv);
-    cmd::run(Command::new(&python).arg("-m").arg("venv").arg(&venv))
+    if !has_venv {
+        let _ = fs::remove_dir_all(&venv);
+        cmd::run(
+            Command::new(system_python())
+                .arg("-m")
+                .arg("venv")
+                .arg(&venv),
+        )
         .context("creating the tools' virtual environment")?;
+    }
+    let requirements: Vec<&str> = missing.iter().map(|t| t.requirement).collect();
     cmd::run(
         Command::new(venv.join("bin/pip"))
             .args(["install", "--quiet", "--disable-pip-version-check"])
-            .args(PYTHON_TOOLS),
+            .args(&requirements),
     )
-    .with_context(|| format!("pip install {wanted}"))?;
-    fs::write(&marker, wanted)?;
+    .with_context(|| format!("pip install {}", requirements.join(" ")))?;
+    fs::write(&marker, record_after(&record, &requirements))?;
     Ok(())
 }
 
@@ -340,4 +505,667 @@ fn bpffs() -> Result<()> {
     fs::create_dir_all("/sys/fs/bpf").ok();
     cmd::run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
         .context("mounting bpffs")
+}
+
+/// Installing Debian packages without removing any. Every install runs
+/// `apt-get install --no-remove`, with which apt fails rather than remove a package. A simulated
+/// install (`apt-get -s`) goes first; when packages the machine has are in its way (apt would
+/// remove them, or they break what it would install) and they came from one suite apt does
+/// not install from by default (a backports suite: installing qemu-system-x86 from bookworm
+/// would remove a qemu-utils from bookworm-backports), the install is tried again from that
+/// suite (`-t bookworm-backports`), whose versions fit them. Otherwise it stops, changes
+/// nothing, and says which packages are in the way and what to run by hand.
+///
+/// Reading apt's output is pure (tested on captured output); the shell around it is small.
+mod apt {
+    use std::process::Command;
+
+    use anyhow::{bail, Context as _, Result};
+
+    use super::say;
+    use crate::cmd;
+
+    /// What a simulated `apt-get -s install --no-remove` says.
+    #[derive(Debug, PartialEq, Eq)]
+    pub(super) enum Simulation {
+        /// It installs, and removes nothing.
+        Installs,
+        /// It would remove packages, or dependencies break: the packages it names (some of
+        /// them may not be installed), and apt's own words.
+        Blocked {
+            in_the_way: Vec<String>,
+            explanation: String,
+        },
+        /// It fails for another reason (an unknown package, a broken list).
+        Fails { explanation: String },
+    }
+
+    const REMOVED: &str = "The following packages will be REMOVED:";
+    const UNMET: &str = "The following packages have unmet dependencies:";
+
+    /// The indented lines after the line `header`.
+    fn block<'a>(output: &'a str, header: &str) -> Vec<&'a str> {
+        output
+            .lines()
+            .skip_while(|l| *l != header)
+            .skip(1)
+            .take_while(|l| l.starts_with(' '))
+            .collect()
+    }
+
+    /// The package a relation names: `qemu-system-common` of
+    /// `Breaks: qemu-system-common (< 1:8.0+dfsg-5~) but ...`, without an architecture.
+    fn relation_target(relation: &str) -> Option<&str> {
+        let (_, rest) = relation.split_once(": ")?;
+        rest.split_whitespace().next()?.split(':').next()
+    }
+
+    pub(super) fn read_simulation(succeeded: bool, output: &str) -> Simulation {
+        let errors: Vec<&str> = output.lines().filter(|l| l.starts_with("E: ")).collect();
+        if succeeded && errors.is_empty() {
+            return Simulation::Installs;
+        }
+        let removed = block(output, REMOVED);
+        let unmet = block(output, UNMET);
+        let mut in_the_way: Vec<String> = Vec::new();
+        let mut add = |name: &str| {
+            let name = name.trim_end_matches('*');
+            if !name.is_empty() && !in_the_way.iter().any(|n| n == name) {
+                in_the_way.push(name.to_owned());
+            }
+        };
+        removed
+            .iter()
+            .flat_map(|l| l.split_whitespace())
+            .for_each(&mut add);
+        for line in &unmet {
+            // ` pkg : Breaks: other (...) but ...`, or a further relation of the same package.
+            let relation = match line.split_once(" : ") {
+                Some((package, relation)) => {
+                    add(package.trim());
+                    relation
+                }
+                None => line.trim(),
+            };
+            if let Some(target) = relation_target(relation) {
+                add(target);
+            }
+        }
+        let mut explanation: Vec<&str> = Vec::new();
+        for (header, lines) in [(REMOVED, &removed), (UNMET, &unmet)] {
+            if !lines.is_empty() {
+                explanation.push(header);
+                explanation.extend(lines.iter());
+            }
+        }
+        explanation.extend(errors);
+        let explanation = explanation.join("\n");
+        if in_the_way.is_empty() {
+            Simulation::Fails { explanation }
+        } else {
+            Simulation::Blocked {
+                in_the_way,
+                explanation,
+            }
+        }
+    }
+
+    /// An installed package, and the suites offering its installed version.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub(super) struct Installed {
+        pub package: String,
+        pub version: String,
+        /// (pin priority, suite): 500 for the suites apt installs from by default, 100 for
+        /// backports; none for a version known only from dpkg's status (a source since
+        /// removed, a local .deb).
+        pub sources: Vec<(i32, String)>,
+    }
+
+    /// The installed packages of an `apt-cache policy PACKAGES...` output.
+    pub(super) fn read_policy(output: &str) -> Vec<Installed> {
+        let mut found = Vec::new();
+        let mut current: Option<Installed> = None;
+        let mut in_installed_version = false;
+        for line in output.lines() {
+            let indent = line.len() - line.trim_start().len();
+            let trimmed = line.trim();
+            if indent == 0 && trimmed.ends_with(':') {
+                found.extend(current.take());
+                current = Some(Installed {
+                    package: trimmed.trim_end_matches(':').to_owned(),
+                    version: String::new(),
+                    sources: Vec::new(),
+                });
+                in_installed_version = false;
+            } else if let Some(version) = trimmed.strip_prefix("Installed: ") {
+                if let Some(c) = current.as_mut() {
+                    version.clone_into(&mut c.version);
+                }
+            } else if trimmed.starts_with("*** ") {
+                in_installed_version = true;
+            } else if indent <= 5 {
+                // Another version of the table, or the table's header lines.
+                in_installed_version = false;
+            } else if in_installed_version {
+                // `500 http://deb.debian.org/debian bookworm-backports/main amd64 Packages`;
+                // `100 /var/lib/dpkg/status` names no suite.
+                let fields: Vec<&str> = trimmed.split_whitespace().collect();
+                if let (Some(priority), Some(suite)) = (
+                    fields.first().and_then(|p| p.parse::<i32>().ok()),
+                    fields.get(2).and_then(|s| s.split('/').next()),
+                ) {
+                    if let Some(c) = current.as_mut() {
+                        c.sources.push((priority, suite.to_owned()));
+                    }
+                }
+            }
+        }
+        found.extend(current);
+        found.retain(|p| !p.version.is_empty() && p.version != "(none)");
+        found
+    }
+
+    /// The suite to install from so that `in_the_way` (installed) can stay: the one suite
+    /// apt does not install from by default (priority below 500) that their versions come
+    /// from. Err: why there is none.
+    pub(super) fn suite_to_try(in_the_way: &[Installed]) -> Result<String, String> {
+        let mut suites: Vec<&str> = in_the_way
+            .iter()
+            .flat_map(|p| &p.sources)
+            .filter(|(priority, _)| *priority < 500)
+            .map(|(_, suite)| suite.as_str())
+            .collect();
+        suites.sort_unstable();
+        suites.dedup();
+        match suites.as_slice() {
+            [suite] => Ok((*suite).to_owned()),
+            [] => Err(
+                "they come from the suites apt installs from by default, or from no \
+                       source configured here"
+                    .to_owned(),
+            ),
+            several => Err(format!(
+                "they come from several suites ({}), and one install takes one",
+                several.join(", ")
+            )),
+        }
+    }
+
+    /// `qemu-utils 1:10.0.2+ds-2+deb13u1~bpo12+1 (bookworm-backports)`, one per package.
+    fn describe(installed: &[Installed]) -> String {
+        installed
+            .iter()
+            .map(|p| {
+                let mut suites: Vec<&str> = p.sources.iter().map(|(_, s)| s.as_str()).collect();
+                suites.dedup();
+                let from = if suites.is_empty() {
+                    "no configured source".to_owned()
+                } else {
+                    suites.join(", ")
+                };
+                format!("{} {} ({from})", p.package, p.version)
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The error when nothing can be installed without removing: what is in the way, why
+    /// there is no way round (`why`, a sentence), what was tried, what apt said, and the
+    /// command to decide with by hand.
+    pub(super) fn refusal(
+        packages: &[&str],
+        in_the_way: &[Installed],
+        tried: Option<&str>,
+        why: &str,
+        explanation: &str,
+    ) -> String {
+        let list = packages.join(" ");
+        let target = tried.map(|s| format!("-t {s} ")).unwrap_or_default();
+        let mut attempts = format!("`apt-get install --no-remove {list}`");
+        if let Some(suite) = tried {
+            attempts.push_str(&format!(
+                ", then `apt-get install --no-remove -t {suite} {list}`"
+            ));
+        }
+        format!(
+            "installing {list} would remove or break packages this machine has: {}. {why}. \
+             Tried, simulated (nothing was changed): {attempts}. apt says:\n{explanation}\n\
+             Decide by hand what to keep: `apt-get install {target}{list}` lists what it would \
+             remove and asks before it does.",
+            describe(in_the_way)
+        )
+    }
+
+    fn apt_get() -> Command {
+        let mut command = Command::new("apt-get");
+        // English messages, which read_simulation reads.
+        command
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .env("LC_ALL", "C");
+        command
+    }
+
+    fn simulate(packages: &[&str], suite: Option<&str>) -> Result<Simulation> {
+        let mut command = apt_get();
+        command.args([
+            "-s",
+            "install",
+            "-y",
+            "--no-remove",
+            "--no-install-recommends",
+        ]);
+        if let Some(suite) = suite {
+            command.args(["-t", suite]);
+        }
+        let out = command
+            .args(packages)
+            .output()
+            .context("cannot run apt-get")?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(read_simulation(out.status.success(), &text))
+    }
+
+    /// Which of `packages` are installed, and from where.
+    fn installed(packages: &[String]) -> Result<Vec<Installed>> {
+        let out = cmd::output(
+            Command::new("apt-cache")
+                .env("LC_ALL", "C")
+                .arg("policy")
+                .args(packages),
+        )?;
+        Ok(read_policy(&out))
+    }
+
+    /// Installs `packages` and their dependencies (not their recommendations), removing
+    /// nothing: from the default suites, else from the suite of the installed packages in the
+    /// way.
+    pub(super) fn install(packages: &[&str]) -> Result<()> {
+        cmd::run(apt_get().args(["update", "-qq"])).context("apt-get update")?;
+        let suite = match simulate(packages, None)? {
+            Simulation::Installs => None,
+            Simulation::Fails { explanation } => bail!(
+                "apt-get cannot install {}:\n{explanation}",
+                packages.join(" ")
+            ),
+            Simulation::Blocked {
+                in_the_way,
+                explanation,
+            } => {
+                let in_the_way = installed(&in_the_way)?;
+                if in_the_way.is_empty() {
+                    bail!(
+                        "apt-get cannot install {}: its dependencies cannot be met, and no \
+                         installed package is the reason:\n{explanation}",
+                        packages.join(" ")
+                    );
+                }
+                let suite = suite_to_try(&in_the_way).map_err(|why| {
+                    let why = format!("No other suite to install from: {why}");
+                    anyhow::anyhow!(refusal(packages, &in_the_way, None, &why, &explanation))
+                })?;
+                say(&format!(
+                    "from the default suites, apt would remove or break {}; trying {suite}, \
+                     which they come from",
+                    in_the_way
+                        .iter()
+                        .map(|p| p.package.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+                if let Simulation::Blocked { explanation, .. } | Simulation::Fails { explanation } =
+                    simulate(packages, Some(&suite))?
+                {
+                    let why = format!("From {suite}, apt cannot install them either");
+                    bail!(refusal(
+                        packages,
+                        &in_the_way,
+                        Some(&suite),
+                        &why,
+                        &explanation
+                    ));
+                }
+                Some(suite)
+            }
+        };
+        let mut command = apt_get();
+        command.args([
+            "install",
+            "-y",
+            "-qq",
+            "--no-remove",
+            "--no-install-recommends",
+        ]);
+        if let Some(suite) = &suite {
+            command.args(["-t", suite]);
+        }
+        cmd::run(command.args(packages))
+            .with_context(|| format!("apt-get install {}", packages.join(" ")))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        // apt's output, captured on Debian 12 (apt 2.6) with LC_ALL=C.
+        // On a machine with a backported qemu-utils (dpkg status of this machine with
+        // qemu-utils from bookworm-backports, the qemu-system packages not installed):
+        // `apt-get -s install -y --no-remove --no-install-recommends qemu-system-x86`.
+        const QEMU_BREAKS: &str = r#"Reading package lists...
+Building dependency tree...
+Reading state information...
+Some packages could not be installed. This may mean that you have
+requested an impossible situation or if you are using the unstable
+distribution that some required packages have not yet been created
+or been moved out of Incoming.
+The following information may help to resolve the situation:
+
+The following packages have unmet dependencies:
+ qemu-utils : Breaks: qemu-system-common (< 1:8.0+dfsg-5~) but 1:7.2+dfsg-7+deb12u18+b3 is to be installed
+E: Error, pkgProblemResolver::Resolve generated breaks, this may be caused by held packages.
+"#;
+        // The same with `-t bookworm-backports`.
+        const QEMU_FROM_BACKPORTS: &str = r#"Reading package lists...
+Building dependency tree...
+Reading state information...
+The following packages were automatically installed and are no longer required:
+  libepoxy0 libgstreamer-plugins-base1.0-0 libopus0 liborc-0.4-0 libsndio7.0
+  libspice-server1
+Use 'apt autoremove' to remove them.
+The following additional packages will be installed:
+  qemu-system-common qemu-system-data seabios
+Suggested packages:
+  samba vde2
+Recommended packages:
+  ovmf qemu-system-gui qemu-system-modules-spice qemu-system-modules-opengl
+  qemu-block-extra
+The following NEW packages will be installed:
+  qemu-system-common qemu-system-data qemu-system-x86
+The following packages will be upgraded:
+  seabios
+1 upgraded, 3 newly installed, 0 to remove and 164 not upgraded.
+Inst qemu-system-common (1:10.0.2+ds-2+deb13u1~bpo12+1 Debian Backports:oldstable-backports [amd64])
+Inst qemu-system-data (1:10.0.2+ds-2+deb13u1~bpo12+1 Debian Backports:oldstable-backports [all])
+Inst seabios [1.16.2-1] (1.16.3-2~bpo12+1 Debian Backports:oldstable-backports [all])
+Inst qemu-system-x86 (1:10.0.2+ds-2+deb13u1~bpo12+1 Debian Backports:oldstable-backports [amd64])
+Conf qemu-system-common (1:10.0.2+ds-2+deb13u1~bpo12+1 Debian Backports:oldstable-backports [amd64])
+Conf qemu-system-data (1:10.0.2+ds-2+deb13u1~bpo12+1 Debian Backports:oldstable-backports [all])
+Conf seabios (1.16.3-2~bpo12+1 Debian Backports:oldstable-backports [all])
+Conf qemu-system-x86 (1:10.0.2+ds-2+deb13u1~bpo12+1 Debian Backports:oldstable-backports [amd64])
+"#;
+        // `apt-get -s install --no-remove chrony` where systemd-timesyncd is installed.
+        const CHRONY_REMOVES: &str = r#"Reading package lists...
+Building dependency tree...
+Reading state information...
+Suggested packages:
+  dnsutils networkd-dispatcher
+The following packages will be REMOVED:
+  systemd-timesyncd
+The following NEW packages will be installed:
+  chrony
+0 upgraded, 1 newly installed, 1 to remove and 136 not upgraded.
+E: Packages need to be removed but remove is disabled.
+"#;
+        const UNKNOWN_PACKAGE: &str = r#"Reading package lists...
+Building dependency tree...
+Reading state information...
+E: Unable to locate package no-such-package-xyz
+"#;
+        const ALREADY_THERE: &str = r#"Reading package lists...
+Building dependency tree...
+Reading state information...
+dnsmasq-base is already the newest version (2.90-4~deb12u2).
+0 upgraded, 0 newly installed, 0 to remove and 137 not upgraded.
+"#;
+        // `apt-cache policy qemu-utils` on the machine with the backported qemu-utils.
+        const POLICY_BACKPORTED: &str = r#"qemu-utils:
+  Installed: 1:10.0.2+ds-2+deb13u1~bpo12+1
+  Candidate: 1:10.0.2+ds-2+deb13u1~bpo12+1
+  Version table:
+ *** 1:10.0.2+ds-2+deb13u1~bpo12+1 100
+        100 http://deb.debian.org/debian bookworm-backports/main amd64 Packages
+        100 /var/lib/dpkg/status
+     1:7.2+dfsg-7+deb12u18+b3 500
+        500 http://deb.debian.org/debian bookworm/main amd64 Packages
+     1:7.2+dfsg-7+deb12u15 500
+        500 http://deb.debian.org/debian-security bookworm-security/main amd64 Packages
+"#;
+        // `apt-cache policy iproute2 google-cloud-cli qemu-utils`: from bookworm, from a
+        // source no longer configured, not installed.
+        const POLICY_MIXED: &str = r#"iproute2:
+  Installed: 6.1.0-3
+  Candidate: 6.1.0-3
+  Version table:
+ *** 6.1.0-3 500
+        500 http://deb.debian.org/debian bookworm/main amd64 Packages
+        100 /var/lib/dpkg/status
+google-cloud-cli:
+  Installed: 528.0.0-0
+  Candidate: 528.0.0-0
+  Version table:
+ *** 528.0.0-0 100
+        100 /var/lib/dpkg/status
+qemu-utils:
+  Installed: (none)
+  Candidate: 1:7.2+dfsg-7+deb12u18+b3
+  Version table:
+     1:7.2+dfsg-7+deb12u18+b3 500
+        500 http://deb.debian.org/debian bookworm/main amd64 Packages
+     1:7.2+dfsg-7+deb12u15 500
+        500 http://deb.debian.org/debian-security bookworm-security/main amd64 Packages
+"#;
+
+        /// What a simulation comes to, without apt's words: "installs", "fails", or the
+        /// packages in the way.
+        fn verdict(simulation: &Simulation) -> String {
+            match simulation {
+                Simulation::Installs => "installs".to_owned(),
+                Simulation::Fails { .. } => "fails".to_owned(),
+                Simulation::Blocked { in_the_way, .. } => in_the_way.join(" "),
+            }
+        }
+
+        #[test]
+        fn simulations_read() {
+            let cases = [
+                (
+                    "a backported package breaks the default suite's version",
+                    false,
+                    QEMU_BREAKS,
+                    "qemu-utils qemu-system-common",
+                ),
+                (
+                    "from backports it installs (an upgrade, nothing removed)",
+                    true,
+                    QEMU_FROM_BACKPORTS,
+                    "installs",
+                ),
+                // apt-get exits with 0 from this one: its E: line decides.
+                (
+                    "apt would remove a package",
+                    true,
+                    CHRONY_REMOVES,
+                    "systemd-timesyncd",
+                ),
+                ("an unknown package", false, UNKNOWN_PACKAGE, "fails"),
+                ("already installed", true, ALREADY_THERE, "installs"),
+            ];
+            for (case, succeeded, output, expected) in cases {
+                assert_eq!(
+                    verdict(&read_simulation(succeeded, output)),
+                    expected,
+                    "{case}"
+                );
+            }
+            // apt's words, for the error message.
+            let explanations = [
+                (
+                    CHRONY_REMOVES,
+                    "The following packages will be REMOVED:\n  systemd-timesyncd\n\
+                     E: Packages need to be removed but remove is disabled.",
+                ),
+                (
+                    QEMU_BREAKS,
+                    "The following packages have unmet dependencies:\n \
+                     qemu-utils : Breaks: qemu-system-common (< 1:8.0+dfsg-5~) but \
+                     1:7.2+dfsg-7+deb12u18+b3 is to be installed\n\
+                     E: Error, pkgProblemResolver::Resolve generated breaks, this may be caused \
+                     by held packages.",
+                ),
+                (
+                    UNKNOWN_PACKAGE,
+                    "E: Unable to locate package no-such-package-xyz",
+                ),
+            ];
+            for (output, expected) in explanations {
+                let (Simulation::Blocked { explanation, .. } | Simulation::Fails { explanation }) =
+                    read_simulation(false, output)
+                else {
+                    panic!("{output}");
+                };
+                assert_eq!(explanation, expected);
+            }
+        }
+
+        fn package_from(package: &str, version: &str, sources: &[(i32, &str)]) -> Installed {
+            Installed {
+                package: package.to_owned(),
+                version: version.to_owned(),
+                sources: sources.iter().map(|(p, s)| (*p, (*s).to_owned())).collect(),
+            }
+        }
+
+        #[test]
+        fn policies_read() {
+            assert_eq!(
+                read_policy(POLICY_BACKPORTED),
+                [package_from(
+                    "qemu-utils",
+                    "1:10.0.2+ds-2+deb13u1~bpo12+1",
+                    &[(100, "bookworm-backports")]
+                )]
+            );
+            assert_eq!(
+                read_policy(POLICY_MIXED),
+                [
+                    package_from("iproute2", "6.1.0-3", &[(500, "bookworm")]),
+                    package_from("google-cloud-cli", "528.0.0-0", &[]),
+                ],
+                "qemu-utils is not installed there"
+            );
+        }
+
+        #[test]
+        fn the_suite_to_retry_from() {
+            let backported = package_from("qemu-utils", "1:10.0", &[(100, "bookworm-backports")]);
+            let default = package_from("iproute2", "6.1.0-3", &[(500, "bookworm")]);
+            let local = package_from("google-cloud-cli", "528.0.0-0", &[]);
+            let other = package_from("x", "1", &[(100, "trixie-backports")]);
+            let cases: &[(&str, &[&Installed], Option<&str>)] = &[
+                (
+                    "one backported package",
+                    &[&backported],
+                    Some("bookworm-backports"),
+                ),
+                (
+                    "a default package beside it changes nothing",
+                    &[&backported, &default],
+                    Some("bookworm-backports"),
+                ),
+                ("only default suites", &[&default], None),
+                ("no configured source", &[&local], None),
+                ("two suites", &[&backported, &other], None),
+            ];
+            for (case, in_the_way, expected) in cases {
+                let in_the_way: Vec<Installed> = in_the_way.iter().map(|p| (*p).clone()).collect();
+                assert_eq!(
+                    suite_to_try(&in_the_way).ok().as_deref(),
+                    *expected,
+                    "{case}"
+                );
+            }
+        }
+
+        #[test]
+        fn a_refusal_names_the_packages_the_attempts_and_the_command() {
+            let Simulation::Blocked { explanation, .. } = read_simulation(false, QEMU_BREAKS)
+            else {
+                panic!("blocked");
+            };
+            let text = refusal(
+                &["qemu-system-x86"],
+                &read_policy(POLICY_BACKPORTED),
+                Some("bookworm-backports"),
+                "From bookworm-backports, apt cannot install them either",
+                &explanation,
+            );
+            for expected in [
+                "qemu-utils 1:10.0.2+ds-2+deb13u1~bpo12+1 (bookworm-backports)",
+                "`apt-get install --no-remove qemu-system-x86`",
+                "`apt-get install --no-remove -t bookworm-backports qemu-system-x86`",
+                "qemu-utils : Breaks: qemu-system-common",
+                "`apt-get install -t bookworm-backports qemu-system-x86`",
+            ] {
+                assert!(
+                    text.contains(expected),
+                    "{expected:?} missing from:\n{text}"
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn packages(purpose: Purpose) -> Vec<&'static str> {
+        DEBIAN
+            .iter()
+            .filter(|p| purpose.takes(p.needed_by))
+            .map(|p| p.package)
+            .collect()
+    }
+
+    #[test]
+    fn each_command_gets_what_it_needs() {
+        let demo = packages(Demo);
+        assert!(demo.contains(&"dnsmasq-base") && demo.contains(&"iproute2"));
+        for not_for_the_demo in ["qemu-system-x86", "haproxy", "iperf3"] {
+            assert!(!demo.contains(&not_for_the_demo), "{not_for_the_demo}");
+        }
+        assert!(packages(Bench).contains(&"haproxy"));
+        assert!(packages(Vm).contains(&"qemu-system-x86"));
+        let all: Vec<&str> = DEBIAN.iter().map(|p| p.package).collect();
+        assert_eq!(packages(Test), all, "the test command runs every tier");
+        assert_eq!(packages(Purpose::Everything), all);
+        assert!(packages(Purpose::Build).is_empty() && packages(Purpose::Run).is_empty());
+    }
+
+    #[test]
+    fn the_python_record_keeps_one_version_per_tool() {
+        let cases = [
+            ("", &["virtme-ng==1.42"][..], "virtme-ng==1.42"),
+            (
+                "kubernetes-validate==1.37.0",
+                &["virtme-ng==1.42"][..],
+                "kubernetes-validate==1.37.0 virtme-ng==1.42",
+            ),
+            (
+                "kubernetes-validate==1.37.0 virtme-ng==1.41\n",
+                &["virtme-ng==1.42"][..],
+                "kubernetes-validate==1.37.0 virtme-ng==1.42",
+            ),
+        ];
+        for (record, added, expected) in cases {
+            assert_eq!(
+                record_after(record, added),
+                expected,
+                "{record:?} + {added:?}"
+            );
+        }
+    }
 }

@@ -53,7 +53,7 @@ fn cargo_step(args: &[&str]) -> Result<()> {
 
 pub fn run(no_vm: bool) -> Result<()> {
     let started = Instant::now();
-    setup::run()?;
+    setup::prepare(setup::Purpose::Test)?;
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     let toolchain = setup::pinned_toolchain()?;
@@ -125,11 +125,8 @@ pub fn run(no_vm: bool) -> Result<()> {
             ),
         }
     }
-    // `before` and `after` run around the tier's tests, `after` even when a test failed.
-    let root_tier = |name: &'static str,
-                     tests: &[&'static str],
-                     before: fn() -> Result<()>,
-                     after: fn() -> Result<()>| {
+    // `after` runs after the tier's tests, even when one failed.
+    let root_tier = |name: &'static str, tests: &[&'static str], after: fn() -> Result<()>| {
         if !root {
             return not_run(
                 name,
@@ -141,7 +138,6 @@ pub fn run(no_vm: bool) -> Result<()> {
             if let Err(e) = &binary {
                 bail!("the balancer binary did not build: {e:#}");
             }
-            before()?;
             let mut args = vec!["test", "--no-fail-fast", "-p", "balancer-tests"];
             for test in tests {
                 args.extend(["--test", test]);
@@ -152,12 +148,10 @@ pub fn run(no_vm: bool) -> Result<()> {
             tests.and(after)
         })
     };
-    let nothing = || Ok(());
     tiers.push(root_tier(
         "datapath fixtures (BPF_PROG_TEST_RUN on the real object)",
         &["datapath"],
-        nothing,
-        nothing,
+        || Ok(()),
     ));
     tiers.push(root_tier(
         "network namespaces (real balancer, servers, clients; the autoscale demo, short)",
@@ -167,14 +161,13 @@ pub fn run(no_vm: bool) -> Result<()> {
             "dynamic_backends",
             "tunnel_end_to_end",
             "nat_end_to_end",
+            "discovery_end_to_end",
             "observability",
             "restarts",
             "control_plane",
             "api_limits",
             "dns_server",
         ],
-        // The DNS server of `dns_server` and of the autoscale demo.
-        crate::autoscale::install_dnsmasq,
         || {
             println!(
                 "\n---- the autoscale demo, short profile (cargo xtask demo --autoscale --short)"

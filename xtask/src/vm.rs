@@ -407,7 +407,7 @@ pub fn run_kernel(spec: &str, filter: &[String]) -> Result<()> {
 
 /// `cargo xtask vm`: every kernel asked for (default: Debian 12's).
 pub fn run(kernels: &[String], filter: &[String]) -> Result<()> {
-    setup::run()?;
+    setup::prepare(setup::Purpose::Vm)?;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the VM tier needs root (apt-get download, and root inside the VM): run `sudo cargo xtask vm`");

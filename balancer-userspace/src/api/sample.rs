@@ -8,7 +8,11 @@ use balancer_common::{Outcome, TrafficStats};
 use crate::{
     config,
     core::{
-        health::ProbeFailure, snapshot::Snapshot, traffic::ConnWalk, Core, Input, ReadConfig, Start,
+        discovery::{FailureKind, Resolution},
+        health::ProbeFailure,
+        snapshot::Snapshot,
+        traffic::ConnWalk,
+        Core, Input, ReadConfig, Start,
     },
     plan::{
         contents::Counters,
@@ -41,6 +45,7 @@ protocol = "udp"
 forwarding = "dsr"
 table_size = 13
 backends = [{ address = "2001:db8::1" }, { address = "2001:db8::2" }]
+discover = { srv = "_dns._udp.dns.example", interval = "5s" }
 "#;
 
 fn hops() -> NextHops {
@@ -59,11 +64,48 @@ fn hops() -> NextHops {
         "10.0.0.3",
         "2001:db8::1",
         "2001:db8::2",
+        "2001:db8::3",
     ]
     .iter()
     .zip(1..)
     .map(|(a, i)| (a.parse().unwrap(), hop(i)))
     .collect()
+}
+
+/// Discovery of the "dns" VIP: an answer with a backend (and one the file lists), then a
+/// failed lookup.
+fn discover(core: &mut Core, start: std::time::Instant) {
+    let discovered = |core: &mut Core, resolution| {
+        let hop = hops()["2001:db8::1".parse::<std::net::IpAddr>().as_ref().unwrap()].clone();
+        core.handle(
+            Input::Discovered {
+                vip: "dns".into(),
+                query: config::DiscoverQuery::Srv("_dns._udp.dns.example".into()),
+                resolution,
+                next_hops: vec![("2001:db8::3".parse().unwrap(), Ok(hop))],
+            },
+            start,
+        );
+    };
+    let record = |address: &str| config::discover::Record {
+        address: address.parse().unwrap(),
+        port: Some(53),
+        weight: Some(10),
+    };
+    discovered(
+        core,
+        Resolution::Records {
+            records: vec![record("2001:db8::1"), record("2001:db8::3")],
+            ttl: Duration::from_secs(30),
+        },
+    );
+    discovered(
+        core,
+        Resolution::Failed {
+            kind: FailureKind::ServFail,
+            error: "error response: SERVFAIL".into(),
+        },
+    );
 }
 
 /// A daemon's state with something in every metric: probes of every kind of result and
@@ -88,15 +130,14 @@ pub fn sample_snapshot() -> Snapshot {
     .unwrap();
     let probe = |core: &mut Core, backend: &str, result, seconds| {
         let key = ("web".to_owned(), backend.parse().unwrap());
-        core.handle(
-            Input::Probe {
-                key,
-                result,
-                seconds,
-            },
-            start,
-        );
+        let input = Input::Probe {
+            key,
+            result,
+            seconds,
+        };
+        core.handle(input, start);
     };
+    discover(&mut core, start);
     probe(&mut core, "10.0.0.1", Ok(()), 0.0004);
     probe(&mut core, "10.0.0.1", Ok(()), 0.003);
     probe(&mut core, "10.0.0.1", Err(ProbeFailure::Status(503)), 0.02);

@@ -121,12 +121,14 @@ pub fn render(status: &StatusDocument) -> String {
     out
 }
 
-const COLUMNS: [&str; 11] = [
+const COLUMNS: [&str; 13] = [
     "BACKEND",
     "STATE",
     "HEALTH",
     "WEIGHT",
     "SLOTS",
+    "FLOWS",
+    "IDLE",
     "NEWFLOWS/S",
     "PACKETS/S",
     "BYTES/S",
@@ -135,10 +137,10 @@ const COLUMNS: [&str; 11] = [
     "BYTES",
 ];
 
-fn row(out: &mut String, cells: [&str; 11]) {
+fn row(out: &mut String, cells: [&str; 13]) {
     let _ = writeln!(
         out,
-        "  {:<24} {:<11} {:<9} {:>6} {:>6} {:>11} {:>10} {:>9} {:>10} {:>9} {:>9}",
+        "  {:<24} {:<11} {:<9} {:>6} {:>6} {:>6} {:>6} {:>11} {:>10} {:>9} {:>10} {:>9} {:>9}",
         cells[0],
         cells[1],
         cells[2],
@@ -149,8 +151,50 @@ fn row(out: &mut String, cells: [&str; 11]) {
         cells[7],
         cells[8],
         cells[9],
-        cells[10]
+        cells[10],
+        cells[11],
+        cells[12]
     );
+}
+
+/// Seconds as "0s", "42s", "12m", "3h": how long a backend has been idle.
+fn idle(seconds: f64) -> String {
+    match seconds {
+        s if s < 120.0 => format!("{s:.0}s"),
+        s if s < 7200.0 => format!("{:.0}m", s / 60.0),
+        s => format!("{:.0}h", s / 3600.0),
+    }
+}
+
+/// A discovering VIP's line: where from, what the last answer said and when, what is next.
+fn discovery_line(out: &mut String, vip: &VipStatus) {
+    let Some(d) = &vip.discovery else {
+        return;
+    };
+    let last = match (&d.last_result, &d.last_detail, d.last_answer_age_seconds) {
+        (Some(result), Some(detail), Some(age)) => {
+            format!("last answer {result} ({detail}) {age:.1}s ago")
+        }
+        _ => "no answer yet".to_owned(),
+    };
+    let _ = write!(
+        out,
+        "  discovery: {}, {} backends; {last}; next lookup in {:.1}s",
+        d.source, d.backends, d.next_resolution_seconds
+    );
+    if d.failures_in_a_row > 0 {
+        let _ = write!(
+            out,
+            "; {} failed lookups in a row, last good answer {}s ago",
+            d.failures_in_a_row,
+            d.last_good_age_seconds
+                .map_or("never".to_owned(), |a| format!("{a:.0}"))
+        );
+    }
+    if let Some(empty) = d.empty_for_seconds {
+        let _ = write!(out, "; empty for {empty:.0}s");
+    }
+    out.push('\n');
 }
 
 /// Rates and totals of a backend, in the order of the columns.
@@ -198,6 +242,7 @@ fn vip_table(out: &mut String, vip: &VipStatus) {
         );
     }
     out.push('\n');
+    discovery_line(out, vip);
     row(out, COLUMNS);
     let mut total = [0f64; 6];
     for b in &vip.backends {
@@ -206,6 +251,8 @@ fn vip_table(out: &mut String, vip: &VipStatus) {
             *t += v;
         }
         let (weight, slots) = (b.weight.to_string(), b.slots.to_string());
+        let flows = or_unknown(b.remembered_flows);
+        let idle = b.last_packet_age_seconds.map_or("?".to_owned(), idle);
         let human: Vec<String> = values.iter().map(|v| human(*v)).collect();
         row(
             out,
@@ -215,6 +262,8 @@ fn vip_table(out: &mut String, vip: &VipStatus) {
                 b.health.state.as_str(),
                 &weight,
                 &slots,
+                &flows,
+                &idle,
                 &human[0],
                 &human[1],
                 &human[2],
@@ -228,7 +277,7 @@ fn vip_table(out: &mut String, vip: &VipStatus) {
     row(
         out,
         [
-            "total", "", "", "", "", &human[0], &human[1], &human[2], &human[3], &human[4],
+            "total", "", "", "", "", "", "", &human[0], &human[1], &human[2], &human[3], &human[4],
             &human[5],
         ],
     );
@@ -315,15 +364,15 @@ mod tests {
         assert_eq!(
             line("10.0.0.1"),
             [
-                "10.0.0.1", "active", "up", "1", "65537", "300", "1500", "120.0K", "1000", "5000",
-                "400.0K"
+                "10.0.0.1", "active", "up", "1", "65537", "?", "?", "300", "1500", "120.0K",
+                "1000", "5000", "400.0K"
             ]
         );
         assert_eq!(line("10.0.0.2")[1..3], ["down", "down"]);
         // Columns line up with the header (a JSON number ignores the width it is given).
         let header = table.lines().find(|l| l.contains("BACKEND")).unwrap();
         let row = table.lines().find(|l| l.contains("10.0.0.1 ")).unwrap();
-        for column in ["WEIGHT", "SLOTS", "BYTES"] {
+        for column in ["WEIGHT", "SLOTS", "FLOWS", "IDLE", "BYTES"] {
             let end = header.find(column).unwrap() + column.len();
             assert_ne!(&row[end - 1..end], " ", "{column}:\n{header}\n{row}");
         }
@@ -400,7 +449,11 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("\nVIP dns  [2001:db8::53]:*/udp  dsr  1/2 healthy\n"),
+            text.contains("\nVIP dns  [2001:db8::53]:*/udp  dsr  2/3 healthy\n  discovery: srv _dns._udp.dns.example, 2 backends; last answer servfail (error response: SERVFAIL) "),
+            "{text}"
+        );
+        assert!(
+            text.contains("; 1 failed lookups in a row, last good answer 0s ago\n"),
             "{text}"
         );
         let row = |address: &str| -> Vec<String> {
@@ -419,7 +472,8 @@ mod tests {
                 assert_eq!(cells[2], b.health.state.as_str(), "{}", b.address);
                 assert_eq!(cells[3], b.weight.to_string());
                 assert_eq!(cells[4], b.slots.to_string());
-                assert_eq!(cells[9], b.stats.packets.to_string());
+                assert_eq!(cells[5], or_unknown(b.remembered_flows));
+                assert_eq!(cells[11], b.stats.packets.to_string());
             }
         }
         assert_eq!(row("10.0.0.2")[1..3], ["down", "down"]);

@@ -125,6 +125,15 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
             ("when_all_down", before.when_all_down != vip.when_all_down),
             ("forwarding", before.forwarding != vip.forwarding),
             ("snat", before.nat != vip.nat),
+            ("hash", before.hash != vip.hash),
+            ("fragments", before.fragments != vip.fragments),
+            (
+                "tunnel_source",
+                (before.tunnel_source_v4, before.tunnel_source_v6)
+                    != (vip.tunnel_source_v4, vip.tunnel_source_v6),
+            ),
+            ("autoscale", before.autoscale != vip.autoscale),
+            ("discover", before.discover != vip.discover),
         ] {
             if differs {
                 changes.push(Change::VipChanged { vip: name(), what });
@@ -237,6 +246,28 @@ backends = [{ address = "10.0.0.9" }]
 
     fn config(text: &str) -> Config {
         parse(Path::new("t.toml"), text).unwrap()
+    }
+
+    #[test]
+    fn discovery_hash_and_autoscale_changes_are_reported() {
+        let new = BASE.replacen(
+            "forwarding = \"dsr\"\n",
+            "forwarding = \"dsr\"\nhash = \"dst_port_only\"\ndiscover = { dns = \"web.test\" }\n\
+             autoscale = { metric = \"new_flows_per_second\", target_per_backend = 10 }\n",
+            1,
+        );
+        let changes: Vec<String> = diff(&config(BASE), &config(&new))
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            changes,
+            [
+                "VIP web: hash changed",
+                "VIP web: autoscale changed",
+                "VIP web: discover changed"
+            ]
+        );
     }
 
     #[test]

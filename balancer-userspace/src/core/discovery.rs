@@ -204,8 +204,10 @@ pub struct Applied {
     pub rejected: Vec<(IpAddr, String)>,
     /// An empty answer kept the set: for how much longer.
     pub empty_kept_for: Option<Duration>,
-    /// A lookup failed (the last set stays): the outcome and error.
-    pub failed: Option<(Outcome, String)>,
+    /// This answer started an empty episode (the answers before it had records).
+    pub empty_started: bool,
+    /// A lookup failed (the last set stays): the outcome and error, and how many in a row.
+    pub failed: Option<(Outcome, String, u32)>,
     /// An answer came after this many failed lookups.
     pub recovered_after: Option<u32>,
 }
@@ -284,7 +286,7 @@ pub fn answer(
     );
     if failed {
         state.failures_in_a_row += 1;
-        applied.failed = Some((outcome, detail.clone()));
+        applied.failed = Some((outcome, detail.clone(), state.failures_in_a_row));
     } else if state.failures_in_a_row > 0 {
         applied.recovered_after = Some(state.failures_in_a_row);
         state.failures_in_a_row = 0;
@@ -299,6 +301,7 @@ pub fn answer(
 
 /// An empty answer: the set stays until the emptiness has lasted the grace.
 fn empty(state: &mut Discovery, spec: &Discover, now: Instant, applied: &mut Applied) {
+    applied.empty_started = state.empty_since.is_none();
     let since = *state.empty_since.get_or_insert(now);
     let lasted = now.saturating_duration_since(since);
     if lasted >= spec.empty_grace || state.backends.is_empty() {

@@ -83,13 +83,15 @@ pub enum Event {
         removed: Vec<IpAddr>,
         total: usize,
     },
-    /// A discovery lookup failed; the last set stays.
+    /// A discovery lookup failed; the last set stays. Said at the 1st, 2nd, 4th, 8th...
+    /// failure in a row (`in_a_row`).
     DiscoveryFailed {
         vip: String,
         query: String,
         outcome: &'static str,
         error: String,
         kept: usize,
+        in_a_row: u32,
     },
     /// Lookups answer again after failing.
     DiscoveryRecovered {
@@ -207,12 +209,12 @@ impl Event {
             | Event::Recovered { .. }
             | Event::DesiredBackends { .. }
             | Event::RemovalGraceOver { .. } => Kind::Vips,
-            Event::DiscoveryChanged { .. }
-            | Event::DiscoveryFailed { .. }
+            Event::DiscoveryChanged { .. } => Kind::Discovery,
+            Event::DiscoveryFailed { .. }
             | Event::DiscoveryRecovered { .. }
             | Event::DiscoveryRefused { .. }
             | Event::DiscoveryEmpty { .. }
-            | Event::DiscoveryRecordRejected { .. } => Kind::Discovery,
+            | Event::DiscoveryRecordRejected { .. } => Kind::Lookups,
             Event::ReloadRejected { .. } | Event::ReloadApplied { .. } => Kind::Reloads,
             Event::PlanFailed { .. }
             | Event::Unplannable { .. }
@@ -459,10 +461,12 @@ impl Event {
                 outcome,
                 error,
                 kept,
+                in_a_row,
             } => write!(
                 f,
-                "VIP {vip}: resolving {query} failed ({outcome}: {error}); its {kept} discovered \
-                 backends stay"
+                "VIP {vip}: resolving {query} failed ({outcome}: {error}; {in_a_row} in a row, \
+                 said again at {}); its {kept} discovered backends stay",
+                in_a_row.saturating_mul(2)
             ),
             Event::DiscoveryRecovered {
                 vip,

@@ -33,16 +33,20 @@ pub enum Kind {
     Vips,
     Reloads,
     Kernel,
+    /// Changes of discovered sets.
     Discovery,
+    /// Discovery lookups that failed or came back empty.
+    Lookups,
 }
 
-const KINDS: [Kind; 6] = [
+const KINDS: [Kind; 7] = [
     Kind::Health,
     Kind::NextHops,
     Kind::Vips,
     Kind::Reloads,
     Kind::Kernel,
     Kind::Discovery,
+    Kind::Lookups,
 ];
 
 impl Kind {
@@ -58,6 +62,7 @@ impl Kind {
             Kind::Reloads => "reloads",
             Kind::Kernel => "kernel",
             Kind::Discovery => "discovery",
+            Kind::Lookups => "DNS lookups",
         }
     }
 }

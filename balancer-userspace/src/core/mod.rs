@@ -614,8 +614,9 @@ impl Core {
         let known = self.addresses();
         self.unreachable
             .retain(|a, _| known.binary_search(a).is_ok());
-        self.commit(desired, out);
+        // The checks first: the commit tells backends that wait for their first checks.
         self.sync_checks(out);
+        self.commit(desired, out);
         Ok(())
     }
 
@@ -825,14 +826,19 @@ impl Core {
                 }
             }
             let effective = discovery::effective(&self.file_config, &self.discovery);
+            // Said before what the change brings about (checks awaited, a VIP all down).
+            let at = out.events.len();
             match self.apply(effective, next_hops, now, out) {
-                Ok(()) => out.events.push(Event::DiscoveryChanged {
-                    vip: vip_name,
-                    query: query_text,
-                    added: applied.added,
-                    removed: applied.removed,
-                    total,
-                }),
+                Ok(()) => out.events.insert(
+                    at,
+                    Event::DiscoveryChanged {
+                        vip: vip_name,
+                        query: query_text,
+                        added: applied.added,
+                        removed: applied.removed,
+                        total,
+                    },
+                ),
                 Err(e) => {
                     // The set that could not be planned is not the set in force.
                     self.discovery.insert(vip_name, before);
@@ -1077,14 +1083,19 @@ fn discovery_events(
             why: why.clone(),
         });
     }
-    if let Some((outcome, error)) = &applied.failed {
-        out.events.push(Event::DiscoveryFailed {
-            vip: vip_name.clone(),
-            query: query_text.clone(),
-            outcome: outcome.name(),
-            error: error.clone(),
-            kept,
-        });
+    // A lasting outage is said at the 1st, 2nd, 4th, 8th... failure: a few lines, however
+    // long it lasts (the status and metrics have every lookup).
+    if let Some((outcome, error, in_a_row)) = &applied.failed {
+        if in_a_row.is_power_of_two() {
+            out.events.push(Event::DiscoveryFailed {
+                vip: vip_name.clone(),
+                query: query_text.clone(),
+                outcome: outcome.name(),
+                error: error.clone(),
+                kept,
+                in_a_row: *in_a_row,
+            });
+        }
     }
     if let Some(failures) = applied.recovered_after {
         out.events.push(Event::DiscoveryRecovered {
@@ -1093,7 +1104,8 @@ fn discovery_events(
             failures,
         });
     }
-    if let Some(left) = applied.empty_kept_for {
+    // Said when the episode starts; the change says when it ends.
+    if let Some(left) = applied.empty_kept_for.filter(|_| applied.empty_started) {
         out.events.push(Event::DiscoveryEmpty {
             vip: vip_name.clone(),
             query: query_text.clone(),

@@ -1088,3 +1088,61 @@ fn discovery_answers_take_the_path_of_a_reload() {
         .collect();
     assert_eq!(sources, ["file", "removed", "removed"]);
 }
+
+#[test]
+fn a_retiring_backend_that_stops_resolving_is_no_warning() {
+    let t0 = Instant::now();
+    let (mut core, _) = start_with(WEB, None, t0);
+    let without = WEB.replace(", { address = \"10.0.0.2\" }", "");
+    reload(&mut core, &without, t0);
+    let gone = vec![(ip(2), Err("no ARP answer".to_owned()))];
+    let out = core.handle(Input::Resolved(gone), t0);
+    let event = Event::NoLongerResolves {
+        address: ip(2),
+        retiring: true,
+    };
+    assert_eq!(out.events, std::slice::from_ref(&event));
+    assert_eq!(event.level(), crate::core::events::Level::Info);
+    assert!(
+        event.to_string().contains("removed backend 10.0.0.2"),
+        "{event}"
+    );
+    // A listed backend that stops resolving is one.
+    let gone = vec![(ip(1), Err("no ARP answer".to_owned()))];
+    let out = core.handle(Input::Resolved(gone), t0);
+    let event = &out.events[0];
+    assert_eq!(event.level(), crate::core::events::Level::Warn, "{event}");
+}
+
+#[test]
+fn a_restart_over_a_kept_data_plane_keeps_the_discovered_backends_until_the_first_answer() {
+    let t0 = Instant::now();
+    let (mut before, _) = start_with(DISCOVERING, None, t0);
+    discovered(&mut before, &[2, 3], t0);
+    let pinned = before.desired().maps.clone();
+    let ids: Vec<Option<u32>> = [2, 3]
+        .iter()
+        .map(|l| before.ids.backend(&key(*l)))
+        .collect();
+
+    let (after, out) = start_with(DISCOVERING, Some(pinned), t0);
+    // Not retiring: taken as discovered, with their ids, in the first plan's table.
+    let sources: Vec<(IpAddr, crate::config::BackendSource)> = after.config().vips[0]
+        .backends
+        .iter()
+        .map(|b| (b.address, b.source.clone()))
+        .collect();
+    assert_eq!(
+        sources,
+        [
+            (ip(1), crate::config::BackendSource::File),
+            (ip(2), crate::config::BackendSource::Discovered),
+            (ip(3), crate::config::BackendSource::Discovered),
+        ]
+    );
+    assert!(after.retiring.is_empty());
+    let after_ids: Vec<Option<u32>> = [2, 3].iter().map(|l| after.ids.backend(&key(*l))).collect();
+    assert_eq!(after_ids, ids);
+    // And the name is asked at once.
+    assert_eq!(out.lookups.len(), 1);
+}

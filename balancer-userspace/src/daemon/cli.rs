@@ -123,18 +123,24 @@ enum Command {
         #[arg(long, hide = true, value_name = "ADDR")]
         api: Option<String>,
     },
-    /// Validate a config file without touching the kernel (no root needed).
+    /// Validate a config file without touching the kernel (no root needed); VIPs that
+    /// discover their backends are resolved once, to show what they would get.
     Check {
         /// The TOML config file.
         #[arg(long, short)]
         config: PathBuf,
+        /// Do not resolve discovery names (a host without the service's DNS, such as CI).
+        #[arg(long)]
+        no_resolve: bool,
     },
 }
 
 /// Parses the command line and runs the subcommand.
 pub fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Check { config } => print_lines(subcommands::check(&config)),
+        Command::Check { config, no_resolve } => {
+            print_lines(subcommands::check(&config, !no_resolve))
+        }
         Command::Run {
             config,
             interface,

@@ -406,10 +406,16 @@ fn nat_summary(
         .filter_map(|b| core.next_hops().get(&b.address))
         .map(|h| h.interface.as_str())
         .collect();
-    let replies = format!(
-        "replies translated back by this program on {}",
-        interfaces.into_iter().collect::<Vec<_>>().join(", ")
-    );
+    let replies = if interfaces.is_empty() {
+        "replies translated back by this program on the interfaces the backends are reached \
+         through"
+            .to_owned()
+    } else {
+        format!(
+            "replies translated back by this program on {}",
+            interfaces.into_iter().collect::<Vec<_>>().join(", ")
+        )
+    };
     let ports = format!("ports {}-{}", nat.ports.0, nat.ports.1);
     match &nat.snat {
         config::Snat::None => format!(
@@ -423,10 +429,15 @@ fn nat_summary(
                 .filter_map(|b| core.next_hops().get(&b.address)?.source)
                 .map(|a| a.to_string())
                 .collect();
-            format!(
-                "full NAT from {} (the interface's), {ports}; {replies}",
-                sources.into_iter().collect::<Vec<_>>().join(", ")
-            )
+            let sources = if sources.is_empty() {
+                "the address of the interface towards the backends".to_owned()
+            } else {
+                format!(
+                    "{} (the interface's)",
+                    sources.into_iter().collect::<Vec<_>>().join(", ")
+                )
+            };
+            format!("full NAT from {sources}, {ports}; {replies}",)
         }
         config::Snat::Addresses(list) => {
             let list: Vec<String> = list.iter().map(ToString::to_string).collect();
@@ -445,7 +456,12 @@ fn log_summary(core: &Core, interface: &str, mode: &str) {
         warn!("no VIPs configured: every packet passes to the kernel untouched");
     }
     for (vip, planned) in config.vips.iter().zip(&core.desired().vips) {
-        let checks = match vip.backends.first().map(|b| &b.health) {
+        let first_check = vip
+            .backends
+            .first()
+            .map(|b| &b.health)
+            .or(vip.discover.as_ref().map(|d| &d.health));
+        let checks = match first_check {
             Some(c) if c.kind != config::CheckKind::None => format!(
                 "{} check port {} every {:?}, rise {} fall {}",
                 c.kind.name(),
@@ -467,7 +483,26 @@ fn log_summary(core: &Core, interface: &str, mode: &str) {
         if let Some(nat) = &vip.nat {
             info!("  {}", nat_summary(nat, planned, core));
         }
-        if planned.backends.is_empty() {
+        if let Some(d) = &vip.discover {
+            let from = if d.resolvers.is_empty() {
+                "the system's resolvers (/etc/resolv.conf)".to_owned()
+            } else {
+                let list: Vec<String> = d.resolvers.iter().map(ToString::to_string).collect();
+                list.join(", ")
+            };
+            info!(
+                "  discovers backends from {} every {:?} (sooner as the TTL says) via {from}; at \
+                 most {}; an empty answer empties it after {:?}",
+                d.query, d.interval, d.max_backends, d.empty_grace
+            );
+        }
+        if planned.backends.is_empty() && vip.discover.is_some() {
+            info!(
+                "VIP {} has no backends until its first DNS answer: its packets are dropped \
+                 until then (no_backend)",
+                vip.name
+            );
+        } else if planned.backends.is_empty() {
             warn!(
                 "VIP {} has no backends: its packets are dropped (no_backend)",
                 vip.name

@@ -25,7 +25,7 @@ use crate::{
 };
 
 /// `balancer check`: the config's summary, or its first error.
-pub fn check(path: &Path) -> anyhow::Result<Vec<String>> {
+pub fn check(path: &Path, resolve: bool) -> anyhow::Result<Vec<String>> {
     let c = config::load(path, &crate::shell::host::host())?;
     let backends: usize = c.vips.iter().map(|v| v.backends.len()).sum();
     let mut lines = vec![format!(
@@ -35,7 +35,8 @@ pub fn check(path: &Path) -> anyhow::Result<Vec<String>> {
     )];
     for vip in &c.vips {
         let active = vip.backends.iter().filter(|b| b.takes_new_flows()).count();
-        let checks = match vip.backends.first().map(|b| &b.health) {
+        let first = vip.backends.first().map(|b| &b.health);
+        let checks = match first.or(vip.discover.as_ref().map(|d| &d.health)) {
             Some(h) if h.kind != CheckKind::None => format!(
                 "{} checks of port {} every {:?}",
                 h.kind.name(),
@@ -51,8 +52,72 @@ pub fn check(path: &Path) -> anyhow::Result<Vec<String>> {
             vip.backends.len(),
             vip.table_size
         ));
+        if let Some(d) = &vip.discover {
+            lines.push(discovery_check(&c, vip, d, resolve));
+        }
     }
     Ok(lines)
+}
+
+/// A discovering VIP's settings, and (with `resolve`) what one lookup gives now, judged as the
+/// daemon would judge it: the backends, the records left out, a refusal, an empty answer or
+/// a failure. A lookup that fails is said, not an error: DNS may be unreachable from here.
+fn discovery_check(
+    c: &config::Config,
+    vip: &config::Vip,
+    d: &config::Discover,
+    resolve: bool,
+) -> String {
+    use crate::core::discovery::{answer, Discovery};
+    let from = if d.resolvers.is_empty() {
+        "/etc/resolv.conf".to_owned()
+    } else {
+        let list: Vec<String> = d.resolvers.iter().map(ToString::to_string).collect();
+        list.join(", ")
+    };
+    let settings = format!(
+        "    discovers {} every {:?} via {from} (timeout {:?}, at most {}, empty for {:?} \
+         empties it)",
+        d.query, d.interval, d.timeout, d.max_backends, d.empty_grace
+    );
+    if !resolve {
+        return settings;
+    }
+    let now = std::time::Instant::now();
+    let mut state = Discovery::new(d.query.clone(), now);
+    let Some(lookup) = state.due(vip, d, now) else {
+        return settings;
+    };
+    let resolution = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(crate::shell::dns::resolve(&lookup)),
+        Err(e) => return format!("{settings}; not resolved here: {e}"),
+    };
+    let applied = answer(&mut state, vip, d, &c.vips, resolution, now);
+    let mut said = match (&applied.failed, &applied.refused, applied.empty_kept_for) {
+        (Some((outcome, error, _)), _, _) => {
+            format!("resolving it now failed ({}: {error})", outcome.name())
+        }
+        (None, Some(why), _) => format!("its answer now would be refused: {why}"),
+        _ if state.backends.is_empty() => {
+            let what = state.last.as_ref().map_or("", |l| l.outcome.name());
+            format!("it gives no backends now ({what})")
+        }
+        _ => {
+            let list: Vec<String> = state
+                .backends
+                .iter()
+                .map(|b| b.address.to_string())
+                .collect();
+            format!("it gives {} backends now: {}", list.len(), list.join(", "))
+        }
+    };
+    for (address, why) in &applied.rejected {
+        said.push_str(&format!("; {address} left out: {why}"));
+    }
+    format!("{settings}\n    {said}")
 }
 
 /// How the commands that talk to a running daemon find it: flags first, then what the
