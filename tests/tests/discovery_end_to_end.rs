@@ -19,13 +19,13 @@
 )]
 
 use std::{
-    net::{SocketAddr, SocketAddrV4},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
+    net::{IpAddr, SocketAddr, SocketAddrV4},
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use balancer_tests::{
+    dns::{Dnsmasq, Srv},
     http::{
         get, get_json, get_text, status_backend, wait_for_status, HttpServer, LoadGenerator,
         LongLived, Stream,
@@ -33,108 +33,16 @@ use balancer_tests::{
     netns::{remove_stale, require_root, Netns},
     process::{balancer_binary, BalancerProcess},
     scratch::Scratch,
-    topology::{nat_backend_addr, NatTopology, NAT_BACKEND_PORT, NAT_VIP_ADDR},
+    topology::{nat_backend_addr, NatTopology, NAT_BACKEND_PORT, NAT_DNS_ADDR, NAT_VIP_ADDR},
 };
 use serde_json::Value;
 
 const API: &str = "127.0.0.1:9100";
-/// Where dnsmasq answers, inside the balancer's namespace.
-const DNS: &str = "127.0.0.1:5353";
 const NAME: &str = "web.lb.test";
 
-/// dnsmasq in a namespace, answering for `lb.test` only (other names: NXDOMAIN at once) from
-/// the hosts files of a directory, with a TTL of 1 s.
-struct Dnsmasq {
-    ns_name: String,
-    hosts: PathBuf,
-    log: PathBuf,
-    child: Option<Child>,
-}
-
-impl Dnsmasq {
-    fn start(ns: &Netns, scratch: &Scratch) -> Dnsmasq {
-        let hosts = scratch.path("hosts.d");
-        std::fs::create_dir_all(&hosts).unwrap();
-        let mut dns = Dnsmasq {
-            ns_name: ns.name().to_owned(),
-            hosts,
-            log: scratch.path("dnsmasq.log"),
-            child: None,
-        };
-        dns.set(&[]);
-        dns.resume();
-        dns
-    }
-
-    /// Starts the server (again).
-    fn resume(&mut self) {
-        assert!(self.child.is_none(), "already running");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let (ip, port) = DNS.split_once(':').unwrap();
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.ns_name,
-                "dnsmasq",
-                "--keep-in-foreground",
-            ])
-            .args([
-                "--conf-file=/dev/null",
-                "--no-resolv",
-                "--no-hosts",
-                "--bind-interfaces",
-            ])
-            .arg(format!("--listen-address={ip}"))
-            .arg(format!("--port={port}"))
-            .args([
-                "--local=/lb.test/",
-                "--local-ttl=1",
-                "--user=root",
-                "--pid-file=",
-            ])
-            .arg(format!("--hostsdir={}", self.hosts.display()))
-            .arg("--log-facility=-")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("dnsmasq (Debian package dnsmasq-base; `cargo xtask setup` installs it)");
-        self.child = Some(child);
-        // Answering once its socket is bound.
-        std::thread::sleep(Duration::from_millis(300));
-    }
-
-    /// Stops the server (an outage).
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// `NAME` resolves to these backends (none: NXDOMAIN), written whole (a rename).
-    fn set(&self, backends: &[usize]) {
-        let text: String = backends
-            .iter()
-            .map(|i| format!("{} {NAME}\n", nat_backend_addr(*i)))
-            .collect();
-        let tmp = self.hosts.with_extension("tmp");
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(&tmp, self.hosts.join("web")).unwrap();
-    }
-}
-
-impl Drop for Dnsmasq {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn config(extra_discover: &str, balancer: &str) -> String {
+/// The VIP's config: NAT to port 8080, checks every 500 ms (rise 2, fall 2, starting down),
+/// `discover` with `discover` (the table's contents), `balancer` lines in `[balancer]`.
+fn config(discover: &str, balancer: &str) -> String {
     format!(
         r#"
 [balancer]
@@ -151,9 +59,38 @@ protocol = "tcp"
 forwarding = "nat"
 when_all_down = "drop"
 health = {{ kind = "tcp", interval = "500ms", timeout = "250ms", rise = 2, fall = 2, initial = "down" }}
-discover = {{ dns = "{NAME}", port = {NAT_BACKEND_PORT}, interval = "1s", timeout = "500ms", resolvers = ["{DNS}"]{extra_discover} }}
+discover = {{ {discover} }}
 "#
     )
+}
+
+/// Discovery of `NAME` on port 8080 from the test's DNS server, every second.
+fn discover_a(extra: &str) -> String {
+    format!(
+        "dns = \"{NAME}\", port = {NAT_BACKEND_PORT}, interval = \"1s\", timeout = \"500ms\", \
+         resolvers = [\"{NAT_DNS_ADDR}\"]{extra}"
+    )
+}
+
+/// `/etc/netns/<namespace>/resolv.conf`, which `ip netns exec` mounts over /etc/resolv.conf
+/// for what it starts in the namespace: the system's resolver, as the daemon reads it.
+/// Removed on drop.
+struct NetnsResolvConf(PathBuf);
+
+impl NetnsResolvConf {
+    fn new(ns: &Netns, nameserver: IpAddr) -> NetnsResolvConf {
+        let dir = Path::new("/etc/netns").join(ns.name());
+        std::fs::create_dir_all(&dir).unwrap();
+        let text = format!("nameserver {nameserver}\noptions timeout:1 attempts:1\n");
+        std::fs::write(dir.join("resolv.conf"), text).unwrap();
+        NetnsResolvConf(dir)
+    }
+}
+
+impl Drop for NetnsResolvConf {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn vip() -> SocketAddr {
@@ -171,36 +108,49 @@ struct Lab {
     servers: Vec<Option<HttpServer>>,
     topology: NatTopology,
     config: PathBuf,
+    _resolv_conf: Option<NetnsResolvConf>,
     _scratch: Scratch,
 }
 
 impl Lab {
-    /// `backends` namespaces with servers, DNS naming `first` of them, the balancer started.
-    fn new(name: &str, backends: usize, first: &[usize], text: &str) -> Lab {
+    /// `backends` namespaces with servers, a DNS host (10.95.0.53) naming `first` of them,
+    /// the balancer started with `text`; with `system_resolver`, the balancer's namespace has
+    /// a resolv.conf naming the DNS host.
+    fn new(name: &str, backends: usize, first: &[usize], text: &str, system_resolver: bool) -> Lab {
         require_root("the discovery end-to-end test");
         remove_stale("lbt-");
         let prefix = format!("lbt-{}-{name}-", std::process::id());
-        let topology = NatTopology::create(&prefix, backends);
+        // First: it removes what dead runs left under this prefix.
+        let scratch = Scratch::new(&prefix, "discovery");
+        let mut topology = NatTopology::create(&prefix, backends);
         let servers = topology
             .start_http_servers(|i| nat_backend_addr(i).to_string())
             .into_iter()
             .map(Some)
             .collect();
-        let scratch = Scratch::new(&prefix, "discovery");
-        let dns = Dnsmasq::start(&topology.balancer, &scratch);
-        dns.set(first);
+        let dns = Dnsmasq::start(topology.add_dns_host(), NAT_DNS_ADDR.into(), "lb.test", 1);
+        let resolv_conf =
+            system_resolver.then(|| NetnsResolvConf::new(&topology.balancer, NAT_DNS_ADDR.into()));
+        let lab_dns = dns;
+        lab_dns.set_addresses(NAME, &addresses_of(first));
         let path = scratch.write_atomically("discovery.toml", text);
         let mut balancer =
             BalancerProcess::run(&topology.balancer, &path, &scratch, &[], "balancer.log");
         balancer.wait_ready(&topology.balancer, api(), Duration::from_secs(30));
         Lab {
             balancer,
-            dns,
+            dns: lab_dns,
             servers,
             topology,
             config: path,
+            _resolv_conf: resolv_conf,
             _scratch: scratch,
         }
+    }
+
+    /// `NAME` resolves to these backends (none: no records).
+    fn publish(&self, backends: &[usize]) {
+        self.dns.set_addresses(NAME, &addresses_of(backends));
     }
 
     fn status(&self) -> Value {
@@ -233,6 +183,13 @@ fn in_state(status: &Value, state: &str) -> Vec<String> {
     v
 }
 
+fn addresses_of(backends: &[usize]) -> Vec<IpAddr> {
+    backends
+        .iter()
+        .map(|i| nat_backend_addr(*i).into())
+        .collect()
+}
+
 fn addresses(backends: &[usize]) -> Vec<String> {
     let mut v: Vec<String> = backends
         .iter()
@@ -253,7 +210,7 @@ fn sample(metrics: &str, series: &str) -> f64 {
 #[test]
 fn the_backend_set_follows_dns_without_losing_a_connection() {
     let grace = "removal_grace = \"60s\"";
-    let lab = Lab::new("dsc", 6, &[0, 1, 2], &config("", grace));
+    let lab = Lab::new("dsc", 6, &[0, 1, 2], &config(&discover_a(""), grace), false);
     let patience = Duration::from_secs(20);
     lab.wait("three backends up", patience, |s| {
         in_state(s, "active") == addresses(&[0, 1, 2])
@@ -291,7 +248,7 @@ fn the_backend_set_follows_dns_without_losing_a_connection() {
 
     // Scale out: 3 -> 6. New backends enter through their checks (rise 2 x 500 ms) after the
     // next lookup (interval 1 s): traffic within 1 + 1 s, and some slack for a loaded machine.
-    lab.dns.set(&[0, 1, 2, 3, 4, 5]);
+    lab.publish(&[0, 1, 2, 3, 4, 5]);
     let took = lab.wait("six backends up", patience, |s| {
         in_state(s, "active") == addresses(&[0, 1, 2, 3, 4, 5])
     });
@@ -311,7 +268,7 @@ fn the_backend_set_follows_dns_without_losing_a_connection() {
     }
 
     // Scale in: 6 -> 2. The four removed ones retire (no new flows, their connections kept).
-    lab.dns.set(&[0, 1]);
+    lab.publish(&[0, 1]);
     lab.wait("four retiring", patience, |s| {
         in_state(s, "active") == addresses(&[0, 1]) && in_state(s, "removed").len() == 4
     });
@@ -399,8 +356,13 @@ fn the_backend_set_follows_dns_without_losing_a_connection() {
 
 #[test]
 fn a_dns_outage_changes_nothing_and_an_empty_answer_empties_after_the_grace() {
-    let text = config(", empty_grace = \"5s\"", "removal_grace = \"60s\"");
-    let mut lab = Lab::new("dso", 3, &[0, 1, 2], &text);
+    // No `resolvers`: the system's, from the namespace's resolv.conf.
+    let discover = format!(
+        "dns = \"{NAME}\", port = {NAT_BACKEND_PORT}, interval = \"1s\", timeout = \"500ms\", \
+         empty_grace = \"5s\""
+    );
+    let text = config(&discover, "removal_grace = \"60s\"");
+    let mut lab = Lab::new("dso", 3, &[0, 1, 2], &text, true);
     let patience = Duration::from_secs(20);
     lab.wait("three backends up", patience, |s| {
         in_state(s, "active") == addresses(&[0, 1, 2])
@@ -449,12 +411,13 @@ fn a_dns_outage_changes_nothing_and_an_empty_answer_empties_after_the_grace() {
     assert!(log.contains("failed"), "the failures are logged: {log}");
 
     // Back, with no records for the name (NXDOMAIN): kept through empty_grace (5 s)...
-    lab.dns.set(&[]);
+    lab.publish(&[]);
     // (No empty answer can come before the server runs again.)
     let empty_since = Instant::now();
-    lab.dns.resume();
+    lab.dns.restart();
     lab.wait("an empty answer", patience, |s| {
-        s["vips"][0]["discovery"]["last_result"] == "nxdomain"
+        let last = &s["vips"][0]["discovery"]["last_result"];
+        last == "empty" || last == "nxdomain"
     });
     assert_eq!(in_state(&lab.status(), "active"), addresses(&[0, 1, 2]));
     // ...then the VIP empties: its backends retire, new flows have nowhere to go (dropped:
@@ -485,4 +448,62 @@ fn a_dns_outage_changes_nothing_and_an_empty_answer_empties_after_the_grace() {
         log.contains(&format!("{NAME} now gives 0 backends")),
         "{log}"
     );
+}
+
+#[test]
+fn srv_records_bring_their_targets_ports_and_weights() {
+    let srv_name = "_http._tcp.web.lb.test";
+    let discover = format!(
+        "srv = \"{srv_name}\", interval = \"1s\", timeout = \"500ms\", resolvers = [\"{NAT_DNS_ADDR}\"]"
+    );
+    let mut lab = Lab::new("dsv", 3, &[], &config(&discover, ""), false);
+    for i in 0..3 {
+        let target = format!("be{}.lb.test", i + 1);
+        lab.dns.set_addresses(&target, &addresses_of(&[i]));
+    }
+    let record = |priority, weight, i: usize| Srv {
+        priority,
+        weight,
+        port: NAT_BACKEND_PORT,
+        target: format!("be{}.lb.test", i + 1),
+    };
+    // Two of priority 10, one standby of priority 20 (not used while the others answer).
+    lab.dns.set_srv(
+        srv_name,
+        &[record(10, 10, 0), record(10, 30, 1), record(20, 50, 2)],
+    );
+    lab.wait("the two SRV backends up", Duration::from_secs(20), |s| {
+        in_state(s, "active") == addresses(&[0, 1])
+    });
+    let status = lab.status();
+    let weights: Vec<u64> = [0, 1]
+        .iter()
+        .map(|i| {
+            status_backend(&status, 0, &nat_backend_addr(*i).to_string())["weight"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(weights, [10, 30], "{status:#}");
+    assert_eq!(
+        status_backend(&status, 0, &nat_backend_addr(0).to_string())["source"],
+        format!("srv {srv_name}")
+    );
+    // Served through the VIP on the records' port, by the two only.
+    for id in 0..20 {
+        let served = lab
+            .topology
+            .client
+            .run(move || get(vip(), 0, id))
+            .expect("served");
+        assert!(
+            served.backend != nat_backend_addr(2).to_string(),
+            "the standby record was used"
+        );
+    }
+    // The priority-10 records gone: the standby's turn.
+    lab.dns.set_srv(srv_name, &[record(20, 50, 2)]);
+    lab.wait("the standby up", Duration::from_secs(20), |s| {
+        in_state(s, "active") == addresses(&[2])
+    });
 }
