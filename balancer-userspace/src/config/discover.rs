@@ -62,6 +62,7 @@ pub(super) fn discover(
         max_backends,
         health,
         health_port_fixed,
+        host_addresses: Vec::new(),
     }))
 }
 
@@ -332,6 +333,11 @@ pub fn discovered_backend(
         return Err(format!(
             "{address} is the address of VIP \"{}\"",
             owner.name
+        ));
+    }
+    if let Some((_, interface)) = discover.host_addresses.iter().find(|(a, _)| *a == address) {
+        return Err(format!(
+            "{address} is an address of this host ({interface}); a backend must be another machine"
         ));
     }
     let nat = vip.forwarding == Forwarding::Nat;

@@ -406,6 +406,9 @@ pub struct Discover {
     /// names its own (`health_port_fixed`).
     pub health: HealthCheck,
     pub health_port_fixed: bool,
+    /// This host's addresses (with their interfaces) when the config was read: a
+    /// discovered record may not be one, as a backend in the file may not.
+    pub host_addresses: Vec<(IpAddr, String)>,
 }
 
 impl Vip {

@@ -356,7 +356,7 @@ fn validate_vip(raw: RawVip, taken: &Taken) -> Result<Vip, Invalid> {
     let [tunnel_source_v4, tunnel_source_v6] = tunnel_sources(&raw, &name, forwarding, taken)?;
     let table_size = table_size(&raw, &name)?;
     let backends = backends(&raw, &name, address, forwarding, backend_port, taken)?;
-    let discover = vip_discover(
+    let mut discover = vip_discover(
         &raw,
         &name,
         forwarding,
@@ -364,6 +364,10 @@ fn validate_vip(raw: RawVip, taken: &Taken) -> Result<Vip, Invalid> {
         table_size,
         backends.len(),
     )?;
+    if let Some(d) = discover.as_mut() {
+        // What a discovered record may not be besides a VIP: this host.
+        d.host_addresses.clone_from(&taken.host.addresses);
+    }
     if backends.len() > table_size as usize {
         return Err((
             raw.port.span(),

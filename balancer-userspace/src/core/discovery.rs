@@ -604,8 +604,20 @@ discover = { dns = "web.test", port = 8080, interval = "5s", empty_grace = "30s"
     #[test]
     fn records_that_cannot_be_backends_are_left_out_and_counted() {
         let mut s = Script::new(NAT);
+        s.config.vips[0]
+            .discover
+            .as_mut()
+            .unwrap()
+            .host_addresses
+            .push(("10.0.9.9".parse().unwrap(), "eth0".into()));
         let mut bad = vec![record(1)];
-        for address in ["127.0.0.1", "192.0.2.1", "2001:db8::1", "0.0.0.0"] {
+        for address in [
+            "127.0.0.1",
+            "192.0.2.1",
+            "2001:db8::1",
+            "0.0.0.0",
+            "10.0.9.9",
+        ] {
             bad.push(Record {
                 address: address.parse().unwrap(),
                 port: None,
@@ -621,10 +633,11 @@ discover = { dns = "web.test", port = 8080, interval = "5s", empty_grace = "30s"
         );
         assert_eq!(applied.added, ips(&[1]));
         let why: Vec<&str> = applied.rejected.iter().map(|(_, w)| w.as_str()).collect();
-        assert_eq!(why.len(), 4);
+        assert_eq!(why.len(), 5);
         assert!(why[1].contains("VIP \"web\""), "{why:?}");
         assert!(why[2].contains("family"), "{why:?}");
-        assert_eq!(s.state.rejected_records, 4);
+        assert!(why[4].contains("an address of this host (eth0)"), "{why:?}");
+        assert_eq!(s.state.rejected_records, 5);
         // Only unusable records: an empty answer (the set stays through the grace).
         let applied = s.answer(
             5,
