@@ -113,14 +113,30 @@ fn address_words(address: IpAddr) -> [u32; 4] {
     std::array::from_fn(|i| u32::from_le_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap()))
 }
 
-/// A stable fingerprint of a table (FNV-1a over the slots), so that a fleet can check that
-/// all balancers hold the same table.
-pub fn fingerprint(table: &[u32]) -> u64 {
-    table.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &slot| {
-        slot.to_le_bytes()
-            .iter()
-            .fold(h, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
-    })
+/// A stable fingerprint of what a table means: the backend address of every slot (`None`:
+/// an empty slot), FNV-1a over 64-bit words. Balancers that send every flow to the same
+/// backend have the same fingerprint, whatever ids their backends have (ids follow the order
+/// of the file and the history of reloads), so a fleet can check that its members agree.
+pub fn fingerprint(slots: impl IntoIterator<Item = Option<IpAddr>>) -> u64 {
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let words = |address: Option<IpAddr>| -> [u64; 2] {
+        let bytes = match address {
+            Some(IpAddr::V4(a)) => a.to_ipv6_mapped().octets(),
+            Some(IpAddr::V6(a)) => a.octets(),
+            None => [0xff; 16],
+        };
+        [
+            u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")),
+            u64::from_le_bytes(bytes[8..].try_into().expect("8 bytes")),
+        ]
+    };
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for slot in slots {
+        for w in words(slot) {
+            h = (h ^ w).wrapping_mul(PRIME);
+        }
+    }
+    h
 }
 
 #[cfg(test)]
@@ -297,7 +313,21 @@ mod tests {
 
     #[test]
     fn fingerprint_tells_tables_apart() {
-        assert_eq!(fingerprint(&[1, 2, 3]), fingerprint(&[1, 2, 3]));
-        assert_ne!(fingerprint(&[1, 2, 3]), fingerprint(&[1, 3, 2]));
+        let a = |last: u8| Some(IpAddr::from([10, 0, 0, last]));
+        assert_eq!(
+            fingerprint([a(1), a(2), None]),
+            fingerprint([a(1), a(2), None])
+        );
+        assert_ne!(
+            fingerprint([a(1), a(2), None]),
+            fingerprint([a(2), a(1), None])
+        );
+        assert_ne!(
+            fingerprint([a(1), a(2), None]),
+            fingerprint([a(1), a(2), a(3)])
+        );
+        // An IPv4 address is not its IPv6-mapped twin's neighbour by accident: the same.
+        let mapped = Some(IpAddr::from(Ipv4Addr::new(10, 0, 0, 1).to_ipv6_mapped()));
+        assert_eq!(fingerprint([a(1)]), fingerprint([mapped]));
     }
 }

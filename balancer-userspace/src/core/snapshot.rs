@@ -17,7 +17,6 @@ use crate::{
         health::Tracker,
         traffic::{AutoscaleState, Traffic},
     },
-    maglev,
     plan::{
         desired::{BackendState, DesiredState, DesiredVip},
         inputs::{BackendKey, NextHops},
@@ -212,7 +211,7 @@ fn vip_view(s: &Sources, vip: &DesiredVip, config: &crate::config::Vip) -> VipVi
         hash: config.hash,
         fragments: config.fragments,
         table_size: vip.meta.table_size,
-        fingerprint: maglev::fingerprint(&vip.table),
+        fingerprint: vip.fingerprint,
         all_down: s.all_down.get(&vip.name).cloned().unwrap_or_default(),
         fail_open: vip.fail_open,
         stats: counters

@@ -1146,3 +1146,45 @@ fn a_restart_over_a_kept_data_plane_keeps_the_discovered_backends_until_the_firs
     // And the name is asked at once.
     assert_eq!(out.lookups.len(), 1);
 }
+
+/// The fingerprint of VIP 0's table.
+fn fingerprint(core: &Core) -> u64 {
+    core.snapshot().vips[0].fingerprint
+}
+
+#[test]
+fn the_fingerprint_is_what_the_table_means_not_its_ids() {
+    let t0 = Instant::now();
+    // The same backends, listed in another order: other ids, the same choices.
+    let reordered = WEB.replace(
+        "[{ address = \"10.0.0.1\" }, { address = \"10.0.0.2\" }, { address = \"10.0.0.3\" }]",
+        "[{ address = \"10.0.0.3\" }, { address = \"10.0.0.1\" }, { address = \"10.0.0.2\" }]",
+    );
+    assert_ne!(reordered, WEB);
+    let (a, _) = start_with(WEB, None, t0);
+    let (b, _) = start_with(&reordered, None, t0);
+    assert_ne!(a.ids.backend(&key(1)), b.ids.backend(&key(1)), "other ids");
+    assert_eq!(fingerprint(&a), fingerprint(&b));
+
+    // The same file reached through other reloads: 10.0.0.9 came and went (its grace over),
+    // 10.0.0.1 was removed and added back after its grace: other ids again, the same table.
+    let (mut c, _) = start_with(WEB, None, t0);
+    let with_nine = WEB.replace(
+        "{ address = \"10.0.0.3\" }]",
+        "{ address = \"10.0.0.3\" }, { address = \"10.0.0.9\" }]",
+    );
+    reload(&mut c, &with_nine, t0);
+    let without_one = WEB.replace("[{ address = \"10.0.0.1\" }, ", "[");
+    reload(&mut c, &without_one, t0);
+    c.handle(Input::Tick, t0 + Duration::from_secs(31));
+    reload(&mut c, WEB, t0 + Duration::from_secs(31));
+    assert_ne!(a.ids.backend(&key(1)), c.ids.backend(&key(1)), "other ids");
+    assert_eq!(fingerprint(&a), fingerprint(&c));
+
+    // A different set is a different fingerprint; so is another seed.
+    let (d, _) = start_with(&without_one, None, t0);
+    assert_ne!(fingerprint(&a), fingerprint(&d));
+    let seeded = WEB.replace("[balancer]\n", "[balancer]\nhash_seed = 7\n");
+    let (e, _) = start_with(&seeded, None, t0);
+    assert_ne!(fingerprint(&a), fingerprint(&e));
+}

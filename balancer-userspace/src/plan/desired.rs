@@ -48,6 +48,9 @@ pub struct DesiredVip {
     /// the table size and seed. The same input gives the same table, which is then reused
     /// rather than built again (a health change of one VIP rebuilds that VIP only).
     pub table_input: TableInput,
+    /// What the table means (the backend address of every slot): equal on balancers that
+    /// choose alike, whatever their backend ids (`maglev::fingerprint`).
+    pub fingerprint: u64,
 }
 
 /// What a Maglev table is built from.
@@ -248,7 +251,7 @@ impl VipPlan<'_> {
             entry.flags |= self.state_flags(b, *takes, healthy, fail_open);
             maps.backends.insert(b.id, entry);
         }
-        let (table, table_input) = self.table(&mut backends, &takes, fail_open);
+        let (table, table_input, fingerprint) = self.table(&mut backends, &takes, fail_open);
         let meta = self.meta();
         if let Some(nat) = self.nat_vip(members, next_hops) {
             maps.nat.vips.insert(self.vip_id, nat);
@@ -263,6 +266,7 @@ impl VipPlan<'_> {
             backends,
             fail_open,
             table_input,
+            fingerprint,
         }
     }
 
@@ -341,7 +345,7 @@ impl VipPlan<'_> {
         backends: &mut [DesiredBackend],
         takes: &[bool],
         fail_open: bool,
-    ) -> (Table, TableInput) {
+    ) -> (Table, TableInput, u64) {
         let input = TableInput {
             backends: backends
                 .iter()
@@ -362,14 +366,20 @@ impl VipPlan<'_> {
             for (b, old) in backends.iter_mut().zip(&previous.backends) {
                 b.slots = old.slots;
             }
-            return (previous.table.clone(), input);
+            return (previous.table.clone(), input, previous.fingerprint);
         }
         let candidates: Vec<MaglevBackend> = input
             .backends
             .iter()
             .map(|&(_, address, weight)| MaglevBackend { address, weight })
             .collect();
-        let table: Vec<u32> = maglev::build(&candidates, self.vip.table_size, self.seed)
+        let built = maglev::build(&candidates, self.vip.table_size, self.seed);
+        let fingerprint = maglev::fingerprint(
+            built
+                .iter()
+                .map(|s| s.map(|i| candidates[i as usize].address)),
+        );
+        let table: Vec<u32> = built
             .into_iter()
             .map(|slot| match slot {
                 Some(index) => {
@@ -379,7 +389,7 @@ impl VipPlan<'_> {
                 None => NO_BACKEND,
             })
             .collect();
-        (Arc::from(table), input)
+        (Arc::from(table), input, fingerprint)
     }
 
     fn meta(&self) -> VipMeta {
