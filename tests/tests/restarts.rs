@@ -503,17 +503,30 @@ fn incompatible_pins_are_refused_with_the_way_out_and_replace_takes_over() {
 fn detach_removes_a_kept_data_plane_and_refuses_while_a_daemon_runs() {
     let mut lab = Lab::new("detach", 65536);
     let (ok, report) = lab.detach();
+    let pin_dir = lab.scratch.pin_dir_arg();
     assert!(ok && report.contains("nothing pinned for eth0"), "{report}");
+    assert!(
+        report.contains(&format!("looked in {pin_dir}/eth0")),
+        "{report}"
+    );
 
     lab.start(&["--keep-datapath"]);
     let (ok, report) = lab.detach();
     assert!(!ok && report.contains("stop it first"), "{report}");
     lab.stop();
     assert!(xdp_program(&lab.link()).is_some());
+    // The daemon's parting hint carries its pin directory: the command works as written.
+    let log = std::fs::read_to_string(lab.scratch.path("balancer-1.log")).unwrap();
+    let hint = format!("`balancer detach --interface eth0 --pin-dir {pin_dir}` removes it");
+    assert!(log.contains(&hint), "{log}");
 
     let (ok, report) = lab.detach();
     println!("balancer detach:\n{report}");
     assert!(ok, "{report}");
+    assert!(
+        report.contains(&format!("looked in {pin_dir}/eth0")),
+        "{report}"
+    );
     assert!(
         report.contains("detached from eth0") && report.contains("removed "),
         "{report}"

@@ -183,7 +183,8 @@ fn finish(
         drop(dataplane);
         info!(
             "left the data plane forwarding on {interface} (pinned in {dir}); the next \
-             `balancer run` adopts it, `balancer detach --interface {interface}` removes it"
+             `balancer run` adopts it, `{}` removes it",
+            pins::detach_command(pin_dir, &interface)
         );
         return Ok(());
     }

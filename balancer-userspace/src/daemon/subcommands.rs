@@ -242,12 +242,20 @@ pub fn detach(target: &Target, interface: &str) -> anyhow::Result<Vec<String>> {
     let lock = pins::Lock::take(&pin_dir, interface)?;
     let root = pins::interface_dir(&pin_dir, interface);
     if !root.exists() {
+        let hint = if target.pin_dir.is_none() {
+            " (a daemon started with --pin-dir, or a config's pin_dir, pins elsewhere: pass \
+             the same --pin-dir or --config)"
+        } else {
+            ""
+        };
         return Ok(vec![format!(
-            "nothing pinned for {interface} under {}",
-            pin_dir.display()
+            "nothing pinned for {interface} under {}: looked in {}{hint}",
+            pin_dir.display(),
+            root.display()
         )]);
     }
-    let mut report = pins::pinned_programs(&pin_dir, interface);
+    let mut report = vec![format!("looked in {}", root.display())];
+    report.extend(pins::pinned_programs(&pin_dir, interface));
     let removed = pins::remove_all(&pin_dir, interface)
         .with_context(|| format!("removing {}", root.display()))?;
     report.extend(removed.iter().map(|p| format!("removed {}", p.display())));

@@ -49,12 +49,14 @@ pub enum PinError {
          its maps cannot be adopted. Start with --replace to replace it: a fresh data plane (empty \
          connection table, counters from zero) takes over {interface} without a gap, and \
          established flows are placed again by the Maglev tables (most keep their backend; those \
-         that land elsewhere break). `balancer detach --interface {interface}` removes it instead."
+         that land elsewhere break). `{detach}` removes it instead."
     )]
     OtherLayout {
         root: String,
         layouts: String,
         interface: String,
+        /// The command that removes it.
+        detach: String,
     },
     #[error("pin_dir {dir} is not on a BPF filesystem{hint}")]
     NotBpffs { dir: String, hint: &'static str },
@@ -109,6 +111,19 @@ pub fn interface_dir(pin_dir: &Path, interface: &str) -> PathBuf {
     pin_dir.join(interface)
 }
 
+/// The command that removes what is pinned for `interface` under `pin_dir`: with
+/// `--pin-dir` unless it is the default (which `detach` looks in without it).
+pub fn detach_command(pin_dir: &Path, interface: &str) -> String {
+    if pin_dir == Path::new(crate::config::DEFAULT_PIN_DIR) {
+        format!("balancer detach --interface {interface}")
+    } else {
+        format!(
+            "balancer detach --interface {interface} --pin-dir {}",
+            pin_dir.display()
+        )
+    }
+}
+
 /// `<pin_dir>/<interface>/v<LAYOUT_VERSION>`: this build's pins.
 pub fn layout_dir(pin_dir: &Path, interface: &str) -> PathBuf {
     interface_dir(pin_dir, interface).join(format!("v{LAYOUT_VERSION}"))
@@ -160,6 +175,7 @@ pub fn prepare_layout(
             root: root.display().to_string(),
             layouts,
             interface: interface.to_owned(),
+            detach: detach_command(pin_dir, interface),
         });
     }
     tracing::warn!(
