@@ -184,7 +184,7 @@ fn finish(
         info!(
             "left the data plane forwarding on {interface} (pinned in {dir}); the next \
              `balancer run` adopts it, `{}` removes it",
-            pins::detach_command(pin_dir, &interface)
+            pins::detach_command(pin_dir, interface)
         );
         return Ok(());
     }
