@@ -33,7 +33,10 @@ use balancer_tests::{
     netns::{remove_stale, require_root, Netns},
     process::{balancer_binary, BalancerProcess},
     scratch::Scratch,
-    topology::{nat_backend_addr, NatTopology, NAT_BACKEND_PORT, NAT_DNS_ADDR, NAT_VIP_ADDR},
+    topology::{
+        backend_addr, nat_backend_addr, DsrTopology, NatTopology, NAT_BACKEND_PORT, NAT_DNS_ADDR,
+        NAT_VIP_ADDR, VIP_ADDR,
+    },
 };
 use serde_json::Value;
 
@@ -506,4 +509,108 @@ fn srv_records_bring_their_targets_ports_and_weights() {
     lab.wait("the standby up", Duration::from_secs(20), |s| {
         in_state(s, "active") == addresses(&[2])
     });
+
+    // An answer too large: 25 addresses against max_backends = 16: refused whole (not
+    // truncated), the set kept, the reason logged.
+    let many: Vec<IpAddr> = (0..25u32)
+        .map(|i| IpAddr::from(std::net::Ipv4Addr::from(0x0a5f_1000 + i)))
+        .collect();
+    lab.dns.set_addresses("many.lb.test", &many);
+    let text = config(
+        &format!(
+            "dns = \"many.lb.test\", port = {NAT_BACKEND_PORT}, interval = \"1s\", timeout = \
+             \"900ms\", max_backends = 16, resolvers = [\"{NAT_DNS_ADDR}\"]"
+        ),
+        "",
+    );
+    std::fs::write(&lab.config, text).unwrap();
+    lab.wait("the answer refused", Duration::from_secs(20), |s| {
+        s["vips"][0]["discovery"]["last_result"] == "over_cap"
+    });
+    let status = lab.status();
+    assert_eq!(
+        in_state(&status, "active"),
+        addresses(&[2]),
+        "the last set stays: {status:#}"
+    );
+    let log = lab.balancer.log();
+    assert!(
+        log.contains("answer of dns many.lb.test refused: the answer has 25 backends, more than max_backends = 16"),
+        "{log}"
+    );
+}
+
+#[test]
+fn direct_server_return_backends_are_discovered_too() {
+    require_root("the discovery end-to-end test");
+    remove_stale("lbt-");
+    let prefix = format!("lbt-{}-dsd-", std::process::id());
+    let scratch = Scratch::new(&prefix, "discovery");
+    let topology = DsrTopology::create(&prefix, 3);
+    let _servers = topology.start_http_servers(|i| backend_addr(i).to_string());
+    topology.pin_arp();
+    // The DNS server in the balancer's own namespace, on loopback.
+    let dns = Dnsmasq::start(
+        &topology.balancer,
+        IpAddr::from([127, 0, 0, 1]),
+        "lb.test",
+        1,
+    );
+    let two: Vec<IpAddr> = (0..2).map(|i| backend_addr(i).into()).collect();
+    dns.set_addresses(NAME, &two);
+    let text = format!(
+        r#"
+[balancer]
+interface = "eth0"
+metrics_listen = "{API}"
+[[vip]]
+name = "web"
+address = "{VIP_ADDR}"
+port = 80
+protocol = "tcp"
+forwarding = "dsr"
+health = {{ kind = "tcp", interval = "500ms", timeout = "250ms", rise = 1 }}
+discover = {{ dns = "{NAME}", interval = "1s", timeout = "500ms", resolvers = ["127.0.0.1"] }}
+"#
+    );
+    let path = scratch.write_atomically("discovery.toml", &text);
+    let mut balancer =
+        BalancerProcess::run(&topology.balancer, &path, &scratch, &[], "balancer.log");
+    balancer.wait_ready(&topology.balancer, api(), Duration::from_secs(30));
+    let to: SocketAddr = SocketAddrV4::new(VIP_ADDR, 80).into();
+    let (status, _) = wait_for_status(
+        &topology.balancer,
+        api(),
+        "two DSR backends up",
+        Duration::from_secs(20),
+        |s| in_state(s, "active").len() == 2,
+        || balancer.log(),
+    );
+    // Checked on the VIP's port, at the backends' own addresses.
+    let b = status_backend(&status, 0, &backend_addr(0).to_string());
+    assert_eq!(b["source"], format!("dns {NAME}"), "{status:#}");
+    let served = topology.client.run(move || {
+        (0..30)
+            .map(|id| get(to, 0, id).map(|s| s.backend))
+            .collect::<Result<std::collections::BTreeSet<String>, String>>()
+    });
+    let served = served.expect("served");
+    assert_eq!(served.len(), 2, "{served:?}");
+    // A third one published: it takes traffic, forwarded unchanged (DSR).
+    dns.set_addresses(NAME, &[two[0], two[1], backend_addr(2).into()]);
+    wait_for_status(
+        &topology.balancer,
+        api(),
+        "three DSR backends up",
+        Duration::from_secs(20),
+        |s| in_state(s, "active").len() == 3,
+        || balancer.log(),
+    );
+    let served = topology.client.run(move || {
+        (100..160)
+            .map(|id| get(to, 0, id).map(|s| s.backend))
+            .collect::<Result<std::collections::BTreeSet<String>, String>>()
+    });
+    assert_eq!(served.expect("served").len(), 3);
+    balancer.stop();
 }
