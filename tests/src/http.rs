@@ -279,8 +279,24 @@ fn digest_upload(mut stream: TcpStream, head: &str, already: &[u8]) -> std::io::
 /// Downloads `/bytes?n=N` from `to`; returns the SHA-256 of the body received (which must be
 /// N bytes).
 pub fn download_digest(to: SocketAddr, n: u64) -> Result<String, String> {
+    download_digest_paced(to, n, None)
+}
+
+/// [`download_digest`], reading at most `per_second` bytes a second (a tenth every 100 ms):
+/// a long-lived stream whose pace the client sets.
+pub fn download_digest_paced(
+    to: SocketAddr,
+    n: u64,
+    per_second: Option<usize>,
+) -> Result<String, String> {
     use sha2::Digest as _;
-    let mut stream = connect_from(to, 0)?;
+    let any: SocketAddr = match to {
+        SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+        SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
+    };
+    // Paced: a receive buffer of a fraction of a second's worth, so that the sender is paced
+    // too (a default buffer would take the whole body at once).
+    let mut stream = connect_buffered(to, any, per_second.map(|rate| (rate / 4).max(2048)))?;
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(|e| e.to_string())?;
@@ -295,7 +311,8 @@ pub fn download_digest(to: SocketAddr, n: u64) -> Result<String, String> {
         }
     }
     let mut hasher = sha2::Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
+    let chunk = per_second.map_or(64 * 1024, |rate| (rate / 10).max(1));
+    let mut buf = vec![0u8; chunk];
     let mut received = 0u64;
     loop {
         let got = stream
@@ -306,6 +323,9 @@ pub fn download_digest(to: SocketAddr, n: u64) -> Result<String, String> {
         }
         hasher.update(&buf[..got]);
         received += got as u64;
+        if per_second.is_some() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
     if received != n {
         return Err(format!("{received} bytes of {n}"));
@@ -628,8 +648,24 @@ fn connect_from(to: SocketAddr, source_port: u16) -> Result<TcpStream, String> {
 
 /// A TCP connection to `to` from `local` (port 0: any; an unspecified address: any).
 fn connect_bound(to: SocketAddr, local: SocketAddr) -> Result<TcpStream, String> {
+    connect_buffered(to, local, None)
+}
+
+/// [`connect_bound`], with a receive buffer of `receive_buffer` bytes (set before the
+/// handshake, so that the window the peer sees is that small): a slow reader then paces the
+/// sender, and the connection carries data for as long as the reading lasts.
+fn connect_buffered(
+    to: SocketAddr,
+    local: SocketAddr,
+    receive_buffer: Option<usize>,
+) -> Result<TcpStream, String> {
     let socket = Socket::new(Domain::for_address(to), Type::STREAM, Some(Protocol::TCP))
         .map_err(|e| e.to_string())?;
+    if let Some(size) = receive_buffer {
+        socket
+            .set_recv_buffer_size(size)
+            .map_err(|e| e.to_string())?;
+    }
     if local.port() != 0 || !local.ip().is_unspecified() {
         socket.set_reuse_address(true).map_err(|e| e.to_string())?;
         socket

@@ -657,3 +657,236 @@ pub fn checksum_errors(ns: &Netns) -> u64 {
     }
     total
 }
+
+/// A fleet of balancers behind a router that spreads flows over them (ECMP), in front of
+/// backends on the balancers' L2 segment (direct server return).
+///
+/// ```text
+///  client 10.90.0.1 ── router (10.90.0.254 | 10.91.0.254) ── br0 ┬─ balancer i 10.91.0.(2+i)
+///                       VIP 10.90.100.1 via a nexthop group        └─ backend i 10.91.0.(11+i),
+///                       over the balancers                              VIP on lo, default
+///                                                                       route via the router
+/// ```
+pub struct FleetTopology {
+    /// `balancer xdp-pass` on each balancer's switch-side veth peer.
+    pub peer_passes: Vec<BalancerProcess>,
+    pub files: Scratch,
+    pub client: Netns,
+    pub router: Netns,
+    pub balancers: Vec<Netns>,
+    pub backends: Vec<Netns>,
+    // Dropped last: deleting it removes the bridge and every switch-side port.
+    pub switch: Netns,
+}
+
+pub const FLEET_CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 90, 0, 1);
+pub const FLEET_ROUTER_CLIENT_SIDE: Ipv4Addr = Ipv4Addr::new(10, 90, 0, 254);
+pub const FLEET_ROUTER_ADDR: Ipv4Addr = Ipv4Addr::new(10, 91, 0, 254);
+pub const FLEET_VIP_ADDR: Ipv4Addr = Ipv4Addr::new(10, 90, 100, 1);
+/// The router's nexthop group over the balancers.
+pub const FLEET_GROUP: &str = "100";
+
+pub fn fleet_balancer_addr(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 91, 0, 2 + i as u8)
+}
+
+pub fn fleet_backend_addr(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 91, 0, 11 + i as u8)
+}
+
+impl FleetTopology {
+    /// Creates `<prefix>sw`, `<prefix>client`, `<prefix>rt`, `<prefix>lb1`..., `<prefix>be1`...;
+    /// the router hashes flows on their 5-tuple with a fixed seed (`seed`) into a resilient
+    /// nexthop group over every balancer.
+    pub fn create(prefix: &str, balancers: usize, backends: usize, seed: u32) -> FleetTopology {
+        let switch = Netns::create(&format!("{prefix}sw"));
+        switch.ip(&["link", "add", "br0", "type", "bridge"]);
+        switch.ip(&["link", "set", "br0", "up"]);
+        let client = Netns::create(&format!("{prefix}client"));
+        let router = Netns::create(&format!("{prefix}rt"));
+        let lbs: Vec<Netns> = (0..balancers)
+            .map(|i| Netns::create(&format!("{prefix}lb{}", i + 1)))
+            .collect();
+        let bes: Vec<Netns> = (0..backends)
+            .map(|i| Netns::create(&format!("{prefix}be{}", i + 1)))
+            .collect();
+        let plug = |host: &Netns, port: &str, inside: &str, address: Ipv4Addr| {
+            switch.ip(&[
+                "link",
+                "add",
+                port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                inside,
+                "netns",
+                host.name(),
+            ]);
+            switch.ip(&["link", "set", port, "master", "br0", "up"]);
+            host.ip(&[
+                "addr",
+                "add",
+                &format!("{address}/{SUBNET_PREFIX}"),
+                "dev",
+                inside,
+            ]);
+            host.ip(&["link", "set", inside, "up"]);
+        };
+        // The client's link to the router: a veth pair of their own.
+        client.ip(&[
+            "link",
+            "add",
+            HOST_IF,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            router.name(),
+        ]);
+        client.ip(&[
+            "addr",
+            "add",
+            &format!("{FLEET_CLIENT_ADDR}/{SUBNET_PREFIX}"),
+            "dev",
+            HOST_IF,
+        ]);
+        client.ip(&["link", "set", HOST_IF, "up"]);
+        router.ip(&[
+            "addr",
+            "add",
+            &format!("{FLEET_ROUTER_CLIENT_SIDE}/{SUBNET_PREFIX}"),
+            "dev",
+            "eth0",
+        ]);
+        router.ip(&["link", "set", "eth0", "up"]);
+        plug(&router, "p-rt", "eth1", FLEET_ROUTER_ADDR);
+        for (i, ns) in lbs.iter().enumerate() {
+            plug(
+                ns,
+                &format!("p-lb{}", i + 1),
+                HOST_IF,
+                fleet_balancer_addr(i),
+            );
+        }
+        for (i, ns) in bes.iter().enumerate() {
+            plug(
+                ns,
+                &format!("p-be{}", i + 1),
+                HOST_IF,
+                fleet_backend_addr(i),
+            );
+            ns.ip(&["addr", "add", &format!("{FLEET_VIP_ADDR}/32"), "dev", "lo"]);
+            ns.sysctl("net.ipv4.conf.all.arp_ignore", "1");
+            ns.sysctl("net.ipv4.conf.all.arp_announce", "2");
+            ns.ip(&[
+                "route",
+                "add",
+                "default",
+                "via",
+                &FLEET_ROUTER_ADDR.to_string(),
+            ]);
+            ns.exec("ethtool", &["-K", HOST_IF, "tx", "off"]);
+        }
+        client.exec("ethtool", &["-K", HOST_IF, "tx", "off"]);
+        client.ip(&[
+            "route",
+            "add",
+            &format!("{FLEET_VIP_ADDR}/32"),
+            "via",
+            &FLEET_ROUTER_CLIENT_SIDE.to_string(),
+        ]);
+        router.sysctl("net.ipv4.ip_forward", "1");
+        router.sysctl("net.ipv4.fib_multipath_hash_policy", "1");
+        router.sysctl("net.ipv4.fib_multipath_hash_seed", &seed.to_string());
+        for key in ["all", "default", "eth0", "eth1"] {
+            router.sysctl(&format!("net.ipv4.conf.{key}.rp_filter"), "0");
+        }
+        for (i, _) in lbs.iter().enumerate() {
+            router.ip(&[
+                "nexthop",
+                "add",
+                "id",
+                &(i + 1).to_string(),
+                "via",
+                &fleet_balancer_addr(i).to_string(),
+                "dev",
+                "eth1",
+            ]);
+        }
+        let members: Vec<String> = (1..=lbs.len()).map(|i| i.to_string()).collect();
+        router.ip(&[
+            "nexthop",
+            "add",
+            "id",
+            FLEET_GROUP,
+            "group",
+            &members.join("/"),
+            "type",
+            "resilient",
+            "buckets",
+            "128",
+            "idle_timer",
+            "0",
+        ]);
+        router.ip(&[
+            "route",
+            "add",
+            &format!("{FLEET_VIP_ADDR}/32"),
+            "nhid",
+            FLEET_GROUP,
+        ]);
+        let files = Scratch::named(&format!("{prefix}files"));
+        let peer_passes = (0..lbs.len())
+            .map(|i| {
+                let port = format!("p-lb{}", i + 1);
+                start_peer_pass(
+                    &switch,
+                    &port,
+                    &files.path(&format!("xdp-pass-{}.log", i + 1)),
+                )
+            })
+            .collect();
+        FleetTopology {
+            peer_passes,
+            files,
+            client,
+            router,
+            balancers: lbs,
+            backends: bes,
+            switch,
+        }
+    }
+
+    /// The router's group over these balancers only (what a withdrawal does): a resilient
+    /// group keeps every other balancer's flows where they are.
+    pub fn route_over(&self, balancers: &[usize]) {
+        let members: Vec<String> = balancers.iter().map(|i| (i + 1).to_string()).collect();
+        self.router.ip(&[
+            "nexthop",
+            "replace",
+            "id",
+            FLEET_GROUP,
+            "group",
+            &members.join("/"),
+            "type",
+            "resilient",
+            "buckets",
+            "128",
+            "idle_timer",
+            "0",
+        ]);
+    }
+
+    /// An HTTP server on port 80 of every address of every backend.
+    pub fn start_http_servers(&self, name: impl Fn(usize) -> String) -> Vec<HttpServer> {
+        let listen = HTTP_LISTEN.into();
+        self.backends
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| HttpServer::start(ns, &name(i), listen))
+            .collect()
+    }
+}

@@ -162,6 +162,7 @@ pub fn run(no_vm: bool) -> Result<()> {
             "tunnel_end_to_end",
             "nat_end_to_end",
             "discovery_end_to_end",
+            "fleet_ecmp",
             "observability",
             "restarts",
             "control_plane",
