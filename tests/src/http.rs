@@ -279,20 +279,21 @@ fn digest_upload(mut stream: TcpStream, head: &str, already: &[u8]) -> std::io::
 /// Downloads `/bytes?n=N` from `to`; returns the SHA-256 of the body received (which must be
 /// N bytes).
 pub fn download_digest(to: SocketAddr, n: u64) -> Result<String, String> {
-    download_digest_paced(to, n, None)
+    download_digest_paced(to, 0, n, None)
 }
 
-/// [`download_digest`], reading at most `per_second` bytes a second (a tenth every 100 ms):
-/// a long-lived stream whose pace the client sets.
+/// [`download_digest`] from `source_port` (0: any), reading at most `per_second` bytes a
+/// second (a tenth every 100 ms): a long-lived stream whose pace the client sets.
 pub fn download_digest_paced(
     to: SocketAddr,
+    source_port: u16,
     n: u64,
     per_second: Option<usize>,
 ) -> Result<String, String> {
     use sha2::Digest as _;
     let any: SocketAddr = match to {
-        SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
-        SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
+        SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], source_port)),
+        SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], source_port)),
     };
     // Paced: a receive buffer of a fraction of a second's worth, so that the sender is paced
     // too (a default buffer would take the whole body at once).

@@ -22,6 +22,8 @@ pub mod datapath;
 pub mod dns;
 pub mod http;
 pub mod netns;
+#[cfg(feature = "datapath")]
+pub mod prediction;
 pub mod process;
 pub mod scratch;
 pub mod topology;

@@ -10,23 +10,16 @@
 )]
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     net::{IpAddr, SocketAddrV4},
     time::Duration,
 };
 
-use balancer::{
-    config,
-    plan::{
-        desired::desired_state,
-        ids::Ids,
-        inputs::{NextHop, NextHops},
-    },
-};
-use balancer_common::{hash::flow_hash, FlowKey, FAMILY_IPV4, NO_BACKEND, PROTO_TCP};
+use balancer::config;
 use balancer_tests::{
     http::{get_json, run_requests},
     netns::{remove_stale, require_root},
+    prediction::predicted_backends,
     process::{workspace_root, BalancerProcess},
     scratch::Scratch,
     topology::{backend_addr, DsrTopology, CLIENT_ADDR, HOST_IF, VIP_ADDR},
@@ -34,47 +27,6 @@ use balancer_tests::{
 
 const REQUESTS: u64 = 300;
 const FIRST_PORT: u16 = 20_000;
-
-/// The backend (by address) the program must choose for a new flow from the client's
-/// `source_port` to the VIP, computed from the config with the same table builder and hash.
-fn predicted_backends(config: &config::Config) -> impl Fn(u16) -> IpAddr {
-    let hops: NextHops = config.vips[0]
-        .backends
-        .iter()
-        .map(|b| {
-            (
-                b.address,
-                NextHop {
-                    ifindex: 1,
-                    interface: "x".into(),
-                    src_mac: [0; 6],
-                    dst_mac: [0; 6],
-                    gateway: None,
-                    mtu: 1500,
-                    source: None,
-                },
-            )
-        })
-        .collect();
-    let state = desired_state(config, &[], &hops, &HashMap::new(), &mut Ids::default()).unwrap();
-    let vip = state.vips[0].clone();
-    let addresses: HashMap<u32, IpAddr> = vip.backends.iter().map(|b| (b.id, b.address)).collect();
-    let seed = config.hash_seed;
-    move |source_port| {
-        let mut flow = FlowKey {
-            src_port: source_port.to_be(),
-            dst_port: 80u16.to_be(),
-            proto: PROTO_TCP,
-            family: FAMILY_IPV4,
-            ..FlowKey::default()
-        };
-        flow.src[..4].copy_from_slice(&CLIENT_ADDR.octets());
-        flow.dst[..4].copy_from_slice(&VIP_ADDR.octets());
-        let id = vip.table[(flow_hash(&flow, seed) % vip.meta.table_size) as usize];
-        assert_ne!(id, NO_BACKEND);
-        addresses[&id]
-    }
-}
 
 #[test]
 fn dsr_forwards_every_connection_whole_to_the_predicted_backend() {
@@ -133,7 +85,7 @@ fn dsr_forwards_every_connection_whole_to_the_predicted_backend() {
     );
 
     // Every connection went to the backend the Maglev table names for its flow.
-    let predict = predicted_backends(&config);
+    let predict = predicted_backends(&config, CLIENT_ADDR, VIP_ADDR);
     for (port, backend) in &report.flows {
         let index: usize = backend.trim_start_matches("be").parse::<usize>().unwrap() - 1;
         assert_eq!(

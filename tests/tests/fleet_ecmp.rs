@@ -15,15 +15,16 @@
 
 use std::{
     net::{SocketAddr, SocketAddrV4},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use balancer_tests::{
     http::{download_digest_paced, get_json, Pattern},
     netns::{remove_stale, require_root},
+    prediction::predicted_backends,
     process::BalancerProcess,
     scratch::Scratch,
-    topology::{fleet_backend_addr, FleetTopology, FLEET_VIP_ADDR},
+    topology::{fleet_backend_addr, FleetTopology, FLEET_CLIENT_ADDR, FLEET_VIP_ADDR},
 };
 use serde_json::Value;
 
@@ -37,8 +38,9 @@ fn api() -> SocketAddr {
     API.parse().unwrap()
 }
 
-fn config() -> String {
-    let backends: Vec<String> = (0..4)
+/// The VIP over the first `backends` backends.
+fn config(backends: usize) -> String {
+    let list: Vec<String> = (0..backends)
         .map(|i| format!("{{ address = \"{}\" }}", fleet_backend_addr(i)))
         .collect();
     format!(
@@ -56,63 +58,114 @@ forwarding = "dsr"
 health = {{ kind = "tcp", interval = "500ms", timeout = "250ms", rise = 1 }}
 backends = [{}]
 "#,
-        backends.join(", ")
+        list.join(", ")
     )
+}
+
+/// Two balancers behind the router, four backends with servers; the balancers run `config`.
+/// Dropped in order: daemons, servers, namespaces, files.
+struct Lab {
+    balancers: Vec<Option<BalancerProcess>>,
+    _servers: Vec<balancer_tests::http::HttpServer>,
+    topology: FleetTopology,
+    config: std::path::PathBuf,
+    _runs: Vec<Scratch>,
+    scratch: Scratch,
+}
+
+impl Lab {
+    fn new(name: &str, config: &str) -> Lab {
+        require_root("the fleet test");
+        remove_stale("lbt-");
+        let prefix = format!("lbt-{}-{name}-", std::process::id());
+        let scratch = Scratch::new(&prefix, "fleet");
+        let topology = FleetTopology::create(&prefix, 2, 4, 7);
+        let servers = topology.start_http_servers(|i| fleet_backend_addr(i).to_string());
+        let path = scratch.write_atomically("fleet.toml", config);
+        // Each balancer its own pin directory (the namespaces share one bpffs) and logs.
+        let runs: Vec<Scratch> = (0..2)
+            .map(|i| Scratch::named(&format!("{prefix}{}-lb{}", std::process::id(), i + 1)))
+            .collect();
+        let balancers = topology
+            .balancers
+            .iter()
+            .zip(&runs)
+            .map(|(ns, run)| {
+                let mut b = BalancerProcess::run(ns, &path, run, &[], "balancer.log");
+                b.wait_ready(ns, api(), Duration::from_secs(30));
+                Some(b)
+            })
+            .collect();
+        Lab {
+            balancers,
+            _servers: servers,
+            topology,
+            config: path,
+            _runs: runs,
+            scratch,
+        }
+    }
+
+    fn status(&self, i: usize) -> Value {
+        get_json(&self.topology.balancers[i], api(), "/api/v1/status").expect("status API")
+    }
+
+    /// Waits until both balancers have `healthy` backends up.
+    fn wait_healthy(&self, healthy: u64) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while (0..2).any(|i| self.status(i)["vips"][0]["healthy_backends"] != healthy) {
+            assert!(Instant::now() < deadline, "{:#}", self.status(0));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Flows each balancer placed so far.
+    fn new_flows(&self, i: usize) -> u64 {
+        self.status(i)["vips"][0]["stats"]["new_flows"]
+            .as_u64()
+            .unwrap()
+    }
+
+    /// Balancer 1 lost: daemon killed, link down, and the router's group without it (what a
+    /// BGP withdrawal or a lost session does).
+    fn lose_first(&mut self) {
+        self.balancers[0].take().unwrap().signal(libc::SIGKILL);
+        self.topology.balancers[0].ip(&["link", "set", "eth0", "down"]);
+        self.topology.route_over(&[1]);
+    }
+
+    /// `STREAMS` paced downloads from source ports `first_port`...; each thread's result.
+    fn streams(
+        &self,
+        first_port: u16,
+        bytes: u64,
+    ) -> Vec<std::thread::JoinHandle<Result<String, String>>> {
+        let to: SocketAddr = SocketAddrV4::new(FLEET_VIP_ADDR, 80).into();
+        (0..STREAMS as u16)
+            .map(|i| {
+                self.topology.client.spawn(move || {
+                    download_digest_paced(to, first_port + i, bytes, Some(STREAM_RATE))
+                })
+            })
+            .collect()
+    }
 }
 
 #[test]
 fn a_balancer_lost_mid_transfer_loses_no_stream() {
-    require_root("the fleet test");
-    remove_stale("lbt-");
-    let prefix = format!("lbt-{}-ecmp-", std::process::id());
-    let scratch = Scratch::new(&prefix, "fleet");
-    let topology = FleetTopology::create(&prefix, 2, 4, 7);
-    let _servers = topology.start_http_servers(|i| fleet_backend_addr(i).to_string());
-    let path = scratch.write_atomically("fleet.toml", &config());
-    // Each balancer its own pin directory (the namespaces share one bpffs) and logs.
-    let runs: Vec<Scratch> = (0..2)
-        .map(|i| Scratch::named(&format!("{prefix}{}-lb{}", std::process::id(), i + 1)))
-        .collect();
-    let mut balancers: Vec<Option<BalancerProcess>> = topology
-        .balancers
-        .iter()
-        .zip(&runs)
-        .map(|(ns, run)| {
-            let mut b = BalancerProcess::run(ns, &path, run, &[], "balancer.log");
-            b.wait_ready(ns, api(), Duration::from_secs(30));
-            Some(b)
-        })
-        .collect();
-    let status = |i: usize| -> Value {
-        get_json(&topology.balancers[i], api(), "/api/v1/status").expect("status API")
-    };
-    // Both up, and the same table: the same fingerprint.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while (0..2).any(|i| status(i)["vips"][0]["healthy_backends"] != 4) {
-        assert!(std::time::Instant::now() < deadline, "{:#}", status(0));
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut lab = Lab::new("ecmp", &config(4));
+    lab.wait_healthy(4);
+    // The same table: the same fingerprint.
     let fingerprints: Vec<Value> = (0..2)
-        .map(|i| status(i)["vips"][0]["table_fingerprint"].clone())
+        .map(|i| lab.status(i)["vips"][0]["table_fingerprint"].clone())
         .collect();
     assert_eq!(fingerprints[0], fingerprints[1]);
-
-    let to: SocketAddr = SocketAddrV4::new(FLEET_VIP_ADDR, 80).into();
-    let streams: Vec<_> = (0..STREAMS)
-        .map(|_| {
-            topology
-                .client
-                .spawn(move || download_digest_paced(to, STREAM_BYTES, Some(STREAM_RATE)))
-        })
-        .collect();
-    // Every stream under way, then balancer 1 is lost: daemon killed, link down, and the
-    // router's group without it (what a BGP withdrawal or a lost session does).
+    let streams = lab.streams(30_000, STREAM_BYTES);
+    // Every stream under way, then balancer 1 is lost.
     std::thread::sleep(Duration::from_millis(1500));
-    let lost_flows = status(0)["vips"][0]["stats"]["new_flows"].as_u64().unwrap();
-    let kept_flows = status(1)["vips"][0]["stats"]["new_flows"].as_u64().unwrap();
-    balancers[0].take().unwrap().signal(libc::SIGKILL);
-    topology.balancers[0].ip(&["link", "set", "eth0", "down"]);
-    topology.route_over(&[1]);
+    let lost_flows = lab.new_flows(0);
+    let kept_flows = lab.new_flows(1);
+    lab.lose_first();
 
     let expected = Pattern::digest(STREAM_BYTES);
     let results: Vec<Result<String, String>> =
@@ -139,10 +192,73 @@ fn a_balancer_lost_mid_transfer_loses_no_stream() {
     );
     assert!(lost_flows + kept_flows >= STREAMS as u64);
     // The survivor took them: it placed the lost balancer's flows on their backends.
-    let after = status(1)["vips"][0]["stats"]["new_flows"].as_u64().unwrap();
     assert!(
-        after > kept_flows,
+        lab.new_flows(1) > kept_flows,
         "the survivor placed no flow of the lost balancer"
     );
-    balancers[1].take().unwrap().stop();
+    lab.balancers[1].take().unwrap().stop();
+}
+
+/// Without connection-table sync, a backend added and then a balancer lost breaks the lost
+/// balancer's streams whose backend the new table changes: the survivor, which never saw
+/// them, places them with its new table. Which streams those are is computed from the two
+/// configs with the daemon's table builder and the program's hash (`predicted_backends`);
+/// how many of them crossed the lost balancer is its share of the flows. Measured: only
+/// streams of the changed set break, as many as predicted within the binomial spread.
+#[test]
+fn a_backend_added_then_a_balancer_lost_breaks_what_the_tables_predict() {
+    const FIRST_PORT: u16 = 31_000;
+    let mut lab = Lab::new("dbl", &config(3));
+    lab.wait_healthy(3);
+    // 8 s streams: time for the reload and its checks before the loss.
+    let streams = lab.streams(FIRST_PORT, 160_000);
+    std::thread::sleep(Duration::from_millis(1500));
+    lab.scratch.write_atomically("fleet.toml", &config(4));
+    assert_eq!(lab.config, lab.scratch.path("fleet.toml"));
+    lab.wait_healthy(4);
+    let lost_flows = lab.new_flows(0);
+    let kept_flows = lab.new_flows(1);
+    lab.lose_first();
+    let results: Vec<Result<String, String>> =
+        streams.into_iter().map(|s| s.join().unwrap()).collect();
+
+    let parse =
+        |text: &str| balancer::config::parse(std::path::Path::new("fleet.toml"), text).unwrap();
+    let before = predicted_backends(&parse(&config(3)), FLEET_CLIENT_ADDR, FLEET_VIP_ADDR);
+    let after = predicted_backends(&parse(&config(4)), FLEET_CLIENT_ADDR, FLEET_VIP_ADDR);
+    let changed: Vec<u16> = (0..STREAMS as u16)
+        .map(|i| FIRST_PORT + i)
+        .filter(|p| before(*p) != after(*p))
+        .collect();
+    let broken: Vec<u16> = results
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.is_err())
+        .map(|(i, _)| FIRST_PORT + i as u16)
+        .collect();
+    let share = lost_flows as f64 / (lost_flows + kept_flows) as f64;
+    let predicted = changed.len() as f64 * share;
+    let spread = (changed.len() as f64 * share * (1.0 - share)).sqrt();
+    println!(
+        "{STREAMS} streams; {} move to another backend in the new table; {:.0}% crossed the lost \
+         balancer; predicted {predicted:.1} broken (+-{spread:.1}), measured {}",
+        changed.len(),
+        share * 100.0,
+        broken.len()
+    );
+    let outside: Vec<&u16> = broken.iter().filter(|p| !changed.contains(p)).collect();
+    assert!(
+        outside.is_empty(),
+        "streams broke whose backend did not change: {outside:?}"
+    );
+    assert!(
+        (broken.len() as f64 - predicted).abs() <= 4.0 * spread + 3.0,
+        "measured {} broken, predicted {predicted:.1} +- {spread:.1}",
+        broken.len()
+    );
+    assert!(
+        !changed.is_empty() && !broken.is_empty(),
+        "the double fault was not exercised"
+    );
+    lab.balancers[1].take().unwrap().stop();
 }
