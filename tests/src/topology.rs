@@ -58,27 +58,7 @@ impl DsrTopology {
             .collect();
 
         let plug = |host: &Netns, port: &str, address: Ipv4Addr| {
-            switch.ip(&[
-                "link",
-                "add",
-                port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                HOST_IF,
-                "netns",
-                host.name(),
-            ]);
-            switch.ip(&["link", "set", port, "master", "br0", "up"]);
-            host.ip(&[
-                "addr",
-                "add",
-                &format!("{address}/{SUBNET_PREFIX}"),
-                "dev",
-                HOST_IF,
-            ]);
-            host.ip(&["link", "set", HOST_IF, "up"]);
+            plug(&switch, "br0", host, port, HOST_IF, &[address]);
         };
         plug(&client, "p-client", CLIENT_ADDR);
         plug(&balancer, "p-lb", BALANCER_ADDR);
@@ -105,13 +85,8 @@ impl DsrTopology {
             &BALANCER_ADDR.to_string(),
         ]);
 
-        // Backends: the VIP on lo, and answer ARP only for addresses on the asking interface,
-        // announcing with the interface's own address, so that only the balancer is ever
-        // seen as the VIP's owner on the segment.
         for ns in &backend_ns {
-            ns.ip(&["addr", "add", &format!("{VIP_ADDR}/32"), "dev", "lo"]);
-            ns.sysctl("net.ipv4.conf.all.arp_ignore", "1");
-            ns.sysctl("net.ipv4.conf.all.arp_announce", "2");
+            hold_vip(ns, VIP_ADDR);
         }
 
         DsrTopology {
@@ -128,12 +103,7 @@ impl DsrTopology {
     /// clients, the backend's own address for health checks); `name(i)` is what backend `i`
     /// puts in its responses.
     pub fn start_http_servers(&self, name: impl Fn(usize) -> String) -> Vec<HttpServer> {
-        let listen = HTTP_LISTEN.into();
-        self.backends
-            .iter()
-            .enumerate()
-            .map(|(i, ns)| HttpServer::start(ns, &name(i), listen))
-            .collect()
+        servers_on_port_80(&self.backends, name)
     }
 
     /// The MAC address of a host's `eth0`.
@@ -350,6 +320,56 @@ impl TunnelTopology {
     }
 }
 
+/// A direct-server-return backend: `vip` on its loopback, and ARP answered only for
+/// addresses of the asking interface, announced with the interface's own address, so that
+/// only the balancer is ever seen as the VIP's owner on the segment.
+fn hold_vip(ns: &Netns, vip: Ipv4Addr) {
+    ns.ip(&["addr", "add", &format!("{vip}/32"), "dev", "lo"]);
+    ns.sysctl("net.ipv4.conf.all.arp_ignore", "1");
+    ns.sysctl("net.ipv4.conf.all.arp_announce", "2");
+}
+
+/// An HTTP server on port 80 of every address of every one of `backends`; `name(i)` is
+/// what backend `i` puts in its responses.
+fn servers_on_port_80(backends: &[Netns], name: impl Fn(usize) -> String) -> Vec<HttpServer> {
+    let listen = HTTP_LISTEN.into();
+    backends
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| HttpServer::start(ns, &name(i), listen))
+        .collect()
+}
+
+/// Plugs `host` into `bridge` of `switch`: a veth pair with `port` on the switch's side (in
+/// the bridge) and `inside` in the host, which gets `addresses` (/24); both ends up.
+fn plug(
+    switch: &Netns,
+    bridge: &str,
+    host: &Netns,
+    port: &str,
+    inside: &str,
+    addresses: &[Ipv4Addr],
+) {
+    switch.ip(&[
+        "link",
+        "add",
+        port,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        inside,
+        "netns",
+        host.name(),
+    ]);
+    switch.ip(&["link", "set", port, "master", bridge, "up"]);
+    for address in addresses {
+        let address = format!("{address}/{SUBNET_PREFIX}");
+        host.ip(&["addr", "add", &address, "dev", inside]);
+    }
+    host.ip(&["link", "set", inside, "up"]);
+}
+
 /// `balancer xdp-pass` on a veth peer the balancer transmits into, once it is attached.
 fn start_peer_pass(switch: &Netns, port: &str, log: &std::path::Path) -> BalancerProcess {
     let mut peer_pass = BalancerProcess::start(switch, &["xdp-pass", "--interface", port], log);
@@ -439,29 +459,7 @@ impl NatTopology {
             .collect();
         let plug =
             |host: &Netns, port: &str, bridge: &str, inside: &str, addresses: &[Ipv4Addr]| {
-                switch.ip(&[
-                    "link",
-                    "add",
-                    port,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    inside,
-                    "netns",
-                    host.name(),
-                ]);
-                switch.ip(&["link", "set", port, "master", bridge, "up"]);
-                for address in addresses {
-                    host.ip(&[
-                        "addr",
-                        "add",
-                        &format!("{address}/{SUBNET_PREFIX}"),
-                        "dev",
-                        inside,
-                    ]);
-                }
-                host.ip(&["link", "set", inside, "up"]);
+                plug(&switch, bridge, host, port, inside, addresses);
                 // Local TCP stacks hand veth partial checksums; translated frames must carry
                 // full ones (see the README).
                 host.exec("ethtool", &["-K", inside, "tx", "off"]);
@@ -518,28 +516,14 @@ impl NatTopology {
     /// A host on the backends' bridge: namespace `<prefix><name>`, the switch's port `port`.
     fn plug_backend_side(&self, name: &str, port: &str, address: Ipv4Addr) -> Netns {
         let host = Netns::create(&format!("{}{name}", self.prefix));
-        self.switch.ip(&[
-            "link",
-            "add",
+        plug(
+            &self.switch,
+            self.backend_bridge,
+            &host,
             port,
-            "type",
-            "veth",
-            "peer",
-            "name",
             HOST_IF,
-            "netns",
-            host.name(),
-        ]);
-        self.switch
-            .ip(&["link", "set", port, "master", self.backend_bridge, "up"]);
-        host.ip(&[
-            "addr",
-            "add",
-            &format!("{address}/{SUBNET_PREFIX}"),
-            "dev",
-            HOST_IF,
-        ]);
-        host.ip(&["link", "set", HOST_IF, "up"]);
+            &[address],
+        );
         // As for every host (see `build`).
         host.exec("ethtool", &["-K", HOST_IF, "tx", "off"]);
         host
@@ -711,27 +695,7 @@ impl FleetTopology {
             .map(|i| Netns::create(&format!("{prefix}be{}", i + 1)))
             .collect();
         let plug = |host: &Netns, port: &str, inside: &str, address: Ipv4Addr| {
-            switch.ip(&[
-                "link",
-                "add",
-                port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                inside,
-                "netns",
-                host.name(),
-            ]);
-            switch.ip(&["link", "set", port, "master", "br0", "up"]);
-            host.ip(&[
-                "addr",
-                "add",
-                &format!("{address}/{SUBNET_PREFIX}"),
-                "dev",
-                inside,
-            ]);
-            host.ip(&["link", "set", inside, "up"]);
+            plug(&switch, "br0", host, port, inside, &[address]);
         };
         // The client's link to the router: a veth pair of their own.
         client.ip(&[
@@ -778,9 +742,7 @@ impl FleetTopology {
                 HOST_IF,
                 fleet_backend_addr(i),
             );
-            ns.ip(&["addr", "add", &format!("{FLEET_VIP_ADDR}/32"), "dev", "lo"]);
-            ns.sysctl("net.ipv4.conf.all.arp_ignore", "1");
-            ns.sysctl("net.ipv4.conf.all.arp_announce", "2");
+            hold_vip(ns, FLEET_VIP_ADDR);
             ns.ip(&[
                 "route",
                 "add",
@@ -882,11 +844,6 @@ impl FleetTopology {
 
     /// An HTTP server on port 80 of every address of every backend.
     pub fn start_http_servers(&self, name: impl Fn(usize) -> String) -> Vec<HttpServer> {
-        let listen = HTTP_LISTEN.into();
-        self.backends
-            .iter()
-            .enumerate()
-            .map(|(i, ns)| HttpServer::start(ns, &name(i), listen))
-            .collect()
+        servers_on_port_80(&self.backends, name)
     }
 }
