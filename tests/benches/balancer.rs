@@ -1119,18 +1119,7 @@ fn packets_per_second(sizes: &Sizes, commands: &mut Vec<String>) -> Value {
     let prefix = format!("lbt-{}-pps-", std::process::id());
     let client = Netns::create(&format!("{prefix}client"));
     let lb = Netns::create(&format!("{prefix}lb"));
-    client.ip(&[
-        "link",
-        "add",
-        "eth0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        lb.name(),
-    ]);
+    client.veth("eth0", &lb, "eth0");
     client.ip(&["addr", "add", "10.96.0.1/24", "dev", "eth0"]);
     lb.ip(&["addr", "add", "10.96.0.2/24", "dev", "eth0"]);
     client.ip(&["link", "set", "eth0", "up"]);

@@ -49,6 +49,22 @@ impl Netns {
         run("ip", &full)
     }
 
+    /// A veth pair: `name` here, `peer_name` in `peer` (both down, without addresses).
+    pub fn veth(&self, name: &str, peer: &Netns, peer_name: &str) {
+        self.ip(&[
+            "link",
+            "add",
+            name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            peer_name,
+            "netns",
+            peer.name(),
+        ]);
+    }
+
     /// Runs a program inside the namespace, panicking if it fails.
     pub fn exec(&self, program: &str, args: &[&str]) -> Output {
         let mut full = vec!["netns", "exec", &self.name, program];

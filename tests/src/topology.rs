@@ -190,18 +190,7 @@ impl TunnelTopology {
             .collect();
 
         let plug = |ns: &Netns, port: &str, bridge: &str, inside: &str, v4: &str, v6: &str| {
-            switch.ip(&[
-                "link",
-                "add",
-                port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                inside,
-                "netns",
-                ns.name(),
-            ]);
+            switch.veth(port, ns, inside);
             switch.ip(&["link", "set", port, "master", bridge, "up"]);
             ns.ip(&["addr", "add", v4, "dev", inside]);
             ns.ip(&["-6", "addr", "add", v6, "dev", inside, "nodad"]);
@@ -350,18 +339,7 @@ fn plug(
     inside: &str,
     addresses: &[Ipv4Addr],
 ) {
-    switch.ip(&[
-        "link",
-        "add",
-        port,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        inside,
-        "netns",
-        host.name(),
-    ]);
+    switch.veth(port, host, inside);
     switch.ip(&["link", "set", port, "master", bridge, "up"]);
     for address in addresses {
         let address = format!("{address}/{SUBNET_PREFIX}");
@@ -698,18 +676,7 @@ impl FleetTopology {
             plug(&switch, "br0", host, port, inside, &[address]);
         };
         // The client's link to the router: a veth pair of their own.
-        client.ip(&[
-            "link",
-            "add",
-            HOST_IF,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            router.name(),
-        ]);
+        client.veth(HOST_IF, &router, "eth0");
         client.ip(&[
             "addr",
             "add",
@@ -778,28 +745,6 @@ impl FleetTopology {
                 "eth1",
             ]);
         }
-        let members: Vec<String> = (1..=lbs.len()).map(|i| i.to_string()).collect();
-        router.ip(&[
-            "nexthop",
-            "add",
-            "id",
-            FLEET_GROUP,
-            "group",
-            &members.join("/"),
-            "type",
-            "resilient",
-            "buckets",
-            "128",
-            "idle_timer",
-            "0",
-        ]);
-        router.ip(&[
-            "route",
-            "add",
-            &format!("{FLEET_VIP_ADDR}/32"),
-            "nhid",
-            FLEET_GROUP,
-        ]);
         let files = Scratch::named(&format!("{prefix}files"));
         let peer_passes = (0..lbs.len())
             .map(|i| {
@@ -811,7 +756,7 @@ impl FleetTopology {
                 )
             })
             .collect();
-        FleetTopology {
+        let topology = FleetTopology {
             peer_passes,
             files,
             client,
@@ -819,11 +764,18 @@ impl FleetTopology {
             balancers: lbs,
             backends: bes,
             switch,
-        }
+        };
+        let all: Vec<usize> = (0..topology.balancers.len()).collect();
+        topology.route_over(&all);
+        let vip = format!("{FLEET_VIP_ADDR}/32");
+        topology
+            .router
+            .ip(&["route", "add", &vip, "nhid", FLEET_GROUP]);
+        topology
     }
 
-    /// The router's group over these balancers only (what a withdrawal does): a resilient
-    /// group keeps every other balancer's flows where they are.
+    /// The router's group over these balancers (created, or changed: what a withdrawal does);
+    /// a resilient group keeps every other balancer's flows where they are.
     pub fn route_over(&self, balancers: &[usize]) {
         let members: Vec<String> = balancers.iter().map(|i| (i + 1).to_string()).collect();
         self.router.ip(&[

@@ -47,18 +47,7 @@ fn dnsmasq_answers_what_the_test_sets_and_only_that() {
     let prefix = format!("lbas-{}-", std::process::id());
     let server_ns = Netns::create(&format!("{prefix}dns"));
     let asker = Netns::create(&format!("{prefix}asker"));
-    server_ns.ip(&[
-        "link",
-        "add",
-        "eth0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        asker.name(),
-    ]);
+    server_ns.veth("eth0", &asker, "eth0");
     for (ns, address) in [(&server_ns, SERVER), (&asker, ASKER)] {
         ns.ip(&["addr", "add", &format!("{address}/24"), "dev", "eth0"]);
         ns.ip(&["link", "set", "eth0", "up"]);
