@@ -10,6 +10,7 @@ use std::{
 use toml::Spanned;
 
 use crate::config::{
+    addresses::{address_problem, taken_problem},
     health::{self, Scope},
     model::{
         BackendConfig, BackendSource, Discover, DiscoverQuery, Forwarding, HealthCheck, Vip,
@@ -315,30 +316,14 @@ pub fn discovered_backend(
     record: &Record,
 ) -> Result<BackendConfig, String> {
     let address = record.address;
-    if address.is_unspecified()
-        || address.is_multicast()
-        || address.is_loopback()
-        || matches!(address, IpAddr::V4(a) if a.is_broadcast())
+    let owner = vips
+        .iter()
+        .find(|v| v.address == address)
+        .map(|v| v.name.as_str());
+    if let Some(problem) = address_problem(address, vip.address, vip.forwarding)
+        .or_else(|| taken_problem(address, owner, &discover.host_addresses))
     {
-        return Err(format!(
-            "{address} cannot be a backend (unspecified, loopback, multicast or broadcast)"
-        ));
-    }
-    let cross_family = address.is_ipv4() != vip.address.is_ipv4();
-    let tunnel_46 = vip.forwarding == Forwarding::Tunnel && vip.address.is_ipv4();
-    if cross_family && !tunnel_46 {
-        return Err(format!("{address} is not of the VIP's address family"));
-    }
-    if let Some(owner) = vips.iter().find(|v| v.address == address) {
-        return Err(format!(
-            "{address} is the address of VIP \"{}\"",
-            owner.name
-        ));
-    }
-    if let Some((_, interface)) = discover.host_addresses.iter().find(|(a, _)| *a == address) {
-        return Err(format!(
-            "{address} is an address of this host ({interface}); a backend must be another machine"
-        ));
+        return Err(problem);
     }
     let nat = vip.forwarding == Forwarding::Nat;
     let port = match (&discover.query, nat) {

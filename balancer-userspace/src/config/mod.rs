@@ -8,6 +8,7 @@
 //! - [`model`]: the validated config the daemon works from;
 //! - [`diff`]: what changed between two configs.
 
+mod addresses;
 pub mod diff;
 pub mod discover;
 pub mod health;

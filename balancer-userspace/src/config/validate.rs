@@ -16,6 +16,7 @@ use balancer_common::{
 use toml::Spanned;
 
 use crate::config::{
+    addresses::{address_problem, is_broadcast, taken_problem},
     health::{self, Scope},
     model::{
         Autoscale, BackendConfig, Config, Forwarding, Host, NatGlobal, NatVipConfig, Protocol,
@@ -909,34 +910,8 @@ fn backend_address(
     forwarding: Forwarding,
 ) -> Result<IpAddr, Invalid> {
     let address = *rb.address.get_ref();
-    let problem = if forwarding == Forwarding::Dsr && address.is_ipv4() != vip_address.is_ipv4() {
-        Some(format!(
-            "VIP \"{name}\": backend {address} is not of the VIP's address family; direct server \
-             return forwards the packet unchanged (tunnel mode can carry IPv4 VIPs to IPv6 backends)"
-        ))
-    } else if forwarding == Forwarding::Nat && address.is_ipv4() != vip_address.is_ipv4() {
-        Some(format!(
-            "VIP \"{name}\": backend {address} is not of the VIP's address family; NAT here \
-             translates within one family (tunnel mode can carry IPv4 VIPs to IPv6 backends)"
-        ))
-    } else if forwarding == Forwarding::Tunnel && vip_address.is_ipv6() && address.is_ipv4() {
-        Some(format!(
-            "VIP \"{name}\": an IPv6 VIP cannot be tunnelled to the IPv4 backend {address}"
-        ))
-    } else if address.is_unspecified()
-        || address.is_multicast()
-        || address.is_loopback()
-        || is_broadcast(address)
-    {
-        Some(format!(
-            "VIP \"{name}\": {address} cannot be a backend (unspecified, loopback, multicast or \
-             broadcast)"
-        ))
-    } else {
-        None
-    };
-    match problem {
-        Some(message) => Err((rb.address.span(), message)),
+    match address_problem(address, vip_address, forwarding) {
+        Some(problem) => Err((rb.address.span(), format!("VIP \"{name}\": {problem}"))),
         None => Ok(address),
     }
 }
@@ -944,19 +919,11 @@ fn backend_address(
 /// A backend may not be a VIP (its packets would come back to the balancer) nor this host
 /// (the balancer would send packets to itself).
 fn not_taken(address: IpAddr, name: &str, taken: &Taken) -> Result<(), String> {
-    if let Some(owner) = taken.vips.get(&address) {
-        return Err(format!(
-            "VIP \"{name}\": backend {address} is the address of VIP \"{owner}\"; a backend must be \
-             a server behind the balancer"
-        ));
+    let vip = taken.vips.get(&address).map(String::as_str);
+    match taken_problem(address, vip, &taken.host.addresses) {
+        Some(problem) => Err(format!("VIP \"{name}\": {problem}")),
+        None => Ok(()),
     }
-    if let Some((_, interface)) = taken.host.addresses.iter().find(|(a, _)| *a == address) {
-        return Err(format!(
-            "VIP \"{name}\": backend {address} is an address of this host ({interface}); a backend \
-             must be another machine"
-        ));
-    }
-    Ok(())
 }
 
 /// The VIP's health table with the backend's overrides laid over it.
@@ -1031,10 +998,6 @@ fn check_interface_name(name: &str) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-fn is_broadcast(address: IpAddr) -> bool {
-    matches!(address, IpAddr::V4(a) if a.is_broadcast())
 }
 
 pub fn is_prime(n: u32) -> bool {
