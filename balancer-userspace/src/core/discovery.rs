@@ -120,7 +120,7 @@ pub struct LastAnswer {
 pub struct Discovery {
     pub query: DiscoverQuery,
     /// The discovered backends in force, by address.
-    pub backends: Vec<BackendConfig>,
+    pub backends: std::sync::Arc<Vec<BackendConfig>>,
     /// When an answer last gave a set (or confirmed it): the age metric's start.
     pub last_good: Option<Instant>,
     pub last: Option<LastAnswer>,
@@ -144,7 +144,7 @@ impl Discovery {
     pub fn new(query: DiscoverQuery, now: Instant) -> Discovery {
         Discovery {
             query,
-            backends: Vec::new(),
+            backends: std::sync::Arc::default(),
             last_good: None,
             last: None,
             empty_since: None,
@@ -194,8 +194,8 @@ impl Discovery {
 /// What an answer did.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Applied {
-    /// The new discovered set, when it changed.
-    pub backends: Option<Vec<BackendConfig>>,
+    /// The discovered set changed (it is the state's now).
+    pub changed: bool,
     pub added: Vec<IpAddr>,
     pub removed: Vec<IpAddr>,
     /// The answer was not used, and why (logged).
@@ -322,12 +322,12 @@ fn replace(state: &mut Discovery, backends: Vec<BackendConfig>, applied: &mut Ap
     let new: BTreeSet<IpAddr> = backends.iter().map(|b| b.address).collect();
     applied.added = new.difference(&old).copied().collect();
     applied.removed = old.difference(&new).copied().collect();
-    if backends != state.backends {
+    if backends != *state.backends {
         state.added += applied.added.len() as u64;
         state.removed += applied.removed.len() as u64;
         state.changes += 1;
-        state.backends = backends.clone();
-        applied.backends = Some(backends);
+        state.backends = std::sync::Arc::new(backends);
+        applied.changed = true;
     }
 }
 
@@ -491,7 +491,7 @@ discover = { dns = "web.test", port = 8080, interval = "5s", empty_grace = "30s"
         assert_eq!(s.addresses(), ips(&[1, 3, 4]));
         // The same set again: no change to apply.
         let applied = s.answer(10, records(&[4, 3, 1], 300));
-        assert!(applied.backends.is_none());
+        assert!(!applied.changed);
         assert_eq!((s.state.added, s.state.removed, s.state.changes), (4, 1, 2));
         assert_eq!(s.state.outcomes[&Outcome::Records], 3);
     }
@@ -528,7 +528,7 @@ discover = { dns = "web.test", port = 8080, interval = "5s", empty_grace = "30s"
                     error: "no".into(),
                 },
             );
-            assert!(applied.backends.is_none() && applied.failed.is_some());
+            assert!(!applied.changed && applied.failed.is_some());
             assert_eq!(s.addresses(), ips(&[1, 2]));
         }
         assert_eq!(s.state.failures_in_a_row, 4);
@@ -588,7 +588,7 @@ discover = { dns = "web.test", port = 8080, interval = "5s", empty_grace = "30s"
         let mut s = Script::new(NAT);
         s.answer(0, records(&[1, 2], 300));
         let applied = s.answer(5, records(&[1, 2, 3, 4, 5], 300));
-        assert!(applied.backends.is_none());
+        assert!(!applied.changed);
         let why = applied.refused.expect("refused");
         assert!(
             why.contains("5 backends, more than max_backends = 4"),

@@ -693,6 +693,8 @@ impl Core {
         out: &mut Output,
     ) {
         let known = self.addresses();
+        // Listed by the config (the others in `known` are retiring only).
+        let listed = reload::addresses(&self.config);
         let mut changed = false;
         let mut results = results;
         results.sort_by_key(|(address, _)| *address);
@@ -722,7 +724,6 @@ impl Core {
                 }
                 Err(error) => {
                     if self.next_hops.remove(&address).is_some() {
-                        let listed = reload::addresses(&self.config);
                         let retiring = listed.binary_search(&address).is_err();
                         out.events
                             .push(Event::NoLongerResolves { address, retiring });
@@ -814,7 +815,11 @@ impl Core {
         let applied = discovery::answer(state, vip, spec, &self.file_config.vips, resolution, now);
         let (vip_name, query_text) = (vip.name.clone(), query.to_string());
         discovery_events(&vip_name, &query_text, before.backends.len(), &applied, out);
-        if let Some(total) = applied.backends.as_ref().map(Vec::len) {
+        if applied.changed {
+            let total = self
+                .discovery
+                .get(&vip_name)
+                .map_or(0, |d| d.backends.len());
             let mut next_hops = self.next_hops.clone();
             let mut failed = Vec::new();
             for (address, result) in hops {
@@ -878,12 +883,15 @@ impl Core {
                 })
                 .filter(|r| !listed.contains(&r.address))
                 .collect();
-            state.backends = records
-                .iter()
-                .filter_map(|r| {
-                    config::discover::discovered_backend(vip, spec, &self.file_config.vips, r).ok()
-                })
-                .collect();
+            state.backends = std::sync::Arc::new(
+                records
+                    .iter()
+                    .filter_map(|r| {
+                        config::discover::discovered_backend(vip, spec, &self.file_config.vips, r)
+                            .ok()
+                    })
+                    .collect(),
+            );
         }
         self.config = discovery::effective(&self.file_config, &self.discovery);
     }

@@ -202,6 +202,12 @@ fn nat_view(s: &Sources) -> NatView {
 
 fn vip_view(s: &Sources, vip: &DesiredVip, config: &crate::config::Vip) -> VipView {
     let counters = &s.traffic.counters;
+    // Where each configured backend comes from, looked up once per backend.
+    let sources: HashMap<IpAddr, &BackendSource> = config
+        .backends
+        .iter()
+        .map(|c| (c.address, &c.source))
+        .collect();
     VipView {
         name: vip.name.clone(),
         address: config.address,
@@ -236,31 +242,17 @@ fn vip_view(s: &Sources, vip: &DesiredVip, config: &crate::config::Vip) -> VipVi
             .iter()
             .map(|b| {
                 let key = (vip.name.clone(), b.address);
-                let source = match config.backends.iter().find(|c| c.address == b.address) {
+                let source = match sources.get(&b.address) {
                     None => "removed".to_owned(),
-                    Some(c) if c.source == BackendSource::File => "file".to_owned(),
-                    Some(_) => config
+                    Some(BackendSource::File) => "file".to_owned(),
+                    Some(BackendSource::Discovered) => config
                         .discover
                         .as_ref()
                         .map_or("discovered".to_owned(), |d| d.query.to_string()),
                 };
-                let walked = s
-                    .traffic
-                    .conn_entries
-                    .is_some()
-                    .then(|| s.traffic.conn_by_backend.get(&b.id).copied().unwrap_or(0));
-                let swept = s
-                    .traffic
-                    .nat_sweep
-                    .as_ref()
-                    .map(|sweep| sweep.open_by_backend.get(&b.id).copied().unwrap_or(0));
-                let remembered_flows = match (walked, swept) {
-                    (None, None) => None,
-                    (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
-                };
                 BackendView {
                     source,
-                    remembered_flows,
+                    remembered_flows: s.traffic.remembered_flows(b.id),
                     last_packet: s.traffic.last_packet.get(&b.id).map(|(_, at)| *at),
                     address: b.address,
                     weight: b.weight,

@@ -184,6 +184,23 @@ impl Traffic {
         events
     }
 
+    /// Flows remembered for backend `id`: its connection-table entries as of the last walk,
+    /// plus its open NAT connections as of the last sweep (`None`: neither yet).
+    pub fn remembered_flows(&self, id: u32) -> Option<u64> {
+        let walked = self
+            .conn_entries
+            .is_some()
+            .then(|| self.conn_by_backend.get(&id).copied().unwrap_or(0));
+        let swept = self
+            .nat_sweep
+            .as_ref()
+            .map(|sweep| sweep.open_by_backend.get(&id).copied().unwrap_or(0));
+        match (walked, swept) {
+            (None, None) => None,
+            (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
+        }
+    }
+
     /// The VIP's rates over the status window.
     pub fn vip_rates(&self, name: &str) -> Option<TrafficRates> {
         self.samples.vip(name, STATUS_WINDOW)
