@@ -119,7 +119,7 @@ fn address_words(address: IpAddr) -> [u32; 4] {
 /// of the file and the history of reloads), so a fleet can check that its members agree.
 /// Byte by byte (FNV-1a's mixing carries a difference only upwards within the word it is
 /// multiplied in: whole words would leave tables that differ alike in their low bits);
-/// computed once per table built, about a millisecond for 65,537 slots.
+/// computed once per table built (and kept with it), never per snapshot.
 pub fn fingerprint(slots: impl IntoIterator<Item = Option<IpAddr>>) -> u64 {
     const PRIME: u64 = 0x0000_0100_0000_01b3;
     let mut h = 0xcbf2_9ce4_8422_2325u64;
