@@ -22,7 +22,8 @@ pub mod tunnel;
 ///    table per address family (`CONN_TABLE_V4` with 16-byte keys, `CONN_TABLE_V6`).
 /// 4: NAT: the backend's port in `Backend`, the NAT tables and their settings, `NAT_FILTER`,
 ///    `NAT_STATS`, the NAT outcomes.
-pub const LAYOUT_VERSION: u32 = 4;
+/// 5: connection-table sync: `VIP_F_SYNC`, the `SYNC_EVENTS` ring buffer and `SYNC_STATS`.
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// How many VIPs the maps hold.
 pub const MAX_VIPS: u32 = 512;
@@ -115,6 +116,10 @@ pub mod map_names {
     /// `0 -> VipMeta` (per-CPU array): the VIP of the packet handed to the NAT forward
     /// program.
     pub const NAT_HANDOFF: &str = "NAT_HANDOFF";
+    /// Ring buffer of `SyncEvent`s: the new-flow decisions of VIPs with `VIP_F_SYNC`.
+    pub const SYNC_EVENTS: &str = "SYNC_EVENTS";
+    /// `0 -> decisions` (per-CPU array): decisions not handed over (the ring was full).
+    pub const SYNC_STATS: &str = "SYNC_STATS";
 }
 
 /// Program names in the object file.
@@ -211,6 +216,23 @@ pub const VIP_F_FRAGMENTS_ONLY: u8 = 1 << 2;
 /// This key (protocol ICMP or ICMPv6, port 0) marks a VIP address: echo requests to it are
 /// answered by the balancer.
 pub const VIP_F_ADDRESS: u8 = 1 << 3;
+/// The VIP's new-flow decisions are handed to the daemon (`SYNC_EVENTS`), which sends them
+/// to the fleet's other balancers (`[sync]`). Never on a NAT VIP (its state is not synced).
+pub const VIP_F_SYNC: u8 = 1 << 4;
+
+/// Bytes of the `SYNC_EVENTS` ring buffer: 1 MiB holds 18,724 decisions (56 bytes each with
+/// the ring's 8-byte header), 18 ms of new flows at 1M/s, for a reader woken per record.
+pub const SYNC_RING_BYTES: u32 = 1 << 20;
+
+/// A new-flow decision: the flow as the connection table keys it (all 40 bytes of the wide
+/// form, whatever the family) and the backend the VIP's Maglev table chose.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SyncEvent {
+    pub flow: FlowKey,
+    pub backend_id: u32,
+    pub flow_hash: u32,
+}
 
 /// What the program needs to know about a VIP once it matched.
 #[repr(C)]
@@ -228,6 +250,12 @@ pub struct VipMeta {
 }
 
 impl VipMeta {
+    /// New-flow decisions are handed to the daemon for its peers (`VIP_F_SYNC`).
+    #[inline(always)]
+    pub const fn syncs(&self) -> bool {
+        self.flags & VIP_F_SYNC != 0
+    }
+
     /// Flows are hashed on the destination port only (`VIP_F_HASH_DST_PORT_ONLY`).
     #[inline(always)]
     pub const fn hashes_dst_port_only(&self) -> bool {
@@ -702,6 +730,7 @@ mod pod {
         super::FlowKeyV4,
         super::FlowKeyV6,
         super::ConnEntry,
+        super::SyncEvent,
         super::VipSlot,
         super::TrafficStats,
         super::DecapAddress,
@@ -734,6 +763,7 @@ const _: () = {
     assert!(core::mem::size_of::<FlowKeyV4>() == 16);
     assert!(core::mem::size_of::<FlowKeyV6>() == 40);
     assert!(core::mem::size_of::<ConnEntry>() == 8);
+    assert!(core::mem::size_of::<SyncEvent>() == 48);
     assert!(core::mem::size_of::<VipSlot>() == 32);
     assert!(core::mem::size_of::<TrafficStats>() == 24);
     assert!(Outcome::ALL.len() == OUTCOME_COUNT as usize);

@@ -2,16 +2,18 @@
 //! balancer-common; the daemon sizes the connection tables at load time from the config.
 
 use aya_ebpf::{
-    btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray},
+    btf_maps::{
+        Array, ArrayOfMaps, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf,
+    },
     macros::btf_map,
 };
 use balancer_common::{
     nat::{NatEntry, NatSettings, NatVip},
-    Backend, ConnEntry, DecapAddress, FlowKeyV4, FlowKeyV6, TrafficStats, VipKey, VipMeta, VipSlot,
-    DECAP_OUTCOME_COUNT, DEFAULT_CONN_TABLE_SIZE, DEFAULT_NAT_TABLE_SIZE, MAGLEV_CAPACITY,
-    MAGLEV_TABLE_MAP_FLAGS, MAX_BACKENDS, MAX_DECAP_ADDRESSES, MAX_EGRESS_INTERFACES, MAX_VIPS,
-    NAT_COUNTER_COUNT, NAT_FILTER_WORDS, NAT_PROGRAM_COUNT, OUTCOME_COUNT, VIP_FILTER_WORDS,
-    VIP_KEYS_CAPACITY,
+    Backend, ConnEntry, DecapAddress, FlowKeyV4, FlowKeyV6, SyncEvent, TrafficStats, VipKey,
+    VipMeta, VipSlot, DECAP_OUTCOME_COUNT, DEFAULT_CONN_TABLE_SIZE, DEFAULT_NAT_TABLE_SIZE,
+    MAGLEV_CAPACITY, MAGLEV_TABLE_MAP_FLAGS, MAX_BACKENDS, MAX_DECAP_ADDRESSES,
+    MAX_EGRESS_INTERFACES, MAX_VIPS, NAT_COUNTER_COUNT, NAT_FILTER_WORDS, NAT_PROGRAM_COUNT,
+    OUTCOME_COUNT, SYNC_RING_BYTES, VIP_FILTER_WORDS, VIP_KEYS_CAPACITY,
 };
 
 const VIPS_N: usize = MAX_VIPS as usize;
@@ -155,3 +157,11 @@ pub struct NatScratch {
 
 #[btf_map]
 pub static NAT_SCRATCH: PerCpuArray<NatScratch, 1> = PerCpuArray::new();
+
+/// New-flow decisions of VIPs that sync (`VIP_F_SYNC`), for the daemon to send to its peers.
+#[btf_map]
+pub static SYNC_EVENTS: RingBuf<SyncEvent, { SYNC_RING_BYTES as usize }> = RingBuf::new();
+
+/// Decisions that found the ring full (the daemon counts them as lost).
+#[btf_map]
+pub static SYNC_STATS: PerCpuArray<u64, 1> = PerCpuArray::new();

@@ -12,11 +12,14 @@
 //!    leaves them out), so re-selection moves a flow off a down backend.
 
 use balancer_common::{
-    hash::vip_flow_hash, Backend, ConnEntry, FlowKey, Outcome, VipMeta, FAMILY_IPV4,
+    hash::vip_flow_hash, Backend, ConnEntry, FlowKey, Outcome, SyncEvent, VipMeta, FAMILY_IPV4,
 };
 
 use crate::{
-    maps::{hash_seed, BACKENDS, CONN_TABLE_V4, CONN_TABLE_V6, MAGLEV_TABLES, VIP_SLOTS},
+    maps::{
+        hash_seed, BACKENDS, CONN_TABLE_V4, CONN_TABLE_V6, MAGLEV_TABLES, SYNC_EVENTS, SYNC_STATS,
+        VIP_SLOTS,
+    },
     parse::Packet,
 };
 
@@ -39,6 +42,23 @@ fn remember(flow: &FlowKey, entry: ConnEntry) {
     } else {
         CONN_TABLE_V6.insert(flow.v6(), entry, 0)
     };
+}
+
+/// Hands a new-flow decision to the daemon for the fleet's peers (VIPs with `VIP_F_SYNC`
+/// only: one flag test for the others). A full ring loses the decision, counted.
+#[inline(always)]
+fn publish(flow: &FlowKey, backend_id: u32, flow_hash: u32) {
+    let event = SyncEvent {
+        flow: *flow,
+        backend_id,
+        flow_hash,
+    };
+    if SYNC_EVENTS.output(&event, 0).is_err() {
+        if let Some(lost) = SYNC_STATS.get_ptr_mut(0) {
+            // SAFETY: this CPU's slot of a per-CPU array, valid for the program's run.
+            unsafe { *lost += 1 };
+        }
+    }
 }
 
 /// The chosen backend and what forwarding needs of its VIP, copied out of the map slots.
@@ -156,5 +176,8 @@ pub fn backend(vip: &VipMeta, packet: &Packet, ask_table: bool) -> Result<Select
             flow_hash: hash,
         },
     );
+    if vip.syncs() {
+        publish(flow, id, hash);
+    }
     Ok(Selected::new(id, backend, vip, 1, hash))
 }

@@ -40,6 +40,16 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum ControlRequest {
     /// Read the config file again now.
     Reload,
+    /// Withdraw one VIP (by name) or every VIP from the `[announce]` table.
+    Withdraw {
+        #[serde(default)]
+        vip: Option<String>,
+    },
+    /// Announce again one VIP or every VIP.
+    Announce {
+        #[serde(default)]
+        vip: Option<String>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,6 +68,8 @@ pub enum ControlReply {
     Rejected { error: String },
     /// The request could not be carried out.
     Failed { error: String },
+    /// A request other than a reload was carried out: what it did.
+    Done { message: String },
 }
 
 fn is_zero(n: &u64) -> bool {

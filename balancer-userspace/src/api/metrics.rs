@@ -126,6 +126,10 @@ impl Collector for Exposition {
         probes(&mut e, s)?;
         vips(&mut e, s)?;
         discovery(&mut e, s)?;
+        announce(&mut e, s)?;
+        if let Some(sync) = &s.sync {
+            sync_metrics(&mut e, sync)?;
+        }
         global(&mut e, s)?;
         nat(&mut e, s)?;
         api(&mut e, &self.1)
@@ -225,6 +229,89 @@ fn drains(e: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
 }
 
 /// Every discovering VIP's lookups.
+/// With `[announce]`: which VIPs are announced.
+fn announce(e: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
+    let Some(announce) = &s.announce else {
+        return Ok(());
+    };
+    let mut f = family(
+        e,
+        "balancer_vip_announced",
+        "1 while the VIP's address is announced (a route in the [announce] table for the BGP speaker); 0 while it is withdrawn: no backend takes new flows, `balancer withdraw`, or waiting for the peers' connection tables.",
+        MetricType::Gauge,
+    )?;
+    for v in &s.vips {
+        f.gauge(
+            &vec![("vip", v.name.as_str())],
+            v.unannounced.is_none().into(),
+        )?;
+    }
+    family(
+        e,
+        "balancer_announced_routes",
+        "Routes in the [announce] table: one per announced VIP address.",
+        MetricType::Gauge,
+    )?
+    .single(announce.routes.len() as i64)
+}
+
+/// With `[sync]`: the connection-table sync's counters.
+fn sync_metrics(e: &mut DescriptorEncoder, s: &crate::sync::SyncStats) -> fmt::Result {
+    use std::sync::atomic::Ordering::Relaxed;
+    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 8] = [
+        ("balancer_sync_entries_sent", "New-flow decisions sent to peers, counted once per peer.", &s.entries_sent),
+        ("balancer_sync_messages_sent", "Sync messages sent (batches, bulk copies, requests).", &s.messages_sent),
+        ("balancer_sync_send_errors", "Sync messages the socket refused to send.", &s.send_errors),
+        ("balancer_sync_lost", "New-flow decisions the program could not hand to the sender (its ring buffer was full): not sent.", &s.lost),
+        ("balancer_sync_entries_received", "Entries in authentic messages from peers.", &s.entries_received),
+        ("balancer_sync_entries_applied", "Received entries inserted into the connection table.", &s.entries_applied),
+        ("balancer_sync_entries_kept", "Received entries for flows this balancer had placed itself: its own entry kept.", &s.entries_kept),
+        ("balancer_sync_bulk_copies_sent", "Whole connection tables sent to peers that asked (a peer starting).", &s.bulk_sent),
+    ];
+    for (name, help, value) in counters {
+        family(e, name, help, MetricType::Counter)?.single_counter(value.load(Relaxed))?;
+    }
+    let mut f = family(
+        e,
+        "balancer_sync_rejected",
+        "Sync messages (truncated, oversized, unauthenticated, malformed, replayed, stale, unknown_peer) and entries (unknown_vip, unknown_backend, insert_failed) dropped, by reason.",
+        MetricType::Counter,
+    )?;
+    for (reason, n) in s.rejections() {
+        f.counter(&vec![("reason", reason)], n)?;
+    }
+    let peers = s.peers();
+    let mut f = family(
+        e,
+        "balancer_sync_peer_lag_seconds",
+        "How old the peer's last message was when it arrived (its send time against this host's clock).",
+        MetricType::Gauge,
+    )?;
+    for (peer, stats) in &peers {
+        if let Some(lag) = stats.lag {
+            f.gauge_f64(
+                &vec![("peer", peer.to_string().as_str())],
+                lag.as_secs_f64(),
+            )?;
+        }
+    }
+    let mut f = family(
+        e,
+        "balancer_sync_peer_last_message_age_seconds",
+        "Time since the peer's last authentic message (a silent peer sends nothing while it places no new flows; it answers a bulk request at start).",
+        MetricType::Gauge,
+    )?;
+    for (peer, stats) in &peers {
+        if let Some(at) = stats.last_heard {
+            f.gauge_f64(
+                &vec![("peer", peer.to_string().as_str())],
+                at.elapsed().as_secs_f64(),
+            )?;
+        }
+    }
+    Ok(())
+}
+
 fn discovery(e: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
     use crate::core::discovery::Outcome;
     let discovering = || {

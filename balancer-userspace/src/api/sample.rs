@@ -124,6 +124,7 @@ pub fn sample_snapshot() -> Snapshot {
             unreachable: Vec::new(),
             adopted: None,
             keep_datapath: false,
+            withdrawn: false,
         },
         start,
     )

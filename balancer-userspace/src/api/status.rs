@@ -34,6 +34,56 @@ pub struct StatusDocument {
     /// The NAT tables (absent from the documents of daemons before NAT).
     #[serde(default)]
     pub nat: NatStatus,
+    /// The announced VIP routes (`[announce]`; absent: nothing is announced).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announce: Option<AnnounceStatus>,
+    /// Connection-table sync with the fleet's peers (`[sync]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<SyncStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnnounceStatus {
+    /// The kernel table the routes are in.
+    pub table: u32,
+    /// The VIP addresses announced.
+    pub routes: Vec<String>,
+    /// Every VIP is withdrawn by the operator (`balancer withdraw`).
+    pub withdrawn_all: bool,
+    /// VIPs withdrawn by name.
+    pub withdrawn: Vec<String>,
+    /// Nothing is announced until the peers' connection tables are copied.
+    pub awaiting_sync: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SyncStatus {
+    pub listen: String,
+    /// The copy of the peers' tables at start: not_needed, waiting, complete (from a peer,
+    /// with its entries), timed_out.
+    pub bulk: String,
+    pub entries_sent: u64,
+    pub messages_sent: u64,
+    pub send_errors: u64,
+    /// Decisions the program could not hand to the sender (its ring buffer was full).
+    pub lost: u64,
+    pub entries_received: u64,
+    pub entries_applied: u64,
+    /// Received entries for flows this balancer had already placed: its own kept.
+    pub entries_kept: u64,
+    pub rejected: BTreeMap<String, u64>,
+    pub bulk_copies_sent: u64,
+    pub peers: Vec<PeerStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub address: String,
+    pub last_message_age_seconds: Option<f64>,
+    /// How old its last message was when it arrived.
+    pub lag_seconds: Option<f64>,
+    pub messages: u64,
+    pub entries: u64,
 }
 
 /// The NAT tables, as of the last sweep, and what happened in them.
@@ -133,6 +183,11 @@ pub struct VipStatus {
     /// The VIP's DNS discovery (absent: the file's backends only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub discovery: Option<DiscoveryStatus>,
+    /// With `[announce]`: whether the VIP is announced, and if not, why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announced: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_announced_because: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -283,7 +338,14 @@ impl StatusDocument {
             hash_seed: snapshot.hash_seed,
             conn_table_size: snapshot.conn_table_size,
             conn_table_entries: snapshot.conn_entries,
-            vips: snapshot.vips.iter().map(vip_status).collect(),
+            vips: snapshot
+                .vips
+                .iter()
+                .map(|v| VipStatus {
+                    announced: snapshot.announce.as_ref().map(|_| v.unannounced.is_none()),
+                    ..vip_status(v)
+                })
+                .collect(),
             outcomes: Outcome::ALL
                 .iter()
                 .map(|o| {
@@ -302,7 +364,55 @@ impl StatusDocument {
                 })
                 .collect(),
             nat: nat_status(&snapshot.nat),
+            announce: snapshot.announce.as_ref().map(|a| AnnounceStatus {
+                table: a.table,
+                routes: a.routes.iter().map(ToString::to_string).collect(),
+                withdrawn_all: a.withdrawn_all,
+                withdrawn: a.withdrawn.clone(),
+                awaiting_sync: a.awaiting_sync,
+            }),
+            sync: snapshot.sync.as_deref().map(sync_status),
         }
+    }
+}
+
+fn sync_status(s: &crate::sync::SyncStats) -> SyncStatus {
+    use std::sync::atomic::Ordering::Relaxed;
+    let bulk = match s.bulk() {
+        crate::sync::Bulk::NotNeeded => "not_needed".to_owned(),
+        crate::sync::Bulk::Waiting => "waiting".to_owned(),
+        crate::sync::Bulk::Complete { peer, entries } => {
+            format!("complete ({entries} entries from {peer})")
+        }
+        crate::sync::Bulk::TimedOut => "timed_out".to_owned(),
+    };
+    SyncStatus {
+        listen: s.listen.to_string(),
+        bulk,
+        entries_sent: s.entries_sent.load(Relaxed),
+        messages_sent: s.messages_sent.load(Relaxed),
+        send_errors: s.send_errors.load(Relaxed),
+        lost: s.lost.load(Relaxed),
+        entries_received: s.entries_received.load(Relaxed),
+        entries_applied: s.entries_applied.load(Relaxed),
+        entries_kept: s.entries_kept.load(Relaxed),
+        rejected: s
+            .rejections()
+            .into_iter()
+            .map(|(r, n)| (r.to_owned(), n))
+            .collect(),
+        bulk_copies_sent: s.bulk_sent.load(Relaxed),
+        peers: s
+            .peers()
+            .into_iter()
+            .map(|(address, p)| PeerStatus {
+                address: address.to_string(),
+                last_message_age_seconds: p.last_heard.map(age),
+                lag_seconds: p.lag.map(|d| (d.as_secs_f64() * 1e3).round() / 1e3),
+                messages: p.messages,
+                entries: p.entries,
+            })
+            .collect(),
     }
 }
 
@@ -334,6 +444,8 @@ fn vip_status(v: &VipView) -> VipStatus {
         }),
         backends: v.backends.iter().map(backend_status).collect(),
         discovery: v.discovery.as_ref().map(discovery_status),
+        announced: None,
+        not_announced_because: v.unannounced.map(str::to_owned),
     }
 }
 

@@ -104,6 +104,13 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.api_idle_timeout != new.api_idle_timeout {
         keys.push("api_idle_timeout");
     }
+    // The route writer and the sync's socket, key and peers are set up once, at start.
+    if old.announce != new.announce {
+        keys.push("announce");
+    }
+    if old.sync != new.sync {
+        keys.push("sync");
+    }
     keys
 }
 

@@ -11,6 +11,7 @@
 mod addresses;
 pub mod diff;
 pub mod discover;
+pub mod fleet;
 pub mod health;
 pub mod model;
 mod raw;

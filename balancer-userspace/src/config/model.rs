@@ -154,6 +154,37 @@ pub struct Config {
     /// NAT tables and timeouts (used by NAT VIPs).
     pub nat: NatGlobal,
     pub vips: Vec<Vip>,
+    /// `[announce]`: the VIPs this balancer can serve, as kernel routes for a BGP speaker.
+    pub announce: Option<Announce>,
+    /// `[sync]`: connection-table entries shared with the fleet's other balancers.
+    pub sync: Option<SyncSettings>,
+}
+
+/// Where this balancer announces the VIPs it can serve.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Announce {
+    /// The kernel routing table that holds one route per announced VIP address (a BGP
+    /// speaker such as BIRD learns them from it and exports them).
+    pub table: u32,
+    /// On shutdown (when the data plane is removed): how long the balancer goes on forwarding
+    /// after withdrawing, while the router moves the VIP's flows to the other balancers.
+    pub withdraw_wait: Duration,
+}
+
+/// Connection-table sync with the other balancers of a fleet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncSettings {
+    /// Where this balancer receives its peers' messages (UDP): an address of this host.
+    pub listen: SocketAddr,
+    /// The other balancers' `listen` addresses.
+    pub peers: Vec<SocketAddr>,
+    /// The shared key (at least 32 bytes), the same file on every balancer.
+    pub key_file: PathBuf,
+    /// New-flow decisions are sent at least this often (batched in between).
+    pub interval: Duration,
+    /// A balancer that starts with an empty connection table asks its peers for a copy of
+    /// theirs, and announces its VIPs when the copy is complete or after this long.
+    pub bulk_timeout: Duration,
 }
 
 /// Default of `pin_dir`.

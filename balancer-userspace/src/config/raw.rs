@@ -19,6 +19,27 @@ pub(super) struct RawConfig {
     pub balancer: RawBalancer,
     #[serde(default)]
     pub vip: Vec<Spanned<RawVip>>,
+    pub announce: Option<Spanned<RawAnnounce>>,
+    pub sync: Option<Spanned<RawSync>>,
+}
+
+/// `[announce]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAnnounce {
+    pub table: Spanned<u32>,
+    pub withdraw_wait: Option<Spanned<String>>,
+}
+
+/// `[sync]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSync {
+    pub listen: Spanned<String>,
+    pub peers: Spanned<Vec<Spanned<String>>>,
+    pub key_file: Spanned<String>,
+    pub interval: Option<Spanned<String>>,
+    pub bulk_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -1771,3 +1771,214 @@ fn discover_settings_are_checked_with_positions() {
         "{err}"
     );
 }
+
+/// A fleet member's tables.
+const FLEET: &str = r#"[balancer]
+[announce]
+table = 100
+withdraw_wait = "2s"
+[sync]
+listen = "10.0.0.2:7946"
+peers = ["10.0.0.3:7946", "10.0.0.4:7946"]
+key_file = "/etc/balancer/sync.key"
+interval = "20ms"
+bulk_timeout = "3s"
+"#;
+
+#[test]
+fn fleet_tables_and_their_defaults() {
+    let c = parse(Path::new("fleet.toml"), FLEET).unwrap();
+    let announce = c.announce.unwrap();
+    assert_eq!(
+        (announce.table, announce.withdraw_wait),
+        (100, Duration::from_secs(2))
+    );
+    let sync = c.sync.unwrap();
+    assert_eq!(sync.listen, "10.0.0.2:7946".parse().unwrap());
+    assert_eq!(sync.peers.len(), 2);
+    assert_eq!(sync.key_file, Path::new("/etc/balancer/sync.key"));
+    assert_eq!(
+        (sync.interval, sync.bulk_timeout),
+        (Duration::from_millis(20), Duration::from_secs(3))
+    );
+    let minimal = "[balancer]\n[announce]\ntable = 7\n[sync]\nlisten = \"[2001:db8::2]:7946\"\npeers = []\nkey_file = \"/k\"\n";
+    let c = parse(Path::new("fleet.toml"), minimal).unwrap();
+    assert_eq!(c.announce.unwrap().withdraw_wait, Duration::from_secs(3));
+    let sync = c.sync.unwrap();
+    assert_eq!(
+        (sync.interval, sync.bulk_timeout),
+        (Duration::from_millis(50), Duration::from_secs(5))
+    );
+    assert!(parse(Path::new("fleet.toml"), "[balancer]\n")
+        .unwrap()
+        .sync
+        .is_none());
+    // Both need a restart to change (the route writer and the socket start once).
+    let none = parse(Path::new("a.toml"), "[balancer]\n").unwrap();
+    assert_eq!(
+        crate::config::diff::needs_restart(&none, &parse(Path::new("b.toml"), FLEET).unwrap()),
+        vec!["announce", "sync"]
+    );
+}
+
+/// (replace in FLEET, with, line, column, part of the message)
+const FLEET_ERRORS: &[Case] = &[
+    (
+        "= 100",
+        "= 254",
+        3,
+        9,
+        "announce table 254 is one of the kernel's own tables",
+    ),
+    (
+        "= 100",
+        "= 0",
+        3,
+        9,
+        "announce table 0 is one of the kernel's own tables",
+    ),
+    ("= 100", "= -1", 3, 9, "invalid value: integer `-1`"),
+    ("table = 100\n", "", 2, 1, "missing field `table`"),
+    (
+        "\"2s\"",
+        "\"6m\"",
+        4,
+        17,
+        "announce withdraw_wait \"6m\" is out of range: use 0s to 5m",
+    ),
+    (
+        "\"2s\"",
+        "\"soon\"",
+        4,
+        17,
+        "announce withdraw_wait \"soon\" is not a duration",
+    ),
+    (
+        "withdraw_wait",
+        "withdraw_delay",
+        4,
+        1,
+        "unknown field `withdraw_delay`",
+    ),
+    (
+        "\"10.0.0.2:7946\"",
+        "\"10.0.0.2\"",
+        6,
+        10,
+        "sync listen \"10.0.0.2\" is not an address:port",
+    ),
+    (
+        "\"10.0.0.2:7946\"",
+        "\"0.0.0.0:7946\"",
+        6,
+        10,
+        "must be one address of this host and a port",
+    ),
+    (
+        "\"10.0.0.2:7946\"",
+        "\"10.0.0.2:0\"",
+        6,
+        10,
+        "must be one address of this host and a port",
+    ),
+    (
+        "\"10.0.0.3:7946\"",
+        "\"10.0.0.2:7946\"",
+        7,
+        10,
+        "sync peer \"10.0.0.2:7946\" is this balancer's own listen address",
+    ),
+    (
+        "\"10.0.0.4:7946\"",
+        "\"10.0.0.3:7946\"",
+        7,
+        27,
+        "sync peer \"10.0.0.3:7946\" is listed twice",
+    ),
+    (
+        "\"10.0.0.4:7946\"",
+        "\"[2001:db8::4]:7946\"",
+        7,
+        27,
+        "is not of the listen address's family",
+    ),
+    (
+        "\"10.0.0.4:7946\"",
+        "\"224.0.0.1:7946\"",
+        7,
+        27,
+        "is not one peer's address and port",
+    ),
+    (
+        "\"10.0.0.4:7946\"",
+        "\"peer4\"",
+        7,
+        27,
+        "sync peer \"peer4\" is not an address:port",
+    ),
+    (
+        "\"/etc/balancer/sync.key\"",
+        "\"sync.key\"",
+        8,
+        12,
+        "sync key_file \"sync.key\" must be an absolute path",
+    ),
+    (
+        "\"/etc/balancer/sync.key\"",
+        "\"/etc/../sync.key\"",
+        8,
+        12,
+        "without `..`",
+    ),
+    (
+        "\"20ms\"",
+        "\"200ms\"",
+        9,
+        12,
+        "sync interval \"200ms\" is out of range: use 10ms to 100ms",
+    ),
+    (
+        "\"20ms\"",
+        "\"5ms\"",
+        9,
+        12,
+        "sync interval \"5ms\" is out of range",
+    ),
+    (
+        "\"3s\"",
+        "\"3m\"",
+        10,
+        16,
+        "sync bulk_timeout \"3m\" is out of range: use 0s to 2m",
+    ),
+    (
+        "key_file = \"/etc/balancer/sync.key\"\n",
+        "",
+        5,
+        1,
+        "missing field `key_file`",
+    ),
+    (
+        "bulk_timeout",
+        "bulk_wait",
+        10,
+        1,
+        "unknown field `bulk_wait`",
+    ),
+];
+
+#[test]
+fn fleet_errors_name_the_position() {
+    for (from, to, line, column, message) in FLEET_ERRORS {
+        rejects_in(FLEET, from, to, *line, *column, message);
+    }
+    let many: Vec<String> = (0..33).map(|i| format!("\"10.0.1.{i}:7946\"")).collect();
+    rejects_in(
+        FLEET,
+        "[\"10.0.0.3:7946\", \"10.0.0.4:7946\"]",
+        &format!("[{}]", many.join(", ")),
+        7,
+        9,
+        "sync peers: 33 listed, at most 32",
+    );
+}

@@ -17,6 +17,7 @@ use toml::Spanned;
 
 use crate::config::{
     addresses::{address_problem, is_broadcast, taken_problem},
+    fleet,
     health::{self, Scope},
     model::{
         Autoscale, BackendConfig, Config, Forwarding, Host, NatGlobal, NatVipConfig, Protocol,
@@ -75,6 +76,8 @@ pub(super) fn validate(raw: RawConfig, host: &Host) -> Result<Config, Invalid> {
         api_idle_timeout,
         nat,
         vips: validate_vips(raw.vip, host, metrics_listen)?,
+        announce: fleet::announce(raw.announce.as_ref())?,
+        sync: fleet::sync(raw.sync.as_ref())?,
     })
 }
 

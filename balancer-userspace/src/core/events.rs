@@ -143,6 +143,17 @@ pub enum Event {
         trigger: &'static str,
         changes: Vec<String>,
     },
+    /// The announced VIP addresses changed: `added` are announced now, `withdrawn` are not
+    /// (with why).
+    Announced {
+        added: Vec<IpAddr>,
+        withdrawn: Vec<(IpAddr, String)>,
+        table: u32,
+    },
+    /// The routes that announce VIPs could not be written (tried again every second).
+    RoutesFailed { error: String },
+    /// The connection-table copy from the peers is complete, or was given up on.
+    SyncReady { detail: String },
     /// What the log limiter left out.
     LeftOut(LeftOut),
     /// Backends still down or unreachable, per VIP (a periodic reminder while it lasts).
@@ -171,6 +182,8 @@ impl Event {
             | Event::NextHopChanged { .. }
             | Event::NoLongerResolves { retiring: true, .. }
             | Event::AwaitingChecks { .. }
+            | Event::Announced { .. }
+            | Event::SyncReady { .. }
             | Event::DiscoveryChanged { .. }
             | Event::DiscoveryRecovered { .. }
             | Event::ReloadApplied { .. } => Level::Info,
@@ -188,6 +201,7 @@ impl Event {
             | Event::RoutedDsrBackend { .. }
             | Event::DiscoveryRefused { .. }
             | Event::PlanFailed { .. }
+            | Event::RoutesFailed { .. }
             | Event::Unplannable { .. }
             | Event::CountersUnreadable { .. } => Level::Error,
         }
@@ -208,6 +222,8 @@ impl Event {
             | Event::AwaitingChecks { .. }
             | Event::Recovered { .. }
             | Event::DesiredBackends { .. }
+            | Event::Announced { .. }
+            | Event::SyncReady { .. }
             | Event::RemovalGraceOver { .. } => Kind::Vips,
             Event::DiscoveryChanged { .. } => Kind::Discovery,
             Event::DiscoveryFailed { .. }
@@ -217,6 +233,7 @@ impl Event {
             | Event::DiscoveryRecordRejected { .. } => Kind::Lookups,
             Event::ReloadRejected { .. } | Event::ReloadApplied { .. } => Kind::Reloads,
             Event::PlanFailed { .. }
+            | Event::RoutesFailed { .. }
             | Event::Unplannable { .. }
             | Event::CountersUnreadable { .. } => Kind::Kernel,
             Event::LeftOut(_) | Event::Conditions(_) => return None,
@@ -249,6 +266,9 @@ impl Event {
             Event::ReloadRejected { .. } => "rejected".into(),
             Event::ReloadApplied { .. } => "applied".into(),
             Event::PlanFailed { .. } => "map writes failed".into(),
+            Event::Announced { .. } => "announcements changed".into(),
+            Event::RoutesFailed { .. } => "route writes failed".into(),
+            Event::SyncReady { .. } => "sync ready".into(),
             Event::Unplannable { .. } => "maps unplannable".into(),
             Event::CountersUnreadable { .. } => "counters unreadable".into(),
             Event::LeftOut(_) | Event::Conditions(_) => String::new(),
@@ -328,12 +348,42 @@ impl fmt::Display for Event {
                 "backend {address} of VIP {vip} is reached through gateway {gateway}: direct server return needs it on \
                  a directly connected network; it gets no traffic (use forwarding = \"tunnel\" for routed backends)"
             ),
+            Event::Announced { .. } | Event::RoutesFailed { .. } | Event::SyncReady { .. } => {
+                self.fmt_fleet(f)
+            }
             _ => self.fmt_more(f),
         }
     }
 }
 
 impl Event {
+    /// The lines of announcements and sync.
+    fn fmt_fleet(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Event::Announced {
+                added,
+                withdrawn,
+                table,
+            } => {
+                let mut parts = Vec::new();
+                if !added.is_empty() {
+                    let list: Vec<String> = added.iter().map(ToString::to_string).collect();
+                    parts.push(format!("announcing {}", list.join(", ")));
+                }
+                for (address, why) in withdrawn {
+                    parts.push(format!("withdrawing {address} ({why})"));
+                }
+                write!(f, "{} (routes in table {table})", parts.join("; "))
+            }
+            Event::RoutesFailed { error } => write!(
+                f,
+                "writing the routes that announce VIPs: {error}; tried again within a second"
+            ),
+            Event::SyncReady { detail } => write!(f, "connection-table sync: {detail}"),
+            _ => Ok(()),
+        }
+    }
+
     /// The lines of map plans, reachability, probes that did not run, reloads applied and
     /// the log limiter's summaries.
     fn fmt_more(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -6,6 +6,7 @@
 //! happened.
 
 pub mod adopt;
+pub mod announce;
 pub mod discovery;
 pub mod events;
 pub mod health;
@@ -25,6 +26,7 @@ use crate::{
     config::{self, diff, Config},
     core::{
         adopt::adopt,
+        announce::Announcement,
         discovery::{Discovery, Lookup, Resolution},
         events::{Event, VipCondition},
         health::{ProbeFailure, ProbeResult, Tracker},
@@ -58,6 +60,8 @@ pub struct Start {
     pub adopted: Option<MapContents>,
     /// `--keep-datapath` was given (the config's `keep_datapath` can also ask for it).
     pub keep_datapath: bool,
+    /// `--withdrawn`: start with every VIP withdrawn (until `balancer announce`).
+    pub withdrawn: bool,
 }
 
 /// A config file's text, parsed once: the daemon needs its backends' addresses (to resolve
@@ -120,6 +124,12 @@ pub enum Input {
     Tick,
     /// The kernel refused part of the last plan.
     PlanFailed { error: String },
+    /// `balancer withdraw` (`withdraw`) or `balancer announce`, of one VIP or all.
+    Operator { vip: Option<String>, withdraw: bool },
+    /// The routes of the last `Output::routes` could not all be written.
+    RoutesFailed { error: String },
+    /// The peers' connection tables are copied (or the wait for them is over).
+    SyncReady { detail: String },
 }
 
 /// What the daemon must do.
@@ -134,6 +144,10 @@ pub struct Output {
     pub reload: Option<ReloadOutcome>,
     /// DNS lookups to perform (answers come back as `Input::Discovered`).
     pub lookups: Vec<Lookup>,
+    /// The VIP addresses to announce (`[announce]`), when they change: the routes to hold.
+    pub routes: Option<std::collections::BTreeSet<IpAddr>>,
+    /// The answer to `Input::Operator`: what to tell the operator, or why not.
+    pub answer: Option<Result<String, String>>,
 }
 
 pub struct Core {
@@ -178,6 +192,11 @@ pub struct Core {
     log: LogLimit,
     /// When ongoing conditions are next summarised in the log.
     conditions_due: Instant,
+    /// Which VIP addresses are announced, and what withholds the others.
+    announcement: Announcement,
+    /// The routes may not be what `announcement.routes` says (at start, after a failure):
+    /// they are written whole again.
+    routes_unknown: bool,
 }
 
 /// Rejected records of one answer that are logged (the others are counted).
@@ -196,6 +215,8 @@ impl Core {
     /// The core for a starting daemon, and the effects of starting: the first plan (from
     /// empty maps, or from what adopted maps hold) and the health checks to run.
     pub fn start(start: Start, now: Instant) -> Result<(Core, Output), CoreError> {
+        let announcement =
+            Announcement::starting(&start.config, start.withdrawn, start.adopted.is_some());
         let discovery = start
             .config
             .vips
@@ -232,6 +253,8 @@ impl Core {
             unreachable: BTreeMap::new(),
             log: LogLimit::default(),
             conditions_due: now + CONDITIONS_EVERY,
+            announcement,
+            routes_unknown: true,
         };
         if let Some(pinned) = &start.adopted {
             core.seed_discovered(pinned);
@@ -266,6 +289,7 @@ impl Core {
         core.commit(desired, &mut out);
         out.checks = Some(core.checks.clone());
         core.lookups(now, &mut out);
+        core.announce(&mut out);
         core.limit(&mut out.events, now);
         Ok((core, out))
     }
@@ -311,9 +335,76 @@ impl Core {
                 self.held_unknown = true;
                 out.events.push(Event::PlanFailed { error });
             }
+            Input::Operator { vip, withdraw } => {
+                let answer = match self.config.announce {
+                    None => Err(format!(
+                        "{} has no [announce] table: this balancer announces nothing",
+                        self.config_path.display()
+                    )),
+                    Some(_) => self
+                        .announcement
+                        .operator(&self.config, vip.as_deref(), withdraw),
+                };
+                out.answer = Some(answer);
+            }
+            Input::RoutesFailed { error } => {
+                self.routes_unknown = true;
+                out.events.push(Event::RoutesFailed { error });
+            }
+            Input::SyncReady { detail } => {
+                if self.announcement.awaiting_sync {
+                    self.announcement.awaiting_sync = false;
+                    out.events.push(Event::SyncReady { detail });
+                }
+            }
         }
+        self.announce(&mut out);
         self.limit(&mut out.events, now);
         out
+    }
+
+    /// The routes to hold when the announced addresses change (or must be written again),
+    /// and the event that says so.
+    fn announce(&mut self, out: &mut Output) {
+        let Some(announce) = &self.config.announce else {
+            return;
+        };
+        self.announcement.retain(&self.config);
+        let wanted = self.announcement.wanted(&self.config, &self.desired);
+        let old = &self.announcement.routes;
+        if wanted == *old && !self.routes_unknown {
+            return;
+        }
+        let added: Vec<IpAddr> = wanted.difference(old).copied().collect();
+        let reasons = self.announcement.reasons(&self.config, &self.desired);
+        let withdrawn: Vec<(IpAddr, String)> = old
+            .difference(&wanted)
+            .map(|address| {
+                let why = self
+                    .config
+                    .vips
+                    .iter()
+                    .filter(|v| v.address == *address)
+                    .filter_map(|v| Some(format!("{}: {}", v.name, reasons.get(&v.name)?.as_str())))
+                    .collect::<Vec<_>>();
+                let why = if why.is_empty() {
+                    "no VIP has this address any more".to_owned()
+                } else {
+                    why.join("; ")
+                };
+                (*address, why)
+            })
+            .collect();
+        if !added.is_empty() || !withdrawn.is_empty() {
+            out.events.push(Event::Announced {
+                added,
+                withdrawn,
+                table: announce.table,
+            });
+        }
+        self.routes_unknown = false;
+        self.announcement.routes.clone_from(&wanted);
+        out.routes = Some(wanted);
     }
 
     /// Passes the events the log budget allows; counts the others for the next summary.
@@ -1062,6 +1153,7 @@ impl Core {
             all_down: &self.all_down,
             traffic: &self.traffic,
             discovery: &self.discovery,
+            announcement: &self.announcement,
         })
     }
 }

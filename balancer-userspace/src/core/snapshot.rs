@@ -64,6 +64,20 @@ pub struct Snapshot {
     /// Packets per XDP verdict (indexed like `xdp_action::NAMES`).
     pub verdicts: Vec<u64>,
     pub nat: NatView,
+    /// What is announced (`[announce]`), if anything is.
+    pub announce: Option<AnnounceView>,
+    /// Connection-table sync (`[sync]`): its live counters, set by the daemon.
+    pub sync: Option<std::sync::Arc<crate::sync::SyncStats>>,
+}
+
+/// The announced routes and what withholds the others.
+#[derive(Clone, Debug)]
+pub struct AnnounceView {
+    pub table: u32,
+    pub routes: Vec<IpAddr>,
+    pub withdrawn_all: bool,
+    pub withdrawn: Vec<String>,
+    pub awaiting_sync: bool,
 }
 
 /// The NAT tables and what happened in them.
@@ -105,6 +119,8 @@ pub struct VipView {
     pub backends: Vec<BackendView>,
     /// The VIP's DNS discovery, if it discovers.
     pub discovery: Option<DiscoveryView>,
+    /// With `[announce]`: why the VIP is not announced (`None`: it is, or nothing is).
+    pub unannounced: Option<&'static str>,
 }
 
 /// A VIP's discovery as the status shows it.
@@ -151,10 +167,12 @@ pub struct Sources<'a> {
     pub all_down: &'a HashMap<String, AllDownStats>,
     pub traffic: &'a Traffic,
     pub discovery: &'a BTreeMap<String, crate::core::discovery::Discovery>,
+    pub announcement: &'a crate::core::announce::Announcement,
 }
 
 pub fn build(s: &Sources) -> Snapshot {
     let counters = &s.traffic.counters;
+    let unannounced = s.announcement.reasons(s.config, s.desired);
     Snapshot {
         counters_at: s.traffic.read_at,
         config_path: s.config_path.clone(),
@@ -170,11 +188,27 @@ pub fn build(s: &Sources) -> Snapshot {
             .vips
             .iter()
             .zip(&s.config.vips)
-            .map(|(vip, config)| vip_view(s, vip, config))
+            .map(|(vip, config)| VipView {
+                unannounced: s
+                    .config
+                    .announce
+                    .as_ref()
+                    .and(unannounced.get(&vip.name))
+                    .map(|r| r.as_str()),
+                ..vip_view(s, vip, config)
+            })
             .collect(),
         outcomes: counters.outcomes.clone(),
         verdicts: counters.verdicts(),
         nat: nat_view(s),
+        announce: s.config.announce.as_ref().map(|a| AnnounceView {
+            table: a.table,
+            routes: s.announcement.routes.iter().copied().collect(),
+            withdrawn_all: s.announcement.withdrawn_all,
+            withdrawn: s.announcement.withdrawn.iter().cloned().collect(),
+            awaiting_sync: s.announcement.awaiting_sync,
+        }),
+        sync: None,
     }
 }
 
@@ -237,6 +271,7 @@ fn vip_view(s: &Sources, vip: &DesiredVip, config: &crate::config::Vip) -> VipVi
                 state: s.discovery.get(&vip.name)?.clone(),
             })
         }),
+        unannounced: None,
         backends: vip
             .backends
             .iter()

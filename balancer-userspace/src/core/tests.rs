@@ -76,6 +76,7 @@ fn start_with(text: &str, adopted: Option<MapContents>, now: Instant) -> (Core, 
             unreachable: Vec::new(),
             adopted,
             keep_datapath: false,
+            withdrawn: false,
         },
         now,
     )
@@ -657,6 +658,7 @@ fn start_big(n: usize, now: Instant) -> Core {
             unreachable: Vec::new(),
             adopted: None,
             keep_datapath: false,
+            withdrawn: false,
         },
         now,
     )
@@ -1187,4 +1189,196 @@ fn the_fingerprint_is_what_the_table_means_not_its_ids() {
     let seeded = WEB.replace("[balancer]\n", "[balancer]\nhash_seed = 7\n");
     let (e, _) = start_with(&seeded, None, t0);
     assert_ne!(fingerprint(&a), fingerprint(&e));
+}
+
+/// `WEB` announcing in table 100, with a second VIP on another address.
+fn announcing() -> String {
+    WEB.replace("[[vip]]", "[announce]\ntable = 100\n\n[[vip]]")
+        + r#"
+[[vip]]
+name = "dns"
+address = "192.0.2.2"
+port = 53
+protocol = "udp"
+forwarding = "dsr"
+table_size = 251
+when_all_down = "drop"
+health = { kind = "tcp", port = 53, interval = "1s", timeout = "500ms", rise = 2, fall = 1 }
+backends = [{ address = "10.0.0.5" }]
+"#
+}
+
+fn addresses(list: &[&str]) -> std::collections::BTreeSet<IpAddr> {
+    list.iter().map(|a| a.parse().unwrap()).collect()
+}
+
+#[test]
+fn servable_vips_are_announced_and_withdrawn_with_their_backends() {
+    let now = Instant::now();
+    let (mut core, out) = start_with(&announcing(), None, now);
+    assert_eq!(
+        out.routes,
+        Some(addresses(&["192.0.2.1", "192.0.2.2"])),
+        "both VIPs have healthy backends"
+    );
+    assert!(out
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::Announced { added, .. } if added.len() == 2)));
+
+    // The one backend of "dns" fails (fall 1): it drops, so it is withdrawn.
+    let key = ("dns".to_owned(), ip(5));
+    core.handle(
+        Input::Probe {
+            key: key.clone(),
+            result: Err(ProbeFailure::Refused),
+            seconds: 0.001,
+        },
+        now,
+    );
+    let out = core.handle(Input::Tick, now + COALESCE);
+    assert_eq!(out.routes, Some(addresses(&["192.0.2.1"])));
+    let said = out.events.iter().find_map(|e| match e {
+        Event::Announced { withdrawn, .. } => Some(withdrawn.clone()),
+        _ => None,
+    });
+    assert_eq!(
+        said,
+        Some(vec![(
+            "192.0.2.2".parse().unwrap(),
+            "dns: no backend takes new flows".to_owned()
+        )])
+    );
+    // Nothing changes: no routes written again.
+    assert_eq!(core.handle(Input::Tick, now + COALESCE * 2).routes, None);
+
+    // Every backend of "web" down: it fails open (the default), so it stays announced.
+    for last in 1..=3 {
+        for step in 0..3 {
+            probe(&mut core, last, false, now + Duration::from_secs(step));
+        }
+    }
+    assert!(core.desired().vips[0].fail_open);
+    assert!(core.snapshot().vips[0].unannounced.is_none());
+}
+
+#[test]
+fn the_operator_withdraws_and_announces_again() {
+    let now = Instant::now();
+    let (mut core, _) = start_with(&announcing(), None, now);
+    let operator = |core: &mut Core, vip: Option<&str>, withdraw: bool| {
+        let vip = vip.map(str::to_owned);
+        core.handle(Input::Operator { vip, withdraw }, now)
+    };
+    let out = operator(&mut core, Some("web"), true);
+    assert_eq!(
+        out.answer,
+        Some(Ok(
+            "VIP \"web\" withdrawn (until `balancer announce`)".to_owned()
+        ))
+    );
+    assert_eq!(out.routes, Some(addresses(&["192.0.2.2"])));
+    assert_eq!(
+        core.snapshot().vips[0].unannounced,
+        Some("withdrawn by the operator")
+    );
+    let out = operator(&mut core, None, true);
+    assert_eq!(out.routes, Some(addresses(&[])));
+    let out = operator(&mut core, Some("dns"), false);
+    assert!(
+        matches!(&out.answer, Some(Err(e)) if e.contains("without --vip")),
+        "{:?}",
+        out.answer
+    );
+    let out = operator(&mut core, Some("nope"), true);
+    assert!(
+        matches!(&out.answer, Some(Err(e)) if e.contains("no VIP named \"nope\" (the config has: web, dns)"))
+    );
+    let out = operator(&mut core, None, false);
+    assert_eq!(out.routes, Some(addresses(&["192.0.2.1", "192.0.2.2"])));
+
+    // A withdrawn VIP that a reload removes is forgotten; re-added later, it is announced.
+    operator(&mut core, Some("dns"), true);
+    reload(
+        &mut core,
+        &announcing().replace("name = \"dns\"", "name = \"dns2\""),
+        now,
+    );
+    assert!(core.announcement.withdrawn.is_empty());
+    assert_eq!(
+        core.announcement.routes,
+        addresses(&["192.0.2.1", "192.0.2.2"])
+    );
+}
+
+#[test]
+fn without_an_announce_table_nothing_is_announced_or_withdrawn() {
+    let now = Instant::now();
+    let (mut core, out) = start_with(WEB, None, now);
+    assert_eq!(out.routes, None);
+    let out = core.handle(
+        Input::Operator {
+            vip: None,
+            withdraw: true,
+        },
+        now,
+    );
+    assert!(matches!(&out.answer, Some(Err(e)) if e.contains("has no [announce] table")));
+    assert_eq!(out.routes, None);
+    assert!(core.snapshot().announce.is_none());
+}
+
+#[test]
+fn a_fresh_start_with_sync_peers_announces_once_the_tables_are_copied() {
+    let now = Instant::now();
+    let text = announcing().replace(
+        "[announce]",
+        "[sync]\nlisten = \"10.0.0.100:7946\"\npeers = [\"10.0.0.101:7946\"]\nkey_file = \"/etc/balancer/sync.key\"\n\n[announce]",
+    );
+    let (mut core, out) = start_with(&text, None, now);
+    assert_eq!(out.routes, Some(addresses(&[])), "the routes are cleared");
+    assert_eq!(
+        core.snapshot().vips[0].unannounced,
+        Some("waiting for the peers' connection tables")
+    );
+    let out = core.handle(
+        Input::SyncReady {
+            detail: "copied".into(),
+        },
+        now,
+    );
+    assert_eq!(out.routes, Some(addresses(&["192.0.2.1", "192.0.2.2"])));
+    assert!(out
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::SyncReady { .. })));
+
+    // Adopting a data plane keeps its table: no wait.
+    let adopted = {
+        let (earlier, _) = start_with(&text, None, now);
+        MapContents {
+            tables: Default::default(),
+            ..earlier.desired().maps.clone()
+        }
+    };
+    let (_, out) = start_with(&text, Some(adopted), now);
+    assert_eq!(out.routes, Some(addresses(&["192.0.2.1", "192.0.2.2"])));
+}
+
+#[test]
+fn routes_that_failed_are_written_again_whole() {
+    let now = Instant::now();
+    let (mut core, _) = start_with(&announcing(), None, now);
+    let out = core.handle(
+        Input::RoutesFailed {
+            error: "EPERM".into(),
+        },
+        now,
+    );
+    assert!(out
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::RoutesFailed { .. })));
+    assert_eq!(out.routes, Some(addresses(&["192.0.2.1", "192.0.2.2"])));
+    assert_eq!(core.handle(Input::Tick, now).routes, None);
 }

@@ -52,6 +52,11 @@ enum Command {
         /// program with the same map layout; checked against the pinned maps).
         #[arg(long, value_name = "FILE")]
         program_object: Option<PathBuf>,
+        /// Start with every VIP withdrawn (the config's `[announce]` routes are not written)
+        /// until `balancer announce`: a balancer brought up for checking before it takes
+        /// traffic.
+        #[arg(long)]
+        withdrawn: bool,
     },
     /// Remove a data plane left running (by --keep-datapath or a crash) from an interface:
     /// detach its program and remove its pins. Refused while a daemon runs on it.
@@ -123,6 +128,25 @@ enum Command {
         #[arg(long, hide = true, value_name = "ADDR")]
         api: Option<String>,
     },
+    /// Take this balancer out of rotation: withdraw the route of every VIP (or of one) from
+    /// the `[announce]` table, so that the BGP speaker withdraws it from the router. Flows
+    /// already here are still forwarded. Lasts until `balancer announce` or a restart.
+    Withdraw {
+        #[command(flatten)]
+        target: SocketTarget,
+        /// Only this VIP (by name); without it, every VIP, also those added later.
+        #[arg(long, value_name = "NAME")]
+        vip: Option<String>,
+    },
+    /// Put this balancer back into rotation: announce again every VIP (or one) that it can
+    /// serve.
+    Announce {
+        #[command(flatten)]
+        target: SocketTarget,
+        /// Only this VIP (by name).
+        #[arg(long, value_name = "NAME")]
+        vip: Option<String>,
+    },
     /// Validate a config file without touching the kernel (no root needed); VIPs that
     /// discover their backends are resolved once, to show what they would get.
     Check {
@@ -133,6 +157,36 @@ enum Command {
         #[arg(long)]
         no_resolve: bool,
     },
+}
+
+/// How a command finds the daemon's control socket.
+#[derive(clap::Args)]
+struct SocketTarget {
+    /// The config file the daemon runs with: its `control_socket`, else its `interface` and
+    /// `pin_dir`, name the socket.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// The daemon's interface (overrides the config's).
+    #[arg(long, short)]
+    interface: Option<String>,
+    /// The daemon's pin directory (overrides the config's), if it was started with one.
+    #[arg(long, value_name = "DIR")]
+    pin_dir: Option<PathBuf>,
+    /// The control socket itself.
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+}
+
+impl SocketTarget {
+    fn target(self) -> Target {
+        Target {
+            config: self.config,
+            interface: self.interface,
+            pin_dir: self.pin_dir,
+            socket: self.socket,
+            api: None,
+        }
+    }
 }
 
 /// Parses the command line and runs the subcommand.
@@ -148,6 +202,7 @@ pub fn main() -> ExitCode {
             replace,
             pin_dir,
             program_object,
+            withdrawn,
         } => run_async(
             true,
             crate::daemon::run(RunOptions {
@@ -157,8 +212,11 @@ pub fn main() -> ExitCode {
                 replace,
                 pin_dir,
                 program_object,
+                withdrawn,
             }),
         ),
+        Command::Withdraw { target, vip } => operator(target.target(), vip, true),
+        Command::Announce { target, vip } => operator(target.target(), vip, false),
         Command::Detach {
             interface,
             config,
@@ -212,6 +270,21 @@ pub fn main() -> ExitCode {
             socket,
             api: None,
         }),
+    }
+}
+
+/// `balancer withdraw` and `balancer announce`.
+fn operator(target: Target, vip: Option<String>, withdraw: bool) -> ExitCode {
+    let runtime = runtime();
+    match runtime.block_on(subcommands::operator(&target, vip, withdraw)) {
+        Ok(line) => {
+            println!("{line}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

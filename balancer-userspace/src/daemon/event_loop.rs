@@ -32,6 +32,7 @@ use crate::{
         Core, Input, Output, ReadConfig,
     },
     daemon::{
+        fleet::{Fleet, FleetInputs},
         probes::{ProbeDone, ProbeTasks},
         startup::log_events,
         watch::{Change, Settle},
@@ -63,6 +64,8 @@ pub struct Inputs {
     pub refresh: mpsc::Receiver<()>,
     /// The NAT sweeper's reports.
     pub nat_sweeps: mpsc::Receiver<Result<NatSweep, String>>,
+    /// The fleet pieces' reports.
+    pub fleet: FleetInputs,
 }
 
 /// A discovery lookup that came back, with the next hops of its new addresses.
@@ -136,6 +139,8 @@ pub struct EventLoop<'a> {
     last_sample: Option<Instant>,
     /// An API request asked for counters too soon after the last reading: read then.
     sample_due: Option<Instant>,
+    /// The announced routes and the sync (`[announce]`, `[sync]`).
+    pub fleet: Fleet,
 }
 
 /// Sleeps until `at`, or forever.
@@ -171,6 +176,7 @@ impl<'a> EventLoop<'a> {
             settle,
             last_sample: None,
             sample_due: None,
+            fleet: Fleet::default(),
         }
     }
 
@@ -222,6 +228,8 @@ impl<'a> EventLoop<'a> {
                 () = until(self.sample_due) => self.sample(),
                 Some(()) = inputs.refresh.recv() => self.sample_soon(),
                 Some(sweep) = inputs.nat_sweeps.recv() => { self.handle(Input::NatSwept(sweep)); }
+                Some(error) = inputs.fleet.route_failures.recv() => { self.handle(Input::RoutesFailed { error }); }
+                Some(detail) = inputs.fleet.sync_ready.recv() => { self.handle(Input::SyncReady { detail }); }
             }
         }
     }
@@ -232,6 +240,7 @@ impl<'a> EventLoop<'a> {
         let out = self.core.handle(input, Instant::now());
         let changed = out.plan.is_some()
             || out.checks.is_some()
+            || out.routes.is_some()
             || !out.events.is_empty()
             || out.reload.is_some();
         let outcome = self.perform(out);
@@ -261,8 +270,12 @@ impl<'a> EventLoop<'a> {
             self.probes.sync(checks);
         }
         self.start_lookups(std::mem::take(&mut out.lookups));
+        if let (Some(routes), Some(set)) = (&self.fleet.routes, out.routes.take()) {
+            routes.set(set);
+        }
         if out.plan.is_some() {
             self.attach_reply_interfaces();
+            self.fleet.maps_changed(self.core);
         }
         out.reload
     }
@@ -345,7 +358,9 @@ impl<'a> EventLoop<'a> {
 
     pub fn publish(&mut self) {
         self.publish_due = None;
-        self.snapshots.send_replace(Arc::new(self.core.snapshot()));
+        let mut snapshot = self.core.snapshot();
+        snapshot.sync = self.fleet.sync.as_ref().map(|(stats, _)| stats.clone());
+        self.snapshots.send_replace(Arc::new(snapshot));
     }
 
     /// Resolves `addresses` in a task of its own; the answers come back as they are known.
@@ -439,13 +454,31 @@ impl<'a> EventLoop<'a> {
     }
 
     fn command(&mut self, command: Command) {
-        match command.request {
-            ControlRequest::Reload => self.reload(Request {
-                trigger: "control socket",
-                only_if_changed: false,
-                replies: vec![command.reply],
-            }),
-        }
+        let (vip, withdraw) = match command.request {
+            ControlRequest::Reload => {
+                return self.reload(Request {
+                    trigger: "control socket",
+                    only_if_changed: false,
+                    replies: vec![command.reply],
+                })
+            }
+            ControlRequest::Withdraw { vip } => (vip, true),
+            ControlRequest::Announce { vip } => (vip, false),
+        };
+        let out = self
+            .core
+            .handle(Input::Operator { vip, withdraw }, Instant::now());
+        let answer = out.answer.clone();
+        self.perform(out);
+        self.publish();
+        let reply = match answer {
+            Some(Ok(message)) => ControlReply::Done { message },
+            Some(Err(error)) => ControlReply::Rejected { error },
+            None => ControlReply::Failed {
+                error: "the daemon did not answer".to_owned(),
+            },
+        };
+        let _ = command.reply.send(reply);
     }
 
     /// Starts a reload: reads and parses the file, and asks for the next hops of its new

@@ -10,6 +10,7 @@
 
 pub mod cli;
 pub mod event_loop;
+pub mod fleet;
 pub mod probes;
 pub mod startup;
 pub mod subcommands;
@@ -56,6 +57,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         nofile,
         mut first,
         lock,
+        sync_key,
     } = start(options).await?;
 
     let (probe_results, probes_inbox) = mpsc::channel(PROBE_QUEUE);
@@ -77,27 +79,19 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let (refresh, refresh_inbox) = mpsc::channel(1);
     let (commands, commands_inbox) = mpsc::channel(16);
     let (stop, stopped) = latest::channel(false);
-    let until_stopped = |mut stopped: latest::Receiver<bool>| async move {
-        let _ = stopped.wait_for(|s| *s).await;
-    };
     let state = ApiState {
         snapshots: snapshot_rx,
         attachment: Arc::new(attachment),
         refresh,
         connections: Arc::default(),
     };
-    let limits = Limits::of(core.config());
-    let api = tokio::spawn(serve(
-        listener,
-        state,
-        limits,
-        until_stopped(stopped.clone()),
-    ));
-    let control = tokio::spawn(control.serve(commands, until_stopped(stopped)));
+    let (api, control) = serve_api(&core, listener, state, control, commands, stopped);
 
     let (sweeps_inbox, sweeper_stop) = start_sweeper(&dataplane)?;
+    let (fleet, fleet_inputs) = fleet::start(&core, &dataplane, &mut first, sync_key)?;
     let mut event_loop =
         EventLoop::new(&mut core, &mut dataplane, resolver, &mut probes, &snapshots);
+    event_loop.fleet = fleet;
     event_loop.attach_reply_interfaces();
     event_loop.start_lookups(std::mem::take(&mut first.lookups));
     // Counters before the first snapshot is served.
@@ -108,9 +102,15 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         commands: commands_inbox,
         refresh: refresh_inbox,
         nat_sweeps: sweeps_inbox,
+        fleet: fleet_inputs,
     };
     let which = event_loop.run(inputs).await.context("the event loop")?;
     info!("{which}: shutting down");
+    let mut fleet = std::mem::take(&mut event_loop.fleet);
+    let keep = core.keep_datapath();
+    fleet
+        .withdraw_before_exit(core.config().announce.as_ref(), keep)
+        .await;
     sweeper_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     probes.stop();
     let _ = stop.send(true);
@@ -118,11 +118,33 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         warn!("status API task: {e}");
     }
     let _ = control.await;
-    let keep = core.keep_datapath();
     drop(core);
     finish(dataplane, keep, &pin_dir, &interface)?;
     drop(lock);
     Ok(())
+}
+
+/// The status API and the control socket, each a task until `stopped`.
+fn serve_api(
+    core: &crate::core::Core,
+    listener: tokio::net::TcpListener,
+    state: ApiState,
+    control: crate::api::control::ControlServer,
+    commands: mpsc::Sender<crate::api::control::Command>,
+    stopped: latest::Receiver<bool>,
+) -> (tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>) {
+    let until_stopped = |mut stopped: latest::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    };
+    let limits = Limits::of(core.config());
+    let api = tokio::spawn(serve(
+        listener,
+        state,
+        limits,
+        until_stopped(stopped.clone()),
+    ));
+    let control = tokio::spawn(control.serve(commands, until_stopped(stopped)));
+    (api, control)
 }
 
 /// The NAT sweeper's reports.

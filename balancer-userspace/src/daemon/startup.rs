@@ -40,6 +40,8 @@ pub struct RunOptions {
     pub pin_dir: Option<PathBuf>,
     /// Load the XDP program from this object file instead of the one built in.
     pub program_object: Option<PathBuf>,
+    /// Start with every VIP withdrawn (`[announce]`), until `balancer announce`.
+    pub withdrawn: bool,
 }
 
 /// A started daemon: everything the event loop works with.
@@ -59,6 +61,8 @@ pub struct Daemon {
     pub first: Output,
     /// One daemon per interface and pin directory, until dropped.
     pub lock: Lock,
+    /// The sync's key (`[sync]`), read before anything was touched.
+    pub sync_key: Option<crate::sync::wire::Key>,
 }
 
 /// What the config and the command line say about where the daemon runs.
@@ -80,6 +84,10 @@ pub async fn start(options: RunOptions) -> anyhow::Result<Daemon> {
         object,
     } = setting;
     let nofile = open_files_limit()?;
+    let sync_key = match &config.sync {
+        Some(sync) => Some(crate::shell::sync::read_key(&sync.key_file)?),
+        None => None,
+    };
     // Before touching the data plane: the lock (one daemon per interface), and the listeners
     // (a taken port must not cost a restart of forwarding).
     let lock = Lock::take(&pin_dir, &interface)?;
@@ -125,6 +133,7 @@ pub async fn start(options: RunOptions) -> anyhow::Result<Daemon> {
         unreachable,
         adopted: loaded.adopted,
         keep_datapath: options.keep_datapath,
+        withdrawn: options.withdrawn,
     };
     let (core, first, dataplane) = first_plan(start, dataplane).map_err(cleanup)?;
     if let Some(summary) = core.adopted() {
@@ -145,6 +154,7 @@ pub async fn start(options: RunOptions) -> anyhow::Result<Daemon> {
         nofile,
         first,
         lock,
+        sync_key,
     })
 }
 

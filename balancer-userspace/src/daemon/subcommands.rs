@@ -227,7 +227,31 @@ pub async fn reload(target: &Target) -> anyhow::Result<(bool, Vec<String>)> {
         }
         ControlReply::Rejected { error } => (false, vec![format!("reload rejected: {error}")]),
         ControlReply::Failed { error } => (false, vec![format!("reload failed: {error}")]),
+        ControlReply::Done { message } => (false, vec![format!("unexpected answer: {message}")]),
     })
+}
+
+/// `balancer withdraw` (`withdraw`) and `balancer announce`: what the daemon did.
+pub async fn operator(
+    target: &Target,
+    vip: Option<String>,
+    withdraw: bool,
+) -> anyhow::Result<String> {
+    let socket = target.socket()?;
+    let request = if withdraw {
+        ControlRequest::Withdraw { vip }
+    } else {
+        ControlRequest::Announce { vip }
+    };
+    match control::request(&socket, &request).await? {
+        ControlReply::Done { message } => Ok(message),
+        ControlReply::Rejected { error } | ControlReply::Failed { error } => {
+            Err(anyhow::anyhow!(error))
+        }
+        other => Err(anyhow::anyhow!(
+            "unexpected answer from the daemon: {other:?}"
+        )),
+    }
 }
 
 /// `balancer detach`: removes a data plane left running (kept, or orphaned by a crash) and

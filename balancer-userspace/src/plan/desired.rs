@@ -10,7 +10,7 @@ use balancer_common::{
     nat::{NatSettings, NatVip, MAX_SNAT_ADDRESSES, NAT_VIP_F_SNAT},
     Backend, VipKey, VipMeta, BACKEND_F_DOWN, BACKEND_F_DRAINING, BACKEND_F_VALID, FORWARD_DSR,
     FORWARD_NAT, FORWARD_TUNNEL, NO_BACKEND, PROTO_ICMP, PROTO_ICMPV6, VIP_F_ADDRESS,
-    VIP_F_FRAGMENTS, VIP_F_FRAGMENTS_ONLY, VIP_F_HASH_DST_PORT_ONLY,
+    VIP_F_FRAGMENTS, VIP_F_FRAGMENTS_ONLY, VIP_F_HASH_DST_PORT_ONLY, VIP_F_SYNC,
 };
 
 use crate::{
@@ -165,6 +165,7 @@ pub fn desired_state_after(
             vip_id: ids.vip(&vip.name).expect("assigned above"),
             seed: config.hash_seed,
             previous: previous.and_then(|p| p.vips.iter().find(|v| v.name == vip.name)),
+            syncs: config.sync.is_some() && vip.forwarding != Forwarding::Nat,
         };
         let desired = planned.build(&list, next_hops, health, ids, &mut state.maps);
         state.vips.push(desired);
@@ -203,6 +204,8 @@ struct VipPlan<'a> {
     seed: u32,
     /// The VIP as last planned, if it was.
     previous: Option<&'a DesiredVip>,
+    /// Its new-flow decisions go to the fleet's peers (`[sync]`; not under NAT).
+    syncs: bool,
 }
 
 impl VipPlan<'_> {
@@ -400,6 +403,9 @@ impl VipPlan<'_> {
         }
         if vip.fragments {
             flags |= VIP_F_FRAGMENTS;
+        }
+        if self.syncs {
+            flags |= VIP_F_SYNC;
         }
         VipMeta {
             vip_id: self.vip_id,

@@ -6,7 +6,9 @@
 //! - [`kernel`]: what the running kernel supports;
 //! - [`host`]: the host's own addresses;
 //! - [`probe`]: health probes (TCP connect, HTTP GET);
-//! - [`nat_sweep`]: the NAT sweeper's thread.
+//! - [`nat_sweep`]: the NAT sweeper's thread;
+//! - [`dns`]: discovery lookups;
+//! - [`routes`]: the routes that announce VIPs to a BGP speaker.
 
 pub mod dataplane;
 pub mod dns;
@@ -16,3 +18,5 @@ pub mod nat_sweep;
 pub mod nexthop;
 pub mod pins;
 pub mod probe;
+pub mod routes;
+pub mod sync;

@@ -352,7 +352,8 @@ impl Dataplane {
             | Map::LruHashMap(d)
             | Map::PerCpuArray(d)
             | Map::PerCpuHashMap(d)
-            | Map::PerCpuLruHashMap(d) => Ok(d.fd()),
+            | Map::PerCpuLruHashMap(d)
+            | Map::RingBuf(d) => Ok(d.fd()),
             _ => Err(DataplaneError::Missing {
                 what: "array or hash map",
                 name,
