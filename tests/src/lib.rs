@@ -20,6 +20,7 @@
 #[cfg(feature = "datapath")]
 pub mod datapath;
 pub mod dns;
+pub mod fleet;
 pub mod http;
 pub mod netns;
 #[cfg(feature = "datapath")]

@@ -13,147 +13,29 @@
     reason = "every test target of the crate gets all its dev-dependencies and uses some"
 )]
 
-use std::{
-    net::{SocketAddr, SocketAddrV4},
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
 use balancer_tests::{
-    http::{download_digest_paced, get_json, Pattern},
-    netns::{remove_stale, require_root},
+    fleet::{fleet_config, FleetLab, STREAMS, STREAM_BYTES},
+    http::Pattern,
     prediction::predicted_backends,
-    process::BalancerProcess,
-    scratch::Scratch,
-    topology::{fleet_backend_addr, FleetTopology, FLEET_CLIENT_ADDR, FLEET_VIP_ADDR},
+    topology::{FLEET_CLIENT_ADDR, FLEET_VIP_ADDR},
 };
 use serde_json::Value;
 
-const API: &str = "127.0.0.1:9100";
-const STREAMS: usize = 200;
-/// Each stream: 100 KB at 20 KB/s, about 5 s.
-const STREAM_BYTES: u64 = 100_000;
-const STREAM_RATE: usize = 20_000;
-
-fn api() -> SocketAddr {
-    API.parse().unwrap()
-}
-
-/// The VIP over the first `backends` backends.
+/// The VIP over the first `backends` backends, on both balancers.
 fn config(backends: usize) -> String {
-    let list: Vec<String> = (0..backends)
-        .map(|i| format!("{{ address = \"{}\" }}", fleet_backend_addr(i)))
-        .collect();
-    format!(
-        r#"
-[balancer]
-interface = "eth0"
-hash_seed = "0x5eed"
-metrics_listen = "{API}"
-[[vip]]
-name = "web"
-address = "{FLEET_VIP_ADDR}"
-port = 80
-protocol = "tcp"
-forwarding = "dsr"
-health = {{ kind = "tcp", interval = "500ms", timeout = "250ms", rise = 1 }}
-backends = [{}]
-"#,
-        list.join(", ")
-    )
+    fleet_config(backends, "")
 }
 
-/// Two balancers behind the router, four backends with servers; the balancers run `config`.
-/// Dropped in order: daemons, servers, namespaces, files.
-struct Lab {
-    balancers: Vec<Option<BalancerProcess>>,
-    _servers: Vec<balancer_tests::http::HttpServer>,
-    topology: FleetTopology,
-    config: std::path::PathBuf,
-    _runs: Vec<Scratch>,
-    scratch: Scratch,
-}
-
-impl Lab {
-    fn new(name: &str, config: &str) -> Lab {
-        require_root("the fleet test");
-        remove_stale("lbt-");
-        let prefix = format!("lbt-{}-{name}-", std::process::id());
-        let scratch = Scratch::new(&prefix, "fleet");
-        let topology = FleetTopology::create(&prefix, 2, 4, 7);
-        let servers = topology.start_http_servers(|i| fleet_backend_addr(i).to_string());
-        let path = scratch.write_atomically("fleet.toml", config);
-        // Each balancer its own pin directory (the namespaces share one bpffs) and logs.
-        let runs: Vec<Scratch> = (0..2)
-            .map(|i| Scratch::named(&format!("{prefix}{}-lb{}", std::process::id(), i + 1)))
-            .collect();
-        let balancers = topology
-            .balancers
-            .iter()
-            .zip(&runs)
-            .map(|(ns, run)| {
-                let mut b = BalancerProcess::run(ns, &path, run, &[], "balancer.log");
-                b.wait_ready(ns, api(), Duration::from_secs(30));
-                Some(b)
-            })
-            .collect();
-        Lab {
-            balancers,
-            _servers: servers,
-            topology,
-            config: path,
-            _runs: runs,
-            scratch,
-        }
-    }
-
-    fn status(&self, i: usize) -> Value {
-        get_json(&self.topology.balancers[i], api(), "/api/v1/status").expect("status API")
-    }
-
-    /// Waits until both balancers have `healthy` backends up.
-    fn wait_healthy(&self, healthy: u64) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while (0..2).any(|i| self.status(i)["vips"][0]["healthy_backends"] != healthy) {
-            assert!(Instant::now() < deadline, "{:#}", self.status(0));
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// Flows each balancer placed so far.
-    fn new_flows(&self, i: usize) -> u64 {
-        self.status(i)["vips"][0]["stats"]["new_flows"]
-            .as_u64()
-            .unwrap()
-    }
-
-    /// Balancer 1 lost: daemon killed, link down, and the router's group without it (what a
-    /// BGP withdrawal or a lost session does).
-    fn lose_first(&mut self) {
-        self.balancers[0].take().unwrap().signal(libc::SIGKILL);
-        self.topology.balancers[0].ip(&["link", "set", "eth0", "down"]);
-        self.topology.route_over(&[1]);
-    }
-
-    /// `STREAMS` paced downloads from source ports `first_port`...; each thread's result.
-    fn streams(
-        &self,
-        first_port: u16,
-        bytes: u64,
-    ) -> Vec<std::thread::JoinHandle<Result<String, String>>> {
-        let to: SocketAddr = SocketAddrV4::new(FLEET_VIP_ADDR, 80).into();
-        (0..STREAMS as u16)
-            .map(|i| {
-                self.topology.client.spawn(move || {
-                    download_digest_paced(to, first_port + i, bytes, Some(STREAM_RATE))
-                })
-            })
-            .collect()
-    }
+/// Two balancers behind the router's nexthop group, running `config`.
+fn lab(name: &str, config: &str) -> FleetLab {
+    FleetLab::new(name, 2, false, |_| config.to_owned(), &[])
 }
 
 #[test]
 fn a_balancer_lost_mid_transfer_loses_no_stream() {
-    let mut lab = Lab::new("ecmp", &config(4));
+    let mut lab = lab("ecmp", &config(4));
     lab.wait_healthy(4);
     // The same table: the same fingerprint.
     let fingerprints: Vec<Value> = (0..2)
@@ -165,7 +47,7 @@ fn a_balancer_lost_mid_transfer_loses_no_stream() {
     std::thread::sleep(Duration::from_millis(1500));
     let lost_flows = lab.new_flows(0);
     let kept_flows = lab.new_flows(1);
-    lab.lose_first();
+    lab.lose(0);
 
     let expected = Pattern::digest(STREAM_BYTES);
     let results: Vec<Result<String, String>> =
@@ -208,17 +90,19 @@ fn a_balancer_lost_mid_transfer_loses_no_stream() {
 #[test]
 fn a_backend_added_then_a_balancer_lost_breaks_what_the_tables_predict() {
     const FIRST_PORT: u16 = 31_000;
-    let mut lab = Lab::new("dbl", &config(3));
+    let mut lab = lab("dbl", &config(3));
     lab.wait_healthy(3);
     // 8 s streams: time for the reload and its checks before the loss.
     let streams = lab.streams(FIRST_PORT, 160_000);
     std::thread::sleep(Duration::from_millis(1500));
-    lab.scratch.write_atomically("fleet.toml", &config(4));
-    assert_eq!(lab.config, lab.scratch.path("fleet.toml"));
+    for i in 0..2 {
+        lab.scratch
+            .write_atomically(&format!("lb{}.toml", i + 1), &config(4));
+    }
     lab.wait_healthy(4);
     let lost_flows = lab.new_flows(0);
     let kept_flows = lab.new_flows(1);
-    lab.lose_first();
+    lab.lose(0);
     let results: Vec<Result<String, String>> =
         streams.into_iter().map(|s| s.join().unwrap()).collect();
 

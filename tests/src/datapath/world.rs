@@ -303,6 +303,27 @@ impl World {
         self.dataplane.nat_entries().expect("NAT tables read").len()
     }
 
+    /// The new-flow decisions the program handed to the sync since the last call (the
+    /// `SYNC_EVENTS` ring, drained).
+    pub fn sync_events(&mut self) -> Vec<balancer_common::SyncEvent> {
+        let map = self
+            .dataplane
+            .raw_map_mut(map_names::SYNC_EVENTS)
+            .expect("SYNC_EVENTS");
+        let mut ring: aya::maps::RingBuf<&mut aya::maps::MapData> =
+            map.try_into().expect("a ring buffer");
+        let mut events = Vec::new();
+        while let Some(item) = ring.next() {
+            assert_eq!(
+                item.len(),
+                std::mem::size_of::<balancer_common::SyncEvent>()
+            );
+            // SAFETY: a whole `SyncEvent`, written by the program; read unaligned.
+            events.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
+        }
+        events
+    }
+
     /// The backend id the connection table holds for `flow`.
     pub fn conn(&self, flow: &FlowKey) -> Option<u32> {
         self.dataplane

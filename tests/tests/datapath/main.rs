@@ -18,6 +18,7 @@
 
 mod fixtures;
 mod nat;
+mod sync;
 
 use std::net::IpAddr;
 
