@@ -62,7 +62,7 @@ const SETTLE: Duration = Duration::from_secs(15);
 /// The options every BGP session of the fleet shares (both ends), commented.
 fn session_options() -> String {
     format!(
-        "  # Failure detection: BFD first (below), the hold timer as the backstop.
+        "  # Failure detection: BFD (protocol bfd), the hold timer as the backstop.
   bfd on;
   hold time {HOLD_TIME};
   keepalive time {KEEPALIVE_TIME};
@@ -72,8 +72,8 @@ fn session_options() -> String {
   connect delay time 1;
   connect retry time 2;
   error wait time 1, 10;
-  # A peer that is gone is gone: its routes leave with the session, not after a
-  # graceful-restart grace period.
+  # A peer that is gone is gone: its routes leave with the session, none kept stale for a
+  # graceful restart.
   graceful restart off;
 "
     )
@@ -82,13 +82,16 @@ fn session_options() -> String {
 /// BFD for every session that asks for it (`bfd on`), on any interface.
 fn bfd_protocol() -> String {
     format!(
-        "protocol bfd {{
+        "# BFD for the sessions that ask for it (`bfd on`): a packet every {BFD_INTERVAL_MS} ms each
+# way, the peer down after {BFD_MULTIPLIER} missed ({detection} ms), and the BGP session with it.
+protocol bfd {{
   interface \"*\" {{
     interval {BFD_INTERVAL_MS} ms;
     multiplier {BFD_MULTIPLIER};
   }};
 }}
-"
+",
+        detection = BFD_INTERVAL_MS * BFD_MULTIPLIER
     )
 }
 
