@@ -17,6 +17,7 @@
     reason = "topologies and scenarios read top to bottom; the 80-line rule is the daemon's"
 )]
 
+pub mod bird;
 #[cfg(feature = "datapath")]
 pub mod datapath;
 pub mod dns;

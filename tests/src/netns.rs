@@ -19,7 +19,7 @@ impl Netns {
     /// off, so that no router solicitations or MLD reports add packets the tests count.
     pub fn create(name: &str) -> Netns {
         if Path::new("/run/netns").join(name).exists() {
-            let _ = Command::new("ip").args(["netns", "del", name]).status();
+            delete_left_over(name);
         }
         run("ip", &["netns", "add", name]);
         let ns = Netns {
@@ -164,9 +164,25 @@ pub fn remove_stale(prefix: &str) {
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let name = line.split_whitespace().next().unwrap_or("");
         if crate::scratch::owner_alive(name, prefix) == Some(false) {
-            let _ = Command::new("ip").args(["netns", "del", name]).output();
+            delete_left_over(name);
         }
     }
+}
+
+/// Deletes a namespace left over by an earlier run, after killing the processes still in it
+/// (a daemon of a killed test, such as a BIRD): one would keep the namespace alive, unnamed,
+/// with its interfaces and its sockets.
+fn delete_left_over(name: &str) {
+    if let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if let Ok(pid) = pid.parse::<i32>() {
+                // SAFETY: kill has no memory effects; the pid is a process inside the
+                // left-over namespace, which only a dead run's processes are in.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+    let _ = Command::new("ip").args(["netns", "del", name]).output();
 }
 
 /// Panics unless running as root, with a message saying so: the tiers that need root must

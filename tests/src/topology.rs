@@ -11,11 +11,18 @@
 //! and sends the frame back out to a backend; the backend answers the client directly.
 
 use std::{
-    net::Ipv4Addr,
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
     time::{Duration, Instant},
 };
 
-use crate::{http::HttpServer, netns::Netns, process::BalancerProcess, scratch::Scratch};
+use crate::{
+    bird::{self, Bird},
+    http::HttpServer,
+    netns::Netns,
+    process::BalancerProcess,
+    scratch::Scratch,
+};
 
 pub const SUBNET_PREFIX: u8 = 24;
 pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
@@ -629,7 +636,16 @@ pub fn checksum_errors(ns: &Netns) -> u64 {
 ///                       over the balancers                              VIP on lo, default
 ///                                                                       route via the router
 /// ```
+///
+/// Two ways for the router to know the balancers: [`create`](Self::create) programs a
+/// resilient nexthop group ([`route_over`](Self::route_over) changes it, as a withdrawal
+/// would); [`create_bgp`](Self::create_bgp) runs BIRD on the router and on every balancer
+/// instead, and the router's VIP route is the multipath route BIRD installs from what the
+/// balancers announce (see [`FleetBgp`]).
 pub struct FleetTopology {
+    /// The BGP speakers ([`create_bgp`](Self::create_bgp)); dropped first, before their
+    /// namespaces.
+    pub bgp: Option<FleetBgp>,
     /// `balancer xdp-pass` on each balancer's switch-side veth peer.
     pub peer_passes: Vec<BalancerProcess>,
     pub files: Scratch,
@@ -641,12 +657,26 @@ pub struct FleetTopology {
     pub switch: Netns,
 }
 
+/// The BIRD instances of a BGP fleet: eBGP between the router (AS [`FLEET_ROUTER_AS`]) and
+/// each balancer (AS [`FLEET_BALANCER_AS`], one for the whole fleet), configured by
+/// [`bird::router_config`] and [`bird::balancer_config`]. A balancer announces what is in
+/// its kernel table [`bird::VIP_TABLE`]; the router installs one multipath route per VIP in
+/// its main table.
+pub struct FleetBgp {
+    pub router: Bird,
+    /// Balancer `i`'s BIRD at `i`.
+    pub balancers: Vec<Bird>,
+}
+
 pub const FLEET_CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 90, 0, 1);
 pub const FLEET_ROUTER_CLIENT_SIDE: Ipv4Addr = Ipv4Addr::new(10, 90, 0, 254);
 pub const FLEET_ROUTER_ADDR: Ipv4Addr = Ipv4Addr::new(10, 91, 0, 254);
 pub const FLEET_VIP_ADDR: Ipv4Addr = Ipv4Addr::new(10, 90, 100, 1);
 /// The router's nexthop group over the balancers.
 pub const FLEET_GROUP: &str = "100";
+/// Private AS numbers of the BGP fleet: the router's, and the balancers' (all of them).
+pub const FLEET_ROUTER_AS: u32 = 65000;
+pub const FLEET_BALANCER_AS: u32 = 65001;
 
 pub fn fleet_balancer_addr(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 91, 0, 2 + i as u8)
@@ -661,6 +691,41 @@ impl FleetTopology {
     /// the router hashes flows on their 5-tuple with a fixed seed (`seed`) into a resilient
     /// nexthop group over every balancer.
     pub fn create(prefix: &str, balancers: usize, backends: usize, seed: u32) -> FleetTopology {
+        let topology = Self::build(prefix, balancers, backends, seed);
+        for i in 0..balancers {
+            topology.router.ip(&[
+                "nexthop",
+                "add",
+                "id",
+                &(i + 1).to_string(),
+                "via",
+                &fleet_balancer_addr(i).to_string(),
+                "dev",
+                "eth1",
+            ]);
+        }
+        let all: Vec<usize> = (0..balancers).collect();
+        topology.route_over(&all);
+        let vip = format!("{FLEET_VIP_ADDR}/32");
+        topology
+            .router
+            .ip(&["route", "add", &vip, "nhid", FLEET_GROUP]);
+        topology
+    }
+
+    /// Like [`create`](Self::create), but the router learns the VIP's route by BGP: BIRD on
+    /// the router and on every balancer, each session Established and its BFD session Up
+    /// when this returns. The router has no route to the VIP until balancers announce it
+    /// (a route in their kernel table [`bird::VIP_TABLE`]); then it hashes flows (5-tuple,
+    /// fixed `seed`) over a multipath route, with a next hop per announcing balancer.
+    pub fn create_bgp(prefix: &str, balancers: usize, backends: usize, seed: u32) -> FleetTopology {
+        let mut topology = Self::build(prefix, balancers, backends, seed);
+        topology.bgp = Some(FleetBgp::start(&topology.router, &topology.balancers));
+        topology
+    }
+
+    /// The namespaces, links, addresses and the router's settings; no route to the VIP.
+    fn build(prefix: &str, balancers: usize, backends: usize, seed: u32) -> FleetTopology {
         let switch = Netns::create(&format!("{prefix}sw"));
         switch.ip(&["link", "add", "br0", "type", "bridge"]);
         switch.ip(&["link", "set", "br0", "up"]);
@@ -733,18 +798,6 @@ impl FleetTopology {
         for key in ["all", "default", "eth0", "eth1"] {
             router.sysctl(&format!("net.ipv4.conf.{key}.rp_filter"), "0");
         }
-        for (i, _) in lbs.iter().enumerate() {
-            router.ip(&[
-                "nexthop",
-                "add",
-                "id",
-                &(i + 1).to_string(),
-                "via",
-                &fleet_balancer_addr(i).to_string(),
-                "dev",
-                "eth1",
-            ]);
-        }
         let files = Scratch::named(&format!("{prefix}files"));
         let peer_passes = (0..lbs.len())
             .map(|i| {
@@ -756,7 +809,8 @@ impl FleetTopology {
                 )
             })
             .collect();
-        let topology = FleetTopology {
+        FleetTopology {
+            bgp: None,
             peer_passes,
             files,
             client,
@@ -764,19 +818,18 @@ impl FleetTopology {
             balancers: lbs,
             backends: bes,
             switch,
-        };
-        let all: Vec<usize> = (0..topology.balancers.len()).collect();
-        topology.route_over(&all);
-        let vip = format!("{FLEET_VIP_ADDR}/32");
-        topology
-            .router
-            .ip(&["route", "add", &vip, "nhid", FLEET_GROUP]);
-        topology
+        }
     }
 
     /// The router's group over these balancers (created, or changed: what a withdrawal does);
     /// a resilient group keeps every other balancer's flows where they are.
     pub fn route_over(&self, balancers: &[usize]) {
+        assert!(
+            self.bgp.is_none(),
+            "the BGP fleet's router takes its VIP route from BIRD: announce or withdraw in the \
+             balancers' table {}",
+            bird::VIP_TABLE
+        );
         let members: Vec<String> = balancers.iter().map(|i| (i + 1).to_string()).collect();
         self.router.ip(&[
             "nexthop",
@@ -797,5 +850,160 @@ impl FleetTopology {
     /// An HTTP server on port 80 of every address of every backend.
     pub fn start_http_servers(&self, name: impl Fn(usize) -> String) -> Vec<HttpServer> {
         servers_on_port_80(&self.backends, name)
+    }
+
+    /// The BIRD instances ([`create_bgp`](Self::create_bgp) only).
+    pub fn bgp(&mut self) -> &mut FleetBgp {
+        self.bgp
+            .as_mut()
+            .expect("a BGP fleet (FleetTopology::create_bgp)")
+    }
+
+    /// The next hops of the router's route to the VIP, as the kernel has it now (none: no
+    /// route).
+    pub fn vip_next_hops(&self) -> BTreeSet<IpAddr> {
+        let out = self
+            .router
+            .ip(&["-j", "route", "show", &format!("{FLEET_VIP_ADDR}/32")]);
+        let json: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("`ip -j route` prints JSON");
+        next_hops(&json)
+    }
+
+    /// Waits until the router's next hops for the VIP are exactly the balancers `balancers`
+    /// (indices; none: no route); returns how long it took. Polls every 10 ms; panics after
+    /// `timeout` with what it waited for, what it saw last, and the router's BIRD.
+    pub fn wait_vip_next_hops(&self, balancers: &[usize], timeout: Duration) -> Duration {
+        let wanted: BTreeSet<IpAddr> = balancers
+            .iter()
+            .map(|i| IpAddr::V4(fleet_balancer_addr(*i)))
+            .collect();
+        let started = Instant::now();
+        loop {
+            let seen = self.vip_next_hops();
+            if seen == wanted {
+                return started.elapsed();
+            }
+            if started.elapsed() > timeout {
+                let bird = self.bgp.as_ref().map_or_else(String::new, |bgp| {
+                    format!(
+                        "\nthe router's BIRD:\n{}{}",
+                        bgp.router.protocols(),
+                        bgp.router.routes()
+                    )
+                });
+                let names: Vec<&str> = balancers
+                    .iter()
+                    .map(|i| self.balancers[*i].name())
+                    .collect();
+                panic!(
+                    "waited {timeout:?} for the router's route to {FLEET_VIP_ADDR} to go via \
+                     {wanted:?} ({}); last seen: via {seen:?}{bird}",
+                    names.join(", ")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl FleetBgp {
+    /// BIRD on `router` and on every one of `balancers`; returns once every session is
+    /// Established and its BFD session Up, on the router's side.
+    fn start(router: &Netns, balancers: &[Netns]) -> FleetBgp {
+        let peers: Vec<(IpAddr, u32)> = (0..balancers.len())
+            .map(|i| (fleet_balancer_addr(i).into(), FLEET_BALANCER_AS))
+            .collect();
+        let router_bird = Bird::start(
+            router,
+            &bird::router_config(FLEET_ROUTER_ADDR, FLEET_ROUTER_AS, &peers),
+        );
+        let balancer_birds = balancers
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| {
+                let address = fleet_balancer_addr(i);
+                Bird::start(
+                    ns,
+                    &bird::balancer_config(
+                        address,
+                        FLEET_BALANCER_AS,
+                        address.into(),
+                        FLEET_ROUTER_ADDR.into(),
+                        FLEET_ROUTER_AS,
+                        bird::VIP_TABLE,
+                    ),
+                )
+            })
+            .collect();
+        let mut bgp = FleetBgp {
+            router: router_bird,
+            balancers: balancer_birds,
+        };
+        for i in 0..balancers.len() {
+            bgp.wait_up(i);
+        }
+        bgp
+    }
+
+    /// The router's BGP protocol for balancer `i`.
+    pub fn router_protocol(i: usize) -> String {
+        bird::peer_protocol(fleet_balancer_addr(i).into())
+    }
+
+    /// Waits until the router's session with balancer `i` is Established and its BFD
+    /// session Up (BFD, not the hold timer, then detects the balancer's loss); returns how
+    /// long it took.
+    pub fn wait_up(&mut self, i: usize) -> Duration {
+        let established = self.router.wait_established(&Self::router_protocol(i));
+        established + self.router.wait_bfd_up(fleet_balancer_addr(i).into())
+    }
+}
+
+/// The next hops of a route in `ip -j route show` output: one route's `gateway`, or each of
+/// its `nexthops`' (a multipath route); none without a route.
+fn next_hops(routes: &serde_json::Value) -> BTreeSet<IpAddr> {
+    let gateway = |hop: &serde_json::Value| {
+        hop["gateway"]
+            .as_str()
+            .and_then(|g| g.parse::<IpAddr>().ok())
+    };
+    let mut found = BTreeSet::new();
+    for route in routes.as_array().into_iter().flatten() {
+        found.extend(gateway(route));
+        let hops = route["nexthops"].as_array().into_iter().flatten();
+        found.extend(hops.filter_map(gateway));
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_hops_of_a_route() {
+        // `ip -j route show 10.90.100.1/32` (iproute2 6.1) on the BGP fleet's router.
+        let cases = [
+            ("no route", "[]", vec![]),
+            (
+                "one balancer",
+                r#"[{"dst":"10.90.100.1","gateway":"10.91.0.3","dev":"eth1","protocol":"bird","metric":32,"flags":[]}]"#,
+                vec!["10.91.0.3"],
+            ),
+            (
+                "a multipath route",
+                r#"[{"dst":"10.90.100.1","protocol":"bird","metric":32,"flags":[],"nexthops":[{"gateway":"10.91.0.2","dev":"eth1","weight":1,"flags":[]},{"gateway":"10.91.0.4","dev":"eth1","weight":1,"flags":[]}]}]"#,
+                vec!["10.91.0.2", "10.91.0.4"],
+            ),
+        ];
+        for (case, json, expected) in cases {
+            let expected: BTreeSet<IpAddr> = expected.iter().map(|a| a.parse().unwrap()).collect();
+            assert_eq!(
+                next_hops(&serde_json::from_str(json).unwrap()),
+                expected,
+                "{case}"
+            );
+        }
     }
 }

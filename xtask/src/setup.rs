@@ -84,6 +84,10 @@ struct DebianPackage {
     /// The commands that need it (`cargo xtask setup` installs every row).
     needed_by: &'static [Purpose],
     why: &'static str,
+    /// The system service its install would start (its init script's name), which setup
+    /// keeps from starting: the commands run their own instances of the program, with their
+    /// own configs and sockets (see [`service_starts`]).
+    service: Option<&'static str>,
 }
 
 /// Every Debian package a command of this project needs, and which commands.
@@ -93,24 +97,28 @@ const DEBIAN: &[DebianPackage] = &[
         present: Program("ip"),
         needed_by: &[Demo, Test, Bench, Vm],
         why: "`ip`: namespaces, veths, addresses and routes of the topologies",
+        service: None,
     },
     DebianPackage {
         package: "ethtool",
         present: Program("ethtool"),
         needed_by: &[Demo, Test, Bench, Vm],
         why: "checksum offload off on the topologies' veths, NIC counters",
+        service: None,
     },
     DebianPackage {
         package: "procps",
         present: Program("sysctl"),
         needed_by: &[Demo, Test, Bench, Vm],
         why: "`sysctl`: forwarding and ARP settings inside the namespaces",
+        service: None,
     },
     DebianPackage {
         package: "mount",
         present: Program("mount"),
         needed_by: &[Demo, Test, Bench, Vm],
         why: "bpffs for the pins of balancers in namespaces",
+        service: None,
     },
     DebianPackage {
         package: "dnsmasq-base",
@@ -118,42 +126,57 @@ const DEBIAN: &[DebianPackage] = &[
         needed_by: &[Demo, Test],
         why: "`dnsmasq` (the server alone, no system service): the DNS the discovery tests \
               and `demo --autoscale` publish backends in",
+        service: None,
+    },
+    DebianPackage {
+        package: "bird2",
+        present: Program("bird"),
+        needed_by: &[Test],
+        why: "`bird` and `birdc` (BIRD 2): the BGP speakers of the fleet tests, one instance per \
+              namespace with its own config and socket; the system service is not started",
+        service: Some("bird"),
     },
     DebianPackage {
         package: "haproxy",
         present: Program("haproxy"),
         needed_by: &[Test, Bench],
-        why: "the proxy the benchmarks compare the balancer with",
+        why: "the proxy the benchmarks compare the balancer with (they run their own)",
+        service: Some("haproxy"),
     },
     DebianPackage {
         package: "iperf3",
         present: Program("iperf3"),
         needed_by: &[Test, Bench],
         why: "bulk throughput in the benchmarks",
+        service: None,
     },
     DebianPackage {
         package: "qemu-system-x86",
         present: Program("qemu-system-x86_64"),
         needed_by: &[Test, Vm],
         why: "the VM tier's emulator",
+        service: None,
     },
     DebianPackage {
         package: "kmod",
         present: Program("depmod"),
         needed_by: &[Test, Vm],
         why: "`depmod`, for virtme-ng's initramfs (VM tier)",
+        service: None,
     },
     DebianPackage {
         package: "busybox-static",
         present: Program("busybox"),
         needed_by: &[Test, Vm],
         why: "the shell of virtme-ng's initramfs (VM tier)",
+        service: None,
     },
     DebianPackage {
         package: "python3-venv",
         present: PythonModules("venv, ensurepip"),
         needed_by: &[Test, Vm],
         why: "the virtual environment of the Python tools",
+        service: None,
     },
 ];
 
@@ -273,6 +296,9 @@ fn debian_packages(purpose: Purpose) -> Result<()> {
     for p in &missing {
         say(&format!("  {}: {}", p.package, p.why));
     }
+    let services: Vec<&str> = missing.iter().filter_map(|p| p.service).collect();
+    // Held until the install is over, then the machine's policy is back as it was.
+    let _held = service_starts::Held::hold(&services)?;
     apt::install(&names)
 }
 
@@ -505,6 +531,174 @@ fn bpffs() -> Result<()> {
     fs::create_dir_all("/sys/fs/bpf").ok();
     cmd::run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
         .context("mounting bpffs")
+}
+
+/// Installing packages whose maintainer scripts would start a system service (bird, haproxy)
+/// without starting it: the commands run their own instances of those programs, each with its
+/// own config, control socket and pid file, inside network namespaces. A system daemon
+/// started by the install would run on the host for no one (a BIRD with Debian's default
+/// config, say); it would not disturb the tests, which never use the default socket, but
+/// nothing of the project should leave a service running.
+///
+/// Debian's maintainer scripts start services through invoke-rc.d (deb-systemd-invoke under
+/// systemd), which first asks /usr/sbin/policy-rc.d: exit code 101 means "forbidden by local
+/// policy". For the install, setup makes sure one is there that refuses: a machine's own that
+/// refuses already is left alone; otherwise setup puts its own there (setting the machine's
+/// aside) and afterwards puts back what was there, or nothing. A run killed in between is
+/// repaired by the next one: its file carries [`MARKER`], and a set-aside copy is restored
+/// before anything else.
+mod service_starts {
+    use std::{fs, io::ErrorKind, os::unix::fs::PermissionsExt as _, path::Path, process::Command};
+
+    use anyhow::{Context as _, Result};
+
+    use super::say;
+
+    const POLICY: &str = "/usr/sbin/policy-rc.d";
+    /// Where the machine's own policy-rc.d waits while setup's is in place.
+    const SET_ASIDE: &str = "/usr/sbin/policy-rc.d.set-aside-by-cargo-xtask-setup";
+    /// The line by which setup knows its own file (left by a killed run).
+    pub(super) const MARKER: &str =
+        "# Written by `cargo xtask setup` for the length of one apt-get install.";
+    /// Exit code of policy-rc.d for an action the local policy forbids.
+    const FORBIDDEN: i32 = 101;
+
+    /// Setup's policy-rc.d: every action of every service forbidden.
+    pub(super) fn ours() -> String {
+        format!(
+            "#!/bin/sh\n{MARKER}\n# Packages install without starting their services; it is removed (or the \
+             machine's own\n# put back) when the install is over.\nexit {FORBIDDEN}\n"
+        )
+    }
+
+    /// A policy-rc.d in place before the install.
+    #[derive(Clone, Copy, Debug)]
+    pub(super) struct Existing {
+        /// It carries [`MARKER`]: a killed run of setup left it.
+        pub written_by_setup: bool,
+        /// It forbids starting every service being installed.
+        pub refuses: bool,
+    }
+
+    /// What setup does before the install; after it, it undoes just that.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub(super) enum Plan {
+        /// The machine's own refuses already: nothing to do.
+        KeepTheMachines,
+        /// There is none of the machine's: write setup's, remove it afterwards.
+        WriteOurs,
+        /// The machine's own would let services start: set it aside, write setup's, put the
+        /// machine's back afterwards.
+        SetAsideTheMachines,
+    }
+
+    pub(super) fn plan(existing: Option<Existing>) -> Plan {
+        match existing {
+            None
+            | Some(Existing {
+                written_by_setup: true,
+                ..
+            }) => Plan::WriteOurs,
+            Some(Existing { refuses: true, .. }) => Plan::KeepTheMachines,
+            Some(Existing { refuses: false, .. }) => Plan::SetAsideTheMachines,
+        }
+    }
+
+    /// Services kept from starting until dropped.
+    pub(super) struct Held {
+        plan: Plan,
+    }
+
+    impl Held {
+        /// Makes sure that installing the packages of `services` starts none of them (no
+        /// service: nothing to do).
+        pub(super) fn hold(services: &[&str]) -> Result<Held> {
+            if services.is_empty() {
+                return Ok(Held {
+                    plan: Plan::KeepTheMachines,
+                });
+            }
+            restore_set_aside()?;
+            let plan = plan(existing(services)?);
+            let list = services.join(", ");
+            match plan {
+                Plan::KeepTheMachines => say(&format!(
+                    "services not started by the install ({list}): {POLICY} forbids it already"
+                )),
+                Plan::WriteOurs => say(&format!(
+                    "services not started by the install ({list}): a {POLICY} that forbids \
+                     it, for the install only"
+                )),
+                Plan::SetAsideTheMachines => say(&format!(
+                    "services not started by the install ({list}): this machine's {POLICY} \
+                     would allow it, so it waits in {SET_ASIDE} during the install"
+                )),
+            }
+            if plan == Plan::SetAsideTheMachines {
+                fs::rename(POLICY, SET_ASIDE)
+                    .with_context(|| format!("setting {POLICY} aside to {SET_ASIDE}"))?;
+            }
+            if plan != Plan::KeepTheMachines {
+                write_ours()?;
+            }
+            Ok(Held { plan })
+        }
+    }
+
+    impl Drop for Held {
+        fn drop(&mut self) {
+            let undone = match self.plan {
+                Plan::KeepTheMachines => return,
+                Plan::WriteOurs => fs::remove_file(POLICY).map(|()| format!("{POLICY} removed")),
+                Plan::SetAsideTheMachines => fs::rename(SET_ASIDE, POLICY)
+                    .map(|()| format!("this machine's {POLICY} put back")),
+            };
+            match undone {
+                Ok(what) => say(&what),
+                Err(e) => say(&format!(
+                    "could not undo the policy-rc.d of the install ({e}): see {POLICY} and \
+                     {SET_ASIDE}; the next `cargo xtask setup` repairs it"
+                )),
+            }
+        }
+    }
+
+    fn write_ours() -> Result<()> {
+        fs::write(POLICY, ours()).with_context(|| format!("writing {POLICY}"))?;
+        fs::set_permissions(POLICY, fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("making {POLICY} executable"))
+    }
+
+    /// The machine's policy-rc.d set aside by a killed run goes back in place (over the
+    /// killed run's own file).
+    fn restore_set_aside() -> Result<()> {
+        if !Path::new(SET_ASIDE).exists() {
+            return Ok(());
+        }
+        say(&format!(
+            "{SET_ASIDE} is left from an interrupted setup: putting it back at {POLICY}"
+        ));
+        fs::rename(SET_ASIDE, POLICY).with_context(|| format!("renaming {SET_ASIDE} to {POLICY}"))
+    }
+
+    /// The policy-rc.d in place, asked as invoke-rc.d asks it (`policy-rc.d SERVICE start`).
+    fn existing(services: &[&str]) -> Result<Option<Existing>> {
+        let text = match fs::read(POLICY) {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("reading {POLICY}")),
+        };
+        let refuses = services.iter().all(|service| {
+            Command::new(POLICY)
+                .args([service, "start"])
+                .output()
+                .is_ok_and(|o| o.status.code() == Some(FORBIDDEN))
+        });
+        Ok(Some(Existing {
+            written_by_setup: text.contains(MARKER),
+            refuses,
+        }))
+    }
 }
 
 /// Installing Debian packages without removing any. Every install runs
@@ -1138,11 +1332,78 @@ mod tests {
             assert!(!demo.contains(&not_for_the_demo), "{not_for_the_demo}");
         }
         assert!(packages(Bench).contains(&"haproxy"));
+        // The BGP speaker of the fleet tests: the tests only.
+        assert!(packages(Test).contains(&"bird2"));
+        for not_for_the_tests_alone in [Demo, Bench, Vm, Purpose::Build, Purpose::Run] {
+            assert!(
+                !packages(not_for_the_tests_alone).contains(&"bird2"),
+                "{not_for_the_tests_alone:?}"
+            );
+        }
         assert!(packages(Vm).contains(&"qemu-system-x86"));
         let all: Vec<&str> = DEBIAN.iter().map(|p| p.package).collect();
         assert_eq!(packages(Test), all, "the test command runs every tier");
         assert_eq!(packages(Purpose::Everything), all);
         assert!(packages(Purpose::Build).is_empty() && packages(Purpose::Run).is_empty());
+    }
+
+    #[test]
+    fn packages_with_a_system_service_say_which() {
+        let services: Vec<(&str, &str)> = DEBIAN
+            .iter()
+            .filter_map(|p| Some((p.package, p.service?)))
+            .collect();
+        assert_eq!(services, [("bird2", "bird"), ("haproxy", "haproxy")]);
+    }
+
+    #[test]
+    fn service_starts_are_held_unless_the_machine_forbids_them_already() {
+        use service_starts::{plan, Existing, Plan};
+        let existing = |written_by_setup, refuses| {
+            Some(Existing {
+                written_by_setup,
+                refuses,
+            })
+        };
+        let cases = [
+            ("none there", None, Plan::WriteOurs),
+            (
+                "the machine's refuses (a container's)",
+                existing(false, true),
+                Plan::KeepTheMachines,
+            ),
+            (
+                "the machine's allows",
+                existing(false, false),
+                Plan::SetAsideTheMachines,
+            ),
+            (
+                "a killed setup's own is replaced, then removed",
+                existing(true, true),
+                Plan::WriteOurs,
+            ),
+        ];
+        for (case, existing, expected) in cases {
+            assert_eq!(plan(existing), expected, "{case}");
+        }
+    }
+
+    #[test]
+    fn setups_policy_forbids_every_start_and_is_recognised() {
+        let script = std::env::temp_dir().join(format!("policy-rc.d-test-{}", std::process::id()));
+        fs::write(&script, service_starts::ours()).unwrap();
+        for (service, action) in [("bird", "start"), ("haproxy", "restart")] {
+            let status = Command::new("sh")
+                .arg(&script)
+                .args([service, action])
+                .status()
+                .unwrap();
+            assert_eq!(status.code(), Some(101), "{service} {action}");
+        }
+        let text = fs::read_to_string(&script).unwrap();
+        fs::remove_file(&script).unwrap();
+        assert!(text.starts_with("#!/bin/sh\n"));
+        assert!(text.contains(service_starts::MARKER));
     }
 
     #[test]

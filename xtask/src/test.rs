@@ -163,6 +163,7 @@ pub fn run(no_vm: bool) -> Result<()> {
             "nat_end_to_end",
             "discovery_end_to_end",
             "fleet_ecmp",
+            "fleet_bgp",
             "observability",
             "restarts",
             "control_plane",
