@@ -70,13 +70,13 @@ pub struct FleetLab {
 
 impl FleetLab {
     /// `balancers` balancers behind the router (a nexthop group, or BIRD with `bgp`), four
-    /// backends with servers; balancer `i` runs `config(i)` (its file in the scratch dir),
-    /// with `args` on its command line.
+    /// backends with servers; balancer `i` runs `config(i, key_file)` (its file in the
+    /// scratch dir; `key_file`: a sync key, 32 random bytes), with `args` on its command line.
     pub fn new(
         name: &str,
         balancers: usize,
         bgp: bool,
-        config: impl Fn(usize) -> String,
+        config: impl Fn(usize, &std::path::Path) -> String,
         args: &[&str],
     ) -> FleetLab {
         require_root("the fleet tests");
@@ -89,8 +89,15 @@ impl FleetLab {
             FleetTopology::create(&prefix, balancers, 4, 7)
         };
         let servers = topology.start_http_servers(|i| fleet_backend_addr(i).to_string());
+        let key: String = (0..32).map(|_| fastrand_char()).collect();
+        let key_file = scratch.write_atomically("sync.key", &key);
+        std::fs::set_permissions(
+            &key_file,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .expect("chmod 600 the key");
         let configs: Vec<PathBuf> = (0..balancers)
-            .map(|i| scratch.write_atomically(&format!("lb{}.toml", i + 1), &config(i)))
+            .map(|i| scratch.write_atomically(&format!("lb{}.toml", i + 1), &config(i, &key_file)))
             .collect();
         // Each balancer its own pin directory (the namespaces share one bpffs) and logs.
         let runs: Vec<Scratch> = (0..balancers)
@@ -176,6 +183,33 @@ impl FleetLab {
             .collect()
     }
 
+    /// `balancer ARGS --config <balancer i's> --pin-dir <its>` in balancer `i`'s namespace
+    /// (`withdraw`, `announce`): its output, and whether it succeeded.
+    pub fn cli(&self, i: usize, args: &[&str]) -> (bool, String) {
+        let config = self.configs[i].display().to_string();
+        let pin_dir = self.runs[i].pin_dir_arg();
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--config", &config, "--pin-dir", &pin_dir]);
+        let binary = crate::process::balancer_binary();
+        let out = self.topology.balancers[i]
+            .command(&binary.display().to_string())
+            .args(&all)
+            .output()
+            .expect("runs the balancer binary");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
+    /// The VIP routes in balancer `i`'s announce table (100), as `ip route` prints them.
+    pub fn announced_routes(&self, i: usize) -> String {
+        let out = self.topology.balancers[i].ip(&["route", "show", "table", "100"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Stops every daemon that still runs (SIGTERM: each withdraws and detaches).
     pub fn stop_all(&mut self) {
         for b in self.balancers.iter_mut().filter_map(Option::take) {
@@ -183,4 +217,31 @@ impl FleetLab {
             b.stop();
         }
     }
+}
+
+/// A printable character of a random key.
+fn fastrand_char() -> char {
+    let chars = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let mut byte = [0u8; 1];
+    // /dev/urandom: the tests' crate has no random number generator of its own.
+    let _ = std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").expect("/dev/urandom"),
+        &mut byte,
+    );
+    chars[usize::from(byte[0]) % chars.len()] as char
+}
+
+/// `[announce]` (table 100, 1 s withdraw wait) and `[sync]` for balancer `i` of
+/// `balancers`: listening on its address, its peers the others.
+pub fn fleet_tables(i: usize, balancers: usize, key_file: &std::path::Path) -> String {
+    let peers: Vec<String> = (0..balancers)
+        .filter(|j| *j != i)
+        .map(|j| format!("\"{}:7946\"", crate::topology::fleet_balancer_addr(j)))
+        .collect();
+    format!(
+        "[announce]\ntable = 100\nwithdraw_wait = \"1s\"\n[sync]\nlisten = \"{}:7946\"\npeers = [{}]\nkey_file = \"{}\"\n",
+        crate::topology::fleet_balancer_addr(i),
+        peers.join(", "),
+        key_file.display()
+    )
 }

@@ -30,7 +30,7 @@ fn config(backends: usize) -> String {
 
 /// Two balancers behind the router's nexthop group, running `config`.
 fn lab(name: &str, config: &str) -> FleetLab {
-    FleetLab::new(name, 2, false, |_| config.to_owned(), &[])
+    FleetLab::new(name, 2, false, |_, _| config.to_owned(), &[])
 }
 
 #[test]

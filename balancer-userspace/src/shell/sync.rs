@@ -460,15 +460,23 @@ impl Runtime {
             Ok(message) => message,
             Err(reject) => return stats.reject(reject.reason(), 1),
         };
-        if !self.settings.peers.contains(&from) {
+        // A peer is known by its address; its port may differ from its listen port (a
+        // restart's bulk request comes from the same socket, but a NAT may change it).
+        let Some(peer) = self
+            .settings
+            .peers
+            .iter()
+            .find(|p| p.ip() == from.ip())
+            .copied()
+        else {
             return stats.reject("unknown_peer", 1);
-        }
+        };
         let now = unix_ns();
         if let Err(reject) = self.guard.check(&message.header, now) {
             return stats.reject(reject.reason(), 1);
         }
         if let Ok(mut peers) = stats.peers.lock() {
-            let peer = peers.entry(from).or_default();
+            let peer = peers.entry(peer).or_default();
             peer.last_heard = Some(Instant::now());
             peer.lag = Some(Duration::from_nanos(
                 now.saturating_sub(message.header.sent_ns),
@@ -483,8 +491,9 @@ impl Runtime {
                     self.bulk_entries += applied;
                 }
             }
-            Kind::BulkRequest => self.serve_bulk(from),
-            Kind::BulkEnd => self.bulk_complete(from),
+            // The copy goes to the peer's listen address, where its sync reads.
+            Kind::BulkRequest => self.serve_bulk(peer),
+            Kind::BulkEnd => self.bulk_complete(peer),
         }
     }
 
