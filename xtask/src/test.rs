@@ -164,6 +164,7 @@ pub fn run(no_vm: bool) -> Result<()> {
             "discovery_end_to_end",
             "fleet_ecmp",
             "fleet_bgp",
+            "fleet_sync",
             "observability",
             "restarts",
             "control_plane",

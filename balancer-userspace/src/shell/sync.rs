@@ -374,8 +374,8 @@ struct Runtime {
     bulk_deadline: Option<Instant>,
     bulk_entries: u64,
     bulk_started: Instant,
-    /// When each peer was last sent a bulk copy.
-    served: HashMap<SocketAddr, Instant>,
+    /// Which run of each peer was last sent a bulk copy, and when.
+    served: HashMap<SocketAddr, (u64, Instant)>,
     ready: mpsc::UnboundedSender<String>,
 }
 
@@ -492,7 +492,7 @@ impl Runtime {
                 }
             }
             // The copy goes to the peer's listen address, where its sync reads.
-            Kind::BulkRequest => self.serve_bulk(peer),
+            Kind::BulkRequest => self.serve_bulk(peer, message.header.epoch),
             Kind::BulkEnd => self.bulk_complete(peer),
         }
     }
@@ -528,17 +528,18 @@ impl Runtime {
         applied
     }
 
-    /// Sends the whole table to `peer`, off the loop (the walk costs two syscalls an entry),
-    /// at most once per `BULK_SERVE_GAP`.
-    fn serve_bulk(&mut self, peer: SocketAddr) {
+    /// Sends the whole table to `peer`, off the loop (the walk costs two syscalls an entry):
+    /// once per run of the peer (`epoch`: a restarted peer is served at once), and at most
+    /// once per `BULK_SERVE_GAP` to the same run (it asks again until a copy is complete).
+    fn serve_bulk(&mut self, peer: SocketAddr, epoch: u64) {
         if self
             .served
             .get(&peer)
-            .is_some_and(|at| at.elapsed() < BULK_SERVE_GAP)
+            .is_some_and(|(served, at)| *served == epoch && at.elapsed() < BULK_SERVE_GAP)
         {
             return;
         }
-        self.served.insert(peer, Instant::now());
+        self.served.insert(peer, (epoch, Instant::now()));
         let tables = self.tables.clone();
         let directory = self.directory.borrow().clone();
         let sender = self.sender.clone();
