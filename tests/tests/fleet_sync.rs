@@ -209,6 +209,9 @@ fn sync_rejects_what_it_cannot_trust_and_copies_a_table_to_a_restarted_peer() {
     assert!(fetched.into_iter().all(|f| f.join().unwrap().is_ok()));
     let before = rejected(&lab, 0);
     assert!(before.values().all(|n| n == 0), "{before:?}");
+    let own = conn_table(&lab, 0)
+        .get(&key_of(37_000), 0)
+        .expect("balancer 1 placed the flow from port 37000");
 
     // From the peer's namespace (its address, another port): the attacker is on the path.
     let peer_ns = &lab.topology.balancers[1];
@@ -238,6 +241,11 @@ fn sync_rejects_what_it_cannot_trust_and_copies_a_table_to_a_restarted_peer() {
         send(&old.message(&[entry(41_005, vip)], Some(now_ns() - 60_000_000_000)));
         // Authentic, about a VIP the balancer does not have.
         send(&good.message(&[entry(41_006, "10.90.100.99".parse().unwrap())], None));
+        // Authentic, about a flow the balancer placed itself, on another backend: its own
+        // entry stays.
+        let mut other = entry(37_000, vip);
+        other.backend = fleet_backend_addr(2).into();
+        send(&good.message(&[other], None));
         7
     });
     // From the client's namespace: authentic, but not from a peer.
@@ -281,8 +289,15 @@ fn sync_rejects_what_it_cannot_trust_and_copies_a_table_to_a_restarted_peer() {
         );
     }
     assert_eq!(counted["malformed"], 0);
-    // The table: the one authentic message's flow, none of the others.
+    assert_eq!(counted["unknown_backend"], 0);
+    // The table: the one authentic message's flow, none of the others; its own entries kept.
     let table = conn_table(&lab, 0);
+    assert_eq!(
+        table.get(&key_of(37_000), 0).ok(),
+        Some(own),
+        "an own entry overwritten"
+    );
+    assert_eq!(sync_counter(&lab, 0, "entries_kept"), 1);
     assert!(
         table.get(&key_of(41_001), 0).is_ok(),
         "the authentic entry was not applied"

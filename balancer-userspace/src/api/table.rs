@@ -56,6 +56,55 @@ fn nat_line(out: &mut String, status: &StatusDocument) {
 }
 
 /// The table for one status document.
+/// The announced routes and the sync, one line each (a fleet member only).
+fn fleet_lines(out: &mut String, status: &StatusDocument) {
+    if let Some(a) = &status.announce {
+        let routes = if a.routes.is_empty() {
+            "nothing".to_owned()
+        } else {
+            a.routes.join(", ")
+        };
+        let mut why = Vec::new();
+        if a.withdrawn_all {
+            why.push("every VIP withdrawn by the operator".to_owned());
+        } else if !a.withdrawn.is_empty() {
+            why.push(format!(
+                "withdrawn by the operator: {}",
+                a.withdrawn.join(", ")
+            ));
+        }
+        if a.awaiting_sync {
+            why.push("waiting for the peers' connection tables".to_owned());
+        }
+        let why = if why.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", why.join("; "))
+        };
+        let _ = writeln!(out, "announcing {routes} in table {}{why}", a.table);
+    }
+    if let Some(s) = &status.sync {
+        let rejected: u64 = s.rejected.values().sum();
+        let silent = s
+            .peers
+            .iter()
+            .filter(|p| p.last_message_age_seconds.is_none_or(|age| age > 3.0))
+            .count();
+        let _ = writeln!(
+            out,
+            "sync on {}: {} peers ({silent} silent), entries sent {}, received {}, applied {}, kept {}, rejected {rejected}, lost {}; bulk copy {}",
+            s.listen,
+            s.peers.len(),
+            s.entries_sent,
+            s.entries_received,
+            s.entries_applied,
+            s.entries_kept,
+            s.lost,
+            s.bulk
+        );
+    }
+}
+
 pub fn render(status: &StatusDocument) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -93,6 +142,7 @@ pub fn render(status: &StatusDocument) -> String {
     {
         nat_line(&mut out, status);
     }
+    fleet_lines(&mut out, status);
     for vip in &status.vips {
         vip_table(&mut out, vip);
     }
@@ -229,6 +279,9 @@ fn vip_table(out: &mut String, vip: &VipStatus) {
         out.push_str("  ALL DOWN: failing open");
     } else if vip.all_backends_down {
         out.push_str("  ALL DOWN: dropping");
+    }
+    if let Some(why) = &vip.not_announced_because {
+        let _ = write!(out, "  NOT ANNOUNCED: {why}");
     }
     if let Some(a) = &vip.autoscale {
         let _ = write!(
@@ -517,5 +570,36 @@ mod tests {
             serde_json::json!({ "state": "unchecked", "last_failure": null })
         );
         assert_eq!(value["reloads"]["last_apply_ms"], 12.0);
+    }
+
+    #[test]
+    fn a_fleet_member_shows_its_announcements_and_sync() {
+        let sample = crate::api::sample::sample_snapshot();
+        let attachment = crate::api::status::Attachment::default();
+        let mut value = serde_json::to_value(StatusDocument::new(&sample, &attachment)).unwrap();
+        assert!(!render(&serde_json::from_value(value.clone()).unwrap()).contains("announcing"));
+        value["announce"] = json!({ "table": 100, "routes": ["192.0.2.1"], "withdrawn_all": false,
+            "withdrawn": ["dns"], "awaiting_sync": false });
+        value["vips"][1]["not_announced_because"] = json!("withdrawn by the operator");
+        value["sync"] = json!({ "listen": "10.0.0.2:7946", "bulk": "complete (3 entries from 10.0.0.3:7946)",
+            "entries_sent": 10, "messages_sent": 4, "send_errors": 0, "lost": 0, "entries_received": 9,
+            "entries_applied": 8, "entries_kept": 1, "rejected": { "replayed": 2, "stale": 1 },
+            "bulk_copies_sent": 0, "peers": [
+                { "address": "10.0.0.3:7946", "last_message_age_seconds": 0.4, "lag_seconds": 0.001, "messages": 4, "entries": 9 },
+                { "address": "10.0.0.4:7946", "last_message_age_seconds": null, "lag_seconds": null, "messages": 0, "entries": 0 }
+            ] });
+        let table = render(&serde_json::from_value(value).unwrap());
+        assert!(
+            table.contains("announcing 192.0.2.1 in table 100 (withdrawn by the operator: dns)\n"),
+            "{table}"
+        );
+        assert!(
+            table.contains("NOT ANNOUNCED: withdrawn by the operator"),
+            "{table}"
+        );
+        assert!(
+            table.contains("sync on 10.0.0.2:7946: 2 peers (1 silent), entries sent 10, received 9, applied 8, kept 1, rejected 3, lost 0; bulk copy complete (3 entries from 10.0.0.3:7946)"),
+            "{table}"
+        );
     }
 }

@@ -147,3 +147,43 @@ fn the_exposition_is_the_golden_text() {
         );
     }
 }
+
+#[test]
+fn a_fleet_member_exports_its_announcements_and_sync() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut snapshot = sample_snapshot();
+    let plain = render(Arc::new(snapshot.clone()), sample_connections());
+    assert!(!plain.contains("balancer_vip_announced") && !plain.contains("balancer_sync_"));
+    snapshot.announce = Some(crate::core::snapshot::AnnounceView {
+        table: 100,
+        routes: vec!["192.0.2.1".parse().unwrap()],
+        withdrawn_all: false,
+        withdrawn: vec!["dns".into()],
+        awaiting_sync: false,
+    });
+    snapshot.vips[1].unannounced = Some("withdrawn by the operator");
+    let peer: std::net::SocketAddr = "10.0.0.3:7946".parse().unwrap();
+    let stats = crate::sync::SyncStats::new("10.0.0.2:7946".parse().unwrap(), &[peer]);
+    stats.entries_sent.store(10, Relaxed);
+    stats.entries_applied.store(8, Relaxed);
+    stats.reject("replayed", 2);
+    stats.peers.lock().unwrap().get_mut(&peer).unwrap().lag =
+        Some(std::time::Duration::from_millis(3));
+    snapshot.sync = Some(Arc::new(stats));
+    let text = render(Arc::new(snapshot), sample_connections());
+    for line in [
+        "balancer_vip_announced{vip=\"web\"} 1",
+        "balancer_vip_announced{vip=\"dns\"} 0",
+        "balancer_announced_routes 1",
+        "balancer_sync_entries_sent_total 10",
+        "balancer_sync_entries_applied_total 8",
+        "balancer_sync_rejected_total{reason=\"replayed\"} 2",
+        "balancer_sync_rejected_total{reason=\"unauthenticated\"} 0",
+        "balancer_sync_peer_lag_seconds{peer=\"10.0.0.3:7946\"} 0.003",
+    ] {
+        assert!(
+            text.contains(&format!("{line}\n")),
+            "{line} not in:\n{text}"
+        );
+    }
+}
