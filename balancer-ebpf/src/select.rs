@@ -53,7 +53,7 @@ fn publish(flow: &FlowKey, backend_id: u32, flow_hash: u32) {
         backend_id,
         flow_hash,
     };
-    if SYNC_EVENTS.output(&event, 0).is_err() {
+    if SYNC_EVENTS.output(event, 0).is_err() {
         if let Some(lost) = SYNC_STATS.get_ptr_mut(0) {
             // SAFETY: this CPU's slot of a per-CPU array, valid for the program's run.
             unsafe { *lost += 1 };

@@ -184,3 +184,119 @@ pub fn address_of(bytes: [u8; 16], family: u8) -> IpAddr {
         IpAddr::from(bytes)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::plan::{
+        desired::desired_state,
+        ids::Ids,
+        inputs::{NextHop, NextHops},
+    };
+
+    const FLEET: &str = r#"
+[balancer]
+[sync]
+listen = "10.0.0.100:7946"
+peers = ["10.0.0.101:7946"]
+key_file = "/etc/balancer/sync.key"
+[[vip]]
+name = "web"
+address = "192.0.2.1"
+port = 80
+protocol = "tcp"
+forwarding = "dsr"
+table_size = 251
+backends = [{ address = "10.0.0.1" }, { address = "10.0.0.2" }]
+[[vip]]
+name = "any"
+address = "192.0.2.2"
+port = "any"
+protocol = "udp"
+forwarding = "dsr"
+table_size = 251
+backends = [{ address = "10.0.0.3" }]
+[[vip]]
+name = "nat"
+address = "192.0.2.3"
+port = 80
+protocol = "tcp"
+forwarding = "nat"
+snat = ["10.0.0.200"]
+table_size = 251
+backends = [{ address = "10.0.0.4", port = 8080 }]
+"#;
+
+    fn desired(text: &str) -> DesiredState {
+        let config = crate::config::parse(Path::new("fleet.toml"), text).unwrap();
+        let hops: NextHops = (1..=4)
+            .map(|last| {
+                let hop = NextHop {
+                    ifindex: 2,
+                    interface: "eth0".into(),
+                    src_mac: [2, 0, 0, 0, 0, 0xfe],
+                    dst_mac: [2, 0, 0, 0, 0, last],
+                    gateway: None,
+                    mtu: 1500,
+                    source: None,
+                };
+                (IpAddr::from([10, 0, 0, last]), hop)
+            })
+            .collect();
+        desired_state(&config, &[], &hops, &HashMap::new(), &mut Ids::default()).unwrap()
+    }
+
+    #[test]
+    fn every_vip_but_nat_syncs_and_the_directory_knows_them() {
+        let state = desired(FLEET);
+        let syncs: Vec<(&str, bool)> = state
+            .vips
+            .iter()
+            .map(|v| (v.name.as_str(), v.meta.syncs()))
+            .collect();
+        assert_eq!(syncs, [("web", true), ("any", true), ("nat", false)]);
+        let directory = Directory::new(&state);
+        let web = directory.vip("192.0.2.1".parse().unwrap(), 80, 6).unwrap();
+        let id = web.backends[&"10.0.0.2".parse::<IpAddr>().unwrap()];
+        assert_eq!(
+            directory.backends[&id],
+            "10.0.0.2".parse::<IpAddr>().unwrap()
+        );
+        // Another port or protocol of the address: not that VIP.
+        assert!(directory.vip("192.0.2.1".parse().unwrap(), 81, 6).is_none());
+        assert!(directory
+            .vip("192.0.2.1".parse().unwrap(), 80, 17)
+            .is_none());
+        // An any-port VIP takes every port.
+        assert!(directory
+            .vip("192.0.2.2".parse().unwrap(), 5353, 17)
+            .is_some());
+        // NAT VIPs are not synced.
+        assert!(directory.vip("192.0.2.3".parse().unwrap(), 80, 6).is_none());
+        assert_eq!(directory.backends.len(), 3);
+
+        // Without [sync]: nothing syncs.
+        let start = FLEET.find("[sync]").unwrap();
+        let end = FLEET.find("[[vip]]").unwrap();
+        let plain = format!("{}{}", &FLEET[..start], &FLEET[end..]);
+        assert!(desired(&plain).vips.iter().all(|v| !v.meta.syncs()));
+    }
+
+    #[test]
+    fn rejections_are_counted_by_reason() {
+        let stats = SyncStats::new("10.0.0.100:7946".parse().unwrap(), &[]);
+        stats.reject("stale", 2);
+        stats.reject("unknown_vip", 1);
+        stats.reject("no such reason", 5);
+        let counted = stats.rejections();
+        assert_eq!(counted.len(), REJECT_REASONS.len());
+        assert_eq!((counted["stale"], counted["unknown_vip"]), (2, 1));
+        assert_eq!(counted.values().sum::<u64>(), 3);
+        // The wire's reasons are all among them.
+        for reason in wire::Reject::REASONS {
+            assert!(REJECT_REASONS.contains(&reason), "{reason}");
+        }
+    }
+}

@@ -45,7 +45,7 @@ fn new_flow_decisions_reach_the_sync_ring_once() {
         );
         // The flow's next packets are established: nothing more.
         for _ in 0..3 {
-            world.run(&syn.clone().ack().bytes());
+            world.run(&syn.ack().bytes());
         }
         assert!(world.sync_events().is_empty(), "established packets");
         // 100 new flows, 100 decisions, each its own flow.
