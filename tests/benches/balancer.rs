@@ -354,6 +354,19 @@ fn bench_world(
     n: usize,
     conn_table: u32,
 ) -> (World, Vec<IpAddr>) {
+    bench_world_with(object, mode, protocol, v6, n, conn_table, "")
+}
+
+/// [`bench_world`], with `extra` (more config tables) after the `[balancer]` table.
+fn bench_world_with(
+    object: Option<&'static [u8]>,
+    mode: &str,
+    protocol: &str,
+    v6: bool,
+    n: usize,
+    conn_table: u32,
+    extra: &str,
+) -> (World, Vec<IpAddr>) {
     let vip = if v6 { "fd00:200::1" } else { "10.200.0.1" };
     let port = if protocol == "udp" { 53 } else { 80 };
     let backends: Vec<IpAddr> = (0..n).map(|i| bench_backend(v6, i)).collect();
@@ -368,7 +381,7 @@ fn bench_world(
         ""
     };
     let text = format!(
-        "[balancer]\nhash_seed = 7\nconn_table_size = {conn_table}\n{nat}[[vip]]\nname = \"v\"\naddress = \"{vip}\"\nport = {port}\n\
+        "[balancer]\nhash_seed = 7\nconn_table_size = {conn_table}\n{nat}{extra}[[vip]]\nname = \"v\"\naddress = \"{vip}\"\nport = {port}\n\
          protocol = \"{protocol}\"\nforwarding = \"{mode}\"\nhealth = {{ kind = \"none\" }}\nbackends = [{}]\n",
         listed.join(", ")
     );
@@ -859,7 +872,69 @@ fn new_flows(
             rows.push(json!({ "variant": name, "cpus": cpus, "above_trivial_ns": med }));
         }
     }
+    rows.extend(sync_cost(sizes, &cpu_counts, commands));
     json!(rows)
+}
+
+/// SYNs per call in the sync comparison: the two CPUs' decisions of one call fit the ring
+/// (`SYNC_RING_BYTES`: 18,724 records), which is drained between calls as the daemon drains
+/// it, so that every SYN measured writes its record.
+const SYNC_SYNS_PER_CALL: u32 = 8_000;
+
+/// What the sync costs a new flow: a SYN of a VIP that syncs (the decision written to the
+/// ring) against one of the same VIP without `[sync]`, interleaved round by round. (An
+/// established packet never reaches that code: the connection table answers first.)
+fn sync_cost(sizes: &Sizes, cpu_counts: &[usize], commands: &mut Vec<String>) -> Vec<Value> {
+    let sync =
+        "[sync]\nlisten = \"10.0.0.2:7946\"\npeers = [\"10.0.0.3:7946\"]\nkey_file = \"/k\"\n";
+    let mut variants = [
+        (
+            "this build, VIP without sync",
+            bench_world_with(None, "dsr", "tcp", false, 100, 65_536, "").0,
+        ),
+        (
+            "this build, VIP that syncs",
+            bench_world_with(None, "dsr", "tcp", false, 100, 65_536, sync).0,
+        ),
+    ];
+    let repeat = |cpus: usize| SYNC_SYNS_PER_CALL / cpus as u32;
+    let rounds = sizes.rounds * 4;
+    let mut costs: BTreeMap<(usize, usize), Vec<f64>> = BTreeMap::new();
+    let mut written = 0;
+    for round in 0..rounds {
+        for i in 0..variants.len() {
+            let v = (i + round) % variants.len();
+            for &cpus in cpu_counts {
+                written += variants[v].1.sync_events().len();
+                let cost = syn_round(&variants[v].1, cpus, repeat(cpus));
+                costs.entry((v, cpus)).or_default().push(cost);
+            }
+        }
+    }
+    written += variants[1].1.sync_events().len();
+    assert!(
+        variants[0].1.sync_events().is_empty(),
+        "a VIP without sync wrote decisions"
+    );
+    commands.push(format!(
+        "new flows, sync: BPF_PROG_TEST_RUN of a TCP SYN ({SYNC_SYNS_PER_CALL} per call over the CPUs) of a VIP \
+         with and without VIP_F_SYNC, the ring drained between calls ({written} decisions read), {rounds} rounds, interleaved"
+    ));
+    let med = |v: usize, cpus: usize| median(&mut costs[&(v, cpus)].clone());
+    for &cpus in cpu_counts {
+        let (plain, syncing) = (med(0, cpus), med(1, cpus));
+        println!(
+            "  {:<32} {cpus} CPU(s): {syncing:>6.1} ns per SYN above trivial, without sync {plain:.1} ns: \
+             the decision costs {:.1} ns",
+            variants[1].0,
+            syncing - plain
+        );
+    }
+    // Variant by variant, as the report's table reads them.
+    (0..variants.len())
+        .flat_map(|v| cpu_counts.iter().map(move |&cpus| (v, cpus)))
+        .map(|(v, cpus)| json!({ "variant": variants[v].0, "cpus": cpus, "above_trivial_ns": med(v, cpus) }))
+        .collect()
 }
 
 // -------------------------------------------------------------------------------------------
