@@ -56,7 +56,38 @@ pub fn check(path: &Path, resolve: bool) -> anyhow::Result<Vec<String>> {
             lines.push(discovery_check(&c, vip, d, resolve));
         }
     }
+    lines.extend(fleet_check(&c));
     Ok(lines)
+}
+
+/// A fleet member's tables: where it announces, whom it syncs with, and whether the key file
+/// is usable here (a line, not an error: the file may live only on the balancers).
+fn fleet_check(c: &config::Config) -> Vec<String> {
+    let mut lines = Vec::new();
+    if let Some(a) = &c.announce {
+        lines.push(format!(
+            "  announces the VIPs it can serve as routes in table {} (withdraw_wait {:?})",
+            a.table, a.withdraw_wait
+        ));
+    }
+    if let Some(s) = &c.sync {
+        let peers: Vec<String> = s.peers.iter().map(ToString::to_string).collect();
+        let key = match crate::shell::sync::read_key(&s.key_file) {
+            Ok(_) => format!("key file {} usable", s.key_file.display()),
+            Err(e) => format!("{e:#} (needed where the daemon runs)"),
+        };
+        lines.push(format!(
+            "  syncs its connection table from {} with {} every {:?}; {key}",
+            s.listen,
+            if peers.is_empty() {
+                "no peer".to_owned()
+            } else {
+                peers.join(", ")
+            },
+            s.interval
+        ));
+    }
+    lines
 }
 
 /// A discovering VIP's settings, and (with `resolve`) what one lookup gives now, judged as the

@@ -612,3 +612,91 @@ fn drain(
     }
     false
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use balancer_common::{VipMeta, VIP_F_SYNC};
+
+    use super::*;
+    use crate::sync::DirectoryVip;
+
+    fn directory() -> Directory {
+        let mut directory = Directory::default();
+        let backend: IpAddr = "10.0.0.11".parse().unwrap();
+        directory.backends.insert(7, backend);
+        directory.vips.insert(
+            ("192.0.2.1".parse().unwrap(), 80, 6),
+            DirectoryVip {
+                meta: VipMeta {
+                    vip_id: 3,
+                    table_size: 251,
+                    flags: VIP_F_SYNC,
+                    ..VipMeta::default()
+                },
+                backends: [(backend, 7)].into_iter().collect(),
+            },
+        );
+        directory
+    }
+
+    #[test]
+    fn a_decision_goes_out_and_comes_back_as_the_same_entry() {
+        let directory = directory();
+        let entry = Entry {
+            proto: Protocol::Tcp,
+            src: "198.51.100.9".parse().unwrap(),
+            src_port: 40_000,
+            vip: "192.0.2.1".parse().unwrap(),
+            vip_port: 80,
+            backend: "10.0.0.11".parse().unwrap(),
+        };
+        // Received: the flow's key and entry, its hash as the program computes it.
+        let (flow, conn) = conn_of(&entry, &directory, 0x5eed).unwrap();
+        assert_eq!(conn.backend_id, 7);
+        let meta = directory.vips.values().next().unwrap().meta;
+        assert_eq!(conn.flow_hash, vip_flow_hash(&meta, &flow, 0x5eed));
+        // Sent: from the ring's record, or a walk of the table, the same entry again.
+        assert_eq!(entry_of(&flow, 7, &directory), Some(entry));
+        assert_eq!(flow_of_v4(&flow.v4()), flow);
+        // An unknown backend id is not sent; unknown VIPs and backends are not applied.
+        assert_eq!(entry_of(&flow, 8, &directory), None);
+        let other_vip = Entry {
+            vip_port: 443,
+            ..entry
+        };
+        assert_eq!(
+            conn_of(&other_vip, &directory, 0).unwrap_err(),
+            "unknown_vip"
+        );
+        let other_backend = Entry {
+            backend: "10.0.0.12".parse().unwrap(),
+            ..entry
+        };
+        assert_eq!(
+            conn_of(&other_backend, &directory, 0).unwrap_err(),
+            "unknown_backend"
+        );
+    }
+
+    #[test]
+    fn ipv6_keys_round_trip() {
+        let mut flow = FlowKey {
+            src_port: 40_000u16.to_be(),
+            dst_port: 443u16.to_be(),
+            proto: 6,
+            family: FAMILY_IPV6,
+            ..FlowKey::default()
+        };
+        flow.src = "2001:db8::9"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets();
+        flow.dst = "2001:db8::1"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets();
+        assert_eq!(flow_of_v6(&flow.v6()), flow);
+    }
+}
