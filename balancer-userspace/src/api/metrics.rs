@@ -298,7 +298,7 @@ fn sync_metrics(e: &mut DescriptorEncoder, s: &crate::sync::SyncStats) -> fmt::R
     let mut f = family(
         e,
         "balancer_sync_peer_last_message_age_seconds",
-        "Time since the peer's last authentic message (a silent peer sends nothing while it places no new flows; it answers a bulk request at start).",
+        "Time since the peer's last authentic message (every peer sends at least a heartbeat a second: a growing age is a peer down, unreachable, or with another key).",
         MetricType::Gauge,
     )?;
     for (peer, stats) in &peers {

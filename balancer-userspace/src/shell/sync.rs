@@ -13,7 +13,7 @@ use std::{
     os::fd::AsFd as _,
     sync::{
         atomic::{AtomicU64, Ordering::Relaxed},
-        Arc, Mutex,
+        Arc,
     },
     time::{Duration, Instant, SystemTime},
 };
@@ -44,8 +44,9 @@ use crate::{
 const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A fresh balancer asks its peers for their tables again this often until one answers.
 const BULK_REQUEST_EVERY: Duration = Duration::from_secs(1);
-/// A peer gets at most one bulk copy in this time, however often it asks.
-const BULK_SERVE_GAP: Duration = Duration::from_secs(5);
+/// A run of a peer gets one bulk copy; it is sent again only if that run still asks this long
+/// after (the copy was lost), however often it asks in between.
+const BULK_SERVE_GAP: Duration = Duration::from_secs(30);
 /// Bulk messages sent between two pauses of `BULK_PAUSE`: about 6,400 messages (467,000
 /// IPv4 entries) a second at most.
 const BULK_BURST: usize = 64;
@@ -55,10 +56,13 @@ const MAX_PENDING: usize = 262_144;
 /// The socket's receive buffer: a burst of peers' batches waits here while the task works.
 const RECEIVE_BUFFER: usize = 4 << 20;
 
-/// Handles of its own on the maps the sync reads and writes.
+/// Handles of its own on the maps the sync reads and writes: the loop's tables (it inserts),
+/// and another pair for bulk copies, walked off the loop while the loop goes on inserting
+/// (the kernel's maps take both at once; no lock between them).
 pub struct SyncMaps {
     ring: RingBuf<MapData>,
-    tables: Arc<Mutex<ConnTables>>,
+    tables: ConnTables,
+    walker: Arc<ConnTables>,
     lost: PerCpuArray<MapData, u64>,
 }
 
@@ -81,21 +85,27 @@ impl SyncMaps {
         let err = crate::shell::dataplane::map_err;
         let ring = RingBuf::try_from(Map::RingBuf(own(dataplane, map_names::SYNC_EVENTS)?))
             .map_err(err(map_names::SYNC_EVENTS))?;
-        let v4 = BpfHashMap::try_from(Map::LruHashMap(own(dataplane, map_names::CONN_TABLE_V4)?))
-            .map_err(err(map_names::CONN_TABLE_V4))?;
-        let v6 = BpfHashMap::try_from(Map::LruHashMap(own(dataplane, map_names::CONN_TABLE_V6)?))
-            .map_err(err(map_names::CONN_TABLE_V6))?;
         let lost = PerCpuArray::try_from(Map::PerCpuArray(own(dataplane, map_names::SYNC_STATS)?))
             .map_err(err(map_names::SYNC_STATS))?;
         Ok(SyncMaps {
             ring,
-            tables: Arc::new(Mutex::new(ConnTables { v4, v6 })),
+            tables: ConnTables::open(dataplane)?,
+            walker: Arc::new(ConnTables::open(dataplane)?),
             lost,
         })
     }
 }
 
 impl ConnTables {
+    fn open(dataplane: &Dataplane) -> Result<ConnTables, DataplaneError> {
+        let err = crate::shell::dataplane::map_err;
+        let v4 = BpfHashMap::try_from(Map::LruHashMap(own(dataplane, map_names::CONN_TABLE_V4)?))
+            .map_err(err(map_names::CONN_TABLE_V4))?;
+        let v6 = BpfHashMap::try_from(Map::LruHashMap(own(dataplane, map_names::CONN_TABLE_V6)?))
+            .map_err(err(map_names::CONN_TABLE_V6))?;
+        Ok(ConnTables { v4, v6 })
+    }
+
     /// Inserts `flow`'s entry unless the table has one: `Ok(false)` then.
     fn insert_new(&mut self, flow: &FlowKey, entry: ConnEntry) -> Result<bool, MapError> {
         const BPF_NOEXIST: u64 = 1;
@@ -327,6 +337,7 @@ pub fn start(
         sender,
         ring,
         tables: maps.tables,
+        walker: maps.walker,
         lost: maps.lost,
         directory,
         settings,
@@ -337,6 +348,7 @@ pub fn start(
         bulk_deadline: bulk,
         bulk_entries: 0,
         bulk_started: Instant::now(),
+        bulk_heard: None,
         served: HashMap::new(),
         ready,
     };
@@ -349,6 +361,17 @@ fn bind(listen: SocketAddr) -> anyhow::Result<UdpSocket> {
     let socket = socket2::Socket::new(domain, socket2::Type::DGRAM, None)?;
     socket.set_nonblocking(true)?;
     let _ = socket.set_recv_buffer_size(RECEIVE_BUFFER);
+    // The kernel doubles what it grants, up to twice net.core.rmem_max.
+    let granted = socket.recv_buffer_size().unwrap_or(0) / 2;
+    if granted < RECEIVE_BUFFER {
+        tracing::info!(
+            "sync: receive buffer {} KiB, not the {} KiB asked (net.core.rmem_max caps it): a \
+             burst of peers' batches may be dropped by the kernel; `sysctl -w \
+             net.core.rmem_max={RECEIVE_BUFFER}` raises it",
+            granted >> 10,
+            RECEIVE_BUFFER >> 10
+        );
+    }
     socket.bind(&listen.into()).map_err(|e| {
         anyhow::anyhow!(
             "binding the sync listen address {listen}: {e} (it must be an address of this host)"
@@ -360,7 +383,8 @@ fn bind(listen: SocketAddr) -> anyhow::Result<UdpSocket> {
 struct Runtime {
     sender: Arc<Sender>,
     ring: AsyncFd<RingBuf<MapData>>,
-    tables: Arc<Mutex<ConnTables>>,
+    tables: ConnTables,
+    walker: Arc<ConnTables>,
     lost: PerCpuArray<MapData, u64>,
     directory: watch::Receiver<Arc<Directory>>,
     settings: config::SyncSettings,
@@ -374,6 +398,8 @@ struct Runtime {
     bulk_deadline: Option<Instant>,
     bulk_entries: u64,
     bulk_started: Instant,
+    /// When the last bulk message arrived (a copy under way is not asked for again).
+    bulk_heard: Option<Instant>,
     /// Which run of each peer was last sent a bulk copy, and when.
     served: HashMap<SocketAddr, (u64, Instant)>,
     ready: mpsc::UnboundedSender<String>,
@@ -446,7 +472,15 @@ impl Runtime {
         }
     }
 
+    /// Asks every peer for its table; not while a copy is arriving (a bulk message came
+    /// within the last `BULK_REQUEST_EVERY`).
     async fn request_bulk(&mut self) {
+        if self
+            .bulk_heard
+            .is_some_and(|at| at.elapsed() < BULK_REQUEST_EVERY)
+        {
+            return;
+        }
         self.bulk_started = Instant::now();
         self.sender
             .send(Kind::BulkRequest, &[], &self.settings.peers)
@@ -489,6 +523,7 @@ impl Runtime {
                 let applied = self.apply(&message.entries);
                 if message.header.kind == Kind::Bulk {
                     self.bulk_entries += applied;
+                    self.bulk_heard = Some(Instant::now());
                 }
             }
             // The copy goes to the peer's listen address, where its sync reads.
@@ -498,15 +533,13 @@ impl Runtime {
     }
 
     /// Inserts entries the table does not have; returns how many it took.
-    fn apply(&self, entries: &[Entry]) -> u64 {
-        let stats = &self.sender.stats;
+    fn apply(&mut self, entries: &[Entry]) -> u64 {
+        let stats = self.sender.stats.clone();
         stats
             .entries_received
             .fetch_add(entries.len() as u64, Relaxed);
         let directory = self.directory.borrow().clone();
-        let Ok(mut tables) = self.tables.lock() else {
-            return 0;
-        };
+        let tables = &mut self.tables;
         let mut applied = 0;
         for entry in entries {
             let (flow, conn) = match conn_of(entry, &directory, self.seed) {
@@ -540,15 +573,13 @@ impl Runtime {
             return;
         }
         self.served.insert(peer, (epoch, Instant::now()));
-        let tables = self.tables.clone();
+        let tables = self.walker.clone();
         let directory = self.directory.borrow().clone();
         let sender = self.sender.clone();
         tokio::spawn(async move {
-            let walked = tokio::task::spawn_blocking(move || {
-                tables.lock().map(|t| t.walk()).unwrap_or_default()
-            })
-            .await
-            .unwrap_or_default();
+            let walked = tokio::task::spawn_blocking(move || tables.walk())
+                .await
+                .unwrap_or_default();
             let entries: Vec<Entry> = walked
                 .iter()
                 .filter_map(|(flow, id)| entry_of(flow, *id, &directory))
