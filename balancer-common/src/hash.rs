@@ -95,9 +95,12 @@ pub fn flow_hash(flow: &FlowKey, seed: u32) -> u32 {
     }
 }
 
-/// The hash a VIP places a flow by: the 5-tuple, or for a VIP that hashes the destination
-/// port only, the flow with its source address and port cleared. The program and every
-/// prediction of it (tests, benchmarks) call this one function.
+/// The hash a VIP places a flow by: the 5-tuple; for a VIP that hashes the destination port
+/// only, the flow with its source address and port cleared; for a VIP that balances
+/// fragments, the addresses and protocol only, for every datagram, fragmented or not (a
+/// later fragment carries no port, so hashing the others on their ports would split a flow
+/// that is sometimes fragmented over two backends). The program and every prediction of it
+/// (tests, benchmarks) call this one function.
 #[inline(always)]
 pub fn vip_flow_hash(vip: &VipMeta, flow: &FlowKey, seed: u32) -> u32 {
     if vip.hashes_dst_port_only() {
@@ -107,6 +110,13 @@ pub fn vip_flow_hash(vip: &VipMeta, flow: &FlowKey, seed: u32) -> u32 {
             ..*flow
         };
         flow_hash(&only_port, seed)
+    } else if vip.balances_fragments() {
+        let addresses = FlowKey {
+            src_port: 0,
+            dst_port: 0,
+            ..*flow
+        };
+        flow_hash(&addresses, seed)
     } else {
         flow_hash(flow, seed)
     }

@@ -138,13 +138,22 @@ fn ipv4(ctx: &XdpContext, l3: usize) -> Result<Packet, Outcome> {
     if ctx.data() + l4 > ctx.data_end() {
         return Err(Outcome::TruncatedIpv4);
     }
+    // The total length is believed only as far as the frame goes: shorter than the header is
+    // no packet, longer than the frame a truncated one (a longer frame is Ethernet padding).
+    let total_len = u16::from_be(ip.total_len) as usize;
+    if total_len < header_len {
+        return Err(Outcome::BadIpv4Header);
+    }
+    if ctx.data() + l3 + total_len > ctx.data_end() {
+        return Err(Outcome::TruncatedIpv4);
+    }
     let mut flow = FlowKey {
         proto: ip.proto,
         family: FAMILY_IPV4,
         ..FlowKey::default()
     };
     flow.set_addresses(address_words(&ip.src), address_words(&ip.dst));
-    let mut packet = new_packet(flow, l3, l4, u16::from_be(ip.total_len) as usize, ip.tos);
+    let mut packet = new_packet(flow, l3, l4, total_len, ip.tos);
     packet.dont_fragment = ip.frag_off & IP_DF != 0;
     packet.fragment = ip.frag_off & (IP_MF | IP_OFFSET) != 0;
     packet.later_fragment = ip.frag_off & IP_OFFSET != 0;
@@ -166,6 +175,11 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Result<Packet, Outcome> {
     };
     flow.set_addresses(address_words(&ip.src), address_words(&ip.dst));
     let ip_len = IPV6_HLEN + u16::from_be(ip.payload_len) as usize;
+    // The payload length is believed only as far as the frame goes (a jumbogram's 0 is not
+    // handled: the transport header then lies beyond it).
+    if ctx.data() + l3 + ip_len > ctx.data_end() {
+        return Err(Outcome::TruncatedIpv6);
+    }
     let mut packet = new_packet(flow, l3, l3 + IPV6_HLEN, ip_len, tos);
 
     // Walk the extension headers, at most IPV6_EXTENSION_LIMIT of them.
@@ -198,7 +212,7 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Result<Packet, Outcome> {
     ) {
         return Err(Outcome::Ipv6ExtensionLimit);
     }
-    if ctx.data() + offset > ctx.data_end() {
+    if offset > l3 + ip_len || ctx.data() + offset > ctx.data_end() {
         return Err(Outcome::TruncatedIpv6);
     }
     packet.flow.proto = next;
@@ -211,9 +225,18 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Result<Packet, Outcome> {
 fn transport(ctx: &XdpContext, mut packet: Packet) -> Result<Packet, Outcome> {
     let proto = packet.flow.proto;
     let l4 = packet.l4;
-    if proto == PROTO_ICMP || proto == PROTO_ICMPV6 {
+    // Each family's own ICMP only: protocol 58 inside IPv4 or 1 inside IPv6 is no ICMP.
+    let icmp_proto = if packet.flow.family == FAMILY_IPV4 {
+        PROTO_ICMP
+    } else {
+        PROTO_ICMPV6
+    };
+    if proto == icmp_proto {
         if packet.fragment {
             return Err(Outcome::Fragment);
+        }
+        if l4 + ICMP_HLEN > packet.l3 + packet.ip_len {
+            return Err(Outcome::TruncatedL4);
         }
         return icmp(ctx, packet);
     }
@@ -225,7 +248,8 @@ fn transport(ctx: &XdpContext, mut packet: Packet) -> Result<Packet, Outcome> {
     if packet.later_fragment {
         return Ok(packet);
     }
-    if ctx.data() + l4 + header_len > ctx.data_end() {
+    // The ports and flags must lie inside the datagram, not only inside the frame.
+    if l4 + header_len > packet.l3 + packet.ip_len || ctx.data() + l4 + header_len > ctx.data_end() {
         return Err(Outcome::TruncatedL4);
     }
     let ports = ptr_at::<Ports>(ctx, l4).ok_or(Outcome::TruncatedL4)?;
@@ -252,6 +276,9 @@ fn icmp(ctx: &XdpContext, mut packet: Packet) -> Result<Packet, Outcome> {
     let (kind, code) = unsafe { ((*header).kind, (*header).code) };
     let embedded = packet.l4 + ICMP_HLEN;
     packet.inner_l3 = embedded;
+    // An error is about a flow of this balancer only when it is addressed to where the quoted
+    // packet came from (the VIP, or a NAT connection's SNAT address): compared below.
+    let outer_dst = packet.flow.dst_words();
     if packet.flow.family == FAMILY_IPV4 {
         match (kind, code) {
             (ICMP_ECHO_REQUEST, 0) => packet.kind = Kind::EchoRequest,
@@ -275,6 +302,13 @@ fn icmp(ctx: &XdpContext, mut packet: Packet) -> Result<Packet, Outcome> {
             }
             _ => return Err(Outcome::IcmpOther),
         }
+    }
+    // Word by word: the program has no `memcmp`.
+    let (a, b) = (packet.flow.dst_words(), outer_dst);
+    if packet.kind == Kind::IcmpError
+        && (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) != 0
+    {
+        return Err(Outcome::IcmpOther);
     }
     Ok(packet)
 }

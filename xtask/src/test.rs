@@ -154,6 +154,11 @@ pub fn run(no_vm: bool) -> Result<()> {
         || Ok(()),
     ));
     tiers.push(root_tier(
+        "fuzz (a million generated and mutated packets per forwarding mode through the real object, judged by an oracle)",
+        &["fuzz"],
+        || Ok(()),
+    ));
+    tiers.push(root_tier(
         "network namespaces (real balancer, servers, clients; the autoscale demo, short)",
         &[
             "dsr_end_to_end",

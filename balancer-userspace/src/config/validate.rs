@@ -20,7 +20,7 @@ use crate::config::{
     fleet,
     health::{self, Scope},
     model::{
-        Autoscale, BackendConfig, Config, Forwarding, Host, NatGlobal, NatVipConfig, Protocol,
+        Autoscale, BackendConfig, Config, Forwarding, HashMode, Host, NatGlobal, NatVipConfig, Protocol,
         Snat, TunnelSource, Vip, API_IDLE_TIMEOUT_RANGE, DEFAULT_API_IDLE_TIMEOUT,
         DEFAULT_API_MAX_CONNECTIONS, DEFAULT_HOST_SNAT_PORTS, DEFAULT_METRICS_LISTEN,
         DEFAULT_PIN_DIR, DEFAULT_RELOAD_SETTLE, DEFAULT_REMOVAL_GRACE, DEFAULT_SNAT_PORTS,
@@ -346,6 +346,12 @@ fn validate_vip(raw: RawVip, taken: &Taken) -> Result<Vip, Invalid> {
         let message = format!(
             "VIP \"{name}\": fragments = true does not apply to forwarding = \"nat\": fragments \
              after the first carry no port to translate; remove it"
+        );
+        return Err((f.span(), message));
+    }
+    if let (true, Some(f)) = (fragments && raw.hash == HashMode::DstPortOnly, &raw.fragments) {
+        let message = format!(
+            "VIP "{name}": fragments = true and hash = "dst_port_only" cannot go together:              fragments after the first carry no port to hash on; choose one"
         );
         return Err((f.span(), message));
     }

@@ -18,6 +18,7 @@
 
 mod fixtures;
 mod nat;
+mod fragmented_flows;
 mod sync;
 
 use std::net::IpAddr;
