@@ -29,32 +29,6 @@ fn word(bytes: [u8; 2]) -> u16 {
     u16::from_ne_bytes(bytes)
 }
 
-/// Longest ICMP message of an echo request the balancer answers: one of a 1500-byte IPv4
-/// packet. Its checksum is verified first (over at most this many bytes); a longer request is
-/// left to the stack, unanswered.
-const ECHO_MAX: usize = 1500 - IPV4_HLEN;
-
-/// Whether an echo request's ICMP checksum is right (ICMPv6's covers a pseudo-header too).
-/// Linux ignores a request with a wrong one; so does the balancer, which would otherwise
-/// answer with an equally wrong reply.
-#[inline(always)]
-pub fn echo_intact(ctx: &XdpContext, packet: &Packet) -> bool {
-    let end = packet.l3 + packet.ip_len;
-    if end <= packet.l4 || end - packet.l4 > ECHO_MAX {
-        return false;
-    }
-    let len = end - packet.l4;
-    let mut sum = 0;
-    if packet.flow.family != FAMILY_IPV4 {
-        sum = csum::add_bytes(sum, &packet.flow.src);
-        sum = csum::add_bytes(sum, &packet.flow.dst);
-        sum = csum::add_bytes(sum, &(len as u32).to_be_bytes());
-        sum = csum::add_bytes(sum, &(PROTO_ICMPV6 as u32).to_be_bytes());
-    }
-    sum = sum_packet::<{ ECHO_MAX / 2 }>(ctx, sum, packet.l4, len);
-    csum::finish(sum) == 0
-}
-
 /// Turns an echo request to a VIP address into the reply.
 #[inline(always)]
 pub fn echo_reply(ctx: &XdpContext, packet: &Packet) -> Result<Outcome, Outcome> {

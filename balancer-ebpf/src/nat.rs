@@ -28,7 +28,7 @@ use balancer_common::{
 };
 
 use crate::{
-    access::{ptr_at, ptr_at_mut},
+    access::{opaque, ptr_at, ptr_at_mut},
     count,
     maps::{
         hash_seed, NatScratch as Scratch, BACKENDS, NAT_FILTER, NAT_SCRATCH, NAT_SETTINGS, NAT_V4,
@@ -547,8 +547,15 @@ fn translate_icmp(
     let icmp = ptr_at_mut::<IcmpHdr>(ctx, packet.l4).ok_or(Outcome::IcmpOther)?;
     let ports = ptr_at_mut::<Ports>(ctx, packet.inner_l4).ok_or(Outcome::IcmpOther)?;
     let proto = packet.flow.proto;
-    // The quoted transport checksum, if the quote reaches it.
-    let inner_check = ptr_at_mut::<u16>(ctx, packet.inner_l4 + check_offset(proto));
+    // The quoted transport checksum, if the quote reaches it: inside the IP datagram, not
+    // only inside the frame (bytes after the datagram, Ethernet padding, are covered by no
+    // checksum: changing them would put the ICMP checksum wrong).
+    let at = packet.inner_l4 + check_offset(proto);
+    let inner_check = if at + 2 <= packet.l3 + packet.ip_len {
+        ptr_at_mut::<u16>(ctx, opaque(at))
+    } else {
+        None
+    };
     // What the ICMP checksum covers: the quoted packet, and for ICMPv6 the outer addresses.
     let mut icmp_delta = Delta::default();
     let mut inner = Delta::default();

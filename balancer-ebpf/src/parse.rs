@@ -84,7 +84,44 @@ pub fn packet(ctx: &XdpContext) -> Result<Packet, Outcome> {
         return Err(Outcome::NotIp);
     };
     packet.len = len;
+    lengths(&packet)?;
     Ok(packet)
+}
+
+/// The IP length fields against the frame and the headers: an IPv4 total length or IPv6
+/// payload length is believed only as far as the frame goes (a longer frame is Ethernet
+/// padding, which is normal), and must cover the headers read (IP, extension headers, the
+/// transport's ports and flags, or the ICMP header). Checked once everything is parsed: a
+/// check before the reads would let the compiler drop bounds checks that the verifier needs
+/// (it cannot follow "inside the datagram, which is inside the frame").
+#[inline(always)]
+fn lengths(packet: &Packet) -> Result<(), Outcome> {
+    let v4 = packet.flow.family == FAMILY_IPV4;
+    let ip_end = packet.l3 + packet.ip_len;
+    if ip_end < packet.l4 {
+        return Err(if v4 {
+            Outcome::BadIpv4Header
+        } else {
+            Outcome::TruncatedIpv6
+        });
+    }
+    if ip_end as u64 > packet.len {
+        return Err(if v4 {
+            Outcome::TruncatedIpv4
+        } else {
+            Outcome::TruncatedIpv6
+        });
+    }
+    let transport = match packet.kind {
+        Kind::Flow if packet.later_fragment => 0,
+        Kind::Flow if packet.flow.proto == PROTO_TCP => TCP_HLEN,
+        Kind::Flow => UDP_HLEN,
+        Kind::EchoRequest | Kind::IcmpError => ICMP_HLEN,
+    };
+    if packet.l4 + transport > ip_end {
+        return Err(Outcome::TruncatedL4);
+    }
+    Ok(())
 }
 
 /// Returns the EtherType of the payload and where the payload starts.
@@ -138,15 +175,8 @@ fn ipv4(ctx: &XdpContext, l3: usize) -> Result<Packet, Outcome> {
     if ctx.data() + l4 > ctx.data_end() {
         return Err(Outcome::TruncatedIpv4);
     }
-    // The total length is believed only as far as the frame goes: shorter than the header is
-    // no packet, longer than the frame a truncated one (a longer frame is Ethernet padding).
+    // Checked against the frame and the headers once parsed (`lengths`).
     let total_len = u16::from_be(ip.total_len) as usize;
-    if total_len < header_len {
-        return Err(Outcome::BadIpv4Header);
-    }
-    if ctx.data() + l3 + total_len > ctx.data_end() {
-        return Err(Outcome::TruncatedIpv4);
-    }
     let mut flow = FlowKey {
         proto: ip.proto,
         family: FAMILY_IPV4,
@@ -175,11 +205,6 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Result<Packet, Outcome> {
     };
     flow.set_addresses(address_words(&ip.src), address_words(&ip.dst));
     let ip_len = IPV6_HLEN + u16::from_be(ip.payload_len) as usize;
-    // The payload length is believed only as far as the frame goes (a jumbogram's 0 is not
-    // handled: the transport header then lies beyond it).
-    if ctx.data() + l3 + ip_len > ctx.data_end() {
-        return Err(Outcome::TruncatedIpv6);
-    }
     let mut packet = new_packet(flow, l3, l3 + IPV6_HLEN, ip_len, tos);
 
     // Walk the extension headers, at most IPV6_EXTENSION_LIMIT of them.
@@ -212,7 +237,7 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Result<Packet, Outcome> {
     ) {
         return Err(Outcome::Ipv6ExtensionLimit);
     }
-    if offset > l3 + ip_len || ctx.data() + offset > ctx.data_end() {
+    if ctx.data() + offset > ctx.data_end() {
         return Err(Outcome::TruncatedIpv6);
     }
     packet.flow.proto = next;
@@ -235,9 +260,6 @@ fn transport(ctx: &XdpContext, mut packet: Packet) -> Result<Packet, Outcome> {
         if packet.fragment {
             return Err(Outcome::Fragment);
         }
-        if l4 + ICMP_HLEN > packet.l3 + packet.ip_len {
-            return Err(Outcome::TruncatedL4);
-        }
         return icmp(ctx, packet);
     }
     let header_len = match proto {
@@ -248,8 +270,7 @@ fn transport(ctx: &XdpContext, mut packet: Packet) -> Result<Packet, Outcome> {
     if packet.later_fragment {
         return Ok(packet);
     }
-    // The ports and flags must lie inside the datagram, not only inside the frame.
-    if l4 + header_len > packet.l3 + packet.ip_len || ctx.data() + l4 + header_len > ctx.data_end() {
+    if ctx.data() + l4 + header_len > ctx.data_end() {
         return Err(Outcome::TruncatedL4);
     }
     let ports = ptr_at::<Ports>(ctx, l4).ok_or(Outcome::TruncatedL4)?;

@@ -1988,6 +1988,14 @@ fn fragments_and_dst_port_only_hashing_cannot_go_together() {
     let text = "[balancer]\n[[vip]]\nname = \"dns\"\naddress = \"192.0.2.1\"\nport = 53\nprotocol = \"udp\"\nforwarding = \"dsr\"\nhash = \"dst_port_only\"\nfragments = true\nbackends = [{ address = \"10.0.0.1\" }]\n";
     let err = parse(Path::new("frag.toml"), text).unwrap_err();
     assert_eq!((err.line, err.column), (9, 13), "{err}");
-    assert!(err.message.contains("fragments = true and hash = \"dst_port_only\" cannot go together"), "{err}");
-    assert!(parse(Path::new("frag.toml"), &text.replace("hash = \"dst_port_only\"\n", "")).is_ok());
+    assert!(
+        err.message
+            .contains("fragments = true and hash = \"dst_port_only\" cannot go together"),
+        "{err}"
+    );
+    assert!(parse(
+        Path::new("frag.toml"),
+        &text.replace("hash = \"dst_port_only\"\n", "")
+    )
+    .is_ok());
 }

@@ -20,8 +20,8 @@ use crate::config::{
     fleet,
     health::{self, Scope},
     model::{
-        Autoscale, BackendConfig, Config, Forwarding, HashMode, Host, NatGlobal, NatVipConfig, Protocol,
-        Snat, TunnelSource, Vip, API_IDLE_TIMEOUT_RANGE, DEFAULT_API_IDLE_TIMEOUT,
+        Autoscale, BackendConfig, Config, Forwarding, HashMode, Host, NatGlobal, NatVipConfig,
+        Protocol, Snat, TunnelSource, Vip, API_IDLE_TIMEOUT_RANGE, DEFAULT_API_IDLE_TIMEOUT,
         DEFAULT_API_MAX_CONNECTIONS, DEFAULT_HOST_SNAT_PORTS, DEFAULT_METRICS_LISTEN,
         DEFAULT_PIN_DIR, DEFAULT_RELOAD_SETTLE, DEFAULT_REMOVAL_GRACE, DEFAULT_SNAT_PORTS,
         DEFAULT_WEIGHT, MAX_API_CONNECTIONS, MAX_CONN_TABLE_SIZE, MAX_NAT_TABLE_SIZE,
@@ -301,6 +301,28 @@ fn validate_vips(
     Ok(vips)
 }
 
+/// `fragments`, which neither NAT nor destination-port hashing can take.
+fn fragments_setting(raw: &RawVip, name: &str, forwarding: Forwarding) -> Result<bool, Invalid> {
+    let Some(f) = raw.fragments.as_ref().filter(|f| *f.get_ref()) else {
+        return Ok(false);
+    };
+    if forwarding == Forwarding::Nat {
+        let message = format!(
+            "VIP \"{name}\": fragments = true does not apply to forwarding = \"nat\": fragments \
+             after the first carry no port to translate; remove it"
+        );
+        return Err((f.span(), message));
+    }
+    if raw.hash == HashMode::DstPortOnly {
+        let message = format!(
+            "VIP \"{name}\": fragments = true and hash = \"dst_port_only\" cannot go together: \
+             fragments after the first carry no port to hash on; choose one"
+        );
+        return Err((f.span(), message));
+    }
+    Ok(true)
+}
+
 /// Non-first fragments carry no port: a VIP balancing fragments must be the only one on its
 /// address and protocol.
 fn check_fragments(vip: &Vip, before: &[Vip]) -> Result<(), String> {
@@ -341,20 +363,7 @@ fn validate_vip(raw: RawVip, taken: &Taken) -> Result<Vip, Invalid> {
     }
     let forwarding = *raw.forwarding.get_ref();
     nat_keys(&raw, &name, forwarding)?;
-    let fragments = raw.fragments.as_ref().is_some_and(|f| *f.get_ref());
-    if let (true, Some(f)) = (forwarding == Forwarding::Nat && fragments, &raw.fragments) {
-        let message = format!(
-            "VIP \"{name}\": fragments = true does not apply to forwarding = \"nat\": fragments \
-             after the first carry no port to translate; remove it"
-        );
-        return Err((f.span(), message));
-    }
-    if let (true, Some(f)) = (fragments && raw.hash == HashMode::DstPortOnly, &raw.fragments) {
-        let message = format!(
-            "VIP "{name}": fragments = true and hash = "dst_port_only" cannot go together:              fragments after the first carry no port to hash on; choose one"
-        );
-        return Err((f.span(), message));
-    }
+    let fragments = fragments_setting(&raw, &name, forwarding)?;
     let backend_port = match &raw.backend_port {
         None => None,
         Some(p) => Some(nonzero_port(p, &format!("VIP \"{name}\": backend_port"))?),

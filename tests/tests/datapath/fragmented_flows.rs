@@ -36,7 +36,11 @@ fn whole_datagrams_and_fragments_of_a_flow_reach_one_backend() {
                 );
                 used.insert(whole_backend);
             }
-            assert_eq!(used.len(), 3, "{vip_name}: the clients spread over every backend");
+            assert_eq!(
+                used.len(),
+                3,
+                "{vip_name}: the clients spread over every backend"
+            );
         }
     });
 }

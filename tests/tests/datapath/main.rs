@@ -17,8 +17,8 @@
 )]
 
 mod fixtures;
-mod nat;
 mod fragmented_flows;
+mod nat;
 mod sync;
 
 use std::net::IpAddr;
