@@ -26,8 +26,8 @@ use balancer::{
     shell::dataplane::{Dataplane, LoadOptions},
 };
 use balancer_common::{
-    hash::vip_flow_hash, map_names, nat::NatEntry, ConnEntry, FlowKey, Outcome, TrafficStats,
-    VipMeta,
+    hash::vip_flow_hash, map_names, nat::NatEntry, ConnEntry, FlowKey, FlowKeyV4, FlowKeyV6,
+    Outcome, TrafficStats, VipMeta,
 };
 
 use super::{LB4, LB6, LB_MAC, ROUTER4, ROUTER6, ROUTER_MAC};
@@ -239,6 +239,34 @@ impl World {
     pub fn set_config(&mut self, config: &str) {
         self.config = parse(config);
         self.apply();
+    }
+
+    /// Back to a world as `load` makes it, without loading the program again (each load is a
+    /// run of the verifier, seconds under emulation): `config` in force, every backend up,
+    /// the connection and NAT tables emptied. Counters and id assignments carry on; the
+    /// checks compare counters before and after a packet, and ids are asked of the world.
+    pub fn reset(&mut self, config: &str) {
+        self.health.clear();
+        self.set_config(config);
+        self.clear::<FlowKeyV4, ConnEntry>(map_names::CONN_TABLE_V4);
+        self.clear::<FlowKeyV6, ConnEntry>(map_names::CONN_TABLE_V6);
+        self.clear::<FlowKeyV4, NatEntry>(map_names::NAT_V4);
+        self.clear::<FlowKeyV6, NatEntry>(map_names::NAT_V6);
+        let _ = self.sync_events();
+    }
+
+    /// Removes every entry of a hash map.
+    fn clear<K: aya::Pod, V: aya::Pod>(&mut self, name: &'static str) {
+        let map = self
+            .dataplane
+            .raw_map_mut(name)
+            .expect("a map of the object");
+        let mut table: aya::maps::HashMap<&mut aya::maps::MapData, K, V> =
+            map.try_into().expect("a hash map");
+        let keys: Vec<K> = table.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            let _ = table.remove(&key);
+        }
     }
 
     /// Sets what the health checks say of `backend` of `vip`, and applies it.

@@ -80,9 +80,13 @@ fn datapath_fixtures() {
     let other = network.other_ifindex;
     let cases = network.ns.run(move || {
         let fixtures = fixtures::all();
+        // One program for every case (each load is a run of the verifier, seconds under
+        // emulation), reset to a fresh world's state before each, so that cases do not see
+        // each other.
+        let mut world = world(other);
         for fixture in &fixtures {
-            // A fresh world for every case, so that cases do not see each other.
-            check(&mut world(other), fixture);
+            world.reset(CONFIG);
+            check(&mut world, fixture);
             println!("ok: {}", fixture.case);
         }
         fixtures.len()
