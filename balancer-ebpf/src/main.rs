@@ -66,7 +66,7 @@ mod programs {
     fn forward(ctx: &XdpContext) -> Result<Outcome, Outcome> {
         let mut packet = parse::packet(ctx)?;
         if packet.kind == Kind::EchoRequest {
-            if !classify::is_vip_address(&packet) {
+            if !classify::is_vip_address(&packet) || !icmp::echo_intact(ctx, &packet) {
                 return Err(Outcome::IcmpOther);
             }
             return icmp::echo_reply(ctx, &packet);
