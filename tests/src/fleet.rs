@@ -89,7 +89,7 @@ impl FleetLab {
             FleetTopology::create(&prefix, balancers, 4, 7)
         };
         let servers = topology.start_http_servers(|i| fleet_backend_addr(i).to_string());
-        let key: String = (0..32).map(|_| fastrand_char()).collect();
+        let key = random_key();
         let key_file = scratch.write_atomically("sync.key", &key);
         std::fs::set_permissions(
             &key_file,
@@ -219,16 +219,20 @@ impl FleetLab {
     }
 }
 
-/// A printable character of a random key.
-fn fastrand_char() -> char {
+/// 32 random printable characters (from /dev/urandom: this crate has no generator of its
+/// own), a sync key.
+fn random_key() -> String {
     let chars = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
-    let mut byte = [0u8; 1];
-    // /dev/urandom: the tests' crate has no random number generator of its own.
-    let _ = std::io::Read::read_exact(
+    let mut bytes = [0u8; 32];
+    std::io::Read::read_exact(
         &mut std::fs::File::open("/dev/urandom").expect("/dev/urandom"),
-        &mut byte,
-    );
-    chars[usize::from(byte[0]) % chars.len()] as char
+        &mut bytes,
+    )
+    .expect("32 random bytes");
+    bytes
+        .iter()
+        .map(|b| chars[usize::from(*b) % chars.len()] as char)
+        .collect()
 }
 
 /// `[announce]` (table 100, 1 s withdraw wait) and `[sync]` for balancer `i` of

@@ -284,12 +284,19 @@ fn source(f: &[u8]) -> Option<IpAddr> {
     address_at(f, 12, 8)
 }
 
+/// Where a frame's IP header starts (after at most one VLAN tag) and its EtherType, if the
+/// frame is long enough to say.
+fn l3(f: &[u8]) -> Option<(usize, u16)> {
+    let l3 = match u16::from_be_bytes([*f.get(12)?, *f.get(13)?]) {
+        0x8100 | 0x88a8 => 18,
+        _ => 14,
+    };
+    Some((l3, u16::from_be_bytes([*f.get(l3 - 2)?, *f.get(l3 - 1)?])))
+}
+
 /// The IPv4 address at `v4` or the IPv6 one at `v6` bytes into the IP header.
 fn address_at(f: &[u8], v4: usize, v6: usize) -> Option<IpAddr> {
-    let (ether_type, l3) = match u16::from_be_bytes([*f.get(12)?, *f.get(13)?]) {
-        0x8100 | 0x88a8 => (u16::from_be_bytes([*f.get(16)?, *f.get(17)?]), 18),
-        t => (t, 14),
-    };
+    let (l3, ether_type) = l3(f)?;
     match ether_type {
         0x0800 => {
             let d: [u8; 4] = f.get(l3 + v4..l3 + v4 + 4)?.try_into().ok()?;
@@ -310,24 +317,13 @@ fn checksums_valid(f: &[u8]) -> bool {
 
 /// The IP header of a frame as it starts, for "left as it came".
 fn outer_ip(f: &[u8]) -> Option<&[u8]> {
-    let l3 = if matches!(
-        u16::from_be_bytes([*f.get(12)?, *f.get(13)?]),
-        0x8100 | 0x88a8
-    ) {
-        18
-    } else {
-        14
-    };
+    let (l3, _) = l3(f)?;
     f.get(l3..l3 + 20)
 }
 
 /// Whether a frame's IPv4 header checksum is right (false for anything else).
 fn ipv4_checksum_right(f: &[u8]) -> bool {
-    let l3 = match u16::from_be_bytes([f[12], f[13]]) {
-        0x8100 | 0x88a8 => 18,
-        _ => 14,
-    };
-    f.get(l3..).is_some_and(|ip| {
+    l3(f).and_then(|(l3, _)| f.get(l3..)).is_some_and(|ip| {
         etherparse::Ipv4Header::from_slice(ip)
             .is_ok_and(|(h, _)| h.header_checksum == h.calc_header_checksum())
     })
@@ -337,11 +333,7 @@ fn ipv4_checksum_right(f: &[u8]) -> bool {
 /// the bytes: lengths that the frame holds, and (`check_checksum`) an IPv4 header checksum
 /// that is right.
 fn ip_lengths(f: &[u8], check_checksum: bool) -> Result<(), String> {
-    let l3 = match u16::from_be_bytes([f[12], f[13]]) {
-        0x8100 | 0x88a8 => 18,
-        _ => 14,
-    };
-    let ether_type = u16::from_be_bytes([f[l3 - 2], f[l3 - 1]]);
+    let (l3, ether_type) = l3(f).ok_or("a frame too short for its EtherType")?;
     let (protocol, payload) = ip_header(&f[l3..], ether_type == 0x0800, check_checksum)?;
     match protocol {
         // A tunnel: the packet inside, within the outer payload.

@@ -95,9 +95,8 @@ impl Announcement {
             .collect()
     }
 
-    /// The addresses to announce: every address with a VIP that is not withheld.
-    pub fn wanted(&self, config: &Config, desired: &DesiredState) -> BTreeSet<IpAddr> {
-        let reasons = self.reasons(config, desired);
+    /// The addresses to announce, given `reasons`: every address with a VIP not withheld.
+    pub fn wanted(config: &Config, reasons: &BTreeMap<String, Unannounced>) -> BTreeSet<IpAddr> {
         config
             .vips
             .iter()

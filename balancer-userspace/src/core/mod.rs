@@ -370,13 +370,13 @@ impl Core {
             return;
         };
         self.announcement.retain(&self.config);
-        let wanted = self.announcement.wanted(&self.config, &self.desired);
+        let reasons = self.announcement.reasons(&self.config, &self.desired);
+        let wanted = Announcement::wanted(&self.config, &reasons);
         let old = &self.announcement.routes;
         if wanted == *old && !self.routes_unknown {
             return;
         }
         let added: Vec<IpAddr> = wanted.difference(old).copied().collect();
-        let reasons = self.announcement.reasons(&self.config, &self.desired);
         let withdrawn: Vec<(IpAddr, String)> = old
             .difference(&wanted)
             .map(|address| {

@@ -9,7 +9,6 @@
 
 use std::{
     net::IpAddr,
-    os::fd::AsFd as _,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -42,21 +41,12 @@ pub struct NatTables {
     settings: Map,
 }
 
-fn own(dataplane: &Dataplane, name: &'static str) -> Result<MapData, DataplaneError> {
-    let fd = dataplane
-        .map_fd(name)?
-        .as_fd()
-        .try_clone_to_owned()
-        .map_err(|source| DataplaneError::Io { map: name, source })?;
-    MapData::from_fd(fd).map_err(crate::shell::dataplane::map_err(name))
-}
-
 impl NatTables {
     pub fn open(dataplane: &Dataplane) -> Result<NatTables, DataplaneError> {
         Ok(NatTables {
-            v4: Map::LruHashMap(own(dataplane, map_names::NAT_V4)?),
-            v6: Map::LruHashMap(own(dataplane, map_names::NAT_V6)?),
-            settings: Map::Array(own(dataplane, map_names::NAT_SETTINGS)?),
+            v4: Map::LruHashMap(dataplane.own_map(map_names::NAT_V4)?),
+            v6: Map::LruHashMap(dataplane.own_map(map_names::NAT_V6)?),
+            settings: Map::Array(dataplane.own_map(map_names::NAT_SETTINGS)?),
         })
     }
 

@@ -10,7 +10,6 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    os::fd::AsFd as _,
     sync::{
         atomic::{AtomicU64, Ordering::Relaxed},
         Arc,
@@ -71,22 +70,14 @@ struct ConnTables {
     v6: BpfHashMap<MapData, FlowKeyV6, ConnEntry>,
 }
 
-fn own(dataplane: &Dataplane, name: &'static str) -> Result<MapData, DataplaneError> {
-    let fd = dataplane
-        .map_fd(name)?
-        .as_fd()
-        .try_clone_to_owned()
-        .map_err(|source| DataplaneError::Io { map: name, source })?;
-    MapData::from_fd(fd).map_err(crate::shell::dataplane::map_err(name))
-}
-
 impl SyncMaps {
     pub fn open(dataplane: &Dataplane) -> Result<SyncMaps, DataplaneError> {
         let err = crate::shell::dataplane::map_err;
-        let ring = RingBuf::try_from(Map::RingBuf(own(dataplane, map_names::SYNC_EVENTS)?))
+        let ring = RingBuf::try_from(Map::RingBuf(dataplane.own_map(map_names::SYNC_EVENTS)?))
             .map_err(err(map_names::SYNC_EVENTS))?;
-        let lost = PerCpuArray::try_from(Map::PerCpuArray(own(dataplane, map_names::SYNC_STATS)?))
-            .map_err(err(map_names::SYNC_STATS))?;
+        let lost =
+            PerCpuArray::try_from(Map::PerCpuArray(dataplane.own_map(map_names::SYNC_STATS)?))
+                .map_err(err(map_names::SYNC_STATS))?;
         Ok(SyncMaps {
             ring,
             tables: ConnTables::open(dataplane)?,
@@ -99,10 +90,14 @@ impl SyncMaps {
 impl ConnTables {
     fn open(dataplane: &Dataplane) -> Result<ConnTables, DataplaneError> {
         let err = crate::shell::dataplane::map_err;
-        let v4 = BpfHashMap::try_from(Map::LruHashMap(own(dataplane, map_names::CONN_TABLE_V4)?))
-            .map_err(err(map_names::CONN_TABLE_V4))?;
-        let v6 = BpfHashMap::try_from(Map::LruHashMap(own(dataplane, map_names::CONN_TABLE_V6)?))
-            .map_err(err(map_names::CONN_TABLE_V6))?;
+        let v4 = BpfHashMap::try_from(Map::LruHashMap(
+            dataplane.own_map(map_names::CONN_TABLE_V4)?,
+        ))
+        .map_err(err(map_names::CONN_TABLE_V4))?;
+        let v6 = BpfHashMap::try_from(Map::LruHashMap(
+            dataplane.own_map(map_names::CONN_TABLE_V6)?,
+        ))
+        .map_err(err(map_names::CONN_TABLE_V6))?;
         Ok(ConnTables { v4, v6 })
     }
 

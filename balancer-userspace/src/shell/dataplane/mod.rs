@@ -361,6 +361,18 @@ impl Dataplane {
         }
     }
 
+    /// A handle of its own on a map (its descriptor duplicated), for a thread or task that
+    /// works beside the daemon's: the NAT sweeper, the sync.
+    pub fn own_map(&self, name: &'static str) -> Result<aya::maps::MapData> {
+        use std::os::fd::AsFd as _;
+        let fd = self
+            .map_fd(name)?
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| DataplaneError::Io { map: name, source })?;
+        aya::maps::MapData::from_fd(fd).map_err(map_err(name))
+    }
+
     fn map(&self, name: &'static str) -> Result<&aya::maps::Map> {
         self.ebpf
             .map(name)
