@@ -11,6 +11,7 @@
 #![no_std]
 
 pub mod csum;
+pub mod defence;
 pub mod hash;
 pub mod nat;
 pub mod tunnel;
@@ -23,7 +24,9 @@ pub mod tunnel;
 /// 4: NAT: the backend's port in `Backend`, the NAT tables and their settings, `NAT_FILTER`,
 ///    `NAT_STATS`, the NAT outcomes.
 /// 5: connection-table sync: `VIP_F_SYNC`, the `SYNC_EVENTS` ring buffer and `SYNC_STATS`.
-pub const LAYOUT_VERSION: u32 = 5;
+/// 6: the defences (`defence`): the pending tables, the flood cap, per-source limits
+///    (`VIP_F_SOURCE_LIMIT`), their counters and outcomes.
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// How many VIPs the maps hold.
 pub const MAX_VIPS: u32 = 512;
@@ -51,6 +54,11 @@ pub const DEFAULT_CONN_TABLE_SIZE: u32 = 262_144;
 /// Default number of NAT connections each NAT table (one per address family) holds: two
 /// entries each, one per direction.
 pub const DEFAULT_NAT_TABLE_SIZE: u32 = 65_536;
+/// Entries of each pending table (`defence`) in the object; the daemon sizes them at load
+/// time from the config.
+pub const DEFAULT_PENDING_TABLE_SIZE: u32 = 65_536;
+/// Source prefixes whose buckets `SOURCE_RATES` holds (the least recently used go first).
+pub const SOURCE_RATES_CAPACITY: u32 = 65_536;
 /// `NAT_PROGRAMS` slots.
 pub const NAT_PROGRAM_FORWARD: u32 = 0;
 pub const NAT_PROGRAM_REPLY: u32 = 1;
@@ -120,6 +128,21 @@ pub mod map_names {
     pub const SYNC_EVENTS: &str = "SYNC_EVENTS";
     /// `0 -> decisions` (per-CPU array): decisions not handed over (the ring was full).
     pub const SYNC_STATS: &str = "SYNC_STATS";
+    /// TCP flows that have sent a SYN and nothing since (`defence`), by family: sized by the
+    /// daemon at load time.
+    pub const PENDING_V4: &str = "PENDING_V4";
+    pub const PENDING_V6: &str = "PENDING_V6";
+    pub const PENDING_TABLES: [&str; 2] = [PENDING_V4, PENDING_V6];
+    /// The per-CPU cap on new flows (`defence::FloodSettings`, one entry).
+    pub const FLOOD_SETTINGS: &str = "FLOOD_SETTINGS";
+    /// Each CPU's new flows in its current second (`defence::FloodState`).
+    pub const FLOOD_STATE: &str = "FLOOD_STATE";
+    /// Each VIP's per-source limit, by VIP id (`defence::SourceLimit`).
+    pub const SOURCE_LIMITS: &str = "SOURCE_LIMITS";
+    /// Source prefixes' token buckets (`defence::SourceKey` -> `defence::SourceBucket`).
+    pub const SOURCE_RATES: &str = "SOURCE_RATES";
+    /// `defence::DefenceCounter`s, per CPU.
+    pub const DEFENCE_STATS: &str = "DEFENCE_STATS";
 }
 
 /// Program names in the object file.
@@ -219,6 +242,9 @@ pub const VIP_F_ADDRESS: u8 = 1 << 3;
 /// The VIP's new-flow decisions are handed to the daemon (`SYNC_EVENTS`), which sends them
 /// to the fleet's other balancers (`[sync]`). Never on a NAT VIP (its state is not synced).
 pub const VIP_F_SYNC: u8 = 1 << 4;
+/// New flows to the VIP are limited per source prefix (`defence::SourceLimit` in
+/// `SOURCE_LIMITS`).
+pub const VIP_F_SOURCE_LIMIT: u8 = 1 << 5;
 
 /// Bytes of the `SYNC_EVENTS` ring buffer: 1 MiB holds 18,724 decisions (56 bytes each with
 /// the ring's 8-byte header), 18 ms of new flows at 1M/s, for a reader woken per record.
@@ -254,6 +280,12 @@ impl VipMeta {
     #[inline(always)]
     pub const fn syncs(&self) -> bool {
         self.flags & VIP_F_SYNC != 0
+    }
+
+    /// New flows are limited per source prefix (`VIP_F_SOURCE_LIMIT`).
+    #[inline(always)]
+    pub const fn limits_sources(&self) -> bool {
+        self.flags & VIP_F_SOURCE_LIMIT != 0
     }
 
     /// Flows are hashed on the destination port only (`VIP_F_HASH_DST_PORT_ONLY`).
@@ -615,10 +647,15 @@ outcomes! {
     NatReplyExpired = 23, "nat_reply_expired", DROP;
     /// A packet for a NAT VIP that the NAT program could not take (`NAT_PROGRAMS` empty).
     NatUnavailable = 24, "nat_unavailable", DROP;
+    /// A new flow over its source prefix's limit (`defence`): dropped.
+    SourceLimited = 25, "source_limited", DROP;
+    /// A new NAT connection while the CPU is over its cap of new flows (`defence`): refused,
+    /// as it cannot be placed without state.
+    NatFloodRefused = 26, "nat_flood_refused", DROP;
 }
 
 /// Size of `OUTCOME_STATS`.
-pub const OUTCOME_COUNT: u32 = 25;
+pub const OUTCOME_COUNT: u32 = 27;
 
 macro_rules! nat_counters {
     ($($(#[$doc:meta])* $variant:ident = $value:literal, $name:literal;)+) => {
@@ -736,6 +773,11 @@ mod pod {
         super::DecapAddress,
         super::nat::NatEntry,
         super::nat::NatSettings,
+        super::defence::FloodSettings,
+        super::defence::FloodState,
+        super::defence::SourceLimit,
+        super::defence::SourceKey,
+        super::defence::SourceBucket,
         super::nat::NatVip
     );
 }

@@ -8,12 +8,16 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use balancer_common::{
+    defence::{
+        FloodSettings, FloodState, SourceBucket, SourceKey, SourceLimit, DEFENCE_COUNTER_COUNT,
+    },
     nat::{NatEntry, NatSettings, NatVip},
     Backend, ConnEntry, DecapAddress, FlowKeyV4, FlowKeyV6, SyncEvent, TrafficStats, VipKey,
     VipMeta, VipSlot, DECAP_OUTCOME_COUNT, DEFAULT_CONN_TABLE_SIZE, DEFAULT_NAT_TABLE_SIZE,
-    MAGLEV_CAPACITY, MAGLEV_TABLE_MAP_FLAGS, MAX_BACKENDS, MAX_DECAP_ADDRESSES,
-    MAX_EGRESS_INTERFACES, MAX_VIPS, NAT_COUNTER_COUNT, NAT_FILTER_WORDS, NAT_PROGRAM_COUNT,
-    OUTCOME_COUNT, SYNC_RING_BYTES, VIP_FILTER_WORDS, VIP_KEYS_CAPACITY,
+    DEFAULT_PENDING_TABLE_SIZE, MAGLEV_CAPACITY, MAGLEV_TABLE_MAP_FLAGS, MAX_BACKENDS,
+    MAX_DECAP_ADDRESSES, MAX_EGRESS_INTERFACES, MAX_VIPS, NAT_COUNTER_COUNT, NAT_FILTER_WORDS,
+    NAT_PROGRAM_COUNT, OUTCOME_COUNT, SOURCE_RATES_CAPACITY, SYNC_RING_BYTES, VIP_FILTER_WORDS,
+    VIP_KEYS_CAPACITY,
 };
 
 const VIPS_N: usize = MAX_VIPS as usize;
@@ -165,3 +169,77 @@ pub static SYNC_EVENTS: RingBuf<SyncEvent, { SYNC_RING_BYTES as usize }> = RingB
 /// Decisions that found the ring full (the daemon counts them as lost).
 #[btf_map]
 pub static SYNC_STATS: PerCpuArray<u64, 1> = PerCpuArray::new();
+
+/// TCP flows that have sent a SYN and nothing since, with the backend chosen for them
+/// (`balancer_common::defence`): a flood of SYNs churns these, never the connection tables.
+/// Sized by the daemon at load time.
+#[btf_map]
+pub static PENDING_V4: LruHashMap<FlowKeyV4, ConnEntry, { DEFAULT_PENDING_TABLE_SIZE as usize }> =
+    LruHashMap::new();
+
+#[btf_map]
+pub static PENDING_V6: LruHashMap<FlowKeyV6, ConnEntry, { DEFAULT_PENDING_TABLE_SIZE as usize }> =
+    LruHashMap::new();
+
+/// The per-CPU cap on new flows with state (one entry, written by the daemon).
+#[btf_map]
+pub static FLOOD_SETTINGS: Array<FloodSettings, 1> = Array::new();
+
+/// Each CPU's new flows in its current second.
+#[btf_map]
+pub static FLOOD_STATE: PerCpuArray<FloodState, 1> = PerCpuArray::new();
+
+/// Each VIP's per-source limit, by VIP id (read for VIPs with `VIP_F_SOURCE_LIMIT`, written
+/// before the VIP's key).
+#[btf_map]
+pub static SOURCE_LIMITS: Array<SourceLimit, VIPS_N> = Array::new();
+
+/// Source prefixes' token buckets: their own LRU, so that a flood of sources churns them
+/// and nothing else.
+#[btf_map]
+pub static SOURCE_RATES: LruHashMap<SourceKey, SourceBucket, { SOURCE_RATES_CAPACITY as usize }> =
+    LruHashMap::new();
+
+#[btf_map]
+pub static DEFENCE_STATS: PerCpuArray<u64, { DEFENCE_COUNTER_COUNT as usize }> = PerCpuArray::new();
+
+/// A new flow's table keys, built once where the slow path looks the flow up in several
+/// tables: map memory, not the stack, which the packet's state fills already.
+pub struct FlowKeys {
+    /// The flow is IPv4: `key4` holds its key, else `key6`.
+    pub v4: bool,
+    pub key4: FlowKeyV4,
+    pub key6: FlowKeyV6,
+    /// The source prefix's key and a new bucket (`defence::source_allowed`).
+    pub source: SourceKey,
+    pub bucket: SourceBucket,
+    /// A new-flow decision for the fleet's peers (`select::publish`).
+    pub event: SyncEvent,
+    /// The flow's choice, as the pending and connection tables hold it.
+    pub entry: ConnEntry,
+}
+
+#[btf_map]
+pub static FLOW_KEYS: PerCpuArray<FlowKeys, 1> = PerCpuArray::new();
+
+impl FlowKeys {
+    /// This CPU's keys, set to `flow`'s (`NoBackend` if the per-CPU slot is missing, which
+    /// a loaded program never sees).
+    #[inline(always)]
+    pub fn of(
+        flow: &balancer_common::FlowKey,
+    ) -> Result<&'static mut FlowKeys, balancer_common::Outcome> {
+        let keys = FLOW_KEYS
+            .get_ptr_mut(0)
+            .ok_or(balancer_common::Outcome::NoBackend)?;
+        // SAFETY: this CPU's slot, valid for the program's run; nothing else holds it.
+        let keys = unsafe { &mut *keys };
+        keys.v4 = flow.family == balancer_common::FAMILY_IPV4;
+        if keys.v4 {
+            keys.key4 = flow.v4();
+        } else {
+            keys.key6 = flow.v6();
+        }
+        Ok(keys)
+    }
+}

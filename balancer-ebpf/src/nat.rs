@@ -29,10 +29,10 @@ use balancer_common::{
 
 use crate::{
     access::{opaque, ptr_at, ptr_at_mut},
-    count,
+    count, defence,
     maps::{
-        hash_seed, NatScratch as Scratch, BACKENDS, NAT_FILTER, NAT_SCRATCH, NAT_SETTINGS, NAT_V4,
-        NAT_V6, NAT_VIPS,
+        hash_seed, FlowKeys, NatScratch as Scratch, BACKENDS, NAT_FILTER, NAT_SCRATCH,
+        NAT_SETTINGS, NAT_V4, NAT_V6, NAT_VIPS,
     },
     parse::{Kind, Packet},
     rewrite, select,
@@ -244,6 +244,14 @@ fn create(
 ) -> Result<Outcome, Outcome> {
     let flow = &packet.flow;
     let v6 = flow.family != FAMILY_IPV4;
+    // A connection is state that cannot be left out: over the source's limit or the CPU's
+    // cap, it is refused.
+    if vip.limits_sources() && !defence::source_allowed(vip, flow, FlowKeys::of(flow)?, now) {
+        return Err(Outcome::SourceLimited);
+    }
+    if !defence::admit(now) {
+        return Err(Outcome::NatFloodRefused);
+    }
     let (id, backend, _) = select::table_choice(vip, flow)?;
     let nat_vip = NAT_VIPS.get(vip.vip_id).ok_or(Outcome::NatUnavailable)?;
     let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(Outcome::TruncatedEthernet)?;

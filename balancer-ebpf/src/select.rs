@@ -7,20 +7,30 @@
 //!    Draining backends keep their flows here. A TCP SYN skips this step: it starts a new
 //!    connection, even when its 5-tuple was used before (a client reusing a source port must
 //!    not land on a backend that is draining).
-//! 2. Otherwise the VIP's Maglev table at `hash(flow) % table_size`, and the choice is
-//!    remembered with the hash. Down and draining backends are not in the table (the daemon
-//!    leaves them out), so re-selection moves a flow off a down backend.
+//! 2. Otherwise a pending flow's choice (`balancer_common::defence`): a TCP flow whose SYN
+//!    was placed and that sends its next packet now is promoted to the connection table.
+//! 3. Otherwise the VIP's Maglev table at `hash(flow) % table_size`, and the choice is
+//!    remembered with the hash: a SYN's in the pending table, any other flow's in the
+//!    connection table, each within the defences' limits (see `backend`). Down and draining
+//!    backends are not in the table (the daemon leaves them out), so re-selection moves a
+//!    flow off a down backend.
+
+// Keys and values built in map memory (`FlowKeys`) are passed to the map helpers by
+// reference: by value, as clippy suggests, they would be copied to the stack, which is full.
+#![allow(clippy::needless_borrows_for_generic_args)]
 
 use balancer_common::{
-    hash::vip_flow_hash, Backend, ConnEntry, FlowKey, Outcome, SyncEvent, VipMeta, FAMILY_IPV4,
+    defence::DefenceCounter, hash::vip_flow_hash, Backend, ConnEntry, FlowKey, Outcome, SyncEvent,
+    VipMeta, FAMILY_IPV4, PROTO_TCP,
 };
 
 use crate::{
+    defence,
     maps::{
-        hash_seed, BACKENDS, CONN_TABLE_V4, CONN_TABLE_V6, MAGLEV_TABLES, SYNC_EVENTS, SYNC_STATS,
-        VIP_SLOTS,
+        hash_seed, FlowKeys, BACKENDS, CONN_TABLE_V4, CONN_TABLE_V6, MAGLEV_TABLES, PENDING_V4,
+        PENDING_V6, SYNC_EVENTS, SYNC_STATS, VIP_SLOTS,
     },
-    parse::Packet,
+    parse::{Kind, Packet},
 };
 
 /// The flow's connection-table entry, from its family's table.
@@ -33,27 +43,17 @@ fn remembered(flow: &FlowKey) -> Option<*const ConnEntry> {
     }
 }
 
-/// Remembers the flow. An insert can only fail if the kernel cannot allocate; the packet is
-/// forwarded anyway and the flow is placed by the table again next time.
-#[inline(always)]
-fn remember(flow: &FlowKey, entry: ConnEntry) {
-    let _ = if flow.family == FAMILY_IPV4 {
-        CONN_TABLE_V4.insert(flow.v4(), entry, 0)
-    } else {
-        CONN_TABLE_V6.insert(flow.v6(), entry, 0)
-    };
-}
-
 /// Hands a new-flow decision to the daemon for the fleet's peers (VIPs with `VIP_F_SYNC`
 /// only: one flag test for the others). A full ring loses the decision, counted.
 #[inline(always)]
-fn publish(flow: &FlowKey, backend_id: u32, flow_hash: u32) {
-    let event = SyncEvent {
+fn publish(keys: &mut FlowKeys, flow: &FlowKey, backend_id: u32, flow_hash: u32) {
+    // Built in map memory: 48 bytes the stack has no room for.
+    keys.event = SyncEvent {
         flow: *flow,
         backend_id,
         flow_hash,
     };
-    if SYNC_EVENTS.output(event, 0).is_err() {
+    if SYNC_EVENTS.output(&keys.event, 0).is_err() {
         if let Some(lost) = SYNC_STATS.get_ptr_mut(0) {
             // SAFETY: this CPU's slot of a per-CPU array, valid for the program's run.
             unsafe { *lost += 1 };
@@ -155,29 +155,136 @@ pub fn table_choice(
     Ok((id, backend, hash))
 }
 
-/// The backend for a packet of `vip`: the connection table's (if `ask_table`), else the
-/// Maglev table's, remembered.
+/// The backend for a packet of `vip` that the fast path did not place: the connection
+/// table's (if `ask_table`), a pending flow's (promoted to the connection table by any packet
+/// but an ICMP error), else the Maglev table's. What a new flow writes:
+/// - a SYN: the pending table, or, for a flow the connection table holds (a reused port), its
+///   entry rewritten in place; no slot claimed in the connection table either way;
+/// - any other packet (UDP, a TCP flow met mid-stream): the connection table;
+/// - an ICMP error: nothing.
+///
+/// Each only while the CPU is under its cap (`defence::admit`), and for a VIP with a
+/// per-source limit only while the source is under it (else the packet is dropped).
 #[inline(always)]
 pub fn backend(vip: &VipMeta, packet: &Packet, ask_table: bool) -> Result<Selected, Outcome> {
+    // One `Selected` built, whichever way the backend was found: each would take stack.
+    let (id, hash, new_flows) = choose(vip, packet, ask_table)?;
+    let backend = BACKENDS.get(id).ok_or(Outcome::NoBackend)?;
+    Ok(Selected::new(id, backend, vip, new_flows, hash))
+}
+
+/// `backend`'s choice: the backend id, the flow's hash, and 1 for a new flow. What lives
+/// across helper calls is kept in `FlowKeys` (map memory): the stack is nearly full.
+#[inline(always)]
+fn choose(vip: &VipMeta, packet: &Packet, ask_table: bool) -> Result<(u32, u32, u32), Outcome> {
     let flow = &packet.flow;
     if ask_table {
         if let Some((id, backend, hash)) = remembered_live(flow) {
             if backend.vip_id == vip.vip_id {
-                return Ok(Selected::new(id, backend, vip, 0, hash));
+                return Ok((id, hash, 0));
             }
         }
     }
-
-    let (id, backend, hash) = table_choice(vip, flow)?;
-    remember(
-        flow,
-        ConnEntry {
+    let keys = FlowKeys::of(flow)?;
+    let error = packet.kind == Kind::IcmpError;
+    let handshake = flow.proto == PROTO_TCP && !packet.fragment;
+    let new_flows = if handshake && !packet.syn && pending_live(vip, keys) {
+        if error {
+            return Ok((keys.entry.backend_id, keys.entry.flow_hash, 0));
+        }
+        // Promoted: the flow is real.
+        let _ = if keys.v4 {
+            PENDING_V4.remove(&keys.key4)
+        } else {
+            PENDING_V6.remove(&keys.key6)
+        };
+        defence::count(DefenceCounter::Promoted);
+        0
+    } else {
+        let now = defence::now();
+        // A TCP flow met mid-stream is not new to its source: not limited.
+        let opens = !error && (packet.syn || !handshake);
+        if opens && vip.limits_sources() && !defence::source_allowed(vip, flow, keys, now) {
+            return Err(Outcome::SourceLimited);
+        }
+        let (id, _, hash) = table_choice(vip, flow)?;
+        if error {
+            return Ok((id, hash, 0));
+        }
+        keys.entry = ConnEntry {
             backend_id: id,
             flow_hash: hash,
-        },
-    );
+        };
+        if packet.syn && handshake {
+            if !reused(keys) && defence::admit(now) {
+                pend(keys);
+            }
+            return Ok((id, hash, 1));
+        }
+        if !defence::admit(now) {
+            return Ok((id, hash, 1));
+        }
+        1
+    };
+    let _ = if keys.v4 {
+        CONN_TABLE_V4.insert(&keys.key4, &keys.entry, 0)
+    } else {
+        CONN_TABLE_V6.insert(&keys.key6, &keys.entry, 0)
+    };
+    let (id, hash) = (keys.entry.backend_id, keys.entry.flow_hash);
     if vip.syncs() {
-        publish(flow, id, hash);
+        publish(keys, flow, id, hash);
     }
-    Ok(Selected::new(id, backend, vip, 1, hash))
+    Ok((id, hash, new_flows))
+}
+
+/// Whether the flow is pending with a live backend of `vip`; its entry then in `keys.entry`.
+#[inline(always)]
+fn pending_live(vip: &VipMeta, keys: &mut FlowKeys) -> bool {
+    let entry = if keys.v4 {
+        PENDING_V4.get_ptr(&keys.key4)
+    } else {
+        PENDING_V6.get_ptr(&keys.key6)
+    };
+    let Some(entry) = entry else { return false };
+    // SAFETY: as in `remembered_live`.
+    keys.entry = unsafe { *entry };
+    match BACKENDS.get(keys.entry.backend_id) {
+        Some(backend) => backend.is_live() && backend.vip_id == vip.vip_id,
+        None => false,
+    }
+}
+
+/// A SYN for a flow the connection table holds (its client reused the port): the entry
+/// rewritten in place with the new choice. A lookup, not an update: an LRU update takes a
+/// free node (perhaps evicting) before it checks whether the key exists.
+#[inline(always)]
+fn reused(keys: &FlowKeys) -> bool {
+    let found = if keys.v4 {
+        CONN_TABLE_V4.get_ptr_mut(&keys.key4)
+    } else {
+        CONN_TABLE_V6.get_ptr_mut(&keys.key6)
+    };
+    match found {
+        Some(slot) => {
+            // SAFETY: a hash map value, valid for this run of the program (RCU). A reader on
+            // another CPU may see one field old and one new: both name a live choice.
+            unsafe { *slot = keys.entry };
+            defence::count(DefenceCounter::Reused);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Writes a SYN's choice to the pending table. An insert can only fail if the kernel cannot
+/// allocate: the flow is placed by the Maglev table again at its next packet.
+#[inline(always)]
+fn pend(keys: &FlowKeys) {
+    let _ = if keys.v4 {
+        PENDING_V4.insert(&keys.key4, &keys.entry, 0)
+    } else {
+        PENDING_V6.insert(&keys.key6, &keys.entry, 0)
+    };
+    defence::count(DefenceCounter::Pending);
 }

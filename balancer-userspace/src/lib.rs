@@ -18,6 +18,8 @@ pub mod core;
 pub mod daemon;
 pub mod maglev;
 pub mod plan;
+#[cfg(test)]
+mod property;
 pub mod shell;
 pub mod sync;
 

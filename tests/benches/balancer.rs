@@ -380,9 +380,17 @@ fn bench_world_with(
     } else {
         ""
     };
+    // New flows are measured with state (the cap out of reach), unless `extra` sets a cap;
+    // `extra` lines starting with `source_limit` belong to the VIP.
+    let (vip_extra, extra): (Vec<&str>, Vec<&str>) =
+        extra.lines().partition(|l| l.starts_with("source_limit"));
+    let (vip_extra, mut extra) = (vip_extra.join("\n"), extra.join("\n"));
+    if !extra.contains("[flood]") {
+        extra.push_str("\n[flood]\nnew_flows_per_cpu = 10000000");
+    }
     let text = format!(
-        "[balancer]\nhash_seed = 7\nconn_table_size = {conn_table}\n{nat}{extra}[[vip]]\nname = \"v\"\naddress = \"{vip}\"\nport = {port}\n\
-         protocol = \"{protocol}\"\nforwarding = \"{mode}\"\nhealth = {{ kind = \"none\" }}\nbackends = [{}]\n",
+        "[balancer]\nhash_seed = 7\nconn_table_size = {conn_table}\n{nat}{extra}\n[[vip]]\nname = \"v\"\naddress = \"{vip}\"\nport = {port}\n\
+         protocol = \"{protocol}\"\nforwarding = \"{mode}\"\nhealth = {{ kind = \"none\" }}\n{vip_extra}\nbackends = [{}]\n",
         listed.join(", ")
     );
     let reach: Vec<(IpAddr, Reach)> = backends.iter().map(|&a| (a, Reach::Local)).collect();
@@ -873,7 +881,60 @@ fn new_flows(
         }
     }
     rows.extend(sync_cost(sizes, &cpu_counts, commands));
+    rows.extend(defence_cost(sizes, &cpu_counts, commands));
     json!(rows)
+}
+
+/// What the defences cost a SYN, side by side, interleaved round by round: the SYN's choice
+/// written to the pending table (the cap out of reach), the same VIP with a per-source limit
+/// (a token bucket read and written too), and a CPU over its cap (flood mode: nothing
+/// written). An established packet never reaches this code (the connection table answers
+/// first; its rows above measure it).
+fn defence_cost(sizes: &Sizes, cpu_counts: &[usize], commands: &mut Vec<String>) -> Vec<Value> {
+    let world = |extra: &str| bench_world_with(None, "dsr", "tcp", false, 100, 65_536, extra).0;
+    let variants = [
+        ("SYN to the pending table", world("")),
+        (
+            "SYN, VIP with a source limit",
+            world("source_limit = { rate = 10000000, ipv4_prefix = 32 }"),
+        ),
+        (
+            "SYN over the cap (flood mode)",
+            world("[flood]\nnew_flows_per_cpu = 100"),
+        ),
+    ];
+    let repeat = sizes.repeats / 4;
+    let mut costs: BTreeMap<(usize, usize), Vec<f64>> = BTreeMap::new();
+    for round in 0..sizes.rounds * 2 {
+        for i in 0..variants.len() {
+            let v = (i + round) % variants.len();
+            for &cpus in cpu_counts {
+                let cost = syn_round(&variants[v].1, cpus, repeat);
+                costs.entry((v, cpus)).or_default().push(cost);
+            }
+        }
+    }
+    commands.push(format!(
+        "new flows, defences: BPF_PROG_TEST_RUN of a TCP SYN (repeat={repeat}) to the pending table, with a \
+         per-source limit, and over the per-CPU cap, {} rounds, interleaved",
+        sizes.rounds * 2
+    ));
+    let med = |v: usize, cpus: usize| median(&mut costs[&(v, cpus)].clone());
+    for &cpus in cpu_counts {
+        let base = med(0, cpus);
+        println!(
+            "  defences, {cpus} CPU(s): SYN to the pending table {base:.1} ns above trivial; with a source limit \
+             {:.1} ns ({:+.1}); over the cap {:.1} ns ({:+.1})",
+            med(1, cpus),
+            med(1, cpus) - base,
+            med(2, cpus),
+            med(2, cpus) - base
+        );
+    }
+    (0..variants.len())
+        .flat_map(|v| cpu_counts.iter().map(move |&cpus| (v, cpus)))
+        .map(|(v, cpus)| json!({ "variant": variants[v].0, "cpus": cpus, "above_trivial_ns": med(v, cpus) }))
+        .collect()
 }
 
 /// SYNs per call in the sync comparison: the two CPUs' decisions of one call fit the ring

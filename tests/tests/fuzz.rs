@@ -80,7 +80,10 @@ port = "any"
 protocol = "tcp"
 forwarding = "dsr"
 table_size = 251
+source_limit = { rate = 1000, burst = 100, ipv6_prefix = 64 }
 backends = [{ address = "2001:db8::11" }]
+[flood]
+new_flows_per_cpu = 20000
 "#,
         vips: &["10.100.0.1", "10.100.0.2", "2001:db8::100"],
         snat: &[],
@@ -122,7 +125,10 @@ port = 80
 protocol = "tcp"
 forwarding = "tunnel"
 table_size = 251
+source_limit = { rate = 1000, burst = 100 }
 backends = [{ address = "fc00::2" }]
+[flood]
+new_flows_per_cpu = 20000
 "#,
         vips: &["10.100.1.1", "10.100.1.2", "2001:db8::200"],
         snat: &[],
@@ -163,7 +169,10 @@ forwarding = "nat"
 snat = "2001:db8::250"
 backend_port = 8080
 table_size = 251
+source_limit = { rate = 1000, burst = 100 }
 backends = [{ address = "2001:db8::31" }]
+[flood]
+new_flows_per_cpu = 20000
 "#,
         vips: &["10.100.2.1", "10.100.2.2", "2001:db8::300"],
         snat: &["10.0.0.250", "2001:db8::250"],

@@ -707,17 +707,26 @@ mod service_starts {
 /// remove them, or they break what it would install) and they came from one suite apt does
 /// not install from by default (a backports suite: installing qemu-system-x86 from bookworm
 /// would remove a qemu-utils from bookworm-backports), the install is tried again from that
-/// suite (`-t bookworm-backports`), whose versions fit them. Otherwise it stops, changes
-/// nothing, and says which packages are in the way and what to run by hand.
+/// suite (`-t bookworm-backports`), whose versions fit them. When they come from no source
+/// configured here (only dpkg's status knows their version) but their versions are backports of
+/// the running release (`~bpo12+1` on Debian 12), that release's backports suite is added for
+/// this install only: apt is given a directory of sources of its own (the machine's, and that
+/// suite on the machine's Debian archive) and nothing under /etc/apt changes. Otherwise it
+/// stops, changes nothing, and says which packages are in the way and what to run by hand.
 ///
-/// Reading apt's output is pure (tested on captured output); the shell around it is small.
+/// Reading apt's output, os-release and sources files is pure (tested on captured text); the
+/// shell around it is small.
 mod apt {
-    use std::process::Command;
+    use std::{
+        fs,
+        path::{Path, PathBuf},
+        process::Command,
+    };
 
     use anyhow::{bail, Context as _, Result};
 
     use super::say;
-    use crate::cmd;
+    use crate::{cmd, workspace_root};
 
     /// What a simulated `apt-get -s install --no-remove` says.
     #[derive(Debug, PartialEq, Eq)]
@@ -885,6 +894,162 @@ mod apt {
         }
     }
 
+    /// The running Debian release, from /etc/os-release.
+    #[derive(Debug, PartialEq, Eq)]
+    pub(super) struct Release {
+        /// `bookworm` (`VERSION_CODENAME`).
+        pub codename: String,
+        /// 12 (`VERSION_ID`): the number its backports carry in their versions (`~bpo12+1`).
+        pub number: u32,
+    }
+
+    /// The release an os-release file names; None without a codename or a whole release number
+    /// (testing and unstable have no `VERSION_ID`, and no backports).
+    pub(super) fn read_os_release(text: &str) -> Option<Release> {
+        let field = |name: &str| {
+            text.lines()
+                .filter_map(|l| l.trim().strip_prefix(name)?.strip_prefix('='))
+                .map(|v| v.trim().trim_matches(|c| c == '"' || c == '\'').to_owned())
+                .find(|v| !v.is_empty())
+        };
+        Some(Release {
+            codename: field("VERSION_CODENAME")?,
+            number: field("VERSION_ID")?.parse().ok()?,
+        })
+    }
+
+    /// The Debian release a backports version was built for: 12 for
+    /// `1:10.0.2+ds-2+deb13u1~bpo12+1`; None for a version that is no backport.
+    pub(super) fn backported_for(version: &str) -> Option<u32> {
+        let (_, rest) = version.rsplit_once("~bpo")?;
+        let end = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        rest[..end].parse().ok()
+    }
+
+    /// The backports suite of `release` to add as a source, when the installed packages in the
+    /// way known only from dpkg's status (no configured source has their version) are all
+    /// backports of that release. Err: why not.
+    pub(super) fn backports_to_add(
+        in_the_way: &[Installed],
+        release: &Release,
+    ) -> Result<String, String> {
+        let unconfigured: Vec<&Installed> =
+            in_the_way.iter().filter(|p| p.sources.is_empty()).collect();
+        if unconfigured.is_empty() {
+            return Err("none of them is a backport missing its source".to_owned());
+        }
+        for p in unconfigured {
+            match backported_for(&p.version) {
+                Some(number) if number == release.number => {}
+                Some(number) => {
+                    return Err(format!(
+                        "{} {} is a backport for Debian {number}, not for this Debian {} ({})",
+                        p.package, p.version, release.number, release.codename
+                    ))
+                }
+                None => {
+                    return Err(format!(
+                        "{} {} is not a Debian backport (no ~bpoNN in its version)",
+                        p.package, p.version
+                    ))
+                }
+            }
+        }
+        Ok(format!("{}-backports", release.codename))
+    }
+
+    /// A configured Debian archive: a `deb` source's first URI, and its `Signed-By` as
+    /// written after `Signed-By:` (continuation lines of an inline key included).
+    #[derive(Debug, PartialEq, Eq)]
+    pub(super) struct Archive {
+        pub uri: String,
+        pub signed_by: Option<String>,
+    }
+
+    /// The archive of the first `deb` source in a deb822 file (`.sources`) that offers the
+    /// suite `codename` (the release itself, not its -updates or -security).
+    pub(super) fn archive_in_deb822(text: &str, codename: &str) -> Option<Archive> {
+        let mut entry: Vec<(String, String)> = Vec::new();
+        // A blank line (or the end) closes an entry; `None` marks the end.
+        let lines = text.lines().map(Some).chain([None]);
+        for line in lines {
+            match line {
+                Some(l) if l.starts_with('#') => {}
+                Some(l) if l.starts_with([' ', '\t']) && !l.trim().is_empty() => {
+                    if let Some((_, value)) = entry.last_mut() {
+                        value.push('\n');
+                        value.push_str(l);
+                    }
+                }
+                Some(l) if !l.trim().is_empty() => {
+                    if let Some((key, value)) = l.split_once(':') {
+                        entry.push((key.trim().to_ascii_lowercase(), value.to_owned()));
+                    }
+                }
+                _ => {
+                    let field = |name: &str| {
+                        entry
+                            .iter()
+                            .find(|(k, _)| k == name)
+                            .map(|(_, v)| v.as_str())
+                    };
+                    let words = |name: &str| field(name).unwrap_or("").split_whitespace();
+                    let enabled = field("enabled").is_none_or(|v| v.trim() != "no");
+                    if enabled
+                        && words("types").any(|t| t == "deb")
+                        && words("suites").any(|s| s == codename)
+                    {
+                        if let Some(uri) = words("uris").next() {
+                            return Some(Archive {
+                                uri: uri.to_owned(),
+                                signed_by: field("signed-by").map(str::to_owned),
+                            });
+                        }
+                    }
+                    entry.clear();
+                }
+            }
+        }
+        None
+    }
+
+    /// The same for a one-line file (`sources.list`, `.list`):
+    /// `deb [signed-by=KEYRING arch=amd64] URI SUITE COMPONENTS...`.
+    pub(super) fn archive_in_list(text: &str, codename: &str) -> Option<Archive> {
+        text.lines().find_map(|line| {
+            let line = line.split('#').next().unwrap_or("");
+            let rest = line.trim().strip_prefix("deb ")?.trim_start();
+            let (options, rest) = match rest.strip_prefix('[') {
+                Some(bracketed) => bracketed.split_once(']')?,
+                None => ("", rest),
+            };
+            let mut words = rest.split_whitespace();
+            let (uri, suite) = (words.next()?, words.next()?);
+            (suite == codename).then(|| Archive {
+                uri: uri.to_owned(),
+                signed_by: options
+                    .split_whitespace()
+                    .find_map(|o| o.strip_prefix("signed-by="))
+                    .map(|keys| format!(" {keys}")),
+            })
+        })
+    }
+
+    /// A deb822 source of `suite` (main) on `archive`, signed like it.
+    pub(super) fn added_source(archive: &Archive, suite: &str) -> String {
+        let mut text = format!(
+            "# Added by `cargo xtask setup` for one install; /etc/apt names no {suite}.\n\
+             Types: deb\nURIs: {}\nSuites: {suite}\nComponents: main\n",
+            archive.uri
+        );
+        if let Some(keys) = &archive.signed_by {
+            text.push_str(&format!("Signed-By:{keys}\n"));
+        }
+        text
+    }
+
     /// `qemu-utils 1:10.0.2+ds-2+deb13u1~bpo12+1 (bookworm-backports)`, one per package.
     fn describe(installed: &[Installed]) -> String {
         installed
@@ -903,22 +1068,56 @@ mod apt {
             .join(", ")
     }
 
+    /// Where an install is made from when not from the default suites.
+    #[derive(Debug)]
+    pub(super) struct Target {
+        /// `-t SUITE`.
+        pub suite: String,
+        /// `-o Dir::Etc::SourceParts=DIR`: the machine's sources and `suite` added, for an
+        /// install from a suite /etc/apt does not name.
+        pub source_parts: Option<PathBuf>,
+    }
+
+    impl Target {
+        /// apt's options naming the sources: `-o Dir::Etc::SourceParts=DIR`, or none.
+        fn source_options(&self) -> Vec<String> {
+            self.source_parts
+                .iter()
+                .flat_map(|dir| {
+                    [
+                        "-o".to_owned(),
+                        format!("Dir::Etc::SourceParts={}", dir.display()),
+                    ]
+                })
+                .collect()
+        }
+
+        /// apt-get's options of an install from there.
+        fn args(&self) -> Vec<String> {
+            let mut args = self.source_options();
+            args.extend(["-t".to_owned(), self.suite.clone()]);
+            args
+        }
+    }
+
     /// The error when nothing can be installed without removing: what is in the way, why
     /// there is no way round (`why`, a sentence), what was tried, what apt said, and the
     /// command to decide with by hand.
     pub(super) fn refusal(
         packages: &[&str],
         in_the_way: &[Installed],
-        tried: Option<&str>,
+        tried: Option<&Target>,
         why: &str,
         explanation: &str,
     ) -> String {
         let list = packages.join(" ");
-        let target = tried.map(|s| format!("-t {s} ")).unwrap_or_default();
+        let target = tried
+            .map(|t| format!("{} ", t.args().join(" ")))
+            .unwrap_or_default();
         let mut attempts = format!("`apt-get install --no-remove {list}`");
-        if let Some(suite) = tried {
+        if tried.is_some() {
             attempts.push_str(&format!(
-                ", then `apt-get install --no-remove -t {suite} {list}`"
+                ", then `apt-get install --no-remove {target}{list}`"
             ));
         }
         format!(
@@ -939,7 +1138,7 @@ mod apt {
         command
     }
 
-    fn simulate(packages: &[&str], suite: Option<&str>) -> Result<Simulation> {
+    fn simulate(packages: &[&str], target: Option<&Target>) -> Result<Simulation> {
         let mut command = apt_get();
         command.args([
             "-s",
@@ -948,8 +1147,8 @@ mod apt {
             "--no-remove",
             "--no-install-recommends",
         ]);
-        if let Some(suite) = suite {
-            command.args(["-t", suite]);
+        if let Some(target) = target {
+            command.args(target.args());
         }
         let out = command
             .args(packages)
@@ -979,7 +1178,7 @@ mod apt {
     /// way.
     pub(super) fn install(packages: &[&str]) -> Result<()> {
         cmd::run(apt_get().args(["update", "-qq"])).context("apt-get update")?;
-        let suite = match simulate(packages, None)? {
+        let target = match simulate(packages, None)? {
             Simulation::Installs => None,
             Simulation::Fails { explanation } => bail!(
                 "apt-get cannot install {}:\n{explanation}",
@@ -988,42 +1187,7 @@ mod apt {
             Simulation::Blocked {
                 in_the_way,
                 explanation,
-            } => {
-                let in_the_way = installed(&in_the_way)?;
-                if in_the_way.is_empty() {
-                    bail!(
-                        "apt-get cannot install {}: its dependencies cannot be met, and no \
-                         installed package is the reason:\n{explanation}",
-                        packages.join(" ")
-                    );
-                }
-                let suite = suite_to_try(&in_the_way).map_err(|why| {
-                    let why = format!("No other suite to install from: {why}");
-                    anyhow::anyhow!(refusal(packages, &in_the_way, None, &why, &explanation))
-                })?;
-                say(&format!(
-                    "from the default suites, apt would remove or break {}; trying {suite}, \
-                     which they come from",
-                    in_the_way
-                        .iter()
-                        .map(|p| p.package.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ));
-                if let Simulation::Blocked { explanation, .. } | Simulation::Fails { explanation } =
-                    simulate(packages, Some(&suite))?
-                {
-                    let why = format!("From {suite}, apt cannot install them either");
-                    bail!(refusal(
-                        packages,
-                        &in_the_way,
-                        Some(&suite),
-                        &why,
-                        &explanation
-                    ));
-                }
-                Some(suite)
-            }
+            } => Some(way_round(packages, &in_the_way, &explanation)?),
         };
         let mut command = apt_get();
         command.args([
@@ -1033,11 +1197,165 @@ mod apt {
             "--no-remove",
             "--no-install-recommends",
         ]);
-        if let Some(suite) = &suite {
-            command.args(["-t", suite]);
+        if let Some(target) = &target {
+            command.args(target.args());
         }
         cmd::run(command.args(packages))
             .with_context(|| format!("apt-get install {}", packages.join(" ")))
+    }
+
+    /// Where to install `packages` from so that the installed packages among `in_the_way`
+    /// can stay, simulated there without removing anything; Err: the refusal.
+    fn way_round(packages: &[&str], in_the_way: &[String], explanation: &str) -> Result<Target> {
+        let in_the_way = installed(in_the_way)?;
+        if in_the_way.is_empty() {
+            bail!(
+                "apt-get cannot install {}: its dependencies cannot be met, and no installed \
+                 package is the reason:\n{explanation}",
+                packages.join(" ")
+            );
+        }
+        let names = in_the_way
+            .iter()
+            .map(|p| p.package.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let target = match suite_to_try(&in_the_way) {
+            Ok(suite) => {
+                say(&format!(
+                    "from the default suites, apt would remove or break {names}; trying \
+                     {suite}, which they come from"
+                ));
+                Target {
+                    suite,
+                    source_parts: None,
+                }
+            }
+            Err(why) => added_backports(&in_the_way, &names).map_err(|why_not| {
+                let why = format!("No other suite to install from: {why}, and {why_not}");
+                anyhow::anyhow!(refusal(packages, &in_the_way, None, &why, explanation))
+            })?,
+        };
+        if let Simulation::Blocked { explanation, .. } | Simulation::Fails { explanation } =
+            simulate(packages, Some(&target))?
+        {
+            let why = format!("From {}, apt cannot install them either", target.suite);
+            bail!(refusal(
+                packages,
+                &in_the_way,
+                Some(&target),
+                &why,
+                &explanation
+            ));
+        }
+        Ok(target)
+    }
+
+    /// The sources apt is given for an install from a suite /etc/apt does not name:
+    /// target/apt/sources.list.d of this workspace. Not under /etc/apt, so that the machine's
+    /// configuration stays as it was and its own `apt-get update` or `upgrade` never sees the
+    /// added suite; in the project's target directory rather than a temporary one, so that what
+    /// apt was given can be read afterwards, and `cargo clean` removes it.
+    fn private_source_parts() -> PathBuf {
+        workspace_root().join("target/apt/sources.list.d")
+    }
+
+    /// The configured sources files apt reads, each with whether it is deb822: /etc/apt's
+    /// sources.list, then its sources.list.d's `.list` and `.sources` files (apt ignores
+    /// others), in apt's order.
+    fn configured_sources() -> Result<Vec<(PathBuf, bool)>> {
+        let mut parts: Vec<(PathBuf, bool)> = Vec::new();
+        if let Ok(entries) = fs::read_dir("/etc/apt/sources.list.d") {
+            for entry in entries {
+                let path = entry?.path();
+                match path.extension().and_then(|e| e.to_str()) {
+                    Some("sources") => parts.push((path, true)),
+                    Some("list") => parts.push((path, false)),
+                    _ => {}
+                }
+            }
+        }
+        parts.sort();
+        let main = PathBuf::from("/etc/apt/sources.list");
+        if main.is_file() {
+            parts.insert(0, (main, false));
+        }
+        Ok(parts)
+    }
+
+    /// When the installed packages in the way (`names`) are backports of this release whose
+    /// source is not configured: that release's backports suite added on the machine's Debian
+    /// archive, in a private copy of /etc/apt/sources.list.d, and apt's lists updated with it.
+    /// Err: why not (a phrase).
+    fn added_backports(in_the_way: &[Installed], names: &str) -> Result<Target, String> {
+        let os_release = fs::read_to_string("/etc/os-release").unwrap_or_default();
+        let release = read_os_release(&os_release).ok_or(
+            "/etc/os-release names no Debian release (VERSION_CODENAME and VERSION_ID) whose \
+             backports they could be",
+        )?;
+        let suite = backports_to_add(in_the_way, &release)?;
+        let sources = configured_sources().map_err(|e| format!("reading /etc/apt: {e:#}"))?;
+        let mut archive = None;
+        for (path, deb822) in &sources {
+            let text = fs::read_to_string(path).unwrap_or_default();
+            archive = archive.or(if *deb822 {
+                archive_in_deb822(&text, &release.codename)
+            } else {
+                archive_in_list(&text, &release.codename)
+            });
+        }
+        let archive = archive.ok_or(format!(
+            "no configured source offers {} to find the Debian archive of {suite} in",
+            release.codename
+        ))?;
+        say(&format!(
+            "from the default suites, apt would remove or break {names}; their versions are \
+             backports of {} but no configured source offers them: trying {suite} from {}, \
+             added for this install only (nothing under /etc/apt changes)",
+            release.codename, archive.uri
+        ));
+        let dir = private_source_parts();
+        write_source_parts(&dir, &sources, &added_source(&archive, &suite), &suite)
+            .map_err(|e| format!("writing the sources in {}: {e:#}", dir.display()))?;
+        let target = Target {
+            suite,
+            source_parts: Some(dir),
+        };
+        cmd::run(
+            apt_get()
+                .args(["update", "-qq"])
+                .args(target.source_options()),
+        )
+        .map_err(|e| format!("{} could not be fetched: {e:#}", target.suite))?;
+        Ok(target)
+    }
+
+    /// `dir` holding copies of the sources.list.d files among `sources` (sources.list itself
+    /// is still read from /etc/apt) and `added`, as `xtask-SUITE.sources`.
+    fn write_source_parts(
+        dir: &Path,
+        sources: &[(PathBuf, bool)],
+        added: &str,
+        suite: &str,
+    ) -> Result<()> {
+        if dir.exists() {
+            fs::remove_dir_all(dir)?;
+        }
+        fs::create_dir_all(dir)?;
+        for (path, _) in sources {
+            if let (Some(name), Some("sources.list.d")) = (
+                path.file_name(),
+                path.parent()
+                    .and_then(Path::file_name)
+                    .and_then(|n| n.to_str()),
+            ) {
+                fs::copy(path, dir.join(name))
+                    .with_context(|| format!("copying {}", path.display()))?;
+            }
+        }
+        fs::write(dir.join(format!("xtask-{suite}.sources")), added)?;
+        say(&format!("  sources for apt: {}", dir.display()));
+        Ok(())
     }
 
     #[cfg(test)]
@@ -1289,10 +1607,14 @@ qemu-utils:
             else {
                 panic!("blocked");
             };
+            let target = Target {
+                suite: "bookworm-backports".to_owned(),
+                source_parts: None,
+            };
             let text = refusal(
                 &["qemu-system-x86"],
                 &read_policy(POLICY_BACKPORTED),
-                Some("bookworm-backports"),
+                Some(&target),
                 "From bookworm-backports, apt cannot install them either",
                 &explanation,
             );
@@ -1308,6 +1630,256 @@ qemu-utils:
                     "{expected:?} missing from:\n{text}"
                 );
             }
+            // From a suite added for the install: the command by hand names the sources.
+            let added = Target {
+                suite: "bookworm-backports".to_owned(),
+                source_parts: Some(PathBuf::from("/w/target/apt/sources.list.d")),
+            };
+            let text = refusal(
+                &["qemu-system-x86"],
+                &read_policy(POLICY_DPKG_ONLY),
+                Some(&added),
+                "From bookworm-backports, apt cannot install them either",
+                &explanation,
+            );
+            for expected in [
+                "qemu-utils 1:10.0.2+ds-2+deb13u1~bpo12+1 (no configured source)",
+                "`apt-get install --no-remove -o Dir::Etc::SourceParts=/w/target/apt/\
+                 sources.list.d -t bookworm-backports qemu-system-x86`",
+            ] {
+                assert!(
+                    text.contains(expected),
+                    "{expected:?} missing from:\n{text}"
+                );
+            }
+        }
+
+        // /etc/os-release of Debian 12, 13, unstable, and Ubuntu 24.04 (shortened).
+        const OS_RELEASE_BOOKWORM: &str = r#"PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"
+NAME="Debian GNU/Linux"
+VERSION_ID="12"
+VERSION="12 (bookworm)"
+VERSION_CODENAME=bookworm
+ID=debian
+HOME_URL="https://www.debian.org/"
+"#;
+        const OS_RELEASE_TRIXIE: &str = r#"PRETTY_NAME="Debian GNU/Linux 13 (trixie)"
+NAME="Debian GNU/Linux"
+VERSION_ID="13"
+VERSION="13 (trixie)"
+VERSION_CODENAME=trixie
+DEBIAN_VERSION_FULL=13.1
+ID=debian
+"#;
+        const OS_RELEASE_SID: &str = r#"PRETTY_NAME="Debian GNU/Linux trixie/sid"
+NAME="Debian GNU/Linux"
+VERSION_CODENAME=trixie
+ID=debian
+"#;
+        const OS_RELEASE_UBUNTU: &str = r#"PRETTY_NAME="Ubuntu 24.04.1 LTS"
+NAME="Ubuntu"
+VERSION_ID="24.04"
+VERSION_CODENAME=noble
+ID=ubuntu
+"#;
+
+        #[test]
+        fn releases_read() {
+            let release = |codename: &str, number| {
+                Some(Release {
+                    codename: codename.to_owned(),
+                    number,
+                })
+            };
+            assert_eq!(
+                read_os_release(OS_RELEASE_BOOKWORM),
+                release("bookworm", 12)
+            );
+            assert_eq!(read_os_release(OS_RELEASE_TRIXIE), release("trixie", 13));
+            assert_eq!(read_os_release(OS_RELEASE_SID), None, "no release number");
+            assert_eq!(read_os_release(OS_RELEASE_UBUNTU), None, "no Debian number");
+            assert_eq!(read_os_release(""), None);
+        }
+
+        #[test]
+        fn backports_versions_read() {
+            let cases = [
+                ("1:10.0.2+ds-2+deb13u1~bpo12+1", Some(12)),
+                ("1.16.3-2~bpo12+1", Some(12)),
+                ("6.12.43-1~bpo12+1", Some(12)),
+                ("2.4.1-1~bpo11+2", Some(11)),
+                ("1:7.2+dfsg-7+deb12u18+b3", None),
+                ("528.0.0-0", None),
+                ("1.0~bpo", None),
+            ];
+            for (version, expected) in cases {
+                assert_eq!(backported_for(version), expected, "{version}");
+            }
+        }
+
+        // `apt-cache policy qemu-utils` here: bookworm-backports installed, then its source
+        // removed; only dpkg's status knows that version.
+        const POLICY_DPKG_ONLY: &str = r#"qemu-utils:
+  Installed: 1:10.0.2+ds-2+deb13u1~bpo12+1
+  Candidate: 1:10.0.2+ds-2+deb13u1~bpo12+1
+  Version table:
+ *** 1:10.0.2+ds-2+deb13u1~bpo12+1 100
+        100 /var/lib/dpkg/status
+     1:7.2+dfsg-7+deb12u18+b3 500
+        500 http://deb.debian.org/debian bookworm/main amd64 Packages
+     1:7.2+dfsg-7+deb12u15 500
+        500 http://deb.debian.org/debian-security bookworm-security/main amd64 Packages
+"#;
+
+        #[test]
+        fn a_backports_suite_is_added_only_for_backports_of_this_release() {
+            let bookworm = read_os_release(OS_RELEASE_BOOKWORM).unwrap();
+            let trixie = read_os_release(OS_RELEASE_TRIXIE).unwrap();
+            let dpkg_only = read_policy(POLICY_DPKG_ONLY);
+            assert_eq!(
+                suite_to_try(&dpkg_only).ok(),
+                None,
+                "no configured suite has it"
+            );
+            let bpo = &dpkg_only[0];
+            let default = package_from("iproute2", "6.1.0-3", &[(500, "bookworm")]);
+            let local = package_from("google-cloud-cli", "528.0.0-0", &[]);
+            let older = package_from("x", "2.4.1-1~bpo11+2", &[]);
+            let cases: &[(&str, &[&Installed], &Release, Option<&str>)] = &[
+                (
+                    "a dpkg-only backport of this release",
+                    &[bpo],
+                    &bookworm,
+                    Some("bookworm-backports"),
+                ),
+                (
+                    "a default package beside it changes nothing",
+                    &[bpo, &default],
+                    &bookworm,
+                    Some("bookworm-backports"),
+                ),
+                ("on another release", &[bpo], &trixie, None),
+                ("a local package beside it", &[bpo, &local], &bookworm, None),
+                ("a backport of an older release", &[&older], &bookworm, None),
+                ("only default suites", &[&default], &bookworm, None),
+            ];
+            for (case, in_the_way, release, expected) in cases {
+                let in_the_way: Vec<Installed> = in_the_way.iter().map(|p| (*p).clone()).collect();
+                assert_eq!(
+                    backports_to_add(&in_the_way, release).ok().as_deref(),
+                    *expected,
+                    "{case}"
+                );
+            }
+        }
+
+        // /etc/apt/sources.list.d/debian.sources of the Debian 12 image here.
+        const DEBIAN_SOURCES: &str = r#"Types: deb
+# http://snapshot.debian.org/archive/debian/20250520T000000Z
+URIs: http://deb.debian.org/debian
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+# http://snapshot.debian.org/archive/debian-security/20250520T000000Z
+URIs: http://deb.debian.org/debian-security
+Suites: bookworm-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+"#;
+        // A disabled entry first, then a mirror with an inline key and lower-case fields.
+        const MIRROR_SOURCES: &str = r#"Types: deb
+URIs: http://old.example/debian
+Suites: bookworm
+Components: main
+Enabled: no
+
+types: deb-src deb
+uris: https://mirror.example/debian/ http://deb.debian.org/debian
+suites: bookworm
+components: main contrib
+signed-by:
+ -----BEGIN PGP PUBLIC KEY BLOCK-----
+ .
+ mDMEZ
+ -----END PGP PUBLIC KEY BLOCK-----
+"#;
+        const NODESOURCE_SOURCES: &str = r#"Types: deb
+URIs: https://deb.nodesource.com/node_20.x
+Suites: nodistro
+Components: main
+"#;
+        // A classic /etc/apt/sources.list.
+        const SOURCES_LIST: &str = r#"# deb cdrom:[Debian GNU/Linux 12.5.0 _Bookworm_ - Official amd64 DVD]/ bookworm contrib main
+deb-src http://deb.debian.org/debian bookworm main
+deb http://security.debian.org/debian-security bookworm-security main
+deb [arch=amd64 signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://ftp.de.debian.org/debian/ bookworm main non-free-firmware # the archive
+deb http://deb.debian.org/debian bookworm-updates main
+"#;
+
+        #[test]
+        fn the_archive_is_found_in_sources_files() {
+            let archive = |uri: &str, signed_by: Option<&str>| {
+                Some(Archive {
+                    uri: uri.to_owned(),
+                    signed_by: signed_by.map(str::to_owned),
+                })
+            };
+            let keyring = Some(" /usr/share/keyrings/debian-archive-keyring.gpg");
+            assert_eq!(
+                archive_in_deb822(DEBIAN_SOURCES, "bookworm"),
+                archive("http://deb.debian.org/debian", keyring)
+            );
+            assert_eq!(
+                archive_in_deb822(DEBIAN_SOURCES, "trixie"),
+                None,
+                "another release"
+            );
+            assert_eq!(
+                archive_in_deb822(MIRROR_SOURCES, "bookworm"),
+                archive(
+                    "https://mirror.example/debian/",
+                    Some(
+                        "\n -----BEGIN PGP PUBLIC KEY BLOCK-----\n .\n mDMEZ\n \
+                         -----END PGP PUBLIC KEY BLOCK-----"
+                    )
+                ),
+                "the enabled entry, its first URI, its inline key"
+            );
+            assert_eq!(archive_in_deb822(NODESOURCE_SOURCES, "bookworm"), None);
+            assert_eq!(
+                archive_in_list(SOURCES_LIST, "bookworm"),
+                archive("http://ftp.de.debian.org/debian/", keyring),
+                "not deb-src, not a comment, not -security"
+            );
+            assert_eq!(
+                archive_in_list("deb http://deb.debian.org/debian bookworm main", "bookworm"),
+                archive("http://deb.debian.org/debian", None)
+            );
+            assert_eq!(archive_in_list(SOURCES_LIST, "trixie"), None);
+        }
+
+        #[test]
+        fn the_added_source_is_the_archives_backports() {
+            let archive = archive_in_deb822(DEBIAN_SOURCES, "bookworm").unwrap();
+            let text = added_source(&archive, "bookworm-backports");
+            let entry = text.split_once('\n').unwrap().1;
+            assert_eq!(
+                entry,
+                "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\n\
+                 Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+            );
+            assert!(text.starts_with('#'));
+            // It reads back as a source of that suite, inline keys included.
+            let inline = archive_in_deb822(MIRROR_SOURCES, "bookworm").unwrap();
+            assert_eq!(
+                archive_in_deb822(
+                    &added_source(&inline, "bookworm-backports"),
+                    "bookworm-backports"
+                ),
+                Some(inline)
+            );
         }
     }
 }

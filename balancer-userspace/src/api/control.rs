@@ -286,6 +286,9 @@ pub async fn request(path: &Path, request: &ControlRequest) -> Result<ControlRep
 }
 
 #[cfg(test)]
+mod proptests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -114,4 +114,6 @@ async fn refuse(method: Method) -> Response {
 }
 
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod tests;

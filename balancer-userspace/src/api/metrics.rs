@@ -132,6 +132,7 @@ impl Collector for Exposition {
         }
         global(&mut e, s)?;
         nat(&mut e, s)?;
+        defence(&mut e, s)?;
         api(&mut e, &self.1)
     }
 }
@@ -552,6 +553,52 @@ fn global(e: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
         &vec![("version", env!("CARGO_PKG_VERSION")), ("layout", &layout)],
         1,
     )
+}
+
+/// The defences of the state tables: flood mode and what the pending tables and the cap did
+/// (new flows over a source's limit are the outcome `source_limited`).
+fn defence(e: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
+    use balancer_common::defence::DefenceCounter;
+    let d = &s.defence;
+    family(
+        e,
+        "balancer_flood_mode",
+        "1 while new flows go over the per-CPU cap ([flood] new_flows_per_cpu): they are then placed by the Maglev table alone, without state, and new NAT connections are refused.",
+        MetricType::Gauge,
+    )?
+    .single(i64::from(d.flooding))?;
+    family(
+        e,
+        "balancer_floods",
+        "How often flood mode started.",
+        MetricType::Counter,
+    )?
+    .single_counter(d.floods)?;
+    family(
+        e,
+        "balancer_new_flows_per_cpu_cap",
+        "New flows with state each CPU takes per second before flood mode ([flood] new_flows_per_cpu).",
+        MetricType::Gauge,
+    )?
+    .single(d.cap.into())?;
+    family(
+        e,
+        "balancer_pending_table_capacity",
+        "TCP flows each pending table (one per family) holds between their SYN and their next packet ([flood] pending_table_size).",
+        MetricType::Gauge,
+    )?
+    .single(d.pending_capacity.into())?;
+    let mut f = family(
+        e,
+        "balancer_defence_events",
+        "What the defences did with new flows: SYNs placed in the pending table (pending), pending flows moved to the connection table by their next packet (promoted), SYNs that rewrote a reused 5-tuple's entry in place (reused), new flows over the per-CPU cap placed without state (capped).",
+        MetricType::Counter,
+    )?;
+    for c in DefenceCounter::ALL {
+        let v = d.counters.get(*c as usize).copied().unwrap_or(0);
+        f.counter(&vec![("event", c.name())], v)?;
+    }
+    Ok(())
 }
 
 /// NAT: the tables as of the last sweep, translations, allocation failures, expiries.

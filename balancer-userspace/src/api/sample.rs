@@ -231,5 +231,8 @@ fn counters(n: u64) -> Counters {
         nat: (0..balancer_common::NAT_COUNTER_COUNT as u64)
             .map(|c| n * (c + 2))
             .collect(),
+        defence: (0..balancer_common::defence::DEFENCE_COUNTER_COUNT as u64)
+            .map(|c| n * (c + 3))
+            .collect(),
     }
 }

@@ -535,7 +535,7 @@ mod tests {
         let reasons = text.lines().last().unwrap();
         assert!(
             reasons.starts_with(
-                "packets: tx 145, redirect 120, pass 630, drop 730; not forwarded by reason: "
+                "packets: tx 145, redirect 120, pass 630, drop 995; not forwarded by reason: "
             ),
             "{reasons}"
         );

@@ -91,6 +91,9 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.nat.table_size != new.nat.table_size {
         keys.push("nat_table_size");
     }
+    if old.flood.pending_table_size != new.flood.pending_table_size {
+        keys.push("flood pending_table_size");
+    }
     if old.metrics_listen != new.metrics_listen {
         keys.push("metrics_listen");
     }
@@ -396,6 +399,8 @@ backends = [{ address = "10.0.0.9" }]
                 "hash_seed",
                 "conn_table_size",
                 "nat_table_size",
+                // Its default is a quarter of conn_table_size.
+                "flood pending_table_size",
                 "metrics_listen",
                 "pin_dir",
                 "api_max_connections",

@@ -9,6 +9,7 @@
 //! - [`diff`]: what changed between two configs.
 
 mod addresses;
+pub mod defence;
 pub mod diff;
 pub mod discover;
 pub mod fleet;
@@ -155,5 +156,7 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
     (line, before[line_start..].chars().count() + 1)
 }
 
+#[cfg(test)]
+mod proptests;
 #[cfg(test)]
 mod tests;

@@ -158,6 +158,30 @@ pub struct Config {
     pub announce: Option<Announce>,
     /// `[sync]`: connection-table entries shared with the fleet's other balancers.
     pub sync: Option<SyncSettings>,
+    /// `[flood]`: the state tables' defences against floods of new flows.
+    pub flood: Flood,
+}
+
+/// The defences of the state tables against floods of new flows (see
+/// `balancer_common::defence`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flood {
+    /// New flows that may write state, per CPU per second; above it a CPU places new flows by
+    /// the Maglev table alone (refuses new NAT connections) for the rest of its second.
+    pub new_flows_per_cpu: u32,
+    /// Entries of each pending table (TCP flows that have sent a SYN and nothing since).
+    pub pending_table_size: u32,
+}
+
+/// A VIP's limit on new flows per source prefix (a token bucket per prefix).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SourceLimitConfig {
+    /// New flows per second.
+    pub rate: u32,
+    /// How many may come at once after a quiet spell.
+    pub burst: u32,
+    pub ipv4_prefix: u8,
+    pub ipv6_prefix: u8,
 }
 
 /// Where this balancer announces the VIPs it can serve.
@@ -363,6 +387,8 @@ pub struct Vip {
     pub backends: Vec<BackendConfig>,
     /// Backends discovered from DNS, alongside `backends`.
     pub discover: Option<Discover>,
+    /// New flows per source prefix (`None`: unlimited).
+    pub source_limit: Option<SourceLimitConfig>,
 }
 
 /// Defaults and bounds of DNS discovery.

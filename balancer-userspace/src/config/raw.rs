@@ -21,6 +21,25 @@ pub(super) struct RawConfig {
     pub vip: Vec<Spanned<RawVip>>,
     pub announce: Option<Spanned<RawAnnounce>>,
     pub sync: Option<Spanned<RawSync>>,
+    pub flood: Option<Spanned<RawFlood>>,
+}
+
+/// `[flood]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawFlood {
+    pub new_flows_per_cpu: Option<Spanned<u32>>,
+    pub pending_table_size: Option<Spanned<u32>>,
+}
+
+/// `source_limit = { rate = 100, burst = 200, ipv4_prefix = 24, ipv6_prefix = 56 }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSourceLimit {
+    pub rate: Spanned<u32>,
+    pub burst: Option<Spanned<u32>>,
+    pub ipv4_prefix: Option<Spanned<u8>>,
+    pub ipv6_prefix: Option<Spanned<u8>>,
 }
 
 /// `[announce]`.
@@ -103,6 +122,8 @@ pub(super) struct RawVip {
     pub backends: Vec<Spanned<RawBackend>>,
     /// Backends discovered from DNS, alongside or instead of `backends`.
     pub discover: Option<Spanned<RawDiscover>>,
+    /// New flows per source prefix.
+    pub source_limit: Option<Spanned<RawSourceLimit>>,
 }
 
 /// `discover = { dns = "web.default.svc.cluster.local", port = 8080 }` or

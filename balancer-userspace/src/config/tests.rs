@@ -1999,3 +1999,93 @@ fn fragments_and_dst_port_only_hashing_cannot_go_together() {
     )
     .is_ok());
 }
+
+#[test]
+fn flood_defences_and_their_defaults() {
+    let c = parse(Path::new("good.toml"), GOOD).unwrap();
+    assert_eq!(
+        c.flood,
+        Flood {
+            new_flows_per_cpu: crate::config::defence::DEFAULT_NEW_FLOWS_PER_CPU,
+            pending_table_size: 65536 / 4,
+        }
+    );
+    assert!(c.vips.iter().all(|v| v.source_limit.is_none()));
+    let text = GOOD.replacen(
+        "table_size = 251\n",
+        "table_size = 251\nsource_limit = { rate = 50 }\n",
+        1,
+    ) + "[flood]\nnew_flows_per_cpu = 1000\npending_table_size = 4096\n";
+    let c = parse(Path::new("good.toml"), &text).unwrap();
+    assert_eq!(c.flood.new_flows_per_cpu, 1000);
+    assert_eq!(c.flood.pending_table_size, 4096);
+    assert_eq!(
+        c.vips[0].source_limit,
+        Some(SourceLimitConfig {
+            rate: 50,
+            burst: 50,
+            ipv4_prefix: 24,
+            ipv6_prefix: 56,
+        })
+    );
+    // A small connection table still gets a pending table of the minimum size.
+    let small = GOOD.replace("conn_table_size = 65536", "conn_table_size = 1024");
+    let c = parse(Path::new("good.toml"), &small).unwrap();
+    assert_eq!(c.flood.pending_table_size, MIN_CONN_TABLE_SIZE);
+}
+
+#[test]
+fn flood_defence_errors_name_the_position() {
+    let limited = GOOD.replacen(
+        "table_size = 251\n",
+        "table_size = 251\nsource_limit = { rate = 50 }\n",
+        1,
+    ) + "[flood]\nnew_flows_per_cpu = 1000\n";
+    let cases: &[Case] = &[
+        (
+            "rate = 50",
+            "rate = 0",
+            16,
+            25,
+            "VIP \"web\": source_limit rate 0 is out of range: use 1 to 10000000 new flows per second",
+        ),
+        (
+            "rate = 50",
+            "rate = 50, ipv4_prefix = 33",
+            16,
+            43,
+            "source_limit ipv4_prefix 33 is out of range: use 1 to 32 bits",
+        ),
+        (
+            "rate = 50",
+            "rate = 50, ipv6_prefix = 0",
+            16,
+            43,
+            "source_limit ipv6_prefix 0 is out of range: use 1 to 128 bits",
+        ),
+        (
+            "rate = 50",
+            "rate = 50, per = 1",
+            16,
+            29,
+            "unknown field `per`",
+        ),
+        (
+            "new_flows_per_cpu = 1000",
+            "new_flows_per_cpu = 99",
+            30,
+            21,
+            "flood new_flows_per_cpu 99 is out of range: use 100 to 10000000",
+        ),
+        (
+            "new_flows_per_cpu = 1000",
+            "pending_table_size = 100",
+            30,
+            22,
+            "flood pending_table_size 100 is out of range: use 1024 to",
+        ),
+    ];
+    for (from, to, line, column, message) in cases {
+        rejects_in(&limited, from, to, *line, *column, message);
+    }
+}

@@ -17,7 +17,7 @@ use toml::Spanned;
 
 use crate::config::{
     addresses::{address_problem, is_broadcast, taken_problem},
-    fleet,
+    defence, fleet,
     health::{self, Scope},
     model::{
         Autoscale, BackendConfig, Config, Forwarding, HashMode, Host, NatGlobal, NatVipConfig,
@@ -78,6 +78,7 @@ pub(super) fn validate(raw: RawConfig, host: &Host) -> Result<Config, Invalid> {
         vips: validate_vips(raw.vip, host, metrics_listen)?,
         announce: fleet::announce(raw.announce.as_ref())?,
         sync: fleet::sync(raw.sync.as_ref())?,
+        flood: defence::flood(raw.flood.as_ref(), conn_table_size)?,
     })
 }
 
@@ -401,6 +402,7 @@ fn validate_vip(raw: RawVip, taken: &Taken) -> Result<Vip, Invalid> {
         Forwarding::Nat => Some(nat_vip(&raw, &name, address, taken)?),
         Forwarding::Dsr | Forwarding::Tunnel => None,
     };
+    let source_limit = defence::source_limit(raw.source_limit.as_ref(), &name)?;
     Ok(Vip {
         name,
         address,
@@ -417,6 +419,7 @@ fn validate_vip(raw: RawVip, taken: &Taken) -> Result<Vip, Invalid> {
         nat,
         backends,
         discover,
+        source_limit,
     })
 }
 

@@ -382,6 +382,9 @@ pub fn effective(
 }
 
 #[cfg(test)]
+mod proptests;
+
+#[cfg(test)]
 mod tests {
     //! The discovery state machine against scripted answers, with a fake clock.
     use std::path::Path;

@@ -154,6 +154,13 @@ pub enum Event {
     RoutesFailed { error: String },
     /// The connection-table copy from the peers is complete, or was given up on.
     SyncReady { detail: String },
+    /// New flows went over the per-CPU cap: flood mode, flows placed without state.
+    FloodStarted { capped: u64, cap: u32 },
+    /// No new flow went over the cap since the last reading: flood mode over.
+    FloodEnded {
+        lasted: std::time::Duration,
+        capped: u64,
+    },
     /// What the log limiter left out.
     LeftOut(LeftOut),
     /// Backends still down or unreachable, per VIP (a periodic reminder while it lasts).
@@ -184,9 +191,11 @@ impl Event {
             | Event::AwaitingChecks { .. }
             | Event::Announced { .. }
             | Event::SyncReady { .. }
+            | Event::FloodEnded { .. }
             | Event::DiscoveryChanged { .. }
             | Event::DiscoveryRecovered { .. }
             | Event::ReloadApplied { .. } => Level::Info,
+            Event::FloodStarted { .. } => Level::Warn,
             Event::BackendDown { .. }
             | Event::NoLongerResolves { .. }
             | Event::DiscoveryFailed { .. }
@@ -224,6 +233,8 @@ impl Event {
             | Event::DesiredBackends { .. }
             | Event::Announced { .. }
             | Event::SyncReady { .. }
+            | Event::FloodStarted { .. }
+            | Event::FloodEnded { .. }
             | Event::RemovalGraceOver { .. } => Kind::Vips,
             Event::DiscoveryChanged { .. } => Kind::Discovery,
             Event::DiscoveryFailed { .. }
@@ -269,6 +280,7 @@ impl Event {
             Event::Announced { .. } => "announcements changed".into(),
             Event::RoutesFailed { .. } => "route writes failed".into(),
             Event::SyncReady { .. } => "sync ready".into(),
+            Event::FloodStarted { .. } | Event::FloodEnded { .. } => "flood mode".into(),
             Event::Unplannable { .. } => "maps unplannable".into(),
             Event::CountersUnreadable { .. } => "counters unreadable".into(),
             Event::LeftOut(_) | Event::Conditions(_) => String::new(),
@@ -351,6 +363,7 @@ impl fmt::Display for Event {
             Event::Announced { .. } | Event::RoutesFailed { .. } | Event::SyncReady { .. } => {
                 self.fmt_fleet(f)
             }
+            Event::FloodStarted { .. } | Event::FloodEnded { .. } => self.fmt_flood(f),
             _ => self.fmt_more(f),
         }
     }
@@ -386,6 +399,23 @@ impl Event {
 
     /// The lines of map plans, reachability, probes that did not run, reloads applied and
     /// the log limiter's summaries.
+    /// The lines of flood mode.
+    fn fmt_flood(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Event::FloodStarted { capped, cap } => write!(
+                f,
+                "flood mode: new flows over the cap of {cap} per CPU per second ({capped} so far \
+                 placed by the Maglev table alone, without state; new NAT connections refused)"
+            ),
+            Event::FloodEnded { lasted, capped } => write!(
+                f,
+                "flood mode over after {:.1}s: {capped} new flows were placed without state",
+                lasted.as_secs_f64()
+            ),
+            _ => Ok(()),
+        }
+    }
+
     fn fmt_more(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Event::PlanFailed { error } => write!(

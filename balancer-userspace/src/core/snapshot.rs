@@ -64,6 +64,8 @@ pub struct Snapshot {
     /// Packets per XDP verdict (indexed like `xdp_action::NAMES`).
     pub verdicts: Vec<u64>,
     pub nat: NatView,
+    /// The state tables' defences against floods.
+    pub defence: DefenceView,
     /// What is announced (`[announce]`), if anything is.
     pub announce: Option<AnnounceView>,
     /// Connection-table sync (`[sync]`): its live counters, set by the daemon.
@@ -78,6 +80,20 @@ pub struct AnnounceView {
     pub withdrawn_all: bool,
     pub withdrawn: Vec<String>,
     pub awaiting_sync: bool,
+}
+
+/// The defences: flood mode, the cap, the pending tables, what they did.
+#[derive(Clone, Debug, Default)]
+pub struct DefenceView {
+    /// New flows with state per CPU per second (`[flood] new_flows_per_cpu`).
+    pub cap: u32,
+    /// Flows each pending table (one per family) holds at most.
+    pub pending_capacity: u32,
+    /// In flood mode now; how often it started.
+    pub flooding: bool,
+    pub floods: u64,
+    /// Indexed by `balancer_common::defence::DefenceCounter`.
+    pub counters: Vec<u64>,
 }
 
 /// The NAT tables and what happened in them.
@@ -201,6 +217,13 @@ pub fn build(s: &Sources) -> Snapshot {
         outcomes: counters.outcomes.clone(),
         verdicts: counters.verdicts(),
         nat: nat_view(s),
+        defence: DefenceView {
+            cap: s.config.flood.new_flows_per_cpu,
+            pending_capacity: s.config.flood.pending_table_size,
+            flooding: s.traffic.flood.is_some(),
+            floods: s.traffic.floods,
+            counters: counters.defence.clone(),
+        },
         announce: s.config.announce.as_ref().map(|a| AnnounceView {
             table: a.table,
             routes: s.announcement.routes.iter().copied().collect(),

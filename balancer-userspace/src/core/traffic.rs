@@ -59,6 +59,11 @@ pub struct Traffic {
     /// The NAT tables as of the last sweep, and the entries sweeps removed in all.
     pub nat_sweep: Option<NatSweep>,
     pub nat_swept: u64,
+    /// Flood mode: since when new flows have gone over the per-CPU cap (`None`: not now),
+    /// and the capped count when it started.
+    pub flood: Option<(Instant, u64)>,
+    /// How often flood mode started.
+    pub floods: u64,
 }
 
 impl Traffic {
@@ -100,13 +105,14 @@ impl Traffic {
             last_packet.insert(*id, seen);
         }
         self.last_packet = last_packet;
+        let flood = self.flood_transition(&counters, config, now);
         self.counters = counters;
         self.read_at = Some(now);
         let due = self
             .last_sample
             .is_none_or(|at| now.duration_since(at) + SAMPLE_INTERVAL / 10 >= SAMPLE_INTERVAL);
         if !due {
-            return Vec::new();
+            return flood.into_iter().collect();
         }
         self.last_sample = Some(now);
         let keep = config
@@ -118,7 +124,41 @@ impl Traffic {
             .max(STATUS_WINDOW)
             + SAMPLE_INTERVAL * 2;
         self.samples.push(self.sample(desired, now), keep);
-        self.autoscale(desired, config)
+        let mut events: Vec<Event> = flood.into_iter().collect();
+        events.extend(self.autoscale(desired, config));
+        events
+    }
+
+    /// Flood mode starts at the first reading that finds new flows capped since the last
+    /// one, and ends at the first that finds none (readings are a second apart: each CPU's
+    /// cap counts per second).
+    fn flood_transition(
+        &mut self,
+        counters: &Counters,
+        config: &Config,
+        now: Instant,
+    ) -> Option<Event> {
+        use balancer_common::defence::DefenceCounter::Capped;
+        let capped = counters.defence(Capped);
+        let before = self.read_at.map(|_| self.counters.defence(Capped))?;
+        match self.flood {
+            None if capped > before => {
+                self.flood = Some((now, before));
+                self.floods += 1;
+                Some(Event::FloodStarted {
+                    capped: capped - before,
+                    cap: config.flood.new_flows_per_cpu,
+                })
+            }
+            Some((since, at_start)) if capped == before => {
+                self.flood = None;
+                Some(Event::FloodEnded {
+                    lasted: now.duration_since(since),
+                    capped: capped.saturating_sub(at_start),
+                })
+            }
+            _ => None,
+        }
     }
 
     /// The counters by VIP name and backend key.

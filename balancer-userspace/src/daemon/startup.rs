@@ -229,6 +229,7 @@ fn load(
     let options = LoadOptions {
         hash_seed: config.hash_seed,
         conn_table_size: config.conn_table_size,
+        pending_table_size: config.flood.pending_table_size,
         nat_table_size: config.nat.table_size,
     };
     let (mut layout_dir, mut previous) = pins::prepare_layout(pin_dir, interface, replace)?;

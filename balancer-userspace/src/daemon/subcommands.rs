@@ -334,6 +334,7 @@ pub async fn xdp_pass(interface: String) -> anyhow::Result<()> {
     let mut dataplane = Dataplane::load(crate::shell::dataplane::LoadOptions {
         hash_seed: 0,
         conn_table_size: config::MIN_CONN_TABLE_SIZE,
+        pending_table_size: config::MIN_CONN_TABLE_SIZE,
         nat_table_size: config::MIN_NAT_TABLE_SIZE,
     })
     .context("loading the XDP object")?;

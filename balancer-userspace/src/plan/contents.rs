@@ -7,6 +7,7 @@ use std::{
 };
 
 use balancer_common::{
+    defence::{FloodSettings, SourceLimit},
     nat::{NatSettings, NatVip},
     xdp_action, Backend, Outcome, TrafficStats, VipKey, VipMeta,
 };
@@ -31,6 +32,17 @@ pub struct MapContents {
     pub egress: BTreeSet<u32>,
     /// NAT: the timeouts, and each NAT VIP's translation.
     pub nat: NatContents,
+    /// The defences' settings: the flood cap, and each limited VIP's source limit.
+    pub defence: DefenceContents,
+}
+
+/// What the defences' settings maps hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DefenceContents {
+    /// `FLOOD_SETTINGS` (all zero until written: no cap).
+    pub flood: FloodSettings,
+    /// `SOURCE_LIMITS`, by VIP id: an entry for every VIP with `VIP_F_SOURCE_LIMIT`.
+    pub limits: BTreeMap<u32, SourceLimit>,
 }
 
 /// What the NAT maps hold besides connections.
@@ -76,6 +88,16 @@ pub struct Counters {
     pub outcomes: Vec<u64>,
     /// Indexed by `balancer_common::NatCounter` (empty for an object without NAT).
     pub nat: Vec<u64>,
+    /// Indexed by `balancer_common::defence::DefenceCounter` (empty for an object without
+    /// the defences).
+    pub defence: Vec<u64>,
+}
+
+impl Counters {
+    /// `counter`'s count (0 for an object without the defences).
+    pub fn defence(&self, counter: balancer_common::defence::DefenceCounter) -> u64 {
+        self.defence.get(counter as usize).copied().unwrap_or(0)
+    }
 }
 
 impl Counters {

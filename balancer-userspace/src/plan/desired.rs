@@ -7,10 +7,12 @@ use std::{collections::HashMap, net::IpAddr, sync::Arc};
 use serde::{Deserialize, Serialize};
 
 use balancer_common::{
+    defence::{FloodSettings, SourceLimit},
     nat::{NatSettings, NatVip, MAX_SNAT_ADDRESSES, NAT_VIP_F_SNAT},
     Backend, VipKey, VipMeta, BACKEND_F_DOWN, BACKEND_F_DRAINING, BACKEND_F_VALID, FORWARD_DSR,
     FORWARD_NAT, FORWARD_TUNNEL, NO_BACKEND, PROTO_ICMP, PROTO_ICMPV6, VIP_F_ADDRESS,
-    VIP_F_FRAGMENTS, VIP_F_FRAGMENTS_ONLY, VIP_F_HASH_DST_PORT_ONLY, VIP_F_SYNC,
+    VIP_F_FRAGMENTS, VIP_F_FRAGMENTS_ONLY, VIP_F_HASH_DST_PORT_ONLY, VIP_F_SOURCE_LIMIT,
+    VIP_F_SYNC,
 };
 
 use crate::{
@@ -159,6 +161,9 @@ pub fn desired_state_after(
 
     let mut state = DesiredState::default();
     state.maps.nat.settings = nat_settings(&config.nat);
+    state.maps.defence.flood = FloodSettings {
+        new_flows_per_cpu: u64::from(config.flood.new_flows_per_cpu),
+    };
     for (vip, list) in members {
         let planned = VipPlan {
             vip,
@@ -258,6 +263,10 @@ impl VipPlan<'_> {
         let meta = self.meta();
         if let Some(nat) = self.nat_vip(members, next_hops) {
             maps.nat.vips.insert(self.vip_id, nat);
+        }
+        if let Some(l) = vip.source_limit {
+            let limit = SourceLimit::new(l.rate, l.burst, l.ipv4_prefix, l.ipv6_prefix);
+            maps.defence.limits.insert(self.vip_id, limit);
         }
         self.keys(meta, &mut maps.keys);
         maps.tables.insert(self.vip_id, table.clone());
@@ -406,6 +415,9 @@ impl VipPlan<'_> {
         }
         if self.syncs {
             flags |= VIP_F_SYNC;
+        }
+        if vip.source_limit.is_some() {
+            flags |= VIP_F_SOURCE_LIMIT;
         }
         VipMeta {
             vip_id: self.vip_id,

@@ -13,6 +13,8 @@
 //!   map), after its backends and before the key that leads to it;
 //! - the prefilter bit of a key's address is set before the key is written and cleared only
 //!   after it is removed (a packet never finds a key behind a clear bit);
+//! - the flood cap, and a VIP's source limit (`SOURCE_LIMITS`), are written before its key
+//!   and slot (whose meta flags the limit);
 //! - NAT: the timeouts and a NAT VIP's translation (`NAT_VIPS`) are written before its key;
 //!   the reply filter's bit of a NAT VIP's backend is set before the key too, and cleared
 //!   only after (like the prefilter's);
@@ -28,6 +30,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use balancer_common::{
+    defence::{FloodSettings, SourceLimit},
     hash::vip_filter_bit,
     nat::{NatSettings, NatVip},
     Backend, VipKey, VipMeta, VipSlot,
@@ -74,6 +77,10 @@ pub enum MapOp {
     SetNatVip(u32, NatVip),
     /// Write a word of the NAT reply filter.
     SetNatFilterWord(u32, u64),
+    /// Write the per-CPU cap on new flows.
+    SetFloodSettings(FloodSettings),
+    /// Write a VIP's per-source limit, by VIP id.
+    SetSourceLimit(u32, SourceLimit),
 }
 
 /// The operations, in the order they must be executed.
@@ -175,6 +182,13 @@ pub fn rewrite_all(held: &MapContents, desired: &MapContents) -> MapPlan {
                 })
                 .collect(),
         },
+        // Not known: everything desired is written.
+        defence: crate::plan::contents::DefenceContents {
+            flood: FloodSettings {
+                new_flows_per_cpu: u64::MAX,
+            },
+            limits: std::collections::BTreeMap::new(),
+        },
     };
     // What the prefilter and the slots hold is not known either: every word either side
     // names, and every desired slot, is written.
@@ -233,6 +247,14 @@ fn plan_over(
     for (&id, vip) in &desired.nat.vips {
         if base.nat.vips.get(&id) != Some(vip) {
             ops.push(MapOp::SetNatVip(id, *vip));
+        }
+    }
+    if base.defence.flood != desired.defence.flood {
+        ops.push(MapOp::SetFloodSettings(desired.defence.flood));
+    }
+    for (&id, limit) in &desired.defence.limits {
+        if base.defence.limits.get(&id) != Some(limit) {
+            ops.push(MapOp::SetSourceLimit(id, *limit));
         }
     }
     // The old bits stay until the old keys and tables are gone, whether the maps are known to

@@ -362,11 +362,12 @@ pub fn pinnable_maps(obj: &aya_obj::Object) -> Vec<String> {
 }
 
 /// Compares the maps pinned in `dir` with the maps `obj` declares (type, key and value sizes,
-/// capacity, flags), and looks for pins the object does not know. `conn_table_size` and
-/// `nat_table_size` are the capacities the connection and NAT tables are loaded with.
+/// capacity, flags), and looks for pins the object does not know. `sizes`: the capacities
+/// the connection, pending and NAT tables are loaded with (`conn_table_size`,
+/// `pending_table_size`, `nat_table_size`).
 pub fn check_compatible(
     obj: &aya_obj::Object,
-    (conn_table_size, nat_table_size): (u32, u32),
+    (conn_table_size, pending_table_size, nat_table_size): (u32, u32, u32),
     dir: &Path,
     names: &[String],
 ) -> Result<()> {
@@ -379,6 +380,8 @@ pub fn check_compatible(
                 Ok(info) => {
                     let capacity = if map_names::CONN_TABLES.contains(&name.as_str()) {
                         conn_table_size
+                    } else if map_names::PENDING_TABLES.contains(&name.as_str()) {
+                        pending_table_size
                     } else if map_names::NAT_TABLES.contains(&name.as_str()) {
                         2 * nat_table_size
                     } else {
@@ -440,6 +443,12 @@ fn compare_map(
             format!(
                 "the pinned connection table {name} holds {} flows, conn_table_size asks for \
                  {capacity}",
+                info.max_entries()
+            )
+        } else if map_names::PENDING_TABLES.contains(&name) {
+            format!(
+                "the pinned pending table {name} holds {} flows, flood pending_table_size asks \
+                 for {capacity}",
                 info.max_entries()
             )
         } else if map_names::NAT_TABLES.contains(&name) {

@@ -705,6 +705,9 @@ impl ReplayGuard {
 }
 
 #[cfg(test)]
+mod proptests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -87,6 +87,11 @@ pub fn udp(dst: IpAddr, sport: u16, dport: u16) -> Pkt {
 }
 
 impl Pkt {
+    /// A TCP SYN, not fragmented: what the program writes to the pending table.
+    pub fn is_syn(&self) -> bool {
+        self.l4 == L4::TcpSyn && self.fragment.is_none()
+    }
+
     /// A segment of an established connection instead of a SYN.
     pub fn ack(self) -> Pkt {
         Pkt {

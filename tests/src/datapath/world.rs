@@ -26,8 +26,11 @@ use balancer::{
     shell::dataplane::{Dataplane, LoadOptions},
 };
 use balancer_common::{
-    hash::vip_flow_hash, map_names, nat::NatEntry, ConnEntry, FlowKey, FlowKeyV4, FlowKeyV6,
-    Outcome, TrafficStats, VipMeta,
+    defence::{SourceBucket, SourceKey},
+    hash::vip_flow_hash,
+    map_names,
+    nat::NatEntry,
+    ConnEntry, FlowKey, FlowKeyV4, FlowKeyV6, Outcome, TrafficStats, VipMeta,
 };
 
 use super::{LB4, LB6, LB_MAC, ROUTER4, ROUTER6, ROUTER_MAC};
@@ -102,11 +105,17 @@ pub struct Counters {
     pub vips: BTreeMap<u32, TrafficStats>,
     /// Indexed by `Outcome`.
     pub outcomes: Vec<u64>,
+    /// Indexed by `balancer_common::defence::DefenceCounter`.
+    pub defence: Vec<u64>,
 }
 
 impl Counters {
     pub fn outcome(&self, outcome: Outcome) -> u64 {
         self.outcomes[outcome as usize]
+    }
+
+    pub fn defence(&self, counter: balancer_common::defence::DefenceCounter) -> u64 {
+        self.defence[counter as usize]
     }
 }
 
@@ -140,6 +149,7 @@ pub fn load_every_program() -> Result<(), String> {
     let options = LoadOptions {
         hash_seed: 0,
         conn_table_size: balancer::config::MIN_CONN_TABLE_SIZE,
+        pending_table_size: balancer::config::MIN_CONN_TABLE_SIZE,
         nat_table_size: balancer::config::MIN_NAT_TABLE_SIZE,
     };
     let error = |e: balancer::shell::dataplane::DataplaneError| {
@@ -172,6 +182,7 @@ impl World {
         let load = LoadOptions {
             hash_seed: config.hash_seed,
             conn_table_size: config.conn_table_size,
+            pending_table_size: config.flood.pending_table_size,
             nat_table_size: config.nat.table_size,
         };
         let object = options.object.unwrap_or(balancer::PROGRAM);
@@ -252,6 +263,9 @@ impl World {
         self.clear::<FlowKeyV6, ConnEntry>(map_names::CONN_TABLE_V6);
         self.clear::<FlowKeyV4, NatEntry>(map_names::NAT_V4);
         self.clear::<FlowKeyV6, NatEntry>(map_names::NAT_V6);
+        self.clear::<FlowKeyV4, ConnEntry>(map_names::PENDING_V4);
+        self.clear::<FlowKeyV6, ConnEntry>(map_names::PENDING_V6);
+        self.clear::<SourceKey, SourceBucket>(map_names::SOURCE_RATES);
         let _ = self.sync_events();
     }
 
@@ -310,7 +324,16 @@ impl World {
             backends: c.backends,
             vips: c.vips,
             outcomes: c.outcomes,
+            defence: c.defence,
         }
+    }
+
+    /// Flows in the connection tables (both families).
+    pub fn conn_count(&self) -> usize {
+        self.dataplane
+            .conn_count()
+            .expect("connection tables read")
+            .0
     }
 
     /// The NAT counters, indexed by `balancer_common::NatCounter`.
@@ -357,6 +380,13 @@ impl World {
         self.dataplane
             .conn_lookup(flow)
             .expect("connection table read")
+    }
+
+    /// The backend id the pending tables hold for `flow` (a SYN placed, nothing since).
+    pub fn pending(&self, flow: &FlowKey) -> Option<u32> {
+        self.dataplane
+            .pending_lookup(flow)
+            .expect("pending table read")
     }
 
     /// Remembers `flow` on `backend` of `vip` in the connection table, as if an earlier packet

@@ -16,6 +16,7 @@
     reason = "every test target of the crate gets all its dev-dependencies and uses some"
 )]
 
+mod defence;
 mod fixtures;
 mod fragmented_flows;
 mod nat;
@@ -159,6 +160,10 @@ fn check(world: &mut World, fixture: &Fixture) {
     };
     let expect = (fixture.expect)(world, &fixture.packet, placed);
     let before = world.counters();
+    let conn_before = match &expect {
+        Expect::Forwarded { flow, .. } => world.conn(flow),
+        _ => None,
+    };
     let Run { verdict, output } = world.run(&input);
     let after = world.counters();
 
@@ -215,11 +220,32 @@ fn check(world: &mut World, fixture: &Fixture) {
             );
             assert_checksums_valid(&output, case);
             let id = world.backend_id(vip, *backend);
-            assert_eq!(world.conn(flow), Some(id), "{case}: connection table entry");
+            let written = written(&input);
+            if written == Written::Nothing {
+                assert_eq!(
+                    world.conn(flow),
+                    conn_before,
+                    "{case}: connection table entry"
+                );
+                assert_eq!(world.pending(flow), None, "{case}: pending entry");
+            } else if written == Written::Pending {
+                // A SYN claims no slot in the connection table: its choice waits in the
+                // pending table, or rewrites the entry of a reused 5-tuple in place.
+                if conn_before.is_some() {
+                    assert_eq!(world.conn(flow), Some(id), "{case}: reused entry rewritten");
+                    assert_eq!(world.pending(flow), None, "{case}: pending entry");
+                } else {
+                    assert_eq!(world.pending(flow), Some(id), "{case}: pending entry");
+                    assert_eq!(world.conn(flow), None, "{case}: connection table entry");
+                }
+            } else {
+                assert_eq!(world.conn(flow), Some(id), "{case}: connection table entry");
+            }
             let expected = TrafficStats {
                 packets: 1,
                 bytes: input.len() as u64,
-                new_flows: *new_flow as u64,
+                // An ICMP error is no flow of its own.
+                new_flows: u64::from(*new_flow && written != Written::Nothing),
             };
             assert_eq!(
                 delta(&after.backends[&id], &before.backends[&id]),
@@ -289,5 +315,35 @@ fn delta(after: &TrafficStats, before: &TrafficStats) -> TrafficStats {
         packets: after.packets - before.packets,
         bytes: after.bytes - before.bytes,
         new_flows: after.new_flows - before.new_flows,
+    }
+}
+
+/// What a forwarded packet writes to the state tables.
+#[derive(Debug, PartialEq, Eq)]
+enum Written {
+    /// An ICMP error: nothing (it only follows its flow).
+    Nothing,
+    /// A TCP SYN, not fragmented: the pending table.
+    Pending,
+    /// Anything else: the connection table.
+    Conn,
+}
+
+fn written(frame: &[u8]) -> Written {
+    use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+    let Ok(packet) = SlicedPacket::from_ethernet(frame) else {
+        return Written::Conn;
+    };
+    let fragmented = match &packet.net {
+        Some(NetSlice::Ipv4(ip)) => ip.header().is_fragmenting_payload(),
+        Some(NetSlice::Ipv6(ip)) => ip.payload().fragmented,
+        _ => false,
+    };
+    match &packet.transport {
+        Some(TransportSlice::Icmpv4(_) | TransportSlice::Icmpv6(_)) => Written::Nothing,
+        Some(TransportSlice::Tcp(tcp)) if tcp.syn() && !tcp.ack() && !fragmented => {
+            Written::Pending
+        }
+        _ => Written::Conn,
     }
 }

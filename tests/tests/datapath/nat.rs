@@ -764,3 +764,42 @@ fn port_unreachable_and_time_exceeded_are_translated_too() {
 fn require() {
     balancer_tests::netns::require_root("the NAT datapath fixtures (BPF_PROG_TEST_RUN)");
 }
+
+#[test]
+fn over_the_flood_cap_new_nat_connections_are_refused() {
+    require();
+    let mut w = World::load(
+        &format!("{CONFIG}\n[flood]\nnew_flows_per_cpu = 100\n"),
+        &reach(),
+        WorldOptions::default(),
+    );
+    let cpus = aya::util::nr_cpus().unwrap();
+    // 300 connections within a CPU's second: at most 100 per CPU get a translation, the
+    // others are dropped, counted, and leave nothing in the tables.
+    let verdicts: Vec<u32> = (0..300u16)
+        .map(|i| w.run(&tcp(WEB, 43_000 + i, 80).bytes()).verdict)
+        .collect();
+    let created = verdicts.iter().filter(|v| **v == xdp_action::TX).count();
+    let refused = w.counters().outcome(Outcome::NatFloodRefused) as usize;
+    assert_eq!(created + refused, 300);
+    assert!(
+        created <= 100 * cpus && refused >= 300 - 100 * cpus,
+        "{created} created"
+    );
+    assert_eq!(
+        w.nat_counters()[NatCounter::Created as usize],
+        created as u64
+    );
+    assert_eq!(
+        w.nat_entries(),
+        2 * created,
+        "two entries per connection, none for the refused"
+    );
+    // A connection's later packets pass the cap: they create nothing.
+    let first = (0..300u16)
+        .find(|i| verdicts[*i as usize] == xdp_action::TX)
+        .unwrap();
+    let ack = tcp(WEB, 43_000 + first, 80).ack();
+    assert_eq!(w.run(&ack.bytes()).verdict, xdp_action::TX);
+    w.reset(CONFIG);
+}

@@ -1,6 +1,8 @@
 //! Connection-table sync in the program: a new-flow decision of a VIP that syncs is handed
-//! to the daemon through the `SYNC_EVENTS` ring, once, with the flow and the chosen backend;
-//! established packets, VIPs that do not sync and NAT VIPs hand over nothing.
+//! to the daemon through the `SYNC_EVENTS` ring, once, with the flow and the chosen backend,
+//! when it enters the connection table (a TCP flow at its first packet after the SYN: a
+//! flood of SYNs sends nothing to the peers); established packets, VIPs that do not sync and
+//! NAT VIPs hand over nothing.
 
 use balancer_tests::{datapath::packet::tcp, netns::require_root};
 
@@ -34,6 +36,8 @@ fn new_flow_decisions_reach_the_sync_ring_once() {
         assert!(world.vip_meta("web").syncs());
         let syn = tcp(vip, 40_001, 80);
         world.run(&syn.bytes());
+        assert!(world.sync_events().is_empty(), "a SYN is only pending");
+        world.run(&syn.ack().bytes());
         let events = world.sync_events();
         assert_eq!(events.len(), 1, "one decision for one new flow");
         let flow = syn.flow();
@@ -48,9 +52,12 @@ fn new_flow_decisions_reach_the_sync_ring_once() {
             world.run(&syn.ack().bytes());
         }
         assert!(world.sync_events().is_empty(), "established packets");
-        // 100 new flows, 100 decisions, each its own flow.
+        // 100 new flows, 100 decisions, each its own flow; 100 SYNs without a next packet,
+        // none.
         for port in 0..100 {
             world.run(&tcp(vip, 50_000 + port, 80).bytes());
+            world.run(&tcp(vip, 50_000 + port, 80).ack().bytes());
+            world.run(&tcp(vip, 60_000 + port, 80).bytes());
         }
         let events = world.sync_events();
         assert_eq!(events.len(), 100);

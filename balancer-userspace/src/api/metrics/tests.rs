@@ -21,6 +21,10 @@ const ADDED_SINCE_LEGACY: &[&str] = &[
     "balancer_backend_info",
     "balancer_backend_remembered_flows",
     "balancer_backend_last_packet_age_seconds",
+    "balancer_flood",
+    "balancer_new_flows_per_cpu_cap",
+    "balancer_pending_table_capacity",
+    "balancer_defence_events",
 ];
 
 fn legacy_name(name: &str) -> bool {

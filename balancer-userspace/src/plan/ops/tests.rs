@@ -8,6 +8,7 @@ use std::{
     path::Path,
 };
 
+use balancer_common::defence::{FloodSettings, SourceLimit};
 use balancer_common::{
     hash::vip_filter_bit,
     nat::{NatSettings, NatVip},
@@ -43,6 +44,9 @@ struct Kernel {
     nat_settings: NatSettings,
     nat_vips: BTreeMap<u32, NatVip>,
     nat_filter: BTreeMap<u32, u64>,
+    /// The defences: the flood cap, the VIPs' source limits.
+    flood: FloodSettings,
+    source_limits: BTreeMap<u32, SourceLimit>,
 }
 
 impl Kernel {
@@ -62,6 +66,8 @@ impl Kernel {
             nat_settings: contents.nat.settings,
             nat_vips: contents.nat.vips.clone(),
             nat_filter: nat_filter_words(contents),
+            flood: contents.defence.flood,
+            source_limits: contents.defence.limits.clone(),
         }
     }
 
@@ -124,6 +130,10 @@ impl Kernel {
             MapOp::SetNatFilterWord(word, bits) => {
                 self.nat_filter.insert(*word, *bits);
             }
+            MapOp::SetFloodSettings(settings) => self.flood = *settings,
+            MapOp::SetSourceLimit(id, limit) => {
+                self.source_limits.insert(*id, *limit);
+            }
         }
     }
 
@@ -161,9 +171,29 @@ impl Kernel {
         }
     }
 
+    /// A key or slot that flags a source limit leads to one (the old or the new).
+    fn check_defence(&self, held: &MapContents, desired: &MapContents, step: &str) {
+        let metas = self
+            .keys
+            .values()
+            .chain(self.slots.values().map(|s| &s.meta));
+        for meta in metas.filter(|m| m.limits_sources()) {
+            let limit = self.source_limits.get(&meta.vip_id);
+            let known = [held, desired]
+                .iter()
+                .any(|c| c.defence.limits.get(&meta.vip_id) == limit);
+            assert!(
+                limit.is_some() && known,
+                "{step}: VIP {} flags a source limit the map does not hold",
+                meta.vip_id
+            );
+        }
+    }
+
     /// What a packet can meet now is either the old state or the new one, never a mix.
     fn check(&self, held: &MapContents, desired: &MapContents, step: &str) {
         self.check_nat(held, desired, step);
+        self.check_defence(held, desired, step);
         for key in self.keys.keys() {
             let bit = vip_filter_bit(&key.addr, key.family);
             let word = self.filter.get(&(bit >> 6)).copied().unwrap_or(0);
@@ -273,6 +303,11 @@ impl Kernel {
             .map(|(w, b)| (*w, *b))
             .collect();
         assert_eq!(nat_filter, nat_filter_words(desired), "{case}: NAT filter");
+        assert_eq!(self.flood, desired.defence.flood, "{case}: flood cap");
+        for (id, limit) in &desired.defence.limits {
+            let held = self.source_limits.get(id);
+            assert_eq!(held, Some(limit), "{case}: source limit {id}");
+        }
     }
 }
 
@@ -485,6 +520,7 @@ fn a_table_that_shrinks_is_padded_while_the_old_key_can_see_it() {
         tables: BTreeMap::from([(1, Table::from(vec![3; size as usize]))]),
         egress: BTreeSet::new(),
         nat: Default::default(),
+        defence: Default::default(),
     };
     let (big, small) = (state(11), state(5));
     let shrink = plan(&big, &small);
@@ -579,6 +615,12 @@ fn random_config(rng: &mut fastrand::Rng, base: &Config) -> Config {
             port: Some([80, 81][rng.usize(..2)]),
             table_size: [7, 13][rng.usize(..2)],
             fragments: rng.u8(..10) == 0,
+            source_limit: (rng.u8(..4) == 0).then(|| crate::config::SourceLimitConfig {
+                rate: rng.u32(1..1000),
+                burst: rng.u32(1..1000),
+                ipv4_prefix: rng.u8(1..=32),
+                ipv6_prefix: rng.u8(1..=128),
+            }),
             backends,
             ..template.clone()
         });

@@ -10,6 +10,7 @@ use aya::{
     Pod,
 };
 use balancer_common::{
+    defence::DEFENCE_COUNTER_COUNT,
     map_names,
     nat::{NatEntry, NAT_KEY_REPLY},
     ConnEntry, FlowKey, FlowKeyV4, FlowKeyV6, TrafficStats, DECAP_OUTCOME_COUNT, FAMILY_IPV4,
@@ -46,11 +47,17 @@ impl Dataplane {
         } else {
             Vec::new()
         };
+        let defence = if self.has_map(map_names::DEFENCE_STATS) {
+            self.per_cpu_sums(map_names::DEFENCE_STATS, DEFENCE_COUNTER_COUNT)?
+        } else {
+            Vec::new()
+        };
         Ok(Counters {
             backends: self.traffic(map_names::BACKEND_STATS, backend_ids)?,
             vips: self.traffic(map_names::VIP_STATS, vip_ids)?,
             outcomes,
             nat,
+            defence,
         })
     }
 
@@ -99,6 +106,16 @@ impl Dataplane {
         }
     }
 
+    /// The backend id the pending tables hold for `flow` (a TCP flow that sent a SYN and
+    /// nothing since), if any.
+    pub fn pending_lookup(&self, flow: &FlowKey) -> Result<Option<u32>> {
+        if flow.family == FAMILY_IPV4 {
+            self.conn_get(map_names::PENDING_V4, &flow.v4())
+        } else {
+            self.conn_get(map_names::PENDING_V6, &flow.v6())
+        }
+    }
+
     /// Remembers `flow` as `entry`, as the program does for a new flow (tests and tools; the
     /// packet path fills the table itself).
     pub fn conn_insert(&mut self, flow: &FlowKey, entry: ConnEntry) -> Result<()> {
@@ -130,9 +147,13 @@ impl Dataplane {
 
     /// The NAT counters, indexed by `NatCounter`, summed over CPUs.
     pub fn nat_counters(&self) -> Result<Vec<u64>> {
-        let name = map_names::NAT_STATS;
+        self.per_cpu_sums(map_names::NAT_STATS, NAT_COUNTER_COUNT)
+    }
+
+    /// The first `count` counters of the per-CPU array `name`, each summed over CPUs.
+    fn per_cpu_sums(&self, name: &'static str, count: u32) -> Result<Vec<u64>> {
         let stats: PerCpuArray<&MapData, u64> = typed(self.map(name)?, name)?;
-        (0..NAT_COUNTER_COUNT)
+        (0..count)
             .map(|i| stats.get(&i, 0).map(|v| v.iter().sum()))
             .collect::<Result<Vec<u64>, _>>()
             .map_err(map_err(name))

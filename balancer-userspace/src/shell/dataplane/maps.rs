@@ -13,6 +13,7 @@ use aya::maps::{
     PerCpuValues,
 };
 use balancer_common::{
+    defence::{FloodSettings, SourceLimit},
     map_names,
     nat::{NatSettings, NatVip},
     Backend, DecapAddress, TrafficStats, VipKey, VipMeta, VipSlot, MAGLEV_CAPACITY,
@@ -21,7 +22,7 @@ use balancer_common::{
 
 use crate::{
     plan::{
-        contents::{MapContents, NatContents},
+        contents::{DefenceContents, MapContents, NatContents},
         inputs::address_bytes,
         ops::{MapOp, MapPlan},
     },
@@ -151,6 +152,20 @@ impl Dataplane {
                 .array::<u64>(NAT_FILTER)?
                 .set(*word, bits, 0)
                 .map_err(map_err(NAT_FILTER)),
+            // An object older than the defences (a benchmark's baseline) has no such maps.
+            MapOp::SetFloodSettings(_) | MapOp::SetSourceLimit(..)
+                if !self.has_map(FLOOD_SETTINGS) =>
+            {
+                Ok(())
+            }
+            MapOp::SetFloodSettings(settings) => self
+                .array::<FloodSettings>(FLOOD_SETTINGS)?
+                .set(0, settings, 0)
+                .map_err(map_err(FLOOD_SETTINGS)),
+            MapOp::SetSourceLimit(id, limit) => self
+                .array::<SourceLimit>(SOURCE_LIMITS)?
+                .set(*id, limit, 0)
+                .map_err(map_err(SOURCE_LIMITS)),
         }
     }
 
@@ -210,13 +225,32 @@ impl Dataplane {
                 .map_err(map_err(map_names::NAT_VIPS))?;
             vips.insert(meta.vip_id, vip);
         }
+        let defence = self.read_defence(&keys)?;
         Ok(MapContents {
             keys,
             backends,
             tables: BTreeMap::new(),
             egress,
             nat: NatContents { settings, vips },
+            defence,
         })
+    }
+
+    /// The flood cap, and the source limits of the VIPs whose keys flag one.
+    fn read_defence(&mut self, keys: &[(VipKey, VipMeta)]) -> Result<DefenceContents> {
+        let flood = self
+            .array::<FloodSettings>(map_names::FLOOD_SETTINGS)?
+            .get(&0, 0)
+            .map_err(map_err(map_names::FLOOD_SETTINGS))?;
+        let map = self.array::<SourceLimit>(map_names::SOURCE_LIMITS)?;
+        let mut limits = BTreeMap::new();
+        for (_, meta) in keys.iter().filter(|(_, m)| m.limits_sources()) {
+            let limit = map
+                .get(&meta.vip_id, 0)
+                .map_err(map_err(map_names::SOURCE_LIMITS))?;
+            limits.insert(meta.vip_id, limit);
+        }
+        Ok(DefenceContents { flood, limits })
     }
 
     /// The addresses the decapsulating program accepts tunnels to.

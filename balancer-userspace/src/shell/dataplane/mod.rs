@@ -145,6 +145,8 @@ impl AttachedMode {
 pub struct LoadOptions {
     pub hash_seed: u32,
     pub conn_table_size: u32,
+    /// Entries of each pending table (`balancer_common::defence`).
+    pub pending_table_size: u32,
     /// NAT connections per family (each NAT table holds twice as many entries).
     pub nat_table_size: u32,
 }
@@ -209,7 +211,11 @@ impl Dataplane {
         let names = pins::pinnable_maps(&obj);
         let adopting = names.iter().any(|n| dir.join(n).exists());
         if adopting {
-            let sizes = (options.conn_table_size, options.nat_table_size);
+            let sizes = (
+                options.conn_table_size,
+                options.pending_table_size,
+                options.nat_table_size,
+            );
             pins::check_compatible(&obj, sizes, dir, &names)?;
         }
         use program_names::*;
@@ -245,6 +251,7 @@ impl Dataplane {
         let options = LoadOptions {
             hash_seed: 0,
             conn_table_size: crate::config::MIN_CONN_TABLE_SIZE,
+            pending_table_size: crate::config::MIN_CONN_TABLE_SIZE,
             nat_table_size: crate::config::MIN_NAT_TABLE_SIZE,
         };
         Self::load_programs(crate::PROGRAM, options, &[program_names::DECAP], None)
@@ -263,6 +270,9 @@ impl Dataplane {
         }
         for name in map_names::NAT_TABLES {
             loader.map_max_entries(name, 2 * options.nat_table_size);
+        }
+        for name in map_names::PENDING_TABLES {
+            loader.map_max_entries(name, options.pending_table_size);
         }
         if let Some((dir, names)) = pins {
             for name in names {
