@@ -5,7 +5,8 @@
 //!
 //! A failing case names its seed on stderr; `BALANCER_PROPERTY_SEED=<seed>` runs that case
 //! alone. `BALANCER_PROPERTY_CASES=<n>` runs n cases of every property instead of its own
-//! count (the first ones are the usual ones): a longer search, by hand.
+//! count (the first ones are the usual ones): a longer search, by hand (more cases than the
+//! usual, for the checks that the cases covered enough to hold).
 
 /// One case of a property: its generator. Dropped while the case panics, it names the seed.
 pub struct Case {
@@ -55,6 +56,14 @@ pub fn cases(property: &'static str, count: u32) -> impl Iterator<Item = Case> {
         property,
         seed,
     })
+}
+
+/// Checks that the cases run covered what they must (every kind of fault, both outcomes...),
+/// unless one case is run alone (`BALANCER_PROPERTY_SEED`).
+pub fn assert_covered(covered: bool, what: &str) {
+    if std::env::var_os("BALANCER_PROPERTY_SEED").is_none() {
+        assert!(covered, "the cases did not cover {what}");
+    }
 }
 
 /// One of `items`, picked by `rng`.

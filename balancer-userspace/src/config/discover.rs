@@ -269,8 +269,9 @@ fn resolvers(d: &RawDiscover, name: &str) -> Result<Vec<SocketAddr>, Invalid> {
     Ok(out)
 }
 
-/// A DNS name: at most 253 characters, labels of 1 to 63 letters, digits, hyphens (and
-/// underscores, which SRV names start their labels with), an optional final dot.
+/// A DNS name: at most 253 characters (255 bytes on the wire), labels of 1 to 63 letters,
+/// digits, hyphens (and underscores, which SRV names start their labels with), then an
+/// optional final dot, which the 253 do not count.
 fn dns_name(value: &Spanned<String>, name: &str, srv: bool) -> Result<String, Invalid> {
     let text = value.get_ref();
     let bare = text.strip_suffix('.').unwrap_or(text);
@@ -281,7 +282,7 @@ fn dns_name(value: &Spanned<String>, name: &str, srv: bool) -> Result<String, In
             && !l.starts_with('-')
             && !l.ends_with('-')
     };
-    let problem = if bare.is_empty() || text.len() > 253 || !bare.split('.').all(label_ok) {
+    let problem = if bare.is_empty() || bare.len() > 253 || !bare.split('.').all(label_ok) {
         Some("is not a DNS name (labels of 1 to 63 letters, digits and hyphens, 253 characters at most)")
     } else if bare.parse::<IpAddr>().is_ok() {
         Some("is an address, not a name: list it in `backends` instead")

@@ -20,7 +20,7 @@ use crate::{
         health::parse_duration, parse, parse_for, reach, Config, ConfigError, DiscoverQuery, Host,
         DEFAULT_METRICS_LISTEN, DEFAULT_PIN_DIR,
     },
-    property::{bytes, cases, pick},
+    property::{assert_covered, bytes, cases, pick},
 };
 
 type Rng = fastrand::Rng;
@@ -100,14 +100,36 @@ fn shuffled(rng: &mut Rng, text: &str) -> String {
     blocks.join("\n[[vip]]\n")
 }
 
-/// The order of VIPs and backends in the file changes nothing but the order of the lists.
+/// `text` laid out otherwise: CRLF line ends, blank lines, indentation, comments.
+fn relaid(rng: &mut Rng, text: &str) -> String {
+    let end = if rng.bool() { "\r\n" } else { "\n" };
+    let mut out = String::new();
+    for line in text.lines() {
+        if rng.u8(..8) == 0 {
+            out.push_str(end);
+        }
+        if rng.u8(..4) == 0 {
+            out.push_str(pick::<&str>(rng, &["  ", "\t", " \t "]));
+        }
+        out.push_str(line);
+        if rng.u8(..4) == 0 {
+            out.push_str(pick::<&str>(rng, &[" # a comment", "# é = \"x\"", "\t#"]));
+        }
+        out.push_str(end);
+    }
+    out
+}
+
+/// The order of VIPs and backends in the file, and its layout, change nothing but the order
+/// of the lists.
 #[test]
-fn the_order_of_vips_and_backends_does_not_matter() {
-    for mut case in cases("the_order_of_vips_and_backends_does_not_matter", 128) {
+fn the_order_and_layout_of_the_file_do_not_matter() {
+    for mut case in cases("the_order_and_layout_of_the_file_do_not_matter", 128) {
         let rng = &mut case.rng;
         let generated = gen_config(rng);
         let text = render(rng, &generated);
-        let reordered = shuffled(rng, &text);
+        let shuffled = shuffled(rng, &text);
+        let reordered = relaid(rng, &shuffled);
         let config = parse_checked(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
         let again = parse_checked(&reordered).unwrap_or_else(|e| panic!("{e}\n{reordered}"));
         assert_eq!(sorted(config), sorted(again), "{text}\n---\n{reordered}");
@@ -283,7 +305,8 @@ fn mutated_configs_never_panic_and_errors_point_inside_the_text() {
         mutate(rng, &mut text);
         rejected += u32::from(parse_checked(&text).is_err());
     }
-    assert!(rejected > 100, "most edits break a config: {rejected}");
+    let what = format!("edits that break a config (only {rejected} did)");
+    assert_covered(rejected > 100, &what);
 }
 
 /// Any text at all (bytes read as UTF-8, lossily, as a file could hold) parses or fails with
@@ -295,7 +318,7 @@ fn any_text_never_panics_and_errors_point_inside_it() {
         let mut text = String::new();
         for _ in 0..rng.usize(0..=12) {
             if rng.bool() {
-                text.push_str(*pick(rng, SNIPPETS));
+                text.push_str(pick::<&str>(rng, SNIPPETS));
             } else {
                 let len = rng.usize(0..=16);
                 text.push_str(&String::from_utf8_lossy(&bytes(rng, len)));
@@ -320,6 +343,8 @@ enum Section {
     Health,
     Discover,
     Autoscale,
+    Flood,
+    SourceLimit,
 }
 
 /// A name one character too long.
@@ -382,6 +407,16 @@ const BAD: &[(Section, &str, &[&str])] = &[
         &["0", "253", "254", "255", "-1"],
     ),
     (Section::Announce, "withdraw_wait", &["\"6m\"", "\"x\""]),
+    (
+        Section::Flood,
+        "new_flows_per_cpu",
+        &["99", "10000001", "-1"],
+    ),
+    (Section::Flood, "pending_table_size", &["1023", "33554433"]),
+    (Section::SourceLimit, "rate", &["0", "10000001"]),
+    (Section::SourceLimit, "burst", &["0", "10000001"]),
+    (Section::SourceLimit, "ipv4_prefix", &["0", "33", "256"]),
+    (Section::SourceLimit, "ipv6_prefix", &["0", "129"]),
     (
         Section::Sync,
         "listen",
@@ -542,6 +577,7 @@ fn sections(text: &str, config: &GenConfig) -> Vec<Option<Section>> {
                 "[balancer]" => table = Some(Section::Balancer),
                 "[announce]" => table = Some(Section::Announce),
                 "[sync]" => table = Some(Section::Sync),
+                "[flood]" => table = Some(Section::Flood),
                 "[[vip]]" => {
                     table = Some(Section::Vip);
                     vip = Some(vip.map_or(0, |v| v + 1));
@@ -558,6 +594,7 @@ fn sections(text: &str, config: &GenConfig) -> Vec<Option<Section>> {
                 ("health = ", Section::Health, checked),
                 ("discover = ", Section::Discover, true),
                 ("autoscale = ", Section::Autoscale, true),
+                ("source_limit = ", Section::SourceLimit, true),
             ];
             match inline
                 .iter()
@@ -578,6 +615,7 @@ fn targets(text: &str, config: &GenConfig) -> Vec<Target> {
             Section::Balancer,
             Section::Announce,
             Section::Sync,
+            Section::Flood,
             Section::Vip,
         ]
         .contains(&section);
@@ -628,7 +666,9 @@ fn an_invalid_value_is_blamed_where_it_is_written() {
         let line = &mut lines[target.line];
         let original = line.clone();
         line.replace_range(target.start..target.end, bad);
-        let broken = lines.join("\n") + "\n";
+        // Windows line ends change no position.
+        let end = if rng.bool() { "\r\n" } else { "\n" };
+        let broken = lines.join(end) + end;
         let error = parse_checked(&broken).expect_err(&broken);
         // A list is blamed on its item when it has one.
         let column =
@@ -711,7 +751,10 @@ fn durations_read_back_and_garbage_is_an_error() {
         let len = rng.usize(0..=8);
         let mut garbage = String::from_utf8_lossy(&bytes(rng, len)).into_owned();
         if rng.bool() {
-            garbage.push_str(*pick(rng, &["ms", "s", "m", "h", "sec", "S", " s", ""]));
+            garbage.push_str(pick::<&str>(
+                rng,
+                &["ms", "s", "m", "h", "sec", "S", " s", ""],
+            ));
         }
         let digits = garbage.bytes().take_while(u8::is_ascii_digit).count();
         let (number, unit) = garbage.split_at(digits);
@@ -720,9 +763,10 @@ fn durations_read_back_and_garbage_is_an_error() {
     }
 }
 
-/// The rule of discovery's names, as the docs state it: at most 253 characters, labels of 1
-/// to 63 letters, digits, hyphens and underscores, no hyphen at a label's ends, an optional
-/// final dot; not an address; an SRV name starts with '_'.
+/// The rule of discovery's names, as the docs state it: at most 253 characters (the 255
+/// bytes of a name on the wire, RFC 1035) then an optional final dot, labels of 1 to 63
+/// letters, digits, hyphens and underscores, no hyphen at a label's ends; not an address; an
+/// SRV name starts with '_'.
 fn documented_dns_name(text: &str, srv: bool) -> bool {
     let bare = text.strip_suffix('.').unwrap_or(text);
     let label = |l: &str| {
@@ -733,7 +777,7 @@ fn documented_dns_name(text: &str, srv: bool) -> bool {
             && !l.ends_with('-')
     };
     !bare.is_empty()
-        && text.len() <= 253
+        && bare.len() <= 253
         && bare.split('.').all(label)
         && bare.parse::<IpAddr>().is_err()
         && (!srv || bare.starts_with('_'))
@@ -749,7 +793,10 @@ fn gen_dns_name(rng: &mut Rng) -> String {
         })
         .collect();
     if rng.u8(..4) == 0 {
-        name = vec!["a".repeat(60); 5];
+        // Names about the longest: labels of 63 then one to make 252 to 254 characters.
+        let total = rng.usize(252..=254);
+        name = vec!["a".repeat(63); 3];
+        name.push("b".repeat(total - 3 * 64));
     }
     let mut name = name.join(".");
     match rng.u8(..8) {
@@ -783,15 +830,70 @@ fn discovery_names_follow_the_documented_rule() {
                 assert!(documented_dns_name(&name, srv), "{name:?} taken");
                 let query = &config.vips[0].discover.as_ref().unwrap().query;
                 let expected = if srv {
-                    DiscoverQuery::Srv(name)
+                    DiscoverQuery::Srv(name.clone())
                 } else {
-                    DiscoverQuery::Dns(name)
+                    DiscoverQuery::Dns(name.clone())
                 };
                 assert_eq!(*query, expected);
             }
             Err(e) => {
                 assert!(!documented_dns_name(&name, srv), "{name:?} refused: {e}");
                 assert_eq!(e.line, 8, "{e}");
+            }
+        }
+        // The same name fully qualified (with the final dot) is taken or refused alike.
+        if !name.ends_with('.') {
+            let qualified = text.replace(&toml_string(&name), &toml_string(&format!("{name}.")));
+            let (plain, dotted) = (parse_checked(&text), parse_checked(&qualified));
+            assert_eq!(
+                plain.is_ok(),
+                dotted.is_ok(),
+                "{name:?}: {plain:?} {dotted:?}"
+            );
+        }
+    }
+}
+
+/// What the kernel takes as an interface name (`dev_valid_name`, net/core/dev.c): 1 to 15
+/// bytes (IFNAMSIZ less the NUL), neither "." nor "..", without '/', ':' or a byte its
+/// `isspace` is true of (9 to 13, 32, and 0xa0 in its Latin-1 table); and no NUL, which
+/// would end the C string.
+fn kernel_takes(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name != "."
+        && name != ".."
+        && !name
+            .bytes()
+            .any(|b| matches!(b, b'/' | b':' | b'\0' | 9..=13 | b' ' | 0xa0))
+}
+
+/// `interface` takes exactly the names the kernel would, as written; any other is blamed on
+/// its line.
+#[test]
+fn interface_names_are_those_the_kernel_takes() {
+    let alphabet = [
+        'e', 't', 'h', '0', '-', '_', '.', '/', ':', ' ', '\t', '\n', '\u{b}', '\u{c}', '\r', '\0',
+        'à', 'é', '\u{a0}', '@',
+    ];
+    for mut case in cases("interface_names_are_those_the_kernel_takes", 512) {
+        let rng = &mut case.rng;
+        let name: String = match rng.u8(..8) {
+            0 => pick(rng, &[".", "..", "...", "", "eth0", "a.b"]).to_string(),
+            1 => "x".repeat(rng.usize(14..=16)),
+            _ => (0..rng.usize(1..=8))
+                .map(|_| *pick(rng, &alphabet))
+                .collect(),
+        };
+        let text = format!("[balancer]\ninterface = {}\n", toml_string(&name));
+        match parse_checked(&text) {
+            Ok(config) => {
+                assert!(kernel_takes(&name), "{name:?} taken");
+                assert_eq!(config.interface, Some(name));
+            }
+            Err(e) => {
+                assert!(!kernel_takes(&name), "{name:?} refused: {e}");
+                assert_eq!((e.line, e.column), (2, 13), "{e}");
             }
         }
     }

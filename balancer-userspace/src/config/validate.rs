@@ -1012,11 +1012,17 @@ pub(super) fn parse_tunnel_source(text: &str, v6: bool) -> Result<TunnelSource, 
 }
 
 fn check_interface_name(name: &str) -> Result<(), String> {
-    // The kernel's limit (IFNAMSIZ - 1) and the characters it rejects.
-    if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', ':']) || name == "." {
-        return Err(format!(
-            "interface \"{name}\" is not a valid interface name"
-        ));
+    // The kernel's limit (IFNAMSIZ - 1) and what its dev_valid_name rejects: "." and "..",
+    // '/', ':' and the bytes its isspace() is true of (9 to 13, 32 and, Latin-1, 0xa0); and
+    // NUL, which would end the name early.
+    let rejected = |b: u8| matches!(b, b'/' | b':' | b'\0' | 9..=13 | b' ' | 0xa0);
+    if name.is_empty()
+        || name.len() > 15
+        || name == "."
+        || name == ".."
+        || name.bytes().any(rejected)
+    {
+        return Err(format!("interface {name:?} is not a valid interface name"));
     }
     Ok(())
 }

@@ -33,7 +33,7 @@ fn a_syn_flood_leaves_the_connection_table_alone() {
     let network = FixtureNetwork::create("fx-flood");
     let other = network.other_ifindex;
     network.ns.run(move || {
-        let mut world = crate::world(other);
+        let world = crate::world(other);
         // 500 established flows, each promoted by its first packet after the SYN.
         for port in 0..500u16 {
             let syn = tcp(WEB, 20_000 + port, 80);

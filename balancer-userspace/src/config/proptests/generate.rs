@@ -12,6 +12,10 @@ use balancer_common::DEFAULT_MAGLEV_SIZE;
 
 use crate::{
     config::{
+        defence::{
+            DEFAULT_IPV4_PREFIX, DEFAULT_IPV6_PREFIX, DEFAULT_NEW_FLOWS_PER_CPU,
+            MIN_PENDING_TABLE_SIZE,
+        },
         fleet::{DEFAULT_BULK_TIMEOUT, DEFAULT_SYNC_INTERVAL, DEFAULT_WITHDRAW_WAIT},
         parse, AutoscaleMetric, CheckKind, Config, DiscoverQuery, Forwarding, HashMode,
         InitialState, Protocol, Snat, TunnelSource, Vip, WhenAllDown, DEFAULT_HOST_SNAT_PORTS,
@@ -42,7 +46,7 @@ pub(super) fn toml_string(text: &str) -> String {
 pub(super) fn duration_text(rng: &mut Rng, ms: u64) -> String {
     let mut forms = vec![format!("{ms}ms")];
     for (unit, per) in [("s", 1_000), ("m", 60_000), ("h", 3_600_000)] {
-        if ms % per == 0 {
+        if ms.is_multiple_of(per) {
             forms.push(format!("{}{unit}", ms / per));
         }
     }
@@ -129,6 +133,16 @@ pub(super) struct GenAutoscale {
     window_ms: Option<u64>,
 }
 
+/// `source_limit`: rate, and burst, ipv4_prefix and ipv6_prefix if written.
+type GenSourceLimit = (u32, Option<u32>, Option<u8>, Option<u8>);
+
+fn gen_source_limit(rng: &mut Rng) -> GenSourceLimit {
+    let rate = *pick(rng, &[1, 100, 10_000_000]);
+    let burst = rng.bool().then(|| rng.u32(1..=10_000_000));
+    let v4 = rng.bool().then(|| rng.u8(1..=32));
+    (rate, burst, v4, rng.bool().then(|| rng.u8(1..=128)))
+}
+
 #[derive(Clone, Debug)]
 pub(super) enum GenSnat {
     /// Absent: the interface's address.
@@ -151,6 +165,7 @@ pub(super) struct GenVip {
     /// Tunnel only: as written, and as read.
     tunnel_sources: [Option<(String, TunnelSource)>; 2],
     autoscale: Option<GenAutoscale>,
+    source_limit: Option<GenSourceLimit>,
     /// NAT only.
     snat: GenSnat,
     snat_ports: Option<(u16, u16)>,
@@ -194,6 +209,8 @@ pub(super) struct GenConfig {
     /// `[announce]`: the table, and withdraw_wait.
     announce: Option<(u32, Option<u64>)>,
     sync: Option<GenSync>,
+    /// `[flood]`: new_flows_per_cpu and pending_table_size, each if written.
+    flood: Option<(Option<u32>, Option<u32>)>,
     pub vips: Vec<GenVip>,
 }
 
@@ -205,7 +222,11 @@ fn gen_balancer(rng: &mut Rng) -> GenBalancer {
     let mut b = GenBalancer::default();
     if maybe(rng) {
         let name = gen_name(rng, b"abcdefghijklmnopqrstuvwxyz0123456789._-", 1..=15);
-        b.interface = Some(if name == "." { "eth0".into() } else { name });
+        b.interface = Some(if name == "." || name == ".." {
+            "eth0".into()
+        } else {
+            name
+        });
     }
     b.hash_seed = maybe(rng).then(|| (rng.u32(..), rng.u8(..3)));
     b.conn_table_size = maybe(rng).then(|| rng.u32(1024..=1 << 25));
@@ -485,6 +506,7 @@ fn gen_vip(rng: &mut Rng, i: usize, endpoints: &mut BTreeSet<(IpAddr, Option<u16
             [None, None]
         },
         autoscale: (rng.u8(..4) == 0).then(|| gen_autoscale(rng)),
+        source_limit: (rng.u8(..4) == 0).then(|| gen_source_limit(rng)),
         snat_ports: (nat && !matches!(snat, GenSnat::None) && rng.bool()).then(|| {
             let lo = rng.u16(1..40_000);
             (lo, rng.u16(lo..40_000))
@@ -551,6 +573,10 @@ pub(super) fn gen_config(rng: &mut Rng) -> GenConfig {
             (table, maybe_millis(rng, 0, 300_000))
         }),
         sync: rng.bool().then(|| gen_sync(rng)),
+        flood: rng.bool().then(|| {
+            let per_cpu = rng.bool().then(|| rng.u32(100..=10_000_000));
+            (per_cpu, rng.bool().then(|| rng.u32(1024..=1 << 25)))
+        }),
         vips: (0..rng.usize(0..=6))
             .map(|i| gen_vip(rng, i, &mut endpoints))
             .collect(),
@@ -608,6 +634,11 @@ fn render_balancer(rng: &mut Rng, b: &GenBalancer, out: &mut Vec<String>) {
 }
 
 fn render_fleet(rng: &mut Rng, c: &GenConfig, out: &mut Vec<String>) {
+    if let Some((per_cpu, pending)) = c.flood {
+        out.extend([String::new(), "[flood]".into()]);
+        out.extend(per_cpu.map(|n| format!("new_flows_per_cpu = {n}")));
+        out.extend(pending.map(|n| format!("pending_table_size = {n}")));
+    }
     if let Some((table, wait)) = c.announce {
         out.extend(["".into(), "[announce]".into(), format!("table = {table}")]);
         out.extend(wait.map(|ms| format!("withdraw_wait = \"{}\"", duration_text(rng, ms))));
@@ -762,6 +793,13 @@ fn render_vip(rng: &mut Rng, v: &GenVip, out: &mut Vec<String>) {
     keys.extend(v.health.as_ref().map(|h| render_health(rng, h)));
     keys.extend(v.discover.as_ref().map(|d| render_discover(rng, d)));
     keys.extend(v.autoscale.as_ref().map(|a| render_autoscale(rng, a)));
+    if let Some((rate, burst, v4, v6)) = v.source_limit {
+        let mut limit = vec![format!("rate = {rate}")];
+        limit.extend(burst.map(|b| format!("burst = {b}")));
+        limit.extend(v4.map(|p| format!("ipv4_prefix = {p}")));
+        limit.extend(v6.map(|p| format!("ipv6_prefix = {p}")));
+        keys.push(inline(rng, "source_limit", limit));
+    }
     rng.shuffle(&mut keys);
     out.extend([String::new(), "[[vip]]".into()]);
     out.extend(keys);
@@ -832,6 +870,14 @@ fn check_balancer(b: &GenBalancer, c: &Config) {
 }
 
 fn check_fleet(g: &GenConfig, c: &Config) {
+    let (per_cpu, pending) = g.flood.unwrap_or_default();
+    let default_pending = (c.conn_table_size / 4).max(MIN_PENDING_TABLE_SIZE);
+    let flood = (c.flood.new_flows_per_cpu, c.flood.pending_table_size);
+    let expected = (
+        per_cpu.unwrap_or(DEFAULT_NEW_FLOWS_PER_CPU),
+        pending.unwrap_or(default_pending),
+    );
+    assert_eq!(flood, expected);
     let announce = c.announce.as_ref().map(|a| (a.table, a.withdraw_wait));
     let wait = |ms: Option<u64>| ms.map_or(DEFAULT_WITHDRAW_WAIT, Duration::from_millis);
     assert_eq!(announce, g.announce.map(|(table, ms)| (table, wait(ms))));
@@ -969,6 +1015,19 @@ fn check_vip(g: &GenVip, v: &Vip) {
         ),
     });
     assert_eq!(nat, expected_nat);
+    let limit = v
+        .source_limit
+        .as_ref()
+        .map(|l| (l.rate, l.burst, l.ipv4_prefix, l.ipv6_prefix));
+    let expected = g.source_limit.map(|(rate, burst, v4, v6)| {
+        (
+            rate,
+            burst.unwrap_or(rate),
+            v4.unwrap_or(DEFAULT_IPV4_PREFIX),
+            v6.unwrap_or(DEFAULT_IPV6_PREFIX),
+        )
+    });
+    assert_eq!(limit, expected);
     check_backends(g, v);
     check_discover(g, v);
 }
