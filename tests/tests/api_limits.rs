@@ -110,8 +110,19 @@ fn flood(to: SocketAddr, count: usize, hold: Duration, connected: mpsc::Sender<(
     let mut connecting = Duration::ZERO;
     while started.elapsed() < hold {
         if streams.len() < count {
-            let stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))
-                .unwrap_or_else(|e| panic!("connection {} to {to}: {e}", streams.len()));
+            // Short attempts, the others watched in between: a SYN the full accept queue
+            // dropped is retried by the kernel only after a second, and a connect blocked
+            // that long would delay seeing the others' closes past `AT_ONCE`.
+            let attempts = Instant::now();
+            let stream = loop {
+                match TcpStream::connect_timeout(&to, Duration::from_millis(100)) {
+                    Ok(stream) => break stream,
+                    Err(e) if attempts.elapsed() > Duration::from_secs(5) => {
+                        panic!("connection {} to {to}: {e}", streams.len())
+                    }
+                    Err(_) => watch(&mut streams, &mut closed, 0),
+                }
+            };
             stream.set_nonblocking(true).expect("non-blocking");
             streams.push((stream, Instant::now()));
             if streams.len() == count {

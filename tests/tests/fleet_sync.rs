@@ -194,6 +194,23 @@ fn key_of(port: u16) -> FlowKeyV4 {
 fn sync_rejects_what_it_cannot_trust_and_copies_a_table_to_a_restarted_peer() {
     let mut lab = lab("sync-sec");
     lab.wait_healthy(3);
+    // Each balancer's start-up copy of its peer's table done (else a copy asked for at
+    // start but served after the flows below would bring them again, as entries kept).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while (0..2).any(|i| {
+        lab.status(i)["sync"]["bulk"]
+            .as_str()
+            .is_none_or(|b| !b.starts_with("complete"))
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "bulk copies: {:?}",
+            (0..2)
+                .map(|i| lab.status(i)["sync"]["bulk"].clone())
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let key = std::fs::read(lab.scratch.path("sync.key")).unwrap();
     let target: SocketAddr = (fleet_balancer_addr(0), 7946).into();
     let vip: IpAddr = FLEET_VIP_ADDR.into();

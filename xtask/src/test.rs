@@ -107,7 +107,11 @@ pub fn run(no_vm: bool) -> Result<()> {
                 "xtask",
             ])?;
             // Needs no root: the Kubernetes manifests against the Kubernetes schemas.
-            cargo_step(&["test", "-p", "balancer-tests", "--test", "deploy_manifests"])
+            let mut args = vec!["test", "-p", "balancer-tests"];
+            for test in UNIT_TESTS {
+                args.extend(["--test", test]);
+            }
+            cargo_step(&args)
         },
     ));
 
@@ -150,32 +154,17 @@ pub fn run(no_vm: bool) -> Result<()> {
     };
     tiers.push(root_tier(
         "datapath fixtures (BPF_PROG_TEST_RUN on the real object)",
-        &["datapath"],
+        DATAPATH_TESTS,
         || Ok(()),
     ));
     tiers.push(root_tier(
         "fuzz (a million generated and mutated packets per forwarding mode through the real object, judged by an oracle)",
-        &["fuzz"],
+        FUZZ_TESTS,
         || Ok(()),
     ));
     tiers.push(root_tier(
         "network namespaces (real balancer, servers, clients; the autoscale demo, short)",
-        &[
-            "dsr_end_to_end",
-            "attach_modes",
-            "dynamic_backends",
-            "tunnel_end_to_end",
-            "nat_end_to_end",
-            "discovery_end_to_end",
-            "fleet_ecmp",
-            "fleet_bgp",
-            "fleet_sync",
-            "observability",
-            "restarts",
-            "control_plane",
-            "api_limits",
-            "dns_server",
-        ],
+        NETNS_TESTS,
         || {
             println!(
                 "\n---- the autoscale demo, short profile (cargo xtask demo --autoscale --short)"
@@ -258,4 +247,58 @@ pub fn run(no_vm: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The test targets of tests/tests/ the tiers run, tier by tier (every target must be in one:
+/// see the test below).
+const UNIT_TESTS: &[&str] = &["deploy_manifests"];
+const DATAPATH_TESTS: &[&str] = &["datapath"];
+const FUZZ_TESTS: &[&str] = &["fuzz"];
+const NETNS_TESTS: &[&str] = &[
+    "dsr_end_to_end",
+    "attach_modes",
+    "dynamic_backends",
+    "tunnel_end_to_end",
+    "nat_end_to_end",
+    "discovery_end_to_end",
+    "fleet_ecmp",
+    "fleet_bgp",
+    "fleet_sync",
+    "flood_defence",
+    "observability",
+    "restarts",
+    "control_plane",
+    "api_limits",
+    "dns_server",
+];
+
+#[cfg(test)]
+mod tier_tests {
+    use super::*;
+
+    /// A test file that no tier names would never run, and nothing would say so.
+    #[test]
+    fn every_test_target_is_in_a_tier() {
+        let dir = crate::workspace_root().join("tests/tests");
+        let mut targets: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let path = e.path();
+                let name = path.file_stem()?.to_str()?.to_owned();
+                let is_target =
+                    path.extension().is_some_and(|x| x == "rs") || path.join("main.rs").is_file();
+                is_target.then_some(name)
+            })
+            .collect();
+        targets.sort();
+        let mut listed: Vec<&str> = [UNIT_TESTS, DATAPATH_TESTS, FUZZ_TESTS, NETNS_TESTS].concat();
+        listed.sort_unstable();
+        assert_eq!(
+            targets,
+            listed,
+            "the test targets in {} and the tiers' lists",
+            dir.display()
+        );
+    }
 }
