@@ -133,6 +133,11 @@ pub mod map_names {
     pub const PENDING_V4: &str = "PENDING_V4";
     pub const PENDING_V6: &str = "PENDING_V6";
     pub const PENDING_TABLES: [&str; 2] = [PENDING_V4, PENDING_V6];
+    /// NAT connections that have sent a SYN and not yet acknowledged the backend's SYN-ACK
+    /// (both entries, as in `NAT_V4`/`NAT_V6`): sized like the pending tables.
+    pub const NAT_PENDING_V4: &str = "NAT_PENDING_V4";
+    pub const NAT_PENDING_V6: &str = "NAT_PENDING_V6";
+    pub const NAT_PENDING_TABLES: [&str; 2] = [NAT_PENDING_V4, NAT_PENDING_V6];
     /// The per-CPU cap on new flows (`defence::FloodSettings`, one entry).
     pub const FLOOD_SETTINGS: &str = "FLOOD_SETTINGS";
     /// Each CPU's new flows in its current second (`defence::FloodState`).
@@ -794,6 +799,7 @@ const _: () = {
     assert!(core::mem::size_of::<Backend>() == 64);
     assert!(core::mem::size_of::<nat::NatEntry>() == 72);
     assert!(core::mem::offset_of!(nat::NatEntry, last_seen) == 64);
+    assert!(core::mem::offset_of!(nat::NatEntry, isn) == 60);
     assert!(core::mem::size_of::<nat::NatSettings>() == 40);
     assert!(core::mem::size_of::<nat::NatVip>() == 8 + 16 * nat::MAX_SNAT_ADDRESSES);
     assert!(nat::MAX_SNAT_ADDRESSES.is_power_of_two());

@@ -93,7 +93,11 @@ pub struct NatEntry {
     pub state: u8,
     /// The transport protocol.
     pub proto: u8,
-    pub _pad: [u8; 5],
+    pub _pad: u8,
+    /// A pending TCP connection (`defence`): the sequence number of the backend's SYN-ACK,
+    /// as on the wire, which the client's acknowledgement must answer (+1) for the connection
+    /// to be promoted to the NAT tables. 0 until the SYN-ACK is seen.
+    pub isn: u32,
     /// When the connection last saw a packet, within `NAT_REFRESH_NS` (CLOCK_MONOTONIC, in
     /// nanoseconds).
     pub last_seen: u64,

@@ -123,6 +123,23 @@ pub static NAT_V4: LruHashMap<FlowKeyV4, NatEntry, { 2 * DEFAULT_NAT_TABLE_SIZE 
 pub static NAT_V6: LruHashMap<FlowKeyV6, NatEntry, { 2 * DEFAULT_NAT_TABLE_SIZE as usize }> =
     LruHashMap::new();
 
+/// NAT connections between their SYN and the client's acknowledgement of the backend's
+/// SYN-ACK (`balancer_common::defence`), both entries, keyed as in `NAT_V4`/`NAT_V6`: a flood
+/// of SYNs to a NAT VIP churns these, never the NAT tables. Sized by the daemon at load time.
+#[btf_map]
+pub static NAT_PENDING_V4: LruHashMap<
+    FlowKeyV4,
+    NatEntry,
+    { DEFAULT_PENDING_TABLE_SIZE as usize },
+> = LruHashMap::new();
+
+#[btf_map]
+pub static NAT_PENDING_V6: LruHashMap<
+    FlowKeyV6,
+    NatEntry,
+    { DEFAULT_PENDING_TABLE_SIZE as usize },
+> = LruHashMap::new();
+
 /// The NAT timeouts (one entry), written by the daemon.
 #[btf_map]
 pub static NAT_SETTINGS: Array<NatSettings, 1> = Array::new();

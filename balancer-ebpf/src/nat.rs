@@ -19,6 +19,7 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::XdpContext};
 use balancer_common::{
+    defence::DefenceCounter,
     hash::{flow_hash, vip_filter_bit},
     nat::{
         self, Delta, NatEntry, NatVip, MAX_SNAT_ADDRESSES, NAT_F_REPLY, NAT_F_SNAT, NAT_KEY_REPLY,
@@ -31,15 +32,21 @@ use crate::{
     access::{opaque, ptr_at, ptr_at_mut},
     count, defence,
     maps::{
-        hash_seed, FlowKeys, NatScratch as Scratch, BACKENDS, NAT_FILTER, NAT_SCRATCH,
-        NAT_SETTINGS, NAT_V4, NAT_V6, NAT_VIPS,
+        hash_seed, FlowKeys, NatScratch as Scratch, BACKENDS, NAT_FILTER, NAT_PENDING_V4,
+        NAT_PENDING_V6, NAT_SCRATCH, NAT_SETTINGS, NAT_V4, NAT_V6, NAT_VIPS,
     },
     parse::{Kind, Packet},
     rewrite, select,
-    wire::{EthHdr, IcmpHdr, Ipv4Hdr, Ipv6Hdr, Ports, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET},
+    wire::{
+        EthHdr, IcmpHdr, Ipv4Hdr, Ipv6Hdr, Ports, TCP_ACK, TCP_CHECK_OFFSET, TCP_SYN,
+        UDP_CHECK_OFFSET,
+    },
 };
 
 const BPF_ANY: u64 = 0;
+/// Where a TCP header holds its sequence and acknowledgement numbers.
+const TCP_SEQ_OFFSET: usize = 4;
+const TCP_ACK_OFFSET: usize = 8;
 const BPF_NOEXIST: u64 = 1;
 const EEXIST: i32 = 17;
 /// Mixed into the hash seed for the SNAT address and the first port probed, so that they do
@@ -102,34 +109,90 @@ fn narrow(s: &mut Scratch) {
     };
 }
 
-/// The entry at `s.key`.
+/// The entry at `s.key` in the NAT tables.
+#[inline(always)]
+fn lookup(v6: bool, s: &mut Scratch) -> Option<*mut NatEntry> {
+    lookup_in(v6, false, s)
+}
+
+/// The entry at `s.key` in the NAT tables, or (`pending`) in the pending ones.
 #[inline(always)]
 #[allow(
     clippy::needless_borrows_for_generic_args,
     reason = "by reference on purpose: a key or entry passed by value is copied to the stack"
 )]
-fn lookup(v6: bool, s: &mut Scratch) -> Option<*mut NatEntry> {
-    if v6 {
-        NAT_V6.get_ptr_mut(&s.key)
-    } else {
-        narrow(s);
-        NAT_V4.get_ptr_mut(&s.key4)
+fn lookup_in(v6: bool, pending: bool, s: &mut Scratch) -> Option<*mut NatEntry> {
+    match (v6, pending) {
+        (true, false) => NAT_V6.get_ptr_mut(&s.key),
+        (true, true) => NAT_PENDING_V6.get_ptr_mut(&s.key),
+        (false, pending) => {
+            narrow(s);
+            if pending {
+                NAT_PENDING_V4.get_ptr_mut(&s.key4)
+            } else {
+                NAT_V4.get_ptr_mut(&s.key4)
+            }
+        }
     }
 }
 
-/// Writes `s.entry` at `s.key`.
+/// Writes `s.entry` at `s.key` in the NAT tables.
+#[inline(always)]
+fn insert(v6: bool, s: &mut Scratch, flags: u64) -> Result<(), i32> {
+    insert_in(v6, false, s, flags)
+}
+
+/// Writes `s.entry` at `s.key` in the NAT tables, or (`pending`) in the pending ones.
 #[inline(always)]
 #[allow(
     clippy::needless_borrows_for_generic_args,
     reason = "by reference on purpose: a key or entry passed by value is copied to the stack"
 )]
-fn insert(v6: bool, s: &mut Scratch, flags: u64) -> Result<(), i32> {
-    if v6 {
-        NAT_V6.insert(&s.key, &s.entry, flags)
-    } else {
-        narrow(s);
-        NAT_V4.insert(&s.key4, &s.entry, flags)
+fn insert_in(v6: bool, pending: bool, s: &mut Scratch, flags: u64) -> Result<(), i32> {
+    match (v6, pending) {
+        (true, false) => NAT_V6.insert(&s.key, &s.entry, flags),
+        (true, true) => NAT_PENDING_V6.insert(&s.key, &s.entry, flags),
+        (false, pending) => {
+            narrow(s);
+            if pending {
+                NAT_PENDING_V4.insert(&s.key4, &s.entry, flags)
+            } else {
+                NAT_V4.insert(&s.key4, &s.entry, flags)
+            }
+        }
     }
+}
+
+/// Removes the entry at `s.key` from the NAT tables, or (`pending`) from the pending ones.
+#[inline(always)]
+#[allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "by reference on purpose: a key passed by value is copied to the stack"
+)]
+fn remove_in(v6: bool, pending: bool, s: &mut Scratch) {
+    let _ = match (v6, pending) {
+        (true, false) => NAT_V6.remove(&s.key),
+        (true, true) => NAT_PENDING_V6.remove(&s.key),
+        (false, pending) => {
+            narrow(s);
+            if pending {
+                NAT_PENDING_V4.remove(&s.key4)
+            } else {
+                NAT_V4.remove(&s.key4)
+            }
+        }
+    };
+}
+
+/// A pending connection's reservation at `s.key` (the reply entry, which holds the SNAT
+/// port): refused while the NAT tables hold a connection there, else inserted into the
+/// pending table without overwriting.
+#[inline(always)]
+fn reserve(v6: bool, s: &mut Scratch) -> Result<(), i32> {
+    if lookup_in(v6, false, s).is_some() {
+        return Err(-EEXIST);
+    }
+    insert_in(v6, true, s, BPF_NOEXIST)
 }
 
 /// The address field of a map entry as 32-bit words.
@@ -143,7 +206,14 @@ fn words(addr: &[u8; 16]) -> [u32; 4] {
 /// the time, in place, and in the twin when either changed (the time: once per
 /// `NAT_REFRESH_NS`).
 #[inline(always)]
-fn touch(v6: bool, s: &mut Scratch, entry: *mut NatEntry, packet: &Packet, reply: bool, now: u64) {
+fn touch(
+    (v6, pending): (bool, bool),
+    s: &mut Scratch,
+    entry: *mut NatEntry,
+    packet: &Packet,
+    reply: bool,
+    now: u64,
+) {
     // SAFETY: a hash map value, valid for this run of the program (RCU). Plain writes: a
     // concurrent writer of the same entry writes the same kind of values.
     unsafe {
@@ -158,7 +228,7 @@ fn touch(v6: bool, s: &mut Scratch, entry: *mut NatEntry, packet: &Packet, reply
         }
         let mut merged = next;
         set_twin_key(&mut s.key, &*entry);
-        if let Some(twin) = lookup(v6, s) {
+        if let Some(twin) = lookup_in(v6, pending, s) {
             // Bits the other direction set since the last exchange (a reset is this
             // packet's to set or clear).
             merged |= (*twin).state & !nat::NAT_S_RST;
@@ -206,14 +276,81 @@ pub fn forward(ctx: &XdpContext, packet: &Packet, vip: &VipMeta) -> Result<Outco
         if let Some(backend) = BACKENDS.get(entry.backend_id) {
             if backend.is_live() && backend.vip_id == vip.vip_id && !restarted {
                 if !entry.expired(settings, now) {
-                    touch(v6, s, e, packet, false, now);
+                    touch((v6, false), s, e, packet, false, now);
                     return send_forward(ctx, packet, entry, backend, vip, 0);
                 }
                 count::nat(NatCounter::ExpiredOnLookup);
             }
         }
     }
+    if packet.flow.proto == PROTO_TCP {
+        if let Some(sent) = pending_forward(ctx, packet, vip, s, now) {
+            return sent;
+        }
+    }
     create(ctx, packet, vip, s, now)
+}
+
+/// A client's packet of a pending TCP connection (one whose SYN was translated, and whose
+/// client has not yet acknowledged the backend's SYN-ACK): translated by its pending entry;
+/// the packet that acknowledges the SYN-ACK (`acknowledges`) promotes both entries to the NAT
+/// tables. `None`: no live pending connection.
+#[inline(always)]
+fn pending_forward(
+    ctx: &XdpContext,
+    packet: &Packet,
+    vip: &VipMeta,
+    s: &mut Scratch,
+    now: u64,
+) -> Option<Result<Outcome, Outcome>> {
+    let v6 = packet.flow.family != FAMILY_IPV4;
+    let settings = NAT_SETTINGS.get(0)?;
+    set_key(&mut s.key, &packet.flow, false);
+    let e = lookup_in(v6, true, s)?;
+    // SAFETY: a hash map value, valid for this run of the program.
+    let entry = unsafe { &*e };
+    let backend = BACKENDS.get(entry.backend_id)?;
+    if !backend.is_live() || backend.vip_id != vip.vip_id || entry.expired(settings, now) {
+        return None;
+    }
+    if packet.syn || !acknowledges(ctx, packet, entry) {
+        // A retransmitted SYN, or a packet that does not answer the SYN-ACK (yet): no state
+        // claimed.
+        return Some(send_forward(ctx, packet, entry, backend, vip, 0));
+    }
+    // Promoted: the reply entry, then the forward entry, each moved to the NAT tables (a
+    // reply that arrives in between finds one or the other).
+    s.entry = *entry;
+    set_twin_key(&mut s.key, &s.entry);
+    if let Some(twin) = lookup_in(v6, true, s) {
+        // SAFETY: as above.
+        s.entry = unsafe { *twin };
+        let _ = insert_in(v6, false, s, BPF_ANY);
+        remove_in(v6, true, s);
+    }
+    set_key(&mut s.key, &packet.flow, false);
+    let e = lookup_in(v6, true, s)?;
+    // SAFETY: as above.
+    s.entry = unsafe { *e };
+    s.entry.last_seen = now;
+    let _ = insert_in(v6, false, s, BPF_ANY);
+    remove_in(v6, true, s);
+    defence::count(DefenceCounter::Promoted);
+    Some(send_forward(ctx, packet, &s.entry, backend, vip, 0))
+}
+
+/// Whether a client's packet acknowledges its pending connection's SYN-ACK: the ACK flag,
+/// and the acknowledgement number one past the backend's initial sequence number.
+#[inline(always)]
+fn acknowledges(ctx: &XdpContext, packet: &Packet, entry: &NatEntry) -> bool {
+    if entry.state & NAT_S_SYN_ACK == 0 || packet.tcp_flags & TCP_ACK == 0 {
+        return false;
+    }
+    match ptr_at::<[u8; 4]>(ctx, packet.l4 + TCP_ACK_OFFSET) {
+        // SAFETY: ptr_at checked the bounds.
+        Some(ack) => u32::from_be_bytes(unsafe { *ack }) == entry.isn.wrapping_add(1),
+        None => false,
+    }
 }
 
 /// Translates a client's packet by its forward entry and sends it to the backend.
@@ -244,6 +381,9 @@ fn create(
 ) -> Result<Outcome, Outcome> {
     let flow = &packet.flow;
     let v6 = flow.family != FAMILY_IPV4;
+    // A TCP connection waits in the pending tables until its client acknowledges the
+    // backend's SYN-ACK.
+    let pending = flow.proto == PROTO_TCP;
     // A connection is state that cannot be left out: over the source's limit or the CPU's
     // cap, it is refused.
     if vip.limits_sources() && !defence::source_allowed(vip, flow, FlowKeys::of(flow)?, now) {
@@ -281,7 +421,8 @@ fn create(
         0
     };
     e.proto = flow.proto;
-    e._pad = [0; 5];
+    e._pad = 0;
+    e.isn = 0;
     e.last_seen = now;
     // Its key: from the backend's address and port, to the SNAT address and port (taken
     // here) or the client's.
@@ -300,11 +441,16 @@ fn create(
         // VIP many times within a quarantine would otherwise find the same ports taken by
         // its own earlier connections, try after try.
         let probe = hash ^ ((now >> 10) as u32).wrapping_mul(0x9e37_79b9);
-        allocate(v6, s, dst_port, flow.src_port, nat_vip, probe)?;
+        allocate((v6, pending), s, dst_port, flow.src_port, nat_vip, probe)?;
     } else {
         s.key.dst = flow.src_words();
         s.key.ports = (dst_port as u32) << 16 | flow.src_port as u32;
-        if insert(v6, s, BPF_NOEXIST).is_err() {
+        let taken = if pending {
+            reserve(v6, s)
+        } else {
+            insert(v6, s, BPF_NOEXIST)
+        };
+        if taken.is_err() {
             count::nat(NatCounter::NoPortExhausted);
             return Err(Outcome::NatNoPort);
         }
@@ -320,9 +466,14 @@ fn create(
     e.ifindex = 0;
     e.flags &= !NAT_F_REPLY;
     set_key(&mut s.key, flow, false);
+    if pending {
+        // An expired or restarted connection's forward entry goes: the new one's packets
+        // must not find it first.
+        remove_in(v6, false, s);
+    }
     // Overwrites an expired or restarted connection's entry; can only fail if the kernel
     // cannot allocate, and then the next packet starts over.
-    let _ = insert(v6, s, BPF_ANY);
+    let _ = insert_in(v6, pending, s, BPF_ANY);
     count::nat(NatCounter::Created);
     send_forward(ctx, packet, &s.entry, backend, vip, 1)
 }
@@ -336,7 +487,7 @@ fn create(
     reason = "by reference on purpose: a key or entry passed by value is copied to the stack"
 )]
 fn allocate(
-    v6: bool,
+    (v6, pending): (bool, bool),
     s: &mut Scratch,
     dst_port: u16,
     client_port: u16,
@@ -354,14 +505,15 @@ fn allocate(
         client: (client >= min && client - min < range).then_some(client),
         dst_port,
     };
-    // One loop per family, each with one insert: the verifier walks every iteration.
-    let found = if v6 {
-        probe.run(s, |s| NAT_V6.insert(&s.key, &s.entry, BPF_NOEXIST))
-    } else {
-        probe.run(s, |s| {
+    // One loop per family and table, each with one insert: the verifier walks every
+    // iteration.
+    let found = match (v6, pending) {
+        (true, false) => probe.run(s, |s| NAT_V6.insert(&s.key, &s.entry, BPF_NOEXIST)),
+        (false, false) => probe.run(s, |s| {
             narrow(s);
             NAT_V4.insert(&s.key4, &s.entry, BPF_NOEXIST)
-        })
+        }),
+        (v6, true) => probe.run(s, |s| reserve(v6, s)),
     };
     match found {
         Ok(kept) => {
@@ -441,15 +593,38 @@ pub fn reply(ctx: &XdpContext, packet: &Packet) -> Option<Result<Outcome, Outcom
     };
     let v6 = packet.flow.family != FAMILY_IPV4;
     set_key(&mut s.key, &packet.flow, true);
-    let entry = lookup(v6, s)?;
-    Some(send_reply(ctx, packet, v6, s, entry))
+    if let Some(entry) = lookup(v6, s) {
+        return Some(send_reply(ctx, packet, (v6, false), s, entry));
+    }
+    if packet.flow.proto != PROTO_TCP {
+        return None;
+    }
+    // A pending connection's reply: its SYN-ACK's sequence number is what the client's
+    // acknowledgement must answer.
+    set_key(&mut s.key, &packet.flow, true);
+    let entry = lookup_in(v6, true, s)?;
+    if packet.kind == Kind::Flow && packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
+        if let Some(seq) = ptr_at::<[u8; 4]>(ctx, packet.l4 + TCP_SEQ_OFFSET) {
+            // SAFETY: ptr_at checked the bounds; `entry` is a hash map value, valid for this
+            // run of the program.
+            unsafe {
+                let isn = u32::from_be_bytes(*seq);
+                (*entry).isn = isn;
+                set_twin_key(&mut s.key, &*entry);
+                if let Some(twin) = lookup_in(v6, true, s) {
+                    (*twin).isn = isn;
+                }
+            }
+        }
+    }
+    Some(send_reply(ctx, packet, (v6, true), s, entry))
 }
 
 #[inline(always)]
 fn send_reply(
     ctx: &XdpContext,
     packet: &Packet,
-    v6: bool,
+    (v6, pending): (bool, bool),
     s: &mut Scratch,
     e: *mut NatEntry,
 ) -> Result<Outcome, Outcome> {
@@ -464,7 +639,7 @@ fn send_reply(
         if entry.expired(settings, now) {
             return Err(Outcome::NatReplyExpired);
         }
-        touch(v6, s, e, packet, true, now);
+        touch((v6, pending), s, e, packet, true, now);
         translate(ctx, packet, entry)?;
     }
     rewrite::send_back(ctx, entry.dst_mac, entry.src_mac, entry.ifindex)

@@ -380,7 +380,9 @@ pub fn check_compatible(
                 Ok(info) => {
                     let capacity = if map_names::CONN_TABLES.contains(&name.as_str()) {
                         conn_table_size
-                    } else if map_names::PENDING_TABLES.contains(&name.as_str()) {
+                    } else if map_names::PENDING_TABLES.contains(&name.as_str())
+                        || map_names::NAT_PENDING_TABLES.contains(&name.as_str())
+                    {
                         pending_table_size
                     } else if map_names::NAT_TABLES.contains(&name.as_str()) {
                         2 * nat_table_size
@@ -445,7 +447,9 @@ fn compare_map(
                  {capacity}",
                 info.max_entries()
             )
-        } else if map_names::PENDING_TABLES.contains(&name) {
+        } else if map_names::PENDING_TABLES.contains(&name)
+            || map_names::NAT_PENDING_TABLES.contains(&name)
+        {
             format!(
                 "the pinned pending table {name} holds {} flows, flood pending_table_size asks \
                  for {capacity}",

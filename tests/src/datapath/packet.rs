@@ -193,9 +193,10 @@ impl Pkt {
                 .tcp(self.sport, self.dport, 1000, 64240)
                 .syn()
                 .write(&mut out, &payload),
+            // Acknowledging the SYN-ACK below (sequence number 5000).
             L4::TcpAck => step
-                .tcp(self.sport, self.dport, 1000, 64240)
-                .ack(1)
+                .tcp(self.sport, self.dport, 1001, 64240)
+                .ack(5001)
                 .psh()
                 .write(&mut out, &payload),
             L4::TcpSynAck => step
@@ -204,9 +205,9 @@ impl Pkt {
                 .ack(1001)
                 .write(&mut out, &payload),
             L4::TcpFin => step
-                .tcp(self.sport, self.dport, 1000, 64240)
+                .tcp(self.sport, self.dport, 1001, 64240)
                 .fin()
-                .ack(1)
+                .ack(5001)
                 .write(&mut out, &payload),
             L4::TcpRst => step
                 .tcp(self.sport, self.dport, 1000, 0)

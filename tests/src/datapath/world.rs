@@ -265,6 +265,8 @@ impl World {
         self.clear::<FlowKeyV6, NatEntry>(map_names::NAT_V6);
         self.clear::<FlowKeyV4, ConnEntry>(map_names::PENDING_V4);
         self.clear::<FlowKeyV6, ConnEntry>(map_names::PENDING_V6);
+        self.clear::<FlowKeyV4, NatEntry>(map_names::NAT_PENDING_V4);
+        self.clear::<FlowKeyV6, NatEntry>(map_names::NAT_PENDING_V6);
         self.clear::<SourceKey, SourceBucket>(map_names::SOURCE_RATES);
         let _ = self.sync_events();
     }
@@ -349,9 +351,31 @@ impl World {
             .expect("NAT table read")
     }
 
+    /// Like [`World::nat_entry`], in the pending tables (a TCP connection before its client
+    /// acknowledged the backend's SYN-ACK).
+    pub fn nat_pending_entry(&self, flow: &FlowKey, reply: bool) -> Option<NatEntry> {
+        self.dataplane
+            .nat_pending_lookup(flow, reply)
+            .expect("NAT pending table read")
+    }
+
+    /// The connection's entry wherever it is: the NAT tables, else the pending ones.
+    pub fn nat_entry_anywhere(&self, flow: &FlowKey, reply: bool) -> Option<NatEntry> {
+        self.nat_entry(flow, reply)
+            .or_else(|| self.nat_pending_entry(flow, reply))
+    }
+
     /// Every entry of the NAT tables.
     pub fn nat_entries(&self) -> usize {
         self.dataplane.nat_entries().expect("NAT tables read").len()
+    }
+
+    /// Every entry of the NAT pending tables.
+    pub fn nat_pending_entries(&self) -> usize {
+        self.dataplane
+            .nat_pending_entries()
+            .expect("NAT pending tables read")
+            .len()
     }
 
     /// The new-flow decisions the program handed to the sync since the last call (the

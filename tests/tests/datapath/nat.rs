@@ -9,6 +9,7 @@
 use std::net::IpAddr;
 
 use balancer_common::{
+    defence::DefenceCounter,
     nat::{NatEntry, NAT_F_REPLY, NAT_F_SNAT, NAT_S_RST, NAT_S_SYN, NAT_S_SYN_ACK},
     xdp_action, NatCounter, Outcome,
 };
@@ -198,8 +199,10 @@ fn assert_sent(w: &World, input: &[u8], verdict: u32, expected: &[u8], case: &st
 }
 
 /// The forward entry of `p`'s connection.
+/// The connection's forward entry, in the NAT tables or (a TCP connection before the
+/// client's acknowledgement of the SYN-ACK) the pending ones.
 fn forward_entry(w: &World, p: &Pkt) -> NatEntry {
-    w.nat_entry(&p.flow(), false)
+    w.nat_entry_anywhere(&p.flow(), false)
         .expect("the connection has a forward entry")
 }
 
@@ -791,7 +794,7 @@ fn over_the_flood_cap_new_nat_connections_are_refused() {
         created as u64
     );
     assert_eq!(
-        w.nat_entries(),
+        w.nat_pending_entries(),
         2 * created,
         "two entries per connection, none for the refused"
     );
@@ -802,4 +805,52 @@ fn over_the_flood_cap_new_nat_connections_are_refused() {
     let ack = tcp(WEB, 43_000 + first, 80).ack();
     assert_eq!(w.run(&ack.bytes()).verdict, xdp_action::TX);
     w.reset(CONFIG);
+}
+
+#[test]
+fn a_tcp_connection_claims_the_nat_tables_only_once_its_client_answers_the_syn_ack() {
+    require();
+    let w = world();
+    let syn = tcp(WEB, 44_000, 80);
+    let backend = w.table_choice("web", &syn.flow());
+    assert_eq!(w.run(&syn.bytes()).verdict, xdp_action::TX);
+    assert_eq!(w.nat_entries(), 0, "a SYN claims no NAT table entry");
+    assert_eq!(w.nat_pending_entries(), 2, "both directions pending");
+    // A flood of SYNs: the NAT tables stay empty.
+    for port in 0..1000u16 {
+        assert_eq!(
+            w.run(&tcp(WEB, 10_000 + port, 80).bytes()).verdict,
+            xdp_action::TX
+        );
+    }
+    assert_eq!(w.nat_entries(), 0, "the flood claimed no NAT table entry");
+    // The backend's SYN-ACK (sequence number 5000) goes back to the client.
+    let (_, synack) = backend_reply(&w, L4::TcpSynAck, backend, 8080, SNAT4, 44_000);
+    assert_eq!(w.run(&synack).verdict, xdp_action::TX);
+    let pending = w.nat_pending_entry(&syn.flow(), false).unwrap();
+    assert_eq!(pending.isn, 5000, "the SYN-ACK's sequence number, recorded");
+    // An acknowledgement of anything else is forwarded, and promotes nothing.
+    let mut wrong = syn.ack().bytes();
+    let ack_at = 14 + 20 + 8;
+    wrong[ack_at..ack_at + 4].copy_from_slice(&1234u32.to_be_bytes());
+    assert_eq!(w.run(&wrong).verdict, xdp_action::TX);
+    assert_eq!(
+        w.nat_entries(),
+        0,
+        "a wrong acknowledgement promotes nothing"
+    );
+    let promoted = w.counters().defence(DefenceCounter::Promoted);
+    // The client's acknowledgement of the SYN-ACK (5001): both entries move.
+    assert_eq!(w.run(&syn.ack().bytes()).verdict, xdp_action::TX);
+    assert_eq!(w.nat_entries(), 2, "promoted: both directions");
+    assert!(w.nat_pending_entry(&syn.flow(), false).is_none());
+    assert_eq!(w.counters().defence(DefenceCounter::Promoted), promoted + 1);
+    // The connection goes on from the NAT tables, both ways.
+    let (_, answer) = backend_reply(&w, L4::TcpAck, backend, 8080, SNAT4, 44_000);
+    assert_eq!(w.run(&answer).verdict, xdp_action::TX);
+    assert_eq!(w.run(&syn.ack().bytes()).verdict, xdp_action::TX);
+    assert_eq!(
+        w.nat_entry(&syn.flow(), false).unwrap().state & NAT_S_SYN_ACK,
+        NAT_S_SYN_ACK
+    );
 }

@@ -170,24 +170,50 @@ impl Dataplane {
 
     /// The NAT entry of packets of `flow` as they arrive (`reply`: a backend's reply).
     pub fn nat_lookup(&self, flow: &FlowKey, reply: bool) -> Result<Option<NatEntry>> {
+        self.nat_lookup_in(flow, reply, map_names::NAT_TABLES)
+    }
+
+    /// Like [`Dataplane::nat_lookup`], in the pending tables (a TCP connection whose client
+    /// has not yet acknowledged the backend's SYN-ACK).
+    pub fn nat_pending_lookup(&self, flow: &FlowKey, reply: bool) -> Result<Option<NatEntry>> {
+        self.nat_lookup_in(flow, reply, map_names::NAT_PENDING_TABLES)
+    }
+
+    fn nat_lookup_in(
+        &self,
+        flow: &FlowKey,
+        reply: bool,
+        [v4, v6]: [&'static str; 2],
+    ) -> Result<Option<NatEntry>> {
         let flag = if reply { NAT_KEY_REPLY } else { 0 };
         if flow.family == FAMILY_IPV4 {
             let mut key = flow.v4();
             key.proto |= flag;
-            self.nat_get(map_names::NAT_V4, &key)
+            self.nat_get(v4, &key)
         } else {
             let mut key = flow.v6();
             key.proto |= flag;
-            self.nat_get(map_names::NAT_V6, &key)
+            self.nat_get(v6, &key)
         }
     }
 
     /// Every NAT entry of both tables (walks them: one syscall per entry), each with its
     /// family and its key as an IPv6 table key (an IPv4 key in the first words).
     pub fn nat_entries(&self) -> Result<Vec<(u8, FlowKeyV6, NatEntry)>> {
+        self.nat_entries_in(map_names::NAT_TABLES)
+    }
+
+    /// Like [`Dataplane::nat_entries`], of the pending tables.
+    pub fn nat_pending_entries(&self) -> Result<Vec<(u8, FlowKeyV6, NatEntry)>> {
+        self.nat_entries_in(map_names::NAT_PENDING_TABLES)
+    }
+
+    fn nat_entries_in(
+        &self,
+        [v4_name, v6_name]: [&'static str; 2],
+    ) -> Result<Vec<(u8, FlowKeyV6, NatEntry)>> {
         let mut out = Vec::new();
-        let v4: BpfHashMap<&MapData, FlowKeyV4, NatEntry> =
-            typed(self.map(map_names::NAT_V4)?, map_names::NAT_V4)?;
+        let v4: BpfHashMap<&MapData, FlowKeyV4, NatEntry> = typed(self.map(v4_name)?, v4_name)?;
         for (key, entry) in v4.iter().filter_map(Result::ok) {
             let wide = FlowKeyV6 {
                 src: [key.src, 0, 0, 0],
@@ -197,8 +223,7 @@ impl Dataplane {
             };
             out.push((FAMILY_IPV4, wide, entry));
         }
-        let v6: BpfHashMap<&MapData, FlowKeyV6, NatEntry> =
-            typed(self.map(map_names::NAT_V6)?, map_names::NAT_V6)?;
+        let v6: BpfHashMap<&MapData, FlowKeyV6, NatEntry> = typed(self.map(v6_name)?, v6_name)?;
         out.extend(
             v6.iter()
                 .filter_map(Result::ok)

@@ -271,7 +271,10 @@ impl Dataplane {
         for name in map_names::NAT_TABLES {
             loader.map_max_entries(name, 2 * options.nat_table_size);
         }
-        for name in map_names::PENDING_TABLES {
+        for name in map_names::PENDING_TABLES
+            .iter()
+            .chain(&map_names::NAT_PENDING_TABLES)
+        {
             loader.map_max_entries(name, options.pending_table_size);
         }
         if let Some((dir, names)) = pins {
