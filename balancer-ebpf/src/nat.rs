@@ -257,7 +257,15 @@ pub fn forward(ctx: &XdpContext, packet: &Packet, vip: &VipMeta) -> Result<Outco
     set_key(&mut s.key, &packet.flow, false);
     let found = lookup(v6, s);
     if packet.kind == Kind::IcmpError {
-        let entry = found.ok_or(Outcome::IcmpOther)?;
+        // About a connection of the NAT tables, or a pending one.
+        let entry = match found {
+            Some(entry) => entry,
+            None if packet.flow.proto == PROTO_TCP => {
+                set_key(&mut s.key, &packet.flow, false);
+                lookup_in(v6, true, s).ok_or(Outcome::IcmpOther)?
+            }
+            None => return Err(Outcome::IcmpOther),
+        };
         // SAFETY: a hash map value, valid for this run of the program.
         let entry = unsafe { &*entry };
         let backend = BACKENDS.get(entry.backend_id).ok_or(Outcome::IcmpOther)?;
@@ -313,6 +321,8 @@ fn pending_forward(
     if !backend.is_live() || backend.vip_id != vip.vip_id || entry.expired(settings, now) {
         return None;
     }
+    // The state (a reset, say) and the time, in both pending entries.
+    touch((v6, true), s, e, packet, false, now);
     if packet.syn || !acknowledges(ctx, packet, entry) {
         // A retransmitted SYN, or a packet that does not answer the SYN-ACK (yet): no state
         // claimed.
