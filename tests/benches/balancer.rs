@@ -670,10 +670,35 @@ fn datapath(
             "the NAT connection starts"
         );
         let entry = world
-            .nat_entry(&syn.flow(), false)
+            .nat_entry_anywhere(&syn.flow(), false)
             .expect("the connection's forward entry");
         let backend = address_of(&entry.dst);
         let snat = address_of(&entry.src);
+        // The handshake: the backend's SYN-ACK, then the client's acknowledgement of it, which
+        // moves the connection from the pending tables to the NAT tables.
+        let synack = balancer_tests::datapath::packet::Pkt {
+            src: backend,
+            dst: snat,
+            sport: 80,
+            dport: u16::from_be(entry.src_port),
+            l4: balancer_tests::datapath::packet::L4::TcpSynAck,
+            ..syn
+        };
+        let synack = frame(
+            world.neighbour_mac(backend),
+            LB_MAC,
+            None,
+            &synack.ip_bytes(),
+        );
+        assert_eq!(world.run(&synack).verdict, balancer_common::xdp_action::TX);
+        assert_eq!(
+            world.run(&syn.ack().bytes()).verdict,
+            balancer_common::xdp_action::TX
+        );
+        assert!(
+            world.nat_entry(&syn.flow(), false).is_some(),
+            "the connection promoted"
+        );
         let reply = balancer_tests::datapath::packet::Pkt {
             src: backend,
             dst: snat,
