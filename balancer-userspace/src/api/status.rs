@@ -40,6 +40,27 @@ pub struct StatusDocument {
     /// Connection-table sync with the fleet's peers (`[sync]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sync: Option<SyncStatus>,
+    /// The state tables' defences against floods (absent from the documents of daemons
+    /// before them).
+    #[serde(default)]
+    pub defence: DefenceStatus,
+}
+
+/// Flood mode and what the defences did with new flows.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DefenceStatus {
+    /// New flows over the per-CPU cap at the last reading: placed without state.
+    pub flood_mode: bool,
+    /// How often flood mode started.
+    pub floods: u64,
+    /// New flows with state per CPU per second (`[flood] new_flows_per_cpu`).
+    pub new_flows_per_cpu: u32,
+    /// Each pending table's size (`[flood] pending_table_size`).
+    pub pending_table_size: u32,
+    /// Events by `DefenceCounter` name: pending, promoted, reused, capped.
+    pub events: BTreeMap<String, u64>,
+    /// New flows dropped over their source's limit.
+    pub source_limited: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,6 +148,29 @@ pub struct Attachment {
     pub xdp_mode: Option<String>,
     /// `adopted` and `keep_on_exit` come from the snapshot.
     pub datapath: DatapathStatus,
+}
+
+fn defence_status(snapshot: &Snapshot) -> DefenceStatus {
+    use balancer_common::defence::DefenceCounter;
+    let d = &snapshot.defence;
+    DefenceStatus {
+        flood_mode: d.flooding,
+        floods: d.floods,
+        new_flows_per_cpu: d.cap,
+        pending_table_size: d.pending_capacity,
+        events: DefenceCounter::ALL
+            .iter()
+            .map(|c| {
+                let v = d.counters.get(*c as usize).copied().unwrap_or(0);
+                (c.name().to_owned(), v)
+            })
+            .collect(),
+        source_limited: snapshot
+            .outcomes
+            .get(Outcome::SourceLimited as usize)
+            .copied()
+            .unwrap_or(0),
+    }
 }
 
 fn nat_status(n: &crate::core::snapshot::NatView) -> NatStatus {
@@ -372,6 +416,7 @@ impl StatusDocument {
                 awaiting_sync: a.awaiting_sync,
             }),
             sync: snapshot.sync.as_deref().map(sync_status),
+            defence: defence_status(snapshot),
         }
     }
 }

@@ -55,6 +55,23 @@ fn nat_line(out: &mut String, status: &StatusDocument) {
     );
 }
 
+/// The defences in one line: flood mode, and what became of new flows.
+fn defence_line(out: &mut String, status: &StatusDocument) {
+    let d = &status.defence;
+    let event = |name: &str| d.events.get(name).copied().unwrap_or(0);
+    let _ = writeln!(
+        out,
+        "new flows: {} pending, {} promoted, {} placed without state over the cap of {} per CPU per second, {} over a source's limit; flood mode {} ({} so far)",
+        event("pending"),
+        event("promoted"),
+        event("capped"),
+        d.new_flows_per_cpu,
+        d.source_limited,
+        if d.flood_mode { "ON" } else { "off" },
+        d.floods,
+    );
+}
+
 /// The table for one status document.
 /// The announced routes and the sync, one line each (a fleet member only).
 fn fleet_lines(out: &mut String, status: &StatusDocument) {
@@ -143,6 +160,7 @@ pub fn render(status: &StatusDocument) -> String {
         nat_line(&mut out, status);
     }
     fleet_lines(&mut out, status);
+    defence_line(&mut out, status);
     for vip in &status.vips {
         vip_table(&mut out, vip);
     }
@@ -486,6 +504,23 @@ mod tests {
         );
         let created = document.nat.events["created"];
         assert!(line.contains(&format!("; {created} created, ")), "{line}");
+    }
+
+    #[test]
+    fn the_defences_line_says_what_became_of_new_flows() {
+        let mut document = StatusDocument::new(&sample_snapshot(), &Attachment::default());
+        let line = |d: &StatusDocument| {
+            let text = render(d);
+            let line = text.lines().find(|l| l.starts_with("new flows: "));
+            line.unwrap_or_else(|| panic!("{text}")).to_owned()
+        };
+        assert_eq!(
+            line(&document),
+            "new flows: 15 pending, 20 promoted, 30 placed without state over the cap of 25000 per \
+             CPU per second, 130 over a source's limit; flood mode ON (1 so far)"
+        );
+        document.defence.flood_mode = false;
+        assert!(line(&document).ends_with("; flood mode off (1 so far)"));
     }
 
     fn check_table(text: &str, read: &StatusDocument) {
