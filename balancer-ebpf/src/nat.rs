@@ -523,7 +523,20 @@ fn allocate(
             narrow(s);
             NAT_V4.insert(&s.key4, &s.entry, BPF_NOEXIST)
         }),
-        (v6, true) => probe.run(s, |s| reserve(v6, s)),
+        // Pending: the port is free if the NAT tables do not hold it either.
+        (true, true) => probe.run(s, |s| {
+            if NAT_V6.get_ptr_mut(&s.key).is_some() {
+                return Err(-EEXIST);
+            }
+            NAT_PENDING_V6.insert(&s.key, &s.entry, BPF_NOEXIST)
+        }),
+        (false, true) => probe.run(s, |s| {
+            narrow(s);
+            if NAT_V4.get_ptr_mut(&s.key4).is_some() {
+                return Err(-EEXIST);
+            }
+            NAT_PENDING_V4.insert(&s.key4, &s.entry, BPF_NOEXIST)
+        }),
     };
     match found {
         Ok(kept) => {
