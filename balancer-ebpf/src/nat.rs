@@ -22,8 +22,8 @@ use balancer_common::{
     defence::DefenceCounter,
     hash::{flow_hash, vip_filter_bit},
     nat::{
-        self, Delta, NatEntry, NatVip, MAX_SNAT_ADDRESSES, NAT_F_REPLY, NAT_F_SNAT, NAT_KEY_REPLY,
-        NAT_PORT_TRIES, NAT_REFRESH_NS, NAT_S_SYN_ACK, NAT_VIP_F_SNAT,
+        self, Delta, NatEntry, NatSettings, NatVip, MAX_SNAT_ADDRESSES, NAT_F_REPLY, NAT_F_SNAT,
+        NAT_KEY_REPLY, NAT_PORT_TRIES, NAT_REFRESH_NS, NAT_S_SYN_ACK, NAT_VIP_F_SNAT,
     },
     Backend, FlowKey, FlowKeyV4, FlowKeyV6, NatCounter, Outcome, VipMeta, FAMILY_IPV4, PROTO_TCP,
 };
@@ -292,7 +292,7 @@ pub fn forward(ctx: &XdpContext, packet: &Packet, vip: &VipMeta) -> Result<Outco
         }
     }
     if packet.flow.proto == PROTO_TCP {
-        if let Some(sent) = pending_forward(ctx, packet, vip, s, now) {
+        if let Some(sent) = pending_forward(ctx, packet, vip, s, (settings, now)) {
             return sent;
         }
     }
@@ -309,10 +309,9 @@ fn pending_forward(
     packet: &Packet,
     vip: &VipMeta,
     s: &mut Scratch,
-    now: u64,
+    (settings, now): (&NatSettings, u64),
 ) -> Option<Result<Outcome, Outcome>> {
     let v6 = packet.flow.family != FAMILY_IPV4;
-    let settings = NAT_SETTINGS.get(0)?;
     set_key(&mut s.key, &packet.flow, false);
     let e = lookup_in(v6, true, s)?;
     // SAFETY: a hash map value, valid for this run of the program.
@@ -523,20 +522,9 @@ fn allocate(
             narrow(s);
             NAT_V4.insert(&s.key4, &s.entry, BPF_NOEXIST)
         }),
-        // Pending: the port is free if the NAT tables do not hold it either.
-        (true, true) => probe.run(s, |s| {
-            if NAT_V6.get_ptr_mut(&s.key).is_some() {
-                return Err(-EEXIST);
-            }
-            NAT_PENDING_V6.insert(&s.key, &s.entry, BPF_NOEXIST)
-        }),
-        (false, true) => probe.run(s, |s| {
-            narrow(s);
-            if NAT_V4.get_ptr_mut(&s.key4).is_some() {
-                return Err(-EEXIST);
-            }
-            NAT_PENDING_V4.insert(&s.key4, &s.entry, BPF_NOEXIST)
-        }),
+        // The family a constant in each loop (no branch on it inside the probe).
+        (true, true) => probe.run(s, |s| reserve(true, s)),
+        (false, true) => probe.run(s, |s| reserve(false, s)),
     };
     match found {
         Ok(kept) => {

@@ -354,10 +354,11 @@ fn bench_world(
     n: usize,
     conn_table: u32,
 ) -> (World, Vec<IpAddr>) {
-    bench_world_with(object, mode, protocol, v6, n, conn_table, "")
+    bench_world_with(object, mode, protocol, v6, n, conn_table, ("", ""))
 }
 
-/// [`bench_world`], with `extra` (more config tables) after the `[balancer]` table.
+/// [`bench_world`], with `extra`: more config tables after the `[balancer]` table, and more
+/// keys of the VIP.
 fn bench_world_with(
     object: Option<&'static [u8]>,
     mode: &str,
@@ -365,7 +366,7 @@ fn bench_world_with(
     v6: bool,
     n: usize,
     conn_table: u32,
-    extra: &str,
+    extra: (&str, &str),
 ) -> (World, Vec<IpAddr>) {
     let vip = if v6 { "fd00:200::1" } else { "10.200.0.1" };
     let port = if protocol == "udp" { 53 } else { 80 };
@@ -380,11 +381,9 @@ fn bench_world_with(
     } else {
         ""
     };
-    // New flows are measured with state (the cap out of reach), unless `extra` sets a cap;
-    // `extra` lines starting with `source_limit` belong to the VIP.
-    let (vip_extra, extra): (Vec<&str>, Vec<&str>) =
-        extra.lines().partition(|l| l.starts_with("source_limit"));
-    let (vip_extra, mut extra) = (vip_extra.join("\n"), extra.join("\n"));
+    // New flows are measured with state (the cap out of reach), unless `extra` sets a cap.
+    let (extra, vip_extra) = extra;
+    let mut extra = extra.to_owned();
     if !extra.contains("[flood]") {
         extra.push_str("\n[flood]\nnew_flows_per_cpu = 10000000");
     }
@@ -916,16 +915,17 @@ fn new_flows(
 /// written). An established packet never reaches this code (the connection table answers
 /// first; its rows above measure it).
 fn defence_cost(sizes: &Sizes, cpu_counts: &[usize], commands: &mut Vec<String>) -> Vec<Value> {
-    let world = |extra: &str| bench_world_with(None, "dsr", "tcp", false, 100, 65_536, extra).0;
+    let world =
+        |extra: (&str, &str)| bench_world_with(None, "dsr", "tcp", false, 100, 65_536, extra).0;
     let variants = [
-        ("SYN to the pending table", world("")),
+        ("SYN to the pending table", world(("", ""))),
         (
             "SYN, VIP with a source limit",
-            world("source_limit = { rate = 10000000, ipv4_prefix = 32 }"),
+            world(("", "source_limit = { rate = 10000000, ipv4_prefix = 32 }")),
         ),
         (
             "SYN over the cap (flood mode)",
-            world("[flood]\nnew_flows_per_cpu = 100"),
+            world(("[flood]\nnew_flows_per_cpu = 100", "")),
         ),
     ];
     let repeat = sizes.repeats / 4;
@@ -976,11 +976,11 @@ fn sync_cost(sizes: &Sizes, cpu_counts: &[usize], commands: &mut Vec<String>) ->
     let mut variants = [
         (
             "this build, VIP without sync",
-            bench_world_with(None, "dsr", "tcp", false, 100, 65_536, "").0,
+            bench_world_with(None, "dsr", "tcp", false, 100, 65_536, ("", "")).0,
         ),
         (
             "this build, VIP that syncs",
-            bench_world_with(None, "dsr", "tcp", false, 100, 65_536, sync).0,
+            bench_world_with(None, "dsr", "tcp", false, 100, 65_536, (sync, "")).0,
         ),
     ];
     let repeat = |cpus: usize| SYNC_SYNS_PER_CALL / cpus as u32;

@@ -15,7 +15,7 @@
 
 use std::{
     io::{ErrorKind, Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
     os::fd::AsRawFd as _,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -26,6 +26,7 @@ use std::{
 };
 
 use balancer_tests::{
+    datapath::packet::tcp,
     http::get_text,
     netns::{remove_stale, require_root, Netns},
     process::BalancerProcess,
@@ -442,49 +443,6 @@ impl Drop for Prober {
 // ---------------------------------------------------------------------------------------
 // Raw SYNs.
 
-fn checksum(parts: &[&[u8]]) -> u16 {
-    let mut sum = 0u32;
-    for part in parts {
-        for pair in part.chunks(2) {
-            let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
-            sum += u32::from(word);
-        }
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-/// An IPv4 TCP SYN, both checksums computed.
-fn syn_packet(src: Ipv4Addr, sport: u16, dst: SocketAddrV4, seq: u32) -> [u8; 40] {
-    let mut p = [0u8; 40];
-    p[0] = 0x45;
-    p[2..4].copy_from_slice(&40u16.to_be_bytes());
-    p[4..6].copy_from_slice(&(seq as u16).to_be_bytes());
-    p[6] = 0x40;
-    p[8] = 64;
-    p[9] = 6;
-    p[12..16].copy_from_slice(&src.octets());
-    p[16..20].copy_from_slice(&dst.ip().octets());
-    let ip_sum = checksum(&[&p[..20]]);
-    p[10..12].copy_from_slice(&ip_sum.to_be_bytes());
-    p[20..22].copy_from_slice(&sport.to_be_bytes());
-    p[22..24].copy_from_slice(&dst.port().to_be_bytes());
-    p[24..28].copy_from_slice(&seq.to_be_bytes());
-    p[32] = 0x50;
-    p[33] = 0x02;
-    p[34..36].copy_from_slice(&64_240u16.to_be_bytes());
-    let mut pseudo = [0u8; 12];
-    pseudo[..4].copy_from_slice(&src.octets());
-    pseudo[4..8].copy_from_slice(&dst.ip().octets());
-    pseudo[9] = 6;
-    pseudo[10..12].copy_from_slice(&20u16.to_be_bytes());
-    let tcp_sum = checksum(&[&pseudo, &p[20..]]);
-    p[36..38].copy_from_slice(&tcp_sum.to_be_bytes());
-    p
-}
-
 struct SynReport {
     sent: u64,
     failed: u64,
@@ -523,12 +481,14 @@ fn send_syns(
             if n % 10 == 0 {
                 pace(started, n, per_second);
             }
-            let packet = syn_packet(
-                source(n),
+            // The packet builder of the datapath fixtures (checksums computed).
+            let packet = tcp(
+                IpAddr::V4(*dst.ip()),
                 1024 + (n % 64_000) as u16,
-                dst,
-                fastrand::u32(..),
-            );
+                dst.port(),
+            )
+            .from(IpAddr::V4(source(n)))
+            .ip_bytes();
             match socket.send_to(&packet, &to) {
                 Ok(_) => sent += 1,
                 Err(_) => failed += 1,
